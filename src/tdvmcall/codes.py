@@ -1,0 +1,162 @@
+"""TDX module status codes, operand ids, TDVMCALL statuses, VMX exit reasons and KVM hypercall codes.
+
+The TDX module tables (name -> value, per module version) are the shipped
+``data/tdx-module-status-codes.csv`` (MIT, Intel; see ``data/NOTICE.md``), extracted from
+``include/auto_gen/tdx_error_codes_defs.h`` of Intel's tdx-module.  The layout of a status
+(``api_error_code_t``) is in the same module source; see :func:`status_fields`.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from .regs import U64
+
+# --- TDX module statuses used by the model (module 1.5 values; also 1.0's for these names) -------
+TDX_SUCCESS = 0x0000000000000000
+TDX_OPERAND_INVALID = 0xC000010000000000
+OPERAND_ID_RAX = 0
+OPERAND_ID_RCX = 1
+TDX_OPERAND_INVALID_RCX = TDX_OPERAND_INVALID | OPERAND_ID_RCX  # 0xC000010000000001
+
+MODULE_TABLE_VERSIONS = ("1.0.3", "1.5.01", "1.5.05")
+DEFAULT_TABLE_VERSION = "1.5.05"
+
+# --- VMX basic exit reasons KVM reports for TD exits (Linux arch/x86/include/uapi/asm/vmx.h) -------
+EXIT_REASON_CPUID = 10
+EXIT_REASON_HLT = 12
+EXIT_REASON_VMCALL = 18
+EXIT_REASON_IO_INSTRUCTION = 30
+EXIT_REASON_MSR_READ = 31
+EXIT_REASON_MSR_WRITE = 32
+EXIT_REASON_EPT_MISCONFIG = 49
+EXIT_REASON_TDCALL = 77
+
+VMX_EXIT_REASON_NAMES = {
+    EXIT_REASON_CPUID: "CPUID",
+    EXIT_REASON_HLT: "HLT",
+    EXIT_REASON_VMCALL: "VMCALL",
+    EXIT_REASON_IO_INSTRUCTION: "IO_INSTRUCTION",
+    EXIT_REASON_MSR_READ: "MSR_READ",
+    EXIT_REASON_MSR_WRITE: "MSR_WRITE",
+    EXIT_REASON_EPT_MISCONFIG: "EPT_MISCONFIG",
+    EXIT_REASON_TDCALL: "TDCALL",
+}
+
+# --- TDVMCALL statuses returned in R10 (GHCI; Linux arch/x86/include/asm/shared/tdx.h) ------------
+TDVMCALL_SUCCESS = 0x0000000000000000
+TDVMCALL_RETRY = 0x0000000000000001
+TDVMCALL_INVALID_OPERAND = 0x8000000000000000
+TDVMCALL_GPA_INUSE = 0x8000000000000001
+TDVMCALL_ALIGN_ERROR = 0x8000000000000002
+TDVMCALL_SUBFUNC_UNSUPPORTED = 0x8000000000000003
+
+TDVMCALL_STATUS_NAMES = {
+    TDVMCALL_SUCCESS: "SUCCESS",
+    TDVMCALL_RETRY: "RETRY",
+    TDVMCALL_INVALID_OPERAND: "INVALID_OPERAND",
+    TDVMCALL_GPA_INUSE: "GPA_INUSE",
+    TDVMCALL_ALIGN_ERROR: "ALIGN_ERROR",
+    TDVMCALL_SUBFUNC_UNSUPPORTED: "SUBFUNC_UNSUPPORTED",
+}
+
+# --- KVM hypercalls (include/uapi/linux/kvm_para.h) and their errors ----------------------------
+KVM_ENOSYS = 1000
+KVM_EFAULT = 14
+KVM_EINVAL = 22
+KVM_E2BIG = 7
+KVM_EPERM = 1
+KVM_EOPNOTSUPP = 95
+
+
+def neg(errno: int) -> int:
+    """``-errno`` as a 64-bit two's-complement register value."""
+    return (-errno) & U64
+
+
+# --- userspace (errno values a VMM returns through kvm_run) -------------------------------------
+EAGAIN = 11
+EINVAL = 22
+
+
+@dataclass(frozen=True)
+class StatusTable:
+    version: str
+    status_by_value: dict[int, str]
+    operand_by_value: dict[int, str]
+    status_by_name: dict[str, int]
+
+
+@cache
+def status_table(version: str = DEFAULT_TABLE_VERSION) -> StatusTable:
+    """The module status/operand-id table of one module version (from the shipped CSV)."""
+    if version not in MODULE_TABLE_VERSIONS:
+        raise KeyError(f"unknown module version {version!r}; accepted: {', '.join(MODULE_TABLE_VERSIONS)}")
+    status: dict[int, str] = {}
+    operand: dict[int, str] = {}
+    by_name: dict[str, int] = {}
+    with resources.files(__package__).joinpath("data/tdx-module-status-codes.csv").open() as f:
+        for row in csv.DictReader(f):
+            if row["module_version"] != version:
+                continue
+            value = int(row["value_hex"], 16)
+            if row["kind"] == "status":
+                status.setdefault(value, row["name"])
+                by_name[row["name"]] = value
+            else:
+                operand.setdefault(value, row["name"])
+    return StatusTable(version, status, operand, by_name)
+
+
+def status_fields(value: int) -> dict[str, int | bool]:
+    """Split a TDX status into the fields of ``api_error_code_t`` (tdx-module ``include/tdx_api_defs.h``
+    and the ABI notes): bits 31:0 operand id / details L2, 39:32 details L1, 47:40 class,
+    60 host-recoverability hint, 61 fatal, 62 non-recoverable, 63 error."""
+    return {
+        "details_l2": value & 0xFFFFFFFF,
+        "details_l1": value >> 32 & 0xFF,
+        "class": value >> 40 & 0xFF,
+        "host_recoverability_hint": bool(value >> 60 & 1),
+        "fatal": bool(value >> 61 & 1),
+        "non_recoverable": bool(value >> 62 & 1),
+        "error": bool(value >> 63 & 1),
+    }
+
+
+def status_name(value: int, version: str = DEFAULT_TABLE_VERSION) -> str | None:
+    """Name of a TDX status: an exact match, or the name of its status part (bits 63:32)
+    with the low 32 bits read as an operand id."""
+    t = status_table(version)
+    if value in t.status_by_value:
+        return t.status_by_value[value]
+    return t.status_by_value.get(value & 0xFFFFFFFF00000000)
+
+
+def decode_status(value: int, version: str = DEFAULT_TABLE_VERSION) -> dict:
+    """Explain a TDX module status: name, fields and, for a status with operand details,
+    the operand id and its name."""
+    t = status_table(version)
+    fields = status_fields(value)
+    exact = t.status_by_value.get(value)
+    base = value & 0xFFFFFFFF00000000
+    name = exact or t.status_by_value.get(base)
+    out: dict = {"kind": "tdx-status", "module": version, "value": value, "name": name, "known": name is not None}
+    out.update(fields)
+    if exact is None and name is not None:
+        op = value & 0xFFFFFFFF
+        out["operand_id"] = op
+        out["operand_name"] = t.operand_by_value.get(op)
+    return out
+
+
+def decode_tdvmcall_status(value: int) -> dict:
+    return {
+        "kind": "tdvmcall-status",
+        "value": value,
+        "name": TDVMCALL_STATUS_NAMES.get(value),
+        "known": value in TDVMCALL_STATUS_NAMES,
+        "error": bool(value >> 63 & 1),
+    }

@@ -1,0 +1,385 @@
+"""The leaf table: for every TDVMCALL KVM knows, the registers it reads and writes.
+
+This table is the single source of truth.  The handlers (``handlers.py``) declare nothing of their
+own: the hardened validation (``tdx.py``), the expected-output check, the catalog check, the mask
+sweep, the trace audit and ``tdvmcall leaves`` all read it.
+
+Register roles follow Linux ``arch/x86/kvm/vmx/tdx.c`` (kvm-x86 tree, 2026; ``handle_tdvmcall()``
+and one function per leaf, named in each row's ``source``) and x86.c ``____kvm_emulate_hypercall()``
+for the KVM hypercalls, as curated in ABI.md §4.  A fact known only second-hand says so.
+
+Conventions:
+- Every call needs R10 exposed (the selector, and where the status goes); a GHCI call (R10 = 0)
+  also needs R11 (its leaf number).  These are ``Leaf.selectors``, not repeated in ``inputs``.
+- An input with ``required=False`` is read "if valid" (0 when not exposed) and never refuses a call.
+- An output's ``on`` says for which outcome it is written: ``any``, ``success`` (no error status) or
+  ``failure`` (a non-zero status in R10, RETRY included).  Conditions (``when``) depend on inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..codes import (
+    EXIT_REASON_CPUID, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_HLT, EXIT_REASON_IO_INSTRUCTION,
+    EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE, EXIT_REASON_TDCALL, EXIT_REASON_VMCALL,
+)
+from ..regs import GPR_NAMES, R10, R11, mask_of
+
+TDX_C = "linux arch/x86/kvm/vmx/tdx.c"
+X86_C = "linux arch/x86/kvm/x86.c ____kvm_emulate_hypercall()"
+
+
+@dataclass(frozen=True)
+class Cond:
+    """A condition on one input register: ``op`` is ``eq``, ``in`` or ``bit`` (bit number set);
+    the register is first truncated to its low ``width`` bits, as KVM does."""
+
+    reg: str
+    op: str
+    value: int | tuple[int, ...]
+    text: str
+    width: int = 64
+
+    def holds(self, value: int) -> bool:
+        v = value & ((1 << self.width) - 1)
+        if self.op == "eq":
+            return v == self.value
+        if self.op == "in":
+            return v in self.value  # type: ignore[operator]
+        if self.op == "bit":
+            return bool(v >> self.value & 1)  # type: ignore[operator]
+        raise ValueError(f"unknown condition op {self.op!r}")
+
+
+@dataclass(frozen=True)
+class Operand:
+    reg: str
+    role: str
+    when: Cond | None = None
+    required: bool = True
+    on: str = "any"  # outputs only: any | success | failure
+
+
+@dataclass(frozen=True)
+class Case:
+    """Input values that exercise one condition of a leaf (used by check, sweep and vectors).
+    ``platform`` overrides the default platform, e.g. a userspace answer that asks for RETRY."""
+
+    name: str
+    regs: dict[str, int]
+    platform: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    name: str
+    family: str  # "ghci" | "kvm-hypercall"
+    r11: int | None  # GHCI sub-function (leaf) number
+    nr: int | None  # KVM hypercall number
+    reason: int  # VMX exit reason KVM reports (kvm_exit trace, exit handlers)
+    inputs: tuple[Operand, ...]
+    outputs: tuple[Operand, ...]
+    handling: str
+    source: str
+    userspace: str | None = None  # the KVM_EXIT_* it may cause
+    cases: tuple[Case, ...] = (Case("default", {}),)
+    note: str = ""
+
+    @property
+    def selectors(self) -> tuple[str, ...]:
+        return ("r10",) if self.family == "kvm-hypercall" else ("r10", "r11")
+
+    @property
+    def selector_mask(self) -> int:
+        return mask_of(self.selectors)
+
+    def selector_values(self) -> dict[str, int]:
+        """R10/R11 values that select this leaf."""
+        if self.family == "kvm-hypercall":
+            return {"r10": self.nr or 0}
+        return {"r10": 0, "r11": self.r11 or 0}
+
+
+def _in(reg: str, role: str, **kw) -> Operand:
+    return Operand(reg, role, **kw)
+
+
+def _out(reg: str, role: str, on: str = "any", **kw) -> Operand:
+    return Operand(reg, role, on=on, **kw)
+
+
+STATUS_ON_ERROR = _out("r10", "TDVMCALL status (written only on error)", on="failure")
+STATUS_ALWAYS = _out("r10", "TDVMCALL status")
+HC_RESULT = _out("r10", "hypercall result (0, a count, or -KVM_E*)")
+
+IO_READ = Cond("r13", "eq", 0, "direction = 0 (in)")
+IO_WRITE = Cond("r13", "eq", 1, "direction = 1 (out)")
+MMIO_READ = Cond("r13", "eq", 0, "direction (low 32 bits) = 0 (read)", width=32)
+MMIO_WRITE = Cond("r13", "eq", 1, "direction (low 32 bits) = 1 (write)", width=32)
+FATAL_GPA = Cond("r12", "bit", 63, "R12 bit 63 set (GPA in R13 valid)")
+INFO_KNOWN = Cond("r12", "in", (0, 1), "R12 (leaf) is 0 or 1")
+
+#: the 64-byte ReportFatalError message, in the order the GHCI and KVM lay it out
+FATAL_MESSAGE_REGS = ("r14", "r15", "rbx", "rdi", "rsi", "r8", "r9", "rdx")
+
+# Default guest-physical addresses used by the cases (shared bit 51 for a 52-bit GPAW TD)
+SHARED_BIT = 1 << 51
+_SHARED_PAGE = SHARED_BIT | 0x8000_0000
+_PRIVATE_PAGE = 0x8000_0000
+
+GHCI_LEAVES: tuple[Leaf, ...] = (
+    Leaf(
+        "GetTdVmCallInfo", "ghci", 0x10000, None, EXIT_REASON_TDCALL,
+        inputs=(_in("r12", "leaf (0: GHCI basics, 1: supported sub-functions)"),),
+        outputs=(STATUS_ALWAYS,
+                 _out("r11", "info word 0", when=INFO_KNOWN), _out("r12", "info word 1", when=INFO_KNOWN),
+                 _out("r13", "info word 2", when=INFO_KNOWN), _out("r14", "info word 3", when=INFO_KNOWN)),
+        handling="leaf 0 in kernel (R11..R14 = 0); leaf 1 exits to userspace, which fills R10, R11..R14; "
+                 "other leaves INVALID_OPERAND with R11..R14 untouched",
+        source=f"{TDX_C} tdx_get_td_vm_call_info()", userspace="KVM_EXIT_TDX",
+        cases=(Case("leaf0", {"r12": 0}), Case("leaf1", {"r12": 1}), Case("bad-leaf", {"r12": 2})),
+    ),
+    Leaf(
+        "MapGPA", "ghci", 0x10001, None, EXIT_REASON_TDCALL,
+        inputs=(_in("r12", "start GPA (shared bit: convert to shared)"), _in("r13", "size in bytes")),
+        outputs=(STATUS_ON_ERROR,
+                 _out("r11", "GPA to resume from (error or RETRY)", on="failure")),
+        handling="checks (exit-hypercall cap, range, alignment), then one KVM_EXIT_HYPERCALL "
+                 "(MAP_GPA_RANGE) per chunk of at most 2 MiB; EAGAIN or a pending event -> RETRY",
+        source=f"{TDX_C} tdx_map_gpa(), tdx_complete_vmcall_map_gpa()", userspace="KVM_EXIT_HYPERCALL",
+        cases=(Case("to-shared", {"r12": _SHARED_PAGE, "r13": 0x1000}),
+               Case("to-private-4MiB", {"r12": _PRIVATE_PAGE, "r13": 0x40_0000}),
+               Case("retry", {"r12": _SHARED_PAGE, "r13": 0x40_0000}, {"userspace": {"hypercall_ret": [0, 11]}}),
+               Case("unaligned", {"r12": _SHARED_PAGE | 0x10, "r13": 0x1000})),
+        note="R11 is written only on error or RETRY: on success the guest gets its own R11 back",
+    ),
+    Leaf(
+        "GetQuote", "ghci", 0x10002, None, EXIT_REASON_TDCALL,
+        inputs=(_in("r12", "shared GPA of the quote buffer"), _in("r13", "buffer size")),
+        outputs=(STATUS_ALWAYS,),
+        handling="INVALID_OPERAND if the GPA is private; else KVM_EXIT_TDX and R10 = userspace's ret",
+        source=f"{TDX_C} tdx_get_quote()", userspace="KVM_EXIT_TDX",
+        cases=(Case("shared", {"r12": _SHARED_PAGE, "r13": 0x2000}),
+               Case("private", {"r12": _PRIVATE_PAGE, "r13": 0x2000})),
+    ),
+    Leaf(
+        "ReportFatalError", "ghci", 0x10003, None, EXIT_REASON_TDCALL,
+        inputs=(_in("r12", "error code (bit 63: R13 holds a GPA)"),
+                _in("r13", "GPA of extra information", when=FATAL_GPA))
+               + tuple(_in(r, f"message bytes {8 * i}..{8 * i + 7}", required=False)
+                       for i, r in enumerate(FATAL_MESSAGE_REGS)),
+        outputs=(),
+        handling="KVM_EXIT_SYSTEM_EVENT (TDX_FATAL) with every GPR slot in data[]; no status, no completion",
+        source=f"{TDX_C} tdx_report_fatal_error()", userspace="KVM_EXIT_SYSTEM_EVENT",
+        cases=(Case("code-only", {"r12": 0x0001_0000}),
+               Case("with-gpa", {"r12": 1 << 63 | 0x0001_0000, "r13": _SHARED_PAGE})),
+        note="message registers are optional: an unexposed one reads as 0 (QEMU packs the exposed ones)",
+    ),
+    Leaf(
+        "SetupEventNotifyInterrupt", "ghci", 0x10004, None, EXIT_REASON_TDCALL,
+        inputs=(_in("r12", "interrupt vector (32..255)"),),
+        outputs=(STATUS_ALWAYS,),
+        handling="INVALID_OPERAND unless 32 <= vector <= 255; else KVM_EXIT_TDX, R10 = userspace's ret "
+                 "(v6.16: SUBFUNC_UNSUPPORTED)",
+        source=f"{TDX_C} tdx_setup_event_notify_interrupt()", userspace="KVM_EXIT_TDX",
+        cases=(Case("vector-0x40", {"r12": 0x40}), Case("bad-vector", {"r12": 0x10})),
+    ),
+    Leaf(
+        "Instruction.CPUID", "ghci", 10, None, EXIT_REASON_CPUID,
+        inputs=(_in("r12", "leaf (EAX, low 32 bits)"), _in("r13", "sub-leaf (ECX, low 32 bits)")),
+        outputs=(_out("r12", "EAX"), _out("r13", "EBX"), _out("r14", "ECX"), _out("r15", "EDX")),
+        handling="in kernel; the result of kvm_cpuid() is ignored, so it never fails and never writes R10",
+        source=f"{TDX_C} tdx_emulate_cpuid()",
+        cases=(Case("leaf1", {"r12": 1, "r13": 0}), Case("leaf0", {"r12": 0, "r13": 0})),
+    ),
+    Leaf(
+        "Instruction.HLT", "ghci", 12, None, EXIT_REASON_HLT,
+        inputs=(_in("r12", "interrupts blocked (non-zero: blocked)"),),
+        outputs=(),
+        handling="in kernel (kvm_emulate_halt_noskip); R12 decides whether a pending interrupt wakes it",
+        source=f"{TDX_C} tdx_handle_exit() EXIT_REASON_HLT, tdx_protected_apic_has_interrupt()",
+        cases=(Case("sti-hlt", {"r12": 0}),),
+    ),
+    Leaf(
+        "Instruction.IO", "ghci", 30, None, EXIT_REASON_IO_INSTRUCTION,
+        inputs=(_in("r12", "size (1, 2 or 4)"), _in("r13", "direction (0 in, 1 out)"),
+                _in("r14", "port (low 16 bits)"), _in("r15", "data to write", when=IO_WRITE)),
+        outputs=(STATUS_ON_ERROR, _out("r11", "data read (zero-extended)", on="success", when=IO_READ)),
+        handling="size must be 1, 2 or 4 and direction 0 or 1, else INVALID_OPERAND; "
+                 "in kernel or KVM_EXIT_IO (count 1); IN completes on the next run",
+        source=f"{TDX_C} tdx_emulate_io(), tdx_complete_pio_in()", userspace="KVM_EXIT_IO",
+        cases=(Case("in", {"r12": 1, "r13": 0, "r14": 0x3FD}), Case("out", {"r12": 1, "r13": 1, "r14": 0x3F8, "r15": 0x41})),
+    ),
+    Leaf(
+        "Instruction.RDMSR", "ghci", 31, None, EXIT_REASON_MSR_READ,
+        inputs=(_in("r12", "MSR index (low 32 bits)"),),
+        outputs=(STATUS_ON_ERROR, _out("r11", "EDX:EAX", on="success")),
+        handling="only MSRs KVM emulates for a TD succeed; else INVALID_OPERAND (or KVM_EXIT_X86_RDMSR)",
+        source=f"{TDX_C} tdx_handle_exit() EXIT_REASON_MSR_READ, tdx_complete_emulated_msr(); x86.c kvm_emulate_rdmsr()",
+        userspace="KVM_EXIT_X86_RDMSR",
+        cases=(Case("apic-version", {"r12": 0x803}), Case("unknown-msr", {"r12": 0x10})),
+    ),
+    Leaf(
+        "Instruction.WRMSR", "ghci", 32, None, EXIT_REASON_MSR_WRITE,
+        inputs=(_in("r12", "MSR index (low 32 bits)"), _in("r13", "value (64 bits)")),
+        outputs=(STATUS_ON_ERROR,),
+        handling="only MSRs KVM emulates for a TD succeed; else INVALID_OPERAND (or KVM_EXIT_X86_WRMSR)",
+        source=f"{TDX_C} tdx_handle_exit() EXIT_REASON_MSR_WRITE; x86.c kvm_emulate_wrmsr()",
+        userspace="KVM_EXIT_X86_WRMSR",
+        cases=(Case("tpr", {"r12": 0x808, "r13": 0x10}), Case("unknown-msr", {"r12": 0x10, "r13": 1})),
+    ),
+    Leaf(
+        "#VE.RequestMMIO", "ghci", 48, None, EXIT_REASON_EPT_MISCONFIG,
+        inputs=(_in("r12", "size (1, 2, 4 or 8; low 32 bits)"), _in("r13", "direction (0 read, 1 write; low 32 bits)"),
+                _in("r14", "shared GPA"), _in("r15", "data to write", when=MMIO_WRITE)),
+        outputs=(STATUS_ON_ERROR, _out("r11", "data read (zero-extended)", on="success", when=MMIO_READ)),
+        handling="size and direction checked on their low 32 bits; first and last byte must be shared; "
+                 "in kernel or KVM_EXIT_MMIO with the shared bit cleared",
+        source=f"{TDX_C} tdx_emulate_mmio(), tdx_complete_mmio_read()", userspace="KVM_EXIT_MMIO",
+        cases=(Case("read", {"r12": 4, "r13": 0, "r14": SHARED_BIT | 0xFEB0_0000}),
+               Case("write", {"r12": 4, "r13": 1, "r14": SHARED_BIT | 0xFEB0_0000, "r15": 0x1234})),
+    ),
+)
+
+#: GHCI sub-functions KVM knows by name but does not implement: SUBFUNC_UNSUPPORTED.
+UNSUPPORTED_GHCI = {"Service": 0x10005, "Instruction.WBINVD": 54, "Instruction.PCONFIG": 65}
+
+
+def _unsupported(name: str, r11: int) -> Leaf:
+    return Leaf(name, "ghci", r11, None, EXIT_REASON_TDCALL, inputs=(), outputs=(STATUS_ALWAYS,),
+                handling="not handled by KVM: SUBFUNC_UNSUPPORTED", source=f"{TDX_C} handle_tdvmcall() default")
+
+
+def _hc(name: str, nr: int, args: tuple[tuple[str, str], ...], handling: str,
+        cases: tuple[Case, ...] = (Case("default", {}),), userspace: str | None = None) -> Leaf:
+    return Leaf(f"KVMHypercall.{name}", "kvm-hypercall", None, nr, EXIT_REASON_VMCALL,
+                inputs=tuple(_in(r, role) for r, role in args), outputs=(HC_RESULT,),
+                handling=handling, source=f"{TDX_C} tdx_emulate_vmcall(); {X86_C}",
+                userspace=userspace, cases=cases)
+
+
+KVM_HYPERCALLS: tuple[Leaf, ...] = (
+    _hc("VAPIC_POLL_IRQ", 1, (), "returns 0"),
+    _hc("KICK_CPU", 5, (("r12", "a1: APIC id to wake"),), "wakes the vCPU with that APIC id; returns 0 "
+        "(a0 in R11 is ignored)", (Case("apic1", {"r12": 1}),)),
+    _hc("CLOCK_PAIRING", 9, (("r11", "a0: GPA of the result"), ("r12", "a1: clock type (0 = wall)")),
+        "0, -KVM_EOPNOTSUPP (clock type != 0 or unsuitable host clock) or -KVM_EFAULT",
+        (Case("wall", {"r11": 0x9000, "r12": 0}), Case("bad-clock", {"r11": 0x9000, "r12": 1}))),
+    _hc("SEND_IPI", 10, (("r11", "a0: APIC-id bitmap, low"), ("r12", "a1: APIC-id bitmap, high"),
+                         ("r13", "a2: lowest APIC id"), ("r14", "a3: ICR")),
+        "count of IPIs sent, or -KVM_EINVAL", (Case("two-cpus", {"r11": 0b11, "r12": 0, "r13": 0, "r14": 0xFD}),)),
+    _hc("SCHED_YIELD", 11, (("r11", "a0: APIC id of the preempted vCPU"),), "yields to that vCPU; returns 0",
+        (Case("apic1", {"r11": 1}),)),
+    _hc("MAP_GPA_RANGE", 12, (("r11", "a0: GPA"), ("r12", "a1: pages"), ("r13", "a2: attributes")),
+        "-KVM_ENOSYS unless userspace enabled it; -KVM_EINVAL for bad arguments; else KVM_EXIT_HYPERCALL "
+        "with the arguments verbatim and R10 = userspace's ret",
+        (Case("one-page", {"r11": 0x8000_0000, "r12": 1, "r13": 0x10}),), userspace="KVM_EXIT_HYPERCALL"),
+)
+
+UNKNOWN_HYPERCALL = Leaf("KVMHypercall", "kvm-hypercall", None, None, EXIT_REASON_VMCALL, inputs=(),
+                         outputs=(HC_RESULT,), handling="unknown hypercall number: -KVM_ENOSYS",
+                         source=f"{TDX_C} tdx_emulate_vmcall(); {X86_C}",
+                         cases=(Case("unknown-nr", {"r10": 0x77}),))
+
+LEAVES: tuple[Leaf, ...] = (GHCI_LEAVES + tuple(_unsupported(n, v) for n, v in UNSUPPORTED_GHCI.items())
+                            + KVM_HYPERCALLS)
+BY_NAME: dict[str, Leaf] = {leaf.name: leaf for leaf in LEAVES}
+_GHCI_BY_R11 = {leaf.r11: leaf for leaf in LEAVES if leaf.family == "ghci"}
+_HC_BY_NR = {leaf.nr: leaf for leaf in KVM_HYPERCALLS}
+
+
+def lookup(r10: int, r11: int) -> Leaf:
+    """The leaf a TDVMCALL selects: R10 != 0 is a KVM hypercall number, else R11 is the GHCI leaf."""
+    if r10 != 0:
+        return _HC_BY_NR.get(r10, UNKNOWN_HYPERCALL)
+    leaf = _GHCI_BY_R11.get(r11)
+    return leaf if leaf is not None else _unsupported(f"unknown(0x{r11:x})", r11)
+
+
+def by_name(name: str) -> Leaf:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown call {name!r}; accepted: {', '.join(BY_NAME)}") from None
+
+
+def _applies(op: Operand, regs: dict[str, int]) -> bool:
+    return op.when is None or op.when.holds(regs.get(op.when.reg, 0))
+
+
+def required_inputs(leaf: Leaf, regs: dict[str, int]) -> list[str]:
+    """Registers the call must have exposed as inputs for these input values (selectors first)."""
+    out = list(leaf.selectors)
+    out += [op.reg for op in leaf.inputs if op.required and _applies(op, regs) and op.reg not in out]
+    return out
+
+
+def optional_inputs(leaf: Leaf) -> list[str]:
+    return [op.reg for op in leaf.inputs if not op.required]
+
+
+def possible_outputs(leaf: Leaf, regs: dict[str, int]) -> list[str]:
+    """Registers the call may write, whatever its outcome, for these input values."""
+    out: list[str] = []
+    for op in leaf.outputs:
+        if _applies(op, regs) and op.reg not in out:
+            out.append(op.reg)
+    return out
+
+
+def expected_outputs(leaf: Leaf, regs: dict[str, int], failed: bool) -> list[str]:
+    """Registers the call must have written, given its inputs and whether it failed
+    (a non-zero status in R10, RETRY included)."""
+    want = {"any", "failure" if failed else "success"}
+    out: list[str] = []
+    for op in leaf.outputs:
+        if op.on in want and _applies(op, regs) and op.reg not in out:
+            out.append(op.reg)
+    return out
+
+
+def minimal_mask(leaf: Leaf, regs: dict[str, int] | None = None) -> int:
+    """The smallest gpr_select hardened KVM accepts for this call with these input values:
+    selectors, required inputs and possible outputs (RAX and RCX are never in gpr_select)."""
+    regs = {**leaf.selector_values(), **(regs or {})}
+    need = required_inputs(leaf, regs) + possible_outputs(leaf, regs)
+    return mask_of(need) & ~mask_of(("rax", "rcx"))
+
+
+def condition_masks(leaf: Leaf) -> dict[str, int]:
+    """The minimal mask of every case of the leaf (its named input conditions)."""
+    return {case.name: minimal_mask(leaf, case.regs) for case in leaf.cases}
+
+
+def reason_leaves(reason: int) -> list[Leaf]:
+    """The leaves KVM reports under this VMX exit reason (TDCALL covers every other GHCI leaf)."""
+    return [leaf for leaf in LEAVES if leaf.reason == reason]
+
+
+def as_dict(leaf: Leaf) -> dict:
+    """The leaf row as plain data (``tdvmcall leaves --json``)."""
+
+    def op(o: Operand) -> dict:
+        d = {"reg": o.reg, "role": o.role, "required": o.required}
+        if o.when is not None:
+            d["when"] = o.when.text
+        if o in leaf.outputs:
+            d["on"] = o.on
+            del d["required"]
+        return d
+
+    return {
+        "name": leaf.name, "family": leaf.family,
+        "r11": leaf.r11, "nr": leaf.nr, "vmx_exit_reason": leaf.reason,
+        "selectors": list(leaf.selectors),
+        "inputs": [op(o) for o in leaf.inputs], "outputs": [op(o) for o in leaf.outputs],
+        "userspace_exit": leaf.userspace, "handling": leaf.handling, "source": leaf.source,
+        "note": leaf.note,
+        "minimal_masks": {k: f"0x{v:04x}" for k, v in condition_masks(leaf).items()},
+        "cases": [{"name": c.name, "regs": {k: f"{v:#x}" for k, v in c.regs.items()}} for c in leaf.cases],
+    }
+
+
+assert all(op.reg in GPR_NAMES for leaf in LEAVES for op in leaf.inputs + leaf.outputs)
+assert R10 == 10 and R11 == 11
