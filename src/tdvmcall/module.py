@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .codes import EXIT_REASON_TDCALL, TDX_OPERAND_INVALID, TDX_SUCCESS
-from .control import Control, build_exit_qualification, check_control, checks_rbp, module_family
-from .regs import NR_GPRS, RAX, RBP, RCX, U64, hex64, u64
+from .control import Control, build_exit_qualification, check_control, module_family
+from .regs import NR_GPRS, RAX, RCX, U64, u64
 
 TDCALL_INSN_LEN = 4  # 66 0F 01 CC
 TDG_VP_VMCALL_LEAF = 0
@@ -104,8 +104,6 @@ def tdg_vp_vmcall(td: TdConfig, vcpu: VcpuState) -> VmcallResult:
     for i in range(2, NR_GPRS):
         if ctl.gpr_select >> i & 1:
             vmm[i] = vcpu.gprs[i]
-    if ctl.gpr_select >> RBP & 1 and checks_rbp(td.module, td.no_rbp_mod):
-        raise AssertionError("RBP selected under NO_RBP_MOD passed the control check")
 
     # copy selected XMMs (128-bit part)
     vmm_xmm = [vcpu.xmm[i] & U128 if ctl.xmm_select >> i & 1 else 0 for i in range(16)]
@@ -134,4 +132,4 @@ def tdh_vp_enter(td: TdConfig, exit: VmcallExit, vmm: list[int], vmm_xmm: list[i
 
 
 __all__ = ["TdConfig", "VcpuState", "GuestFault", "VmcallExit", "VmcallResult", "tdg_vp_vmcall",
-           "tdh_vp_enter", "hex64"]
+           "tdh_vp_enter"]

@@ -1,0 +1,195 @@
+"""KVM's TDVMCALL exit handling: dispatch, the validation policy and the write-back.
+
+Two policies over the same handlers (``handlers.py``) and the same leaf table (``leaves.py``):
+
+``legacy``  today's KVM (Linux ``arch/x86/kvm/vmx/tdx.c``, ``tdx_vcpu_run()`` and
+            ``handle_tdvmcall()``): ``regs_avail &= TDX_REGS_AVAIL_SET`` whatever the mask, the
+            handlers read and write ``vp_enter_args`` directly, nothing checks the mask.  An
+            unexposed input reads as the module's 0; a write to an unexposed register is dropped
+            by the module on resume.
+
+``hardened`` the validation KVM's maintainer described on the KVM list in April 2026 ("KVM can
+            (and should!) validate the registers coming from the guest"), in the manner of SEV-ES's
+            ``sev_es_validate_vmgexit()`` (``arch/x86/kvm/svm/sev.c``), built here first:
+            (a) on the exit the available GPRs are exactly the exposed ones plus RCX, EXIT_INFO_1/2
+            are available, dirty is cleared and the exposed values are loaded into the cache;
+            (b) before dispatch, R10 (and R11 for a GHCI call), every required input under its
+            conditions and every output the call may write must be exposed, else the call is
+            refused with R10 = INVALID_OPERAND and nothing runs; with R10 itself unexposed no
+            status can reach the guest, so the call is reported to userspace as an internal error;
+            (c) handlers read through the cache (reading an unavailable register is a model bug)
+            and writes mark registers dirty; (d) before resume the dirty GPRs are written back to
+            the module's VMM registers; a dirty unexposed register or an expected output left
+            clean is a model bug.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..codes import TDVMCALL_INVALID_OPERAND
+from ..control import ExitQualification
+from ..module import VmcallExit
+from ..regs import GPR_NAMES, NR_GPRS, RCX, reg_index, u64
+from . import leaves as L
+from .handlers import handler_for
+from .platform import Platform
+from .regcache import ModelBug, RegCache
+
+POLICIES = ("legacy", "hardened")
+
+VERDICT_COMPLETED = "completed"
+VERDICT_REFUSED = "refused"
+VERDICT_USERSPACE = "userspace"
+VERDICT_INTERNAL_ERROR = "internal_error"
+
+
+@dataclass
+class KvmResult:
+    """What KVM did with one TDVMCALL exit."""
+
+    policy: str
+    leaf: L.Leaf
+    verdict: str
+    status: int | None  # the R10 KVM wrote, or None
+    vmm_after: list[int]  # the VMM registers KVM re-enters with
+    wrote: dict[str, int] = field(default_factory=dict)  # registers KVM wrote, in order
+    missing: list[str] = field(default_factory=list)  # required inputs not exposed (table view)
+    unexposed_outputs: list[str] = field(default_factory=list)  # outputs the call may write, not exposed
+    zero_reads: list[str] = field(default_factory=list)  # consumed inputs the guest did not expose
+    dropped_writes: list[str] = field(default_factory=list)  # writes the module will not copy back
+    regs_avail: int = 0
+    regs_dirty: int = 0
+    userspace_exits: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class LegacyAccess:
+    """Today's KVM: handlers use ``vp_enter_args`` as the module filled it (0 where unexposed)."""
+
+    def __init__(self, args: list[int], qualification: int):
+        self.args = args
+        self.exit_qualification = qualification
+        self.reads: list[str] = []
+        self.wrote: dict[str, int] = {}
+
+    def read(self, reg: str) -> int:
+        self.reads.append(reg)
+        return self.args[reg_index(reg)]
+
+    def read_optional(self, reg: str) -> int:
+        return self.args[reg_index(reg)]
+
+    def write(self, reg: str, value: int) -> None:
+        self.args[reg_index(reg)] = u64(value, reg)
+        self.wrote[reg] = value
+
+
+class HardenedAccess:
+    """Hardened KVM: handlers go through the register cache, which holds only exposed registers."""
+
+    def __init__(self, cache: RegCache, qualification: int):
+        self.cache = cache
+        self.exit_qualification = qualification
+        self.reads: list[str] = []
+        self.wrote: dict[str, int] = {}
+
+    def read(self, reg: str) -> int:
+        self.reads.append(reg)
+        return self.cache.read_raw(reg_index(reg))  # strict cache: unavailable -> ModelBug
+
+    def read_optional(self, reg: str) -> int:
+        i = reg_index(reg)
+        return self.cache.read_raw(i) if self.cache.is_available(i) else 0
+
+    def write(self, reg: str, value: int) -> None:
+        self.cache.write_raw(reg_index(reg), value)
+        self.wrote[reg] = value
+
+
+class KvmVcpu:
+    """KVM's per-vCPU state for a TD: the register cache, kept across calls (dirty is never reset
+    under ``legacy``)."""
+
+    def __init__(self, policy: str = "hardened"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; accepted: {', '.join(POLICIES)}")
+        self.policy = policy
+        self.cache = RegCache("tdx", strict=policy == "hardened")
+
+
+def _exposed_names(gpr_select: int) -> set[str]:
+    return {GPR_NAMES[i] for i in range(NR_GPRS) if gpr_select >> i & 1}
+
+
+def _check_against_table(leaf: L.Leaf, reads: list[str], wrote: dict[str, int], vals: dict[str, int]) -> None:
+    """The handler did what its row says: it read only declared inputs, wrote only declared
+    outputs, and wrote every output its row expects for the outcome.  Otherwise: a model bug."""
+    declared_in = set(leaf.selectors) | {op.reg for op in leaf.inputs}
+    declared_out = set(L.possible_outputs(leaf, vals))
+    if undeclared := [r for r in reads if r not in declared_in]:
+        raise ModelBug(f"{leaf.name}: handler read undeclared {undeclared}")
+    if undeclared := [r for r in wrote if r not in declared_out]:
+        raise ModelBug(f"{leaf.name}: handler wrote undeclared {undeclared}")
+    failed = wrote.get("r10", 0) != 0
+    if clean := [r for r in L.expected_outputs(leaf, vals, failed) if r not in wrote]:
+        raise ModelBug(f"{leaf.name}: expected outputs left clean: {clean}")
+
+
+def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmResult:
+    """KVM's handling of one TDG.VP.VMCALL exit (tdx.c ``tdx_handle_exit()`` -> ``handle_tdvmcall()``),
+    under the vCPU's policy.  Returns what KVM did and the VMM registers it re-enters with."""
+    vmm = list(exit.vmm)
+    qual = ExitQualification(vmm[RCX])
+    exposed = _exposed_names(qual.gpr_select)
+    vals = {GPR_NAMES[i]: vmm[i] for i in range(NR_GPRS)}
+
+    # dispatch: R10 != 0 is a KVM hypercall number, else R11 is the GHCI leaf
+    leaf = L.lookup(vmm[reg_index("r10")], vmm[reg_index("r11")])
+    missing = [r for r in L.required_inputs(leaf, vals) if r not in exposed]
+    unexposed_outputs = [r for r in L.possible_outputs(leaf, vals) if r not in exposed]
+    exits_before = len(platform.exits)
+    result = KvmResult(vcpu.policy, leaf, VERDICT_COMPLETED, None, vmm,
+                       missing=missing, unexposed_outputs=unexposed_outputs)
+
+    if vcpu.policy == "legacy":
+        # mark registers: the fixed set, whatever the mask
+        vcpu.cache.tdx_after_exit_legacy()
+        io = LegacyAccess(vmm, qual.raw)
+        handler_for(leaf)(io, platform)
+        _check_against_table(leaf, io.reads, io.wrote, vals)
+        result.zero_reads = [r for r in dict.fromkeys(io.reads) if r not in exposed]
+        result.dropped_writes = [r for r in io.wrote if r not in exposed]
+    else:
+        # (a) load exactly the exposed GPRs, plus RCX, into the cache
+        cache = vcpu.cache
+        cache.tdx_after_exit_hardened({i: vmm[i] for i in range(NR_GPRS)
+                                       if qual.gpr_select >> i & 1 or i == RCX})
+        io = HardenedAccess(cache, qual.raw)
+        # (b) validate before dispatch
+        if "r10" not in exposed:
+            platform.internal_error(f"TDVMCALL without R10 exposed (mask {qual.gpr_select:#06x}): "
+                                    "no status can reach the guest")
+            result.verdict = VERDICT_INTERNAL_ERROR
+        elif missing or unexposed_outputs:
+            io.write("r10", TDVMCALL_INVALID_OPERAND)
+            result.verdict = VERDICT_REFUSED
+        else:
+            # (c) run the handler through the cache
+            handler_for(leaf)(io, platform)
+            _check_against_table(leaf, io.reads, io.wrote, vals)
+        # (d) write dirty GPRs back to the module's VMM registers
+        for i in range(NR_GPRS):
+            if cache.is_dirty(i):
+                if GPR_NAMES[i] not in exposed:
+                    raise ModelBug(f"{GPR_NAMES[i]} is dirty but not exposed")
+                vmm[i] = cache.regs[i]
+
+    result.wrote = dict(io.wrote)
+    result.status = io.wrote.get("r10")
+    result.userspace_exits = platform.exits[exits_before:]
+    if result.verdict == VERDICT_COMPLETED and result.userspace_exits:
+        result.verdict = VERDICT_USERSPACE
+    result.regs_avail, result.regs_dirty = vcpu.cache.avail, vcpu.cache.dirty
+    result.warnings = list(vcpu.cache.warnings)
+    return result

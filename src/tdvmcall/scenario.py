@@ -1,0 +1,257 @@
+"""The JSON scenario contract: one scenario in, one full round trip, one JSON result out.
+
+This is public API (``tdvmcall run``, the vectors, other people's scripts): see docs/scenario.md.
+Input::
+
+    {"td": {"module": "1.5", "no_rbp_mod": true},
+     "kvm": {"policy": "hardened", "tree": "kvm-x86"},
+     "guest": {"rax": 0, "rcx": "0xFFCC", "r10": 0, "r11": "0xA", "r12": "0x1"},
+     "platform": {}}
+
+Register values are integers or hex strings, absent registers are 0, and ``td``, ``kvm`` and
+``platform`` are optional.  Output: see :func:`result_json`.  Bad input raises
+:class:`ScenarioError` with one line naming the field and the accepted form.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .codes import TDVMCALL_STATUS_NAMES, status_name
+from .control import Control
+from .guest import RoundTrip, tdvmcall
+from .kvm.platform import Platform, Userspace
+from .kvm.tdx import POLICIES, KvmVcpu
+from .module import TdConfig, VcpuState
+from .regs import GPR_NAMES, hex64, names_in, parse_int
+
+SCHEMA_VERSION = 1
+TREES = ("kvm-x86", "v6.16")
+
+
+class ScenarioError(ValueError):
+    """A malformed scenario: the message names the field and the accepted form."""
+
+
+def _obj(value: Any, field: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ScenarioError(f"{field}: expected a JSON object")
+    return value
+
+
+def _known(obj: dict, field: str, keys: set[str]) -> None:
+    extra = sorted(set(obj) - keys)
+    if extra:
+        raise ScenarioError(f"{field}.{extra[0]}: unknown field; accepted: {', '.join(sorted(keys))}")
+
+
+def _int(value: Any, field: str) -> int:
+    try:
+        return parse_int(value, field)
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+
+
+def _bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ScenarioError(f"{field}: expected true or false")
+    return value
+
+
+def _int_map(value: Any, field: str) -> dict[int, int]:
+    return {_int(k, f"{field} key"): _int(v, f"{field}.{k}") for k, v in _obj(value, field).items()}
+
+
+def _int_list(value: Any, field: str) -> list[int]:
+    if not isinstance(value, list):
+        value = [value]
+    return [_int(v, f"{field}[{i}]") for i, v in enumerate(value)]
+
+
+class Scenario:
+    """A parsed scenario: the TD, the KVM policy, the guest's registers and the platform."""
+
+    def __init__(self, td: TdConfig, policy: str, guest: VcpuState, platform: Platform):
+        self.td, self.policy, self.guest, self.platform = td, policy, guest, platform
+
+    def run(self) -> RoundTrip:
+        return tdvmcall(self.td, self.guest.copy(), KvmVcpu(self.policy), self.platform)
+
+
+def parse(data: Any) -> Scenario:
+    """Validate and parse a scenario object."""
+    top = _obj(data, "scenario")
+    _known(top, "scenario", {"td", "kvm", "guest", "platform", "comment", "name"})
+
+    td_in = _obj(top.get("td"), "td")
+    _known(td_in, "td", {"module", "no_rbp_mod"})
+    try:
+        td = TdConfig(str(td_in.get("module", "1.5")), _bool(td_in.get("no_rbp_mod", True), "td.no_rbp_mod"))
+    except ValueError as e:
+        raise ScenarioError(f"td.module: {e}") from None
+
+    kvm_in = _obj(top.get("kvm"), "kvm")
+    _known(kvm_in, "kvm", {"policy", "tree"})
+    policy = kvm_in.get("policy", "hardened")
+    if policy not in POLICIES:
+        raise ScenarioError(f"kvm.policy: {policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+    tree = kvm_in.get("tree", "kvm-x86")
+    if tree not in TREES:
+        raise ScenarioError(f"kvm.tree: {tree!r} is not a kernel tree; accepted: {', '.join(TREES)}")
+
+    if "guest" not in top:
+        raise ScenarioError("guest: missing; expected an object of registers like {\"rcx\": \"0xFFCC\", \"r11\": \"0xA\"}")
+    g_in = _obj(top["guest"], "guest")
+    _known(g_in, "guest", set(GPR_NAMES) | {"rip", "long_mode", "xmm"})
+    guest = VcpuState()
+    for i, name in enumerate(GPR_NAMES):
+        guest.gprs[i] = _int(g_in.get(name, 0), f"guest.{name}")
+    guest.rip = _int(g_in.get("rip", guest.rip), "guest.rip")
+    guest.long_mode = _bool(g_in.get("long_mode", True), "guest.long_mode")
+    xmm_in = _obj(g_in.get("xmm"), "guest.xmm")
+    _known(xmm_in, "guest.xmm", {f"xmm{i}" for i in range(16)})
+    for k, v in xmm_in.items():
+        value = _int128(v, f"guest.xmm.{k}")
+        guest.xmm[int(k[3:])] = value
+
+    return Scenario(td, policy, guest, _platform(_obj(top.get("platform"), "platform"), tree))
+
+
+def _int128(value: Any, field: str) -> int:
+    if isinstance(value, str) and value.lower().startswith("0x"):
+        try:
+            v = int(value, 16)
+        except ValueError:
+            raise ScenarioError(f"{field}: {value!r} is not a hex value") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        v = value
+    else:
+        raise ScenarioError(f"{field}: expected an integer or a hex string of up to 128 bits")
+    if not 0 <= v < 1 << 128:
+        raise ScenarioError(f"{field}: does not fit 128 bits unsigned")
+    return v
+
+
+def _platform(p_in: dict, tree: str) -> Platform:
+    keys = {"msr_exits", "exit_hypercall_map_gpa", "gpaw", "maxphyaddr", "pending_event", "apic_ids",
+            "host_clock_suitable", "cpuid", "msrs", "userspace"}
+    _known(p_in, "platform", keys)
+    p = Platform(tree=tree)
+    for key in ("msr_exits", "exit_hypercall_map_gpa", "pending_event", "host_clock_suitable"):
+        if key in p_in:
+            setattr(p, key, _bool(p_in[key], f"platform.{key}"))
+    for key in ("gpaw", "maxphyaddr"):
+        if key in p_in:
+            v = _int(p_in[key], f"platform.{key}")
+            if not 32 <= v <= 52:
+                raise ScenarioError(f"platform.{key}: {v} out of range; accepted: 32..52")
+            setattr(p, key, v)
+    if "apic_ids" in p_in:
+        p.apic_ids = tuple(_int_list(p_in["apic_ids"], "platform.apic_ids"))
+    if "msrs" in p_in:
+        p.msrs.update(_int_map(p_in["msrs"], "platform.msrs"))
+    if "cpuid" in p_in:
+        if not isinstance(p_in["cpuid"], list):
+            raise ScenarioError("platform.cpuid: expected a list of {leaf, subleaf, eax, ebx, ecx, edx}")
+        for i, e in enumerate(p_in["cpuid"]):
+            f = f"platform.cpuid[{i}]"
+            e = _obj(e, f)
+            _known(e, f, {"leaf", "subleaf", "eax", "ebx", "ecx", "edx"})
+            p.cpuid[(_int(e.get("leaf", 0), f + ".leaf"), _int(e.get("subleaf", 0), f + ".subleaf"))] = tuple(
+                _int(e.get(r, 0), f"{f}.{r}") & 0xFFFFFFFF for r in ("eax", "ebx", "ecx", "edx"))  # type: ignore[assignment]
+    u_in = _obj(p_in.get("userspace"), "platform.userspace")
+    _known(u_in, "platform.userspace", {"hypercall_ret", "tdx_ret", "tdvmcall_info", "ports", "mmio", "rdmsr", "msr_error"})
+    u = Userspace()
+    if "hypercall_ret" in u_in:
+        u.hypercall_ret = _int_list(u_in["hypercall_ret"], "platform.userspace.hypercall_ret")
+    if "tdx_ret" in u_in:
+        u.tdx_ret = _int(u_in["tdx_ret"], "platform.userspace.tdx_ret")
+    if "tdvmcall_info" in u_in:
+        words = _int_list(u_in["tdvmcall_info"], "platform.userspace.tdvmcall_info")
+        if len(words) != 4:
+            raise ScenarioError("platform.userspace.tdvmcall_info: expected 4 values (R11..R14)")
+        u.tdvmcall_info = tuple(words)  # type: ignore[assignment]
+    for key in ("ports", "mmio", "rdmsr"):
+        if key in u_in:
+            getattr(u, key).update(_int_map(u_in[key], f"platform.userspace.{key}"))
+    if "msr_error" in u_in:
+        u.msr_error = _bool(u_in["msr_error"], "platform.userspace.msr_error")
+    p.userspace = u
+    return p
+
+
+def loads(text: str) -> Scenario:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScenarioError(f"scenario: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    return parse(data)
+
+
+# --- output -------------------------------------------------------------------------------------
+def _regs(values: list[int]) -> dict[str, str]:
+    return {name: hex64(values[i]) for i, name in enumerate(GPR_NAMES)}
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return hex64(v)
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    return str(v)
+
+
+def result_json(rt: RoundTrip) -> dict:
+    """The result object of ``tdvmcall run --json`` (schema version 1; docs/scenario.md)."""
+    ctl = Control(rt.before.gprs[1])
+    module: dict[str, Any] = {
+        "exited": bool(rt.module and rt.module.exited),
+        "status": hex64(rt.module.status) if rt.module else None,
+        "status_name": None, "fault": rt.fault,
+        "control": hex64(ctl.raw),
+        "gpr_select": names_in(ctl.gpr_select, 16),
+        "xmm_select": [f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1],
+        "problems": ctl.problems(rt.td.module, rt.td.no_rbp_mod) if rt.module and rt.before.gprs[0] == 0 else [],
+    }
+    if rt.module:
+        module["status_name"] = "TDCALL exit (reason 77)" if rt.module.exited else status_name(rt.module.status)
+    out: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "td": {"module": rt.td.module, "no_rbp_mod": rt.td.no_rbp_mod},
+        "module": module,
+        "vmm": _regs(rt.module.exit.vmm) if rt.module and rt.module.exit else None,
+        "kvm": None,
+        "guest_before": _regs(rt.before.gprs) | {"rip": hex64(rt.before.rip)},
+        "guest": _regs(rt.after.gprs) | {"rip": hex64(rt.after.rip)},
+        "guest_xmm": {f"xmm{i}": f"0x{x:032x}" for i, x in enumerate(rt.after.xmm)},
+    }
+    if rt.kvm:
+        k = rt.kvm
+        out["kvm"] = {
+            "policy": k.policy, "leaf": k.leaf.name,
+            "verdict": k.verdict,
+            "status": hex64(k.status) if k.status is not None else None,
+            "status_name": TDVMCALL_STATUS_NAMES.get(k.status) if k.status is not None and k.leaf.family == "ghci" else None,
+            "missing": k.missing, "unexposed_outputs": k.unexposed_outputs,
+            "zero_reads": k.zero_reads, "dropped_writes": k.dropped_writes,
+            "wrote": {r: hex64(v) for r, v in k.wrote.items()},
+            "regs_avail": hex64(k.regs_avail), "regs_dirty": hex64(k.regs_dirty),
+            "userspace_exit": _json_value(k.userspace_exits[0]) if k.userspace_exits else None,
+            "userspace_exits": _json_value(k.userspace_exits),
+            "warnings": k.warnings,
+        }
+        out["vmm_after"] = _regs(k.vmm_after)
+    return out
+
+
+def run_json(data: Any) -> dict:
+    """Parse, run and render one scenario."""
+    sc = parse(data)
+    return result_json(sc.run())
