@@ -1,0 +1,85 @@
+"""Explain a 64-bit value from a log: a TDX module status, a TDVMCALL status, a control value or an
+exit qualification.  Pure data in, plain dict out (the CLI renders it)."""
+
+from __future__ import annotations
+
+from .codes import DEFAULT_TABLE_VERSION, TDVMCALL_STATUS_NAMES, decode_status, decode_tdvmcall_status, status_name
+from .control import Control, ExitQualification, check_control
+from .kvm import leaves as L
+from .regs import names_in
+
+KINDS = ("status", "tdvmcall-status", "control", "exitqual")
+
+
+def _gpr_list(mask: int) -> list[str]:
+    return names_in(mask & 0xFFFF, 16)
+
+
+def _calls_satisfied(gpr_select: int) -> list[str]:
+    """Calls hardened KVM would complete with this mask under every case of the leaf table."""
+    return [leaf.name for leaf in L.LEAVES
+            if all(m & ~gpr_select == 0 for m in L.condition_masks(leaf).values())]
+
+
+def decode_control(value: int) -> dict:
+    c = Control(value)
+    acceptance = {
+        "module 1.5, NO_RBP_MOD (KVM's TDs)": c.problems("1.5", True),
+        "module 1.5, no NO_RBP_MOD": c.problems("1.5", False),
+        "module 1.0": c.problems("1.0", False),
+    }
+    return {
+        "kind": "control", "value": value,
+        "gpr_select": c.gpr_select, "gprs": _gpr_list(c.gpr_select),
+        "xmm_select": c.xmm_select, "xmms": [f"xmm{i}" for i in range(16) if c.xmm_select >> i & 1],
+        "reserved": c.reserved,
+        "accepted": {k: not v for k, v in acceptance.items()},
+        "problems": {k: v for k, v in acceptance.items() if v},
+        "module_status_if_rejected": check_control(value, "1.5", True),
+        "hardened_completes": _calls_satisfied(c.gpr_select) if not c.problems("1.5", True) else [],
+        "known": True,
+    }
+
+
+def decode_exitqual(value: int) -> dict:
+    q = ExitQualification(value)
+    return {
+        "kind": "exitqual", "value": value,
+        "gpr_select": q.gpr_select, "gprs": _gpr_list(q.gpr_select),
+        "xmm_select": q.xmm_select, "xmms": [f"xmm{i}" for i in range(16) if q.xmm_select >> i & 1],
+        "vm": q.vm, "other_bits": q.other_bits,
+        "known": q.other_bits == 0,
+    }
+
+
+def guess_kind(value: int, version: str = DEFAULT_TABLE_VERSION) -> tuple[str, str]:
+    """Pick a reading for a value with no ``--as``, and say why."""
+    if value >> 63 and value in TDVMCALL_STATUS_NAMES:
+        return "tdvmcall-status", "bit 63 set and equal to a GHCI TDVMCALL status"
+    if value >> 32 and status_name(value, version) is not None:
+        return "status", f"bits 63:32 match a TDX module {version} status"
+    if value <= 0xFFFFFFFF:
+        return "control", "fits 32 bits: read as a TDG.VP.VMCALL control (RCX)"
+    if value <= 0x3FFFFFFFF:
+        return "exitqual", "bits 33:32 set, nothing above: read as an exit qualification (VM index)"
+    return "status", "no better reading: shown as a TDX status with its bit fields"
+
+
+def decode(value: int, kind: str | None = None, version: str = DEFAULT_TABLE_VERSION) -> dict:
+    """Explain ``value``; ``kind`` one of :data:`KINDS` or None to guess (the answer says which)."""
+    why = "as requested"
+    if kind is None:
+        kind, why = guess_kind(value, version)
+    if kind == "status":
+        out = decode_status(value, version)
+    elif kind == "tdvmcall-status":
+        out = decode_tdvmcall_status(value)
+    elif kind == "control":
+        out = decode_control(value)
+    elif kind == "exitqual":
+        out = decode_exitqual(value)
+    else:
+        raise ValueError(f"unknown reading {kind!r}; accepted: {', '.join(KINDS)}")
+    out["reading"] = kind
+    out["why"] = why
+    return out
