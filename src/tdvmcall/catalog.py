@@ -1,0 +1,473 @@
+"""Real guests' TDVMCALL call sites (the shipped catalog) and the compatibility check.
+
+The catalog (``data/guest-masks.csv``, see ``data/NOTICE.md``; ABI.md §6) has one row per call
+site: ``guest, snapshot, file, function, mask_hex, tdvmcalls, note``.  ``mask_hex`` is the control
+value the site puts in RCX (bits 15:0 GPRs, 31:16 XMMs, 63:32 reserved); ``tdvmcalls`` names, in
+free text, the calls made through it.  This module turns that text into rows of the leaf table
+(:data:`CALL_NAMES`, :data:`FOREIGN_CALLS`, the grammar in :func:`parse_calls`), then runs every
+(site, call, case) through the model -- the TDX module with the TD's attributes, then KVM under
+``legacy`` and ``hardened`` -- and classifies the outcome (:func:`check_call`).
+
+Nothing here says which registers a call needs: that is read from ``kvm/leaves.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .codes import DEFAULT_TABLE_VERSION, MODULE_TABLE_VERSIONS, decode_status
+from .control import Control, module_family
+from .kvm import leaves as L
+from .kvm.regcache import ModelBug
+from .kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
+from .module import TdConfig, VcpuState, tdg_vp_vmcall
+from .regs import GPR_NAMES, RCX, names_in, parse_int
+from .scenario import parse as parse_scenario
+
+CATALOG_COLUMNS = ("guest", "snapshot", "file", "function", "mask_hex", "tdvmcalls", "note")
+
+# --- the catalog's call names ------------------------------------------------------------------
+#: Every call KVM implements: what a bare ``all`` stands for (a guest that uses one mask for
+#: every TDVMCALL it makes, e.g. Linux's ``__tdx_hypercall``).
+ALL_KVM_CALLS: tuple[str, ...] = tuple(leaf.name for leaf in L.GHCI_LEAVES + L.KVM_HYPERCALLS)
+
+#: Catalog call name -> the leaf-table rows it stands for.  A leaf's own name (``MapGPA``,
+#: ``Instruction.RDMSR``, ``KVMHypercall.SEND_IPI``, ``Service`` ...) is accepted as well.
+#: Names are matched case-insensitively.
+CALL_NAMES: dict[str, tuple[str, ...]] = {
+    "CPUID": ("Instruction.CPUID",),
+    "HLT": ("Instruction.HLT",),
+    "IO": ("Instruction.IO",),
+    "RDMSR": ("Instruction.RDMSR",),
+    "WRMSR": ("Instruction.WRMSR",),
+    "MMIO": ("#VE.RequestMMIO",),
+    "WBINVD": ("Instruction.WBINVD",),
+    "PCONFIG": ("Instruction.PCONFIG",),
+    # Linux's kvm_hypercall*() on a TD: R10 = the KVM hypercall number (ABI.md §4)
+    "KVM-hypercall": tuple(leaf.name for leaf in L.KVM_HYPERCALLS),
+}
+
+_HYPERV = ("Hyper-V hypercall: R10 holds a Hyper-V hypercall control word meant for a Hyper-V host "
+           "(OpenVMM/OpenHCL, COCONUT-SVSM, Linux on Hyper-V); KVM takes any R10 != 0 as a KVM "
+           "hypercall number, so KVM's leaf table does not describe this call (ABI.md §4, §6)")
+_MIGTD = ("MigTD call (TD migration, td-shim's asm_td_vmcall_ex): served by the host's migration "
+          "service, not a leaf of KVM's TDVMCALL dispatch, which answers SUBFUNC_UNSUPPORTED to a leaf "
+          "it does not know (ABI.md §4)")
+
+#: Calls the catalog names that are not KVM calls, with the reason.  They are checked against the
+#: TDX module only (its control check holds on any host) and reported as ``not-kvm``.
+FOREIGN_CALLS: dict[str, str] = {
+    "HyperV-hypercall": _HYPERV,
+    "MigTD.WaitForRequest": _MIGTD,
+    "MigTD.ReportStatus": _MIGTD,
+    "MigTD.Send": _MIGTD,
+    "MigTD.Receive": _MIGTD,
+}
+
+#: Family words: ``MigTD ReportStatus Send`` means ``MigTD.ReportStatus MigTD.Send``.
+FAMILY_WORDS = ("MigTD",)
+
+#: Qualifiers that pin a call's input values: ``CPUID leaf 0xB`` checks CPUID with R12 = 0xB only,
+#: ``ReportFatalError code 0x10000`` checks only a report without a GPA (R12 bit 63 clear).
+INPUT_QUALIFIERS: dict[str, dict[str, str]] = {
+    "Instruction.CPUID": {"leaf": "r12", "subleaf": "r13"},
+    "ReportFatalError": {"code": "r12"},  # a code without bit 63: a site that never passes a GPA
+}
+
+#: Words that end the list of calls: the rest of the field is a remark (``... and other C callers``).
+REMARK_WORDS = ("and",)
+
+
+def _index() -> dict[str, tuple[str, ...]]:
+    idx = {name.lower(): (name,) for name in L.BY_NAME}
+    idx.update({name.lower(): (name,) for name in FOREIGN_CALLS})
+    idx.update({name.lower(): rows for name, rows in CALL_NAMES.items()})
+    return idx
+
+
+_NAMES = _index()
+
+
+def accepted_names() -> list[str]:
+    """Every call name the catalog accepts (for error messages and ``--help``)."""
+    return ["all", *CALL_NAMES, *(n for n in L.BY_NAME if n.lower() not in {c.lower() for c in CALL_NAMES}),
+            *FOREIGN_CALLS]
+
+
+class CatalogError(ValueError):
+    """A bad catalog row or what-if: one line naming the row and the field."""
+
+
+@dataclass(frozen=True)
+class CallRef:
+    """One call a site makes: a leaf-table row, or a call that is not KVM's (``foreign`` says why)."""
+
+    name: str  # the leaf name, or the FOREIGN_CALLS name
+    written: str  # as the catalog wrote it
+    annotation: str = ""  # text in parentheses after the name
+    inputs: tuple[tuple[str, int], ...] = ()  # input values pinned by a qualifier
+    foreign: str | None = None
+
+    @property
+    def leaf(self) -> L.Leaf | None:
+        return None if self.foreign else L.BY_NAME[self.name]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One call site: where it was read, the control value it passes and the calls it makes."""
+
+    row: int  # line number in the CSV file (the header is line 1); 0 for a what-if
+    guest: str
+    snapshot: str
+    file: str
+    function: str
+    mask: int  # the control value in RCX
+    calls: tuple[CallRef, ...]
+    remarks: tuple[str, ...] = ()
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.guest} {self.function}".strip()
+
+
+# --- parsing the tdvmcalls field -----------------------------------------------------------------
+_TOKEN = re.compile(r"[^\s()]+(?:\([^()]*\))?|\([^()]*\)")
+
+
+def parse_calls(text: str) -> tuple[list[CallRef], list[str]]:
+    """Parse a ``tdvmcalls`` field into calls and remarks.  The grammar, in order of the tokens:
+
+    - ``all`` alone: every call KVM implements (:data:`ALL_KVM_CALLS`); ``all:`` followed by
+      names: the site's one mask serves all of the listed calls (the prefix is then only a remark);
+    - ``NAME`` or ``NAME(annotation)``: a call (:data:`CALL_NAMES`, a leaf name, or
+      :data:`FOREIGN_CALLS`); the annotation is kept as a remark on that call;
+    - ``NAME QUALIFIER VALUE`` (:data:`INPUT_QUALIFIERS`): the call with that input pinned;
+    - ``FAMILY A B``: ``FAMILY.A FAMILY.B`` (:data:`FAMILY_WORDS`);
+    - ``(text)`` on its own: a remark on the row;
+    - ``and ...``: the rest is a remark (the list is not exhaustive).
+
+    Raises :class:`CatalogError` for an unknown name or unbalanced parentheses."""
+    if text.count("(") != text.count(")"):
+        raise CatalogError(f"unbalanced parentheses in {text!r}")
+    tokens = _TOKEN.findall(text)
+    calls: list[CallRef] = []
+    remarks: list[str] = []
+    family: str | None = None
+    i = 0
+    if tokens and tokens[0].lower() in ("all", "all:"):
+        if tokens[0].lower() == "all" and all(t.startswith("(") for t in tokens[1:]):
+            calls += [CallRef(name, "all") for name in ALL_KVM_CALLS]
+        else:
+            remarks.append("one mask for all of these calls")
+        i = 1
+    while i < len(tokens):
+        tok = tokens[i]
+        i += 1
+        if tok.startswith("("):
+            remarks.append(tok[1:-1].strip())
+            continue
+        if tok.lower() in REMARK_WORDS:
+            remarks.append(" ".join(tokens[i - 1:]))
+            break
+        word, _, annotation = tok.partition("(")
+        annotation = annotation[:-1].strip() if annotation else ""
+        if word in FAMILY_WORDS:
+            family = word
+            continue
+        names = _NAMES.get(word.lower())
+        if names is None and family is not None:
+            names = _NAMES.get(f"{family}.{word}".lower())
+        if names is None:
+            raise CatalogError(f"unknown call name {word!r}; accepted: {', '.join(accepted_names())}")
+        if not (family and names[0].startswith(family + ".")):
+            family = None
+        pinned: list[tuple[str, int]] = []
+        quals = INPUT_QUALIFIERS.get(names[0], {})
+        while i + 1 < len(tokens) and tokens[i].lower() in quals:
+            try:
+                value = parse_int(tokens[i + 1], f"{word} {tokens[i]}")
+            except ValueError as e:
+                raise CatalogError(str(e)) from None
+            pinned.append((quals[tokens[i].lower()], value))
+            i += 2
+        for name in names:
+            calls.append(CallRef(name, word, annotation, tuple(pinned), FOREIGN_CALLS.get(name)))
+    if not calls:
+        raise CatalogError(f"no call named in {text!r}; accepted: {', '.join(accepted_names())}")
+    return calls, remarks
+
+
+def parse_mask(text: str) -> int:
+    """The control value of a row: decimal or ``0x`` hex, at most 64 bits."""
+    try:
+        return parse_int(text, "mask")
+    except ValueError as e:
+        raise CatalogError(str(e).removeprefix("mask: ")) from None
+
+
+# --- loading ---------------------------------------------------------------------------------------
+def shipped_catalog_text() -> str:
+    return resources.files(__package__).joinpath("data/guest-masks.csv").read_text()
+
+
+def load_catalog(path: str | Path | None = None) -> tuple[list[Site], list[str]]:
+    """Read a catalog (the shipped one if ``path`` is None).  Returns the good sites and one error
+    line per bad row (``<file> row <n>, field <name>: <why>``); a bad row does not stop the others.
+    An unreadable file or missing columns raise :class:`CatalogError`."""
+    if path is None:
+        text, where = shipped_catalog_text(), "guest-masks.csv"
+    else:
+        try:
+            text, where = Path(path).read_text(), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise CatalogError(f"{path}: cannot read the catalog ({e.strerror if isinstance(e, OSError) else e})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in CATALOG_COLUMNS if c not in (reader.fieldnames or []) and c != "note"]
+    if missing:
+        raise CatalogError(f"{where}: missing column(s) {', '.join(missing)}; expected: {','.join(CATALOG_COLUMNS)}")
+    sites: list[Site] = []
+    errors: list[str] = []
+    for row in reader:
+        line = reader.line_num
+        if not any((v or "").strip() for v in row.values()):
+            continue
+        field_name = "mask_hex"
+        try:
+            mask = parse_mask(row["mask_hex"] or "")
+            field_name = "tdvmcalls"
+            calls, remarks = parse_calls(row["tdvmcalls"] or "")
+        except CatalogError as e:
+            errors.append(f"{where} row {line}, field {field_name}: {e}")
+            continue
+        sites.append(Site(line, *(str(row[c] or "").strip() for c in ("guest", "snapshot", "file", "function")),
+                          mask, tuple(calls), tuple(remarks), (row.get("note") or "").strip()))
+    return sites, errors
+
+
+def what_if(mask: str, calls: Iterable[str] | None) -> Site:
+    """A single what-if site from ``--mask`` and ``--call`` (all KVM calls when none is given)."""
+    value = parse_mask(mask)
+    text = " ".join(calls or ()) or "all"
+    refs, remarks = parse_calls(text)
+    return Site(0, "what-if", "", "", f"--mask {value:#x}", value, tuple(refs), tuple(remarks))
+
+
+# --- the check -------------------------------------------------------------------------------------
+OK = "ok"
+NOT_KVM = "not-kvm"
+LEGACY_SILENT = "legacy-silent"
+HARDENED_REFUSES = "hardened-refuses"
+MODULE_REJECTS = "module-rejects"
+#: from best to worst
+VERDICTS = (OK, NOT_KVM, LEGACY_SILENT, HARDENED_REFUSES, MODULE_REJECTS)
+PASSING = frozenset({OK, NOT_KVM})
+
+
+@dataclass(frozen=True)
+class Host:
+    """The host the catalog is checked against: the TD's attributes and KVM's tree."""
+
+    module: str = "1.5"
+    no_rbp_mod: bool = True
+    tree: str = "kvm-x86"
+
+    @property
+    def td(self) -> TdConfig:
+        return TdConfig(self.module, self.no_rbp_mod)
+
+    @property
+    def status_table(self) -> str:
+        """The status table to decode with: the exact version if shipped, else the family's newest."""
+        if self.module in MODULE_TABLE_VERSIONS:
+            return self.module
+        return "1.0.3" if module_family(self.module) == "1.0" else DEFAULT_TABLE_VERSION
+
+
+@dataclass
+class ModuleOutcome:
+    """The TDX module's answer to the site's control value (the same for every call)."""
+
+    accepted: bool
+    status: int | None = None
+    decoded: dict | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CaseRun:
+    """One case of one call under one KVM policy."""
+
+    case: str
+    inputs: dict[str, int]  # the input values the guest set (selectors included)
+    policy: str
+    kvm_verdict: str  # the model's: completed | refused | userspace | internal_error
+    dispatched: str  # the leaf KVM dispatched to
+    status: int | None
+    missing_inputs: list[str] = field(default_factory=list)
+    missing_outputs: list[str] = field(default_factory=list)
+    zero_reads: list[str] = field(default_factory=list)
+    dropped_writes: list[str] = field(default_factory=list)
+
+    @property
+    def refused(self) -> bool:
+        return self.kvm_verdict in (VERDICT_REFUSED, VERDICT_INTERNAL_ERROR)
+
+    @property
+    def silent(self) -> bool:
+        return bool(self.zero_reads or self.dropped_writes)
+
+
+@dataclass
+class CallCheck:
+    """The check of one call at one site."""
+
+    site: Site
+    call: CallRef
+    module: ModuleOutcome
+    verdict: dict[str, str]  # policy -> verdict
+    runs: list[CaseRun] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)  # exposed GPRs the call neither reads nor writes
+    notes: list[str] = field(default_factory=list)
+
+    def passes(self, policy: str) -> bool:
+        return self.verdict[policy] in PASSING
+
+    def refusals(self) -> list[CaseRun]:
+        return [r for r in self.runs if r.policy == "hardened" and r.refused]
+
+    def silences(self) -> list[CaseRun]:
+        return [r for r in self.runs if r.policy == "legacy" and r.silent]
+
+
+def module_outcome(site: Site, host: Host) -> ModuleOutcome:
+    """Run the site's control value through the module's TDG.VP.VMCALL (RAX = 0, RCX = the mask)."""
+    vcpu = VcpuState()
+    vcpu.gprs[RCX] = site.mask
+    res = tdg_vp_vmcall(host.td, vcpu)
+    if res.exited:
+        return ModuleOutcome(True)
+    return ModuleOutcome(False, res.status, decode_status(res.status, host.status_table),
+                         Control(site.mask).problems(host.td.module, host.td.no_rbp_mod))
+
+
+def cases_for(call: CallRef) -> list[L.Case]:
+    """The leaf's cases (one per condition), or one case with the inputs a qualifier pinned."""
+    leaf = call.leaf
+    assert leaf is not None
+    if not call.inputs:
+        return list(leaf.cases)
+    pinned = dict(call.inputs)
+    name = " ".join(f"{r}={v:#x}" for r, v in call.inputs)
+    return [L.Case(name, {**leaf.cases[0].regs, **pinned}, leaf.cases[0].platform)]
+
+
+def _exposed(mask: int) -> set[str]:
+    return set(names_in(Control(mask).gpr_select, 16))
+
+
+def run_case(site: Site, leaf: L.Leaf, case: L.Case, policy: str, host: Host) -> CaseRun:
+    """One round trip through the model (scenario API), then what it means for this leaf: under
+    ``hardened`` the registers KVM found missing, under ``legacy`` what it read as zero or dropped.
+    Missing registers are read from the leaf table over KVM's view of the inputs (0 where the guest
+    did not expose them), so a call KVM dispatched elsewhere (R10/R11 not exposed) is still
+    explained in terms of the call the guest meant."""
+    inputs = {**leaf.selector_values(), **case.regs}
+    scenario = {"td": {"module": host.module, "no_rbp_mod": host.no_rbp_mod},
+                "kvm": {"policy": policy, "tree": host.tree},
+                "guest": {"rcx": site.mask, **inputs}, "platform": case.platform}
+    rt = parse_scenario(scenario).run()
+    k = rt.kvm
+    if k is None:
+        raise ModelBug(f"{site.label}: the module accepted the control but the call never reached KVM")
+    exposed = _exposed(site.mask)
+    seen = {r: (v if r in exposed else 0) for r, v in inputs.items()}
+    run = CaseRun(case.name, inputs, policy, k.verdict, k.leaf.name, k.status,
+                  [r for r in L.required_inputs(leaf, seen) if r not in exposed],
+                  [r for r in L.possible_outputs(leaf, seen) if r not in exposed])
+    if policy == "legacy":
+        unexposed_selectors = [r for r in leaf.selectors if r not in exposed]
+        run.zero_reads = list(dict.fromkeys(unexposed_selectors + k.zero_reads))
+        run.dropped_writes = list(k.dropped_writes)
+    elif run.refused != bool(run.missing_inputs or run.missing_outputs):
+        raise ModelBug(f"{leaf.name} {case.name}: hardened KVM {k.verdict} but the table says "
+                       f"missing inputs {run.missing_inputs}, outputs {run.missing_outputs}")
+    return run
+
+
+def used_registers(leaf: L.Leaf) -> set[str]:
+    """Every register the leaf may read or write, under any condition."""
+    return set(leaf.selectors) | {op.reg for op in leaf.inputs + leaf.outputs}
+
+
+def _notes(site: Site, call: CallRef, unused: list[str]) -> list[str]:
+    notes = []
+    if unused:
+        notes.append(f"exposed but unused by the call: {' '.join(unused)} (the host can read them and "
+                     "overwrite them)")
+    ctl = Control(site.mask)
+    if ctl.xmm_select:
+        xmms = " ".join(f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1)
+        notes.append(f"XMMs exposed: {xmms} (no KVM call uses XMMs; the host can read and overwrite them)")
+    leaf = call.leaf
+    if leaf is not None:
+        skipped = [r for r in L.optional_inputs(leaf) if r not in _exposed(site.mask)]
+        if skipped:
+            notes.append(f"optional inputs not exposed: {' '.join(skipped)} (read as 0)")
+        if leaf.name in L.UNSUPPORTED_GHCI:
+            notes.append(f"KVM does not implement {leaf.name}: it answers SUBFUNC_UNSUPPORTED")
+    return notes
+
+
+def check_call(site: Site, call: CallRef, host: Host, module: ModuleOutcome | None = None) -> CallCheck:
+    """Check one call at one site: the module's control check, then every case of the leaf under
+    both KVM policies.  Verdict per policy: ``module-rejects`` if the module refuses the control
+    (the VMM never sees the call), ``not-kvm`` for a call that is not KVM's, else under
+    ``hardened`` ``hardened-refuses`` if any case is refused, under ``legacy`` ``legacy-silent`` if
+    any case reads an unexposed input as 0 or writes an unexposed output; otherwise ``ok``."""
+    module = module or module_outcome(site, host)
+    leaf = call.leaf
+    exposed = [r for r in GPR_NAMES if r in _exposed(site.mask)]
+    unused = [r for r in exposed if leaf is not None and r not in used_registers(leaf)]
+    out = CallCheck(site, call, module, {}, unused=unused, notes=_notes(site, call, unused))
+    if not module.accepted:
+        out.verdict = {p: MODULE_REJECTS for p in POLICIES}
+        return out
+    if leaf is None:
+        out.verdict = {p: NOT_KVM for p in POLICIES}
+        return out
+    for case in cases_for(call):
+        for policy in POLICIES:
+            out.runs.append(run_case(site, leaf, case, policy, host))
+    out.verdict = {"legacy": LEGACY_SILENT if out.silences() else OK,
+                   "hardened": HARDENED_REFUSES if out.refusals() else OK}
+    return out
+
+
+def check_sites(sites: Iterable[Site], host: Host) -> list[CallCheck]:
+    """Check every call of every site."""
+    results = []
+    for site in sites:
+        module = module_outcome(site, host)
+        results += [check_call(site, call, host, module) for call in site.calls]
+    return results
+
+
+def summary(results: list[CallCheck]) -> dict:
+    """Counts: sites, (site, call) pairs, and verdicts per policy (every verdict listed)."""
+    return {
+        "sites": len({id(r.site) for r in results}),
+        "calls": len(results),
+        **{p: {v: sum(r.verdict[p] == v for r in results) for v in VERDICTS} for p in POLICIES},
+    }
+
+
+def failing(results: list[CallCheck], policy: str) -> list[CallCheck]:
+    return [r for r in results if not r.passes(policy)]
