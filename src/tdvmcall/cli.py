@@ -27,12 +27,11 @@ app = typer.Typer(
 )
 
 out = Console(width=max(Console().width, 120))  # 16-digit hex columns must not be cut
-err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit: the boundary for bad user input."""
-    err.print(f"tdvmcall: error: {message}", highlight=False, markup=False)
+    sys.stderr.write(f"tdvmcall: error: {message}\n")  # plain: never wrapped, one line
     raise typer.Exit(code)
 
 
@@ -155,6 +154,8 @@ def render_decode(d: dict) -> None:
             out.print(f"  operand id: {d['operand_id']} ({d['operand_name'] or 'unknown operand'})", highlight=False)
         out.print(f"  class {d['class']:#04x}, details L1 {d['details_l1']:#04x}, details L2 {d['details_l2']:#010x}",
                   highlight=False)
+        for other, other_name in d["in_other_versions"].items():
+            out.print(f"  in module {other}: {other_name}", highlight=False)
         flags = [f for f in ("error", "non_recoverable", "fatal", "host_recoverability_hint") if d[f]]
         out.print(f"  bits: {', '.join(flags) or 'none of error/non-recoverable/fatal/hint'}")
     elif kind == "tdvmcall-status":

@@ -136,19 +136,20 @@ def status_name(value: int, version: str = DEFAULT_TABLE_VERSION) -> str | None:
 
 
 def decode_status(value: int, version: str = DEFAULT_TABLE_VERSION) -> dict:
-    """Explain a TDX module status: name, fields and, for a status with operand details,
-    the operand id and its name."""
+    """Explain a TDX module status: its name (an exact match, or the status part, bits 63:32), its
+    fields and, for an operand error (``TDX_OPERAND_*``), the operand id in bits 31:0 and its name."""
     t = status_table(version)
-    fields = status_fields(value)
-    exact = t.status_by_value.get(value)
     base = value & 0xFFFFFFFF00000000
-    name = exact or t.status_by_value.get(base)
+    name = t.status_by_value.get(value) or t.status_by_value.get(base)
     out: dict = {"kind": "tdx-status", "module": version, "value": value, "name": name, "known": name is not None}
-    out.update(fields)
-    if exact is None and name is not None:
+    out.update(status_fields(value))
+    base_name = t.status_by_value.get(base)
+    if base_name is not None and base_name.startswith("TDX_OPERAND"):
         op = value & 0xFFFFFFFF
         out["operand_id"] = op
         out["operand_name"] = t.operand_by_value.get(op)
+    out["in_other_versions"] = {v: n for v in MODULE_TABLE_VERSIONS if v != version
+                                and (n := status_name(value, v)) is not None and n != name}
     return out
 
 

@@ -3,7 +3,7 @@ exit qualification.  Pure data in, plain dict out (the CLI renders it)."""
 
 from __future__ import annotations
 
-from .codes import DEFAULT_TABLE_VERSION, TDVMCALL_STATUS_NAMES, decode_status, decode_tdvmcall_status, status_name
+from .codes import DEFAULT_TABLE_VERSION, MODULE_TABLE_VERSIONS, TDVMCALL_STATUS_NAMES, decode_status, decode_tdvmcall_status, status_name
 from .control import Control, ExitQualification, check_control
 from .kvm import leaves as L
 from .regs import names_in
@@ -56,8 +56,10 @@ def guess_kind(value: int, version: str = DEFAULT_TABLE_VERSION) -> tuple[str, s
     """Pick a reading for a value with no ``--as``, and say why."""
     if value >> 63 and value in TDVMCALL_STATUS_NAMES:
         return "tdvmcall-status", "bit 63 set and equal to a GHCI TDVMCALL status"
-    if value >> 32 and status_name(value, version) is not None:
-        return "status", f"bits 63:32 match a TDX module {version} status"
+    if value >> 32:
+        for v in (version, *MODULE_TABLE_VERSIONS):
+            if status_name(value, v) is not None:
+                return "status", f"bits 63:32 match a TDX module {v} status"
     if value <= 0xFFFFFFFF:
         return "control", "fits 32 bits: read as a TDG.VP.VMCALL control (RCX)"
     if value <= 0x3FFFFFFFF:

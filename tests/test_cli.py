@@ -1,0 +1,107 @@
+"""The command line as a user drives it: run, decode, leaves; bad input gives one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tdvmcall.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_run_reads_stdin_and_prints_the_contract():
+    sc = {"guest": {"rcx": "0xFFCC", "r11": "0xA", "r12": "0x1"}}
+    r = invoke("run", "-", "--json", input=json.dumps(sc))
+    assert r.exit_code == 0
+    out = json.loads(r.stdout)
+    assert out["schema"] == 1 and out["kvm"]["leaf"] == "Instruction.CPUID" and out["kvm"]["policy"] == "hardened"
+
+
+def test_run_policy_override_and_table():
+    sc = {"guest": {"rcx": "0xEC00", "r11": "0xA", "r12": "0x1"}}
+    r = invoke("run", "-", "--policy", "legacy", input=json.dumps(sc))
+    assert r.exit_code == 0
+    assert "zero reads: r12" in r.stdout and "guest after" in r.stdout and "0x0180ffef" in r.stdout
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{not json", "not valid JSON"),
+    ('{"guest": {"rcx": "0xZZ"}}', "guest.rcx"),
+    ('{"guest": {}, "kvm": {"policy": "x"}}', "kvm.policy"),
+])
+def test_run_bad_scenario_is_one_line_and_exit_2(text, needle):
+    r = invoke("run", "-", input=text)
+    assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_run_missing_file_is_exit_2():
+    r = invoke("run", "/nonexistent/scenario.json")
+    assert r.exit_code == 2 and "cannot read" in r.stderr
+
+
+def test_decode_operand_invalid_rcx():
+    d = json.loads(invoke("decode", "0xC000010000000001", "--json").stdout)
+    assert (d["reading"], d["name"], d["operand_id"], d["operand_name"]) == ("status", "TDX_OPERAND_INVALID", 1, "OPERAND_ID_RCX")
+    assert d["error"] and d["non_recoverable"] and not d["fatal"]  # bits 63 and 62 set, 61 clear
+
+
+def test_decode_status_depends_on_module_version():
+    # ABI §3: TDX_NON_RECOVERABLE_TD is 0x4000000200000000 in 1.0, 0x6000000200000000 in 1.5
+    old = json.loads(invoke("decode", "0x4000000200000000", "--module", "1.0.3", "--json").stdout)
+    new = json.loads(invoke("decode", "0x6000000200000000", "--module", "1.5.05", "--json").stdout)
+    assert old["name"] == new["name"] == "TDX_NON_RECOVERABLE_TD"
+    assert new["fatal"] and not old["fatal"]
+
+
+def test_decode_control_with_rbp():
+    d = json.loads(invoke("decode", "0xFFEC", "--json").stdout)
+    assert d["reading"] == "control" and "rbp" in d["gprs"]
+    assert d["accepted"] == {"module 1.5, NO_RBP_MOD (KVM's TDs)": False, "module 1.5, no NO_RBP_MOD": True,
+                             "module 1.0": True}
+    assert d["module_status_if_rejected"] == 0xC000010000000001
+
+
+def test_decode_linux_control_lists_calls_hardened_completes():
+    d = json.loads(invoke("decode", "0xFFCC", "--as", "control", "--json").stdout)
+    # 0xFFCC = RDX RBX RSI RDI R8..R15: every leaf's needs are within R10..R15 (ABI §4)
+    assert "Instruction.CPUID" in d["hardened_completes"] and "ReportFatalError" in d["hardened_completes"]
+
+
+def test_decode_tdvmcall_status_and_exitqual():
+    d = json.loads(invoke("decode", "0x8000000000000002", "--json").stdout)
+    assert (d["reading"], d["name"]) == ("tdvmcall-status", "ALIGN_ERROR")
+    q = json.loads(invoke("decode", "0x10000FFCC", "--json").stdout)
+    assert q["reading"] == "exitqual" and q["vm"] == 1 and q["gpr_select"] == 0xFFCC
+
+
+def test_decode_unknown_value_is_reported_not_raised():
+    r = invoke("decode", "0x00FF000000000000")
+    assert r.exit_code == 0 and "not a known value" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["decode", "xyz"], ["decode", "0x1", "--as", "bogus"],
+                                  ["decode", "0x1", "--module", "2.0"], ["decode", str(1 << 64)]])
+def test_decode_bad_input(args):
+    r = invoke(*args)
+    assert r.exit_code == 2 and r.stderr.startswith("tdvmcall: error:")
+
+
+def test_leaves_json_minimal_masks():
+    rows = {row["name"]: row for row in json.loads(invoke("leaves", "--json").stdout)}
+    # hand-derived from ABI §4: IO in = R10 R11 (select, status, data) R12 R13 R14 -> 0x7C00; out adds R15
+    assert rows["Instruction.IO"]["minimal_masks"] == {"in": "0x7c00", "out": "0xfc00"}
+    assert rows["Instruction.RDMSR"]["minimal_masks"]["apic-version"] == "0x1c00"
+    assert rows["KVMHypercall.SCHED_YIELD"]["minimal_masks"] == {"apic1": "0x0c00"}
+    assert all(row["source"] for row in rows.values())
+
+
+def test_leaves_unknown_name_is_exit_2():
+    r = invoke("leaves", "Instruction.NOPE")
+    assert r.exit_code == 2 and "unknown call" in r.stderr
