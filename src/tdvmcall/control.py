@@ -48,8 +48,9 @@ def forbidden_gprs(module: str = "1.5", no_rbp_mod: bool = True) -> int:
 
 
 @dataclass(frozen=True)
-class Control:
-    """A parsed control value."""
+class _Selects:
+    """A 64-bit value whose bits 15:0 select GPRs and 31:16 XMMs (the control and the exit
+    qualification share this layout)."""
 
     raw: int
 
@@ -60,6 +61,11 @@ class Control:
     @property
     def xmm_select(self) -> int:
         return self.raw >> XMM_SELECT_SHIFT & 0xFFFF
+
+
+@dataclass(frozen=True)
+class Control(_Selects):
+    """A parsed control value (guest RCX)."""
 
     @property
     def reserved(self) -> int:
@@ -101,16 +107,8 @@ def build_exit_qualification(rcx: int, module: str = "1.5", vm: int = 0) -> int:
 
 
 @dataclass(frozen=True)
-class ExitQualification:
-    raw: int
-
-    @property
-    def gpr_select(self) -> int:
-        return self.raw & GPR_SELECT_MASK
-
-    @property
-    def xmm_select(self) -> int:
-        return self.raw >> XMM_SELECT_SHIFT & 0xFFFF
+class ExitQualification(_Selects):
+    """The exit qualification the VMM receives in RCX: the selects plus the VM index (33:32)."""
 
     @property
     def vm(self) -> int:
