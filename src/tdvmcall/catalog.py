@@ -53,12 +53,10 @@ CALL_NAMES: dict[str, tuple[str, ...]] = {
     "KVM-hypercall": tuple(leaf.name for leaf in L.KVM_HYPERCALLS),
 }
 
-_HYPERV = ("Hyper-V hypercall: R10 holds a Hyper-V hypercall control word meant for a Hyper-V host "
-           "(OpenVMM/OpenHCL, COCONUT-SVSM, Linux on Hyper-V); KVM takes any R10 != 0 as a KVM "
-           "hypercall number, so KVM's leaf table does not describe this call (ABI.md §4, §6)")
-_MIGTD = ("MigTD call (TD migration, td-shim's asm_td_vmcall_ex): served by the host's migration "
-          "service, not a leaf of KVM's TDVMCALL dispatch, which answers SUBFUNC_UNSUPPORTED to a leaf "
-          "it does not know (ABI.md §4)")
+_HYPERV = ("Hyper-V hypercall: R10 holds a Hyper-V control word for a Hyper-V host; KVM would take any "
+           "R10 != 0 as a KVM hypercall number, so KVM's leaf table does not describe it (ABI.md §4, §6)")
+_MIGTD = ("MigTD call (TD migration): served by the host's migration service, not a leaf of KVM's TDVMCALL "
+          "dispatch, which answers SUBFUNC_UNSUPPORTED to leaves it does not know (ABI.md §4)")
 
 #: Calls the catalog names that are not KVM calls, with the reason.  They are checked against the
 #: TDX module only (its control check holds on any host) and reported as ``not-kvm``.
@@ -410,12 +408,11 @@ def used_registers(leaf: L.Leaf) -> set[str]:
 def _notes(site: Site, call: CallRef, unused: list[str]) -> list[str]:
     notes = []
     if unused:
-        notes.append(f"exposed but unused by the call: {' '.join(unused)} (the host can read them and "
-                     "overwrite them)")
+        notes.append(f"exposed but unused: {' '.join(unused)} (the host can read and overwrite them)")
     ctl = Control(site.mask)
     if ctl.xmm_select:
         xmms = " ".join(f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1)
-        notes.append(f"XMMs exposed: {xmms} (no KVM call uses XMMs; the host can read and overwrite them)")
+        notes.append(f"XMMs exposed: {xmms} (no KVM call uses them; the host can read and overwrite them)")
     leaf = call.leaf
     if leaf is not None:
         skipped = [r for r in L.optional_inputs(leaf) if r not in _exposed(site.mask)]

@@ -1,0 +1,120 @@
+"""``tdvmcall check``: real guests' TDVMCALL masks against a host (the TDX module, today's KVM and
+the hardened one).  Composition only: the catalog and the check live in ``catalog.py``, the
+renderers in ``report.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .catalog import CatalogError, Host, check_sites, load_catalog, what_if
+from .kvm.tdx import POLICIES
+from .report import html_report, markdown_report, report_json, rich_report, summary_line
+from .scenario import TREES
+
+CHECK_HELP = """Check every TDVMCALL of real guests' call sites against a host: the TDX module with the TD's
+attributes, then KVM as it is today ('legacy') and with the hardened register validation.
+
+For each call site and each call it makes, every condition of the call is run through the model
+(IO in and out, MMIO read and write, MapGPA success and RETRY, ReportFatalError with and without a
+GPA, ...).  Verdicts: module-rejects (the module fails the call back to the guest, KVM never sees
+it), hardened-refuses (hardened KVM answers INVALID_OPERAND: registers missing), legacy-silent
+(today's KVM reads an unexposed input as 0 or drops an output), ok; not-kvm for calls that are not
+KVM's (Hyper-V hypercalls, MigTD).  Notes name registers exposed but unused and XMMs exposed.
+
+Without --catalog, the shipped catalog of Linux, td-shim, EDK2, OpenVMM, COCONUT-SVSM, tdx-guest and
+Gramine-TDX call sites is checked.  Exit status: 0 when every call passes --policy, 1 when some do
+not, 2 for bad input (a bad catalog row is named on stderr; the other rows are still checked).
+
+Examples: tdvmcall check;  tdvmcall check --mask 0x1C00 --call Instruction.RDMSR;
+tdvmcall check --catalog mine.csv --html report.html;  tdvmcall check --rbp-mod --json.
+See docs/check.md."""
+
+
+def check(
+    catalog: Optional[Path] = typer.Option(
+        None, "--catalog", metavar="FILE.csv",
+        help="Your own call sites: CSV with columns guest,snapshot,file,function,mask_hex,tdvmcalls,note "
+             "(tdvmcalls: names like 'RDMSR WRMSR', 'IO MMIO', 'all', 'CPUID leaf 0xB'; see docs/check.md)."),
+    mask: Optional[str] = typer.Option(
+        None, "--mask", help="What-if: check this RCX control value (e.g. 0x1C00) instead of a catalog."),
+    call: Optional[list[str]] = typer.Option(
+        None, "--call", help="What-if: the call(s) made with --mask (repeatable; e.g. Instruction.RDMSR, RDMSR, "
+                             "MapGPA, KVM-hypercall). Default: every call KVM implements."),
+    policy: str = typer.Option("hardened", "--policy", help="The KVM policy the exit status follows: hardened or legacy."),
+    module: str = typer.Option("1.5", "--module", help="TDX module version: 1.0, 1.5 (or 1.0.3, 1.5.01, 1.5.05)."),
+    no_rbp_mod: bool = typer.Option(True, "--no-rbp-mod/--rbp-mod",
+                                    help="The TD's NO_RBP_MOD attribute (on: as Linux KVM creates every TD)."),
+    tree: str = typer.Option("kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026) or v6.16."),
+    guest: Optional[list[str]] = typer.Option(None, "--guest", help="Only these guests of the catalog (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: summary, errors and one object per site and call."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables, one per guest."),
+    html_file: Optional[Path] = typer.Option(None, "--html", metavar="FILE",
+                                             help="Also write a self-contained HTML report (matrix of sites x calls)."),
+) -> None:
+    from .cli import emit_json, fail, out  # the shared console and the bad-input boundary
+
+    # validate options
+    if policy not in POLICIES:
+        fail(f"--policy: {policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+    if tree not in TREES:
+        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
+    if as_json and markdown:
+        fail("--json and --markdown: choose one output format")
+    try:
+        host = Host(module, no_rbp_mod, tree)
+        host.td
+    except ValueError as e:
+        fail(f"--module: {e}")
+
+    # the sites: a what-if or a catalog
+    errors: list[str] = []
+    try:
+        if mask is not None:
+            if catalog is not None:
+                fail("--mask and --catalog: a what-if checks one mask; drop one of them")
+            sites = [what_if(mask, call)]
+            source = f"what-if --mask {mask}"
+        else:
+            if call:
+                fail("--call needs --mask (the control value the call is made with)")
+            sites, errors = load_catalog(catalog)
+            source = str(catalog) if catalog else "the shipped catalog"
+    except CatalogError as e:
+        fail(f"--mask/--call: {e}" if mask is not None else str(e))
+    if guest:
+        known = {s.guest for s in sites}
+        if unknown := [g for g in guest if g not in known]:
+            fail(f"--guest: {unknown[0]!r} is not in the catalog; accepted: {', '.join(sorted(known))}")
+        sites = [s for s in sites if s.guest in guest]
+
+    # check and report
+    results = check_sites(sites, host)
+    for line in errors:
+        sys.stderr.write(f"tdvmcall: error: {line}\n")  # one line per bad row, as fail() writes
+    if as_json:
+        emit_json(report_json(results, host, policy, source, errors))
+    elif markdown:
+        sys.stdout.write(markdown_report(results, host, policy, source))
+    else:
+        out.print(rich_report(results, host, policy, source))
+    if html_file is not None:
+        try:
+            html_file.write_text(html_report(results, host, policy, source, errors))
+        except OSError as e:
+            fail(f"--html: cannot write {html_file} ({e.strerror})")
+        if not as_json and not markdown:
+            out.print(f"wrote {html_file}", highlight=False)
+    if errors:
+        raise typer.Exit(2)
+    raise typer.Exit(0 if all(r.passes(policy) for r in results) else 1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("check", help=CHECK_HELP)(check)
+
+
+__all__ = ["register", "summary_line"]
