@@ -251,8 +251,11 @@ table.matrix{border-collapse:collapse}
 #panel{position:sticky;top:12px;min-width:340px;max-width:460px;border:1px solid #ccc;border-radius:4px;padding:10px 12px;background:#fff}
 #panel h2{font-size:15px;margin:0 0 6px}
 #panel ul{padding-left:18px;margin:6px 0}
-#panel .v{display:inline-block;padding:1px 6px;border-radius:3px;margin-right:4px}
 .errors{color:#b00020}
+h2.findings{font-size:16px;margin:18px 0 6px}
+ul.findings{padding-left:18px;max-width:1200px}
+ul.findings li{margin-bottom:6px}
+.v{display:inline-block;padding:1px 6px;border-radius:3px;margin-left:4px;font-size:12px}
 """
 
 _JS = """
@@ -275,9 +278,9 @@ _JS = """
     panel.innerHTML = h; panel.dataset.shown = id;
   }
   document.querySelectorAll('td.cell').forEach(function(c){
-    c.addEventListener('click', function(){ show(c.dataset.id); history.replaceState(null,'','#c'+c.dataset.id); });
+    c.addEventListener('click', function(){ show(c.dataset.id); history.replaceState(null,'','#show='+c.dataset.id); });
   });
-  var m = location.hash.match(/^#c(\\d+)$/); if(m) show(m[1]);
+  var m = location.hash.match(/^#show=(\\d+)$/); if(m) show(m[1]);
 })();
 """
 
@@ -308,10 +311,32 @@ def _columns(results: list[CallCheck]) -> list[tuple[str, list[str]]]:
             if cols]
 
 
+def _findings_html(results: list[CallCheck]) -> str:
+    """Below the matrix, the sites with a call that does not pass under some policy, one line per
+    distinct finding with the calls it concerns: readable without hovering."""
+    e = html.escape
+    items = []
+    for site, checks in by_site(results):
+        groups: dict[tuple, list[str]] = {}
+        for c in checks:
+            if all(c.passes(p) for p in POLICIES):
+                continue
+            why = tuple(line for line in detail_lines(c) if line not in c.notes)
+            groups.setdefault((c.verdict["legacy"], c.verdict["hardened"], why), []).append(short_name(c.call.name))
+        for (legacy, hardened, why), calls in groups.items():
+            badges = "".join(f'<span class="v" style="background:{STYLE[v][1]};color:{STYLE[v][2]}">{p}: {v}</span>'
+                             for p, v in (("legacy", legacy), ("hardened", hardened)))
+            items.append(f'<li data-row="{site.row}"><b>{e(site.label)}</b> <code>{site.mask:#06x}</code> '
+                         f'{e(", ".join(calls))} {badges}<br>{"<br>".join(e(w) for w in why)}</li>')
+    if not items:
+        return '<h2 class="findings">Findings</h2><p>Every call passes under both policies.</p>'
+    return f'<h2 class="findings">Findings</h2><ul class="findings" id="findings">{"".join(items)}</ul>'
+
+
 def html_report(results: list[CallCheck], host: Host, policy: str, catalog: str, errors: list[str]) -> str:
     """One self-contained page (no external resources): the matrix of call sites x calls, each cell
     split into the legacy and the hardened verdict; hover a cell for its details, click it to pin
-    them in the side panel (or open ``page.html#c<N>``)."""
+    them in the side panel (or open ``page.html#show=<N>``, N = the result's index in ``--json``)."""
     e = html.escape
     groups = _columns(results)
     cols = [c for _, cs in groups for c in cs]
@@ -329,6 +354,7 @@ def html_report(results: list[CallCheck], host: Host, policy: str, catalog: str,
             cells = [_cell(index[id(by_call[c])], by_call[c]) if c in by_call else '<td class="none"></td>'
                      for c in cols]
             body.append(f'<tr data-row="{site.row}">{label}{"".join(cells)}</tr>')
+    findings = _findings_html(results)
     legend = "".join(f'<span style="background:{bg};color:{fg}" title="{e(meaning)}">{v}</span>'
                      for v, (_, bg, fg, meaning) in STYLE.items())
     data = {"styles": {v: [bg, fg] for v, (_, bg, fg, _m) in STYLE.items()},
@@ -350,6 +376,7 @@ def html_report(results: list[CallCheck], host: Host, policy: str, catalog: str,
 </tbody></table>
 <div id="panel"><h2>Details</h2><p>Hover a cell for its details; click it to pin them here.</p></div>
 </div>
+{findings}
 <script type="application/json" id="check-data">{payload}</script>
 <script>{_JS}</script>
 </body></html>
