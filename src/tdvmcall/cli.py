@@ -222,6 +222,7 @@ def _operand_text(o: dict) -> str:
 # --- feature commands: each lives in its own cli_<feature>.py with a register(app) function ----
 # (keep one line per feature here)
 from .cli_check import register as _register_check; _register_check(app)  # noqa: E402
+from .cli_trace import register as _register_trace; _register_trace(app)  # noqa: E402
 # --- end of feature commands ------------------------------------------------------------------
 
 

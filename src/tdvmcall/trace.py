@@ -1,0 +1,779 @@
+"""Audit real hosts' ``kvm:kvm_exit`` traces: which TD exits would hardened KVM refuse.
+
+Facts used (ABI.md §3, §4, §7):
+
+- The ``kvm_exit`` tracepoint prints ``vcpu %u reason %s%s%s rip 0x%lx info1 0x%016llx info2
+  0x%016llx intr_info 0x%08x error_code 0x%08x``; parsers tolerate trailing text (a 2023 patch
+  appending `` requests 0x%016llx`` was not merged, some trees carry it).  The reason is the name
+  from VMX_EXIT_REASONS followed by `` FAILED_VMENTRY`` or a raw hex flag when flag bits are set.
+- For a TD, ``reason`` is the VMX reason KVM synthesises for a TDVMCALL (CPUID 10, HLT 12,
+  IO_INSTRUCTION 30, MSR_READ 31, MSR_WRITE 32, EPT_MISCONFIG 49 for MMIO, VMCALL 18 when R10 != 0,
+  TDCALL 77 for every other leaf) and ``info1`` is the exit qualification: the guest's GPR/XMM
+  mask (bits 15:0 GPRs, 31:16 XMMs, 33:32 VM index).
+- KVM derives that reason from the R10 and R11 values it received, and a register the guest did
+  not expose arrives as 0 (§3): so VMCALL implies R10 was exposed, and an instruction reason implies
+  R11 was.  The module accepted the mask, so RAX, RCX, RSP and (NO_RBP_MOD, which Linux KVM always
+  sets) RBP are never in it and bits 63:34 are 0 (``control.py``).
+- Hardened KVM completes a call iff gpr_select covers the leaf's minimal mask for the actual inputs
+  (``kvm/leaves.py``: the single source of truth); without R10 no status can reach the guest, and it
+  reports an internal error to userspace instead.
+
+The line formats (§7): ftrace ``<comm>-<pid> [<cpu>] <flags> <secs.usecs>: kvm_exit: <payload>``
+(optionally ``(<tgid>)`` after the pid), ``trace-cmd report`` the same with the flags column
+optional and the event name padded, ``perf script`` ``<comm> <pid>[/<tid>] [<cpu>] <secs.usecs>:
+kvm:kvm_exit: <payload>``.
+
+Technique (chosen by measurement, see ``docs/trace.md``): each newline-aligned chunk is split into
+lines by Arrow, then polars filters the ``kvm_exit`` lines, validates the payload with one anchored
+regex without captures and takes the fields by literal ``find`` and slicing; the task prefix and
+the reason text, which take few distinct values, are parsed once each in Python.  Two chunks are
+parsed at a time (polars releases the GIL), and only aggregates are kept.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cache
+
+import polars as pl
+import pyarrow as pa
+
+from .codes import EXIT_REASON_TDCALL, EXIT_REASON_VMCALL, VMX_EXIT_REASON_NAMES
+from .control import Control, ExitQualification, forbidden_gprs
+from .kvm.leaves import Leaf, condition_masks, reason_leaves
+from .regs import GPR_MASK, R10, R11, names_in
+from .traceio import Chunk, Source, TraceInputError, chunks
+
+FORMATS = ("ftrace", "trace-cmd", "perf")
+VERDICTS = ("completes", "depends", "refused", "internal-error", "inconsistent")
+#: verdicts under which a call does not complete whatever its inputs
+FAILING = ("refused", "internal-error")
+KINDS = ("tdvmcall", "td-other", "non-td")
+
+# ---------------------------------------------------------------------------------------------
+# line formats
+# ---------------------------------------------------------------------------------------------
+
+#: the text between the timestamp and the payload, per format
+MARKER = {"ftrace": ": kvm_exit:", "trace-cmd": ": kvm_exit:", "perf": ": kvm:kvm_exit:"}
+#: a line "looks like kvm_exit" when it contains this
+LOOKS_LIKE_EXIT = "kvm_exit:"
+
+#: the payload, anchored, without captures (validation only; fields are then sliced out)
+PAYLOAD_RX = (r"^vcpu \d+ reason \S+(?: (?:FAILED_VMENTRY|0x[0-9a-f]+))* rip 0x[0-9a-f]+ "
+              r"info1 0x[0-9a-f]{16} info2 0x[0-9a-f]{16} intr_info 0x[0-9a-f]{8} error_code 0x[0-9a-f]{8}")
+
+#: the line start up to the timestamp (the "prefix"); ftrace and trace-cmd share one shape
+_DASH_PREFIX = re.compile(r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+(?:\(\s*(?P<tgid>\d+|-+)\)\s+)?"
+                          r"\[(?P<cpu>\d+)\]\s+(?:[^\s\[\]]{1,8}\s+)?$")
+_PERF_PREFIX = re.compile(r"^\s*(?P<comm>.*?)\s+(?:(?P<tgid>\d+)/)?(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+$")
+PREFIX_RX = {"ftrace": _DASH_PREFIX, "trace-cmd": _DASH_PREFIX, "perf": _PERF_PREFIX}
+
+# detection: one event line of each shape (any event, not only kvm_exit)
+_PERF_EVENT = re.compile(r"^\s*\S.*?\s+(?:\d+/)?\d+\s+\[\d+\]\s+\d+\.\d+:\s+[\w-]+:[\w-]+:")
+_DASH_EVENT_FLAGS = re.compile(r"^\s*.*?-\d+\s+(?:\([\s\d-]+\)\s+)?\[\d+\]\s+[^\s\[\]]{1,8}\s+\d+\.\d+:\s+\w+:")
+_DASH_EVENT = re.compile(r"^\s*.*?-\d+\s+(?:\([\s\d-]+\)\s+)?\[\d+\]\s+\d+\.\d+:\s+\w+:")
+
+
+def detect_format(sample: str) -> str | None:
+    """The format of a trace from its first lines: ftrace's ``# tracer:`` header or an event line
+    with a flags column; trace-cmd's ``cpus=``/``version =`` header or an event line without
+    flags; perf's ``system:event:`` name.  ``None`` if no line has any of these shapes."""
+    for line in sample.splitlines()[:2000]:
+        s = line.strip()
+        if s.startswith("# tracer:"):
+            return "ftrace"
+        if s.startswith(("cpus=", "version =")):
+            return "trace-cmd"
+        if _PERF_EVENT.match(line):
+            return "perf"
+        if _DASH_EVENT_FLAGS.match(line):
+            return "ftrace"
+        if _DASH_EVENT.match(line):
+            return "trace-cmd"
+    return None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A traced task: ``pid`` is the id the trace prints (a thread id in ftrace and perf's default
+    output), ``tgid`` the process id when the trace shows it (ftrace ``record-tgid``, perf
+    ``pid/tid``).  ``source`` is the input it was read from: ids of different inputs never merge."""
+
+    source: str
+    comm: str
+    pid: int
+    tgid: int | None
+
+    @property
+    def process(self) -> int:
+        return self.tgid if self.tgid is not None else self.pid
+
+    @property
+    def label(self) -> str:
+        return f"{self.comm}-{self.pid}"
+
+
+def parse_prefix(fmt: str, prefix: str) -> tuple[str, int, int | None, int] | None:
+    """``(comm, pid, tgid, cpu)`` of a line prefix, or ``None`` if it has the wrong shape."""
+    m = PREFIX_RX[fmt].match(prefix)
+    if m is None:
+        return None
+    tgid = m["tgid"]
+    return m["comm"], int(m["pid"]), int(tgid) if tgid and tgid[0] != "-" else None, int(m["cpu"])
+
+
+@dataclass(frozen=True)
+class Reason:
+    """The reason text of a kvm_exit line: name, VMX number when known, and flags."""
+
+    text: str
+    name: str
+    number: int | None
+    flags: str
+    failed_vmentry: bool
+
+
+_REASON_NUMBERS = {name: nr for nr, name in VMX_EXIT_REASON_NAMES.items()}
+
+
+@cache
+def parse_reason(text: str) -> Reason:
+    name, _, flags = text.partition(" ")
+    if name.startswith("0x"):  # a reason the kernel has no name for is printed in hex
+        number: int | None = int(name, 16)
+        name = VMX_EXIT_REASON_NAMES.get(number, name)
+    else:
+        number = _REASON_NUMBERS.get(name)
+    return Reason(text, name, number, flags, "FAILED_VMENTRY" in flags.split())
+
+
+def is_tdvmcall_reason(r: Reason) -> bool:
+    """A TD exit with this reason is a TDVMCALL (ABI §4: the reasons KVM synthesises)."""
+    return r.number in VMX_EXIT_REASON_NAMES and not r.failed_vmentry
+
+
+# ---------------------------------------------------------------------------------------------
+# verdicts: what hardened KVM would do with one (reason, mask) of a TD
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``verdict`` is one of :data:`VERDICTS`; ``missing`` the GPRs the refused cases lack;
+    ``refused_for`` the leaves (or ``leaf[case]``) the mask is refused for."""
+
+    verdict: str
+    detail: str
+    missing: tuple[str, ...] = ()
+    refused_for: tuple[str, ...] = ()
+
+
+def implied_exposed(reason: int) -> int:
+    """Registers the reason proves were exposed: KVM labels an exit VMCALL only when it read
+    R10 != 0, and an instruction reason only when it read R11 = that leaf (non-zero); an unexposed
+    register reads as 0 (ABI §3, §4).  Derived from the leaf table."""
+    if reason == EXIT_REASON_TDCALL:
+        return 0
+    leaves = reason_leaves(reason)
+    if leaves and all(leaf.family == "kvm-hypercall" for leaf in leaves):
+        return 1 << R10
+    if leaves and all(leaf.family == "ghci" and leaf.r11 for leaf in leaves):
+        return 1 << R11
+    return 0
+
+
+def module_problems(mask: int) -> list[str]:
+    """Why the TDX module could not have sent this exit qualification (empty if it could):
+    the GPR checks of the control value (Linux KVM TDs always have NO_RBP_MOD) and bits 63:34."""
+    eq = ExitQualification(mask)
+    out = Control(mask & 0xFFFFFFFF).problems("1.5", no_rbp_mod=True)
+    if eq.other_bits:
+        out.append(f"bits 63:34 are {eq.other_bits >> 34:#x}, must be 0")
+    return out
+
+
+def _case_outcomes(leaf: Leaf, gprs: int) -> list[tuple[str, int]]:
+    """(case name, missing GPRs) for every named input condition of the leaf."""
+    return [(case, need & ~gprs) for case, need in condition_masks(leaf).items()]
+
+
+@cache
+def verdict_for(reason: int, mask: int) -> Verdict:
+    """The verdict for a TDVMCALL exit of a TD with this synthesised reason and exit qualification."""
+    # module consistency
+    problems = module_problems(mask)
+    if problems:
+        return Verdict("inconsistent", "the TDX module refuses this mask: " + "; ".join(problems))
+    gprs = mask & GPR_MASK
+    # KVM consistency: the reason implies which selectors it read as non-zero
+    unseen = implied_exposed(reason) & ~gprs
+    if unseen:
+        return Verdict("inconsistent", f"reason {VMX_EXIT_REASON_NAMES[reason]} implies "
+                       f"{' '.join(names_in(unseen, 16))} exposed, the mask does not expose it",
+                       missing=tuple(names_in(unseen, 16)))
+    # no R10: no status can reach the guest
+    if not gprs >> R10 & 1:
+        return Verdict("internal-error", "R10 not exposed: hardened KVM reports an internal error "
+                       "to userspace", missing=("r10",))
+    # the leaf table: every leaf this reason may stand for, every named input condition
+    leaves = reason_leaves(reason)
+    outcomes = [(leaf, _case_outcomes(leaf, gprs)) for leaf in leaves]
+    cases = [miss for _, oc in outcomes for _, miss in oc]
+    missing_mask = 0
+    for miss in cases:
+        missing_mask |= miss
+    missing = tuple(names_in(missing_mask, 16))
+    if not missing_mask:
+        return Verdict("completes", "completes for " + _what(leaves))
+    if all(cases):
+        return Verdict("refused", f"refused for {_what(leaves)}: missing {' '.join(missing)}",
+                       missing, tuple(leaf.name for leaf in leaves))
+    if len(leaves) == 1:
+        leaf, oc = outcomes[0]
+        parts = [f"{case}: " + ("completes" if not miss else f"refused (missing {' '.join(names_in(miss, 16))})")
+                 for case, miss in oc]
+        return Verdict("depends", f"{leaf.name} depends on inputs: " + ", ".join(parts), missing,
+                       tuple(f"{leaf.name}[{case}]" for case, miss in oc if miss))
+    refused_for = tuple(_refused_name(leaf, oc) for leaf, oc in outcomes if any(m for _, m in oc))
+    return Verdict("depends", "depends on the leaf: refused for " + ", ".join(refused_for)
+                   + f" (missing {' '.join(missing)})", missing, refused_for)
+
+
+def _what(leaves: list[Leaf]) -> str:
+    return leaves[0].name if len(leaves) == 1 else f"every one of the {len(leaves)} leaves it may be"
+
+
+def _refused_name(leaf: Leaf, outcomes: list[tuple[str, int]]) -> str:
+    refused = [case for case, miss in outcomes if miss]
+    return leaf.name if len(refused) == len(outcomes) else f"{leaf.name}[{','.join(refused)}]"
+
+
+def verdict_if_td(reason: Reason, mask: int | None) -> Verdict | None:
+    """The verdict of an exit if its task is a TD, or ``None`` if it is not a TDVMCALL exit."""
+    if not is_tdvmcall_reason(reason) or mask is None:
+        return None
+    return verdict_for(reason.number, mask)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing one chunk
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """Line counts of one input (``bad`` holds the first few unparseable kvm_exit lines)."""
+
+    lines: int = 0
+    comments: int = 0  # blank lines and ``#`` header lines
+    other_events: int = 0  # every other line that is not kvm_exit
+    kvm_exit_lines: int = 0  # lines that look like kvm_exit
+    parsed: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    truncated_last_line: bool = False
+
+    @property
+    def unparsed(self) -> int:
+        return self.kvm_exit_lines - self.parsed
+
+    def add(self, other: Counts, keep_bad: int) -> None:
+        self.lines += other.lines
+        self.comments += other.comments
+        self.other_events += other.other_events
+        self.kvm_exit_lines += other.kvm_exit_lines
+        self.parsed += other.parsed
+        self.bad.extend(other.bad[: max(0, keep_bad - len(self.bad))])
+        self.truncated_last_line |= other.truncated_last_line
+
+
+#: the columns of the parsed exits of a chunk
+EXIT_SCHEMA = {"line": pl.UInt64, "ts": pl.Float64, "task": pl.UInt32, "cpu": pl.UInt32,
+               "vcpu": pl.UInt32, "reason": pl.String, "info1": pl.UInt64}
+
+
+def _lines(data: bytes) -> pl.DataFrame:
+    """The lines of a chunk as column ``l`` (blank lines are null; a trailing CR is dropped,
+    invalid UTF-8 replaced).  Polars' CSV reader with a separator that text lines do not contain
+    (NUL) is the fastest line splitter measured."""
+    return pl.read_csv(data, has_header=False, separator="\x00", quote_char=None, new_columns=["l"],
+                       truncate_ragged_lines=True, infer_schema=False, encoding="utf8-lossy")
+
+
+class TaskTable:
+    """Task ids, shared by the parsing threads: prefixes and tasks are registered once."""
+
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+        self._ids: dict[Task, int] = {}
+        self._prefix: dict[tuple[str, str, str], tuple[int, int] | None] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, source: str, fmt: str, prefix: str) -> tuple[int, int] | None:
+        """``(task id, cpu)`` of a line prefix, or ``None`` if it does not parse."""
+        key = (source, fmt, prefix)
+        hit = self._prefix.get(key, False)
+        if hit is not False:
+            return hit  # type: ignore[return-value]
+        parsed = parse_prefix(fmt, prefix)
+        with self._lock:
+            if parsed is None:
+                out = None
+            else:
+                comm, pid, tgid, cpu = parsed
+                task = Task(source, comm, pid, tgid)
+                if task not in self._ids:
+                    self._ids[task] = len(self.tasks)
+                    self.tasks.append(task)
+                out = (self._ids[task], cpu)
+            self._prefix[key] = out
+        return out
+
+
+def renumber(counts: Counts, exits: pl.DataFrame, before: int) -> pl.DataFrame:
+    """Make a chunk's line numbers absolute, given the number of lines before it."""
+    counts.bad = [(n + before, t) for n, t in counts.bad]
+    return exits.with_columns(pl.col("line") + before)
+
+
+def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, keep_bad: int = 5
+                ) -> tuple[Counts, pl.DataFrame]:
+    """Count the lines of a chunk and parse its kvm_exit lines into :data:`EXIT_SCHEMA` rows.
+    Line numbers count from 1 at the chunk's first line (:func:`renumber` makes them absolute)."""
+    df = _lines(chunk.data).with_row_index("line", offset=1)
+    counts = Counts(lines=len(df), truncated_last_line=chunk.truncated)
+    df = df.with_columns(is_exit=pl.col("l").str.contains(LOOKS_LIKE_EXIT, literal=True).fill_null(False))
+    comment = pl.col("l").is_null() | pl.col("l").str.strip_chars_start(" ").str.starts_with("#")
+    stats = df.select(exits=pl.col("is_exit").sum(), comments=(~pl.col("is_exit") & comment).sum())
+    counts.kvm_exit_lines = int(stats["exits"][0])
+    counts.comments = int(stats["comments"][0])
+    counts.other_events = counts.lines - counts.kvm_exit_lines - counts.comments
+    if not counts.kvm_exit_lines:
+        return counts, pl.DataFrame(schema=EXIT_SCHEMA)
+
+    # split at the marker, validate the payload, cut the timestamp from the prefix
+    ex = df.filter("is_exit").select(pl.col("line").cast(pl.UInt64), "l")
+    parts = ex["l"].str.splitn(MARKER[fmt], 2).struct.unnest()
+    head = parts["field_0"]
+    pay = parts["field_1"].str.strip_chars_start(" ")
+    prefix = head.str.strip_chars_end("0123456789.")
+    ex = ex.with_columns(pay=pay, prefix=prefix, ts=head.str.slice(prefix.str.len_chars()))
+    ok = (pl.col("pay").str.contains(PAYLOAD_RX) & pl.col("ts").str.contains(r"^\d+\.\d+$")).fill_null(False)
+    ex = ex.with_columns(ok=ok)
+
+    # the prefix (task, cpu): few distinct values, parsed once each
+    uniq = ex.filter("ok")["prefix"].unique().to_list()
+    looked = [tasks.lookup(source, fmt, p) for p in uniq]
+    ptab = pl.DataFrame({"prefix": uniq, "task": [t[0] if t else None for t in looked],
+                         "cpu": [t[1] if t else None for t in looked]},
+                        schema={"prefix": pl.String, "task": pl.UInt32, "cpu": pl.UInt32})
+    ex = ex.join(ptab, on="prefix", how="left").with_columns(ok=pl.col("ok") & pl.col("task").is_not_null())
+
+    bad = ex.filter(~pl.col("ok"))
+    counts.parsed = len(ex) - len(bad)
+    counts.bad = [(int(n), t) for n, t in bad.head(keep_bad).select("line", "l").iter_rows()]
+
+    # fields of the valid payloads, by position (the regex above fixed the layout)
+    good = ex.filter("ok")
+    p = pl.col("pay")
+    r = p.str.find(" reason ", literal=True)
+    rip = p.str.find(" rip 0x", literal=True)
+    i1 = p.str.find(" info1 0x", literal=True)
+    out = good.select(
+        "line",
+        pl.col("ts").cast(pl.Float64),
+        "task", "cpu",
+        vcpu=p.str.slice(5, r - 5).cast(pl.UInt32),
+        reason=p.str.slice(r + 8, rip - r - 8),
+        info1=p.str.slice(i1 + 9, 16).str.to_integer(base=16, dtype=pl.UInt64),
+    )
+    return counts, out
+
+
+# ---------------------------------------------------------------------------------------------
+# the audit: aggregates over every input
+# ---------------------------------------------------------------------------------------------
+
+#: width of the finest time bucket (seconds), and the most buckets kept (then they double)
+BUCKET_BASE = 1 / 1024
+MAX_BUCKETS = 1024
+
+
+class ReasonTable:
+    """Reason texts and (reason, mask) verdicts seen so far, as small join tables."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[str, Reason] = {}
+        self._verdicts: dict[tuple[str, int], Verdict | None] = {}
+
+    def reasons(self, texts: Iterable[str]) -> pl.DataFrame:
+        rows = []
+        for t in texts:
+            r = self._reasons.setdefault(t, parse_reason(t))
+            rows.append((t, r.name, r.flags, is_tdvmcall_reason(r)))
+        return pl.DataFrame(rows, schema={"reason": pl.String, "reason_name": pl.String,
+                                          "reason_flags": pl.String, "tdvmcall_reason": pl.Boolean},
+                            orient="row")
+
+    def verdicts(self, pairs: Iterable[tuple[str, int | None]]) -> pl.DataFrame:
+        rows = []
+        for text, mask in pairs:
+            v = verdict_if_td(self._reasons.setdefault(text, parse_reason(text)), mask)
+            rows.append((text, mask, v.verdict if v else None, v.detail if v else None,
+                         " ".join(v.missing) if v else None, ", ".join(v.refused_for) if v else None))
+        return pl.DataFrame(rows, schema={"reason": pl.String, "mask": pl.UInt64, "verdict_if_td": pl.String,
+                                          "detail": pl.String, "missing": pl.String, "refused_for": pl.String},
+                            orient="row")
+
+
+def with_mask(exits: pl.DataFrame, reasons: ReasonTable) -> pl.DataFrame:
+    """Exits with their reason parsed and ``mask`` = info1 for TDVMCALL reasons (else null)."""
+    rt = reasons.reasons(exits["reason"].unique().to_list())
+    return exits.join(rt, on="reason", how="left").with_columns(
+        mask=pl.when("tdvmcall_reason").then("info1"))
+
+
+@dataclass
+class InputReport:
+    name: str
+    format: str
+    compression: str
+    bytes: int
+    counts: Counts
+
+
+class Audit:
+    """Aggregates of every parsed exit, by (task, vCPU, reason, mask) and by time bucket."""
+
+    def __init__(self, td_pids: set[int] | None = None, parquet: str | None = None, keep_bad: int = 5):
+        self.td_pids = td_pids
+        self.tasks = TaskTable()
+        self.reasons = ReasonTable()
+        self.inputs: list[InputReport] = []
+        self.keep_bad = keep_bad
+        self._by_key: list[pl.DataFrame] = []
+        self._by_time: list[pl.DataFrame] = []
+        self._shift = 0  # bucket width = BUCKET_BASE * 2**shift
+        self._span: tuple[float, float] | None = None
+        self.parquet = ParquetSink(parquet) if parquet else None
+
+    # -- feeding --------------------------------------------------------------------------
+    def add_exits(self, exits: pl.DataFrame, source: str) -> None:
+        if exits.is_empty():
+            return
+        e = with_mask(exits, self.reasons)
+        self._by_key.append(e.group_by("task", "vcpu", "reason", "mask").agg(
+            n=pl.len(), first=pl.col("ts").min(), last=pl.col("ts").max()))
+        self._widen(float(e["ts"].min()), float(e["ts"].max()))
+        self._by_time.append(e.group_by("task", "reason", "mask", bucket=self._bucket(pl.col("ts"))).agg(n=pl.len()))
+        if self.parquet is not None:
+            self.parquet.write(e, source)
+        if len(self._by_key) >= 16:
+            self._compact()
+
+    def _bucket(self, ts: pl.Expr) -> pl.Expr:
+        return (ts / (BUCKET_BASE * (1 << self._shift))).floor().cast(pl.Int64)
+
+    def _widen(self, lo: float, hi: float) -> None:
+        """Double the bucket width until the time range seen fits :data:`MAX_BUCKETS` buckets."""
+        self._span = (min(lo, self._span[0]), max(hi, self._span[1])) if self._span else (lo, hi)
+        shift = self._shift
+        while (self._span[1] - self._span[0]) / (BUCKET_BASE * (1 << shift)) >= MAX_BUCKETS - 1:
+            shift += 1
+        if shift != self._shift:
+            factor = 1 << (shift - self._shift)
+            self._by_time = [t.with_columns(pl.col("bucket") // factor) for t in self._by_time]
+            self._shift = shift
+
+    def _compact(self) -> None:
+        self._by_key = [pl.concat(self._by_key).group_by("task", "vcpu", "reason", "mask").agg(
+            n=pl.col("n").sum(), first=pl.col("first").min(), last=pl.col("last").max())]
+        self._by_time = [pl.concat(self._by_time).group_by("task", "reason", "mask", "bucket").agg(n=pl.col("n").sum())]
+
+    # -- results ----------------------------------------------------------------------------
+    def td_tasks(self) -> set[int]:
+        """Task ids of TDs: given (``--td``: a pid or tgid) or inferred (a task with a TDCALL exit
+        is a TD, and so is every task of the same process when the trace shows tgids)."""
+        if self.td_pids is not None:
+            return {i for i, t in enumerate(self.tasks.tasks) if t.pid in self.td_pids or t.tgid in self.td_pids}
+        by_key = self.by_key()
+        tdcall = by_key.filter(pl.col("reason_name") == VMX_EXIT_REASON_NAMES[EXIT_REASON_TDCALL],
+                               pl.col("tdvmcall_reason"))["task"].unique().to_list()
+        tasks = self.tasks.tasks
+        procs = {(tasks[i].source, tasks[i].tgid) for i in tdcall if tasks[i].tgid is not None}
+        return set(tdcall) | {i for i, t in enumerate(tasks) if t.tgid is not None and (t.source, t.tgid) in procs}
+
+    def by_key(self) -> pl.DataFrame:
+        if self._by_key:
+            self._compact()
+            k = self._by_key[0]
+        else:
+            k = pl.DataFrame(schema={"task": pl.UInt32, "vcpu": pl.UInt32, "reason": pl.String,
+                                     "mask": pl.UInt64, "n": pl.UInt32, "first": pl.Float64, "last": pl.Float64})
+        return k.join(self.reasons.reasons(k["reason"].unique().to_list()), on="reason", how="left")
+
+    def task_frame(self, td: set[int]) -> pl.DataFrame:
+        return pl.DataFrame(
+            [(i, t.source, t.comm, t.pid, t.tgid, t.process, t.label, i in td) for i, t in enumerate(self.tasks.tasks)],
+            schema={"task": pl.UInt32, "source": pl.String, "comm": pl.String, "pid": pl.Int64, "tgid": pl.Int64,
+                    "process": pl.Int64, "task_label": pl.String, "td": pl.Boolean}, orient="row")
+
+    def classify(self, frame: pl.DataFrame, td: set[int]) -> pl.DataFrame:
+        """Add ``td``, ``kind`` and ``verdict`` (null unless kind = tdvmcall) to rows with task,
+        reason and mask columns."""
+        f = frame.with_columns(td=pl.col("task").is_in(sorted(td)))
+        pairs = f.filter("td").select("reason", "mask").unique().rows()  # verdicts for TDs only
+        f = f.join(self.reasons.verdicts(pairs), on=["reason", "mask"], how="left", nulls_equal=True)
+        kind = (pl.when(~pl.col("td")).then(pl.lit("non-td"))
+                .when(pl.col("verdict_if_td").is_null()).then(pl.lit("td-other"))
+                .otherwise(pl.lit("tdvmcall")))
+        return f.with_columns(kind=kind, verdict=pl.when(pl.col("td")).then("verdict_if_td"))
+
+    def by_time(self, td: set[int]) -> tuple[pl.DataFrame, float]:
+        """Exit counts per (time bucket, kind/verdict); the bucket width in seconds."""
+        if self._by_time:
+            self._compact()
+            t = self._by_time[0]
+        else:
+            t = pl.DataFrame(schema={"task": pl.UInt32, "reason": pl.String, "mask": pl.UInt64,
+                                     "bucket": pl.Int64, "n": pl.UInt32})
+        t = self.classify(t, td).with_columns(series=pl.coalesce("verdict", "kind"))
+        width = BUCKET_BASE * (1 << self._shift)
+        return t.group_by("bucket", "series").agg(n=pl.col("n").sum()).sort("bucket"), width
+
+    def finish(self) -> dict:
+        td = self.td_tasks()
+        if self.parquet is not None:
+            self.parquet.close(self.task_frame(td), td, self)
+        return build_report(self, td)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading inputs
+# ---------------------------------------------------------------------------------------------
+
+Progress = Callable[[int, int], None]  # (bytes of the input read so far, lines so far)
+
+
+def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress | None = None,
+                threads: int = 2) -> InputReport:
+    """Read one input into the audit; raises :class:`TraceInputError` for bad input."""
+    with Source(path) as src:
+        it = chunks(src)
+        first = next(it)
+        if fmt == "auto":
+            sample = first.data[:1 << 20].decode("utf-8", "replace")
+            found = detect_format(sample)
+            if found is None:
+                if any(s.strip() and not s.lstrip().startswith("#") for s in sample.splitlines()):
+                    raise TraceInputError(f"{src.name}: not trace text: no line has the shape of an ftrace, "
+                                          "trace-cmd report or perf script event (use --format to force one)")
+                found = "ftrace"  # only a header: an empty ftrace capture
+            fmt = found
+        report = InputReport(src.name, fmt, src.compression, 0, Counts())
+        pending: deque[Future] = deque()
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                counts, exits = pending.popleft().result()
+                exits = renumber(counts, exits, report.counts.lines)
+                report.counts.add(counts, audit.keep_bad)
+                audit.add_exits(exits, src.name)
+                if progress:
+                    progress(src.position(), report.counts.lines)
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for chunk in _chain(first, it):
+                report.bytes += len(chunk.data)
+                pending.append(pool.submit(parse_chunk, chunk, fmt, src.name, audit.tasks, audit.keep_bad))
+                drain(threads)
+            drain(0)
+    audit.inputs.append(report)
+    return report
+
+
+def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:
+    yield first
+    yield from rest
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------
+
+
+def _verdict_columns() -> list[pl.Expr]:
+    cols = [pl.col("n").filter(pl.col("kind") == "tdvmcall").sum().alias("tdvmcall")]
+    cols += [pl.col("n").filter(pl.col("verdict") == v).sum().alias(v) for v in VERDICTS]
+    return cols
+
+
+def _with_shares(df: pl.DataFrame) -> pl.DataFrame:
+    denom = pl.when(pl.col("tdvmcall") > 0).then(pl.col("tdvmcall"))
+    return df.with_columns(
+        refused_share=(pl.sum_horizontal(*FAILING) / denom).fill_null(0.0).round(6),
+        depends_share=(pl.col("depends") / denom).fill_null(0.0).round(6),
+    )
+
+
+def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
+    """The whole report as plain data (what ``--json`` prints)."""
+    tasks = audit.task_frame(td)
+    k = audit.classify(audit.by_key(), td).join(tasks.drop("td"), on="task", how="left")
+    total = k["n"].sum() if len(k) else 0
+
+    def table(keys: list[str], sort: list[str]) -> list[dict]:
+        if k.is_empty():
+            return []
+        df = k.group_by(keys).agg(pl.col("n").sum().alias("exits"), *_verdict_columns())
+        return _with_shares(df).sort(sort).to_dicts()
+
+    per_process = table(["source", "process", "comm", "td"], ["source", "process", "comm"])
+    per_vcpu = table(["source", "process", "task_label", "vcpu", "td"], ["source", "process", "task_label", "vcpu"])
+    td_rows = k.filter(pl.col("kind") == "tdvmcall")
+    per_reason = [r for r in table(["reason_name"], ["reason_name"]) if r["tdvmcall"]]
+    pairs_df = (td_rows.group_by("reason_name", "mask", "verdict", "detail", "missing", "refused_for")
+                .agg(exits=pl.col("n").sum()) if not td_rows.is_empty() else None)
+    per_mask: list[dict] = []
+    pairs: list[dict] = []
+    if pairs_df is not None:
+        pm = td_rows.group_by("mask").agg(pl.col("n").sum().alias("exits"), *_verdict_columns())
+        per_mask = [dict(r, mask=f"{r['mask']:#06x}", registers=" ".join(names_in(r["mask"] & GPR_MASK, 16)))
+                    for r in _with_shares(pm).sort("mask").to_dicts()]
+        rank = {"refused": 0, "internal-error": 0, "depends": 1, "inconsistent": 2, "completes": 3}
+        pairs = sorted(pairs_df.to_dicts(), key=lambda r: (rank[r["verdict"]], -r["exits"], r["reason_name"], r["mask"]))
+        for r in pairs:
+            r["reason"] = r.pop("reason_name")
+            r["mask"] = f"{r['mask']:#06x}"
+    by_kind = {kd: int(k.filter(pl.col("kind") == kd)["n"].sum()) for kd in KINDS}
+    by_verdict = {v: int(td_rows.filter(pl.col("verdict") == v)["n"].sum()) for v in VERDICTS}
+    n_td = by_kind["tdvmcall"]
+    inferred = audit.td_pids is None
+    td_tasks = tasks.filter("td")
+    return {
+        "inputs": [{"name": i.name, "format": i.format, "compression": i.compression, "bytes": i.bytes,
+                    "lines": i.counts.lines, "kvm_exit_lines": i.counts.kvm_exit_lines, "parsed": i.counts.parsed,
+                    "unparsed": i.counts.unparsed, "other_events": i.counts.other_events,
+                    "comments": i.counts.comments, "truncated_last_line": i.counts.truncated_last_line}
+                   for i in audit.inputs],
+        "unparsed_examples": [{"input": i.name, "line": n, "text": t[:300]} for i in audit.inputs for n, t in i.counts.bad],
+        "td": {
+            "mode": "inferred" if inferred else "given",
+            "rule": ("a task with a TDCALL exit is a TD (and every task of its process when tgids are shown)"
+                     if inferred else "tasks whose pid or tgid was given with --td"),
+            "given": sorted(audit.td_pids) if audit.td_pids is not None else None,
+            "tasks": [f"{r['source']}:{r['task_label']}" for r in td_tasks.to_dicts()],
+            "non_td_tasks": [f"{r['source']}:{r['task_label']}" for r in tasks.filter(~pl.col("td")).to_dicts()],
+        },
+        "totals": {
+            "exits": int(total), **{f"{kd}_exits": v for kd, v in by_kind.items()},
+            "verdicts": by_verdict,
+            "refused_share": round((by_verdict["refused"] + by_verdict["internal-error"]) / n_td, 6) if n_td else 0.0,
+            "depends_share": round(by_verdict["depends"] / n_td, 6) if n_td else 0.0,
+        },
+        "per_process": per_process,
+        "per_vcpu": per_vcpu,
+        "per_reason": per_reason,
+        "per_mask": per_mask,
+        "pairs": pairs,
+        "top_offending": [p for p in pairs if p["verdict"] in FAILING + ("depends",)][:top],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet: one row per parsed exit
+# ---------------------------------------------------------------------------------------------
+
+PARQUET_SCHEMA = pa.schema([
+    ("source", pa.string()), ("line", pa.uint64()), ("ts", pa.float64()), ("cpu", pa.uint32()),
+    ("comm", pa.string()), ("pid", pa.int64()), ("tgid", pa.int64()), ("vcpu", pa.uint32()),
+    ("reason", pa.string()), ("reason_flags", pa.string()), ("info1", pa.uint64()), ("mask", pa.uint64()),
+    ("td", pa.bool_()), ("kind", pa.string()), ("verdict", pa.string()), ("missing", pa.string()),
+])
+
+
+class ParquetSink:
+    """Writes parsed exits to ``path``.  Whether a task is a TD is known only at the end (when it
+    is inferred), so rows go to a temporary file first and are rewritten, row group by row group,
+    with the ``td``, ``kind``, ``verdict`` and ``missing`` columns added."""
+
+    def __init__(self, path: str):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.tmp = path + ".partial"
+        self._pq = pq
+        self._writer = None
+
+    def write(self, e: pl.DataFrame, source: str) -> None:
+        t = e.select("task", "line", "ts", "cpu", "vcpu", "reason", "reason_name", "reason_flags", "info1", "mask",
+                     source=pl.lit(source)).to_arrow()
+        if self._writer is None:
+            self._writer = self._pq.ParquetWriter(self.tmp, t.schema, compression="zstd")
+        self._writer.write_table(t.cast(self._writer.schema))
+
+    def close(self, tasks: pl.DataFrame, td: set[int], audit: Audit) -> None:
+        import os
+
+        out = self._pq.ParquetWriter(self.path, PARQUET_SCHEMA, compression="zstd")
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                for batch in self._pq.ParquetFile(self.tmp).iter_batches(batch_size=1 << 20):
+                    f = audit.classify(pl.from_arrow(batch), td).join(tasks.drop("td", "source"), on="task", how="left")
+                    f = f.select("source", "line", "ts", "cpu", "comm", "pid", "tgid", "vcpu",
+                                 pl.col("reason_name").alias("reason"), "reason_flags", "info1", "mask", "td", "kind",
+                                 "verdict", pl.when(pl.col("td")).then("missing").alias("missing"))
+                    out.write_table(f.to_arrow().cast(PARQUET_SCHEMA))
+        finally:
+            out.close()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plot
+# ---------------------------------------------------------------------------------------------
+
+PLOT_COLOURS = {"completes": "#4c9a2a", "depends": "#e0a526", "refused": "#c0392b", "internal-error": "#7d3c98",
+                "inconsistent": "#7f8c8d"}
+
+
+def plot(audit: Audit, td: set[int], path: str) -> None:
+    """TDVMCALL exits of TDs over time, stacked by verdict (exits per second)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, width = audit.by_time(td)
+    t = t.filter(pl.col("series").is_in(VERDICTS))
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+    if t.is_empty():
+        ax.text(0.5, 0.5, "no TDVMCALL exits of a TD in the trace", ha="center", va="center", transform=ax.transAxes)
+    else:
+        lo, hi = int(t["bucket"].min()), int(t["bucket"].max())
+        grid = pl.DataFrame({"bucket": range(lo, hi + 1)}, schema={"bucket": pl.Int64})
+        wide = t.pivot(on="series", index="bucket", values="n", aggregate_function="sum")
+        wide = grid.join(wide, on="bucket", how="left").fill_null(0)
+        x = [(b - lo) * width for b in wide["bucket"].to_list()]
+        series = [v for v in VERDICTS if v in wide.columns]
+        ax.stackplot(x, *[[n / width for n in wide[v].to_list()] for v in series], labels=series,
+                     colors=[PLOT_COLOURS[v] for v in series], step="post")
+        ax.legend(loc="upper right", fontsize="small")
+        ax.set_xlim(0, max(x[-1], width))
+    ax.set_xlabel(f"seconds since the first exit (bins of {width:g} s)")
+    ax.set_ylabel("TDVMCALL exits per second")
+    ax.set_title("TD exits by hardened-KVM verdict")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["Audit", "TraceInputError", "Verdict", "audit_input", "build_report", "detect_format",
+           "parse_chunk", "plot", "verdict_for", "FORMATS", "VERDICTS"]

@@ -1,0 +1,153 @@
+"""Reading trace text: files or standard input, plain, gzip or zstd, in newline-aligned chunks.
+
+Everything here is about bytes, not about what the lines mean (that is ``trace.py``).  A reader
+yields chunks that end on a line boundary, so that a chunk can be split into whole lines and parsed
+on its own, in constant memory whatever the size of the input; only the last chunk of an input may
+end without a newline (a truncated last line, as left by an interrupted ``cat trace_pipe``).
+
+Bad input is reported as :class:`TraceInputError` with one line of text naming the input: a missing
+file, a directory, an empty input, a binary file (a NUL byte in the first block), or a compressed
+stream that does not decompress.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+#: bytes read from the (decompressed) input per chunk
+CHUNK_SIZE = 8 << 20
+#: a "line" longer than this is not trace text
+MAX_LINE = 1 << 20
+#: how much of the start is checked for NUL bytes
+BINARY_PROBE = 64 << 10
+
+
+class TraceInputError(Exception):
+    """Input that cannot be read as trace text; the message is one line for the user."""
+
+
+@dataclass
+class Chunk:
+    """Whole lines of one input; ``truncated`` is set on the last chunk when the input does not
+    end with a newline.  (Lines are not counted here: the parser counts them for free.)"""
+
+    data: bytes
+    truncated: bool = False
+
+
+class Source:
+    """One input (a path, or ``-`` for standard input), opened and decompressed if needed.
+
+    ``compression`` is ``none``, ``gzip`` or ``zstd``, found from the magic bytes, not the name.
+    ``size`` is the on-disk size when known; :meth:`position` is how much of it has been read,
+    for progress reports."""
+
+    def __init__(self, path: str):
+        self.name = "<stdin>" if path == "-" else path
+        self._raw: BinaryIO = _open_raw(path)
+        self.size: int | None = _size_of(self._raw)
+        head = self._raw.peek(4)[:4] if hasattr(self._raw, "peek") else b""
+        self.compression = ("gzip" if head.startswith(GZIP_MAGIC)
+                            else "zstd" if head.startswith(ZSTD_MAGIC) else "none")
+        self._stream: BinaryIO = _decompressing(self._raw, self.compression)
+
+    def position(self) -> int:
+        try:
+            return self._raw.tell()
+        except (OSError, ValueError):
+            return 0
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._stream.read(n)
+        except (OSError, EOFError, zlib.error) as e:  # gzip/zstd corruption
+            raise TraceInputError(f"{self.name}: cannot decompress {self.compression} data: {e}") from None
+        except Exception as e:  # zstandard.ZstdError is not an OSError
+            if type(e).__name__ == "ZstdError":
+                raise TraceInputError(f"{self.name}: cannot decompress zstd data: {e}") from None
+            raise
+
+    def close(self) -> None:
+        if self._raw is not sys.stdin.buffer:
+            self._raw.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_raw(path: str) -> BinaryIO:
+    if path == "-":
+        return sys.stdin.buffer
+    if os.path.isdir(path):
+        raise TraceInputError(f"{path}: is a directory, expected a trace file")
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise TraceInputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise TraceInputError(f"{path}: cannot open: {e.strerror}") from None
+
+
+def _size_of(f: BinaryIO) -> int | None:
+    try:
+        st = os.fstat(f.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return st.st_size if st.st_size > 0 or os.path.isfile(getattr(f, "name", "")) else None
+
+
+def _decompressing(raw: BinaryIO, compression: str) -> BinaryIO:
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if compression == "zstd":
+        import zstandard  # imported only when needed
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
+    return raw
+
+
+def chunks(src: Source, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
+    """The input in newline-aligned chunks; raises :class:`TraceInputError` for an empty or
+    binary input, or for a line longer than :data:`MAX_LINE`."""
+    rest = b""
+    first = True
+    while True:
+        data = src.read(size)
+        if first:
+            _check_start(src, data)
+            first = False
+        if not data:
+            break
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            rest += data
+            if len(rest) > MAX_LINE:
+                raise TraceInputError(f"{src.name}: a line longer than {MAX_LINE >> 20} MiB: not trace text")
+            continue
+        # one copy: the previous chunk's partial line, then this one's whole lines
+        yield Chunk(b"".join((rest, memoryview(data)[:cut])))
+        rest = data[cut:]
+    if rest:
+        yield Chunk(rest, truncated=True)
+
+
+def _check_start(src: Source, data: bytes) -> None:
+    if not data:
+        raise TraceInputError(f"{src.name}: empty input, expected kvm_exit trace text")
+    if b"\x00" in data[:BINARY_PROBE]:
+        what = f"{src.compression}-compressed " if src.compression != "none" else ""
+        raise TraceInputError(f"{src.name}: {what}binary data (NUL bytes), expected trace text "
+                              "(ftrace, trace-cmd report or perf script output)")
