@@ -15,23 +15,22 @@ from .kvm.tdx import POLICIES
 from .report import html_report, markdown_report, report_json, rich_report, summary_line
 from .scenario import TREES
 
-CHECK_HELP = """Check every TDVMCALL of real guests' call sites against a host: the TDX module with the TD's
-attributes, then KVM as it is today ('legacy') and with the hardened register validation.
-
-For each call site and each call it makes, every condition of the call is run through the model
-(IO in and out, MMIO read and write, MapGPA success and RETRY, ReportFatalError with and without a
-GPA, ...).  Verdicts: module-rejects (the module fails the call back to the guest, KVM never sees
-it), hardened-refuses (hardened KVM answers INVALID_OPERAND: registers missing), legacy-silent
-(today's KVM reads an unexposed input as 0 or drops an output), ok; not-kvm for calls that are not
-KVM's (Hyper-V hypercalls, MigTD).  Notes name registers exposed but unused and XMMs exposed.
-
-Without --catalog, the shipped catalog of Linux, td-shim, EDK2, OpenVMM, COCONUT-SVSM, tdx-guest and
-Gramine-TDX call sites is checked.  Exit status: 0 when every call passes --policy, 1 when some do
-not, 2 for bad input (a bad catalog row is named on stderr; the other rows are still checked).
-
-Examples: tdvmcall check;  tdvmcall check --mask 0x1C00 --call Instruction.RDMSR;
-tdvmcall check --catalog mine.csv --html report.html;  tdvmcall check --rbp-mod --json.
-See docs/check.md."""
+CHECK_HELP = "\n\n".join(" ".join(paragraph.split()) for paragraph in (
+    """Check every TDVMCALL of real guests' call sites against a host: the TDX module with the TD's
+    attributes, then KVM as it is today ('legacy') and with the hardened register validation.""",
+    """Each call is run through the model once per condition (IO in and out, MMIO read and write,
+    MapGPA success and RETRY, ReportFatalError with and without a GPA, ...). Verdicts per KVM policy:
+    module-rejects (the module fails the call back to the guest; KVM never sees it), hardened-refuses
+    (registers missing, inputs or outputs), legacy-silent (today's KVM reads an unexposed input as 0
+    or drops an output), ok; not-kvm for calls that are not KVM's (Hyper-V hypercalls, MigTD). Notes
+    name registers exposed but unused and XMMs exposed.""",
+    """Without --catalog the shipped catalog (Linux, td-shim, EDK2, OpenVMM, COCONUT-SVSM, tdx-guest,
+    Gramine-TDX) is checked. Exit status: 0 when every call passes --policy, 1 when some do not, 2 for
+    bad input (a bad catalog row is named on stderr; the other rows are still checked).""",
+    """Examples: 'tdvmcall check', 'tdvmcall check --mask 0x1C00 --call Instruction.RDMSR',
+    'tdvmcall check --catalog mine.csv --html report.html', 'tdvmcall check --rbp-mod --json'.
+    See docs/check.md.""",
+))
 
 
 def check(
