@@ -65,7 +65,7 @@ def check(
         fail("--json and --markdown: choose one output format")
     try:
         host = Host(module, no_rbp_mod, tree)
-        host.td
+        host.td  # normalises the module version: raises for an unknown one
     except ValueError as e:
         fail(f"--module: {e}")
 

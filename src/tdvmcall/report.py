@@ -15,9 +15,10 @@ from rich.table import Table
 from rich.text import Text
 
 from .catalog import (
-    HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, VERDICTS, CallCheck, CaseRun, Host, Site,
+    FOREIGN_CALLS, HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, CallCheck, CaseRun, Host, Site,
     summary,
 )
+from .kvm.leaves import LEAVES
 from .control import Control
 from .kvm.tdx import POLICIES
 from .regs import hex64, names_in
@@ -128,7 +129,7 @@ def result_json(check: CallCheck) -> dict:
         "legacy_silences": [{"case": r.case, "inputs": {k: f"{v:#x}" for k, v in r.inputs.items()},
                              "zero_reads": r.zero_reads, "dropped_writes": r.dropped_writes,
                              "dispatched": r.dispatched} for r in check.silences()],
-        "cases": sorted({r.case for r in check.runs}, key=[r.case for r in check.runs].index),
+        "cases": list(dict.fromkeys(r.case for r in check.runs)),
         "unused": check.unused,
         "notes": check.notes,
         "remarks": list(s.remarks) + ([check.call.annotation] if check.call.annotation else []),
@@ -300,9 +301,6 @@ def _cell(i: int, c: CallCheck) -> str:
 
 def _columns(results: list[CallCheck]) -> list[tuple[str, list[str]]]:
     """Column groups in leaf-table order: GHCI calls, KVM hypercalls, calls that are not KVM's."""
-    from .catalog import FOREIGN_CALLS
-    from .kvm.leaves import LEAVES
-
     present = {c.call.name for c in results}
     ghci = [lf.name for lf in LEAVES if lf.family == "ghci" and lf.name in present]
     hc = [lf.name for lf in LEAVES if lf.family == "kvm-hypercall" and lf.name in present]
@@ -383,6 +381,5 @@ def html_report(results: list[CallCheck], host: Host, policy: str, catalog: str,
 """
 
 
-__all__ = ["STYLE", "VERDICTS", "detail_lines", "result_json", "report_json", "summary_line", "rich_report",
-           "markdown_report", "html_report", "short_name", "OK", "NOT_KVM", "LEGACY_SILENT", "HARDENED_REFUSES",
-           "MODULE_REJECTS"]
+__all__ = ["STYLE", "detail_lines", "result_json", "report_json", "summary_line", "rich_report",
+           "markdown_report", "html_report", "short_name"]
