@@ -94,13 +94,15 @@ def _by_finding(prefix: str, runs: list[CaseRun], explain) -> list[str]:
     return lines
 
 
-def detail_lines(check: CallCheck) -> list[str]:
-    """Why the verdicts are what they are, then the notes, one line each."""
+def detail_lines(check: CallCheck, brief: bool = False) -> list[str]:
+    """Why the verdicts are what they are, then the notes, one line each (``brief``: a not-KVM
+    call's reason only up to its first colon, for the terminal table)."""
     lines: list[str] = []
     if not check.module.accepted:
         lines.append(f"module rejects: {module_text(check)}")
     elif check.call.foreign:
-        lines.append(f"not a KVM call: {check.call.foreign}")
+        reason = check.call.foreign.split(":")[0] if brief else check.call.foreign
+        lines.append(f"not a KVM call: {reason}")
     lines += _by_finding("hardened refuses", check.refusals(), _refusal)
     lines += _by_finding("legacy", check.silences(), lambda r: _silence(r, check.call.name))
     lines += check.notes
@@ -192,14 +194,14 @@ def rich_report(results: list[CallCheck], host: Host, policy: str, catalog: str)
         t.add_column("call", no_wrap=True)
         t.add_column("legacy", no_wrap=True)
         t.add_column("hardened", no_wrap=True)
-        t.add_column("details", ratio=5)
+        t.add_column("details", ratio=7)
         for site, site_checks in by_site(checks):
             where = Text(site.function, style="bold")
             where.append(f"\n{site.file}" + (f" @ {site.snapshot}" if site.snapshot else ""), style="dim")
             for i, c in enumerate(site_checks):
                 t.add_row(where if i == 0 else "", f"{site.mask:#06x}" if i == 0 else "", short_name(c.call.name),
                           _verdict_text(c.verdict["legacy"]), _verdict_text(c.verdict["hardened"]),
-                          Text("\n".join(detail_lines(c))))
+                          Text("\n".join(detail_lines(c, brief=True))))
         parts.append(t)
     parts.append(Text(summary_line(results), style="bold"))
     return Group(*parts)
