@@ -223,6 +223,7 @@ def _operand_text(o: dict) -> str:
 # (keep one line per feature here)
 from .cli_check import register as _register_check; _register_check(app)  # noqa: E402
 from .cli_trace import register as _register_trace; _register_trace(app)  # noqa: E402
+from .cli_sweep import register as _register_sweep; _register_sweep(app)  # noqa: E402
 # --- end of feature commands ------------------------------------------------------------------
 
 

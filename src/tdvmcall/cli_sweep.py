@@ -1,0 +1,167 @@
+"""``tdvmcall sweep`` and ``tdvmcall vectors export|verify``.  Composition only: the sweep lives in
+``sweep.py``, the corpus in ``vectors.py``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .kvm import leaves as L
+from .sweep import NR_MASKS, run_sweep
+
+SWEEP_HELP = "\n\n".join(" ".join(paragraph.split()) for paragraph in (
+    """Answer exhaustively which GPR masks each call accepts. For every call of the leaf table under
+    each of its cases (IO in and out, MMIO read and write, MapGPA RETRY, ...), all 65,536 masks go
+    through the TDX module (1.5, with and without NO_RBP_MOD) and KVM (legacy and hardened).""",
+    """Per call and case it prints: the minimal mask hardened KVM needs; how many masks each layer
+    accepts (module; legacy 'silent-ok': KVM ran the call the guest made and read no unexposed
+    register and wrote none; hardened 'completes'); whether the hardened set is exactly the masks
+    that contain the minimal one; and whether the simulation agrees with the leaf table.""",
+    """Two routes, marked in the output. Simulation (sim): the module's real control check over every
+    mask, and the real round trip (module, KVM handlers, resume) on one mask per class of masks that
+    the model was observed to treat alike (registers it read, wrote or reported; checked at both ends
+    of every class, else every mask is run); --exhaustive runs every mask instead (minutes). Table
+    (table): minimal_mask, condition_masks and forbidden_gprs of the leaf table, nothing run.""",
+    """Exit status: 0 when the two routes agree for every call, 1 when they do not (said loudly),
+    2 for bad input. See docs/sweep.md.""",
+))
+
+
+def sweep(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: one row per call and case."),
+    exhaustive: bool = typer.Option(False, "--exhaustive",
+                                    help="Run the model on every mask the module accepts instead of one per "
+                                         "observed class (the ground truth of the fast route; takes minutes)."),
+    call: Optional[list[str]] = typer.Option(None, "--call", help="Only this call (repeatable; e.g. Instruction.IO)."),
+    jobs: int = typer.Option(0, "--jobs", help="Worker processes (0: one per CPU, at most 4)."),
+) -> None:
+    from .cli import emit_json, fail, out  # the shared console and the bad-input boundary
+
+    known = [leaf.name for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,)]
+    if call and (unknown := [c for c in call if c not in known]):
+        fail(f"--call: {unknown[0]!r} is not a call of the leaf table; accepted: {', '.join(known)}")
+    if jobs < 0:
+        fail(f"--jobs: {jobs} is negative; use 0 (automatic) or a count")
+    result = run_sweep(exhaustive, call, jobs or min(os.cpu_count() or 1, 4))
+    if as_json:
+        emit_json(result)
+    else:
+        _render_sweep(result, out)
+    raise typer.Exit(0 if result["agree"] else 1)
+
+
+def _render_sweep(result: dict, out) -> None:  # noqa: ANN001 (a rich Console)
+    tds = result["td_settings"]
+    t = Table(header_style="bold", caption=f"counts: masks accepted out of {NR_MASKS:,}, for TD " + " / ".join(tds)
+              + f"; (sim) = simulation ({result['route']} route), (table) = leaf table")
+    for col in ("call", "case", "minimal\n(table)", "minimal\n(sim)", "module\n(sim)", "legacy\nsilent-ok (sim)",
+                "hardened\ncompletes (sim)", "hardened\n(table)", "up-set\n(sim)", "agree"):
+        t.add_column(col, overflow="fold")
+
+    def per_td(r: dict, pick) -> str:  # noqa: ANN001
+        return " / ".join(str(pick(r["td"][td])) for td in tds)
+
+    for r in result["rows"]:
+        first = r["td"][tds[0]]
+        upset = all(r["td"][td]["hardened_completes"]["upset"] for td in tds)
+        t.add_row(r["call"], r["case"], first["table"]["minimal"], first["hardened_completes"]["minimal"] or "none",
+                  per_td(r, lambda e: e["module_accepts"]), per_td(r, lambda e: e["legacy_silent_ok"]["count"]),
+                  per_td(r, lambda e: e["hardened_completes"]["count"]),
+                  per_td(r, lambda e: e["table"]["hardened_accepts"]),
+                  "yes" if upset else "[bold red]NO[/]", "yes" if r["agree"] else "[bold red]NO[/]")
+    out.print(t)
+    for r in result["rows"]:
+        for p in r["problems"]:
+            out.print(f"[bold red]DISAGREEMENT[/] {r['call']} / {r['case']}: {p}", highlight=False)
+    fallbacks = sorted({f"{r['call']} / {r['case']}" for r in result["rows"] for td in tds
+                        for p in r["td"][td]["routes"].values() if p["disagreeing_classes"]})
+    if fallbacks:
+        out.print(f"[yellow]footprint check failed, every mask run instead:[/] {', '.join(fallbacks)}")
+    verdict = ("[bold green]simulation and leaf table agree for every call and case[/]" if result["agree"]
+               else "[bold red]SIMULATION AND LEAF TABLE DISAGREE (see above)[/]")
+    out.print(f"{verdict}: {len(result['rows'])} calls x cases, {result['round_trips']:,} model round trips "
+              f"({result['route']} route), {result['seconds']:.2f} s", highlight=False)
+
+
+# --- vectors -------------------------------------------------------------------------------------
+vectors_app = typer.Typer(
+    help="Conformance vectors: a deterministic corpus of TDVMCALL round trips (input scenario and "
+         "expected module, VMM, KVM and guest results) that another implementation can be checked "
+         "against. See docs/vectors.md.",
+    no_args_is_help=True,
+)
+
+
+@vectors_app.command("export")
+def export(
+    directory: Path = typer.Argument(..., help="Directory to write (created; must be empty unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace the corpus already in DIRECTORY."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+) -> None:
+    """Write the corpus: for every call and case of the leaf table, the boundary masks (exact minimal,
+    each one register short, Linux's 0xFFCC, RBP, RSP and a reserved bit) under both KVM policies,
+    module 1.0 and 1.5, with and without NO_RBP_MOD; plus index.json and vector.schema.json.
+    The same model writes the same bytes."""
+    from .cli import emit_json, fail, out
+    from .vectors import CorpusError
+    from .vectors import export as do_export
+
+    try:
+        summary = do_export(directory, force)
+    except CorpusError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{directory}: cannot write ({e.strerror})")
+    if as_json:
+        emit_json(summary)
+    else:
+        out.print(f"wrote {summary['vectors']} vectors ({summary['vector_bytes']:,} bytes) and index.json, "
+                  f"vector.schema.json to {directory} ({summary['files']} files, {summary['bytes']:,} bytes)",
+                  highlight=False)
+
+
+@vectors_app.command("verify")
+def verify(
+    directory: Path = typer.Argument(..., help="A corpus: index.json, vector.schema.json, vectors/*.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (every difference)."),
+    limit: int = typer.Option(50, "--limit", help="Print at most this many differences (0: all); --json prints all."),
+) -> None:
+    """Replay every vector of a corpus through the model and report every difference, field by field
+    (file, path, expected, got). Exit status: 0 when every vector matches, 1 on any difference,
+    2 for a malformed corpus (no index, bad JSON, a file that fails the schema, a bad scenario)."""
+    from .cli import emit_json, fail, out
+    from .vectors import CorpusError
+    from .vectors import verify as do_verify
+
+    try:
+        report = do_verify(directory)
+    except CorpusError as e:
+        fail(str(e))
+    if as_json:
+        emit_json(report)
+    else:
+        diffs = report["differences"]
+        shown = diffs if limit <= 0 else diffs[:limit]
+        for d in shown:
+            out.print(f"{d['file']}: {d['path']}: expected {d['expected']!r}, got {d['got']!r}",
+                      highlight=False, markup=False)
+        if len(shown) < len(diffs):
+            out.print(f"... and {len(diffs) - len(shown)} more differences (--limit 0 or --json for all)")
+        if report["ok"]:
+            out.print(f"[green]all {report['vectors']} vectors match the model[/]")
+        else:
+            out.print(f"[bold red]{report['failing']} of {report['vectors']} vectors differ from the model "
+                      f"({len(diffs)} differences)[/]")
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep", help=SWEEP_HELP)(sweep)
+    app.add_typer(vectors_app, name="vectors")
+
+
+__all__ = ["register"]
