@@ -335,3 +335,9 @@ def test_malformed_scenarios_name_the_field(bad, field):
     with pytest.raises(ScenarioError) as e:
         parse(bad)
     assert str(e.value).startswith(field)
+
+
+def test_legacy_dispatch_reads_of_unexposed_selectors_are_zero_reads():
+    # R11 unexposed: KVM's dispatch itself read R11 as 0 (ABI §4 "Consequences today")
+    r = run_json(scenario("0x1400", policy="legacy", r11=31, r12=0x803))
+    assert r["kvm"]["zero_reads"] == ["r11"] and r["kvm"]["leaf"] == "unknown(0x0)"

@@ -391,8 +391,7 @@ def run_case(site: Site, leaf: L.Leaf, case: L.Case, policy: str, host: Host) ->
                   [r for r in L.required_inputs(leaf, seen) if r not in exposed],
                   [r for r in L.possible_outputs(leaf, seen) if r not in exposed])
     if policy == "legacy":
-        unexposed_selectors = [r for r in leaf.selectors if r not in exposed]
-        run.zero_reads = list(dict.fromkeys(unexposed_selectors + k.zero_reads))
+        run.zero_reads = list(k.zero_reads)  # dispatch's own R10/R11 reads included
         run.dropped_writes = list(k.dropped_writes)
     elif run.refused != bool(run.missing_inputs or run.missing_outputs):
         raise ModelBug(f"{leaf.name} {case.name}: hardened KVM {k.verdict} but the table says "

@@ -158,7 +158,9 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
         io = LegacyAccess(vmm, qual.raw)
         handler_for(leaf)(io, platform)
         _check_against_table(leaf, io.reads, io.wrote, vals)
-        result.zero_reads = [r for r in dict.fromkeys(io.reads) if r not in exposed]
+        # dispatch itself consumed R10 (and R11 for a GHCI call)
+        consumed = dict.fromkeys([*leaf.selectors, *io.reads])
+        result.zero_reads = [r for r in consumed if r not in exposed]
         result.dropped_writes = [r for r in io.wrote if r not in exposed]
     else:
         # (a) load exactly the exposed GPRs, plus RCX, into the cache
