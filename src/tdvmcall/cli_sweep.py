@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from .kvm import leaves as L
@@ -55,30 +56,26 @@ def sweep(
 
 
 def _render_sweep(result: dict, out) -> None:  # noqa: ANN001 (a rich Console)
-    tds = result["td_settings"]
-    t = Table(header_style="bold", caption=f"counts: masks accepted out of {NR_MASKS:,}, for TD " + " / ".join(tds)
-              + f"; (sim) = simulation ({result['route']} route), (table) = leaf table")
-    for col in ("call", "case", "minimal\n(table)", "minimal\n(sim)", "module\n(sim)", "legacy\nsilent-ok (sim)",
-                "hardened\ncompletes (sim)", "hardened\n(table)", "up-set\n(sim)", "agree"):
-        t.add_column(col, overflow="fold")
-
-    def per_td(r: dict, pick) -> str:  # noqa: ANN001
-        return " / ".join(str(pick(r["td"][td])) for td in tds)
-
+    t = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+              caption=f"module 1.5; masks accepted out of {NR_MASKS:,}; (sim) = simulation, {result['route']} route; "
+                      "(table) = leaf table")
+    for col in ("call", "case", "NO_RBP\n_MOD", "minimal\n(table)", "minimal\n(sim)", "module\n(sim)",
+                "legacy\nsilent-ok", "hardened\n(sim)", "hardened\n(table)", "up-set\n(sim)", "agree"):
+        t.add_column(col, no_wrap=True, justify="left" if col in ("call", "case") else "right")
     for r in result["rows"]:
-        first = r["td"][tds[0]]
-        upset = all(r["td"][td]["hardened_completes"]["upset"] for td in tds)
-        t.add_row(r["call"], r["case"], first["table"]["minimal"], first["hardened_completes"]["minimal"] or "none",
-                  per_td(r, lambda e: e["module_accepts"]), per_td(r, lambda e: e["legacy_silent_ok"]["count"]),
-                  per_td(r, lambda e: e["hardened_completes"]["count"]),
-                  per_td(r, lambda e: e["table"]["hardened_accepts"]),
-                  "yes" if upset else "[bold red]NO[/]", "yes" if r["agree"] else "[bold red]NO[/]")
+        for i, (td, e) in enumerate(r["td"].items()):
+            hard = e["hardened_completes"]
+            t.add_row(r["call"] if i == 0 else "", r["case"] if i == 0 else "", "on" if td.endswith("/no_rbp_mod") else "off",
+                      e["table"]["minimal"], hard["minimal"] or "none", str(e["module_accepts"]),
+                      str(e["legacy_silent_ok"]["count"]), str(hard["count"]), str(e["table"]["hardened_accepts"]),
+                      "yes" if hard["upset"] else "[bold red]NO[/]", "yes" if e["agree"] else "[bold red]NO[/]",
+                      end_section=i == len(r["td"]) - 1)
     out.print(t)
     for r in result["rows"]:
         for p in r["problems"]:
             out.print(f"[bold red]DISAGREEMENT[/] {r['call']} / {r['case']}: {p}", highlight=False)
-    fallbacks = sorted({f"{r['call']} / {r['case']}" for r in result["rows"] for td in tds
-                        for p in r["td"][td]["routes"].values() if p["disagreeing_classes"]})
+    fallbacks = sorted({f"{r['call']} / {r['case']}" for r in result["rows"] for e in r["td"].values()
+                        for p in e["routes"].values() if p["disagreeing_classes"]})
     if fallbacks:
         out.print(f"[yellow]footprint check failed, every mask run instead:[/] {', '.join(fallbacks)}")
     verdict = ("[bold green]simulation and leaf table agree for every call and case[/]" if result["agree"]
