@@ -147,26 +147,27 @@ def show(r: dict, console: Console) -> None:
     if v["inconsistent"]:
         console.print(f"[red]{v['inconsistent']:,} exits are inconsistent with the TDX module or KVM: see pairs[/]")
 
+    verdict_cols = (("tdvmcall", "TDVMCALL"), ("completes", "completes"), ("depends", "depends"),
+                    ("refused", "refused"), ("internal-error", "int.err"), ("inconsistent", "incons."))
+
     def counts_table(title: str, rows: list[dict], keys: list[tuple[str, str]]) -> None:
         if not rows:
             return
         tab = Table(title=title, title_justify="left")
         for _, head in keys:
-            tab.add_column(head)
-        for col in ("exits", "tdvmcall", "completes", "depends", "refused", "internal-error", "inconsistent",
-                    "refused %"):
-            tab.add_column(col, justify="right")
+            tab.add_column(head, overflow="fold")
+        for head in ("exits", *(h for _, h in verdict_cols), "refused %"):
+            tab.add_column(head, justify="right")
         for row in rows:
-            tab.add_row(*[str(row[k]) for k, _ in keys],
-                        *[f"{row[c]:,}" for c in ("exits", "tdvmcall", "completes", "depends", "refused",
-                                                  "internal-error", "inconsistent")], _pct(row["refused_share"]))
+            cells = [("yes" if row[k] else "no") if k == "td" else str(row[k]) for k, _ in keys]
+            tab.add_row(*cells, f"{row['exits']:,}", *[f"{row[c]:,}" for c, _ in verdict_cols],
+                        _pct(row["refused_share"]))
         console.print(tab)
 
     counts_table("per process", r["per_process"], [("process", "process"), ("comm", "comm"), ("td", "TD")])
-    counts_table("per vCPU", r["per_vcpu"], [("process", "process"), ("task_label", "task"), ("vcpu", "vCPU"),
-                                             ("td", "TD")])
-    counts_table("per reason (TDs)", r["per_reason"], [("reason_name", "reason")])
-    counts_table("per mask (TDs)", r["per_mask"], [("mask", "mask"), ("registers", "registers")])
+    counts_table("per vCPU", r["per_vcpu"], [("task_label", "task"), ("vcpu", "vCPU"), ("td", "TD")])
+    counts_table("TDVMCALL exits of TDs, per reason", r["per_reason"], [("reason_name", "reason")])
+    counts_table("TDVMCALL exits of TDs, per mask", r["per_mask"], [("mask", "mask"), ("registers", "registers")])
     if r["top_offending"]:
         tab = Table(title="top offending (reason, mask)", title_justify="left")
         for col in ("reason", "mask", "exits", "verdict", "detail"):

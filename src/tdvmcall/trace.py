@@ -32,6 +32,7 @@ parsed at a time (polars releases the GIL), and only aggregates are kept.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections import deque
@@ -64,8 +65,9 @@ MARKER = {"ftrace": ": kvm_exit:", "trace-cmd": ": kvm_exit:", "perf": ": kvm:kv
 #: a line "looks like kvm_exit" when it contains this
 LOOKS_LIKE_EXIT = "kvm_exit:"
 
-#: the payload, anchored, without captures (validation only; fields are then sliced out)
-PAYLOAD_RX = (r"^vcpu \d+ reason \S+(?: (?:FAILED_VMENTRY|0x[0-9a-f]+))* rip 0x[0-9a-f]+ "
+#: the payload, anchored, without captures (validation only; fields are then sliced out); ASCII
+#: classes, not \S and \d, keep the regex engine's automaton small (measured 25% faster)
+PAYLOAD_RX = (r"^vcpu [0-9]+ reason [!-~]+(?: (?:FAILED_VMENTRY|0x[0-9a-f]+))* rip 0x[0-9a-f]+ "
               r"info1 0x[0-9a-f]{16} info2 0x[0-9a-f]{16} intr_info 0x[0-9a-f]{8} error_code 0x[0-9a-f]{8}")
 
 #: the line start up to the timestamp (the "prefix"); ftrace and trace-cmd share one shape
@@ -344,47 +346,49 @@ def renumber(counts: Counts, exits: pl.DataFrame, before: int) -> pl.DataFrame:
 def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, keep_bad: int = 5
                 ) -> tuple[Counts, pl.DataFrame]:
     """Count the lines of a chunk and parse its kvm_exit lines into :data:`EXIT_SCHEMA` rows.
-    Line numbers count from 1 at the chunk's first line (:func:`renumber` makes them absolute)."""
-    df = _lines(chunk.data).with_row_index("line", offset=1)
-    counts = Counts(lines=len(df), truncated_last_line=chunk.truncated)
-    df = df.with_columns(is_exit=pl.col("l").str.contains(LOOKS_LIKE_EXIT, literal=True).fill_null(False))
+    Line numbers count from 1 at the chunk's first line (:func:`renumber` makes them absolute).
+
+    The work is two lazy queries (polars runs them without holding the GIL, so chunks are parsed
+    in parallel) around a Python look-up of the few distinct line prefixes."""
+    # lines: kvm_exit-looking, header/blank, other
+    lines = _lines(chunk.data).lazy().with_row_index("line", offset=1).with_columns(
+        is_exit=pl.col("l").str.contains(LOOKS_LIKE_EXIT, literal=True).fill_null(False))
     comment = pl.col("l").is_null() | pl.col("l").str.strip_chars_start(" ").str.starts_with("#")
-    stats = df.select(exits=pl.col("is_exit").sum(), comments=(~pl.col("is_exit") & comment).sum())
-    counts.kvm_exit_lines = int(stats["exits"][0])
-    counts.comments = int(stats["comments"][0])
-    counts.other_events = counts.lines - counts.kvm_exit_lines - counts.comments
-    if not counts.kvm_exit_lines:
-        return counts, pl.DataFrame(schema=EXIT_SCHEMA)
+    stats_q = lines.select(lines=pl.len(), exits=pl.col("is_exit").sum(), comments=(~pl.col("is_exit") & comment).sum())
 
     # split at the marker, validate the payload, cut the timestamp from the prefix
-    ex = df.filter("is_exit").select(pl.col("line").cast(pl.UInt64), "l")
-    parts = ex["l"].str.splitn(MARKER[fmt], 2).struct.unnest()
-    head = parts["field_0"]
-    pay = parts["field_1"].str.strip_chars_start(" ")
-    prefix = head.str.strip_chars_end("0123456789.")
-    ex = ex.with_columns(pay=pay, prefix=prefix, ts=head.str.slice(prefix.str.len_chars()))
-    ok = (pl.col("pay").str.contains(PAYLOAD_RX) & pl.col("ts").str.contains(r"^\d+\.\d+$")).fill_null(False)
-    ex = ex.with_columns(ok=ok)
+    parts = pl.col("l").str.splitn(MARKER[fmt], 2)
+    head = pl.col("head")
+    exits_q = (lines.filter("is_exit")
+               .select(pl.col("line").cast(pl.UInt64), "l", head=parts.struct.field("field_0"),
+                       pay=parts.struct.field("field_1").str.strip_chars_start(" "))
+               .with_columns(prefix=head.str.strip_chars_end("0123456789."))
+               .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
+               .with_columns(ok=(pl.col("pay").str.contains(PAYLOAD_RX)
+                                 & pl.col("ts").str.contains(r"^\d+\.\d+$")).fill_null(False))
+               .drop("head"))
+    stats, ex = pl.collect_all([stats_q, exits_q])
+    counts = Counts(lines=int(stats["lines"][0]), kvm_exit_lines=int(stats["exits"][0]),
+                    comments=int(stats["comments"][0]), truncated_last_line=chunk.truncated)
+    counts.other_events = counts.lines - counts.kvm_exit_lines - counts.comments
+    if ex.is_empty():
+        return counts, pl.DataFrame(schema=EXIT_SCHEMA)
 
     # the prefix (task, cpu): few distinct values, parsed once each
-    uniq = ex.filter("ok")["prefix"].unique().to_list()
+    uniq = ex.lazy().filter("ok").select(pl.col("prefix").unique()).collect()["prefix"].to_list()
     looked = [tasks.lookup(source, fmt, p) for p in uniq]
     ptab = pl.DataFrame({"prefix": uniq, "task": [t[0] if t else None for t in looked],
                          "cpu": [t[1] if t else None for t in looked]},
                         schema={"prefix": pl.String, "task": pl.UInt32, "cpu": pl.UInt32})
-    ex = ex.join(ptab, on="prefix", how="left").with_columns(ok=pl.col("ok") & pl.col("task").is_not_null())
-
-    bad = ex.filter(~pl.col("ok"))
-    counts.parsed = len(ex) - len(bad)
-    counts.bad = [(int(n), t) for n, t in bad.head(keep_bad).select("line", "l").iter_rows()]
+    ex_q = ex.lazy().join(ptab.lazy(), on="prefix", how="left").with_columns(
+        ok=pl.col("ok") & pl.col("task").is_not_null())
 
     # fields of the valid payloads, by position (the regex above fixed the layout)
-    good = ex.filter("ok")
     p = pl.col("pay")
     r = p.str.find(" reason ", literal=True)
     rip = p.str.find(" rip 0x", literal=True)
     i1 = p.str.find(" info1 0x", literal=True)
-    out = good.select(
+    good_q = ex_q.filter("ok").select(
         "line",
         pl.col("ts").cast(pl.Float64),
         "task", "cpu",
@@ -392,6 +396,10 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, keep_bad:
         reason=p.str.slice(r + 8, rip - r - 8),
         info1=p.str.slice(i1 + 9, 16).str.to_integer(base=16, dtype=pl.UInt64),
     )
+    bad_q = ex_q.filter(~pl.col("ok")).select("line", "l")
+    out, bad = pl.collect_all([good_q, bad_q])
+    counts.parsed = len(out)
+    counts.bad = [(int(n), t) for n, t in bad.head(keep_bad).iter_rows()]
     return counts, out
 
 
@@ -575,6 +583,7 @@ def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress |
                                           "trace-cmd report or perf script event (use --format to force one)")
                 found = "ftrace"  # only a header: an empty ftrace capture
             fmt = found
+            del sample
         report = InputReport(src.name, fmt, src.compression, 0, Counts())
         pending: deque[Future] = deque()
 
@@ -588,18 +597,15 @@ def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress |
                     progress(src.position(), report.counts.lines)
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            for chunk in _chain(first, it):
+            stream = itertools.chain([first], it)
+            del first  # the chain alone holds it, until it is parsed
+            for chunk in stream:
                 report.bytes += len(chunk.data)
                 pending.append(pool.submit(parse_chunk, chunk, fmt, src.name, audit.tasks, audit.keep_bad))
                 drain(threads)
             drain(0)
     audit.inputs.append(report)
     return report
-
-
-def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:
-    yield first
-    yield from rest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,25 +633,24 @@ def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
     k = audit.classify(audit.by_key(), td).join(tasks.drop("td"), on="task", how="left")
     total = k["n"].sum() if len(k) else 0
 
-    def table(keys: list[str], sort: list[str]) -> list[dict]:
-        if k.is_empty():
-            return []
-        df = k.group_by(keys).agg(pl.col("n").sum().alias("exits"), *_verdict_columns())
-        return _with_shares(df).sort(sort).to_dicts()
-
-    per_process = table(["source", "process", "comm", "td"], ["source", "process", "comm"])
-    per_vcpu = table(["source", "process", "task_label", "vcpu", "td"], ["source", "process", "task_label", "vcpu"])
     td_rows = k.filter(pl.col("kind") == "tdvmcall")
-    per_reason = [r for r in table(["reason_name"], ["reason_name"]) if r["tdvmcall"]]
-    pairs_df = (td_rows.group_by("reason_name", "mask", "verdict", "detail", "missing", "refused_for")
-                .agg(exits=pl.col("n").sum()) if not td_rows.is_empty() else None)
-    per_mask: list[dict] = []
-    pairs: list[dict] = []
-    if pairs_df is not None:
-        pm = td_rows.group_by("mask").agg(pl.col("n").sum().alias("exits"), *_verdict_columns())
-        per_mask = [dict(r, mask=f"{r['mask']:#06x}", registers=" ".join(names_in(r["mask"] & GPR_MASK, 16)))
-                    for r in _with_shares(pm).sort("mask").to_dicts()]
+
+    def table(frame: pl.DataFrame, keys: list[str]) -> list[dict]:
+        if frame.is_empty():
+            return []
+        df = frame.group_by(keys).agg(pl.col("n").sum().alias("exits"), *_verdict_columns())
+        return _with_shares(df).sort(keys).to_dicts()
+
+    per_process = table(k, ["source", "process", "comm", "td"])
+    per_vcpu = table(k, ["source", "process", "task_label", "vcpu", "td"])
+    per_reason = table(td_rows, ["reason_name"])
+    per_mask = [dict(r, mask=f"{r['mask']:#06x}", registers=" ".join(names_in(r["mask"] & GPR_MASK, 16)))
+                for r in table(td_rows, ["mask"])]
+    pairs = []
+    if not td_rows.is_empty():
         rank = {"refused": 0, "internal-error": 0, "depends": 1, "inconsistent": 2, "completes": 3}
+        pairs_df = (td_rows.group_by("reason_name", "mask", "verdict", "detail", "missing", "refused_for")
+                    .agg(exits=pl.col("n").sum()))
         pairs = sorted(pairs_df.to_dicts(), key=lambda r: (rank[r["verdict"]], -r["exits"], r["reason_name"], r["mask"]))
         for r in pairs:
             r["reason"] = r.pop("reason_name")

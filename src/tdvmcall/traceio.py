@@ -25,7 +25,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 #: bytes read from the (decompressed) input per chunk
-CHUNK_SIZE = 8 << 20
+CHUNK_SIZE = 4 << 20
 #: a "line" longer than this is not trace text
 MAX_LINE = 1 << 20
 #: how much of the start is checked for NUL bytes
