@@ -64,6 +64,8 @@ KINDS = ("tdvmcall", "td-other", "non-td")
 MARKER = {"ftrace": ": kvm_exit:", "trace-cmd": ": kvm_exit:", "perf": ": kvm:kvm_exit:"}
 #: a line "looks like kvm_exit" when it contains this
 LOOKS_LIKE_EXIT = "kvm_exit:"
+#: header lines, not events: ftrace's ``#`` comments, trace-cmd's ``cpus=N`` and ``version = N``
+HEADER_RX = r"^(?:#|cpus=|version = )"
 
 #: the payload, anchored, without captures (validation only; fields are then sliced out); ASCII
 #: classes, not \S and \d, keep the regex engine's automaton small (measured 25% faster)
@@ -273,7 +275,7 @@ class Counts:
     """Line counts of one input (``bad`` holds the first few unparseable kvm_exit lines)."""
 
     lines: int = 0
-    comments: int = 0  # blank lines and ``#`` header lines
+    comments: int = 0  # blank and header lines (:data:`HEADER_RX`)
     other_events: int = 0  # every other line that is not kvm_exit
     kvm_exit_lines: int = 0  # lines that look like kvm_exit
     parsed: int = 0
@@ -353,7 +355,7 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, keep_bad:
     # lines: kvm_exit-looking, header/blank, other
     lines = _lines(chunk.data).lazy().with_row_index("line", offset=1).with_columns(
         is_exit=pl.col("l").str.contains(LOOKS_LIKE_EXIT, literal=True).fill_null(False))
-    comment = pl.col("l").is_null() | pl.col("l").str.strip_chars_start(" ").str.starts_with("#")
+    comment = pl.col("l").is_null() | pl.col("l").str.strip_chars_start(" ").str.contains(HEADER_RX)
     stats_q = lines.select(lines=pl.len(), exits=pl.col("is_exit").sum(), comments=(~pl.col("is_exit") & comment).sum())
 
     # split at the marker, validate the payload, cut the timestamp from the prefix

@@ -1,0 +1,340 @@
+"""``tdvmcall trace`` on fixtures this file writes, in the three formats (ABI.md §7).
+
+Every expected number below is worked out by hand from ABI.md (§3 module check, §4 leaf table and
+reason mapping, §7 line format), not copied from the program's output.  The main fixture, one line
+per event, in file order (line numbers count the header lines):
+
+   1  header (ftrace "# tracer: nop" / trace-cmd "version = 6" / perf "# ========")
+   2  header ("#" / "cpus=2" / "# captured on ...")
+   3  TD 1001  TDCALL          0xFFCC  completes: every TDCALL leaf's minimal mask is within
+                                       R10-R15 (GetTdVmCallInfo leaf 0/1: R10-R14, the widest)
+   4  TD 1001  TDCALL          0x1C00  depends on the leaf: R10 R11 R12 lacks R13 R14, which
+                                       GetTdVmCallInfo leaf 0/1 write, R13 which MapGPA, GetQuote
+                                       read and ReportFatalError reads when R12 bit 63 is set;
+                                       enough for SetupEventNotify, ReportFatalError without GPA,
+                                       GetTdVmCallInfo's bad leaf and the unsupported leaves
+   5  TD 1001  CPUID           0x7C00  refused: CPUID writes EDX to R15, not exposed
+   6  TD 1001  IO_INSTRUCTION  0x7C00  depends on inputs: IN needs R10-R14 (R11 = data read),
+                                       OUT also reads R15 (data), not exposed
+   7  TD 1001  HLT + bus-lock flag 0x4000000, 0x1C00  completes: HLT reads R12 only
+   8  TD 1001  MSR_WRITE       0x0C00  refused: WRMSR reads R12 (index), R13 (value); missing both
+   9  TD 1001  VMCALL          0x0D04  depends on the hypercall: RDX R8 R10 R11 covers
+                                       VAPIC_POLL_IRQ (R10) and SCHED_YIELD (R10 R11), not
+                                       KICK_CPU (R12), CLOCK_PAIRING (R11 R12), SEND_IPI (R11-R14),
+                                       MAP_GPA_RANGE (R11-R13): missing R12 R13 R14
+  10  TD 1001  EPT_MISCONFIG   0x1800  internal error: R11 R12, no R10, so no status can reach the
+                                       guest (the reason implies R11 exposed, which it is)
+  11  TD 1001  CPUID           0xFFEC  inconsistent: RBP exposed, refused by the module (NO_RBP_MOD)
+  12  TD 1001  MSR_READ        0x0400  inconsistent: KVM labels MSR_READ only when it read
+                                       R11 = 31, so R11 must be exposed; the mask has R10 only
+  13  TD 1001  TDCALL FAILED_VMENTRY  0xFFCC  not a TDVMCALL (a failed VM entry): other TD exit
+  14  TD 1001  EPT_VIOLATION   0x181   not a TDVMCALL reason: other TD exit
+  15  TD 1001  TDCALL          0xFC00  + " requests 0x..." suffix: completes (as line 3)
+  16  VM 2001  HLT             0x0     non-TD (task 2001 has no TDCALL exit)
+  17  VM 2001  IO_INSTRUCTION  0x3F80008  non-TD
+  18  VM 2001  EPT_VIOLATION   0x181   non-TD
+  19  kvm_entry                        other event
+  20  sched_switch                     other event
+  21  kvm_exit in the pre-5.x format ("reason HLT rip 0x0 info 0 0")  unparsed
+  22  blank line                       header/blank
+  23  TD 1001  IO_INSTRUCTION  0xFC00  ends in CRLF: completes (IN and OUT both covered)
+  24  TD 1001  HLT, cut inside info2, no final newline: truncated last line, unparsed
+
+So: 24 lines, 3 header/blank (1, 2, 22), 2 other events (19, 20), 19 kvm_exit-looking lines
+(3-18, 21, 23, 24) of which 17 parse.  Task 1001 is a TD (TDCALL on line 3): 14 exits, 12 of
+them TDVMCALLs (3-12, 15, 23) and 2 other (13, 14); 2001 has 3 non-TD exits.  Verdicts: completes
+4 (3, 7, 15, 23), depends 3 (4, 6, 9), refused 2 (5, 8), internal-error 1 (10), inconsistent 2
+(11, 12); refused share (refused + internal-error) 3/12 = 0.25, depends share 3/12 = 0.25.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from typer.testing import CliRunner
+
+from tdvmcall.cli import app
+from tdvmcall.trace import detect_format, verdict_for
+
+runner = CliRunner()
+
+ZERO16 = "0" * 16
+
+
+def payload(vcpu: int, reason: str, info1: int, tail: str = "") -> str:
+    return (f"vcpu {vcpu} reason {reason} rip 0x0 info1 0x{info1:016x} info2 0x{ZERO16} "
+            f"intr_info 0x00000000 error_code 0x00000000{tail}")
+
+
+def line(fmt: str, comm: str, pid: int, ts: float, event: str, body: str, tgid: int | None = None) -> str:
+    """One event line in the shape of ABI.md §7 (trace-cmd pads the event name)."""
+    if fmt == "perf":
+        system = "sched" if event.startswith("sched") else "kvm"
+        ids = f"{tgid}/{pid}" if tgid is not None else f"{pid}"
+        return f"{comm:>16} {ids} [000] {ts:.6f}: {system}:{event}: {body}"
+    task = f"{comm:>16}-{pid:<7}" + (f" ({tgid:>7})" if tgid is not None else "")
+    if fmt == "trace-cmd":
+        return f"{task} [000] {ts:.6f}: {event + ':':<22}{body}"
+    return f"{task} [000] d..2. {ts:.6f}: {event}: {body}"
+
+
+HEADERS = {"ftrace": ["# tracer: nop", "#"], "trace-cmd": ["version = 6", "cpus=2"],
+           "perf": ["# ========", "# captured on    : Thu Nov 26 10:00:00 2026"]}
+TD, VM = ("CPU 0/KVM", 1001), ("CPU 0/KVM", 2001)
+
+#: lines 3..23 of the main fixture (see the module docstring); None = a blank line
+EVENTS = [
+    (TD, "kvm_exit", payload(0, "TDCALL", 0xFFCC)),
+    (TD, "kvm_exit", payload(0, "TDCALL", 0x1C00)),
+    (TD, "kvm_exit", payload(0, "CPUID", 0x7C00)),
+    (TD, "kvm_exit", payload(0, "IO_INSTRUCTION", 0x7C00)),
+    (TD, "kvm_exit", payload(0, "HLT 0x4000000", 0x1C00)),
+    (TD, "kvm_exit", payload(0, "MSR_WRITE", 0x0C00)),
+    (TD, "kvm_exit", payload(0, "VMCALL", 0x0D04)),
+    (TD, "kvm_exit", payload(0, "EPT_MISCONFIG", 0x1800)),
+    (TD, "kvm_exit", payload(0, "CPUID", 0xFFEC)),
+    (TD, "kvm_exit", payload(0, "MSR_READ", 0x0400)),
+    (TD, "kvm_exit", payload(0, "TDCALL FAILED_VMENTRY", 0xFFCC)),
+    (TD, "kvm_exit", payload(0, "EPT_VIOLATION", 0x181)),
+    (TD, "kvm_exit", payload(0, "TDCALL", 0xFC00, tail=" requests 0x0000000000000000")),
+    (VM, "kvm_exit", payload(0, "HLT", 0)),
+    (VM, "kvm_exit", payload(0, "IO_INSTRUCTION", 0x3F80008)),
+    (VM, "kvm_exit", payload(0, "EPT_VIOLATION", 0x181)),
+    (TD, "kvm_entry", "vcpu 0, rip 0x0"),
+    (TD, "sched_switch", "prev_comm=CPU 0/KVM prev_pid=1001 prev_prio=120 prev_state=S ==> next_comm=swapper/0 "
+                         "next_pid=0 next_prio=120"),
+    (TD, "kvm_exit", "reason HLT rip 0x0 info 0 0"),
+    None,
+    (TD, "kvm_exit", payload(0, "IO_INSTRUCTION", 0xFC00)),
+]
+TRUNCATED = (TD, "kvm_exit", f"vcpu 0 reason HLT rip 0x0 info1 0x{0x1C00:016x} info2 0x00000000000")
+
+
+def fixture(fmt: str, crlf_line: int = 23, all_crlf: bool = False) -> bytes:
+    out = list(HEADERS[fmt])
+    for i, ev in enumerate(EVENTS + [TRUNCATED]):
+        out.append("" if ev is None else line(fmt, ev[0][0], ev[0][1], 100.0 + i / 1000, ev[1], ev[2]))
+    eol = ["\r\n" if all_crlf or n == crlf_line else "\n" for n in range(1, len(out) + 1)]
+    eol[-1] = ""  # the truncated last line
+    return "".join(text + e for text, e in zip(out, eol)).encode()
+
+
+def audit(*args: str, input=None) -> dict:
+    r = runner.invoke(app, ["trace", *args, "--json"], input=input)
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def write(tmp_path):
+    def _write(name: str, data: bytes) -> str:
+        p = tmp_path / name
+        p.write_bytes(data)
+        return str(p)
+
+    return _write
+
+
+def check_main_fixture(rep: dict, fmt: str) -> None:
+    (inp,) = rep["inputs"]
+    assert inp["format"] == fmt
+    assert (inp["lines"], inp["comments"], inp["other_events"], inp["kvm_exit_lines"], inp["parsed"],
+            inp["unparsed"]) == (24, 3, 2, 19, 17, 2)
+    assert inp["truncated_last_line"] is True
+    assert [b["line"] for b in rep["unparsed_examples"]] == [21, 24]
+    assert "info 0 0" in rep["unparsed_examples"][0]["text"]
+    assert rep["td"]["mode"] == "inferred"
+    assert [t.split(":")[-1] for t in rep["td"]["tasks"]] == ["CPU 0/KVM-1001"]
+    t = rep["totals"]
+    assert (t["exits"], t["tdvmcall_exits"], t["td-other_exits"], t["non-td_exits"]) == (17, 12, 2, 3)
+    assert t["verdicts"] == {"completes": 4, "depends": 3, "refused": 2, "internal-error": 1, "inconsistent": 2}
+    assert t["refused_share"] == 0.25 and t["depends_share"] == 0.25
+    pairs = {(p["reason"], p["mask"]): p for p in rep["pairs"]}
+    assert {k: p["verdict"] for k, p in pairs.items()} == {
+        ("TDCALL", "0xffcc"): "completes", ("TDCALL", "0x1c00"): "depends", ("CPUID", "0x7c00"): "refused",
+        ("IO_INSTRUCTION", "0x7c00"): "depends", ("HLT", "0x1c00"): "completes",
+        ("MSR_WRITE", "0x0c00"): "refused", ("VMCALL", "0x0d04"): "depends",
+        ("EPT_MISCONFIG", "0x1800"): "internal-error", ("CPUID", "0xffec"): "inconsistent",
+        ("MSR_READ", "0x0400"): "inconsistent", ("TDCALL", "0xfc00"): "completes",
+        ("IO_INSTRUCTION", "0xfc00"): "completes"}
+    assert pairs[("CPUID", "0x7c00")]["missing"] == "r15"
+    assert pairs[("MSR_WRITE", "0x0c00")]["missing"] == "r12 r13"
+    assert pairs[("IO_INSTRUCTION", "0x7c00")]["refused_for"] == "Instruction.IO[out]"
+    assert pairs[("TDCALL", "0x1c00")]["refused_for"] == \
+        "GetTdVmCallInfo[leaf0,leaf1], MapGPA, GetQuote, ReportFatalError[with-gpa]"
+    assert pairs[("TDCALL", "0x1c00")]["missing"] == "r13 r14"
+    assert pairs[("VMCALL", "0x0d04")]["refused_for"] == ("KVMHypercall.KICK_CPU, KVMHypercall.CLOCK_PAIRING, "
+                                                         "KVMHypercall.SEND_IPI, KVMHypercall.MAP_GPA_RANGE")
+    assert pairs[("VMCALL", "0x0d04")]["missing"] == "r12 r13 r14"
+    # the refusals first (refused and internal error), then the input/leaf-dependent ones
+    top = [(p["reason"], p["mask"]) for p in rep["top_offending"]]
+    assert set(top[:3]) == {("CPUID", "0x7c00"), ("MSR_WRITE", "0x0c00"), ("EPT_MISCONFIG", "0x1800")}
+    assert set(top[3:]) == {("TDCALL", "0x1c00"), ("IO_INSTRUCTION", "0x7c00"), ("VMCALL", "0x0d04")}
+    procs = {p["process"]: p for p in rep["per_process"]}
+    assert (procs[1001]["exits"], procs[1001]["tdvmcall"], procs[1001]["td"]) == (14, 12, True)
+    assert (procs[2001]["exits"], procs[2001]["tdvmcall"], procs[2001]["td"]) == (3, 0, False)
+    reasons = {r["reason_name"]: r["tdvmcall"] for r in rep["per_reason"]}
+    # TDVMCALL exits of the TD only: TDCALL 3, 4, 15; IO 6, 23; CPUID 5, 11
+    assert reasons == {"TDCALL": 3, "CPUID": 2, "IO_INSTRUCTION": 2, "HLT": 1, "MSR_WRITE": 1, "VMCALL": 1,
+                       "EPT_MISCONFIG": 1, "MSR_READ": 1}
+    masks = {m["mask"]: (m["tdvmcall"], m["refused"]) for m in rep["per_mask"]}
+    assert masks["0x7c00"] == (2, 1) and masks["0xfc00"] == (2, 0) and masks["0x1c00"] == (2, 0)
+
+
+@pytest.mark.parametrize("fmt", ["ftrace", "trace-cmd", "perf"])
+def test_each_format_gives_the_hand_counted_report(write, fmt):
+    path = write(f"t.{fmt}", fixture(fmt))
+    check_main_fixture(audit(path), fmt)
+    check_main_fixture(audit(path, "--format", fmt), fmt)
+
+
+@pytest.mark.parametrize("compress,suffix", [(gzip.compress, ".gz"),
+                                             (lambda b: zstandard.ZstdCompressor().compress(b), ".zst")])
+def test_compressed_input_is_detected_by_magic(write, compress, suffix):
+    path = write("trace" + suffix, compress(fixture("ftrace")))
+    rep = audit(path)
+    check_main_fixture(rep, "ftrace")
+    assert rep["inputs"][0]["compression"] == {".gz": "gzip", ".zst": "zstd"}[suffix]
+
+
+def test_crlf_everywhere_and_standard_input():
+    rep = audit("-", input=fixture("perf", all_crlf=True))
+    check_main_fixture(rep, "perf")
+    assert rep["inputs"][0]["name"] == "<stdin>"
+
+
+def test_detect_format_by_header_or_line_shape():
+    assert detect_format("# tracer: nop\n") == "ftrace"
+    assert detect_format("cpus=4\n") == "trace-cmd"
+    assert detect_format(line("ftrace", "qemu", 7, 1.5, "kvm_entry", "x")) == "ftrace"
+    assert detect_format(line("trace-cmd", "qemu", 7, 1.5, "kvm_entry", "x")) == "trace-cmd"
+    assert detect_format(line("perf", "qemu", 7, 1.5, "kvm_entry", "x")) == "perf"
+    assert detect_format("hello\nworld\n") is None
+
+
+# --- TD inference: a task with a TDCALL exit, and its process when tgids are shown ----------------
+# 1001 and 1002 are vCPU threads of process 1000 (a TD); only 1001 has a TDCALL exit.  2001 is a VM.
+#   1001 TDCALL 0xFFCC -> completes;  1002 HLT 0x1C00 -> completes (HLT reads R12);
+#   2001 HLT 0x0 -> if it were a TD: inconsistent (HLT implies R11 exposed).
+THREE = [("CPU 0/KVM", 1001, 1000, payload(0, "TDCALL", 0xFFCC)),
+         ("CPU 1/KVM", 1002, 1000, payload(1, "HLT", 0x1C00)),
+         ("CPU 0/KVM", 2001, 2000, payload(0, "HLT", 0))]
+
+
+def three(fmt: str, tgids: bool) -> bytes:
+    return "".join(line(fmt, c, pid, 1.0 + i, "kvm_exit", body, tgid if tgids else None) + "\n"
+                   for i, (c, pid, tgid, body) in enumerate(THREE)).encode()
+
+
+@pytest.mark.parametrize("fmt", ["ftrace", "perf"])
+def test_tgid_extends_inference_to_every_thread_of_the_td(write, fmt):
+    rep = audit(write("a", three(fmt, tgids=True)))
+    assert sorted(t.split(":")[-1] for t in rep["td"]["tasks"]) == ["CPU 0/KVM-1001", "CPU 1/KVM-1002"]
+    t = rep["totals"]
+    assert (t["tdvmcall_exits"], t["non-td_exits"], t["verdicts"]["completes"]) == (2, 1, 2)
+    assert {p["process"] for p in rep["per_process"]} == {1000, 2000}
+
+
+def test_without_tgids_only_the_task_with_tdcall_is_inferred(write):
+    rep = audit(write("a", three("ftrace", tgids=False)))
+    assert [t.split(":")[-1] for t in rep["td"]["tasks"]] == ["CPU 0/KVM-1001"]
+    assert (rep["totals"]["tdvmcall_exits"], rep["totals"]["non-td_exits"]) == (1, 2)
+
+
+def test_td_given_on_the_command_line(write):
+    path = write("a", three("ftrace", tgids=False))
+    rep = audit(path, "--td", "2001")
+    assert rep["td"]["mode"] == "given" and rep["td"]["given"] == [2001]
+    assert rep["totals"]["tdvmcall_exits"] == 1
+    assert rep["totals"]["verdicts"]["inconsistent"] == 1
+    rep = audit(write("b", three("ftrace", tgids=True)), "--td", "1000")  # a tgid names the whole process
+    assert rep["totals"]["tdvmcall_exits"] == 2
+
+
+# --- verdicts straight from the leaf table (ABI §4) ------------------------------------------------
+@pytest.mark.parametrize("reason,mask,verdict", [
+    (30, 0x7C00, "depends"),  # IO: in completes, out needs R15
+    (30, 0xFC00, "completes"),
+    (10, 0xFC00, "completes"),  # CPUID: R10-R15
+    (10, 0xDC00, "refused"),  # CPUID without R13 (sub-leaf in, EBX out)
+    (12, 0x0C00, "refused"),  # HLT needs R12
+    (77, 0x0C00, "depends"),  # TDCALL R10 R11: enough only for the unsupported leaves
+    (77, 0x0400, "refused"),  # TDCALL without R11: KVM saw leaf 0, whose selector R11 is missing
+    (77, 0x0800, "internal-error"),  # no R10
+    (18, 0x0400, "depends"),  # VMCALL R10: VAPIC_POLL_IRQ only
+    (77, 0x1_0000_FC00, "completes"),  # VM index 1 (bits 33:32) is allowed by the module
+    (77, 0x4_0000_FC00, "inconsistent"),  # bit 34: reserved
+    (77, 0xFC01, "inconsistent"),  # RAX
+])
+def test_verdict_for(reason, mask, verdict):
+    assert verdict_for(reason, mask).verdict == verdict
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+def test_parquet_rows_and_plot(write, tmp_path):
+    path = write("t", fixture("ftrace"))
+    pq_path, png = str(tmp_path / "exits.parquet"), str(tmp_path / "exits.png")
+    r = runner.invoke(app, ["trace", path, "--to-parquet", pq_path, "--plot", png])
+    assert r.exit_code == 0, r.stderr
+    table = pq.read_table(pq_path)
+    assert table.num_rows == 17
+    assert table.column_names == ["source", "line", "ts", "cpu", "comm", "pid", "tgid", "vcpu", "reason",
+                                  "reason_flags", "info1", "mask", "td", "kind", "verdict", "missing"]
+    rows = table.to_pylist()
+    verdicts = [row["verdict"] for row in rows if row["kind"] == "tdvmcall"]
+    assert sorted(verdicts).count("refused") == 2 and len(verdicts) == 12
+    by_line = {row["line"]: row for row in rows}
+    assert by_line[5]["reason"] == "CPUID" and by_line[5]["mask"] == 0x7C00 and by_line[5]["missing"] == "r15"
+    assert by_line[7]["reason_flags"] == "0x4000000"
+    assert by_line[13]["kind"] == "td-other" and by_line[13]["reason_flags"] == "FAILED_VMENTRY"
+    assert by_line[17]["kind"] == "non-td" and by_line[17]["verdict"] is None and by_line[17]["mask"] == 0x3F80008
+    assert not os.path.exists(pq_path + ".partial")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_output_names_the_verdicts(write):
+    r = runner.invoke(app, ["trace", write("t", fixture("ftrace"))])
+    assert r.exit_code == 0
+    assert "refused share 25.0%" in r.stdout
+    assert "top offending" in r.stdout and "CPUID" in r.stdout
+
+
+# --- bad input: one line on stderr, exit 2 ----------------------------------------------------------
+@pytest.mark.parametrize("kind,needle", [
+    ("binary", "binary data"),
+    ("empty", "empty input"),
+    ("directory", "is a directory"),
+    ("missing", "no such file"),
+    ("not-a-trace", "not trace text"),
+    ("gzip-binary", "gzip-compressed binary"),
+    ("bad-gzip", "cannot decompress"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, kind, needle):
+    p = tmp_path / "input"
+    if kind == "binary":
+        p.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(range(256)) * 4)
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "directory":
+        p.mkdir()
+    elif kind == "not-a-trace":
+        p.write_text("hello world\nthis is not a trace\n")
+    elif kind == "gzip-binary":
+        p.write_bytes(gzip.compress(b"\x00" * 1000))
+    elif kind == "bad-gzip":
+        p.write_bytes(b"\x1f\x8b\x08\x00" + b"garbage" * 10)
+    r = runner.invoke(app, ["trace", str(p)])
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+
+
+def test_bad_td_list_is_one_line_and_exit_2(write):
+    r = runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--td", "12,abc"])
+    assert r.exit_code == 2 and "--td" in r.stderr and r.stderr.count("\n") == 1
