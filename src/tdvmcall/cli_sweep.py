@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -144,7 +145,7 @@ def verify(
         diffs = report["differences"]
         shown = diffs if limit <= 0 else diffs[:limit]
         for d in shown:
-            out.print(f"{d['file']}: {d['path']}: expected {d['expected']!r}, got {d['got']!r}",
+            out.print(f"{d['file']}: {d['path']}: expected {_show(d['expected'])}, got {_show(d['got'])}",
                       highlight=False, markup=False)
         if len(shown) < len(diffs):
             out.print(f"... and {len(diffs) - len(shown)} more differences (--limit 0 or --json for all)")
@@ -154,6 +155,13 @@ def verify(
             out.print(f"[bold red]{report['failing']} of {report['vectors']} vectors differ from the model "
                       f"({len(diffs)} differences)[/]")
     raise typer.Exit(0 if report["ok"] else 1)
+
+
+def _show(value: object) -> str:
+    """A JSON value as JSON; an absent key as <absent>."""
+    from .vectors import ABSENT
+
+    return ABSENT if value == ABSENT else json.dumps(value)
 
 
 def register(app: typer.Typer) -> None:
