@@ -137,7 +137,7 @@ def test_disagreement_is_loud(monkeypatch):
     monkeypatch.setattr(S, "table_answer", wrong)
     res = CliRunner().invoke(app, ["sweep", "--call", "Instruction.HLT", "--jobs", "1"])
     assert res.exit_code == 1
-    assert "DISAGREEMENT" in res.output and "DISAGREE" in res.output
+    assert "DISAGREEMENT" in res.output and "SIMULATION AND LEAF TABLE DISAGREE" in res.output
 
 
 # --- helpers ---------------------------------------------------------------------------------------
