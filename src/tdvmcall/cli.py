@@ -224,6 +224,7 @@ def _operand_text(o: dict) -> str:
 from .cli_check import register as _register_check; _register_check(app)  # noqa: E402
 from .cli_trace import register as _register_trace; _register_trace(app)  # noqa: E402
 from .cli_sweep import register as _register_sweep; _register_sweep(app)  # noqa: E402
+from .cli_fuzz import register as _register_fuzz; _register_fuzz(app)  # noqa: E402
 # --- end of feature commands ------------------------------------------------------------------
 
 

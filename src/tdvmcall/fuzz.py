@@ -47,6 +47,7 @@ import copy
 import time
 from collections import Counter
 import random
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -205,7 +206,7 @@ def names_to_ids(mask: int) -> list[int]:
 def calls(draw, module: str, no_rbp_mod: bool) -> dict:
     """One TDVMCALL: the scenario ``guest`` object plus the arbitrary VMM registers a host could hand
     to TDH.VP.ENTER (``host``: checked against the module alone)."""
-    target = draw(st.sampled_from(TARGETS))
+    target = TARGETS[draw(_ANY_U64) % len(TARGETS)]  # near uniform; sampled_from skews badly here
     regs = draw(guest_registers(target))
     regs["rcx"] = draw(controls(regs, module, no_rbp_mod))
     regs["rax"] = draw(weighted(0, None, 1 << 24, 1 << 16, 1, odds=60))  # RAX = TDG.VP.VMCALL, or not
@@ -349,7 +350,10 @@ def run_call(td: TdConfig, before: VcpuState, vcpu: KvmVcpu, platform: Platform)
     try:
         return tdvmcall(td, before.copy(), vcpu, platform)
     except ModelBug as e:
-        raise VIOLATION["model-bug"](f"ModelBug: {e}") from e
+        # the strict (hardened) register cache raises on a read of an unavailable register or an
+        # invalid pair: that is the cache property; any other ModelBug is the model's own assertion
+        in_cache = any(f.filename.endswith("regcache.py") for f in traceback.extract_tb(e.__traceback__))
+        raise VIOLATION["cache" if in_cache else "model-bug"](f"ModelBug: {e}") from e
     except Exception as e:  # noqa: BLE001  anything else the model raises is a crash
         raise VIOLATION["crash"](f"{type(e).__name__}: {e}") from e
 
@@ -491,7 +495,7 @@ def check_hardened(before: VcpuState, rt: RoundTrip, snap: dict, platform: Platf
     gpr, _ = _exposed(ex.control)
     exposed = set(names_in(gpr, 16))
     unmet = [r for r in table_need(k.leaf, ex.vmm) if r not in exposed]
-    # refusal: exactly when the table says, with no side effect
+    # R10 unexposed: no status can reach the guest, an internal error and nothing else
     if "r10" not in exposed:
         require(k.verdict == VERDICT_INTERNAL_ERROR, "refusal", f"R10 not exposed but verdict {k.verdict}")
         require(not k.wrote, "refusal", f"R10 not exposed but KVM wrote {sorted(k.wrote)}")
@@ -499,22 +503,22 @@ def check_hardened(before: VcpuState, rt: RoundTrip, snap: dict, platform: Platf
         require(len(new) == 1 and new[0]["reason"] == KVM_EXIT_INTERNAL_ERROR, "refusal",
                 f"R10 not exposed: expected one internal-error exit, got {[e['reason'] for e in new]}")
         return
-    if unmet:
-        require(k.verdict == VERDICT_REFUSED, "refusal", f"{k.leaf.name} needs {unmet} exposed, verdict {k.verdict}")
+    if k.verdict == VERDICT_REFUSED:
+        require(bool(unmet), "refusal", f"{k.leaf.name} refused although every register it needs is exposed")
         require(platform.snapshot() == snap, "refusal", "a refused call changed the platform")
         require(not k.userspace_exits, "refusal", "a refused call exited to userspace")
         require(k.wrote == {"r10": TDVMCALL_INVALID_OPERAND}, "refusal",
                 f"a refused call wrote {k.wrote}, expected only R10 = INVALID_OPERAND")
         require(rt.after.gprs[R10] == TDVMCALL_INVALID_OPERAND, "refusal", "the guest did not get INVALID_OPERAND in R10")
         return
-    require(k.verdict in (VERDICT_COMPLETED, VERDICT_USERSPACE), "refusal",
-            f"{k.leaf.name} has every register it needs, verdict {k.verdict}")
     # completeness: every write exposed, every expected output written
     dropped = [r for r in k.wrote if r not in exposed]
     require(not dropped, "completeness", f"{k.leaf.name} wrote {dropped}, which cannot reach the guest")
     vals = {GPR_NAMES[i]: ex.vmm[i] for i in range(NR_GPRS)}
     clean = [r for r in L.expected_outputs(k.leaf, vals, k.wrote.get("r10", 0) != 0) if r not in k.wrote]
     require(not clean, "completeness", f"{k.leaf.name} did not write its outputs {clean}")
+    require(not unmet, "refusal", f"{k.leaf.name} needs {unmet} exposed, verdict {k.verdict}")
+    require(k.verdict in (VERDICT_COMPLETED, VERDICT_USERSPACE), "refusal", f"unexpected verdict {k.verdict}")
 
 
 def guest_view(rt: RoundTrip) -> tuple:

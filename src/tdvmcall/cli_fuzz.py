@@ -1,0 +1,150 @@
+"""``tdvmcall fuzz``: the property campaign of :mod:`tdvmcall.fuzz` on the command line."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import fuzz as F
+
+VERDICT_ORDER = ("completed", "userspace", "refused", "internal_error", F.GATE, F.FAULT)
+
+
+def summary(r: F.CampaignResult, written: dict | None) -> dict:
+    """The ``--json`` object: figures, coverage and the violation (None when clean)."""
+    cov = r.coverage()
+    out: dict = {
+        "clean": r.failure is None,
+        "seed": r.seed, "policies": list(r.policies),
+        "examples": r.examples, "executions": r.stats.executions,
+        "seconds": round(r.seconds, 3), "executions_per_second": round(r.executions_per_second, 1),
+        "coverage": {
+            "combinations": len(r.stats.coverage),
+            "leaves": {p: sorted(cov.get(p, {})) for p in r.policies},
+            "targets": F.target_labels(),
+            "by_policy": cov,
+        },
+        "violation": None,
+    }
+    if r.failure is not None:
+        v = r.failure.violation
+        out["violation"] = {"property": v.prop, "detail": v.detail, "policy": v.policy, "call": v.call,
+                            "calls_in_example": len(r.failure.example["calls"]),
+                            "not_in_scenario": v.expressible, **(written or {})}
+    return out
+
+
+def write_counterexample(r: F.CampaignResult, path: Path) -> dict:
+    """Write the scenario of the failing call (and, for a sequence, the whole example beside it)."""
+    assert r.failure is not None
+    sc = F.counterexample(r.failure.example, r.failure.violation)
+    path.write_text(json.dumps(sc, indent=2) + "\n")
+    info = {"scenario": str(path), "scenario_replays": F.replays(sc, r.failure.violation.prop)}
+    if len(r.failure.example["calls"]) > 1:
+        seq = path.with_suffix(".sequence.json")
+        seq.write_text(json.dumps(F.hexed(r.failure.example), indent=2) + "\n")
+        info["sequence"] = str(seq)
+    return info
+
+
+def render(r: F.CampaignResult, out: Console) -> None:
+    cov = r.coverage()
+    t = Table(title=f"fuzz: seed {r.seed}, policies {', '.join(r.policies)}", show_lines=False)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("examples", str(r.examples))
+    t.add_row("executions", str(r.stats.executions))
+    t.add_row("seconds", f"{r.seconds:.1f}")
+    t.add_row("executions/s", f"{r.executions_per_second:.0f}")
+    reached = {leaf for p in r.policies for leaf in cov.get(p, {})}
+    t.add_row("leaves reached", f"{len(reached & set(F.target_labels()))} of {len(F.target_labels())}")
+    t.add_row("leaf x verdict x policy", str(len(r.stats.coverage)))
+    out.print(t)
+    c = Table(title="coverage: executions per leaf and verdict")
+    c.add_column("leaf")
+    for p in r.policies:
+        c.add_column(p)
+    for leaf in F.target_labels():
+        cells = []
+        for p in r.policies:
+            got = cov.get(p, {}).get(leaf, {})
+            cells.append(" ".join(f"{v}:{got[v]}" for v in VERDICT_ORDER if v in got) or "-")
+        c.add_row(leaf, *cells)
+    out.print(c)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def fuzz(
+        seconds: Optional[float] = typer.Option(None, "--seconds", help="Run for this many seconds."),
+        examples: Optional[int] = typer.Option(None, "--examples",
+                                               help="Run exactly this many examples (default 1000 when "
+                                                    "--seconds is not given); deterministic with --seed."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: a random one, printed)."),
+        policy: str = typer.Option("both", "--policy", help="legacy, hardened or both (both adds the "
+                                                            "differential property)."),
+        out_file: Path = typer.Option(Path("fuzz-counterexample.json"), "--out",
+                                      help="Where to write the counterexample scenario on a violation."),
+        as_json: bool = typer.Option(False, "--json", help="Print figures, coverage and any violation as JSON."),
+    ) -> None:
+        """Fuzz the model's promises with hypothesis: any RAX, RCX, register and XMM values, every leaf
+        and hypercall, module 1.0/1.5, NO_RBP_MOD on/off, random platform and userspace answers, in
+        sequences of calls on one KVM vCPU.  Every execution is checked for confidentiality,
+        integrity, the module gate, the register cache, hardened refusals, completeness and (with
+        --policy both) legacy/hardened agreement; see docs/fuzz.md.
+
+        Progress goes to stderr.  On a violation the shrunk counterexample is written as a scenario
+        that `tdvmcall run` replays, and the exit status is 1.
+        """
+        from .cli import emit_json, fail  # at call time: cli imports this module
+
+        if seconds is not None and examples is not None:
+            fail("--seconds and --examples: give one of them, not both")
+        if seconds is not None and seconds <= 0:
+            fail(f"--seconds: {seconds} must be positive")
+        if examples is not None and examples <= 0:
+            fail(f"--examples: {examples} must be a positive integer")
+        if policy not in F.POLICY_CHOICES:
+            fail(f"--policy: {policy!r} is not accepted; use one of {', '.join(F.POLICY_CHOICES)}")
+        if seed is None:
+            seed = random.SystemRandom().randrange(1 << 32)
+        err = Console(stderr=True)
+        err.print(f"fuzz: seed {seed}, policy {policy}", highlight=False)
+
+        def progress(r: F.CampaignResult) -> None:
+            err.print(f"fuzz: {r.examples} examples, {r.stats.executions} executions, {r.seconds:.1f} s, "
+                      f"{r.executions_per_second:.0f}/s, {len(r.stats.coverage)} leaf x verdict x policy",
+                      highlight=False)
+
+        result = F.campaign(examples=examples, seconds=seconds, seed=seed, policy=policy, progress=progress)
+        written = write_counterexample(result, out_file) if result.failure is not None else None
+        if as_json:
+            emit_json(summary(result, written))
+        else:
+            out = Console(width=max(Console().width, 140))  # verdict counts must not wrap
+            render(result, out)
+            if result.failure is None:
+                out.print("[green]clean[/green]: every property held on every execution")
+            else:
+                v = result.failure.violation
+                out.print(f"[red]violation[/red] of {v.prop} ({v.policy or 'module alone'}, call {v.call}): {v.detail}",
+                          highlight=False)
+                assert written is not None
+                out.print(f"counterexample: {written['scenario']} (replay: tdvmcall run {written['scenario']}"
+                          f"{' --policy ' + v.policy if v.policy else ''}); it "
+                          f"{'reproduces' if written['scenario_replays'] else 'does NOT reproduce'} the violation alone",
+                          highlight=False)
+                for note in v.expressible:
+                    out.print(f"not in the scenario: {note}", highlight=False)
+                if "sequence" in written:
+                    out.print(f"whole example: {written['sequence']}", highlight=False)
+        sys.stdout.flush()
+        if result.failure is not None:
+            raise typer.Exit(1)
