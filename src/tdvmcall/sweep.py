@@ -227,7 +227,7 @@ def table_answer(t: Target, td: TdConfig) -> dict:
     """What the leaf table alone predicts for hardened KVM: the minimal mask, and that the accepted
     masks are exactly those the module accepts (no forbidden bit) containing it, so
     2^(16 - |forbidden ∪ minimal|) of them (none if the minimal mask holds a forbidden bit)."""
-    minimal = L.minimal_mask(t.leaf, {k: v for k, v in t.regs().items()})
+    minimal = L.minimal_mask(t.leaf, t.regs())
     by_case = L.condition_masks(t.leaf)[t.case.name]
     forbidden = forbidden_gprs(td.module, td.no_rbp_mod)
     module_count = 1 << (NR_GPRS - bin(forbidden).count("1"))
