@@ -196,7 +196,7 @@ def simulate(t: Target, td: TdConfig, policy: str, exhaustive: bool = False) -> 
     if disagree:
         return _exhaustive(t, td, policy, gate, fp, disagree)
     ok = {low for low in submasks(fp) if _policy_ok(policy, run(low))}
-    return Simulated("footprint", fp, len(runs), [m for m in gate if m & fp in ok])
+    return Simulated("footprint", fp, len(runs), [m for m in gate if (m & fp) in ok])
 
 
 def _exhaustive(t: Target, td: TdConfig, policy: str, gate: tuple[int, ...], fp: int,
