@@ -339,80 +339,125 @@ class TaskTable:
         return out
 
 
-def renumber(counts: Counts, exits: pl.DataFrame, before: int) -> pl.DataFrame:
-    """Make a chunk's line numbers absolute, given the number of lines before it."""
-    counts.bad = [(n + before, t) for n, t in counts.bad]
-    return exits.with_columns(pl.col("line") + before)
+@dataclass
+class ChunkResult:
+    """What one chunk contributes: its line counts and its parsed exits, aggregated by
+    (task, vCPU, reason, info1) and by (task, reason, info1, time bucket at ``shift``); the rows
+    themselves only when asked (for Parquet)."""
+
+    counts: Counts
+    by_key: pl.DataFrame
+    by_time: pl.DataFrame
+    shift: int
+    rows: pl.DataFrame | None = None
+
+    def renumber(self, before: int) -> None:
+        """Make line numbers absolute, given the number of lines before the chunk."""
+        self.counts.bad = [(n + before, t) for n, t in self.counts.bad]
+        if self.rows is not None:
+            self.rows = self.rows.with_columns(pl.col("line") + before)
 
 
-def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, keep_bad: int = 5
-                ) -> tuple[Counts, pl.DataFrame]:
-    """Count the lines of a chunk and parse its kvm_exit lines into :data:`EXIT_SCHEMA` rows.
-    Line numbers count from 1 at the chunk's first line (:func:`renumber` makes them absolute).
+#: width of the finest time bucket (seconds), and the most buckets kept (then they double)
+BUCKET_BASE = 1 / 1024
+MAX_BUCKETS = 512
 
-    The work is two lazy queries (polars runs them without holding the GIL, so chunks are parsed
-    in parallel) around a Python look-up of the few distinct line prefixes."""
-    # lines: kvm_exit-looking, header/blank, other
-    lines = _lines(chunk.data).lazy().with_row_index("line", offset=1).with_columns(
+
+def bucket_of(ts: pl.Expr, shift: int) -> pl.Expr:
+    return (ts / (BUCKET_BASE * (1 << shift))).floor().cast(pl.Int64)
+
+
+def span_shift(span: tuple[float, float], shift: int = 0) -> int:
+    """The smallest shift (at least ``shift``) at which ``span`` fits :data:`MAX_BUCKETS` buckets."""
+    while (span[1] - span[0]) / (BUCKET_BASE * (1 << shift)) >= MAX_BUCKETS - 1:
+        shift += 1
+    return shift
+
+
+def _union(a: tuple[float, float] | None, b: tuple[float, float]) -> tuple[float, float]:
+    return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
+
+
+def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, shift: int = 0,
+                span: tuple[float, float] | None = None, keep_bad: int = 5, rows: bool = False) -> ChunkResult:
+    """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
+    from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
+
+    One lazy query set, run by polars without the GIL (so two chunks are parsed in parallel):
+    split the line at the format's marker, validate the payload with :data:`PAYLOAD_RX`, take
+    the fields by position, aggregate by the raw line prefix; then the few distinct prefixes are
+    parsed in Python into tasks.  Time buckets are at least as wide as ``shift`` says, and wide
+    enough for the time ``span`` seen so far with this chunk's to fit :data:`MAX_BUCKETS`."""
+    df = _lines(chunk.data)
+    lines = df.lazy().with_row_index("line", offset=1).with_columns(
         is_exit=pl.col("l").str.contains(LOOKS_LIKE_EXIT, literal=True).fill_null(False))
-    comment = pl.col("l").is_null() | pl.col("l").str.strip_chars_start(" ").str.contains(HEADER_RX)
-    stats_q = lines.select(lines=pl.len(), exits=pl.col("is_exit").sum(), comments=(~pl.col("is_exit") & comment).sum())
+    header = (pl.col("l").is_null() | pl.col("l").str.starts_with("#") | pl.col("l").str.starts_with("cpus=")
+              | pl.col("l").str.starts_with("version = "))
+    stats_q = lines.select(lines=pl.len(), exits=pl.col("is_exit").sum(), comments=(~pl.col("is_exit") & header).sum())
 
     # split at the marker, validate the payload, cut the timestamp from the prefix
     parts = pl.col("l").str.splitn(MARKER[fmt], 2)
     head = pl.col("head")
-    exits_q = (lines.filter("is_exit")
-               .select(pl.col("line").cast(pl.UInt64), "l", head=parts.struct.field("field_0"),
-                       pay=parts.struct.field("field_1").str.strip_chars_start(" "))
-               .with_columns(prefix=head.str.strip_chars_end("0123456789."))
-               .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
-               .with_columns(ok=(pl.col("pay").str.contains(PAYLOAD_RX)
-                                 & pl.col("ts").str.contains(r"^\d+\.\d+$")).fill_null(False))
-               .drop("head"))
-    stats, ex = pl.collect_all([stats_q, exits_q])
-    counts = Counts(lines=int(stats["lines"][0]), kvm_exit_lines=int(stats["exits"][0]),
-                    comments=int(stats["comments"][0]), truncated_last_line=chunk.truncated)
-    counts.other_events = counts.lines - counts.kvm_exit_lines - counts.comments
-    if ex.is_empty():
-        return counts, pl.DataFrame(schema=EXIT_SCHEMA)
-
-    # the prefix (task, cpu): few distinct values, parsed once each
-    uniq = ex.lazy().filter("ok").select(pl.col("prefix").unique()).collect()["prefix"].to_list()
-    looked = [tasks.lookup(source, fmt, p) for p in uniq]
-    ptab = pl.DataFrame({"prefix": uniq, "task": [t[0] if t else None for t in looked],
-                         "cpu": [t[1] if t else None for t in looked]},
-                        schema={"prefix": pl.String, "task": pl.UInt32, "cpu": pl.UInt32})
-    ex_q = ex.lazy().join(ptab.lazy(), on="prefix", how="left").with_columns(
-        ok=pl.col("ok") & pl.col("task").is_not_null())
+    parsed = (lines.filter("is_exit")
+              .select("line", "l", head=parts.struct.field("field_0"),
+                      pay=parts.struct.field("field_1").str.strip_chars_start(" "))
+              .with_columns(prefix=head.str.strip_chars_end("0123456789."))
+              .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
+              .with_columns(ok=(pl.col("pay").str.contains(PAYLOAD_RX)
+                                & pl.col("ts").str.contains(r"^[0-9]+\.[0-9]+$")).fill_null(False)))
+    stats, parsed_rows = pl.collect_all([stats_q, parsed])
+    bad = parsed_rows.filter(~pl.col("ok")).select("line", "l").head(keep_bad)
 
     # fields of the valid payloads, by position (the regex above fixed the layout)
     p = pl.col("pay")
     r = p.str.find(" reason ", literal=True)
     rip = p.str.find(" rip 0x", literal=True)
     i1 = p.str.find(" info1 0x", literal=True)
-    good_q = ex_q.filter("ok").select(
-        "line",
+    good_rows = parsed_rows.lazy().filter("ok").select(
+        "line", "prefix",
         pl.col("ts").cast(pl.Float64),
-        "task", "cpu",
         vcpu=p.str.slice(5, r - 5).cast(pl.UInt32),
         reason=p.str.slice(r + 8, rip - r - 8),
         info1=p.str.slice(i1 + 9, 16).str.to_integer(base=16, dtype=pl.UInt64),
-    )
-    bad_q = ex_q.filter(~pl.col("ok")).select("line", "l")
-    out, bad = pl.collect_all([good_q, bad_q])
-    counts.parsed = len(out)
-    counts.bad = [(int(n), t) for n, t in bad.head(keep_bad).iter_rows()]
-    return counts, out
+    ).collect()
+    if not good_rows.is_empty():
+        shift = span_shift(_union(span, (good_rows["ts"].min(), good_rows["ts"].max())), shift)  # type: ignore[arg-type]
+    key_q = good_rows.lazy().group_by("prefix", "vcpu", "reason", "info1").agg(
+        n=pl.len(), first=pl.col("ts").min(), last=pl.col("ts").max(), first_line=pl.col("line").min())
+    time_q = good_rows.lazy().group_by("prefix", "reason", "info1", bucket=bucket_of(pl.col("ts"), shift)).agg(n=pl.len())
+    by_key, by_time = pl.collect_all([key_q, time_q])
+
+    counts = Counts(lines=int(stats["lines"][0]), kvm_exit_lines=int(stats["exits"][0]),
+                    comments=int(stats["comments"][0]), truncated_last_line=chunk.truncated)
+    counts.other_events = counts.lines - counts.kvm_exit_lines - counts.comments
+
+    # the prefix (task, cpu): few distinct values, parsed once each; a bad one makes its lines unparsed
+    uniq = by_key["prefix"].unique().to_list()
+    looked = [tasks.lookup(source, fmt, x) for x in uniq]
+    ptab = pl.DataFrame({"prefix": uniq, "task": [t[0] if t else None for t in looked],
+                         "cpu": [t[1] if t else None for t in looked]},
+                        schema={"prefix": pl.String, "task": pl.UInt32, "cpu": pl.UInt32})
+    by_key = by_key.join(ptab, on="prefix", how="left")
+    bad_prefix = by_key.filter(pl.col("task").is_null())
+    by_key = by_key.filter(pl.col("task").is_not_null())
+    counts.parsed = int(by_key["n"].sum())
+    bad_lines = [(int(n), t) for n, t in bad.iter_rows()]
+    bad_lines += [(int(n), df["l"][int(n) - 1]) for n in bad_prefix["first_line"].to_list()]
+    counts.bad = sorted(bad_lines)[:keep_bad]
+
+    by_time = by_time.join(ptab, on="prefix", how="inner").group_by("task", "reason", "info1", "bucket").agg(
+        pl.col("n").sum())
+    result = ChunkResult(counts, by_key.select("task", "vcpu", "reason", "info1", "n", "first", "last"),
+                         by_time, shift)
+    if rows:
+        result.rows = good_rows.join(ptab, on="prefix", how="inner", maintain_order="left").select(
+            *EXIT_SCHEMA).cast(EXIT_SCHEMA)  # type: ignore[arg-type]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # the audit: aggregates over every input
 # ---------------------------------------------------------------------------------------------
-
-#: width of the finest time bucket (seconds), and the most buckets kept (then they double)
-BUCKET_BASE = 1 / 1024
-MAX_BUCKETS = 1024
-
 
 class ReasonTable:
     """Reason texts and (reason, mask) verdicts seen so far, as small join tables."""
@@ -468,33 +513,31 @@ class Audit:
         self.keep_bad = keep_bad
         self._by_key: list[pl.DataFrame] = []
         self._by_time: list[pl.DataFrame] = []
-        self._shift = 0  # bucket width = BUCKET_BASE * 2**shift
+        self._shift = 0  # bucket width = BUCKET_BASE * 2**shift; only grows
         self._span: tuple[float, float] | None = None
         self.parquet = ParquetSink(parquet) if parquet else None
 
     # -- feeding --------------------------------------------------------------------------
-    def add_exits(self, exits: pl.DataFrame, source: str) -> None:
-        if exits.is_empty():
+    def add(self, result: ChunkResult, source: str) -> None:
+        """Fold one chunk's aggregates in (the mask is info1 for TDVMCALL reasons only)."""
+        if result.by_key.is_empty():
             return
-        e = with_mask(exits, self.reasons)
-        self._by_key.append(e.group_by("task", "vcpu", "reason", "mask").agg(
-            n=pl.len(), first=pl.col("ts").min(), last=pl.col("ts").max()))
-        self._widen(float(e["ts"].min()), float(e["ts"].max()))
-        self._by_time.append(e.group_by("task", "reason", "mask", bucket=self._bucket(pl.col("ts"))).agg(n=pl.len()))
-        if self.parquet is not None:
-            self.parquet.write(e, source)
-        if len(self._by_key) >= 16:
+        key = with_mask(result.by_key, self.reasons)
+        self._by_key.append(key.select("task", "vcpu", "reason", "mask", "n", "first", "last"))
+        self._widen(float(key["first"].min()), float(key["last"].max()), result.shift)  # type: ignore[arg-type]
+        factor = 1 << (self._shift - result.shift)
+        self._by_time.append(with_mask(result.by_time, self.reasons).select(
+            "task", "reason", "mask", pl.col("bucket") // factor, "n"))
+        if self.parquet is not None and result.rows is not None:
+            self.parquet.write(with_mask(result.rows, self.reasons), source)
+        if len(self._by_key) >= 32:
             self._compact()
 
-    def _bucket(self, ts: pl.Expr) -> pl.Expr:
-        return (ts / (BUCKET_BASE * (1 << self._shift))).floor().cast(pl.Int64)
-
-    def _widen(self, lo: float, hi: float) -> None:
-        """Double the bucket width until the time range seen fits :data:`MAX_BUCKETS` buckets."""
-        self._span = (min(lo, self._span[0]), max(hi, self._span[1])) if self._span else (lo, hi)
-        shift = self._shift
-        while (self._span[1] - self._span[0]) / (BUCKET_BASE * (1 << shift)) >= MAX_BUCKETS - 1:
-            shift += 1
+    def _widen(self, lo: float, hi: float, at_least: int) -> None:
+        """Widen the time buckets (doubling) so that the span seen fits :data:`MAX_BUCKETS` and is
+        at least as wide as a chunk's."""
+        self._span = _union(self._span, (lo, hi))
+        shift = span_shift(self._span, max(self._shift, at_least))
         if shift != self._shift:
             factor = 1 << (shift - self._shift)
             self._by_time = [t.with_columns(pl.col("bucket") // factor) for t in self._by_time]
@@ -504,6 +547,14 @@ class Audit:
         self._by_key = [pl.concat(self._by_key).group_by("task", "vcpu", "reason", "mask").agg(
             n=pl.col("n").sum(), first=pl.col("first").min(), last=pl.col("last").max())]
         self._by_time = [pl.concat(self._by_time).group_by("task", "reason", "mask", "bucket").agg(n=pl.col("n").sum())]
+
+    @property
+    def shift(self) -> int:
+        return self._shift
+
+    @property
+    def span(self) -> tuple[float, float] | None:
+        return self._span
 
     # -- results ----------------------------------------------------------------------------
     def td_tasks(self) -> set[int]:
@@ -591,10 +642,10 @@ def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress |
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
-                counts, exits = pending.popleft().result()
-                exits = renumber(counts, exits, report.counts.lines)
-                report.counts.add(counts, audit.keep_bad)
-                audit.add_exits(exits, src.name)
+                result = pending.popleft().result()
+                result.renumber(report.counts.lines)
+                report.counts.add(result.counts, audit.keep_bad)
+                audit.add(result, src.name)
                 if progress:
                     progress(src.position(), report.counts.lines)
 
@@ -603,7 +654,8 @@ def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress |
             del first  # the chain alone holds it, until it is parsed
             for chunk in stream:
                 report.bytes += len(chunk.data)
-                pending.append(pool.submit(parse_chunk, chunk, fmt, src.name, audit.tasks, audit.keep_bad))
+                pending.append(pool.submit(parse_chunk, chunk, fmt, src.name, audit.tasks, audit.shift,
+                                           audit.span, audit.keep_bad, audit.parquet is not None))
                 drain(threads)
             drain(0)
     audit.inputs.append(report)
