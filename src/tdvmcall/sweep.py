@@ -17,7 +17,8 @@ NO_RBP_MOD (module 1.5, which checks RBP; ABI.md §3):
                 its smallest member (the footprint part only) and its largest (every other register
                 the module lets through exposed as well): when any pair disagrees, that call falls
                 back to running every mask (route ``exhaustive``), and ``--exhaustive`` forces that
-                route everywhere.  Nothing on this route reads the leaf table.
+                route everywhere.  Nothing on this route reads the leaf table to decide anything
+                (the model's hardened validation reads it inside KVM: that is the policy modelled).
 ``table``       derives the answer from the leaf table alone: ``minimal_mask``, ``condition_masks``
                 and ``control.forbidden_gprs``; hardened KVM must accept exactly the masks the module
                 accepts that contain the minimal mask.
