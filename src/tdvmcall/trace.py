@@ -342,12 +342,12 @@ class TaskTable:
 @dataclass
 class ChunkResult:
     """What one chunk contributes: its line counts and its parsed exits, aggregated by
-    (task, vCPU, reason, info1) and by (task, reason, info1, time bucket at ``shift``); the rows
-    themselves only when asked (for Parquet)."""
+    (task, vCPU, reason, mask) and by (task, reason, mask, time bucket at ``shift``); the rows
+    themselves only when asked (for Parquet).  ``mask`` is info1 for a TDVMCALL reason, else null."""
 
     counts: Counts
-    by_key: pl.DataFrame
-    by_time: pl.DataFrame
+    by_key: pl.DataFrame  # task, vcpu, reason, mask, n, first, last
+    by_time: pl.DataFrame  # task, reason, mask, bucket, n
     shift: int
     rows: pl.DataFrame | None = None
 
@@ -378,7 +378,7 @@ def _union(a: tuple[float, float] | None, b: tuple[float, float]) -> tuple[float
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
 
 
-def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, shift: int = 0,
+def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: ReasonTable, shift: int = 0,
                 span: tuple[float, float] | None = None, keep_bad: int = 5, rows: bool = False) -> ChunkResult:
     """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
     from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
@@ -445,13 +445,15 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, shift: in
     bad_lines += [(int(n), df["l"][int(n) - 1]) for n in bad_prefix["first_line"].to_list()]
     counts.bad = sorted(bad_lines)[:keep_bad]
 
-    by_time = by_time.join(ptab, on="prefix", how="inner").group_by("task", "reason", "info1", "bucket").agg(
-        pl.col("n").sum())
-    result = ChunkResult(counts, by_key.select("task", "vcpu", "reason", "info1", "n", "first", "last"),
-                         by_time, shift)
+    # mask = info1 for the TDVMCALL reasons only (other reasons' info1 is no mask)
+    by_key = with_mask(by_key, reasons).group_by("task", "vcpu", "reason", "mask").agg(
+        pl.col("n").sum(), pl.col("first").min(), pl.col("last").max())
+    by_time = with_mask(by_time.join(ptab, on="prefix", how="inner"), reasons).group_by(
+        "task", "reason", "mask", "bucket").agg(pl.col("n").sum())
+    result = ChunkResult(counts, by_key, by_time, shift)
     if rows:
-        result.rows = good_rows.join(ptab, on="prefix", how="inner", maintain_order="left").select(
-            *EXIT_SCHEMA).cast(EXIT_SCHEMA)  # type: ignore[arg-type]
+        result.rows = with_mask(good_rows.join(ptab, on="prefix", how="inner", maintain_order="left").select(
+            *EXIT_SCHEMA).cast(EXIT_SCHEMA), reasons)  # type: ignore[arg-type]
     return result
 
 
@@ -519,17 +521,16 @@ class Audit:
 
     # -- feeding --------------------------------------------------------------------------
     def add(self, result: ChunkResult, source: str) -> None:
-        """Fold one chunk's aggregates in (the mask is info1 for TDVMCALL reasons only)."""
+        """Fold one chunk's aggregates in."""
         if result.by_key.is_empty():
             return
-        key = with_mask(result.by_key, self.reasons)
-        self._by_key.append(key.select("task", "vcpu", "reason", "mask", "n", "first", "last"))
+        key = result.by_key
+        self._by_key.append(key)
         self._widen(float(key["first"].min()), float(key["last"].max()), result.shift)  # type: ignore[arg-type]
         factor = 1 << (self._shift - result.shift)
-        self._by_time.append(with_mask(result.by_time, self.reasons).select(
-            "task", "reason", "mask", pl.col("bucket") // factor, "n"))
+        self._by_time.append(result.by_time.with_columns(pl.col("bucket") // factor))
         if self.parquet is not None and result.rows is not None:
-            self.parquet.write(with_mask(result.rows, self.reasons), source)
+            self.parquet.write(result.rows, source)
         if len(self._by_key) >= 32:
             self._compact()
 
@@ -654,7 +655,7 @@ def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress |
             del first  # the chain alone holds it, until it is parsed
             for chunk in stream:
                 report.bytes += len(chunk.data)
-                pending.append(pool.submit(parse_chunk, chunk, fmt, src.name, audit.tasks, audit.shift,
+                pending.append(pool.submit(parse_chunk, chunk, fmt, src.name, audit.tasks, audit.reasons, audit.shift,
                                            audit.span, audit.keep_bad, audit.parquet is not None))
                 drain(threads)
             drain(0)
