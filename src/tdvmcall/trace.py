@@ -383,10 +383,10 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
     from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
 
-    One lazy query set, run by polars without the GIL (so two chunks are parsed in parallel):
-    split the line at the format's marker, validate the payload with :data:`PAYLOAD_RX`, take
-    the fields by position, aggregate by the raw line prefix; then the few distinct prefixes are
-    parsed in Python into tasks.  Time buckets are at least as wide as ``shift`` says, and wide
+    Three small polars query sets, run without the GIL (so two chunks are parsed in parallel):
+    split each kvm_exit line at the format's marker and validate the payload with
+    :data:`PAYLOAD_RX`; take the fields by position; aggregate by the raw line prefix.  Then the
+    few distinct prefixes are parsed in Python into tasks, and info1 becomes the mask.  Time buckets are at least as wide as ``shift`` says, and wide
     enough for the time ``span`` seen so far with this chunk's to fit :data:`MAX_BUCKETS`."""
     df = _lines(chunk.data)
     lines = df.lazy().with_row_index("line", offset=1).with_columns(
@@ -829,7 +829,7 @@ def plot(audit: Audit, td: set[int], path: str) -> None:
         ax.set_xlim(0, max(x[-1], width))
     ax.set_xlabel(f"seconds since the first exit (bins of {width:g} s)")
     ax.set_ylabel("TDVMCALL exits per second")
-    ax.set_title("TD exits by hardened-KVM verdict")
+    ax.set_title("TDVMCALL exits of TDs by hardened-KVM verdict")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
