@@ -338,3 +338,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, kind, needle):
 def test_bad_td_list_is_one_line_and_exit_2(write):
     r = runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--td", "12,abc"])
     assert r.exit_code == 2 and "--td" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_line_whose_task_prefix_has_the_wrong_shape_is_unparsed(write):
+    # line 3 has a valid payload and timestamp, but no "<comm>-<pid> [<cpu>]" before them
+    text = "\n".join(["# tracer: nop", line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFFCC)),
+                      "garbage 2.000000: kvm_exit: " + payload(0, "HLT", 0x1C00)]) + "\n"
+    rep = audit(write("t", text.encode()))
+    inp = rep["inputs"][0]
+    assert (inp["lines"], inp["kvm_exit_lines"], inp["parsed"], inp["unparsed"]) == (3, 2, 1, 1)
+    assert [b["line"] for b in rep["unparsed_examples"]] == [3]
+    assert rep["totals"]["verdicts"]["completes"] == 1

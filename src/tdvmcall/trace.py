@@ -404,8 +404,10 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
               .with_columns(prefix=head.str.strip_chars_end("0123456789."))
               .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
               .with_columns(ok=(pl.col("pay").str.contains(PAYLOAD_RX)
-                                & pl.col("ts").str.contains(r"^[0-9]+\.[0-9]+$")).fill_null(False)))
+                                & pl.col("ts").str.contains(r"^[0-9]+\.[0-9]+$")).fill_null(False))
+              .drop("head"))
     stats, parsed_rows = pl.collect_all([stats_q, parsed])
+    del df, lines  # only the kvm_exit lines are needed from here on
     bad = parsed_rows.filter(~pl.col("ok")).select("line", "l").head(keep_bad)
 
     # fields of the valid payloads, by position (the regex above fixed the layout)
@@ -442,7 +444,8 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     by_key = by_key.filter(pl.col("task").is_not_null())
     counts.parsed = int(by_key["n"].sum())
     bad_lines = [(int(n), t) for n, t in bad.iter_rows()]
-    bad_lines += [(int(n), df["l"][int(n) - 1]) for n in bad_prefix["first_line"].to_list()]
+    text = parsed_rows.filter(pl.col("line").is_in(bad_prefix["first_line"].implode())).select("line", "l")
+    bad_lines += [(int(n), t) for n, t in text.iter_rows()]
     counts.bad = sorted(bad_lines)[:keep_bad]
 
     # mask = info1 for the TDVMCALL reasons only (other reasons' info1 is no mask)
