@@ -349,3 +349,13 @@ def test_a_line_whose_task_prefix_has_the_wrong_shape_is_unparsed(write):
     assert (inp["lines"], inp["kvm_exit_lines"], inp["parsed"], inp["unparsed"]) == (3, 2, 1, 1)
     assert [b["line"] for b in rep["unparsed_examples"]] == [3]
     assert rep["totals"]["verdicts"]["completes"] == 1
+
+
+def test_several_inputs_add_up_and_keep_their_tasks_apart(write):
+    # the same trace from two hosts: every count doubles; pid 1001 of each host is its own task
+    a, b = write("host1.txt", fixture("ftrace")), write("host2.txt.gz", gzip.compress(fixture("perf")))
+    rep = audit(a, b)
+    assert [i["format"] for i in rep["inputs"]] == ["ftrace", "perf"]
+    assert (rep["totals"]["exits"], rep["totals"]["tdvmcall_exits"]) == (34, 24)
+    assert len(rep["td"]["tasks"]) == 2 and len(rep["td"]["non_td_tasks"]) == 2
+    assert [b["line"] for b in rep["unparsed_examples"]] == [21, 24, 21, 24]
