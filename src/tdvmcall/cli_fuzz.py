@@ -56,7 +56,8 @@ def write_counterexample(r: F.CampaignResult, path: Path) -> dict:
 
 def render(r: F.CampaignResult, out: Console) -> None:
     cov = r.coverage()
-    t = Table(title=f"fuzz: seed {r.seed}, policies {', '.join(r.policies)}", show_lines=False)
+    out.print(f"fuzz: seed {r.seed}, policies {', '.join(r.policies)}", highlight=False)
+    t = Table()
     t.add_column("figure")
     t.add_column("value", justify="right")
     t.add_row("examples", str(r.examples))
