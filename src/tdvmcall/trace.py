@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import polars as pl
-import pyarrow as pa
 
 from .codes import EXIT_REASON_TDCALL, EXIT_REASON_VMCALL, VMX_EXIT_REASON_NAMES
 from .control import Control, ExitQualification, forbidden_gprs
@@ -752,12 +751,19 @@ def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
 # Parquet: one row per parsed exit
 # ---------------------------------------------------------------------------------------------
 
-PARQUET_SCHEMA = pa.schema([
-    ("source", pa.string()), ("line", pa.uint64()), ("ts", pa.float64()), ("cpu", pa.uint32()),
-    ("comm", pa.string()), ("pid", pa.int64()), ("tgid", pa.int64()), ("vcpu", pa.uint32()),
-    ("reason", pa.string()), ("reason_flags", pa.string()), ("info1", pa.uint64()), ("mask", pa.uint64()),
-    ("td", pa.bool_()), ("kind", pa.string()), ("verdict", pa.string()), ("missing", pa.string()),
-])
+#: the Parquet columns (documented in docs/trace.md)
+PARQUET_COLUMNS = (
+    ("source", "string"), ("line", "uint64"), ("ts", "float64"), ("cpu", "uint32"), ("comm", "string"),
+    ("pid", "int64"), ("tgid", "int64"), ("vcpu", "uint32"), ("reason", "string"), ("reason_flags", "string"),
+    ("info1", "uint64"), ("mask", "uint64"), ("td", "bool"), ("kind", "string"), ("verdict", "string"),
+    ("missing", "string"),
+)
+
+
+def parquet_schema():
+    import pyarrow as pa  # only when writing Parquet: it is slow to import
+
+    return pa.schema([(name, pa.type_for_alias(t)) for name, t in PARQUET_COLUMNS])
 
 
 class ParquetSink:
@@ -783,7 +789,8 @@ class ParquetSink:
     def close(self, tasks: pl.DataFrame, td: set[int], audit: Audit) -> None:
         import os
 
-        out = self._pq.ParquetWriter(self.path, PARQUET_SCHEMA, compression="zstd")
+        schema = parquet_schema()
+        out = self._pq.ParquetWriter(self.path, schema, compression="zstd")
         try:
             if self._writer is not None:
                 self._writer.close()
@@ -792,7 +799,7 @@ class ParquetSink:
                     f = f.select("source", "line", "ts", "cpu", "comm", "pid", "tgid", "vcpu",
                                  pl.col("reason_name").alias("reason"), "reason_flags", "info1", "mask", "td", "kind",
                                  "verdict", pl.when(pl.col("td")).then("missing").alias("missing"))
-                    out.write_table(f.to_arrow().cast(PARQUET_SCHEMA))
+                    out.write_table(f.to_arrow().cast(schema))
         finally:
             out.close()
             if os.path.exists(self.tmp):
