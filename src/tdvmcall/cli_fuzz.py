@@ -138,9 +138,9 @@ def register(app: typer.Typer) -> None:
                 out.print(f"[red]violation[/red] of {v.prop} ({v.policy or 'module alone'}, call {v.call}): {v.detail}",
                           highlight=False)
                 assert written is not None
+                alone = "reproduces" if written["scenario_replays"] else "does NOT reproduce"
                 out.print(f"counterexample: {written['scenario']} (replay: tdvmcall run {written['scenario']}"
-                          f"{' --policy ' + v.policy if v.policy else ''}); it "
-                          f"{'reproduces' if written['scenario_replays'] else 'does NOT reproduce'} the violation alone",
+                          f"{' --policy ' + v.policy if v.policy else ''}); it {alone} the violation alone",
                           highlight=False)
                 for note in v.expressible:
                     out.print(f"not in the scenario: {note}", highlight=False)

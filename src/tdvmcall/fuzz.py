@@ -394,7 +394,8 @@ def check_gate(td: TdConfig, before: VcpuState, rt: RoundTrip, snap: dict, platf
         require(rt.module is not None and rt.module.status == expected, "gate",
                 lambda: f"status {hex64(rt.module.status) if rt.module else None}, documented {hex64(expected)}")
         want, want_rip = [expected] + before.gprs[1:], (before.rip + 4) & U64
-    require(rt.after.gprs == want, "gate", lambda: "registers changed: " + _gprs_diff(want, rt.after.gprs, list(range(16))))
+    require(rt.after.gprs == want, "gate",
+            lambda: "registers changed: " + _gprs_diff(want, rt.after.gprs, list(range(16))))
     require(rt.after.rip == want_rip, "gate", lambda: f"RIP {hex64(rt.after.rip)}, expected {hex64(want_rip)}")
     require(rt.after.xmm == before.xmm, "gate", "XMM registers changed")
     return False
@@ -410,7 +411,7 @@ def check_confidentiality_view(before: VcpuState, vmm: list[int], vmm_xmm: list[
                         + ("" if gpr >> i & 1 else " (not exposed)"))
     for i in range(16):
         want = before.xmm[i] if xmm >> i & 1 else 0
-        require(vmm_xmm[i] == want, "confidentiality", f"VMM sees xmm{i} = {vmm_xmm[i]:#x}, expected {want:#x}")
+        require(vmm_xmm[i] == want, "confidentiality", lambda: f"VMM sees xmm{i} = {vmm_xmm[i]:#x}, expected {want:#x}")
 
 
 def host_view(rt: RoundTrip, platform: Platform) -> dict:
@@ -455,7 +456,8 @@ def check_noninterference(td: TdConfig, before: VcpuState, rt: RoundTrip, lane: 
 def check_cache(rt: RoundTrip, vcpu: KvmVcpu) -> None:
     cache = vcpu.cache
     if vcpu.policy == "hardened":
-        require(cache.invalid_pairs() == 0, "cache", lambda: f"invalid pair (avail 0, dirty 1) in {cache.invalid_pairs():#x}")
+        require(cache.invalid_pairs() == 0, "cache",
+                lambda: f"invalid pair (avail 0, dirty 1) in {cache.invalid_pairs():#x}")
         gpr, _ = _exposed(rt.module.exit.control)  # type: ignore[union-attr]
         unavailable = [GPR_NAMES[r] for r in cache.reads if not (gpr | 1 << RCX) >> r & 1]
         require(not unavailable, "cache", f"a handler read {unavailable}, which the guest did not expose")
@@ -484,7 +486,7 @@ def check_integrity(before: VcpuState, after: VcpuState, control: int, host: lis
     require(after.rip == (before.rip + 4) & U64, "integrity", "RIP not advanced past TDCALL")
     for i in range(16):
         want = host_xmm[i] if xmm >> i & 1 else before.xmm[i]
-        require(after.xmm[i] == want, "integrity", f"xmm{i} came back {after.xmm[i]:#x}, expected {want:#x}")
+        require(after.xmm[i] == want, "integrity", lambda: f"xmm{i} came back {after.xmm[i]:#x}, expected {want:#x}")
 
 
 def check_host_writes(td: TdConfig, before: VcpuState, host: dict | None) -> None:
@@ -527,7 +529,8 @@ def check_hardened(before: VcpuState, rt: RoundTrip, snap: dict, platform: Platf
         require(not k.userspace_exits, "refusal", "a refused call exited to userspace")
         require(k.wrote == {"r10": TDVMCALL_INVALID_OPERAND}, "refusal",
                 f"a refused call wrote {k.wrote}, expected only R10 = INVALID_OPERAND")
-        require(rt.after.gprs[R10] == TDVMCALL_INVALID_OPERAND, "refusal", "the guest did not get INVALID_OPERAND in R10")
+        require(rt.after.gprs[R10] == TDVMCALL_INVALID_OPERAND, "refusal",
+                "the guest did not get INVALID_OPERAND in R10")
         return
     # completeness: every write exposed, every expected output written
     dropped = [r for r in k.wrote if r not in exposed]
@@ -627,7 +630,8 @@ def run_example(ex: dict, policies: tuple[str, ...] = ("legacy", "hardened"), st
             v.call, v.policy = n, lane.policy if lane else None
             v.platform = ex["platform"] if n == 0 else platform_json(pre, ex["platform"])
             if n > 0:
-                v.expressible.append(f"the {n} earlier call(s) on the same KVM vCPU (the whole example is written beside this file as *.sequence.json)")
+                v.expressible.append(f"the {n} earlier call(s) on the same KVM vCPU (the whole example "
+                                     "is written beside this file as *.sequence.json)")
             raise
 
 
