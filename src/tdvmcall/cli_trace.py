@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
             for path in files:
                 with _progress(err, path, progress) as report:
                     trace.audit_input(audit, path, fmt=format.value, progress=report)
-            result = audit.finish()
+            result = audit.finish(top=top)
             if plot_file:
                 trace.plot(audit, audit.td_tasks(), plot_file)
         except TraceInputError as e:
@@ -79,7 +79,6 @@ def register(app: typer.Typer) -> None:
         except OSError as e:  # writing the plot or the Parquet file
             err.print(f"error: {e.filename or ''}: {e.strerror or e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        result["top_offending"] = result["top_offending"][:top]
         if as_json:
             sys.stdout.write(json.dumps(result, indent=2) + "\n")
         else:

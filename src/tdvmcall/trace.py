@@ -24,10 +24,10 @@ optional and the event name padded, ``perf script`` ``<comm> <pid>[/<tid>] [<cpu
 kvm:kvm_exit: <payload>``.
 
 Technique (chosen by measurement, see ``docs/trace.md``): each newline-aligned chunk is split into
-lines by Arrow, then polars filters the ``kvm_exit`` lines, validates the payload with one anchored
-regex without captures and takes the fields by literal ``find`` and slicing; the task prefix and
-the reason text, which take few distinct values, are parsed once each in Python.  Two chunks are
-parsed at a time (polars releases the GIL), and only aggregates are kept.
+lines by polars' CSV reader, then polars filters the ``kvm_exit`` lines, validates the payload with
+one anchored regex without captures and takes the fields by literal ``find`` and slicing; the task
+prefix and the reason text, which take few distinct values, are parsed once each in Python.  Two
+chunks are parsed at a time (polars releases the GIL), and only aggregates are kept.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from functools import cache
 
 import polars as pl
 
-from .codes import EXIT_REASON_TDCALL, EXIT_REASON_VMCALL, VMX_EXIT_REASON_NAMES
-from .control import Control, ExitQualification, forbidden_gprs
+from .codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
+from .control import Control, ExitQualification
 from .kvm.leaves import Leaf, condition_masks, reason_leaves
 from .regs import GPR_MASK, R10, R11, names_in
 from .traceio import Chunk, Source, TraceInputError, chunks
@@ -610,11 +610,12 @@ class Audit:
         width = BUCKET_BASE * (1 << self._shift)
         return t.group_by("bucket", "series").agg(n=pl.col("n").sum()).sort("bucket"), width
 
-    def finish(self) -> dict:
+    def finish(self, top: int = 10) -> dict:
+        """The report (writing the Parquet file first, if asked)."""
         td = self.td_tasks()
         if self.parquet is not None:
             self.parquet.close(self.task_frame(td), td, self)
-        return build_report(self, td)
+        return build_report(self, td, top)
 
 
 # ---------------------------------------------------------------------------------------------
