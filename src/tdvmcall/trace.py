@@ -382,80 +382,85 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
     from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
 
-    Three small polars query sets, run without the GIL (so two chunks are parsed in parallel):
-    split each kvm_exit line at the format's marker and validate the payload with
-    :data:`PAYLOAD_RX`; take the fields by position; aggregate by the raw line prefix.  Then the
-    few distinct prefixes are parsed in Python into tasks, and info1 becomes the mask.  Time buckets are at least as wide as ``shift`` says, and wide
-    enough for the time ``span`` seen so far with this chunk's to fit :data:`MAX_BUCKETS`."""
-    df = _lines(chunk.data)
-    lines = df.lazy().with_row_index("line", offset=1).with_columns(
+    Few, large polars queries (each polars call costs about a millisecond whatever its size; they
+    run without the GIL, so two chunks are parsed in parallel):
+    1. split each kvm_exit line at the format's marker, validate the payload with
+       :data:`PAYLOAD_RX` and cut the timestamp off the line prefix;
+    2. the distinct line prefixes and reason texts (few) and the time range;
+    3. in Python: prefix -> (task, cpu), reason -> name and whether it is a TDVMCALL reason;
+    4. fields by position, mask = info1 for TDVMCALL reasons, and the two aggregates.
+    Time buckets are at least as wide as ``shift`` says, and wide enough for the time ``span``
+    seen so far, with this chunk's, to fit :data:`MAX_BUCKETS`."""
+    # 1. lines: kvm_exit-looking, header/blank, other; the kvm_exit lines split and validated
+    lines = _lines(chunk.data).lazy().with_row_index("line", offset=1).with_columns(
         is_exit=pl.col("l").str.contains(LOOKS_LIKE_EXIT, literal=True).fill_null(False))
     header = (pl.col("l").is_null() | pl.col("l").str.starts_with("#") | pl.col("l").str.starts_with("cpus=")
               | pl.col("l").str.starts_with("version = "))
     stats_q = lines.select(lines=pl.len(), exits=pl.col("is_exit").sum(), comments=(~pl.col("is_exit") & header).sum())
-
-    # split at the marker, validate the payload, cut the timestamp from the prefix
     parts = pl.col("l").str.splitn(MARKER[fmt], 2)
-    head = pl.col("head")
-    parsed = (lines.filter("is_exit")
-              .select("line", "l", head=parts.struct.field("field_0"),
-                      pay=parts.struct.field("field_1").str.strip_chars_start(" "))
-              .with_columns(prefix=head.str.strip_chars_end("0123456789."))
-              .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
-              .with_columns(ok=(pl.col("pay").str.contains(PAYLOAD_RX)
-                                & pl.col("ts").str.contains(r"^[0-9]+\.[0-9]+$")).fill_null(False))
-              .drop("head"))
-    stats, parsed_rows = pl.collect_all([stats_q, parsed])
-    del df, lines  # only the kvm_exit lines are needed from here on
-    bad = parsed_rows.filter(~pl.col("ok")).select("line", "l").head(keep_bad)
-
-    # fields of the valid payloads, by position (the regex above fixed the layout)
-    p = pl.col("pay")
+    head, p = pl.col("head"), pl.col("pay")
     r = p.str.find(" reason ", literal=True)
     rip = p.str.find(" rip 0x", literal=True)
-    i1 = p.str.find(" info1 0x", literal=True)
-    good_rows = parsed_rows.lazy().filter("ok").select(
-        "line", "prefix",
-        pl.col("ts").cast(pl.Float64),
-        vcpu=p.str.slice(5, r - 5).cast(pl.UInt32),
-        reason=p.str.slice(r + 8, rip - r - 8),
-        info1=p.str.slice(i1 + 9, 16).str.to_integer(base=16, dtype=pl.UInt64),
-    ).collect()
-    if not good_rows.is_empty():
-        shift = span_shift(_union(span, (good_rows["ts"].min(), good_rows["ts"].max())), shift)  # type: ignore[arg-type]
-    key_q = good_rows.lazy().group_by("prefix", "vcpu", "reason", "info1").agg(
-        n=pl.len(), first=pl.col("ts").min(), last=pl.col("ts").max(), first_line=pl.col("line").min())
-    time_q = good_rows.lazy().group_by("prefix", "reason", "info1", bucket=bucket_of(pl.col("ts"), shift)).agg(n=pl.len())
-    by_key, by_time = pl.collect_all([key_q, time_q])
-
+    parsed_q = (lines.filter("is_exit")
+                .select("line", "l", head=parts.struct.field("field_0"),
+                        pay=parts.struct.field("field_1").str.strip_chars_start(" "))
+                .with_columns(prefix=head.str.strip_chars_end("0123456789."))
+                .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
+                .with_columns(ok=(p.str.contains(PAYLOAD_RX)
+                                  & pl.col("ts").str.contains(r"^[0-9]+\.[0-9]+$")).fill_null(False))
+                .with_columns(reason=pl.when("ok").then(p.str.slice(r + 8, rip - r - 8)),
+                              ts=pl.when("ok").then(pl.col("ts").cast(pl.Float64)))
+                .drop("head"))
+    stats, parsed = pl.collect_all([stats_q, parsed_q])
     counts = Counts(lines=int(stats["lines"][0]), kvm_exit_lines=int(stats["exits"][0]),
                     comments=int(stats["comments"][0]), truncated_last_line=chunk.truncated)
     counts.other_events = counts.lines - counts.kvm_exit_lines - counts.comments
+    ok = parsed.lazy().filter("ok")
 
-    # the prefix (task, cpu): few distinct values, parsed once each; a bad one makes its lines unparsed
-    uniq = by_key["prefix"].unique().to_list()
+    # 2. the few distinct prefixes and reasons, the time range, the first unparseable lines
+    prefixes, reason_texts, ts_range, bad = pl.collect_all([
+        ok.select(pl.col("prefix").unique()), ok.select(pl.col("reason").unique()),
+        ok.select(lo=pl.col("ts").min(), hi=pl.col("ts").max()),
+        parsed.lazy().filter(~pl.col("ok")).select("line", "l").head(keep_bad)])
+
+    # 3. prefix -> (task, cpu); a prefix of the wrong shape makes its lines unparsed
+    uniq = prefixes["prefix"].to_list()
     looked = [tasks.lookup(source, fmt, x) for x in uniq]
     ptab = pl.DataFrame({"prefix": uniq, "task": [t[0] if t else None for t in looked],
                          "cpu": [t[1] if t else None for t in looked]},
                         schema={"prefix": pl.String, "task": pl.UInt32, "cpu": pl.UInt32})
-    by_key = by_key.join(ptab, on="prefix", how="left")
-    bad_prefix = by_key.filter(pl.col("task").is_null())
-    by_key = by_key.filter(pl.col("task").is_not_null())
+    rtab = reasons.reasons(reason_texts["reason"].to_list())
+    if ts_range["lo"][0] is not None:
+        shift = span_shift(_union(span, (ts_range["lo"][0], ts_range["hi"][0])), shift)
+
+    # 4. fields by position (the regex fixed the layout), mask, aggregates
+    i1 = p.str.find(" info1 0x", literal=True)
+    exits = (ok.join(ptab.lazy(), on="prefix", how="left")
+             .join(rtab.lazy(), on="reason", how="left")
+             .select("line", "ts", "task", "cpu",
+                     vcpu=p.str.slice(5, r - 5).cast(pl.UInt32),
+                     reason="reason", reason_name="reason_name", reason_flags="reason_flags",
+                     info1=p.str.slice(i1 + 9, 16).str.to_integer(base=16, dtype=pl.UInt64),
+                     tdvmcall_reason="tdvmcall_reason")
+             .with_columns(mask=pl.when("tdvmcall_reason").then("info1")))
+    good = exits.filter(pl.col("task").is_not_null())
+    queries = [
+        good.group_by("task", "vcpu", "reason", "mask").agg(n=pl.len(), first=pl.col("ts").min(),
+                                                            last=pl.col("ts").max()),
+        good.group_by("task", "reason", "mask", bucket=bucket_of(pl.col("ts"), shift)).agg(n=pl.len()),
+        exits.filter(pl.col("task").is_null()).select("line").head(keep_bad),
+    ] + ([good.sort("line")] if rows else [])
+    by_key, by_time, bad_prefix, *row_frames = pl.collect_all(queries)
+
     counts.parsed = int(by_key["n"].sum())
     bad_lines = [(int(n), t) for n, t in bad.iter_rows()]
-    text = parsed_rows.filter(pl.col("line").is_in(bad_prefix["first_line"].implode())).select("line", "l")
-    bad_lines += [(int(n), t) for n, t in text.iter_rows()]
+    if not bad_prefix.is_empty():
+        text = parsed.filter(pl.col("line").is_in(bad_prefix["line"].implode())).select("line", "l")
+        bad_lines += [(int(n), t) for n, t in text.iter_rows()]
     counts.bad = sorted(bad_lines)[:keep_bad]
-
-    # mask = info1 for the TDVMCALL reasons only (other reasons' info1 is no mask)
-    by_key = with_mask(by_key, reasons).group_by("task", "vcpu", "reason", "mask").agg(
-        pl.col("n").sum(), pl.col("first").min(), pl.col("last").max())
-    by_time = with_mask(by_time.join(ptab, on="prefix", how="inner"), reasons).group_by(
-        "task", "reason", "mask", "bucket").agg(pl.col("n").sum())
     result = ChunkResult(counts, by_key, by_time, shift)
     if rows:
-        result.rows = with_mask(good_rows.join(ptab, on="prefix", how="inner", maintain_order="left").select(
-            *EXIT_SCHEMA).cast(EXIT_SCHEMA), reasons)  # type: ignore[arg-type]
+        result.rows = row_frames[0].with_columns(pl.col("line").cast(pl.UInt64))
     return result
 
 
