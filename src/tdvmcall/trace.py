@@ -295,11 +295,6 @@ class Counts:
         self.truncated_last_line |= other.truncated_last_line
 
 
-#: the columns of the parsed exits of a chunk
-EXIT_SCHEMA = {"line": pl.UInt64, "ts": pl.Float64, "task": pl.UInt32, "cpu": pl.UInt32,
-               "vcpu": pl.UInt32, "reason": pl.String, "info1": pl.UInt64}
-
-
 def _lines(data: bytes) -> pl.DataFrame:
     """The lines of a chunk as column ``l`` (blank lines are null; a trailing CR is dropped,
     invalid UTF-8 replaced).  Polars' CSV reader with a separator that text lines do not contain
@@ -342,7 +337,8 @@ class TaskTable:
 class ChunkResult:
     """What one chunk contributes: its line counts and its parsed exits, aggregated by
     (task, vCPU, reason, mask) and by (task, reason, mask, time bucket at ``shift``); the rows
-    themselves only when asked (for Parquet).  ``mask`` is info1 for a TDVMCALL reason, else null."""
+    themselves only when asked (for Parquet: line, ts, task, cpu, vcpu, reason, reason_name,
+    reason_flags, info1, tdvmcall_reason, mask).  ``mask`` is info1 for a TDVMCALL reason, else null."""
 
     counts: Counts
     by_key: pl.DataFrame  # task, vcpu, reason, mask, n, first, last
@@ -493,13 +489,6 @@ class ReasonTable:
         return pl.DataFrame(rows, schema={"reason": pl.String, "mask": pl.UInt64, "verdict_if_td": pl.String,
                                           "detail": pl.String, "missing": pl.String, "refused_for": pl.String},
                             orient="row")
-
-
-def with_mask(exits: pl.DataFrame, reasons: ReasonTable) -> pl.DataFrame:
-    """Exits with their reason parsed and ``mask`` = info1 for TDVMCALL reasons (else null)."""
-    rt = reasons.reasons(exits["reason"].unique().to_list())
-    return exits.join(rt, on="reason", how="left").with_columns(
-        mask=pl.when("tdvmcall_reason").then("info1"))
 
 
 @dataclass
