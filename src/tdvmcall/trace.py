@@ -333,6 +333,33 @@ class TaskTable:
         return out
 
 
+class ReasonTable:
+    """Reason texts seen so far, parsed once each, and their verdicts, as small join tables
+    (shared by the parsing threads)."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[str, Reason] = {}
+
+    def reasons(self, texts: Iterable[str]) -> pl.DataFrame:
+        rows = []
+        for t in texts:
+            r = self._reasons.setdefault(t, parse_reason(t))
+            rows.append((t, r.name, r.flags, is_tdvmcall_reason(r)))
+        return pl.DataFrame(rows, schema={"reason": pl.String, "reason_name": pl.String,
+                                          "reason_flags": pl.String, "tdvmcall_reason": pl.Boolean},
+                            orient="row")
+
+    def verdicts(self, pairs: Iterable[tuple[str, int | None]]) -> pl.DataFrame:
+        rows = []
+        for text, mask in pairs:
+            v = verdict_if_td(self._reasons.setdefault(text, parse_reason(text)), mask)
+            rows.append((text, mask, v.verdict if v else None, v.detail if v else None,
+                         " ".join(v.missing) if v else None, ", ".join(v.refused_for) if v else None))
+        return pl.DataFrame(rows, schema={"reason": pl.String, "mask": pl.UInt64, "verdict_if_td": pl.String,
+                                          "detail": pl.String, "missing": pl.String, "refused_for": pl.String},
+                            orient="row")
+
+
 @dataclass
 class ChunkResult:
     """What one chunk contributes: its line counts and its parsed exits, aggregated by
@@ -463,33 +490,6 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
 # ---------------------------------------------------------------------------------------------
 # the audit: aggregates over every input
 # ---------------------------------------------------------------------------------------------
-
-class ReasonTable:
-    """Reason texts and (reason, mask) verdicts seen so far, as small join tables."""
-
-    def __init__(self) -> None:
-        self._reasons: dict[str, Reason] = {}
-        self._verdicts: dict[tuple[str, int], Verdict | None] = {}
-
-    def reasons(self, texts: Iterable[str]) -> pl.DataFrame:
-        rows = []
-        for t in texts:
-            r = self._reasons.setdefault(t, parse_reason(t))
-            rows.append((t, r.name, r.flags, is_tdvmcall_reason(r)))
-        return pl.DataFrame(rows, schema={"reason": pl.String, "reason_name": pl.String,
-                                          "reason_flags": pl.String, "tdvmcall_reason": pl.Boolean},
-                            orient="row")
-
-    def verdicts(self, pairs: Iterable[tuple[str, int | None]]) -> pl.DataFrame:
-        rows = []
-        for text, mask in pairs:
-            v = verdict_if_td(self._reasons.setdefault(text, parse_reason(text)), mask)
-            rows.append((text, mask, v.verdict if v else None, v.detail if v else None,
-                         " ".join(v.missing) if v else None, ", ".join(v.refused_for) if v else None))
-        return pl.DataFrame(rows, schema={"reason": pl.String, "mask": pl.UInt64, "verdict_if_td": pl.String,
-                                          "detail": pl.String, "missing": pl.String, "refused_for": pl.String},
-                            orient="row")
-
 
 @dataclass
 class InputReport:
