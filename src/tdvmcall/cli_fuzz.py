@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -101,8 +102,8 @@ def register(app: typer.Typer) -> None:
         integrity, the module gate, the register cache, hardened refusals, completeness and (with
         --policy both) legacy/hardened agreement; see docs/fuzz.md.
 
-        Progress goes to stderr.  On a violation the shrunk counterexample is written as a scenario
-        that `tdvmcall run` replays, and the exit status is 1.
+        Progress goes to stderr.  On a violation the shrunk counterexample is
+        written as a scenario that `tdvmcall run` replays; exit status 1.
         """
         from .cli import emit_json, fail  # at call time: cli imports this module
 
@@ -116,6 +117,10 @@ def register(app: typer.Typer) -> None:
             fail(f"--policy: {policy!r} is not accepted; use one of {', '.join(F.POLICY_CHOICES)}")
         if seed is None:
             seed = random.SystemRandom().randrange(1 << 32)
+        # hypothesis keeps a cache (the constants it mines from source) in ./.hypothesis unless told
+        # otherwise: keep it out of the user's working directory
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(cache_home / "tdvmcall" / "hypothesis"))
         err = Console(stderr=True)
         err.print(f"fuzz: seed {seed}, policy {policy}", highlight=False)
 
