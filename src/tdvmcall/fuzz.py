@@ -660,13 +660,48 @@ def hexed(value: Any) -> Any:
     return value if value <= U32 else hex64(value) if value <= U64 else f"{value:#x}"
 
 
+def guest_json(guest: dict) -> dict:
+    """A scenario ``guest`` object in the contract's register format (16 hex digits)."""
+    out = {k: (hex64(v) if k in GPR_NAMES or k == "rip" else v) for k, v in guest.items()}
+    out["xmm"] = {k: f"0x{v:032x}" for k, v in guest.get("xmm", {}).items()}
+    return out
+
+
+def _meaning(sc: dict) -> tuple:
+    parsed = S.parse(sc)
+    return parsed.td, parsed.policy, parsed.guest, parsed.platform
+
+
+def without_defaults(sc: dict) -> dict:
+    """The same scenario, minus every field that holds the contract's default: a field is dropped
+    when the scenario parses to the same TD, policy, guest and platform without it.  (Presentation
+    only: the meaning is unchanged, so this is not shrinking.)"""
+    meaning = _meaning(sc)
+    sc = copy.deepcopy(sc)
+    for path in [("guest", k) for k in sc["guest"]] + [("platform", "userspace", k) for k in
+                                                       sc["platform"].get("userspace", {})] + \
+            [("platform", k) for k in sc["platform"]]:
+        *parents, key = path
+        trial = copy.deepcopy(sc)
+        holder = trial
+        for p in parents:
+            holder = holder.get(p, {})
+        if key not in holder:
+            continue
+        del holder[key]
+        if _meaning(trial) == meaning:
+            sc = trial
+    return sc
+
+
 def counterexample(ex: dict, v: Violation) -> dict:
     """The scenario that replays the failing call (``tdvmcall run`` reads it), with what it cannot
     carry said in ``comment``."""
     n = v.call or 0
     call = ex["calls"][n]
     policy = "hardened" if v.prop == "differential" else (v.policy or "hardened")
-    sc = _scenario(ex, hexed(call["guest"]), policy, hexed(v.platform if v.platform is not None else ex["platform"]))
+    sc = without_defaults(_scenario(ex, guest_json(call["guest"]), policy,
+                                    hexed(v.platform if v.platform is not None else ex["platform"])))
     notes = [f"fuzz counterexample: {v.prop}: {v.detail}"]
     if v.prop == "differential":
         notes.append("replay it with --policy legacy as well and compare guest and userspace exits")
