@@ -359,3 +359,13 @@ def test_several_inputs_add_up_and_keep_their_tasks_apart(write):
     assert (rep["totals"]["exits"], rep["totals"]["tdvmcall_exits"]) == (34, 24)
     assert len(rep["td"]["tasks"]) == 2 and len(rep["td"]["non_td_tasks"]) == 2
     assert [b["line"] for b in rep["unparsed_examples"]] == [21, 24, 21, 24]
+
+
+def test_perf_right_aligned_event_names(write):
+    # perf script pads event names to the longest one recorded: "1.000000:     kvm:kvm_exit: ..."
+    lines_ = [line("perf", *TD, 1.0 + i, "kvm_exit", payload(0, "TDCALL", 0xFFCC)).replace(": kvm:", ":     kvm:")
+              for i in range(2)]
+    lines_.append(line("perf", *TD, 3.0, "kvm_entry", "vcpu 0, rip 0x0").replace(": kvm:", ":    kvm:"))
+    rep = audit(write("p", ("\n".join(lines_) + "\n").encode()))
+    inp = rep["inputs"][0]
+    assert (inp["format"], inp["kvm_exit_lines"], inp["parsed"], inp["other_events"]) == ("perf", 2, 2, 1)

@@ -59,8 +59,9 @@ KINDS = ("tdvmcall", "td-other", "non-td")
 # line formats
 # ---------------------------------------------------------------------------------------------
 
-#: the text between the timestamp and the payload, per format
-MARKER = {"ftrace": ": kvm_exit:", "trace-cmd": ": kvm_exit:", "perf": ": kvm:kvm_exit:"}
+#: the event name before the payload, per format (after the timestamp's colon and one or more
+#: spaces: perf right-aligns event names when several events were recorded)
+MARKER = {"ftrace": " kvm_exit:", "trace-cmd": " kvm_exit:", "perf": " kvm:kvm_exit:"}
 #: a line "looks like kvm_exit" when it contains this
 LOOKS_LIKE_EXIT = "kvm_exit:"
 #: header lines, not events: ftrace's ``#`` comments, trace-cmd's ``cpus=N`` and ``version = N``
@@ -425,15 +426,16 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     r = p.str.find(" reason ", literal=True)
     rip = p.str.find(" rip 0x", literal=True)
     parsed_q = (lines.filter("is_exit")
-                .select("line", "l", head=parts.struct.field("field_0"),
+                .select("line", "l", head=parts.struct.field("field_0").str.strip_chars_end(" "),
                         pay=parts.struct.field("field_1").str.strip_chars_start(" "))
+                .with_columns(colon=head.str.ends_with(":"), head=head.str.strip_suffix(":"))
                 .with_columns(prefix=head.str.strip_chars_end("0123456789."))
                 .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
-                .with_columns(ok=(p.str.contains(PAYLOAD_RX)
+                .with_columns(ok=(p.str.contains(PAYLOAD_RX) & pl.col("colon")
                                   & pl.col("ts").str.contains(r"^[0-9]+\.[0-9]+$")).fill_null(False))
                 .with_columns(reason=pl.when("ok").then(p.str.slice(r + 8, rip - r - 8)),
                               ts=pl.when("ok").then(pl.col("ts").cast(pl.Float64)))
-                .drop("head"))
+                .drop("head", "colon"))
     stats, parsed = pl.collect_all([stats_q, parsed_q])
     counts = Counts(lines=int(stats["lines"][0]), kvm_exit_lines=int(stats["exits"][0]),
                     comments=int(stats["comments"][0]), truncated_last_line=chunk.truncated)
