@@ -369,3 +369,13 @@ def test_perf_right_aligned_event_names(write):
     rep = audit(write("p", ("\n".join(lines_) + "\n").encode()))
     inp = rep["inputs"][0]
     assert (inp["format"], inp["kvm_exit_lines"], inp["parsed"], inp["other_events"]) == ("perf", 2, 2, 1)
+
+
+def test_integer_timestamps_of_counter_clocks(write):
+    # trace_clock=x86-tsc or counter prints an integer where seconds.microseconds would be
+    text = ("# tracer: nop\n" + line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "CPUID", 0xFC00))
+            .replace("1.000000:", "123456789012:") + "\n")
+    rep = audit(write("t", text.encode()))
+    assert (rep["inputs"][0]["parsed"], rep["totals"]["verdicts"]["completes"]) == (1, 0)  # no TDCALL: not a TD
+    rep = audit(write("t", text.encode()), "--td", "1001")
+    assert rep["totals"]["verdicts"]["completes"] == 1  # CPUID with R10-R15 completes

@@ -79,9 +79,9 @@ _PERF_PREFIX = re.compile(r"^\s*(?P<comm>.*?)\s+(?:(?P<tgid>\d+)/)?(?P<pid>\d+)\
 PREFIX_RX = {"ftrace": _DASH_PREFIX, "trace-cmd": _DASH_PREFIX, "perf": _PERF_PREFIX}
 
 # detection: one event line of each shape (any event, not only kvm_exit)
-_PERF_EVENT = re.compile(r"^\s*\S.*?\s+(?:\d+/)?\d+\s+\[\d+\]\s+\d+\.\d+:\s+[\w-]+:[\w-]+:")
-_DASH_EVENT_FLAGS = re.compile(r"^\s*.*?-\d+\s+(?:\([\s\d-]+\)\s+)?\[\d+\]\s+[^\s\[\]]{1,8}\s+\d+\.\d+:\s+\w+:")
-_DASH_EVENT = re.compile(r"^\s*.*?-\d+\s+(?:\([\s\d-]+\)\s+)?\[\d+\]\s+\d+\.\d+:\s+\w+:")
+_PERF_EVENT = re.compile(r"^\s*\S.*?\s+(?:\d+/)?\d+\s+\[\d+\]\s+\d+(?:\.\d+)?:\s+[\w-]+:[\w-]+:")
+_DASH_EVENT_FLAGS = re.compile(r"^\s*.*?-\d+\s+(?:\([\s\d-]+\)\s+)?\[\d+\]\s+[^\s\[\]]{1,8}\s+\d+(?:\.\d+)?:\s+\w+:")
+_DASH_EVENT = re.compile(r"^\s*.*?-\d+\s+(?:\([\s\d-]+\)\s+)?\[\d+\]\s+\d+(?:\.\d+)?:\s+\w+:")
 
 
 def detect_format(sample: str) -> str | None:
@@ -432,7 +432,7 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
                 .with_columns(prefix=head.str.strip_chars_end("0123456789."))
                 .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
                 .with_columns(ok=(p.str.contains(PAYLOAD_RX) & pl.col("colon")
-                                  & pl.col("ts").str.contains(r"^[0-9]+\.[0-9]+$")).fill_null(False))
+                                  & pl.col("ts").str.contains(r"^[0-9]+(?:\.[0-9]+)?$")).fill_null(False))
                 .with_columns(reason=pl.when("ok").then(p.str.slice(r + 8, rip - r - 8)),
                               ts=pl.when("ok").then(pl.col("ts").cast(pl.Float64)))
                 .drop("head", "colon"))
