@@ -144,7 +144,11 @@ def show(r: dict, console: Console) -> None:
     console.print("hardened KVM: " + ", ".join(f"{k} {n:,}" for k, n in v.items())
                   + f"; refused share {_pct(t['refused_share'])}, depends share {_pct(t['depends_share'])}")
     if v["inconsistent"]:
-        console.print(f"[red]{v['inconsistent']:,} exits are inconsistent with the TDX module or KVM: see pairs[/]")
+        console.print(f"[red]{v['inconsistent']:,} exits are inconsistent with the TDX module or KVM:[/]")
+        for p in r["pairs"]:
+            if p["verdict"] == "inconsistent":
+                console.print(f"  {p['reason']} {p['mask']} ({p['exits']:,} exits): {p['detail']}",
+                              markup=False, highlight=False)
 
     verdict_cols = (("tdvmcall", "TDVMCALL"), ("completes", "completes"), ("depends", "depends"),
                     ("refused", "refused"), ("internal-error", "int.err"), ("inconsistent", "incons."))
