@@ -13,13 +13,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import fuzz as F
+from typing import TYPE_CHECKING
 
-VERDICT_ORDER = ("completed", "userspace", "refused", "internal_error", F.GATE, F.FAULT)
+if TYPE_CHECKING:  # the campaign (and hypothesis) load only when `tdvmcall fuzz` runs
+    from . import fuzz as F
+
+VERDICT_ORDER = ("completed", "userspace", "refused", "internal_error", "module-gate", "guest-fault")
 
 
 def summary(r: F.CampaignResult, written: dict | None) -> dict:
     """The ``--json`` object: figures, coverage and the violation (None when clean)."""
+    from . import fuzz as F
+
     cov = r.coverage()
     out: dict = {
         "clean": r.failure is None,
@@ -44,6 +49,8 @@ def summary(r: F.CampaignResult, written: dict | None) -> dict:
 
 def write_counterexample(r: F.CampaignResult, path: Path) -> dict:
     """Write the scenario of the failing call (and, for a sequence, the whole example beside it)."""
+    from . import fuzz as F
+
     assert r.failure is not None
     sc = F.counterexample(r.failure.example, r.failure.violation)
     path.write_text(json.dumps(sc, indent=2) + "\n")
@@ -56,6 +63,8 @@ def write_counterexample(r: F.CampaignResult, path: Path) -> dict:
 
 
 def render(r: F.CampaignResult, out: Console) -> None:
+    from . import fuzz as F
+
     cov = r.coverage()
     out.print(f"fuzz: seed {r.seed}, policies {', '.join(r.policies)}", highlight=False)
     t = Table()
@@ -105,6 +114,8 @@ def register(app: typer.Typer) -> None:
         Progress goes to stderr.  On a violation the shrunk counterexample is
         written as a scenario that `tdvmcall run` replays; exit status 1.
         """
+        from . import fuzz as F
+
         from .cli import emit_json, fail  # at call time: cli imports this module
 
         if seconds is not None and examples is not None:
