@@ -105,3 +105,20 @@ def test_leaves_json_minimal_masks():
 def test_leaves_unknown_name_is_exit_2():
     r = invoke("leaves", "Instruction.NOPE")
     assert r.exit_code == 2 and "unknown call" in r.stderr
+
+
+def test_run_json_validates_against_the_published_result_schema(tmp_path):
+    # the contract of `tdvmcall run --json` is published as $defs/result of vector.schema.json
+    from importlib import resources
+
+    import jsonschema
+
+    schema = json.loads(resources.files("tdvmcall").joinpath("data/vector.schema.json").read_text())
+    result_schema = {"$ref": "#/$defs/result", "$defs": schema["$defs"]}
+    for sc in ({"guest": {"rcx": "0xFFCC", "r11": "0xA", "r12": "0x1"}},
+               {"guest": {"rcx": "0xFFEC", "r11": "0xA"}},  # refused by the module
+               {"guest": {"rcx": "0x7C00", "r11": "0x10003", "r12": "0x8000000000000000", "r13": "0x5000"}},
+               {"guest": {"rcx": "0x1800", "r11": "0xA"}},  # internal error
+               {"kvm": {"policy": "legacy"}, "guest": {"rcx": "0xEC00", "r11": "0xA", "r12": "0x1"}}):
+        r = invoke("run", "-", "--json", input=json.dumps(sc))
+        jsonschema.validate(json.loads(r.stdout), result_schema)
