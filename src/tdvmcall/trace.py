@@ -41,12 +41,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 
+import numpy as np
 import polars as pl
 
 from .codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
 from .control import Control, ExitQualification
 from .kvm.leaves import Leaf, condition_masks, reason_leaves
 from .regs import GPR_MASK, R10, R11, names_in
+from . import trace_scan
 from .traceio import Chunk, Source, TraceInputError, chunks
 
 FORMATS = ("ftrace", "trace-cmd", "perf")
@@ -405,6 +407,85 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
                 span: tuple[float, float] | None = None, keep_bad: int = 5, rows: bool = False) -> ChunkResult:
     """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
     from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
+
+    The fast path: :mod:`.trace_scan` scans the bytes once (compiled, without the GIL) and parses
+    the kvm_exit lines of the usual shape into arrays; the lines it is not sure about go to
+    :func:`parse_chunk_polars` (the reference parser), and the two results are merged.  The task
+    prefixes and reason texts are parsed once per distinct value, here as there."""
+    sc = trace_scan.Scanned(chunk.data, fmt == "perf")
+    pre, rea = sc.distinct(sc.prefix), sc.distinct(sc.reason)
+    if pre is None or rea is None:  # two byte strings share a hash: let the reference parser do it all
+        return parse_chunk_polars(chunk, fmt, source, tasks, reasons, shift, span, keep_bad, rows)
+
+    # the distinct prefixes -> (task, cpu); the distinct reasons -> name, flags, TDVMCALL or not
+    looked = [tasks.lookup(source, fmt, p.decode("ascii")) for p in pre[0]]
+    ptask = np.array([t[0] if t else -1 for t in looked], np.int64)[pre[1]]
+    pcpu = np.array([t[1] if t else 0 for t in looked], np.int64)[pre[1]]
+    rtab = reasons.reasons([r.decode("ascii") for r in rea[0]]).with_row_index("rid")
+    good = ptask >= 0
+    fast = pl.DataFrame({"line": sc.line_of[good], "ts": sc.ts[good], "task": ptask[good].astype(np.uint32),
+                         "cpu": pcpu[good].astype(np.uint32), "vcpu": sc.vcpu[good],
+                         "rid": rea[1][good].astype(np.uint32), "info1": sc.info1[good]})
+    bad_lines = [(int(n), _line_text(chunk.data, int(s))) for n, s in
+                 zip(sc.line_of[~good][:keep_bad], sc.prefix[~good][:keep_bad, 1])]
+    if len(fast):
+        span = _union(span, (float(fast["ts"].min()), float(fast["ts"].max())))  # type: ignore[arg-type]
+        shift = span_shift(span, shift)
+
+    # the slow lines, through the reference parser (its line numbers mapped back)
+    slow = None
+    if len(sc.slow):
+        data = b"\n".join(chunk.data[s:e] for _, s, e in sc.slow.tolist()) + b"\n"
+        slow = parse_chunk_polars(Chunk(data), fmt, source, tasks, reasons, shift, span, keep_bad, rows)
+        shift = slow.shift
+        line_map = sc.slow[:, 0]
+        bad_lines += [(int(line_map[n - 1]), t) for n, t in slow.counts.bad]
+
+    f = (fast.lazy().join(rtab.lazy(), on="rid", how="left")
+         .with_columns(mask=pl.when("tdvmcall_reason").then("info1")))
+    queries = [
+        f.group_by("task", "vcpu", "reason", "mask").agg(n=pl.len(), first=pl.col("ts").min(),
+                                                         last=pl.col("ts").max()),
+        f.group_by("task", "reason", "mask", bucket=bucket_of(pl.col("ts"), shift)).agg(n=pl.len()),
+    ] + ([f.select(*ROW_COLUMNS)] if rows else [])
+    by_key, by_time, *row_frames = pl.collect_all(queries)
+
+    counts = Counts(lines=sc.lines, comments=sc.headers, other_events=sc.others, kvm_exit_lines=len(sc.ts),
+                    parsed=len(fast), truncated_last_line=chunk.truncated)
+    if slow is not None:
+        counts.comments += slow.counts.comments
+        counts.other_events += slow.counts.other_events
+        counts.kvm_exit_lines += slow.counts.kvm_exit_lines
+        counts.parsed += slow.counts.parsed
+        by_key = pl.concat([by_key, slow.by_key], how="vertical_relaxed")
+        by_time = pl.concat([by_time, slow.by_time], how="vertical_relaxed")
+        if rows:
+            slow_rows = slow.rows.with_columns(line=pl.Series(line_map[slow.rows["line"].to_numpy() - 1]))
+            row_frames = [pl.concat([row_frames[0], slow_rows], how="vertical_relaxed").sort("line")]
+    counts.bad = sorted(bad_lines)[:keep_bad]
+    result = ChunkResult(counts, by_key, by_time, shift)
+    if rows:
+        result.rows = row_frames[0].with_columns(pl.col("line").cast(pl.UInt64))
+    return result
+
+
+#: the columns of :attr:`ChunkResult.rows`
+ROW_COLUMNS = ("line", "ts", "task", "cpu", "vcpu", "reason", "reason_name", "reason_flags", "info1",
+               "tdvmcall_reason", "mask")
+
+
+def _line_text(data: bytes, start: int) -> str:
+    """The line of ``data`` that starts at ``start``, as the reference parser shows it."""
+    end = data.find(b"\n", start)
+    text = data[start:end if end >= 0 else len(data)]
+    return text[:-1].decode("utf-8", "replace") if text.endswith(b"\r") else text.decode("utf-8", "replace")
+
+
+def parse_chunk_polars(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: ReasonTable,
+                       shift: int = 0, span: tuple[float, float] | None = None, keep_bad: int = 5,
+                       rows: bool = False) -> ChunkResult:
+    """The reference parser (the fast path's fallback): same contract as :func:`parse_chunk`, on
+    any line, in polars.
 
     Few, large polars queries (each polars call costs about a millisecond whatever its size; they
     run without the GIL, so two chunks are parsed in parallel):
