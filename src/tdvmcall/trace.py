@@ -411,23 +411,21 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     The fast path: :mod:`.trace_scan` scans the bytes once (compiled, without the GIL) and parses
     the kvm_exit lines of the usual shape into arrays; the lines it is not sure about go to
     :func:`parse_chunk_polars` (the reference parser), and the two results are merged.  The task
-    prefixes and reason texts are parsed once per distinct value, here as there."""
+    prefixes and reason texts are parsed once per distinct value, here as there; a prefix that does
+    not parse makes its lines unparsed."""
     sc = trace_scan.Scanned(chunk.data, fmt == "perf")
-    pre, rea = sc.distinct(sc.prefix), sc.distinct(sc.reason)
-    if pre is None or rea is None:  # two byte strings share a hash: let the reference parser do it all
-        return parse_chunk_polars(chunk, fmt, source, tasks, reasons, shift, span, keep_bad, rows)
 
     # the distinct prefixes -> (task, cpu); the distinct reasons -> name, flags, TDVMCALL or not
-    looked = [tasks.lookup(source, fmt, p.decode("ascii")) for p in pre[0]]
-    ptask = np.array([t[0] if t else -1 for t in looked], np.int64)[pre[1]]
-    pcpu = np.array([t[1] if t else 0 for t in looked], np.int64)[pre[1]]
-    rtab = reasons.reasons([r.decode("ascii") for r in rea[0]]).with_row_index("rid")
+    looked = [tasks.lookup(source, fmt, p.decode("ascii")) for p in sc.prefixes]
+    ptask = np.array([t[0] if t else -1 for t in looked], np.int64)[sc.task]
+    pcpu = np.array([t[1] if t else 0 for t in looked], np.int64)[sc.task]
+    rtab = reasons.reasons([r.decode("ascii") for r in sc.reasons]).with_row_index("rid")
     good = ptask >= 0
     fast = pl.DataFrame({"line": sc.line_of[good], "ts": sc.ts[good], "task": ptask[good].astype(np.uint32),
-                         "cpu": pcpu[good].astype(np.uint32), "vcpu": sc.vcpu[good],
-                         "rid": rea[1][good].astype(np.uint32), "info1": sc.info1[good]})
+                         "cpu": pcpu[good].astype(np.uint32), "vcpu": sc.vcpu[good], "rid": sc.reason[good],
+                         "info1": sc.info1[good]})
     bad_lines = [(int(n), _line_text(chunk.data, int(s))) for n, s in
-                 zip(sc.line_of[~good][:keep_bad], sc.prefix[~good][:keep_bad, 1])]
+                 zip(sc.line_of[~good][:keep_bad], sc.start_of[~good][:keep_bad])]
     if len(fast):
         span = _union(span, (float(fast["ts"].min()), float(fast["ts"].max())))  # type: ignore[arg-type]
         shift = span_shift(span, shift)

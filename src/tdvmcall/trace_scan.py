@@ -19,10 +19,10 @@ are exactly those of ABI.md §7, as ``trace.py`` reads them:
   than 9 digits, or any payload that does not have that shape (the slow path counts it unparsed).
 
 The task prefix (``<comm>-<pid> [<cpu>] <flags>``) and the reason text take few distinct values:
-the scanner reports each line's prefix and reason as (FNV-1a hash, start, end); the caller parses
-each distinct one once (with ``trace.py``'s regexes) and :func:`same_bytes` checks that no two
-different byte strings share a hash.  Timestamps are parsed exactly: the digits as an integer
-(< 2**53) divided by a power of ten (<= 10**22), both exact, so one IEEE rounding, as ``float()``.
+the scanner interns them (an open-addressing table keyed by FNV-1a hash, entries compared byte
+for byte, so no two strings are ever confused) and the caller parses each distinct one once, with
+``trace.py``'s regexes.  Timestamps are parsed exactly: the digits as an integer (< 2**53) divided
+by a power of ten (<= 10**15), both exact, so one IEEE rounding, as ``float()`` does.
 
 Compiled with ``cache=True`` (into ``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``: set
 below to a user cache directory when the package directory is not writable) and ``nogil=True`` so
@@ -47,23 +47,28 @@ _cache_dir()
 import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402
 
-#: line kinds
-HEADER, OTHER, EXIT, SLOW = 0, 1, 2, 3
-
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 #: exact powers of ten (a timestamp has at most 15 digits)
 _POW10 = np.array([10.0 ** k for k in range(16)])
 
 
+def _word(text: str) -> np.ndarray:
+    """A literal as a uint8 array (a global array is a constant to numba; a bytes literal would
+    be allocated at every call)."""
+    return np.frombuffer(text.encode(), np.uint8).copy()
+
+
+_KVM_EXIT = _word("kvm_exit:")
+_PERF_SYSTEM = _word(" kvm:")
+_CPUS, _VERSION = _word("cpus="), _word("version = ")
+_VCPU, _REASON, _RIP, _FAILED, _HEX = _word("vcpu "), _word(" reason "), _word(" rip 0x"), _word(" FAILED_VMENTRY"), _word(" 0x")
+_INFO1, _INFO2, _INTR, _ERROR = _word(" info1 0x"), _word(" info2 0x"), _word(" intr_info 0x"), _word(" error_code 0x")
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _is_hex(c):
     return (48 <= c <= 57) or (97 <= c <= 102)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _hex_val(c):
-    return c - 48 if c <= 57 else c - 87
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -79,19 +84,52 @@ def _lit(buf, i, e, word):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _hash(buf, s, e):
-    h = _FNV_OFFSET
-    for k in range(s, e):
-        h = (h ^ np.uint64(buf[k])) * _FNV_PRIME
-    return h
+def _hex_field(buf, p, e, word, width):
+    """``word`` then exactly ``width`` hex digits at ``p``: the position after them, or -1."""
+    if not _lit(buf, p, e, word) or p + len(word) + width > e:
+        return -1
+    p += len(word)
+    for k in range(width):
+        if not _is_hex(buf[p + k]):
+            return -1
+    return p + width
 
 
 @njit(cache=True, nogil=True)
-def _payload(buf, p, e, out_i, out_u):
-    """Parse the payload at ``p`` (line end ``e``): returns False if it does not have the shape.
-    Writes vcpu to ``out_i[0]``, reason start/end to ``out_i[1:3]``, info1 to ``out_u[0]``."""
-    # "vcpu " digits{1,9}
-    if not _lit(buf, p, e, b"vcpu "):
+def _intern(buf, s, e, slots, reps, count):
+    """The id of the byte string ``buf[s:e]`` among those seen (``reps[id] = (start, end)`` of
+    its first occurrence; ``slots`` an open-addressing table of ids by FNV-1a hash)."""
+    h = _FNV_OFFSET
+    for k in range(s, e):
+        h = (h ^ np.uint64(buf[k])) * _FNV_PRIME
+    mask = len(slots) - 1
+    i = np.int64(h & np.uint64(mask))
+    while True:
+        rid = slots[i]
+        if rid < 0:
+            rid = count[0]
+            count[0] += 1
+            slots[i] = rid
+            reps[rid, 0] = s
+            reps[rid, 1] = e
+            return rid
+        rs, re_ = reps[rid, 0], reps[rid, 1]
+        if re_ - rs == e - s:
+            same = True
+            for k in range(e - s):
+                if buf[rs + k] != buf[s + k]:
+                    same = False
+                    break
+            if same:
+                return rid
+        i = (i + 1) & mask
+
+
+@njit(cache=True, nogil=True)
+def _payload(buf, p, e, out):
+    """Parse the payload at ``p`` (line end ``e``); False if it does not have the shape.
+    ``out`` receives vcpu, reason start, reason end, and info1 (as int64 bits)."""
+    if not _lit(buf, p, e, _VCPU):
         return False
     p += 5
     v = 0
@@ -100,30 +138,23 @@ def _payload(buf, p, e, out_i, out_u):
         v = v * 10 + (buf[p] - 48)
         p += 1
         nd += 1
-    if nd == 0 or nd > 9:
-        return False
-    if not _lit(buf, p, e, b" reason "):
+    if nd == 0 or nd > 9 or not _lit(buf, p, e, _REASON):
         return False
     p += 8
     rs = p
-    # the name: [!-~]+
-    while p < e and 33 <= buf[p] <= 126:
+    while p < e and 33 <= buf[p] <= 126:  # the name: [!-~]+
         p += 1
     if p == rs:
         return False
-    # flags: (" FAILED_VMENTRY" | " 0x" hex+)*, then " rip 0x" hex+
-    while True:
-        if _lit(buf, p, e, b" rip 0x"):
-            break
-        if _lit(buf, p, e, b" FAILED_VMENTRY"):
+    while not _lit(buf, p, e, _RIP):  # flags: (" FAILED_VMENTRY" | " 0x" hex+)*
+        if _lit(buf, p, e, _FAILED):
             p += 15
-            continue
-        if _lit(buf, p, e, b" 0x") and p + 3 < e and _is_hex(buf[p + 3]):
+        elif _lit(buf, p, e, _HEX) and p + 3 < e and _is_hex(buf[p + 3]):
             p += 3
             while p < e and _is_hex(buf[p]):
                 p += 1
-            continue
-        return False
+        else:
+            return False
     re_ = p
     p += 7
     q = p
@@ -131,186 +162,158 @@ def _payload(buf, p, e, out_i, out_u):
         p += 1
     if p == q:
         return False
-    # " info1 0x" hex{16} " info2 0x" hex{16} " intr_info 0x" hex{8} " error_code 0x" hex{8}
-    if not _lit(buf, p, e, b" info1 0x") or p + 9 + 16 > e:
+    i1 = p + 9
+    p = _hex_field(buf, p, e, _INFO1, 16)
+    if p < 0:
         return False
-    p += 9
+    p = _hex_field(buf, p, e, _INFO2, 16)
+    if p < 0:
+        return False
+    p = _hex_field(buf, p, e, _INTR, 8)
+    if p < 0 or _hex_field(buf, p, e, _ERROR, 8) < 0:
+        return False
     info1 = np.uint64(0)
-    for k in range(16):
-        c = buf[p + k]
-        if not _is_hex(c):
-            return False
-        info1 = (info1 << np.uint64(4)) | np.uint64(_hex_val(c))
-    p += 16
-    for word, width in ((b" info2 0x", 16), (b" intr_info 0x", 8), (b" error_code 0x", 8)):
-        if not _lit(buf, p, e, word) or p + len(word) + width > e:
-            return False
-        p += len(word)
-        for k in range(width):
-            if not _is_hex(buf[p + k]):
-                return False
-        p += width
-    out_i[0] = v
-    out_i[1] = rs
-    out_i[2] = re_
-    out_u[0] = info1
+    for k in range(i1, i1 + 16):
+        c = buf[k]
+        info1 = (info1 << np.uint64(4)) | np.uint64(c - 48 if c <= 57 else c - 87)
+    out[0] = v
+    out[1] = rs
+    out[2] = re_
+    out[3] = np.int64(info1)
     return True
 
 
 @njit(cache=True, nogil=True)
-def scan(buf, perf, line_of, ts, vcpu, info1, prefix, reason, slow):
-    """Scan a chunk.  ``perf``: the event name is ``kvm:kvm_exit:`` (else ``kvm_exit:``).
+def _timestamp(buf, t, h):
+    """``buf[t:h]`` as ``<digits>[.<digits>]`` of at most 15 digits: its value, or -1."""
+    mant = 0
+    nd = 0
+    frac = -1
+    for k in range(t, h):
+        c = buf[k]
+        if c == 46:
+            if frac >= 0 or nd == 0:
+                return -1.0
+            frac = 0
+        else:
+            mant = mant * 10 + (c - 48)
+            nd += 1
+            if frac >= 0:
+                frac += 1
+    if nd == 0 or frac == 0 or nd > 15:
+        return -1.0
+    return float(mant) / _POW10[max(frac, 0)]
+
+
+@njit(cache=True, nogil=True)
+def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow, pslots, preps, rslots, rreps, counts):
+    """Scan a chunk.  ``perf``: the event name is ``kvm:kvm_exit:`` (else ``kvm_exit:``); ``nul``:
+    the chunk holds a NUL byte somewhere (then lines are checked for it).
 
     Per parsed kvm_exit line ``j`` (in order): ``line_of[j]`` (1-based line number in the chunk),
-    ``ts``, ``vcpu``, ``info1``, ``prefix[j] = (hash, start, end)``, ``reason[j] = (hash, start,
-    end)``.  Per slow line ``k``: ``slow[k] = (line number, start, end)`` (end excludes the
-    newline).  The arrays need one row per line.  Returns (lines, header/blank, other events,
-    parsed, slow)."""
+    ``start_of[j]`` (its offset), ``ts``, ``vcpu``, ``info1``, ``task[j]`` the id of its prefix
+    (``preps[id]`` = its (start, end)),
+    ``reason[j]`` the id of its reason text (``rreps``).  Per slow line ``k``: ``slow[k] = (line
+    number, start, end)`` (end excludes the newline).  ``counts`` receives: lines, header/blank,
+    other events, parsed, slow, distinct prefixes, distinct reasons."""
     n = len(buf)
     i = 0
-    lines = 0
-    headers = 0
-    others = 0
-    nx = 0
-    ns = 0
-    tmp_i = np.zeros(3, np.int64)
-    tmp_u = np.zeros(1, np.uint64)
+    lines = headers = others = nx = ns = 0
+    out = np.zeros(4, np.int64)
+    pcount = np.zeros(1, np.int64)
+    rcount = np.zeros(1, np.int64)
     while i < n:
         start = i
         q = -1
-        nul = False
         j = i
         while j < n:
             c = buf[j]
             if c == 10:
                 break
-            if c == 0:
-                nul = True
-            elif c == 107 and q < 0 and j + 9 <= n and buf[j + 1] == 118 and buf[j + 2] == 109 \
-                    and buf[j + 3] == 95 and buf[j + 4] == 101 and buf[j + 5] == 120 and buf[j + 6] == 105 \
-                    and buf[j + 7] == 116 and buf[j + 8] == 58:  # "kvm_exit:"
+            if c == 107 and q < 0 and _lit(buf, j, n, _KVM_EXIT):
                 q = j
             j += 1
         end = j
         i = j + 1
         lines += 1
-        e = end
-        if e > start and buf[e - 1] == 13:
-            e -= 1
+        e = end - 1 if end > start and buf[end - 1] == 13 else end
         if nul:
-            slow[ns, 0] = lines
-            slow[ns, 1] = start
-            slow[ns, 2] = end
-            ns += 1
-            continue
-        if q < 0:
-            if e == start or buf[start] == 35 or _lit(buf, start, e, b"cpus=") or _lit(buf, start, e, b"version = "):
+            has_nul = False
+            for k in range(start, end):
+                if buf[k] == 0:
+                    has_nul = True
+            if has_nul:
+                q = -2  # the reference parser reads such a line only up to the NUL
+        if q == -1:
+            if e == start or buf[start] == 35 or _lit(buf, start, e, _CPUS) or _lit(buf, start, e, _VERSION):
                 headers += 1
             else:
                 others += 1
             continue
         ok = False
-        # the event name, then back over spaces, ':', the timestamp
-        if perf:
-            ms = q - 5
-            named = ms >= start and _lit(buf, ms, e, b" kvm:")
-        else:
-            ms = q - 1
-            named = ms >= start and buf[ms] == 32
-        if named:
-            h = ms
-            while h > start and buf[h - 1] == 32:
-                h -= 1
-            if h > start and buf[h - 1] == 58:
-                h -= 1
-                t = h
-                while t > start and (48 <= buf[t - 1] <= 57 or buf[t - 1] == 46):
-                    t -= 1
-                # <digits>[.<digits>], at most 15 digits in all
-                mant = 0
-                nd = 0
-                frac = -1
-                good = t < h
-                for k in range(t, h):
-                    c = buf[k]
-                    if c == 46:
-                        if frac >= 0 or nd == 0:
-                            good = False
-                        frac = 0
-                    else:
-                        mant = mant * 10 + (c - 48)
-                        nd += 1
-                        if frac >= 0:
-                            frac += 1
-                if frac == 0 or nd > 15:
-                    good = False
-                ascii_prefix = True
-                for k in range(start, t):
-                    if buf[k] >= 128:
-                        ascii_prefix = False
-                if good and ascii_prefix:
+        if q >= 0:
+            # the event name, then back over spaces, ':' and the timestamp
+            ms = q - 5 if perf else q - 1
+            if ms >= start and (_lit(buf, ms, e, _PERF_SYSTEM) if perf else buf[ms] == 32):
+                h = ms
+                while h > start and buf[h - 1] == 32:
+                    h -= 1
+                if h > start and buf[h - 1] == 58:
+                    h -= 1
+                    t = h
+                    while t > start and (48 <= buf[t - 1] <= 57 or buf[t - 1] == 46):
+                        t -= 1
+                    stamp = _timestamp(buf, t, h)
+                    ascii_prefix = True
+                    for k in range(start, t):
+                        if buf[k] >= 128:
+                            ascii_prefix = False
                     p = q + 9
                     while p < e and buf[p] == 32:
                         p += 1
-                    if _payload(buf, p, e, tmp_i, tmp_u):
+                    if stamp >= 0 and ascii_prefix and _payload(buf, p, e, out):
                         ok = True
                         line_of[nx] = lines
-                        ts[nx] = float(mant) / _POW10[max(frac, 0)]
-                        vcpu[nx] = tmp_i[0]
-                        info1[nx] = tmp_u[0]
-                        prefix[nx, 0] = _hash(buf, start, t)
-                        prefix[nx, 1] = start
-                        prefix[nx, 2] = t
-                        reason[nx, 0] = _hash(buf, tmp_i[1], tmp_i[2])
-                        reason[nx, 1] = tmp_i[1]
-                        reason[nx, 2] = tmp_i[2]
+                        start_of[nx] = start
+                        ts[nx] = stamp
+                        vcpu[nx] = out[0]
+                        info1[nx] = np.uint64(out[3])
+                        task[nx] = _intern(buf, start, t, pslots, preps, pcount)
+                        reason[nx] = _intern(buf, out[1], out[2], rslots, rreps, rcount)
                         nx += 1
         if not ok:
             slow[ns, 0] = lines
             slow[ns, 1] = start
             slow[ns, 2] = end
             ns += 1
-    return lines, headers, others, nx, ns
-
-
-@njit(cache=True, nogil=True)
-def same_bytes(buf, spans, rep):
-    """Whether every span ``spans[j] = (hash, start, end)`` holds the same bytes as the
-    representative span ``rep[j]`` of its hash (i.e. no two byte strings share a hash)."""
-    for j in range(len(spans)):
-        s, e = spans[j, 1], spans[j, 2]
-        rs, re_ = rep[j, 1], rep[j, 2]
-        if e - s != re_ - rs:
-            return False
-        for k in range(e - s):
-            if buf[s + k] != buf[rs + k]:
-                return False
-    return True
+    counts[0] = lines
+    counts[1] = headers
+    counts[2] = others
+    counts[3] = nx
+    counts[4] = ns
+    counts[5] = pcount[0]
+    counts[6] = rcount[0]
 
 
 class Scanned:
-    """The arrays :func:`scan` fills for one chunk, trimmed to what it found."""
+    """What :func:`scan` found in one chunk, as arrays trimmed to size; ``prefixes`` and
+    ``reasons`` are the distinct byte strings, ``task`` and ``reason`` index them."""
 
     def __init__(self, data: bytes, perf: bool):
-        self.buf = np.frombuffer(data, np.uint8)
+        buf = np.frombuffer(data, np.uint8)
         rows = data.count(b"\n") + 1
-        line_of = np.empty(rows, np.uint32)
-        ts = np.empty(rows, np.float64)
-        vcpu = np.empty(rows, np.uint32)
-        info1 = np.empty(rows, np.uint64)
-        prefix = np.empty((rows, 3), np.uint64)
-        reason = np.empty((rows, 3), np.uint64)
+        cap = 1 << (2 * rows).bit_length()  # the intern tables stay at most half full
+        line_of, start_of, ts = np.empty(rows, np.uint32), np.empty(rows, np.int64), np.empty(rows, np.float64)
+        vcpu, info1 = np.empty(rows, np.uint32), np.empty(rows, np.uint64)
+        task, reason = np.empty(rows, np.uint32), np.empty(rows, np.uint32)
         slow = np.empty((rows, 3), np.int64)
-        (self.lines, self.headers, self.others, nx, ns) = scan(self.buf, perf, line_of, ts, vcpu, info1,
-                                                               prefix, reason, slow)
+        preps, rreps = np.empty((rows, 2), np.int64), np.empty((rows, 2), np.int64)
+        counts = np.zeros(7, np.int64)
+        scan(buf, perf, b"\x00" in data, line_of, start_of, ts, vcpu, info1, task, reason, slow,
+             np.full(cap, -1, np.int64), preps, np.full(cap, -1, np.int64), rreps, counts)
+        self.lines, self.headers, self.others, nx, ns, np_, nr = (int(x) for x in counts)
+        self.start_of = start_of[:nx]
         self.line_of, self.ts, self.vcpu, self.info1 = line_of[:nx], ts[:nx], vcpu[:nx], info1[:nx]
-        self.prefix, self.reason, self.slow = prefix[:nx], reason[:nx], slow[:ns]
-
-    def distinct(self, spans: np.ndarray) -> tuple[list[bytes], np.ndarray] | None:
-        """The distinct byte strings of ``spans`` and each span's index among them, or ``None``
-        if two different strings share a hash (then the caller takes the slow path)."""
-        hashes, first, index = np.unique(spans[:, 0], return_index=True, return_inverse=True)
-        rep = spans[first]
-        if not same_bytes(self.buf, spans, rep[index]):
-            return None
-        return [bytes(self.buf[int(s):int(e)]) for _, s, e in rep], index
+        self.task, self.reason, self.slow = task[:nx], reason[:nx], slow[:ns]
+        self.prefixes = [data[s:e] for s, e in preps[:np_].tolist()]
+        self.reasons = [data[s:e] for s, e in rreps[:nr].tolist()]
