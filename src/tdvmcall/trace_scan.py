@@ -49,6 +49,9 @@ from numba import njit  # noqa: E402
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
+#: slots of the intern tables: at most half as many distinct prefixes (or reasons) per chunk are
+#: interned, the lines of further ones go to the slow path (a chunk has about 100,000 lines)
+INTERN = 1 << 16
 #: exact powers of ten (a timestamp has at most 15 digits)
 _POW10 = np.array([10.0 ** k for k in range(16)])
 
@@ -108,6 +111,8 @@ def _intern(buf, s, e, slots, reps, count):
         rid = slots[i]
         if rid < 0:
             rid = count[0]
+            if 2 * rid >= len(slots):
+                return -1  # full: the caller takes the slow path for this line
             count[0] += 1
             slots[i] = rid
             reps[rid, 0] = s
@@ -123,6 +128,16 @@ def _intern(buf, s, e, slots, reps, count):
             if same:
                 return rid
         i = (i + 1) & mask
+
+
+@njit(cache=True, nogil=True)
+def count_lines(buf):
+    """The number of lines (newlines, plus one for a last line without one)."""
+    n = 0
+    for c in buf:
+        if c == 10:
+            n += 1
+    return n + (len(buf) > 0 and buf[-1] != 10)
 
 
 @njit(cache=True, nogil=True)
@@ -272,15 +287,18 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
                     while p < e and buf[p] == 32:
                         p += 1
                     if stamp >= 0 and ascii_prefix and _payload(buf, p, e, out):
-                        ok = True
-                        line_of[nx] = lines
-                        start_of[nx] = start
-                        ts[nx] = stamp
-                        vcpu[nx] = out[0]
-                        info1[nx] = np.uint64(out[3])
-                        task[nx] = _intern(buf, start, t, pslots, preps, pcount)
-                        reason[nx] = _intern(buf, out[1], out[2], rslots, rreps, rcount)
-                        nx += 1
+                        tid = _intern(buf, start, t, pslots, preps, pcount)
+                        rid = _intern(buf, out[1], out[2], rslots, rreps, rcount)
+                        if tid >= 0 and rid >= 0:
+                            ok = True
+                            line_of[nx] = lines
+                            start_of[nx] = start
+                            ts[nx] = stamp
+                            vcpu[nx] = out[0]
+                            info1[nx] = np.uint64(out[3])
+                            task[nx] = tid
+                            reason[nx] = rid
+                            nx += 1
         if not ok:
             slow[ns, 0] = lines
             slow[ns, 1] = start
@@ -301,16 +319,15 @@ class Scanned:
 
     def __init__(self, data: bytes, perf: bool):
         buf = np.frombuffer(data, np.uint8)
-        rows = data.count(b"\n") + 1
-        cap = 1 << (2 * rows).bit_length()  # the intern tables stay at most half full
+        rows = max(count_lines(buf), 1)
         line_of, start_of, ts = np.empty(rows, np.uint32), np.empty(rows, np.int64), np.empty(rows, np.float64)
         vcpu, info1 = np.empty(rows, np.uint32), np.empty(rows, np.uint64)
         task, reason = np.empty(rows, np.uint32), np.empty(rows, np.uint32)
         slow = np.empty((rows, 3), np.int64)
-        preps, rreps = np.empty((rows, 2), np.int64), np.empty((rows, 2), np.int64)
+        preps, rreps = np.empty((INTERN // 2, 2), np.int64), np.empty((INTERN // 2, 2), np.int64)
         counts = np.zeros(7, np.int64)
         scan(buf, perf, b"\x00" in data, line_of, start_of, ts, vcpu, info1, task, reason, slow,
-             np.full(cap, -1, np.int64), preps, np.full(cap, -1, np.int64), rreps, counts)
+             np.full(INTERN, -1, np.int32), preps, np.full(INTERN, -1, np.int32), rreps, counts)
         self.lines, self.headers, self.others, nx, ns, np_, nr = (int(x) for x in counts)
         self.start_of = start_of[:nx]
         self.line_of, self.ts, self.vcpu, self.info1 = line_of[:nx], ts[:nx], vcpu[:nx], info1[:nx]
