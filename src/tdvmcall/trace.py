@@ -421,13 +421,11 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     pcpu = np.array([t[1] if t else 0 for t in looked], np.int64)[sc.task]
     rtab = reasons.reasons([r.decode("ascii") for r in sc.reasons]).with_row_index("rid")
     good = ptask >= 0
-    fast = pl.DataFrame({"line": sc.line_of[good], "ts": sc.ts[good], "task": ptask[good].astype(np.uint32),
-                         "cpu": pcpu[good].astype(np.uint32), "vcpu": sc.vcpu[good], "rid": sc.reason[good],
-                         "info1": sc.info1[good]})
+    task, vcpu, rid, info1, ts = ptask[good], sc.vcpu[good], sc.reason[good], sc.info1[good], sc.ts[good]
     bad_lines = [(int(n), _line_text(chunk.data, int(s))) for n, s in
                  zip(sc.line_of[~good][:keep_bad], sc.start_of[~good][:keep_bad])]
-    if len(fast):
-        span = _union(span, (float(fast["ts"].min()), float(fast["ts"].max())))  # type: ignore[arg-type]
+    if len(ts):
+        span = _union(span, (float(ts.min()), float(ts.max())))
         shift = span_shift(span, shift)
 
     # the slow lines, through the reference parser (its line numbers mapped back)
@@ -439,17 +437,32 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
         line_map = sc.slow[:, 0]
         bad_lines += [(int(line_map[n - 1]), t) for n, t in slow.counts.bad]
 
-    f = (fast.lazy().join(rtab.lazy(), on="rid", how="left")
-         .with_columns(mask=pl.when("tdvmcall_reason").then("info1")))
-    queries = [
-        f.group_by("task", "vcpu", "reason", "mask").agg(n=pl.len(), first=pl.col("ts").min(),
-                                                         last=pl.col("ts").max()),
-        f.group_by("task", "reason", "mask", bucket=bucket_of(pl.col("ts"), shift)).agg(n=pl.len()),
-    ] + ([f.select(*ROW_COLUMNS)] if rows else [])
-    by_key, by_time, *row_frames = pl.collect_all(queries)
+    # the aggregates, grouped by the compiled :func:`trace_scan.group`; mask = info1 for a
+    # TDVMCALL reason, else null (``has``)
+    has = rtab["tdvmcall_reason"].to_numpy()[rid]
+    mask = np.where(has, info1, 0).view(np.int64)
+    rkey = rid.astype(np.int64) * 2 + has
+    bucket = np.floor(ts / (BUCKET_BASE * (1 << shift))).astype(np.int64)  # as :func:`bucket_of`
+
+    def grouped(keys: list[np.ndarray]) -> pl.DataFrame:
+        first, n, lo, hi = trace_scan.group(np.column_stack(keys), ts)
+        f = pl.DataFrame({"task": task[first].astype(np.uint32), "vcpu": vcpu[first], "rid": rid[first],
+                          "has": has[first], "mask": info1[first], "bucket": bucket[first],
+                          "n": n.astype(np.uint32), "first": lo, "last": hi})
+        return f.join(rtab.select("rid", "reason"), on="rid", how="left").with_columns(
+            mask=pl.when("has").then("mask"))
+
+    by_key = grouped([task, vcpu, rkey, mask]).select("task", "vcpu", "reason", "mask", "n", "first", "last")
+    by_time = grouped([task, rkey, mask, bucket]).select("task", "reason", "mask", "bucket", "n")
+    row_frames = []
+    if rows:
+        row_frames = [pl.DataFrame({"line": sc.line_of[good], "ts": ts, "task": task.astype(np.uint32),
+                                    "cpu": pcpu[good].astype(np.uint32), "vcpu": vcpu, "rid": rid, "info1": info1})
+                      .join(rtab, on="rid", how="left").with_columns(mask=pl.when("tdvmcall_reason").then("info1"))
+                      .select(*ROW_COLUMNS)]
 
     counts = Counts(lines=sc.lines, comments=sc.headers, other_events=sc.others, kvm_exit_lines=len(sc.ts),
-                    parsed=len(fast), truncated_last_line=chunk.truncated)
+                    parsed=len(ts), truncated_last_line=chunk.truncated)
     if slow is not None:
         counts.comments += slow.counts.comments
         counts.other_events += slow.counts.other_events

@@ -334,3 +334,46 @@ class Scanned:
         self.task, self.reason, self.slow = task[:nx], reason[:nx], slow[:ns]
         self.prefixes = [data[s:e] for s, e in preps[:np_].tolist()]
         self.reasons = [data[s:e] for s, e in rreps[:nr].tolist()]
+
+
+@njit(cache=True, nogil=True)
+def group(keys, ts):
+    """Group the rows of ``keys`` (int64, rows x columns) by equal rows: for each group, the row
+    that opened it, its number of rows and the least and greatest ``ts`` of them."""
+    n, width = keys.shape
+    cap = 1 << 4
+    while cap < 2 * n:
+        cap <<= 1
+    slots = np.full(cap, -1, np.int64)
+    first = np.empty(n, np.int64)
+    count = np.zeros(n, np.int64)
+    lo = np.empty(n, np.float64)
+    hi = np.empty(n, np.float64)
+    groups = 0
+    for r in range(n):
+        h = _FNV_OFFSET
+        for c in range(width):
+            h = (h ^ np.uint64(keys[r, c])) * _FNV_PRIME
+        i = np.int64(h & np.uint64(cap - 1))
+        while True:
+            g = slots[i]
+            if g < 0:
+                g = groups
+                groups += 1
+                slots[i] = g
+                first[g] = r
+                lo[g] = ts[r]
+                hi[g] = ts[r]
+                break
+            same = True
+            for c in range(width):
+                if keys[first[g], c] != keys[r, c]:
+                    same = False
+                    break
+            if same:
+                break
+            i = (i + 1) & (cap - 1)
+        count[g] += 1
+        lo[g] = min(lo[g], ts[r])
+        hi[g] = max(hi[g], ts[r])
+    return first[:groups], count[:groups], lo[:groups], hi[:groups]
