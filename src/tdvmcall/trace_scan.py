@@ -258,7 +258,7 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
                 if buf[k] == 0:
                     has_nul = True
             if has_nul:
-                q = -2  # the reference parser reads such a line only up to the NUL
+                q = -2  # the reference parser reads NUL as U+FFFD
         if q == -1:
             if e == start or buf[start] == 35 or _lit(buf, start, e, _CPUS) or _lit(buf, start, e, _VERSION):
                 headers += 1

@@ -1,0 +1,144 @@
+"""The fast path of ``tdvmcall trace`` (``trace_scan``, compiled) agrees with the reference parser
+(``parse_chunk_polars``) on generated traces: same line counts, same unparsed lines (numbers and
+text), same aggregates and the same Parquet rows, whatever mix of well-formed lines, rare quirks
+(ABI.md §7: reason flags, hex reasons, trailing text, CRLF, padded perf event names, integer
+timestamps, record-tgid) and damaged lines (truncated, a byte changed, NUL, non-ASCII) it holds.
+The expected values are the reference parser's, which test_trace.py checks against hand counts."""
+
+from __future__ import annotations
+
+import polars as pl
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from tdvmcall.trace import ReasonTable, TaskTable, parse_chunk, parse_chunk_polars
+from tdvmcall.traceio import Chunk
+
+REASONS = ["TDCALL", "VMCALL", "HLT", "CPUID", "IO_INSTRUCTION", "MSR_READ", "MSR_WRITE", "EPT_MISCONFIG",
+           "EPT_VIOLATION", "EXTERNAL_INTERRUPT", "0x4d", "0x7f", "BOGUS_REASON"]
+FLAGS = ["", " FAILED_VMENTRY", " 0x4000000", " 0x4000000 FAILED_VMENTRY", " 0xABC"]
+MASKS = [0xFFCC, 0xFC00, 0x1C00, 0x0D04, 0x7C00, 0x3F80008, 0x1_0000_FC00, 0xFFFF_FFFF_FFFF_FFFF, 0]
+COMMS = ["CPU 0/KVM", "qemu-system-x86", "a-b-c", "<...>", "x", "  spaced  "]
+
+
+@st.composite
+def exit_line(draw, fmt: str) -> str:
+    comm = draw(st.sampled_from(COMMS))
+    pid = draw(st.integers(1, 99999))
+    tgid = draw(st.one_of(st.none(), st.integers(1, 99999)))
+    cpu = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        ts = f"{draw(st.integers(0, 10**9))}.{draw(st.integers(0, 999999)):06d}"
+    else:
+        ts = str(draw(st.integers(0, 10**16)))  # counter clocks; over 15 digits goes the slow way
+    reason = draw(st.sampled_from(REASONS)) + draw(st.sampled_from(FLAGS))
+    info1 = draw(st.sampled_from(MASKS))
+    vcpu = draw(st.sampled_from([0, 1, 7, 4095, 123456789, 1234567890]))
+    tail = draw(st.sampled_from(["", " requests 0x0000000000000000", " x"]))
+    payload = (f"vcpu {vcpu} reason {reason} rip 0x{draw(st.integers(0, 2**64 - 1)):x} info1 0x{info1:016x} "
+               f"info2 0x{0:016x} intr_info 0x00000000 error_code 0x00000000{tail}")
+    if fmt == "perf":
+        ids = f"{tgid}/{pid}" if tgid is not None else str(pid)
+        pad = draw(st.sampled_from([" ", "     "]))
+        return f"{comm:>16} {ids} [{cpu:03d}] {ts}:{pad}kvm:kvm_exit: {payload}"
+    task = f"{comm:>16}-{pid:<7}" + (f" ({tgid:>7})" if tgid is not None else "")
+    if fmt == "trace-cmd":
+        return f"{task} [{cpu:03d}] {ts}: {'kvm_exit:':<22}{payload}"
+    return f"{task} [{cpu:03d}] {draw(st.sampled_from(['d..2.', 'dN.1.', '....']))} {ts}: kvm_exit: {payload}"
+
+
+def damage(draw, line: str) -> str:
+    how = draw(st.sampled_from(["cut", "byte", "nul", "utf8", "none"]))
+    if how == "none" or not line:
+        return line
+    at = draw(st.integers(0, len(line) - 1))
+    if how == "cut":
+        return line[:at]
+    if how == "byte":
+        return line[:at] + draw(st.sampled_from(["x", " ", "-", ":", "0", "G", "\r"])) + line[at + 1:]
+    if how == "nul":
+        return line[:at] + "\x00" + line[at:]
+    return line[:at] + "é" + line[at:]
+
+
+@st.composite
+def trace_text(draw, fmt: str) -> bytes:
+    out = []
+    for _ in range(draw(st.integers(1, 40))):
+        kind = draw(st.sampled_from(["exit", "exit", "exit", "damaged", "other", "header", "blank"]))
+        if kind in ("exit", "damaged"):
+            text = draw(exit_line(fmt))
+            out.append(damage(draw, text) if kind == "damaged" else text)
+        elif kind == "other":
+            out.append(draw(st.sampled_from(["  CPU 0/KVM-1001 [000] d..2. 1.000000: kvm_entry: vcpu 0, rip 0x0",
+                                             "qemu 7/8 [001] 2.5: sched:sched_switch: prev_comm=x kvm_exit",
+                                             "garbage", "   "])))
+        elif kind == "header":
+            out.append(draw(st.sampled_from(["# tracer: nop", "cpus=2", "version = 6", "#kvm_exit: comment"])))
+        else:
+            out.append("")
+    eols = [draw(st.sampled_from(["\n", "\n", "\r\n"])) for _ in out]
+    if draw(st.booleans()):
+        eols[-1] = ""  # a truncated last line
+    return "".join(t + e for t, e in zip(out, eols)).encode()
+
+
+def parse_both(data: bytes, fmt: str, rows: bool):
+    results = []
+    for parse in (parse_chunk, parse_chunk_polars):
+        tasks = TaskTable()
+        r = parse(Chunk(data, truncated=not data.endswith(b"\n")), fmt, "src", tasks, ReasonTable(), keep_bad=1000,
+                  rows=rows)
+        results.append((r, tasks))
+    return results
+
+
+def canonical(frame: pl.DataFrame, tasks: TaskTable) -> list[tuple]:
+    """Rows with the task id replaced by the task itself (ids are assigned in lookup order),
+    sorted."""
+    who = pl.DataFrame({"task": range(len(tasks.tasks)), "who": [repr(t) for t in tasks.tasks]},
+                       schema={"task": pl.UInt32, "who": pl.String})
+    f = frame.with_columns(pl.col("task").cast(pl.UInt32)).join(who, on="task", how="left").drop("task")
+    return sorted(f.rows(), key=repr)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fast_path_agrees_with_the_reference_parser(data):
+    fmt = data.draw(st.sampled_from(["ftrace", "trace-cmd", "perf"]))
+    text = data.draw(trace_text(fmt))
+    assume(text)  # a reader never yields an empty chunk
+    rows = data.draw(st.booleans())
+    (fast, ftasks), (ref, rtasks) = parse_both(text, fmt, rows)
+    assert fast.counts == ref.counts
+    assert fast.shift == ref.shift
+    assert canonical(fast.by_key, ftasks) == canonical(ref.by_key, rtasks)
+    assert canonical(fast.by_time, ftasks) == canonical(ref.by_time, rtasks)
+    if rows:
+        assert fast.rows.schema == ref.rows.schema
+        assert canonical(fast.rows, ftasks) == canonical(ref.rows, rtasks)
+
+
+def test_well_formed_lines_take_the_fast_path_and_quirks_the_slow_one():
+    from tdvmcall.trace_scan import Scanned
+
+    def line(body: str, ts: str = "1.000000") -> bytes:
+        return f"  CPU 0/KVM-1001    [000] d..2. {ts}: kvm_exit: vcpu 0 reason {body}".encode()
+
+    good = b" rip 0x0 info1 0x000000000000fc00 info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000"
+    text = b"\n".join([
+        line("TDCALL") + good,  # 1 fast
+        line("HLT 0x4000000 FAILED_VMENTRY") + good + b" requests 0x0000000000000000\r",  # 2 fast: flags, suffix, CRLF
+        line("TDCALL", ts="123456789012") + good,  # 3 fast: integer timestamp
+        line("TDCALL", ts="1234567890123456") + good,  # 4 slow: 16 digits
+        line("HLT rip 0x0 info 0 0"),  # 5 slow: old payload (the reference parser counts it unparsed)
+        line("TDCALL") + good.replace(b"0x0000000000000000", b"0x00000000000000"),  # 6 slow: short info2
+        b"# header", b"", b"  CPU 0/KVM-1001    [000] d..2. 1.0: kvm_entry: vcpu 0",  # 7, 8 header/blank; 9 other
+    ]) + b"\n"
+    s = Scanned(text, perf=False)
+    assert (s.lines, s.headers, s.others) == (9, 2, 1)
+    assert s.line_of.tolist() == [1, 2, 3]
+    assert s.slow[:, 0].tolist() == [4, 5, 6]
+    assert s.ts.tolist() == [1.0, 1.0, 123456789012.0]
+    assert [s.reasons[i] for i in s.reason] == [b"TDCALL", b"HLT 0x4000000 FAILED_VMENTRY", b"TDCALL"]
+    assert s.prefixes == [b"  CPU 0/KVM-1001    [000] d..2. "] and s.info1.tolist() == [0xFC00] * 3
