@@ -152,8 +152,11 @@ _REASON_NUMBERS = {name: nr for nr, name in VMX_EXIT_REASON_NAMES.items()}
 def parse_reason(text: str) -> Reason:
     name, _, flags = text.partition(" ")
     if name.startswith("0x"):  # a reason the kernel has no name for is printed in hex
-        number: int | None = int(name, 16)
-        name = VMX_EXIT_REASON_NAMES.get(number, name)
+        try:
+            number: int | None = int(name, 16)
+        except ValueError:  # not hex after all: an unknown name
+            number = None
+        name = VMX_EXIT_REASON_NAMES.get(number, name)  # type: ignore[arg-type]
     else:
         number = _REASON_NUMBERS.get(name)
     return Reason(text, name, number, flags, "FAILED_VMENTRY" in flags.split())
@@ -427,8 +430,8 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     task, vcpu, rid, info1, ts = ptask[good], sc.vcpu[good], sc.reason[good], sc.info1[good], sc.ts[good]
     bad_lines = [(int(n), _line_text(chunk.data, int(s))) for n, s in
                  zip(sc.line_of[~good][:keep_bad], sc.start_of[~good][:keep_bad])]
-    if len(ts):
-        span = _union(span, (float(ts.min()), float(ts.max())))
+    if len(sc.ts):  # the span of every well-formed line, as the reference parser does
+        span = _union(span, (float(sc.ts.min()), float(sc.ts.max())))
         shift = span_shift(span, shift)
 
     # the slow lines, through the reference parser (its line numbers mapped back)
@@ -440,7 +443,7 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
         line_map = sc.slow[:, 0]
         bad_lines += [(int(line_map[n - 1]), t) for n, t in slow.counts.bad]
 
-    # the aggregates, grouped by the compiled :func:`trace_scan.group`; mask = info1 for a
+    # the aggregates, grouped by the compiled ``group`` kernel; mask = info1 for a
     # TDVMCALL reason, else null (``has``)
     has = rtab["tdvmcall_reason"].to_numpy()[rid]
     mask = np.where(has, info1, 0).view(np.int64)
@@ -448,7 +451,7 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     bucket = np.floor(ts / (BUCKET_BASE * (1 << shift))).astype(np.int64)  # as :func:`bucket_of`
 
     def grouped(keys: list[np.ndarray]) -> pl.DataFrame:
-        first, n, lo, hi = trace_scan.group(np.column_stack(keys), ts)
+        first, n, lo, hi = trace_scan.kernels().group(np.column_stack(keys), ts)
         f = pl.DataFrame({"task": task[first].astype(np.uint32), "vcpu": vcpu[first], "rid": rid[first],
                           "has": has[first], "mask": info1[first], "bucket": bucket[first],
                           "n": n.astype(np.uint32), "first": lo, "last": hi})
