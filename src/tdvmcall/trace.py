@@ -474,8 +474,11 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
         counts.other_events += slow.counts.other_events
         counts.kvm_exit_lines += slow.counts.kvm_exit_lines
         counts.parsed += slow.counts.parsed
-        by_key = pl.concat([by_key, slow.by_key], how="vertical_relaxed")
-        by_time = pl.concat([by_time, slow.by_time], how="vertical_relaxed")
+        by_key = pl.concat([by_key, slow.by_key], how="vertical_relaxed").group_by(
+            "task", "vcpu", "reason", "mask").agg(n=pl.col("n").sum(), first=pl.col("first").min(),
+                                                  last=pl.col("last").max())
+        by_time = pl.concat([by_time, slow.by_time], how="vertical_relaxed").group_by(
+            "task", "reason", "mask", "bucket").agg(n=pl.col("n").sum())
         if rows:
             slow_rows = slow.rows.with_columns(line=pl.Series(line_map[slow.rows["line"].to_numpy() - 1]))
             row_frames = [pl.concat([row_frames[0], slow_rows], how="vertical_relaxed").sort("line")]
