@@ -25,6 +25,13 @@ def kernels():
     return trace_kernels
 
 
+def warm_up() -> None:
+    """Load the kernels and run each once (numba's start-up: about 0.3 s once cached, the
+    compilation itself on first use ever)."""
+    Scanned(b"\n", False)
+    kernels().group(np.zeros((1, 4), np.int64), np.zeros(1))
+
+
 class Scanned:
     """What :func:`scan` found in one chunk, as arrays trimmed to size; ``prefixes`` and
     ``reasons`` are the distinct byte strings, ``task`` and ``reason`` index them."""
