@@ -23,11 +23,13 @@ The line formats (§7): ftrace ``<comm>-<pid> [<cpu>] <flags> <secs.usecs>: kvm_
 optional and the event name padded, ``perf script`` ``<comm> <pid>[/<tid>] [<cpu>] <secs.usecs>:
 kvm:kvm_exit: <payload>``.
 
-Technique (chosen by measurement, see ``docs/trace.md``): each newline-aligned chunk is split into
-lines by polars' CSV reader, then polars filters the ``kvm_exit`` lines, validates the payload with
-one anchored regex without captures and takes the fields by literal ``find`` and slicing; the task
-prefix and the reason text, which take few distinct values, are parsed once each in Python.  Two
-chunks are parsed at a time (polars releases the GIL), and only aggregates are kept.
+Technique (chosen by measurement, see ``docs/trace.md``): each newline-aligned chunk is scanned
+once by a compiled kernel (``trace_kernels.py``, numba, without the GIL: two chunks at a time) that
+parses the kvm_exit lines of the usual shape into arrays and interns their task prefixes and
+reason texts, which are then parsed once each in Python; a second kernel aggregates.  The lines the
+kernel is not sure about go to the reference parser, :func:`parse_chunk_polars` (polars splits the
+lines, one anchored regex without captures validates the payload, fields by ``find`` and slicing).
+Only aggregates are kept.
 """
 
 from __future__ import annotations
