@@ -62,7 +62,8 @@ def _word(text: str) -> np.ndarray:
 _KVM_EXIT = _word("kvm_exit:")
 _PERF_SYSTEM = _word(" kvm:")
 _CPUS, _VERSION = _word("cpus="), _word("version = ")
-_VCPU, _REASON, _RIP, _FAILED, _HEX = _word("vcpu "), _word(" reason "), _word(" rip 0x"), _word(" FAILED_VMENTRY"), _word(" 0x")
+_VCPU, _REASON, _RIP = _word("vcpu "), _word(" reason "), _word(" rip 0x")
+_FAILED, _HEX = _word(" FAILED_VMENTRY"), _word(" 0x")
 _INFO1, _INFO2, _INTR, _ERROR = _word(" info1 0x"), _word(" info2 0x"), _word(" intr_info 0x"), _word(" error_code 0x")
 
 
