@@ -33,7 +33,7 @@ def exit_line(draw, fmt: str) -> str:
         ts = str(draw(st.integers(0, 10**16)))  # counter clocks; over 15 digits goes the slow way
     reason = draw(st.sampled_from(REASONS)) + draw(st.sampled_from(FLAGS))
     info1 = draw(st.sampled_from(MASKS))
-    vcpu = draw(st.sampled_from([0, 1, 7, 4095, 123456789, 1234567890]))
+    vcpu = draw(st.sampled_from([0, 1, 7, 4095, 123456789, 1234567890, 99999999999]))
     tail = draw(st.sampled_from(["", " requests 0x0000000000000000", " x"]))
     payload = (f"vcpu {vcpu} reason {reason} rip 0x{draw(st.integers(0, 2**64 - 1)):x} info1 0x{info1:016x} "
                f"info2 0x{0:016x} intr_info 0x00000000 error_code 0x00000000{tail}")

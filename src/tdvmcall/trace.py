@@ -73,7 +73,8 @@ HEADER_RX = r"^(?:#|cpus=|version = )"
 
 #: the payload, anchored, without captures (validation only; fields are then sliced out); ASCII
 #: classes, not \S and \d, keep the regex engine's automaton small (measured 25% faster)
-PAYLOAD_RX = (r"^vcpu [0-9]+ reason [!-~]+(?: (?:FAILED_VMENTRY|0x[0-9a-f]+))* rip 0x[0-9a-f]+ "
+#: (a vCPU index of 10 digits or more is not a vCPU: unparsed, and it would not fit UInt32)
+PAYLOAD_RX = (r"^vcpu [0-9]{1,9} reason [!-~]+(?: (?:FAILED_VMENTRY|0x[0-9a-f]+))* rip 0x[0-9a-f]+ "
               r"info1 0x[0-9a-f]{16} info2 0x[0-9a-f]{16} intr_info 0x[0-9a-f]{8} error_code 0x[0-9a-f]{8}")
 
 #: the line start up to the timestamp (the "prefix"); ftrace and trace-cmd share one shape

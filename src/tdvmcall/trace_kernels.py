@@ -16,7 +16,8 @@ are exactly those of ABI.md §7, as ``trace.py`` reads them:
   then anything (some trees append `` requests 0x%016llx``);
 - everything else that looks like kvm_exit goes to the slow path: a NUL byte or non-ASCII task
   prefix, a timestamp of more than 15 digits (float64 would not hold it exactly), a vCPU of more
-  than 9 digits, or any payload that does not have that shape (the slow path counts it unparsed).
+  than 9 digits (the slow path counts it unparsed too), or any payload that does not have that
+  shape (the slow path counts it unparsed).
 
 The task prefix (``<comm>-<pid> [<cpu>] <flags>``) and the reason text take few distinct values:
 the scanner interns them (an open-addressing table keyed by FNV-1a hash, entries compared byte
