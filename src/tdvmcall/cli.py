@@ -15,7 +15,7 @@ from . import decode as D
 from .codes import MODULE_TABLE_VERSIONS, TDVMCALL_STATUS_NAMES
 from .kvm import leaves as L
 from .regs import GPR_NAMES, fmt_mask, parse_int
-from .scenario import ScenarioError, loads, result_json
+from .scenario import ScenarioError, parse, result_json
 
 app = typer.Typer(
     name="tdvmcall",
@@ -67,7 +67,7 @@ def run(
         if isinstance(data["kvm"], dict):
             data["kvm"]["policy"] = policy
     try:
-        sc = loads(json.dumps(data))
+        sc = parse(data)
     except ScenarioError as e:
         fail(str(e))
     result = result_json(sc.run())

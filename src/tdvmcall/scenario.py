@@ -15,7 +15,6 @@ Register values are integers or hex strings, absent registers are 0, and ``td``,
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .codes import TDVMCALL_STATUS_NAMES, status_name
@@ -181,14 +180,6 @@ def _platform(p_in: dict, tree: str) -> Platform:
         u.msr_error = _bool(u_in["msr_error"], "platform.userspace.msr_error")
     p.userspace = u
     return p
-
-
-def loads(text: str) -> Scenario:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ScenarioError(f"scenario: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    return parse(data)
 
 
 # --- output -------------------------------------------------------------------------------------
