@@ -341,3 +341,21 @@ def test_legacy_dispatch_reads_of_unexposed_selectors_are_zero_reads():
     # R11 unexposed: KVM's dispatch itself read R11 as 0 (ABI §4 "Consequences today")
     r = run_json(scenario("0x1400", policy="legacy", r11=31, r12=0x803))
     assert r["kvm"]["zero_reads"] == ["r11"] and r["kvm"]["leaf"] == "unknown(0x0)"
+
+
+def test_map_gpa_range_overflow_is_judged_in_frame_numbers():
+    # x86.c: gpa_to_gfn(gpa) + npages must not wrap; 2^52 pages from GPA 0 do not wrap as gfns
+    ok = run_json(scenario("0x3C00", r10=12, r11=0, r12=1 << 52, r13=0))
+    assert ok["kvm"]["userspace_exit"]["reason"] == "KVM_EXIT_HYPERCALL"
+    wraps = run_json(scenario("0x3C00", r10=12, r11=0x1000, r12=(1 << 64) - 1, r13=0))
+    assert wraps["guest"]["r10"] == "0xffffffffffffffea" and wraps["kvm"]["userspace_exits"] == []  # -KVM_EINVAL
+
+
+def test_send_ipi_lowest_apic_id_is_32_bits():
+    r = run_json(scenario("0x7C00", r10=10, r11=0b1, r12=0, r13=1 << 32 | 2, r14=0xFD))  # min = 2
+    assert r["guest"]["r10"] == H(1)
+
+
+def test_xmm_values_accept_decimal_strings():
+    r = run_json({"guest": {"rcx": "0x1FFCC", "r11": 10, "r12": 1, "xmm": {"xmm0": "5"}}})
+    assert r["guest_xmm"]["xmm0"] == f"0x{5:032x}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tdvmcall.control import forbidden_gprs
 from tdvmcall.guest import tdvmcall
 from tdvmcall.kvm import leaves as L
 from tdvmcall.kvm.platform import Platform, Userspace
@@ -29,7 +28,8 @@ def guest_call(draw, valid=True):
         gprs[reg_index(name)] = value
     gpr_select = draw(st.integers(0, 0xFFFF))
     if valid:
-        gpr_select &= ~forbidden_gprs(td.module, td.no_rbp_mod)
+        # ABI §3: RAX, RCX, RSP always refused; RBP too on a 1.5 module for a NO_RBP_MOD TD
+        gpr_select &= ~(FORBIDDEN_ALWAYS | (0x20 if td.module == "1.5" and td.no_rbp_mod else 0))
         rcx = gpr_select | draw(st.integers(0, 0xFFFF)) << 16
     else:
         bad = draw(st.sampled_from([1 << 0, 1 << 1, 1 << 4, 1 << 32, 1 << 63]))

@@ -17,8 +17,7 @@ def _gpr_list(mask: int) -> list[str]:
 
 def _calls_satisfied(gpr_select: int) -> list[str]:
     """Calls hardened KVM would complete with this mask under every case of the leaf table."""
-    return [leaf.name for leaf in L.LEAVES
-            if all(m & ~gpr_select == 0 for m in L.condition_masks(leaf).values())]
+    return [leaf.name for leaf in L.LEAVES if not any(L.missing_by_case(leaf, gpr_select).values())]
 
 
 def decode_control(value: int) -> dict:

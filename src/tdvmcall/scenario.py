@@ -120,15 +120,13 @@ def parse(data: Any) -> Scenario:
 
 
 def _int128(value: Any, field: str) -> int:
-    if isinstance(value, str) and value.lower().startswith("0x"):
-        try:
-            v = int(value, 16)
-        except ValueError:
-            raise ScenarioError(f"{field}: {value!r} is not a hex value") from None
-    elif isinstance(value, int) and not isinstance(value, bool):
-        v = value
-    else:
+    """An XMM value: an integer or a hex/decimal string that fits 128 bits."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ScenarioError(f"{field}: expected an integer or a hex string of up to 128 bits")
+    try:
+        v = value if isinstance(value, int) else int(value.strip().replace("_", ""), 0 if value.strip().lower().startswith("0x") else 10)
+    except ValueError:
+        raise ScenarioError(f"{field}: {value!r} is not an integer; use decimal or hex like \"0xFF\"") from None
     if not 0 <= v < 1 << 128:
         raise ScenarioError(f"{field}: does not fit 128 bits unsigned")
     return v

@@ -48,7 +48,7 @@ import polars as pl
 
 from .codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
 from .control import Control, ExitQualification
-from .kvm.leaves import Leaf, condition_masks, reason_leaves
+from .kvm.leaves import Leaf, missing_by_case, reason_leaves
 from .regs import GPR_MASK, R10, R11, names_in
 from . import trace_scan
 from .traceio import Chunk, Source, TraceInputError, chunks
@@ -212,7 +212,7 @@ def module_problems(mask: int) -> list[str]:
 
 def _case_outcomes(leaf: Leaf, gprs: int) -> list[tuple[str, int]]:
     """(case name, missing GPRs) for every named input condition of the leaf."""
-    return [(case, need & ~gprs) for case, need in condition_masks(leaf).items()]
+    return list(missing_by_case(leaf, gprs).items())
 
 
 @cache

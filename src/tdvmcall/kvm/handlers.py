@@ -241,9 +241,10 @@ def hc_clock_pairing(io: Access, p: Platform) -> None:
 
 
 def hc_send_ipi(io: Access, p: Platform) -> None:
-    """kvm_pv_send_ipi(): IPIs to APIC ids min + i for each bit i of the 128-bit bitmap a0:a1;
+    """kvm_pv_send_ipi(): IPIs to APIC ids min + i for each bit i of the 128-bit bitmap a0:a1 (min
+    is a u32);
     an ICR with a destination shorthand or mode bits is -KVM_EINVAL; returns the count sent."""
-    low, high, lowest, icr = io.read("r11"), io.read("r12"), io.read("r13"), io.read("r14")
+    low, high, lowest, icr = io.read("r11"), io.read("r12"), io.read("r13") & U32, io.read("r14")
     if icr & (APIC_DEST_MASK | APIC_SHORT_MASK):
         return hc_result(io, neg(KVM_EINVAL))
     bitmap = low | high << 64
@@ -261,12 +262,12 @@ def hc_sched_yield(io: Access, p: Platform) -> None:
 
 def hc_map_gpa_range(io: Access, p: Platform) -> None:
     """KVM_HC_MAP_GPA_RANGE: -KVM_ENOSYS unless userspace enabled it; -KVM_EINVAL for an unaligned
-    GPA, zero pages or an overflowing range; else KVM_EXIT_HYPERCALL with the arguments verbatim
+    GPA, zero pages or a range of frame numbers that wraps 64 bits; else KVM_EXIT_HYPERCALL with the arguments verbatim
     (the shared bit is not stripped) and R10 = userspace's ret."""
     gpa, pages, attrs = io.read("r11"), io.read("r12"), io.read("r13")
     if not p.exit_hypercall_map_gpa:
         return hc_result(io, neg(KVM_ENOSYS))
-    if not _aligned(gpa) or pages == 0 or gpa + pages * PAGE_SIZE > U64:
+    if not _aligned(gpa) or pages == 0 or (gpa >> 12) + pages > U64:  # the gfn range wraps
         return hc_result(io, neg(KVM_EINVAL))
     hc_result(io, p.hypercall_exit(12, (gpa, pages, attrs)))
 

@@ -352,6 +352,12 @@ def condition_masks(leaf: Leaf) -> dict[str, int]:
     return {case.name: minimal_mask(leaf, case.regs) for case in leaf.cases}
 
 
+def missing_by_case(leaf: Leaf, gpr_select: int) -> dict[str, int]:
+    """For every case of the leaf, the GPRs of its minimal mask that ``gpr_select`` lacks
+    (0: hardened KVM completes that case with this mask)."""
+    return {case: need & ~gpr_select for case, need in condition_masks(leaf).items()}
+
+
 def reason_leaves(reason: int) -> list[Leaf]:
     """The leaves KVM reports under this VMX exit reason (TDCALL covers every other GHCI leaf)."""
     return [leaf for leaf in LEAVES if leaf.reason == reason]
