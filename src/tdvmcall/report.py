@@ -18,6 +18,7 @@ from .catalog import (
     FOREIGN_CALLS, HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, CallCheck, CaseRun, Host, Site,
     summary,
 )
+from .kvm import leaves as L
 from .kvm.leaves import LEAVES
 from .control import Control
 from .kvm.tdx import POLICIES
@@ -47,7 +48,7 @@ def short_name(call: str) -> str:
 def case_text(run: CaseRun) -> str:
     """``in [r12=0x1 r13=0x0 r14=0x3fd]``: the case name and its input values, without the selectors
     (R10, and R11 when R10 = 0 makes it the GHCI leaf number)."""
-    selectors = ("r10", "r11") if run.inputs.get("r10", 0) == 0 else ("r10",)
+    selectors = L.lookup(run.inputs.get("r10", 0), run.inputs.get("r11", 0)).selectors
     vals = " ".join(f"{r}={v:#x}" for r, v in run.inputs.items() if r not in selectors)
     return f"{run.case} [{vals}]" if vals else run.case
 
