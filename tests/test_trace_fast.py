@@ -11,7 +11,9 @@ import polars as pl
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tdvmcall.trace import ReasonTable, TaskTable, parse_chunk, parse_chunk_polars
+from tdvmcall.trace import ReasonTable, TaskTable, parse_chunk
+from tdvmcall.trace_polars import parse_chunk_polars
+from tdvmcall.trace_report import frame
 from tdvmcall.traceio import Chunk
 
 REASONS = ["TDCALL", "VMCALL", "HLT", "CPUID", "IO_INSTRUCTION", "MSR_READ", "MSR_WRITE", "EPT_MISCONFIG",
@@ -86,19 +88,19 @@ def trace_text(draw, fmt: str) -> bytes:
 def parse_both(data: bytes, fmt: str, rows: bool):
     results = []
     for parse in (parse_chunk, parse_chunk_polars):
-        tasks = TaskTable()
-        r = parse(Chunk(data, truncated=not data.endswith(b"\n")), fmt, "src", tasks, ReasonTable(), keep_bad=1000,
+        tasks, reasons = TaskTable(), ReasonTable()
+        r = parse(Chunk(data, truncated=not data.endswith(b"\n")), fmt, "src", tasks, reasons, keep_bad=1000,
                   rows=rows)
-        results.append((r, tasks))
+        results.append((r, tasks, reasons))
     return results
 
 
-def canonical(frame: pl.DataFrame, tasks: TaskTable) -> list[tuple]:
-    """Rows with the task id replaced by the task itself (ids are assigned in lookup order),
-    sorted."""
+def canonical(cols, tasks: TaskTable, reasons: ReasonTable) -> list[tuple]:
+    """Rows with the task and reason ids replaced by the task and the reason text (ids are assigned
+    in lookup order), sorted."""
     who = pl.DataFrame({"task": range(len(tasks.tasks)), "who": [repr(t) for t in tasks.tasks]},
                        schema={"task": pl.UInt32, "who": pl.String})
-    f = frame.with_columns(pl.col("task").cast(pl.UInt32)).join(who, on="task", how="left").drop("task")
+    f = frame(cols, reasons).join(who, on="task", how="left").drop("task", "rid")
     return sorted(f.rows(), key=repr)
 
 
@@ -109,14 +111,15 @@ def test_fast_path_agrees_with_the_reference_parser(data):
     text = data.draw(trace_text(fmt))
     assume(text)  # a reader never yields an empty chunk
     rows = data.draw(st.booleans())
-    (fast, ftasks), (ref, rtasks) = parse_both(text, fmt, rows)
+    (fast, *f), (ref, *r) = parse_both(text, fmt, rows)
     assert fast.counts == ref.counts
     assert fast.shift == ref.shift
-    assert canonical(fast.by_key, ftasks) == canonical(ref.by_key, rtasks)
-    assert canonical(fast.by_time, ftasks) == canonical(ref.by_time, rtasks)
+    assert canonical(fast.by_key, *f) == canonical(ref.by_key, *r)
+    assert canonical(fast.by_time, *f) == canonical(ref.by_time, *r)
     if rows:
-        assert fast.rows.schema == ref.rows.schema
-        assert canonical(fast.rows, ftasks) == canonical(ref.rows, rtasks)
+        assert {c: v.dtype for c, v in fast.rows.items()} == {c: v.dtype for c, v in ref.rows.items()}
+        assert canonical(fast.rows, *f) == canonical(ref.rows, *r)
+        assert fast.rows["line"].tolist() == sorted(ref.rows["line"].tolist())  # in line order
 
 
 def test_well_formed_lines_take_the_fast_path_and_quirks_the_slow_one():

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import numpy as np
-import polars as pl
 
 from .codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
 from .control import Control, ExitQualification
@@ -304,16 +303,6 @@ class Counts:
         self.truncated_last_line |= other.truncated_last_line
 
 
-def _lines(data: bytes) -> pl.DataFrame:
-    """The lines of a chunk as column ``l`` (blank lines are null; a trailing CR is dropped,
-    invalid UTF-8 replaced).  Polars' CSV reader with a separator that text lines do not contain
-    (NUL) is the fastest line splitter measured; a NUL byte past the binary probe is read as
-    U+FFFD, as invalid UTF-8 is."""
-    if b"\x00" in data:
-        data = data.replace(b"\x00", "\ufffd".encode())
-    return pl.read_csv(data, has_header=False, separator="\x00", quote_char=None, new_columns=["l"],
-                       truncate_ragged_lines=True, infer_schema=False, encoding="utf8-lossy")
-
 
 class TaskTable:
     """Task ids, shared by the parsing threads: prefixes and tasks are registered once."""
@@ -346,50 +335,90 @@ class TaskTable:
 
 
 class ReasonTable:
-    """Reason texts seen so far, parsed once each, and their verdicts, as small join tables
-    (shared by the parsing threads)."""
+    """Reason texts seen so far, parsed once each, by id (shared by the parsing threads): the
+    aggregates carry the id, the report its text."""
 
     def __init__(self) -> None:
-        self._reasons: dict[str, Reason] = {}
+        self.reasons: list[Reason] = []
+        self._ids: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def reasons(self, texts: Iterable[str]) -> pl.DataFrame:
-        rows = []
+    def ids(self, texts: Iterable[str]) -> np.ndarray:
+        """The ids of these reason texts (uint32), registering the new ones."""
+        out = []
         for t in texts:
-            r = self._reasons.setdefault(t, parse_reason(t))
-            rows.append((t, r.name, r.flags, is_tdvmcall_reason(r)))
-        return pl.DataFrame(rows, schema={"reason": pl.String, "reason_name": pl.String,
-                                          "reason_flags": pl.String, "tdvmcall_reason": pl.Boolean},
-                            orient="row")
+            rid = self._ids.get(t)
+            if rid is None:
+                with self._lock:
+                    rid = self._ids.setdefault(t, len(self.reasons))
+                    if rid == len(self.reasons):
+                        self.reasons.append(parse_reason(t))
+            out.append(rid)
+        return np.array(out, np.uint32)
 
-    def verdicts(self, pairs: Iterable[tuple[str, int | None]]) -> pl.DataFrame:
-        rows = []
-        for text, mask in pairs:
-            v = verdict_if_td(self._reasons.setdefault(text, parse_reason(text)), mask)
-            rows.append((text, mask, v.verdict if v else None, v.detail if v else None,
-                         " ".join(v.missing) if v else None, ", ".join(v.refused_for) if v else None))
-        return pl.DataFrame(rows, schema={"reason": pl.String, "mask": pl.UInt64, "verdict_if_td": pl.String,
-                                          "detail": pl.String, "missing": pl.String, "refused_for": pl.String},
-                            orient="row")
+    def tdvmcall(self, ids: np.ndarray) -> np.ndarray:
+        """Per id: is it a reason KVM synthesises for a TDVMCALL (the exit's info1 is a mask)?"""
+        return np.array([is_tdvmcall_reason(self.reasons[i]) for i in ids.tolist()], bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregates: columns of numpy arrays
+# ---------------------------------------------------------------------------------------------
+
+#: the key of :attr:`ChunkResult.by_key` and of :attr:`ChunkResult.by_time`; ``rid`` is a
+#: :class:`ReasonTable` id, ``mask`` is info1 for a TDVMCALL reason, else 0 (null in the report)
+KEY = ("task", "vcpu", "rid", "mask")
+TIME_KEY = ("task", "rid", "mask", "bucket")
+#: the columns of :attr:`ChunkResult.rows` (one per parsed exit, for Parquet)
+ROW_COLUMNS = ("line", "ts", "task", "cpu", "vcpu", "rid", "info1")
+Columns = dict[str, np.ndarray]
+
+
+def aggregate(cols: Columns, key: tuple[str, ...]) -> Columns:
+    """Merge the rows of ``cols`` with equal ``key``: ``n`` summed, ``first`` the least and
+    ``last`` the greatest (when present); one compiled pass (``trace_kernels.group``)."""
+    lo = cols.get("first", np.zeros(len(cols["n"])))
+    hi = cols.get("last", lo)
+    keys = np.column_stack([cols[c].astype(np.int64) for c in key]) if len(cols["n"]) else np.zeros((0, len(key)), np.int64)
+    row, n, least, greatest = trace_scan.kernels().group(keys, cols["n"], lo, hi)
+    out = {c: cols[c][row] for c in key}
+    out["n"] = n
+    if "first" in cols:
+        out["first"], out["last"] = least, greatest
+    return out
+
+
+def concat(parts: list[Columns]) -> Columns:
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
+def empty_key() -> Columns:
+    return {"task": np.zeros(0, np.uint32), "vcpu": np.zeros(0, np.uint32), "rid": np.zeros(0, np.uint32),
+            "mask": np.zeros(0, np.uint64), "n": np.zeros(0, np.int64), "first": np.zeros(0), "last": np.zeros(0)}
+
+
+def empty_time() -> Columns:
+    return {"task": np.zeros(0, np.uint32), "rid": np.zeros(0, np.uint32), "mask": np.zeros(0, np.uint64),
+            "bucket": np.zeros(0, np.int64), "n": np.zeros(0, np.int64)}
 
 
 @dataclass
 class ChunkResult:
-    """What one chunk contributes: its line counts and its parsed exits, aggregated by
-    (task, vCPU, reason, mask) and by (task, reason, mask, time bucket at ``shift``); the rows
-    themselves only when asked (for Parquet: line, ts, task, cpu, vcpu, reason, reason_name,
-    reason_flags, info1, tdvmcall_reason, mask).  ``mask`` is info1 for a TDVMCALL reason, else null."""
+    """What one chunk contributes: its line counts and its parsed exits, aggregated by :data:`KEY`
+    (with ``n``, ``first``, ``last``: count and time range) and by :data:`TIME_KEY` (time bucket at
+    ``shift``, with ``n``); the rows themselves (:data:`ROW_COLUMNS`) only when asked."""
 
     counts: Counts
-    by_key: pl.DataFrame  # task, vcpu, reason, mask, n, first, last
-    by_time: pl.DataFrame  # task, reason, mask, bucket, n
+    by_key: Columns
+    by_time: Columns
     shift: int
-    rows: pl.DataFrame | None = None
+    rows: Columns | None = None
 
     def renumber(self, before: int) -> None:
         """Make line numbers absolute, given the number of lines before the chunk."""
         self.counts.bad = [(n + before, t) for n, t in self.counts.bad]
         if self.rows is not None:
-            self.rows = self.rows.with_columns(pl.col("line") + before)
+            self.rows["line"] = self.rows["line"] + before
 
 
 #: width of the finest time bucket (seconds), and the most buckets kept (then they double)
@@ -397,13 +426,17 @@ BUCKET_BASE = 1 / 1024
 MAX_BUCKETS = 512
 
 
-def bucket_of(ts: pl.Expr, shift: int) -> pl.Expr:
-    return (ts / (BUCKET_BASE * (1 << shift))).floor().cast(pl.Int64)
+def bucket_of(ts: np.ndarray, shift: int) -> np.ndarray:
+    """The time bucket of each timestamp at this shift."""
+    return np.floor(ts / (BUCKET_BASE * (1 << shift))).astype(np.int64)
 
 
 def span_shift(span: tuple[float, float], shift: int = 0) -> int:
-    """The smallest shift (at least ``shift``) at which ``span`` fits :data:`MAX_BUCKETS` buckets."""
-    while (span[1] - span[0]) / (BUCKET_BASE * (1 << shift)) >= MAX_BUCKETS - 1:
+    """The smallest shift (at least ``shift``) at which ``span`` fits :data:`MAX_BUCKETS` buckets
+    and every bucket number is below 2**52 (exact in float64 and int64: a counter clock's
+    timestamps, ``x86-tsc`` say, reach 10**16 and more)."""
+    while ((span[1] - span[0]) / (BUCKET_BASE * (1 << shift)) >= MAX_BUCKETS - 1
+           or max(abs(span[0]), abs(span[1])) / (BUCKET_BASE * (1 << shift)) >= 1 << 52):
         shift += 1
     return shift
 
@@ -412,25 +445,32 @@ def _union(a: tuple[float, float] | None, b: tuple[float, float]) -> tuple[float
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
 
 
+# ---------------------------------------------------------------------------------------------
+# parsing one chunk
+# ---------------------------------------------------------------------------------------------
+
+
 def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: ReasonTable, shift: int = 0,
                 span: tuple[float, float] | None = None, keep_bad: int = 5, rows: bool = False) -> ChunkResult:
     """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
     from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
 
-    The fast path: :mod:`.trace_scan` scans the bytes once (compiled, without the GIL) and parses
-    the kvm_exit lines of the usual shape into arrays; the lines it is not sure about go to
-    :func:`parse_chunk_polars` (the reference parser), and the two results are merged.  The task
-    prefixes and reason texts are parsed once per distinct value, here as there; a prefix that does
-    not parse makes its lines unparsed."""
+    :mod:`.trace_scan` scans the bytes once (compiled, without the GIL) and parses the kvm_exit
+    lines of the usual shape into arrays; the lines it is not sure about go to the reference
+    parser (``trace_polars.parse_chunk_polars``), and the two results are merged.  The task
+    prefixes and reason texts are parsed once per distinct value, here as there; a prefix that
+    does not parse makes its lines unparsed.  Time buckets are at least as wide as ``shift`` says,
+    and wide enough for the time ``span`` seen so far, with this chunk's, to fit :data:`MAX_BUCKETS`."""
     sc = trace_scan.Scanned(chunk.data, fmt == "perf")
 
-    # the distinct prefixes -> (task, cpu); the distinct reasons -> name, flags, TDVMCALL or not
+    # the distinct prefixes -> (task, cpu); the distinct reasons -> ids, TDVMCALL or not
     looked = [tasks.lookup(source, fmt, p.decode("ascii")) for p in sc.prefixes]
     ptask = np.array([t[0] if t else -1 for t in looked], np.int64)[sc.task]
-    pcpu = np.array([t[1] if t else 0 for t in looked], np.int64)[sc.task]
-    rtab = reasons.reasons([r.decode("ascii") for r in sc.reasons]).with_row_index("rid")
+    rids = reasons.ids(r.decode("ascii") for r in sc.reasons)
     good = ptask >= 0
-    task, vcpu, rid, info1, ts = ptask[good], sc.vcpu[good], sc.reason[good], sc.info1[good], sc.ts[good]
+    task, vcpu, ts, info1 = ptask[good].astype(np.uint32), sc.vcpu[good], sc.ts[good], sc.info1[good]
+    rid = rids[sc.reason[good]]
+    mask = np.where(reasons.tdvmcall(rids)[sc.reason[good]], info1, np.uint64(0))
     bad_lines = [(int(n), _line_text(chunk.data, int(s))) for n, s in
                  zip(sc.line_of[~good][:keep_bad], sc.start_of[~good][:keep_bad])]
     if len(sc.ts):  # the span of every well-formed line, as the reference parser does
@@ -440,35 +480,22 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     # the slow lines, through the reference parser (its line numbers mapped back)
     slow = None
     if len(sc.slow):
+        from .trace_polars import parse_chunk_polars  # polars: only when a line needs it
+
         data = b"\n".join(chunk.data[s:e] for _, s, e in sc.slow.tolist()) + b"\n"
         slow = parse_chunk_polars(Chunk(data), fmt, source, tasks, reasons, shift, span, keep_bad, rows)
         shift = slow.shift
-        line_map = sc.slow[:, 0]
+        line_map = sc.slow[:, 0].astype(np.uint64)
         bad_lines += [(int(line_map[n - 1]), t) for n, t in slow.counts.bad]
 
-    # the aggregates, grouped by the compiled ``group`` kernel; mask = info1 for a
-    # TDVMCALL reason, else null (``has``)
-    has = rtab["tdvmcall_reason"].to_numpy()[rid]
-    mask = np.where(has, info1, 0).view(np.int64)
-    rkey = rid.astype(np.int64) * 2 + has
-    bucket = np.floor(ts / (BUCKET_BASE * (1 << shift))).astype(np.int64)  # as :func:`bucket_of`
-
-    def grouped(keys: list[np.ndarray]) -> pl.DataFrame:
-        first, n, lo, hi = trace_scan.kernels().group(np.column_stack(keys), ts)
-        f = pl.DataFrame({"task": task[first].astype(np.uint32), "vcpu": vcpu[first], "rid": rid[first],
-                          "has": has[first], "mask": info1[first], "bucket": bucket[first],
-                          "n": n.astype(np.uint32), "first": lo, "last": hi})
-        return f.join(rtab.select("rid", "reason"), on="rid", how="left").with_columns(
-            mask=pl.when("has").then("mask"))
-
-    by_key = grouped([task, vcpu, rkey, mask]).select("task", "vcpu", "reason", "mask", "n", "first", "last")
-    by_time = grouped([task, rkey, mask, bucket]).select("task", "reason", "mask", "bucket", "n")
-    row_frames = []
+    ones = np.ones(len(ts), np.int64)
+    by_key = aggregate({"task": task, "vcpu": vcpu, "rid": rid, "mask": mask, "n": ones, "first": ts, "last": ts}, KEY)
+    by_time = aggregate({"task": task, "rid": rid, "mask": mask, "bucket": bucket_of(ts, shift), "n": ones}, TIME_KEY)
+    row_cols = None
     if rows:
-        row_frames = [pl.DataFrame({"line": sc.line_of[good], "ts": ts, "task": task.astype(np.uint32),
-                                    "cpu": pcpu[good].astype(np.uint32), "vcpu": vcpu, "rid": rid, "info1": info1})
-                      .join(rtab, on="rid", how="left").with_columns(mask=pl.when("tdvmcall_reason").then("info1"))
-                      .select(*ROW_COLUMNS)]
+        row_cols = {"line": sc.line_of[good].astype(np.uint64), "ts": ts, "task": task,
+                    "cpu": np.array([t[1] if t else 0 for t in looked], np.uint32)[sc.task][good], "vcpu": vcpu,
+                    "rid": rid, "info1": info1}
 
     counts = Counts(lines=sc.lines, comments=sc.headers, other_events=sc.others, kvm_exit_lines=len(sc.ts),
                     parsed=len(ts), truncated_last_line=chunk.truncated)
@@ -477,120 +504,22 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
         counts.other_events += slow.counts.other_events
         counts.kvm_exit_lines += slow.counts.kvm_exit_lines
         counts.parsed += slow.counts.parsed
-        by_key = pl.concat([by_key, slow.by_key], how="vertical_relaxed").group_by(
-            "task", "vcpu", "reason", "mask").agg(n=pl.col("n").sum(), first=pl.col("first").min(),
-                                                  last=pl.col("last").max())
-        by_time = pl.concat([by_time, slow.by_time], how="vertical_relaxed").group_by(
-            "task", "reason", "mask", "bucket").agg(n=pl.col("n").sum())
+        by_key = aggregate(concat([by_key, slow.by_key]), KEY)
+        by_time = aggregate(concat([by_time, slow.by_time]), TIME_KEY)
         if rows:
-            slow_rows = slow.rows.with_columns(line=pl.Series(line_map[slow.rows["line"].to_numpy() - 1]))
-            row_frames = [pl.concat([row_frames[0], slow_rows], how="vertical_relaxed").sort("line")]
+            assert slow.rows is not None and row_cols is not None
+            both = concat([row_cols, dict(slow.rows, line=line_map[slow.rows["line"].astype(np.int64) - 1])])
+            order = np.argsort(both["line"], kind="stable")
+            row_cols = {c: v[order] for c, v in both.items()}
     counts.bad = sorted(bad_lines)[:keep_bad]
-    result = ChunkResult(counts, by_key, by_time, shift)
-    if rows:
-        result.rows = row_frames[0].with_columns(pl.col("line").cast(pl.UInt64))
-    return result
-
-
-#: the columns of :attr:`ChunkResult.rows`
-ROW_COLUMNS = ("line", "ts", "task", "cpu", "vcpu", "reason", "reason_name", "reason_flags", "info1",
-               "tdvmcall_reason", "mask")
+    return ChunkResult(counts, by_key, by_time, shift, row_cols)
 
 
 def _line_text(data: bytes, start: int) -> str:
     """The line of ``data`` that starts at ``start``, as the reference parser shows it."""
     end = data.find(b"\n", start)
-    text = data[start:end if end >= 0 else len(data)]
+    text = bytes(data[start:end if end >= 0 else len(data)])
     return text[:-1].decode("utf-8", "replace") if text.endswith(b"\r") else text.decode("utf-8", "replace")
-
-
-def parse_chunk_polars(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: ReasonTable,
-                       shift: int = 0, span: tuple[float, float] | None = None, keep_bad: int = 5,
-                       rows: bool = False) -> ChunkResult:
-    """The reference parser (the fast path's fallback): same contract as :func:`parse_chunk`, on
-    any line, in polars.
-
-    Few, large polars queries (each polars call costs about a millisecond whatever its size; they
-    run without the GIL, so two chunks are parsed in parallel):
-    1. split each kvm_exit line at the format's marker, validate the payload with
-       :data:`PAYLOAD_RX` and cut the timestamp off the line prefix;
-    2. the distinct line prefixes and reason texts (few) and the time range;
-    3. in Python: prefix -> (task, cpu), reason -> name and whether it is a TDVMCALL reason;
-    4. fields by position, mask = info1 for TDVMCALL reasons, and the two aggregates.
-    Time buckets are at least as wide as ``shift`` says, and wide enough for the time ``span``
-    seen so far, with this chunk's, to fit :data:`MAX_BUCKETS`."""
-    # 1. lines: kvm_exit-looking, header/blank, other; the kvm_exit lines split and validated
-    lines = _lines(chunk.data).lazy().with_row_index("line", offset=1).with_columns(
-        is_exit=pl.col("l").str.contains(LOOKS_LIKE_EXIT, literal=True).fill_null(False))
-    header = (pl.col("l").is_null() | pl.col("l").str.starts_with("#") | pl.col("l").str.starts_with("cpus=")
-              | pl.col("l").str.starts_with("version = "))
-    stats_q = lines.select(lines=pl.len(), exits=pl.col("is_exit").sum(), comments=(~pl.col("is_exit") & header).sum())
-    parts = pl.col("l").str.splitn(MARKER[fmt], 2)
-    head, p = pl.col("head"), pl.col("pay")
-    r = p.str.find(" reason ", literal=True)
-    rip = p.str.find(" rip 0x", literal=True)
-    parsed_q = (lines.filter("is_exit")
-                .select("line", "l", head=parts.struct.field("field_0").str.strip_chars_end(" "),
-                        pay=parts.struct.field("field_1").str.strip_chars_start(" "))
-                .with_columns(colon=head.str.ends_with(":"), head=head.str.strip_suffix(":"))
-                .with_columns(prefix=head.str.strip_chars_end("0123456789."))
-                .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
-                .with_columns(ok=(p.str.contains(PAYLOAD_RX) & pl.col("colon")
-                                  & pl.col("ts").str.contains(r"^[0-9]+(?:\.[0-9]+)?$")).fill_null(False))
-                .with_columns(reason=pl.when("ok").then(p.str.slice(r + 8, rip - r - 8)),
-                              ts=pl.when("ok").then(pl.col("ts").cast(pl.Float64)))
-                .drop("head", "colon"))
-    stats, parsed = pl.collect_all([stats_q, parsed_q])
-    counts = Counts(lines=int(stats["lines"][0]), kvm_exit_lines=int(stats["exits"][0]),
-                    comments=int(stats["comments"][0]), truncated_last_line=chunk.truncated)
-    counts.other_events = counts.lines - counts.kvm_exit_lines - counts.comments
-    ok = parsed.lazy().filter("ok")
-
-    # 2. the few distinct prefixes and reasons, the time range, the first unparseable lines
-    prefixes, reason_texts, ts_range, bad = pl.collect_all([
-        ok.select(pl.col("prefix").unique()), ok.select(pl.col("reason").unique()),
-        ok.select(lo=pl.col("ts").min(), hi=pl.col("ts").max()),
-        parsed.lazy().filter(~pl.col("ok")).select("line", "l").head(keep_bad)])
-
-    # 3. prefix -> (task, cpu); a prefix of the wrong shape makes its lines unparsed
-    uniq = prefixes["prefix"].to_list()
-    looked = [tasks.lookup(source, fmt, x) for x in uniq]
-    ptab = pl.DataFrame({"prefix": uniq, "task": [t[0] if t else None for t in looked],
-                         "cpu": [t[1] if t else None for t in looked]},
-                        schema={"prefix": pl.String, "task": pl.UInt32, "cpu": pl.UInt32})
-    rtab = reasons.reasons(reason_texts["reason"].to_list())
-    if ts_range["lo"][0] is not None:
-        shift = span_shift(_union(span, (ts_range["lo"][0], ts_range["hi"][0])), shift)
-
-    # 4. fields by position (the regex fixed the layout), mask, aggregates
-    i1 = p.str.find(" info1 0x", literal=True)
-    exits = (ok.join(ptab.lazy(), on="prefix", how="left")
-             .join(rtab.lazy(), on="reason", how="left")
-             .select("line", "ts", "task", "cpu",
-                     vcpu=p.str.slice(5, r - 5).cast(pl.UInt32),
-                     reason="reason", reason_name="reason_name", reason_flags="reason_flags",
-                     info1=p.str.slice(i1 + 9, 16).str.to_integer(base=16, dtype=pl.UInt64),
-                     tdvmcall_reason="tdvmcall_reason")
-             .with_columns(mask=pl.when("tdvmcall_reason").then("info1")))
-    good = exits.filter(pl.col("task").is_not_null())
-    queries = [
-        good.group_by("task", "vcpu", "reason", "mask").agg(n=pl.len(), first=pl.col("ts").min(),
-                                                            last=pl.col("ts").max()),
-        good.group_by("task", "reason", "mask", bucket=bucket_of(pl.col("ts"), shift)).agg(n=pl.len()),
-        exits.filter(pl.col("task").is_null()).select("line").head(keep_bad),
-    ] + ([good.sort("line")] if rows else [])
-    by_key, by_time, bad_prefix, *row_frames = pl.collect_all(queries)
-
-    counts.parsed = int(by_key["n"].sum())
-    bad_lines = [(int(n), t) for n, t in bad.iter_rows()]
-    if not bad_prefix.is_empty():
-        text = parsed.filter(pl.col("line").is_in(bad_prefix["line"].implode())).select("line", "l")
-        bad_lines += [(int(n), t) for n, t in text.iter_rows()]
-    counts.bad = sorted(bad_lines)[:keep_bad]
-    result = ChunkResult(counts, by_key, by_time, shift)
-    if rows:
-        result.rows = row_frames[0].with_columns(pl.col("line").cast(pl.UInt64))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,7 +536,8 @@ class InputReport:
 
 
 class Audit:
-    """Aggregates of every parsed exit, by (task, vCPU, reason, mask) and by time bucket."""
+    """Aggregates of every parsed exit, by (task, vCPU, reason, mask) and by time bucket, as
+    columns of numpy arrays (``trace_report`` turns them into the report)."""
 
     def __init__(self, td_pids: set[int] | None = None, parquet: str | None = None, keep_bad: int = 5):
         self.td_pids = td_pids
@@ -615,22 +545,26 @@ class Audit:
         self.reasons = ReasonTable()
         self.inputs: list[InputReport] = []
         self.keep_bad = keep_bad
-        self._by_key: list[pl.DataFrame] = []
-        self._by_time: list[pl.DataFrame] = []
+        self._by_key: list[Columns] = []
+        self._by_time: list[Columns] = []
         self._shift = 0  # bucket width = BUCKET_BASE * 2**shift; only grows
         self._span: tuple[float, float] | None = None
-        self.parquet = ParquetSink(parquet) if parquet else None
+        self.parquet = None
+        if parquet:
+            from .trace_report import ParquetSink  # pyarrow: only when writing Parquet
+
+            self.parquet = ParquetSink(parquet, self)
 
     # -- feeding --------------------------------------------------------------------------
     def add(self, result: ChunkResult, source: str) -> None:
         """Fold one chunk's aggregates in."""
-        if result.by_key.is_empty():
-            return
         key = result.by_key
+        if not len(key["n"]):
+            return
         self._by_key.append(key)
-        self._widen(float(key["first"].min()), float(key["last"].max()), result.shift)  # type: ignore[arg-type]
+        self._widen(float(key["first"].min()), float(key["last"].max()), result.shift)
         factor = 1 << (self._shift - result.shift)
-        self._by_time.append(result.by_time.with_columns(pl.col("bucket") // factor))
+        self._by_time.append(dict(result.by_time, bucket=result.by_time["bucket"] // factor))
         if self.parquet is not None and result.rows is not None:
             self.parquet.write(result.rows, source)
         if len(self._by_key) >= 32:
@@ -643,13 +577,12 @@ class Audit:
         shift = span_shift(self._span, max(self._shift, at_least))
         if shift != self._shift:
             factor = 1 << (shift - self._shift)
-            self._by_time = [t.with_columns(pl.col("bucket") // factor) for t in self._by_time]
+            self._by_time = [dict(t, bucket=t["bucket"] // factor) for t in self._by_time]
             self._shift = shift
 
     def _compact(self) -> None:
-        self._by_key = [pl.concat(self._by_key).group_by("task", "vcpu", "reason", "mask").agg(
-            n=pl.col("n").sum(), first=pl.col("first").min(), last=pl.col("last").max())]
-        self._by_time = [pl.concat(self._by_time).group_by("task", "reason", "mask", "bucket").agg(n=pl.col("n").sum())]
+        self._by_key = [aggregate(concat(self._by_key), KEY)]
+        self._by_time = [aggregate(concat(self._by_time), TIME_KEY)]
 
     @property
     def shift(self) -> int:
@@ -659,63 +592,19 @@ class Audit:
     def span(self) -> tuple[float, float] | None:
         return self._span
 
-    # -- results ----------------------------------------------------------------------------
-    def td_tasks(self) -> set[int]:
-        """Task ids of TDs: given (``--td``: a pid or tgid) or inferred (a task with a TDCALL exit
-        is a TD, and so is every task of the same process when the trace shows tgids)."""
-        if self.td_pids is not None:
-            return {i for i, t in enumerate(self.tasks.tasks) if t.pid in self.td_pids or t.tgid in self.td_pids}
-        by_key = self.by_key()
-        tdcall = by_key.filter(pl.col("reason_name") == VMX_EXIT_REASON_NAMES[EXIT_REASON_TDCALL],
-                               pl.col("tdvmcall_reason"))["task"].unique().to_list()
-        tasks = self.tasks.tasks
-        procs = {(tasks[i].source, tasks[i].tgid) for i in tdcall if tasks[i].tgid is not None}
-        return set(tdcall) | {i for i, t in enumerate(tasks) if t.tgid is not None and (t.source, t.tgid) in procs}
+    def key_columns(self) -> Columns:
+        """Every parsed exit so far, aggregated by :data:`KEY`."""
+        if not self._by_key:
+            return empty_key()
+        self._compact()
+        return self._by_key[0]
 
-    def by_key(self) -> pl.DataFrame:
-        if self._by_key:
-            self._compact()
-            k = self._by_key[0]
-        else:
-            k = pl.DataFrame(schema={"task": pl.UInt32, "vcpu": pl.UInt32, "reason": pl.String,
-                                     "mask": pl.UInt64, "n": pl.UInt32, "first": pl.Float64, "last": pl.Float64})
-        return k.join(self.reasons.reasons(k["reason"].unique().to_list()), on="reason", how="left")
-
-    def task_frame(self, td: set[int]) -> pl.DataFrame:
-        return pl.DataFrame(
-            [(i, t.source, t.comm, t.pid, t.tgid, t.process, t.label, i in td) for i, t in enumerate(self.tasks.tasks)],
-            schema={"task": pl.UInt32, "source": pl.String, "comm": pl.String, "pid": pl.Int64, "tgid": pl.Int64,
-                    "process": pl.Int64, "task_label": pl.String, "td": pl.Boolean}, orient="row")
-
-    def classify(self, frame: pl.DataFrame, td: set[int]) -> pl.DataFrame:
-        """Add ``td``, ``kind`` and ``verdict`` (null unless kind = tdvmcall) to rows with task,
-        reason and mask columns."""
-        f = frame.with_columns(td=pl.col("task").is_in(sorted(td)))
-        pairs = f.filter("td").select("reason", "mask").unique().rows()  # verdicts for TDs only
-        f = f.join(self.reasons.verdicts(pairs), on=["reason", "mask"], how="left", nulls_equal=True)
-        kind = (pl.when(~pl.col("td")).then(pl.lit("non-td"))
-                .when(pl.col("verdict_if_td").is_null()).then(pl.lit("td-other"))
-                .otherwise(pl.lit("tdvmcall")))
-        return f.with_columns(kind=kind, verdict=pl.when(pl.col("td")).then("verdict_if_td"))
-
-    def by_time(self, td: set[int]) -> tuple[pl.DataFrame, float]:
-        """Exit counts per (time bucket, kind/verdict); the bucket width in seconds."""
-        if self._by_time:
-            self._compact()
-            t = self._by_time[0]
-        else:
-            t = pl.DataFrame(schema={"task": pl.UInt32, "reason": pl.String, "mask": pl.UInt64,
-                                     "bucket": pl.Int64, "n": pl.UInt32})
-        t = self.classify(t, td).with_columns(series=pl.coalesce("verdict", "kind"))
-        width = BUCKET_BASE * (1 << self._shift)
-        return t.group_by("bucket", "series").agg(n=pl.col("n").sum()).sort("bucket"), width
-
-    def finish(self, top: int = 10) -> dict:
-        """The report (writing the Parquet file first, if asked)."""
-        td = self.td_tasks()
-        if self.parquet is not None:
-            self.parquet.close(self.task_frame(td), td, self)
-        return build_report(self, td, top)
+    def time_columns(self) -> Columns:
+        """Every parsed exit so far, aggregated by :data:`TIME_KEY` at :attr:`shift`."""
+        if not self._by_time:
+            return empty_time()
+        self._compact()
+        return self._by_time[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,185 +655,3 @@ def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress |
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# the report
-# ---------------------------------------------------------------------------------------------
-
-
-def _verdict_columns() -> list[pl.Expr]:
-    cols = [pl.col("n").filter(pl.col("kind") == "tdvmcall").sum().alias("tdvmcall")]
-    cols += [pl.col("n").filter(pl.col("verdict") == v).sum().alias(v) for v in VERDICTS]
-    return cols
-
-
-def _with_shares(df: pl.DataFrame) -> pl.DataFrame:
-    denom = pl.when(pl.col("tdvmcall") > 0).then(pl.col("tdvmcall"))
-    return df.with_columns(
-        refused_share=(pl.sum_horizontal(*FAILING) / denom).fill_null(0.0).round(6),
-        depends_share=(pl.col("depends") / denom).fill_null(0.0).round(6),
-    )
-
-
-def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
-    """The whole report as plain data (what ``--json`` prints)."""
-    tasks = audit.task_frame(td)
-    k = audit.classify(audit.by_key(), td).join(tasks.drop("td"), on="task", how="left")
-    total = k["n"].sum() if len(k) else 0
-
-    td_rows = k.filter(pl.col("kind") == "tdvmcall")
-
-    def table(frame: pl.DataFrame, keys: list[str]) -> list[dict]:
-        if frame.is_empty():
-            return []
-        df = frame.group_by(keys).agg(pl.col("n").sum().alias("exits"), *_verdict_columns())
-        return _with_shares(df).sort(keys).to_dicts()
-
-    per_process = table(k, ["source", "process", "comm", "td"])
-    per_vcpu = table(k, ["source", "process", "task_label", "vcpu", "td"])
-    per_reason = table(td_rows, ["reason_name"])
-    per_mask = [dict(r, mask=f"{r['mask']:#06x}", registers=" ".join(names_in(r["mask"] & GPR_MASK, 16)))
-                for r in table(td_rows, ["mask"])]
-    pairs = []
-    if not td_rows.is_empty():
-        rank = {"refused": 0, "internal-error": 0, "depends": 1, "inconsistent": 2, "completes": 3}
-        pairs_df = (td_rows.group_by("reason_name", "mask", "verdict", "detail", "missing", "refused_for")
-                    .agg(exits=pl.col("n").sum()))
-        pairs = sorted(pairs_df.to_dicts(), key=lambda r: (rank[r["verdict"]], -r["exits"], r["reason_name"], r["mask"]))
-        for r in pairs:
-            r["reason"] = r.pop("reason_name")
-            r["mask"] = f"{r['mask']:#06x}"
-    by_kind = {kd: int(k.filter(pl.col("kind") == kd)["n"].sum()) for kd in KINDS}
-    by_verdict = {v: int(td_rows.filter(pl.col("verdict") == v)["n"].sum()) for v in VERDICTS}
-    n_td = by_kind["tdvmcall"]
-    inferred = audit.td_pids is None
-    td_tasks = tasks.filter("td")
-    return {
-        "inputs": [{"name": i.name, "format": i.format, "compression": i.compression, "bytes": i.bytes,
-                    "lines": i.counts.lines, "kvm_exit_lines": i.counts.kvm_exit_lines, "parsed": i.counts.parsed,
-                    "unparsed": i.counts.unparsed, "other_events": i.counts.other_events,
-                    "comments": i.counts.comments, "truncated_last_line": i.counts.truncated_last_line}
-                   for i in audit.inputs],
-        "unparsed_examples": [{"input": i.name, "line": n, "text": t[:300]} for i in audit.inputs for n, t in i.counts.bad],
-        "td": {
-            "mode": "inferred" if inferred else "given",
-            "rule": ("a task with a TDCALL exit is a TD (and every task of its process when tgids are shown)"
-                     if inferred else "tasks whose pid or tgid was given with --td"),
-            "given": sorted(audit.td_pids) if audit.td_pids is not None else None,
-            "tasks": [f"{r['source']}:{r['task_label']}" for r in td_tasks.to_dicts()],
-            "non_td_tasks": [f"{r['source']}:{r['task_label']}" for r in tasks.filter(~pl.col("td")).to_dicts()],
-        },
-        "totals": {
-            "exits": int(total), **{f"{kd}_exits": v for kd, v in by_kind.items()},
-            "verdicts": by_verdict,
-            "refused_share": round((by_verdict["refused"] + by_verdict["internal-error"]) / n_td, 6) if n_td else 0.0,
-            "depends_share": round(by_verdict["depends"] / n_td, 6) if n_td else 0.0,
-        },
-        "per_process": per_process,
-        "per_vcpu": per_vcpu,
-        "per_reason": per_reason,
-        "per_mask": per_mask,
-        "pairs": pairs,
-        "top_offending": [p for p in pairs if p["verdict"] in FAILING + ("depends",)][:top],
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Parquet: one row per parsed exit
-# ---------------------------------------------------------------------------------------------
-
-#: the Parquet columns (documented in docs/trace.md)
-PARQUET_COLUMNS = (
-    ("source", "string"), ("line", "uint64"), ("ts", "float64"), ("cpu", "uint32"), ("comm", "string"),
-    ("pid", "int64"), ("tgid", "int64"), ("vcpu", "uint32"), ("reason", "string"), ("reason_flags", "string"),
-    ("info1", "uint64"), ("mask", "uint64"), ("td", "bool"), ("kind", "string"), ("verdict", "string"),
-    ("missing", "string"),
-)
-
-
-def parquet_schema():
-    import pyarrow as pa  # only when writing Parquet: it is slow to import
-
-    return pa.schema([(name, pa.type_for_alias(t)) for name, t in PARQUET_COLUMNS])
-
-
-class ParquetSink:
-    """Writes parsed exits to ``path``.  Whether a task is a TD is known only at the end (when it
-    is inferred), so rows go to a temporary file first and are rewritten, row group by row group,
-    with the ``td``, ``kind``, ``verdict`` and ``missing`` columns added."""
-
-    def __init__(self, path: str):
-        import pyarrow.parquet as pq
-
-        self.path = path
-        self.tmp = path + ".partial"
-        self._pq = pq
-        self._writer = None
-
-    def write(self, e: pl.DataFrame, source: str) -> None:
-        t = e.select("task", "line", "ts", "cpu", "vcpu", "reason", "reason_name", "reason_flags", "info1", "mask",
-                     source=pl.lit(source)).to_arrow()
-        if self._writer is None:
-            self._writer = self._pq.ParquetWriter(self.tmp, t.schema, compression="zstd")
-        self._writer.write_table(t.cast(self._writer.schema))
-
-    def close(self, tasks: pl.DataFrame, td: set[int], audit: Audit) -> None:
-        import os
-
-        schema = parquet_schema()
-        out = self._pq.ParquetWriter(self.path, schema, compression="zstd")
-        try:
-            if self._writer is not None:
-                self._writer.close()
-                for batch in self._pq.ParquetFile(self.tmp).iter_batches(batch_size=1 << 20):
-                    f = audit.classify(pl.from_arrow(batch), td).join(tasks.drop("td", "source"), on="task", how="left")
-                    f = f.select("source", "line", "ts", "cpu", "comm", "pid", "tgid", "vcpu",
-                                 pl.col("reason_name").alias("reason"), "reason_flags", "info1", "mask", "td", "kind",
-                                 "verdict", pl.when(pl.col("td")).then("missing").alias("missing"))
-                    out.write_table(f.to_arrow().cast(schema))
-        finally:
-            out.close()
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
-
-
-# ---------------------------------------------------------------------------------------------
-# the plot
-# ---------------------------------------------------------------------------------------------
-
-PLOT_COLOURS = {"completes": "#4c9a2a", "depends": "#e0a526", "refused": "#c0392b", "internal-error": "#7d3c98",
-                "inconsistent": "#7f8c8d"}
-
-
-def plot(audit: Audit, td: set[int], path: str) -> None:
-    """TDVMCALL exits of TDs over time, stacked by verdict (exits per second)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t, width = audit.by_time(td)
-    t = t.filter(pl.col("series").is_in(VERDICTS))
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
-    if t.is_empty():
-        ax.text(0.5, 0.5, "no TDVMCALL exits of a TD in the trace", ha="center", va="center", transform=ax.transAxes)
-    else:
-        lo, hi = int(t["bucket"].min()), int(t["bucket"].max())
-        grid = pl.DataFrame({"bucket": range(lo, hi + 1)}, schema={"bucket": pl.Int64})
-        wide = t.pivot(on="series", index="bucket", values="n", aggregate_function="sum")
-        wide = grid.join(wide, on="bucket", how="left").fill_null(0)
-        x = [(b - lo) * width for b in wide["bucket"].to_list()]
-        series = [v for v in VERDICTS if v in wide.columns]
-        ax.stackplot(x, *[[n / width for n in wide[v].to_list()] for v in series], labels=series,
-                     colors=[PLOT_COLOURS[v] for v in series], step="post")
-        ax.legend(loc="upper right", fontsize="small")
-        ax.set_xlim(0, max(x[-1], width))
-    ax.set_xlabel(f"seconds since the first exit (bins of {width:g} s)")
-    ax.set_ylabel("TDVMCALL exits per second")
-    ax.set_title("TDVMCALL exits of TDs by hardened-KVM verdict")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-__all__ = ["Audit", "TraceInputError", "Verdict", "audit_input", "build_report", "detect_format",
-           "parse_chunk", "plot", "verdict_for", "FORMATS", "VERDICTS"]

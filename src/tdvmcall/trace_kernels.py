@@ -313,20 +313,20 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
 
 
 @njit(cache=True, nogil=True)
-def group(keys, ts):
-    """Group the rows of ``keys`` (int64, rows x columns) by equal rows: for each group, the row
-    that opened it, its number of rows and the least and greatest ``ts`` of them."""
-    n, width = keys.shape
+def group(keys, n, lo, hi):
+    """Merge the rows of ``keys`` (int64, rows x columns) that are equal: for each group, the row
+    that opened it, the sum of ``n`` over its rows, the least ``lo`` and the greatest ``hi``."""
+    rows, width = keys.shape
     cap = 1 << 4
-    while cap < 2 * n:
+    while cap < 2 * rows:
         cap <<= 1
     slots = np.full(cap, -1, np.int64)
-    first = np.empty(n, np.int64)
-    count = np.zeros(n, np.int64)
-    lo = np.empty(n, np.float64)
-    hi = np.empty(n, np.float64)
+    first = np.empty(rows, np.int64)
+    total = np.zeros(rows, np.int64)
+    least = np.empty(rows, np.float64)
+    greatest = np.empty(rows, np.float64)
     groups = 0
-    for r in range(n):
+    for r in range(rows):
         h = _FNV_OFFSET
         for c in range(width):
             h = (h ^ np.uint64(keys[r, c])) * _FNV_PRIME
@@ -338,8 +338,8 @@ def group(keys, ts):
                 groups += 1
                 slots[i] = g
                 first[g] = r
-                lo[g] = ts[r]
-                hi[g] = ts[r]
+                least[g] = lo[r]
+                greatest[g] = hi[r]
                 break
             same = True
             for c in range(width):
@@ -349,8 +349,7 @@ def group(keys, ts):
             if same:
                 break
             i = (i + 1) & (cap - 1)
-        count[g] += 1
-        lo[g] = min(lo[g], ts[r])
-        hi[g] = max(hi[g], ts[r])
-    return first[:groups], count[:groups], lo[:groups], hi[:groups]
-
+        total[g] += n[r]
+        least[g] = min(least[g], lo[r])
+        greatest[g] = max(greatest[g], hi[r])
+    return first[:groups], total[:groups], least[:groups], greatest[:groups]

@@ -29,7 +29,7 @@ def warm_up() -> None:
     """Load the kernels and run each once (numba's start-up: about 0.3 s once cached, the
     compilation itself on first use ever)."""
     Scanned(b"\n", False)
-    kernels().group(np.zeros((1, 4), np.int64), np.zeros(1))
+    kernels().group(np.zeros((1, 4), np.int64), np.ones(1, np.int64), np.zeros(1), np.zeros(1))
 
 
 class Scanned:

@@ -41,7 +41,7 @@ class Chunk:
     """Whole lines of one input; ``truncated`` is set on the last chunk when the input does not
     end with a newline.  (Lines are not counted here: the parser counts them for free.)"""
 
-    data: bytes
+    data: bytes | bytearray
     truncated: bool = False
 
 
@@ -67,9 +67,17 @@ class Source:
         except (OSError, ValueError):
             return 0
 
-    def read(self, n: int) -> bytes:
+    def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf`` as far as the input goes (a pipe or a decompressor may return less per
+        call); the number of bytes read, 0 at the end."""
+        got = 0
         try:
-            return self._stream.read(n)
+            while got < len(buf):
+                n = self._stream.readinto(buf[got:])
+                if not n:
+                    break
+                got += n
+            return got
         except (OSError, EOFError, zlib.error) as e:  # gzip/zstd corruption
             raise TraceInputError(f"{self.name}: cannot decompress {self.compression} data: {e}") from None
         except Exception as e:  # zstandard.ZstdError is not an OSError
@@ -121,25 +129,31 @@ def _decompressing(raw: BinaryIO, compression: str) -> BinaryIO:
 
 def chunks(src: Source, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
     """The input in newline-aligned chunks; raises :class:`TraceInputError` for an empty or
-    binary input, or for a line longer than :data:`MAX_LINE`."""
+    binary input, or for a line longer than :data:`MAX_LINE`.
+
+    Each chunk is its own ``bytearray``: the previous chunk's partial line, then the input read
+    straight into it (``readinto``: the bytes are copied once, from the kernel)."""
     rest = b""
     first = True
     while True:
-        data = src.read(size)
+        buf = bytearray(len(rest) + size)
+        buf[:len(rest)] = rest
+        got = src.readinto(memoryview(buf)[len(rest):])
         if first:
-            _check_start(src, data)
+            _check_start(src, buf[:got])
             first = False
-        if not data:
+        if not got:
             break
-        cut = data.rfind(b"\n") + 1
+        end = len(rest) + got
+        cut = buf.rfind(b"\n", len(rest), end) + 1
         if cut == 0:
-            rest += data
+            rest = bytes(buf[:end])
             if len(rest) > MAX_LINE:
                 raise TraceInputError(f"{src.name}: a line longer than {MAX_LINE >> 20} MiB: not trace text")
             continue
-        # one copy: the previous chunk's partial line, then this one's whole lines
-        yield Chunk(b"".join((rest, memoryview(data)[:cut])))
-        rest = data[cut:]
+        rest = bytes(buf[cut:end])
+        del buf[cut:]  # shrinks in place
+        yield Chunk(buf)
     if rest:
         yield Chunk(rest, truncated=True)
 
