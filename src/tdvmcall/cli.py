@@ -9,13 +9,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from . import decode as D
-from .codes import MODULE_TABLE_VERSIONS, TDVMCALL_STATUS_NAMES
-from .kvm import leaves as L
-from .regs import GPR_NAMES, fmt_mask, parse_int
-from .scenario import ScenarioError, parse, result_json
+# The model (decode, codes, kvm, regs, scenario, ...) is imported inside the commands that use it, so
+# that importing this module (the start of every command, `tdvmcall trace` included) stays cheap.
 
 app = typer.Typer(
     name="tdvmcall",
@@ -52,6 +48,8 @@ def run(
     Scenario: {"td": {"module": "1.5", "no_rbp_mod": true}, "kvm": {"policy": "hardened"},
     "guest": {"rcx": "0xFFCC", "r11": "0xA", "r12": "0x1"}, "platform": {}}. See docs/scenario.md.
     """
+    from .scenario import ScenarioError, parse, result_json
+
     try:
         text = sys.stdin.read() if file == "-" else Path(file).read_text()
     except OSError as e:
@@ -78,6 +76,10 @@ def run(
 
 
 def render_run(r: dict) -> None:
+    from rich.table import Table
+
+    from .regs import GPR_NAMES, fmt_mask
+
     m, k = r["module"], r["kvm"]
     gsel = set(m["gpr_select"])
     out.print(f"[bold]TDX module {r['td']['module']}[/], NO_RBP_MOD {'on' if r['td']['no_rbp_mod'] else 'off'}; "
@@ -128,6 +130,10 @@ def decode(
 ) -> None:
     """Explain a value from a log: a TDX status, a TDVMCALL status, a control value or an exit
     qualification."""
+    from . import decode as D
+    from .codes import MODULE_TABLE_VERSIONS
+    from .regs import parse_int
+
     try:
         v = parse_int(value, "VALUE")
     except ValueError as e:
@@ -144,6 +150,8 @@ def decode(
 
 
 def render_decode(d: dict) -> None:
+    from .codes import TDVMCALL_STATUS_NAMES
+
     value = d["value"]
     out.print(f"[bold]0x{value:016x}[/] read as [bold]{d['reading']}[/] ({d['why']})", highlight=False)
     kind = d["kind"]
@@ -186,6 +194,10 @@ def leaves(
 ) -> None:
     """Print the leaf table: what each TDVMCALL reads and writes, under which conditions, the minimal
     GPR mask hardened KVM needs, and where each fact was read."""
+    from rich.table import Table
+
+    from .kvm import leaves as L
+
     rows = L.LEAVES
     if name is not None:
         try:

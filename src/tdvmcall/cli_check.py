@@ -10,11 +10,6 @@ from typing import Optional
 
 import typer
 
-from .catalog import CatalogError, Host, check_sites, load_catalog, what_if
-from .kvm.tdx import POLICIES
-from .report import html_report, markdown_report, report_json, rich_report, summary_line
-from .scenario import TREES
-
 CHECK_HELP = "\n\n".join(" ".join(paragraph.split()) for paragraph in (
     """Check every TDVMCALL of real guests' call sites against a host: the TDX module with the TD's
     attributes, then KVM as it is today ('legacy') and with the hardened register validation.""",
@@ -54,7 +49,11 @@ def check(
     html_file: Optional[Path] = typer.Option(None, "--html", metavar="FILE",
                                              help="Also write a self-contained HTML report (matrix of sites x calls)."),
 ) -> None:
+    from .catalog import CatalogError, Host, check_sites, load_catalog, what_if
     from .cli import emit_json, fail, out  # the shared console and the bad-input boundary
+    from .kvm.tdx import POLICIES
+    from .report import html_report, markdown_report, report_json, rich_report
+    from .scenario import TREES
 
     # validate options
     if policy not in POLICIES:
@@ -116,4 +115,4 @@ def register(app: typer.Typer) -> None:
     app.command("check", help=CHECK_HELP)(check)
 
 
-__all__ = ["register", "summary_line"]
+__all__ = ["register"]

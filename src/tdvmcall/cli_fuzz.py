@@ -11,7 +11,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from typing import TYPE_CHECKING
 
@@ -63,6 +62,8 @@ def write_counterexample(r: F.CampaignResult, path: Path) -> dict:
 
 
 def render(r: F.CampaignResult, out: Console) -> None:
+    from rich.table import Table
+
     from . import fuzz as F
 
     cov = r.coverage()

@@ -9,11 +9,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import box
-from rich.table import Table
-
-from .kvm import leaves as L
-from .sweep import NR_MASKS, run_sweep
 
 SWEEP_HELP = "\n\n".join(" ".join(paragraph.split()) for paragraph in (
     """Answer exhaustively which GPR masks each call accepts. For every call of the leaf table under
@@ -42,6 +37,8 @@ def sweep(
     jobs: int = typer.Option(0, "--jobs", help="Worker processes (0: one per CPU, at most 4)."),
 ) -> None:
     from .cli import emit_json, fail, out  # the shared console and the bad-input boundary
+    from .kvm import leaves as L
+    from .sweep import run_sweep
 
     known = [leaf.name for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,)]
     if call and (unknown := [c for c in call if c not in known]):
@@ -57,6 +54,11 @@ def sweep(
 
 
 def _render_sweep(result: dict, out) -> None:  # noqa: ANN001 (a rich Console)
+    from rich import box
+    from rich.table import Table
+
+    from .sweep import NR_MASKS
+
     t = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
               caption=f"module 1.5; masks accepted out of {NR_MASKS:,}; (sim) = simulation, {result['route']} route; "
                       "(table) = leaf table")
