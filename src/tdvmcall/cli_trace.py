@@ -6,12 +6,10 @@ The command only composes: reading and verdicts are ``trace.py`` (facts: ABI.md 
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Annotated
 
@@ -66,12 +64,9 @@ def register(app: typer.Typer) -> None:
         mask (info1) and the reason say whether the TDX module could have sent it and whether
         hardened KVM completes it, refuses it, or it depends on inputs or on the leaf."""
         gc.disable()  # the imports and numba's start-up create about a million objects: see below
-        from . import trace, trace_scan
+        from . import trace, trace_report, trace_scan
 
         trace_scan.warm_up()
-        # the report needs polars (0.2-0.3 s to import): imported while the kernels scan, which
-        # they do without the GIL
-        report_module = ThreadPoolExecutor(1).submit(importlib.import_module, "tdvmcall.trace_report")
         # those objects would be walked by the cyclic garbage collector again and again, and once
         # more at exit (0.4 s): exempt them
         gc.freeze()
@@ -82,10 +77,9 @@ def register(app: typer.Typer) -> None:
             for path in files:
                 with _progress(err, path, progress) as report:
                     trace.audit_input(audit, path, fmt=format.value, progress=report)
-            R = report_module.result()
-            result = R.finish(audit, top=top)
+            result = trace_report.finish(audit, top=top)
             if plot_file:
-                R.plot(audit, R.td_tasks(audit), plot_file)
+                trace_report.plot(audit, trace_report.td_tasks(audit), plot_file)
         except TraceInputError as e:
             err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

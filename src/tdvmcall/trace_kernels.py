@@ -50,6 +50,10 @@ from numba import njit  # noqa: E402
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
+_MIX = np.uint64(0xFF51AFD7ED558CCD)
+#: SWAR constants: a byte repeated over a word
+_ONES, _HIGH = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080)
+_NEWLINES, _KS = np.uint64(0x0A0A0A0A0A0A0A0A), np.uint64(0x6B6B6B6B6B6B6B6B)
 #: exact powers of ten (a timestamp has at most 15 digits)
 _POW10 = np.array([10.0 ** k for k in range(16)])
 
@@ -97,13 +101,39 @@ def _hex_field(buf, p, e, word, width):
     return p + width
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _load8(buf, a):
+    """The 8 bytes at ``a`` as one little-endian word (an unaligned load)."""
+    return (np.uint64(buf[a]) | (np.uint64(buf[a + 1]) << np.uint64(8)) | (np.uint64(buf[a + 2]) << np.uint64(16))
+            | (np.uint64(buf[a + 3]) << np.uint64(24)) | (np.uint64(buf[a + 4]) << np.uint64(32))
+            | (np.uint64(buf[a + 5]) << np.uint64(40)) | (np.uint64(buf[a + 6]) << np.uint64(48))
+            | (np.uint64(buf[a + 7]) << np.uint64(56)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _has_byte(x, pattern):
+    """Non-zero if a byte of the word ``x`` may equal the byte repeated in ``pattern`` (never
+    zero when one does; a non-zero answer is then checked byte by byte)."""
+    v = x ^ pattern
+    return (v - _ONES) & ~v & _HIGH
+
+
 @njit(cache=True, nogil=True)
 def _intern(buf, s, e, slots, reps, count):
     """The id of the byte string ``buf[s:e]`` among those seen (``reps[id] = (start, end)`` of
-    its first occurrence; ``slots`` an open-addressing table of ids by FNV-1a hash)."""
-    h = _FNV_OFFSET
-    for k in range(s, e):
+    its first occurrence; ``slots`` an open-addressing table of ids by an FNV-1a hash taken a
+    word at a time, then mixed (MurmurHash3's finaliser) so that every byte reaches the slot)."""
+    h = _FNV_OFFSET ^ np.uint64(e - s)
+    k = s
+    while k + 8 <= e:
+        h = (h ^ _load8(buf, k)) * _FNV_PRIME
+        k += 8
+    while k < e:
         h = (h ^ np.uint64(buf[k])) * _FNV_PRIME
+        k += 1
+    h ^= h >> np.uint64(33)
+    h *= _MIX
+    h ^= h >> np.uint64(33)
     mask = len(slots) - 1
     i = np.int64(h & np.uint64(mask))
     while True:
@@ -120,10 +150,16 @@ def _intern(buf, s, e, slots, reps, count):
         rs, re_ = reps[rid, 0], reps[rid, 1]
         if re_ - rs == e - s:
             same = True
-            for k in range(e - s):
-                if buf[rs + k] != buf[s + k]:
+            k = 0
+            while k + 8 <= e - s:
+                if _load8(buf, rs + k) != _load8(buf, s + k):
                     same = False
                     break
+                k += 8
+            while same and k < e - s:
+                if buf[rs + k] != buf[s + k]:
+                    same = False
+                k += 1
             if same:
                 return rid
         i = (i + 1) & mask
@@ -236,11 +272,18 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
     out = np.zeros(4, np.int64)
     pcount = np.zeros(1, np.int64)
     rcount = np.zeros(1, np.int64)
+    words = buf[:n - n % 8].view(np.uint64)
     while i < n:
         start = i
         q = -1
         j = i
         while j < n:
+            # a word at a time while it holds no newline and (until kvm_exit: is found) no "k"
+            if j & 7 == 0 and j + 8 <= n:
+                x = words[j >> 3]
+                if _has_byte(x, _NEWLINES) == 0 and (q >= 0 or _has_byte(x, _KS) == 0):
+                    j += 8
+                    continue
             c = buf[j]
             if c == 10:
                 break
