@@ -79,7 +79,9 @@ def register(app: typer.Typer) -> None:
                     trace.audit_input(audit, path, fmt=format.value, progress=report)
             result = trace_report.finish(audit, top=top)
             if plot_file:
-                trace_report.plot(audit, trace_report.td_tasks(audit), plot_file)
+                from .trace_export import plot  # polars and matplotlib: only for the plot
+
+                plot(audit, trace_report.td_tasks(audit), plot_file)
         except TraceInputError as e:
             err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

@@ -272,6 +272,26 @@ def verdict_if_td(reason: Reason, mask: int | None) -> Verdict | None:
     return verdict_for(reason.number, mask)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Classified:
+    """What the report says of an exit: ``kind`` one of :data:`KINDS`; for a TDVMCALL exit of a
+    TD its verdict, detail, missing registers (space-separated) and ``refused_for`` (comma-separated)."""
+
+    kind: str
+    verdict: str | None = None
+    detail: str | None = None
+    missing: str | None = None
+    refused_for: str | None = None
+
+
+def classify_exit(reason: Reason, info1: int, td: bool) -> Classified:
+    """Classify an exit of a TD (``td``) or not, with this reason and info1."""
+    v = verdict_if_td(reason, info1) if td else None
+    if v is None:
+        return Classified("td-other" if td else "non-td")
+    return Classified("tdvmcall", v.verdict, v.detail, " ".join(v.missing), ", ".join(v.refused_for))
+
+
 # ---------------------------------------------------------------------------------------------
 # parsing one chunk
 # ---------------------------------------------------------------------------------------------
@@ -551,7 +571,7 @@ class Audit:
         self._span: tuple[float, float] | None = None
         self.parquet = None
         if parquet:
-            from .trace_report import ParquetSink  # pyarrow: only when writing Parquet
+            from .trace_export import ParquetSink  # polars and pyarrow: only when writing Parquet
 
             self.parquet = ParquetSink(parquet, self)
 
