@@ -10,7 +10,9 @@ EXTERNAL_INTERRUPT, ...), a legacy VM, and the noise events a ``kvm`` + ``sched`
 (kvm_entry, kvm_pio, kvm_msr, sched_switch, ...).  It is written once per size and format and is
 never committed.
 
-Each contender runs as its own process on the same file, one after the other; wall time and peak
+Each contender runs as its own process on the same file, one after the other, in ``--repeat``
+rounds (3 by default: this machine's speed varies by 20-30% from minute to minute, so single runs
+mislead); medians are shown, with the fastest and slowest wall times.  Wall time, CPU time and peak
 RSS come from ``wait4``.  The first run of each reads the file from the page cache like the others
 (the generator just wrote it).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -158,6 +161,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--format", choices=("ftrace", "trace-cmd", "perf"), default="ftrace")
     ap.add_argument("--regenerate", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (each runs every contender once); medians are shown")
     args = ap.parse_args()
 
     path = os.path.join(args.dir, f"tdvmcall-bench-{args.format}-{args.size_mb}MB.trace")
@@ -173,20 +177,27 @@ def main() -> None:
                 "--no-progress"]
     baseline = [sys.executable, "-c", PERF_BASELINE if args.format == "perf" else BASELINE, path]
     runs = {"tdvmcall trace": tdvmcall, "regex loop": baseline, "grep -c kvm_exit": ["grep", "-c", "kvm_exit", path]}
-    print(f"input: {size / 1e6:.0f} MB, {nlines:,} lines, {args.format}; {os.cpu_count()} CPUs")
-    results = {}
-    for name, cmd in runs.items():
-        secs, cpu, rss, rc = measure(cmd)
-        if rc != 0:
-            sys.exit(f"{name} failed with status {rc}")
-        results[name] = (secs, cpu)
-        print(f"{name:18s} {secs:7.2f} s wall {cpu:7.2f} s CPU  {size / secs / 1e6:8.1f} MB/s  "
-              f"{nlines / secs / 1e6:6.2f} M lines/s  peak RSS {rss:5.0f} MB")
-    (base, base_cpu), (ours, ours_cpu), (floor, _) = (results["regex loop"], results["tdvmcall trace"],
-                                                       results["grep -c kvm_exit"])
+    print(f"input: {size / 1e6:.0f} MB, {nlines:,} lines, {args.format}; {os.cpu_count()} CPUs; "
+          f"{args.repeat} round(s), each contender once per round, medians below")
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
+    for _ in range(args.repeat):
+        for name, cmd in runs.items():
+            secs, cpu, rss, rc = measure(cmd)
+            if rc != 0:
+                sys.exit(f"{name} failed with status {rc}")
+            samples[name].append((secs, cpu, rss))
+    med = {}
+    for name, runs_ in samples.items():
+        secs, cpu = statistics.median(r[0] for r in runs_), statistics.median(r[1] for r in runs_)
+        med[name] = (secs, cpu)
+        spread = f" (min {min(r[0] for r in runs_):.2f}, max {max(r[0] for r in runs_):.2f})" if len(runs_) > 1 else ""
+        print(f"{name:18s} {secs:7.2f} s wall{spread} {cpu:7.2f} s CPU  {size / secs / 1e6:8.1f} MB/s  "
+              f"{nlines / secs / 1e6:6.2f} M lines/s  peak RSS {max(r[2] for r in runs_):5.0f} MB")
+    (base, base_cpu), (ours, ours_cpu), (floor, _) = med["regex loop"], med["tdvmcall trace"], med["grep -c kvm_exit"]
     print(f"tdvmcall trace: {base / ours:.1f}x the regex loop's throughput (wall), "
           f"{base_cpu / ours_cpu:.1f}x per CPU second; grep -c is {ours / floor:.1f}x faster than tdvmcall trace")
     print(f"load average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+
 
 if __name__ == "__main__":
     main()
