@@ -122,7 +122,9 @@ def _has_byte(x, pattern):
 def _intern(buf, s, e, slots, reps, count):
     """The id of the byte string ``buf[s:e]`` among those seen (``reps[id] = (start, end)`` of
     its first occurrence; ``slots`` an open-addressing table of ids by an FNV-1a hash taken a
-    word at a time, then mixed (MurmurHash3's finaliser) so that every byte reaches the slot)."""
+    word at a time, then mixed (MurmurHash3's finaliser) so that every byte reaches the slot);
+    -1 when the table is full or a new string is not ASCII (checked once per distinct string,
+    not once per line)."""
     h = _FNV_OFFSET ^ np.uint64(e - s)
     k = s
     while k + 8 <= e:
@@ -142,6 +144,9 @@ def _intern(buf, s, e, slots, reps, count):
             rid = count[0]
             if 2 * rid >= len(slots):
                 return -1  # full: the caller takes the slow path for this line
+            for k in range(s, e):
+                if buf[k] >= 128:
+                    return -1  # not ASCII: the slow path (checked once per distinct string)
             count[0] += 1
             slots[i] = rid
             reps[rid, 0] = s
@@ -321,14 +326,10 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
                     while t > start and (48 <= buf[t - 1] <= 57 or buf[t - 1] == 46):
                         t -= 1
                     stamp = _timestamp(buf, t, h)
-                    ascii_prefix = True
-                    for k in range(start, t):
-                        if buf[k] >= 128:
-                            ascii_prefix = False
                     p = q + 9
                     while p < e and buf[p] == 32:
                         p += 1
-                    if stamp >= 0 and ascii_prefix and _payload(buf, p, e, out):
+                    if stamp >= 0 and _payload(buf, p, e, out):
                         tid = _intern(buf, start, t, pslots, preps, pcount)
                         rid = _intern(buf, out[1], out[2], rslots, rreps, rcount)
                         if tid >= 0 and rid >= 0:
