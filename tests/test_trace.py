@@ -379,3 +379,35 @@ def test_integer_timestamps_of_counter_clocks(write):
     assert (rep["inputs"][0]["parsed"], rep["totals"]["verdicts"]["completes"]) == (1, 0)  # no TDCALL: not a TD
     rep = audit(write("t", text.encode()), "--td", "1001")
     assert rep["totals"]["verdicts"]["completes"] == 1  # CPUID with R10-R15 completes
+
+
+@pytest.mark.parametrize("stamp", ["123456789012345", "9007199254740992", "98765432109876543210"])
+def test_large_counter_timestamps_and_the_plot(write, tmp_path, stamp):
+    # an x86-tsc clock passes 10**16 after a few weeks of uptime: 15 digits take the fast path, more
+    # the reference parser; both must keep the time buckets exact (2**63 / 1024 is about 9.0e15)
+    text = "# tracer: nop\n" + "".join(
+        line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00)).replace("1.000000:", f"{stamp[:-1]}{d}:")
+        + "\n" for d in "05")
+    png = str(tmp_path / "t.png")
+    rep = audit(write("t", text.encode()), "--plot", png)
+    assert (rep["inputs"][0]["parsed"], rep["totals"]["verdicts"]["completes"]) == (2, 2)
+    assert os.path.getsize(png) > 0
+
+
+def test_a_timestamp_beyond_float_range_is_unparsed(write):
+    text = "# tracer: nop\n" + line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00)).replace(
+        "1.000000:", "9" * 400 + ":") + "\n"
+    rep = audit(write("t", text.encode()))
+    assert (rep["inputs"][0]["parsed"], rep["inputs"][0]["unparsed"]) == (0, 1)
+
+
+def test_chunk_boundaries_do_not_change_the_report(write, monkeypatch):
+    # inputs are read in newline-aligned chunks parsed in parallel: any chunk size gives the same
+    # report, line numbers included (97 bytes: shorter than most lines, so lines straddle chunks)
+    from tdvmcall import trace, traceio
+
+    path = write("t.ftrace", fixture("ftrace"))
+    whole = audit(path)
+    monkeypatch.setattr(trace, "chunks", lambda src: traceio.chunks(src, 97))
+    assert audit(path) == whole
+    check_main_fixture(whole, "ftrace")

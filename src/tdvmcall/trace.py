@@ -26,10 +26,13 @@ kvm:kvm_exit: <payload>``.
 Technique (chosen by measurement, see ``docs/trace.md``): each newline-aligned chunk is scanned
 once by a compiled kernel (``trace_kernels.py``, numba, without the GIL: two chunks at a time) that
 parses the kvm_exit lines of the usual shape into arrays and interns their task prefixes and
-reason texts, which are then parsed once each in Python; a second kernel aggregates.  The lines the
-kernel is not sure about go to the reference parser, :func:`parse_chunk_polars` (polars splits the
-lines, one anchored regex without captures validates the payload, fields by ``find`` and slicing).
-Only aggregates are kept.
+reason texts, which are then parsed once each in Python; a second kernel aggregates, into numpy
+columns keyed by task and reason ids.  The lines the kernel is not sure about go to the reference
+parser (``trace_polars.parse_chunk_polars``: polars splits the lines, one anchored regex without
+captures validates the payload, fields by ``find`` and slicing).  Only aggregates are kept;
+``trace_report`` turns them into the report (plain Python: they are few rows), ``trace_export``
+into Parquet and the plot (polars).  This module does not import polars: a run whose lines all
+take the fast path never loads it.
 """
 
 from __future__ import annotations
