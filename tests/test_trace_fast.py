@@ -145,3 +145,18 @@ def test_well_formed_lines_take_the_fast_path_and_quirks_the_slow_one():
     assert s.ts.tolist() == [1.0, 1.0, 123456789012.0]
     assert [s.reasons[i] for i in s.reason] == [b"TDCALL", b"HLT 0x4000000 FAILED_VMENTRY", b"TDCALL"]
     assert s.prefixes == [b"  CPU 0/KVM-1001    [000] d..2. "] and s.info1.tolist() == [0xFC00] * 3
+
+
+def test_chunks_of_short_lines_are_counted_again():
+    # the scanner first guesses one line per 48 bytes; 300 blank lines and a few exits exceed the
+    # guess, and the kernel must then be called again with the lines counted
+    from tdvmcall.trace_scan import Scanned
+
+    exit_ = (b"  CPU 0/KVM-1001    [000] d..2. 1.000000: kvm_exit: vcpu 0 reason TDCALL rip 0x0 info1 "
+             b"0x000000000000fc00 info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000\n")
+    text = b"\n" * 300 + exit_ * 3 + b"#\n" * 100
+    assert len(text) // 48 + 64 < 403  # the guess is short
+    s = Scanned(text, perf=False)
+    assert (s.lines, s.headers, s.others) == (403, 400, 0)
+    assert s.line_of.tolist() == [301, 302, 303]
+    assert s.info1.tolist() == [0xFC00] * 3

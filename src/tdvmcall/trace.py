@@ -511,9 +511,11 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
         line_map = sc.slow[:, 0].astype(np.uint64)
         bad_lines += [(int(line_map[n - 1]), t) for n, t in slow.counts.bad]
 
-    ones = np.ones(len(ts), np.int64)
-    by_key = aggregate({"task": task, "vcpu": vcpu, "rid": rid, "mask": mask, "n": ones, "first": ts, "last": ts}, KEY)
-    by_time = aggregate({"task": task, "rid": rid, "mask": mask, "bucket": bucket_of(ts, shift), "n": ones}, TIME_KEY)
+    # one pass over the exits, by key and time bucket; both aggregates from its (few) groups
+    fine = aggregate({"task": task, "vcpu": vcpu, "rid": rid, "mask": mask, "bucket": bucket_of(ts, shift),
+                      "n": np.ones(len(ts), np.int64), "first": ts, "last": ts}, KEY + ("bucket",))
+    by_key = aggregate({c: v for c, v in fine.items() if c != "bucket"}, KEY)
+    by_time = aggregate({c: fine[c] for c in TIME_KEY + ("n",)}, TIME_KEY)
     row_cols = None
     if rows:
         row_cols = {"line": sc.line_of[good].astype(np.uint64), "ts": ts, "task": task,

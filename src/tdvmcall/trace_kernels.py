@@ -270,7 +270,8 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
     (``preps[id]`` = its (start, end)),
     ``reason[j]`` the id of its reason text (``rreps``).  Per slow line ``k``: ``slow[k] = (line
     number, start, end)`` (end excludes the newline).  ``counts`` receives: lines, header/blank,
-    other events, parsed, slow, distinct prefixes, distinct reasons."""
+    other events, parsed, slow, distinct prefixes, distinct reasons; lines = -1 when the chunk
+    holds more lines than the arrays have rows (nothing else is then meaningful)."""
     n = len(buf)
     i = 0
     lines = headers = others = nx = ns = 0
@@ -278,7 +279,11 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
     pcount = np.zeros(1, np.int64)
     rcount = np.zeros(1, np.int64)
     words = buf[:n - n % 8].view(np.uint64)
+    cap = len(line_of)
     while i < n:
+        if lines == cap:  # more lines than the caller guessed: it counts them and calls again
+            counts[0] = -1
+            return
         start = i
         q = -1
         j = i
