@@ -385,13 +385,21 @@ def test_integer_timestamps_of_counter_clocks(write):
 def test_large_counter_timestamps_and_the_plot(write, tmp_path, stamp):
     # an x86-tsc clock passes 10**16 after a few weeks of uptime: 15 digits take the fast path, more
     # the reference parser; both must keep the time buckets exact (2**63 / 1024 is about 9.0e15)
+    from tdvmcall import trace
+
     text = "# tracer: nop\n" + "".join(
         line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00)).replace("1.000000:", f"{stamp[:-1]}{d}:")
         + "\n" for d in "05")
-    png = str(tmp_path / "t.png")
-    rep = audit(write("t", text.encode()), "--plot", png)
+    path, png = write("t", text.encode()), str(tmp_path / "t.png")
+    rep = audit(path, "--plot", png)
     assert (rep["inputs"][0]["parsed"], rep["totals"]["verdicts"]["completes"]) == (2, 2)
     assert os.path.getsize(png) > 0
+    a = trace.Audit()
+    trace.audit_input(a, path)
+    width = trace.BUCKET_BASE * (1 << a.shift)
+    buckets = sorted(a.time_columns()["bucket"].tolist())
+    assert int(stamp) / width < 2 ** 52 and buckets[-1] < 2 ** 52
+    assert buckets == sorted({int(int(stamp[:-1] + d) // width) for d in "05"})  # exact, with one bucket or two
 
 
 def test_a_timestamp_beyond_float_range_is_unparsed(write):
@@ -401,13 +409,65 @@ def test_a_timestamp_beyond_float_range_is_unparsed(write):
     assert (rep["inputs"][0]["parsed"], rep["inputs"][0]["unparsed"]) == (0, 1)
 
 
-def test_chunk_boundaries_do_not_change_the_report(write, monkeypatch):
+def test_inputs_with_far_apart_clocks_widen_the_buckets(write):
+    # one input in seconds, the next from a 40-digit counter: the buckets of the first are made
+    # coarser by more than 63 shifts (they all become bucket 0), nothing overflows
+    one = "# tracer: nop\n" + line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00)) + "\n"
+    far = one.replace("1.000000:", "4" * 40 + ":")
+    rep = audit(write("a", one.encode()), write("b", far.encode()))
+    assert [i["parsed"] for i in rep["inputs"]] == [1, 1]
+    assert rep["totals"]["verdicts"]["completes"] == 2
+
+
+@pytest.mark.parametrize("compress", [None, gzip.compress])
+def test_chunk_boundaries_do_not_change_the_audit(write, tmp_path, monkeypatch, compress):
     # inputs are read in newline-aligned chunks parsed in parallel: any chunk size gives the same
-    # report, line numbers included (97 bytes: shorter than most lines, so lines straddle chunks)
+    # report, time buckets and Parquet rows, line numbers included (97 bytes: shorter than most
+    # lines, so lines straddle chunks; the fixture's events spread over 2.3 s, so later chunks
+    # widen the buckets of earlier ones)
+    import pyarrow.parquet as pq
+
     from tdvmcall import trace, traceio
 
-    path = write("t.ftrace", fixture("ftrace"))
-    whole = audit(path)
+    data = fixture("ftrace").replace(b" 100.0", b" 10").replace(b" 100.", b" 10.")
+    path = write("t.ftrace", compress(data) if compress else data)
+
+    def run(tag: str) -> tuple:
+        a = trace.Audit()
+        trace.audit_input(a, path)
+        out = str(tmp_path / f"{tag}.parquet")
+        rep = audit(path, "--to-parquet", out)
+        t = a.time_columns()  # ids are given in the order chunks meet them: compare names
+        buckets = sorted((a.tasks.tasks[task].label, a.reasons.reasons[rid].text, mask, bucket, n) for
+                         task, rid, mask, bucket, n in zip(*(t[c].tolist() for c in ("task", "rid", "mask", "bucket", "n"))))
+        return rep, a.shift, buckets, pq.read_table(out).to_pylist()
+
+    whole = run("whole")
     monkeypatch.setattr(trace, "chunks", lambda src: traceio.chunks(src, 97))
-    assert audit(path) == whole
-    check_main_fixture(whole, "ftrace")
+    assert run("small") == whole
+    assert whole[1] > 0  # the buckets were widened
+
+
+def test_a_line_longer_than_max_line_or_a_file_without_newline(write):
+    from tdvmcall.traceio import MAX_LINE
+
+    for text in (b"x" * (MAX_LINE + 10), b"# tracer: nop\n" + b"x" * (MAX_LINE + 10)):  # no newline to end it
+        r = runner.invoke(app, ["trace", write("long", text)])
+        assert r.exit_code == 2 and "longer than 1 MiB" in r.stderr
+    one = line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00))
+    rep = audit(write("one", one.encode()))  # no newline at all: one truncated line, still parsed
+    assert (rep["inputs"][0]["lines"], rep["inputs"][0]["parsed"], rep["inputs"][0]["truncated_last_line"]) == \
+        (1, 1, True)
+
+
+def test_task_lists_are_in_a_stable_order(write, monkeypatch):
+    # task ids follow the order in which the parsing threads meet them; the report lists tasks by
+    # input, process and pid, whatever that order was (small chunks: many of them, in parallel)
+    from tdvmcall import trace, traceio
+
+    events = [line("ftrace", "CPU 0/KVM", pid, 1.0 + pid / 1000, "kvm_exit", payload(0, "TDCALL", 0xFC00))
+              for pid in (1009, 1003, 1007, 1001, 1005)]
+    path = write("t", ("# tracer: nop\n" + "\n".join(events) + "\n").encode())
+    monkeypatch.setattr(trace, "chunks", lambda src: traceio.chunks(src, 97))
+    rep = audit(path)
+    assert [t.split("-")[-1] for t in rep["td"]["tasks"]] == ["1001", "1003", "1005", "1007", "1009"]

@@ -1,6 +1,7 @@
 """``tdvmcall trace``: audit kvm_exit traces for the TD exits hardened KVM would refuse.
 
-The command only composes: reading and verdicts are ``trace.py`` (facts: ABI.md §3, §4, §7).
+The command only composes: reading and verdicts are ``trace.py``, the report ``trace_report.py``,
+the plot and Parquet ``trace_export.py`` (facts: ABI.md §3, §4, §7).
 """
 
 from __future__ import annotations
@@ -64,24 +65,27 @@ def register(app: typer.Typer) -> None:
         mask (info1) and the reason say whether the TDX module could have sent it and whether
         hardened KVM completes it, refuses it, or it depends on inputs or on the leaf."""
         gc.disable()  # the imports and numba's start-up create about a million objects: see below
-        from . import trace, trace_report, trace_scan
+        try:
+            from . import trace, trace_report, trace_scan
 
-        trace_scan.warm_up()
-        # those objects would be walked by the cyclic garbage collector again and again, and once
-        # more at exit (0.4 s): exempt them
-        gc.freeze()
-        gc.enable()
+            trace_scan.warm_up()
+            # those objects would be walked by the cyclic garbage collector again and again, and
+            # once more at exit (0.4 s): exempt them
+            gc.freeze()
+        finally:
+            gc.enable()
         err = Console(stderr=True)
         try:
             audit = trace.Audit(td_pids=_parse_td(td), parquet=parquet_file)
             for path in files:
                 with _progress(err, path, progress) as report:
                     trace.audit_input(audit, path, fmt=format.value, progress=report)
-            result = trace_report.finish(audit, top=top)
+            td_tasks = trace_report.td_tasks(audit)
+            result = trace_report.finish(audit, td_tasks, top=top)
             if plot_file:
                 from .trace_export import plot  # polars and matplotlib: only for the plot
 
-                plot(audit, trace_report.td_tasks(audit), plot_file)
+                plot(audit, td_tasks, plot_file)
         except TraceInputError as e:
             err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

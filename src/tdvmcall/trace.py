@@ -70,8 +70,6 @@ KINDS = ("tdvmcall", "td-other", "non-td")
 MARKER = {"ftrace": " kvm_exit:", "trace-cmd": " kvm_exit:", "perf": " kvm:kvm_exit:"}
 #: a line "looks like kvm_exit" when it contains this
 LOOKS_LIKE_EXIT = "kvm_exit:"
-#: header lines, not events: ftrace's ``#`` comments, trace-cmd's ``cpus=N`` and ``version = N``
-HEADER_RX = r"^(?:#|cpus=|version = )"
 
 #: the payload, anchored, without captures (validation only; fields are then sliced out); ASCII
 #: classes, not \S and \d, keep the regex engine's automaton small (measured 25% faster)
@@ -287,16 +285,17 @@ class Classified:
     refused_for: str | None = None
 
 
-def classify_exit(reason: Reason, info1: int, td: bool) -> Classified:
-    """Classify an exit of a TD (``td``) or not, with this reason and info1."""
-    v = verdict_if_td(reason, info1) if td else None
+def classify_exit(reason: Reason, mask: int | None, td: bool) -> Classified:
+    """Classify an exit of a TD (``td``) or not, with this reason and mask (info1 when the reason
+    is a TDVMCALL reason; otherwise it is not read)."""
+    v = verdict_if_td(reason, mask) if td else None
     if v is None:
         return Classified("td-other" if td else "non-td")
     return Classified("tdvmcall", v.verdict, v.detail, " ".join(v.missing), ", ".join(v.refused_for))
 
 
 # ---------------------------------------------------------------------------------------------
-# parsing one chunk
+# line counts and the id tables
 # ---------------------------------------------------------------------------------------------
 
 
@@ -305,7 +304,7 @@ class Counts:
     """Line counts of one input (``bad`` holds the first few unparseable kvm_exit lines)."""
 
     lines: int = 0
-    comments: int = 0  # blank and header lines (:data:`HEADER_RX`)
+    comments: int = 0  # blank and header lines: ftrace's ``#`` comments, trace-cmd's ``cpus=``, ``version = ``
     other_events: int = 0  # every other line that is not kvm_exit
     kvm_exit_lines: int = 0  # lines that look like kvm_exit
     parsed: int = 0
@@ -324,7 +323,6 @@ class Counts:
         self.parsed += other.parsed
         self.bad.extend(other.bad[: max(0, keep_bad - len(self.bad))])
         self.truncated_last_line |= other.truncated_last_line
-
 
 
 class TaskTable:
@@ -373,9 +371,10 @@ class ReasonTable:
             rid = self._ids.get(t)
             if rid is None:
                 with self._lock:
-                    rid = self._ids.setdefault(t, len(self.reasons))
-                    if rid == len(self.reasons):
+                    rid = self._ids.get(t)
+                    if rid is None:  # the reason first, then its id: a reader never sees an id too soon
                         self.reasons.append(parse_reason(t))
+                        rid = self._ids[t] = len(self.reasons) - 1
             out.append(rid)
         return np.array(out, np.uint32)
 
@@ -449,22 +448,34 @@ BUCKET_BASE = 1 / 1024
 MAX_BUCKETS = 512
 
 
+def bucket_width(shift: int) -> float:
+    """The width of a time bucket at this shift, in the trace's seconds."""
+    return BUCKET_BASE * (1 << shift)
+
+
 def bucket_of(ts: np.ndarray, shift: int) -> np.ndarray:
     """The time bucket of each timestamp at this shift."""
-    return np.floor(ts / (BUCKET_BASE * (1 << shift))).astype(np.int64)
+    return np.floor(ts / bucket_width(shift)).astype(np.int64)
+
+
+def coarser(bucket: np.ndarray, by: int) -> np.ndarray:
+    """Bucket numbers ``by`` shifts coarser (buckets are non-negative: a right shift is the floor
+    of the division; numbers are below 2**52, so 63 and more give 0, and never overflow)."""
+    return bucket >> min(by, 63)
 
 
 def span_shift(span: tuple[float, float], shift: int = 0) -> int:
     """The smallest shift (at least ``shift``) at which ``span`` fits :data:`MAX_BUCKETS` buckets
     and every bucket number is below 2**52 (exact in float64 and int64: a counter clock's
     timestamps, ``x86-tsc`` say, reach 10**16 and more)."""
-    while ((span[1] - span[0]) / (BUCKET_BASE * (1 << shift)) >= MAX_BUCKETS - 1
-           or max(abs(span[0]), abs(span[1])) / (BUCKET_BASE * (1 << shift)) >= 1 << 52):
+    while ((span[1] - span[0]) / bucket_width(shift) >= MAX_BUCKETS - 1
+           or max(abs(span[0]), abs(span[1])) / bucket_width(shift) >= 1 << 52):
         shift += 1
     return shift
 
 
-def _union(a: tuple[float, float] | None, b: tuple[float, float]) -> tuple[float, float]:
+def union_span(a: tuple[float, float] | None, b: tuple[float, float]) -> tuple[float, float]:
+    """The smallest time span holding both (``a`` may be None: nothing yet)."""
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
 
 
@@ -497,7 +508,7 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     bad_lines = [(int(n), _line_text(chunk.data, int(s))) for n, s in
                  zip(sc.line_of[~good][:keep_bad], sc.start_of[~good][:keep_bad])]
     if len(sc.ts):  # the span of every well-formed line, as the reference parser does
-        span = _union(span, (float(sc.ts.min()), float(sc.ts.max())))
+        span = union_span(span, (float(sc.ts.min()), float(sc.ts.max())))
         shift = span_shift(span, shift)
 
     # the slow lines, through the reference parser (its line numbers mapped back)
@@ -588,8 +599,7 @@ class Audit:
             return
         self._by_key.append(key)
         self._widen(float(key["first"].min()), float(key["last"].max()), result.shift)
-        factor = 1 << (self._shift - result.shift)
-        self._by_time.append(dict(result.by_time, bucket=result.by_time["bucket"] // factor))
+        self._by_time.append(dict(result.by_time, bucket=coarser(result.by_time["bucket"], self._shift - result.shift)))
         if self.parquet is not None and result.rows is not None:
             self.parquet.write(result.rows, source)
         if len(self._by_key) >= 32:
@@ -598,11 +608,10 @@ class Audit:
     def _widen(self, lo: float, hi: float, at_least: int) -> None:
         """Widen the time buckets (doubling) so that the span seen fits :data:`MAX_BUCKETS` and is
         at least as wide as a chunk's."""
-        self._span = _union(self._span, (lo, hi))
+        self._span = union_span(self._span, (lo, hi))
         shift = span_shift(self._span, max(self._shift, at_least))
         if shift != self._shift:
-            factor = 1 << (shift - self._shift)
-            self._by_time = [dict(t, bucket=t["bucket"] // factor) for t in self._by_time]
+            self._by_time = [dict(t, bucket=coarser(t["bucket"], shift - self._shift)) for t in self._by_time]
             self._shift = shift
 
     def _compact(self) -> None:
@@ -680,3 +689,6 @@ def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress |
     return report
 
 
+__all__ = ["Audit", "ChunkResult", "Classified", "Counts", "ReasonTable", "TaskTable", "TraceInputError", "Verdict",
+           "aggregate", "audit_input", "classify_exit", "detect_format", "parse_chunk", "verdict_for", "FORMATS",
+           "KINDS", "VERDICTS"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .trace import BUCKET_BASE, VERDICTS, Audit, Columns, ReasonTable, TaskTable, classify_exit
+from .trace import VERDICTS, Audit, Columns, ReasonTable, TaskTable, bucket_width, classify_exit
 
 # ---------------------------------------------------------------------------------------------
 # frames: the aggregates with their reasons and tasks named
@@ -56,7 +56,7 @@ def by_time(audit: Audit, td: set[int]) -> tuple[pl.DataFrame, float]:
     """Exit counts per (time bucket, kind/verdict); the bucket width in seconds."""
     t = classify(frame(audit.time_columns(), audit.reasons), td, audit.reasons)
     t = t.with_columns(series=pl.coalesce("verdict", "kind"))
-    width = BUCKET_BASE * (1 << audit.shift)
+    width = bucket_width(audit.shift)
     return t.group_by("bucket", "series").agg(n=pl.col("n").sum()).sort("bucket"), width
 
 

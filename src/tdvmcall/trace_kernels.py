@@ -1,8 +1,9 @@
 """The fast path of ``tdvmcall trace``: the compiled kernels (numba), one pass over a chunk's bytes.
 
-:func:`scan` walks a newline-aligned chunk (a ``np.frombuffer`` uint8 array) once, byte by byte,
-and sorts every line into header/blank, other event, ``kvm_exit`` parsed here, or "slow": a line
-this scanner is not sure about, which the caller hands to the reference parser in ``trace.py``
+:func:`scan` walks a newline-aligned chunk (a ``np.frombuffer`` uint8 array) once (eight bytes at a
+time where a word holds no newline and no ``k``, else byte by byte), and sorts every line into
+header/blank, other event, ``kvm_exit`` parsed here, or "slow": a line this scanner is not sure
+about, which the caller hands to the reference parser (``trace_polars.py``)
 (so every quirk that parser knows stays handled, and nothing is dropped).  The shapes it accepts
 are exactly those of ABI.md §7, as ``trace.py`` reads them:
 
@@ -270,8 +271,9 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
     (``preps[id]`` = its (start, end)),
     ``reason[j]`` the id of its reason text (``rreps``).  Per slow line ``k``: ``slow[k] = (line
     number, start, end)`` (end excludes the newline).  ``counts`` receives: lines, header/blank,
-    other events, parsed, slow, distinct prefixes, distinct reasons; lines = -1 when the chunk
-    holds more lines than the arrays have rows (nothing else is then meaningful)."""
+    other events, parsed, slow, distinct prefixes, distinct reasons; lines = -1 (-2) when the chunk
+    holds more slow (parsed) lines than ``slow`` (``line_of`` ...) has rows: nothing else is then
+    meaningful."""
     n = len(buf)
     i = 0
     lines = headers = others = nx = ns = 0
@@ -279,11 +281,7 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
     pcount = np.zeros(1, np.int64)
     rcount = np.zeros(1, np.int64)
     words = buf[:n - n % 8].view(np.uint64)
-    cap = len(line_of)
     while i < n:
-        if lines == cap:  # more lines than the caller guessed: it counts them and calls again
-            counts[0] = -1
-            return
         start = i
         q = -1
         j = i
@@ -338,6 +336,9 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
                         tid = _intern(buf, start, t, pslots, preps, pcount)
                         rid = _intern(buf, out[1], out[2], rslots, rreps, rcount)
                         if tid >= 0 and rid >= 0:
+                            if nx == len(line_of):  # fewer rows than parsed lines: called again
+                                counts[0] = -2
+                                return
                             ok = True
                             line_of[nx] = lines
                             start_of[nx] = start
@@ -348,6 +349,9 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
                             reason[nx] = rid
                             nx += 1
         if not ok:
+            if ns == len(slow):  # fewer rows than slow lines: the caller counts lines, calls again
+                counts[0] = -1
+                return
             slow[ns, 0] = lines
             slow[ns, 1] = start
             slow[ns, 2] = end
@@ -379,6 +383,9 @@ def group(keys, n, lo, hi):
         h = _FNV_OFFSET
         for c in range(width):
             h = (h ^ np.uint64(keys[r, c])) * _FNV_PRIME
+        h ^= h >> np.uint64(33)  # every bit of every key reaches the slot (masks' low bytes are 0)
+        h *= _MIX
+        h ^= h >> np.uint64(33)
         i = np.int64(h & np.uint64(cap - 1))
         while True:
             g = slots[i]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .trace import (LOOKS_LIKE_EXIT, MARKER, PAYLOAD_RX, BUCKET_BASE, ChunkResult, Columns, Counts, ReasonTable,
-                    TaskTable, _union, span_shift)
+from .trace import (LOOKS_LIKE_EXIT, MARKER, PAYLOAD_RX, ChunkResult, Columns, Counts, ReasonTable, TaskTable,
+                    bucket_width, span_shift, union_span)
 from .traceio import Chunk
 
 
@@ -88,7 +88,7 @@ def parse_chunk_polars(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, re
     rtab = pl.DataFrame({"reason": texts, "rid": ids, "tdvmcall_reason": reasons.tdvmcall(ids)},
                         schema={"reason": pl.String, "rid": pl.UInt32, "tdvmcall_reason": pl.Boolean})
     if ts_range["lo"][0] is not None:
-        shift = span_shift(_union(span, (ts_range["lo"][0], ts_range["hi"][0])), shift)
+        shift = span_shift(union_span(span, (ts_range["lo"][0], ts_range["hi"][0])), shift)
 
     # 4. fields by position (the regex fixed the layout), mask, aggregates
     i1 = p.str.find(" info1 0x", literal=True)
@@ -100,7 +100,7 @@ def parse_chunk_polars(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, re
                      tdvmcall_reason="tdvmcall_reason")
              .with_columns(mask=pl.when("tdvmcall_reason").then("info1").otherwise(0)))
     good = exits.filter(pl.col("task").is_not_null())
-    bucket = (pl.col("ts") / (BUCKET_BASE * (1 << shift))).floor().cast(pl.Int64)
+    bucket = (pl.col("ts") / bucket_width(shift)).floor().cast(pl.Int64)  # as trace.bucket_of
     queries = [
         good.group_by("task", "vcpu", "rid", "mask").agg(n=pl.len(), first=pl.col("ts").min(),
                                                          last=pl.col("ts").max()),

@@ -79,7 +79,10 @@ def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
     by_verdict = {v: sum(r["n"] for r in td_rows if r["verdict"] == v) for v in VERDICTS}
     n_td = by_kind["tdvmcall"]
     inferred = audit.td_pids is None
-    tasks = audit.tasks.tasks
+    # task ids follow the order in which the parsing threads met them: list tasks in a stable order
+    order = {i.name: n for n, i in enumerate(audit.inputs)}
+    ordered = sorted(enumerate(audit.tasks.tasks),
+                     key=lambda it: (order.get(it[1].source, 0), it[1].process, it[1].pid, it[1].comm))
     return {
         "inputs": [{"name": i.name, "format": i.format, "compression": i.compression, "bytes": i.bytes,
                     "lines": i.counts.lines, "kvm_exit_lines": i.counts.kvm_exit_lines, "parsed": i.counts.parsed,
@@ -92,8 +95,8 @@ def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
             "rule": ("a task with a TDCALL exit is a TD (and every task of its process when tgids are shown)"
                      if inferred else "tasks whose pid or tgid was given with --td"),
             "given": sorted(audit.td_pids) if audit.td_pids is not None else None,
-            "tasks": [f"{t.source}:{t.label}" for i, t in enumerate(tasks) if i in td],
-            "non_td_tasks": [f"{t.source}:{t.label}" for i, t in enumerate(tasks) if i not in td],
+            "tasks": [f"{t.source}:{t.label}" for i, t in ordered if i in td],
+            "non_td_tasks": [f"{t.source}:{t.label}" for i, t in ordered if i not in td],
         },
         "totals": {
             "exits": sum(r["n"] for r in rows), **{f"{kd}_exits": v for kd, v in by_kind.items()},
@@ -110,9 +113,8 @@ def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
     }
 
 
-def finish(audit: Audit, top: int = 10) -> dict:
-    """The report (writing the Parquet file first, if asked)."""
-    td = td_tasks(audit)
+def finish(audit: Audit, td: set[int], top: int = 10) -> dict:
+    """The report for these TD tasks (:func:`td_tasks`), writing the Parquet file first, if asked."""
     if audit.parquet is not None:
         audit.parquet.close(td)
     return build_report(audit, td, top)

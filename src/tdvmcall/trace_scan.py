@@ -15,8 +15,8 @@ import numpy as np
 #: slots of the intern tables: at most half as many distinct prefixes (or reasons) per chunk are
 #: interned, the lines of further ones go to the slow path (a 4 MiB chunk has about 28,000 lines)
 INTERN = 1 << 16
-#: the rows first allocated per chunk: one per this many bytes
-ROW_GUESS = 48
+#: the slow-line rows first allocated per chunk: one per SLOW_GUESS bytes, and SLOW_MIN more
+SLOW_GUESS, SLOW_MIN = 48, 64
 
 
 @cache
@@ -38,23 +38,27 @@ class Scanned:
     """What :func:`scan` found in one chunk, as arrays trimmed to size; ``prefixes`` and
     ``reasons`` are the distinct byte strings, ``task`` and ``reason`` index them."""
 
-    def __init__(self, data: bytes, perf: bool):
+    def __init__(self, data: bytes | bytearray, perf: bool):
         buf = np.frombuffer(data, np.uint8)
+        buf.setflags(write=False)  # bytes and bytearray chunks: one compiled signature
         k = kernels()
         nul = b"\x00" in data
-        rows = len(data) // ROW_GUESS + 64  # trace lines are 80-200 bytes: counting them first costs 5%
+        # rows: a parsed line is over 100 bytes; slow lines are rare (counted when the guess is short)
+        parsed_rows, slow_rows = len(data) // 100 + 16, len(data) // SLOW_GUESS + SLOW_MIN
         while True:
-            line_of, start_of, ts = np.empty(rows, np.uint32), np.empty(rows, np.int64), np.empty(rows, np.float64)
-            vcpu, info1 = np.empty(rows, np.uint32), np.empty(rows, np.uint64)
-            task, reason = np.empty(rows, np.uint32), np.empty(rows, np.uint32)
-            slow = np.empty((rows, 3), np.int64)
+            line_of, start_of = np.empty(parsed_rows, np.uint32), np.empty(parsed_rows, np.int64)
+            ts, vcpu, info1 = np.empty(parsed_rows, np.float64), np.empty(parsed_rows, np.uint32), np.empty(
+                parsed_rows, np.uint64)
+            task, reason = np.empty(parsed_rows, np.uint32), np.empty(parsed_rows, np.uint32)
+            slow = np.empty((slow_rows, 3), np.int64)
             preps, rreps = np.empty((INTERN // 2, 2), np.int64), np.empty((INTERN // 2, 2), np.int64)
             counts = np.zeros(7, np.int64)
             k.scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
                    np.full(INTERN, -1, np.int32), preps, np.full(INTERN, -1, np.int32), rreps, counts)
             if counts[0] >= 0:
                 break
-            rows = max(k.count_lines(buf), 1)  # short lines: count them, scan again
+            lines = max(k.count_lines(buf), 1)
+            parsed_rows, slow_rows = (parsed_rows, lines) if counts[0] == -1 else (lines, slow_rows)
         self.lines, self.headers, self.others, nx, ns, np_, nr = (int(x) for x in counts)
         self.start_of = start_of[:nx]
         self.line_of, self.ts, self.vcpu, self.info1 = line_of[:nx], ts[:nx], vcpu[:nx], info1[:nx]

@@ -129,10 +129,11 @@ def _decompressing(raw: BinaryIO, compression: str) -> BinaryIO:
 
 def chunks(src: Source, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
     """The input in newline-aligned chunks; raises :class:`TraceInputError` for an empty or
-    binary input, or for a line longer than :data:`MAX_LINE`.
+    binary input, or when a chunk ends in a partial line longer than :data:`MAX_LINE` (text whose
+    lines run on for megabytes is not a trace; a long line that ends within a chunk is parsed).
 
     Each chunk is its own ``bytearray``: the previous chunk's partial line, then the input read
-    straight into it (``readinto``: the bytes are copied once, from the kernel)."""
+    straight into it (``readinto``: a plain file's bytes are copied once, from the kernel)."""
     rest = b""
     first = True
     while True:
@@ -140,7 +141,7 @@ def chunks(src: Source, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
         buf[:len(rest)] = rest
         got = src.readinto(memoryview(buf)[len(rest):])
         if first:
-            _check_start(src, buf[:got])
+            _check_start(src, bytes(buf[:min(got, BINARY_PROBE)]))
             first = False
         if not got:
             break
@@ -152,6 +153,8 @@ def chunks(src: Source, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
                 raise TraceInputError(f"{src.name}: a line longer than {MAX_LINE >> 20} MiB: not trace text")
             continue
         rest = bytes(buf[cut:end])
+        if len(rest) > MAX_LINE:
+            raise TraceInputError(f"{src.name}: a line longer than {MAX_LINE >> 20} MiB: not trace text")
         del buf[cut:]  # shrinks in place
         yield Chunk(buf)
     if rest:
