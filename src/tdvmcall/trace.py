@@ -401,7 +401,7 @@ def aggregate(cols: Columns, key: tuple[str, ...]) -> Columns:
     ``last`` the greatest (when present); one compiled pass (``trace_kernels.group``)."""
     lo = cols.get("first", np.zeros(len(cols["n"])))
     hi = cols.get("last", lo)
-    keys = np.column_stack([cols[c].astype(np.int64) for c in key]) if len(cols["n"]) else np.zeros((0, len(key)), np.int64)
+    keys = np.column_stack([cols[c].astype(np.int64) for c in key])
     row, n, least, greatest = trace_scan.kernels().group(keys, cols["n"], lo, hi)
     out = {c: cols[c][row] for c in key}
     out["n"] = n
