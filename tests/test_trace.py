@@ -59,7 +59,8 @@ import zstandard
 from typer.testing import CliRunner
 
 from tdvmcall.cli import app
-from tdvmcall.trace import detect_format, verdict_for
+from tdvmcall.trace import detect_format
+from tdvmcall.trace_verdict import verdict_for
 
 runner = CliRunner()
 

@@ -1,7 +1,7 @@
 """``tdvmcall trace``: audit kvm_exit traces for the TD exits hardened KVM would refuse.
 
-The command only composes: reading and verdicts are ``trace.py``, the report ``trace_report.py``,
-the plot and Parquet ``trace_export.py`` (facts: ABI.md §3, §4, §7).
+The command only composes: reading is ``trace.py``, verdicts ``trace_verdict.py``, the report
+``trace_report.py``, the plot and Parquet ``trace_export.py`` (facts: ABI.md §3, §4, §7).
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """The per-exit exports of ``tdvmcall trace``: the audit's columns as polars frames, the
 Parquet file (one row per exit) and the plot (exits over time by verdict).  Classification comes
-from ``trace.classify_exit``, as in the report (``trace_report``)."""
+from ``trace_verdict.classify_exit``, as in the report (``trace_report``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 
-from .trace import VERDICTS, Audit, Columns, ReasonTable, TaskTable, bucket_width, classify_exit
+from .trace import Audit, Columns, ReasonTable, TaskTable, bucket_width
+from .trace_verdict import VERDICTS, classify_exit
 
 # ---------------------------------------------------------------------------------------------
 # frames: the aggregates with their reasons and tasks named

@@ -1,7 +1,7 @@
 """The report of ``tdvmcall trace`` as plain data (what ``--json`` prints), from the audit's
 aggregates: few rows (one per task, vCPU, reason and mask), so plain Python; the per-exit
 exports (Parquet, the plot) are ``trace_export`` (polars).  Facts: ABI.md §4, verdicts from
-``trace.classify_exit`` and the leaf table."""
+``trace_verdict`` and the leaf table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from .codes import EXIT_REASON_TDCALL
 from .regs import GPR_MASK, names_in
-from .trace import FAILING, KINDS, VERDICTS, Audit, classify_exit, is_tdvmcall_reason
+from .trace import Audit, is_tdvmcall_reason
+from .trace_verdict import FAILING, KINDS, VERDICTS, classify_exit
 
 
 def td_tasks(audit: Audit) -> set[int]:

@@ -1,0 +1,157 @@
+"""Verdicts of ``tdvmcall trace``: what hardened KVM would do with one TDVMCALL exit of a TD, from
+its re-labelled reason and its mask (``info1``), and how the report classifies every exit.
+
+Facts used (ABI.md §3, §4):
+
+- For a TD, ``reason`` is the VMX reason KVM synthesises for a TDVMCALL (CPUID 10, HLT 12,
+  IO_INSTRUCTION 30, MSR_READ 31, MSR_WRITE 32, EPT_MISCONFIG 49 for MMIO, VMCALL 18 when R10 != 0,
+  TDCALL 77 for every other leaf) and ``info1`` is the exit qualification: the guest's GPR/XMM
+  mask (bits 15:0 GPRs, 31:16 XMMs, 33:32 VM index).
+- KVM derives that reason from the R10 and R11 values it received, and a register the guest did
+  not expose arrives as 0 (§3): so VMCALL implies R10 was exposed, and an instruction reason implies
+  R11 was.  The module accepted the mask, so RAX, RCX, RSP and (NO_RBP_MOD, which Linux KVM always
+  sets) RBP are never in it and bits 63:34 are 0 (``control.py``).
+- Hardened KVM completes a call iff gpr_select covers the leaf's minimal mask for the actual inputs
+  (``kvm/leaves.py``: the single source of truth); without R10 no status can reach the guest, and it
+  reports an internal error to userspace instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from .codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
+from .control import Control, ExitQualification
+from .kvm.leaves import Leaf, missing_by_case, reason_leaves
+from .regs import GPR_MASK, R10, R11, names_in
+from .trace import Reason, is_tdvmcall_reason
+
+VERDICTS = ("completes", "depends", "refused", "internal-error", "inconsistent")
+#: verdicts under which a call does not complete whatever its inputs
+FAILING = ("refused", "internal-error")
+KINDS = ("tdvmcall", "td-other", "non-td")
+
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``verdict`` is one of :data:`VERDICTS`; ``missing`` the GPRs the refused cases lack;
+    ``refused_for`` the leaves (or ``leaf[case]``) the mask is refused for."""
+
+    verdict: str
+    detail: str
+    missing: tuple[str, ...] = ()
+    refused_for: tuple[str, ...] = ()
+
+
+def implied_exposed(reason: int) -> int:
+    """Registers the reason proves were exposed: KVM labels an exit VMCALL only when it read
+    R10 != 0, and an instruction reason only when it read R11 = that leaf (non-zero); an unexposed
+    register reads as 0 (ABI §3, §4).  Derived from the leaf table."""
+    if reason == EXIT_REASON_TDCALL:
+        return 0
+    leaves = reason_leaves(reason)
+    if leaves and all(leaf.family == "kvm-hypercall" for leaf in leaves):
+        return 1 << R10
+    if leaves and all(leaf.family == "ghci" and leaf.r11 for leaf in leaves):
+        return 1 << R11
+    return 0
+
+
+def module_problems(mask: int) -> list[str]:
+    """Why the TDX module could not have sent this exit qualification (empty if it could):
+    the GPR checks of the control value (Linux KVM TDs always have NO_RBP_MOD) and bits 63:34."""
+    eq = ExitQualification(mask)
+    out = Control(mask & 0xFFFFFFFF).problems("1.5", no_rbp_mod=True)
+    if eq.other_bits:
+        out.append(f"bits 63:34 are {eq.other_bits >> 34:#x}, must be 0")
+    return out
+
+
+def _case_outcomes(leaf: Leaf, gprs: int) -> list[tuple[str, int]]:
+    """(case name, missing GPRs) for every named input condition of the leaf."""
+    return list(missing_by_case(leaf, gprs).items())
+
+
+@cache
+def verdict_for(reason: int, mask: int) -> Verdict:
+    """The verdict for a TDVMCALL exit of a TD with this synthesised reason and exit qualification."""
+    # module consistency
+    problems = module_problems(mask)
+    if problems:
+        return Verdict("inconsistent", "the TDX module refuses this mask: " + "; ".join(problems))
+    gprs = mask & GPR_MASK
+    # KVM consistency: the reason implies which selectors it read as non-zero
+    unseen = implied_exposed(reason) & ~gprs
+    if unseen:
+        return Verdict("inconsistent", f"reason {VMX_EXIT_REASON_NAMES[reason]} implies "
+                       f"{' '.join(names_in(unseen, 16))} exposed, the mask does not expose it",
+                       missing=tuple(names_in(unseen, 16)))
+    # no R10: no status can reach the guest
+    if not gprs >> R10 & 1:
+        return Verdict("internal-error", "R10 not exposed: hardened KVM reports an internal error "
+                       "to userspace", missing=("r10",))
+    # the leaf table: every leaf this reason may stand for, every named input condition
+    leaves = reason_leaves(reason)
+    outcomes = [(leaf, _case_outcomes(leaf, gprs)) for leaf in leaves]
+    cases = [miss for _, oc in outcomes for _, miss in oc]
+    missing_mask = 0
+    for miss in cases:
+        missing_mask |= miss
+    missing = tuple(names_in(missing_mask, 16))
+    if not missing_mask:
+        return Verdict("completes", "completes for " + _what(leaves))
+    if all(cases):
+        return Verdict("refused", f"refused for {_what(leaves)}: missing {' '.join(missing)}",
+                       missing, tuple(leaf.name for leaf in leaves))
+    if len(leaves) == 1:
+        leaf, oc = outcomes[0]
+        parts = [f"{case}: " + ("completes" if not miss else f"refused (missing {' '.join(names_in(miss, 16))})")
+                 for case, miss in oc]
+        return Verdict("depends", f"{leaf.name} depends on inputs: " + ", ".join(parts), missing,
+                       tuple(f"{leaf.name}[{case}]" for case, miss in oc if miss))
+    refused_for = tuple(_refused_name(leaf, oc) for leaf, oc in outcomes if any(m for _, m in oc))
+    return Verdict("depends", "depends on the leaf: refused for " + ", ".join(refused_for)
+                   + f" (missing {' '.join(missing)})", missing, refused_for)
+
+
+def _what(leaves: list[Leaf]) -> str:
+    return leaves[0].name if len(leaves) == 1 else f"every one of the {len(leaves)} leaves it may be"
+
+
+def _refused_name(leaf: Leaf, outcomes: list[tuple[str, int]]) -> str:
+    refused = [case for case, miss in outcomes if miss]
+    return leaf.name if len(refused) == len(outcomes) else f"{leaf.name}[{','.join(refused)}]"
+
+
+def verdict_if_td(reason: Reason, mask: int | None) -> Verdict | None:
+    """The verdict of an exit if its task is a TD, or ``None`` if it is not a TDVMCALL exit."""
+    if not is_tdvmcall_reason(reason) or mask is None:
+        return None
+    return verdict_for(reason.number, mask)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Classified:
+    """What the report says of an exit: ``kind`` one of :data:`KINDS`; for a TDVMCALL exit of a
+    TD its verdict, detail, missing registers (space-separated) and ``refused_for`` (comma-separated)."""
+
+    kind: str
+    verdict: str | None = None
+    detail: str | None = None
+    missing: str | None = None
+    refused_for: str | None = None
+
+
+def classify_exit(reason: Reason, mask: int | None, td: bool) -> Classified:
+    """Classify an exit of a TD (``td``) or not, with this reason and mask (info1 when the reason
+    is a TDVMCALL reason; otherwise it is not read)."""
+    v = verdict_if_td(reason, mask) if td else None
+    if v is None:
+        return Classified("td-other" if td else "non-td")
+    return Classified("tdvmcall", v.verdict, v.detail, " ".join(v.missing), ", ".join(v.refused_for))
+
+
+__all__ = ["Classified", "Verdict", "classify_exit", "implied_exposed", "module_problems", "verdict_for",
+           "verdict_if_td", "FAILING", "KINDS", "VERDICTS"]
