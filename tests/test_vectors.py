@@ -166,6 +166,18 @@ def test_edited_verdict_and_removed_key(corpus, tmp_path):
         V.verify(d)
 
 
+def test_a_vector_the_index_does_not_list_is_a_difference(corpus, tmp_path):
+    # a file added to vectors/ without its index entry would otherwise never be replayed
+    vid = IO_IN.format(label="short-r12", policy="hardened")
+    d = _small(corpus, tmp_path / "c", [vid])
+    assert V.verify(d)["ok"]
+    shutil.copy(d / V.VECTOR_DIR / f"{vid}.json", d / V.VECTOR_DIR / "extra.json")
+    report = V.verify(d)
+    assert (report["ok"], report["failing"], report["vectors"]) == (False, 1, 1)
+    assert report["differences"] == [{"file": "vectors/extra.json", "path": "index.json", "expected": "listed",
+                                      "got": "not listed"}]
+
+
 @pytest.mark.parametrize("damage", ["no-index", "bad-json", "schema", "bad-scenario", "missing-file"])
 def test_malformed_corpus_is_exit_2(corpus, tmp_path, damage):
     vid = IO_IN.format(label="exact", policy="legacy")

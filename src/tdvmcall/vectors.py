@@ -350,6 +350,10 @@ def verify(directory: Path) -> dict:
         if not path.is_file():
             raise CorpusError(f"{rel}: listed in {INDEX} but missing")
         differences += verify_vector(rel, path.read_bytes(), entry)
+    listed = {(directory / e["file"]).resolve() for e in index["files"]}
+    for path in sorted((directory / VECTOR_DIR).glob("*.json")):  # a vector the index forgot is not checked
+        if path.resolve() not in listed:
+            differences.append(Difference(f"{VECTOR_DIR}/{path.name}", INDEX, "listed", "not listed"))
     failing = sorted({d.file for d in differences})
     return {"directory": str(directory), "vectors": len(index["files"]), "failing": len(failing),
             "differences": [d.as_dict() for d in differences], "ok": not differences}
