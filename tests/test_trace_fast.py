@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tdvmcall import trace_scan
 from tdvmcall.trace import ReasonTable, TaskTable, parse_chunk
 from tdvmcall.trace_polars import parse_chunk_polars
-from tdvmcall.trace_export import frame
+from tdvmcall.trace_plot import frame
 from tdvmcall.traceio import Chunk
 
 REASONS = ["TDCALL", "VMCALL", "HLT", "CPUID", "IO_INSTRUCTION", "MSR_READ", "MSR_WRITE", "EPT_MISCONFIG",

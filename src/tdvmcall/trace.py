@@ -19,9 +19,9 @@ reason texts, which are then parsed once each in Python; a second kernel aggrega
 columns keyed by task and reason ids.  The lines the kernel is not sure about go to the reference
 parser (``trace_polars.parse_chunk_polars``: polars splits the lines, one anchored regex without
 captures validates the payload, fields by ``find`` and slicing).  Only aggregates are kept;
-``trace_report`` turns them into the report (plain Python: they are few rows), ``trace_export``
-into Parquet and the plot (polars).  This module does not import polars: a run whose lines all
-take the fast path never loads it.
+``trace_report`` turns them into the report (plain Python: they are few rows); ``trace_parquet``
+writes the rows (pyarrow) and ``trace_plot`` the plot (polars).  This module does not import
+polars: a run whose lines all take the fast path never loads it.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def aggregate(cols: Columns, key: tuple[str, ...]) -> Columns:
     lo = cols.get("first", np.zeros(len(cols["n"])))
     hi = cols.get("last", lo)
     keys = np.column_stack([cols[c].astype(np.int64) for c in key])
-    row, n, least, greatest = trace_scan.kernels().group(keys, cols["n"], lo, hi)
+    row, n, least, greatest, _ = trace_scan.kernels().group(keys, cols["n"], lo, hi)
     out = {c: cols[c][row] for c in key}
     out["n"] = n
     if "first" in cols:
@@ -445,7 +445,7 @@ class Audit:
         self._span: tuple[float, float] | None = None
         self.parquet = None
         if parquet:
-            from .trace_export import ParquetSink  # polars and pyarrow: only when writing Parquet
+            from .trace_parquet import ParquetSink  # pyarrow: only when writing Parquet
 
             self.parquet = ParquetSink(parquet, self)
 

@@ -368,7 +368,8 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
 @njit(cache=True, nogil=True)
 def group(keys, n, lo, hi):
     """Merge the rows of ``keys`` (int64, rows x columns) that are equal: for each group, the row
-    that opened it, the sum of ``n`` over its rows, the least ``lo`` and the greatest ``hi``."""
+    that opened it, the sum of ``n`` over its rows, the least ``lo`` and the greatest ``hi``; and
+    for each row, its group."""
     rows, width = keys.shape
     cap = 1 << 4
     while cap < 2 * rows:
@@ -378,6 +379,7 @@ def group(keys, n, lo, hi):
     total = np.zeros(rows, np.int64)
     least = np.empty(rows, np.float64)
     greatest = np.empty(rows, np.float64)
+    of_row = np.empty(rows, np.int64)
     groups = 0
     for r in range(rows):
         h = _FNV_OFFSET
@@ -405,7 +407,8 @@ def group(keys, n, lo, hi):
             if same:
                 break
             i = (i + 1) & (cap - 1)
+        of_row[r] = g
         total[g] += n[r]
         least[g] = min(least[g], lo[r])
         greatest[g] = max(greatest[g], hi[r])
-    return first[:groups], total[:groups], least[:groups], greatest[:groups]
+    return first[:groups], total[:groups], least[:groups], greatest[:groups], of_row

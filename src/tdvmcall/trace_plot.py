@@ -1,13 +1,13 @@
-"""The per-exit exports of ``tdvmcall trace``: the audit's columns as polars frames, the
-Parquet file (one row per exit) and the plot (exits over time by verdict).  Classification comes
-from ``trace_verdict.classify_exit``, as in the report (``trace_report``)."""
+"""``tdvmcall trace --plot``: the audit's time buckets as polars frames and the plot (exits over
+time, stacked by verdict).  Classification comes from ``trace_verdict.classify_exit``, as in the
+report (``trace_report``) and the Parquet file (``trace_parquet``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 
-from .trace import Audit, Columns, ReasonTable, TaskTable, bucket_width
+from .trace import Audit, Columns, ReasonTable, bucket_width
 from .trace_verdict import VERDICTS, classify_exit
 
 # ---------------------------------------------------------------------------------------------
@@ -34,13 +34,6 @@ def frame(cols: Columns, reasons: ReasonTable) -> pl.DataFrame:
     return f.with_columns(mask=pl.when("tdvmcall_reason").then("mask"))
 
 
-def task_frame(tasks: TaskTable, td: set[int]) -> pl.DataFrame:
-    return pl.DataFrame(
-        [(i, t.source, t.comm, t.pid, t.tgid, t.process, t.label, i in td) for i, t in enumerate(tasks.tasks)],
-        schema={"task": pl.UInt32, "source": pl.String, "comm": pl.String, "pid": pl.Int64, "tgid": pl.Int64,
-                "process": pl.Int64, "task_label": pl.String, "td": pl.Boolean}, orient="row")
-
-
 def classify(frame: pl.DataFrame, td: set[int], reasons: ReasonTable) -> pl.DataFrame:
     """Add ``td``, ``kind``, ``verdict`` (null unless kind = tdvmcall) and its ``detail``,
     ``missing`` and ``refused_for`` to a frame with task, rid and mask columns."""
@@ -59,70 +52,6 @@ def by_time(audit: Audit, td: set[int]) -> tuple[pl.DataFrame, float]:
     t = t.with_columns(series=pl.coalesce("verdict", "kind"))
     width = bucket_width(audit.shift)
     return t.group_by("bucket", "series").agg(n=pl.col("n").sum()).sort("bucket"), width
-
-
-# ---------------------------------------------------------------------------------------------
-# Parquet: one row per parsed exit
-# ---------------------------------------------------------------------------------------------
-
-#: the Parquet columns (documented in docs/trace.md)
-PARQUET_COLUMNS = (
-    ("source", "string"), ("line", "uint64"), ("ts", "float64"), ("cpu", "uint32"), ("comm", "string"),
-    ("pid", "int64"), ("tgid", "int64"), ("vcpu", "uint32"), ("reason", "string"), ("reason_flags", "string"),
-    ("info1", "uint64"), ("mask", "uint64"), ("td", "bool"), ("kind", "string"), ("verdict", "string"),
-    ("missing", "string"),
-)
-
-
-def parquet_schema():
-    import pyarrow as pa  # only when writing Parquet: it is slow to import
-
-    return pa.schema([(name, pa.type_for_alias(t)) for name, t in PARQUET_COLUMNS])
-
-
-class ParquetSink:
-    """Writes parsed exits to ``path``.  Whether a task is a TD is known only at the end (when it
-    is inferred), so rows go to a temporary file first and are rewritten, row group by row group,
-    with the reasons named and the ``td``, ``kind``, ``verdict`` and ``missing`` columns added."""
-
-    def __init__(self, path: str, audit: Audit):
-        import pyarrow.parquet as pq
-
-        self.path = path
-        self.tmp = path + ".partial"
-        self.audit = audit
-        self._pq = pq
-        self._writer = None
-
-    def write(self, rows: Columns, source: str) -> None:
-        import pyarrow as pa
-
-        t = pa.table({**rows, "source": pa.array([source] * len(rows["line"]), pa.string())})
-        if self._writer is None:
-            self._writer = self._pq.ParquetWriter(self.tmp, t.schema, compression="zstd")
-        self._writer.write_table(t)
-
-    def close(self, td: set[int]) -> None:
-        import os
-
-        audit = self.audit
-        tasks = task_frame(audit.tasks, td).drop("td", "source")
-        schema = parquet_schema()
-        out = self._pq.ParquetWriter(self.path, schema, compression="zstd")
-        try:
-            if self._writer is not None:
-                self._writer.close()
-                for batch in self._pq.ParquetFile(self.tmp).iter_batches(batch_size=1 << 20):
-                    f = classify(frame(pl.from_arrow(batch), audit.reasons), td, audit.reasons)  # type: ignore[arg-type]
-                    f = f.join(tasks, on="task", how="left")
-                    f = f.select("source", "line", "ts", "cpu", "comm", "pid", "tgid", "vcpu",
-                                 pl.col("reason_name").alias("reason"), "reason_flags", "info1", "mask", "td", "kind",
-                                 "verdict", "missing")
-                    out.write_table(f.to_arrow().cast(schema))
-        finally:
-            out.close()
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,4 +93,4 @@ def plot(audit: Audit, td: set[int], path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["ParquetSink", "by_time", "classify", "frame", "plot", "task_frame"]
+__all__ = ["by_time", "classify", "frame", "plot"]

@@ -1,0 +1,96 @@
+"""``tdvmcall trace --to-parquet``: one row per parsed exit (schema: :data:`PARQUET_COLUMNS`,
+documented in docs/trace.md), written with pyarrow alone, in batches, so that memory does not grow
+with the input.  Classification comes from ``trace_verdict.classify_exit``, as in the report."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .trace import Audit, Columns, is_tdvmcall_reason
+from .trace_scan import kernels
+from .trace_verdict import classify_exit
+
+#: the Parquet columns
+PARQUET_COLUMNS = (
+    ("source", "string"), ("line", "uint64"), ("ts", "float64"), ("cpu", "uint32"), ("comm", "string"),
+    ("pid", "int64"), ("tgid", "int64"), ("vcpu", "uint32"), ("reason", "string"), ("reason_flags", "string"),
+    ("info1", "uint64"), ("mask", "uint64"), ("td", "bool"), ("kind", "string"), ("verdict", "string"),
+    ("missing", "string"),
+)
+#: rows per batch when the temporary file is rewritten
+BATCH_ROWS = 1 << 14
+
+
+def parquet_schema() -> pa.Schema:
+    return pa.schema([(name, pa.type_for_alias(t)) for name, t in PARQUET_COLUMNS])
+
+
+class ParquetSink:
+    """Writes parsed exits to ``path``.  Whether a task is a TD is known only at the end (when it
+    is inferred), so rows go to a temporary file first (task and reason ids) and are rewritten,
+    batch by batch, with tasks and reasons named and the ``td``, ``kind``, ``verdict`` and
+    ``missing`` columns added."""
+
+    def __init__(self, path: str, audit: Audit):
+        self.path = path
+        self.tmp = path + ".partial"
+        self.audit = audit
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, rows: Columns, source: str) -> None:
+        t = pa.table({**rows, "source": pa.array([source] * len(rows["line"]), pa.string())})
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.tmp, t.schema, compression="zstd")
+        self._writer.write_table(t)
+
+    def close(self, td: set[int]) -> None:
+        tasks, reasons = self.audit.tasks.tasks, self.audit.reasons.reasons
+        # per task id and per reason id, the columns they name
+        comm = pa.array([t.comm for t in tasks], pa.string())
+        pid = pa.array([t.pid for t in tasks], pa.int64())
+        tgid = pa.array([t.tgid for t in tasks], pa.int64())
+        is_td = np.array([i in td for i in range(len(tasks))], bool)
+        name = pa.array([r.name for r in reasons], pa.string())
+        flags = pa.array([r.flags for r in reasons], pa.string())
+        has_mask = np.array([is_tdvmcall_reason(r) for r in reasons], bool)
+        schema = parquet_schema()
+        out = pq.ParquetWriter(self.path, schema, compression="zstd")
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                for batch in pq.ParquetFile(self.tmp).iter_batches(batch_size=BATCH_ROWS):
+                    task = batch["task"]
+                    rid, info1 = batch["rid"].to_numpy(), batch["info1"].to_numpy()
+                    row_td, row_has = is_td[task.to_numpy()], has_mask[rid]
+                    kind, verdict, missing = _classes(reasons, row_td, rid, np.where(row_has, info1, 0))
+                    out.write_table(pa.table({
+                        "source": batch["source"], "line": batch["line"], "ts": batch["ts"], "cpu": batch["cpu"],
+                        "comm": comm.take(task), "pid": pid.take(task), "tgid": tgid.take(task), "vcpu": batch["vcpu"],
+                        "reason": name.take(batch["rid"]), "reason_flags": flags.take(batch["rid"]),
+                        "info1": batch["info1"], "mask": pa.array(info1, pa.uint64(), mask=~row_has),
+                        "td": pa.array(row_td), "kind": kind, "verdict": verdict, "missing": missing,
+                    }).cast(schema))
+        finally:
+            out.close()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+
+def _classes(reasons: list, td: np.ndarray, rid: np.ndarray, mask: np.ndarray) -> tuple[pa.Array, ...]:
+    """The kind, verdict and missing columns of a batch: each distinct (TD, reason, mask) is
+    classified once (``mask`` is 0 where the reason is not a TDVMCALL reason: not read then)."""
+    keys = np.column_stack([td, rid, mask]).astype(np.int64)
+    first, *_, of_row = kernels().group(keys, np.ones(len(keys), np.int64), np.zeros(len(keys)), np.zeros(len(keys)))
+    classes = [classify_exit(reasons[r], m, bool(d))
+               for d, r, m in zip(td[first].tolist(), rid[first].tolist(), mask[first].tolist())]
+    index = pa.array(of_row)
+    return tuple(pc.take(pa.array([getattr(c, f) for c in classes], pa.string()), index)
+                 for f in ("kind", "verdict", "missing"))
+
+
+__all__ = ["PARQUET_COLUMNS", "ParquetSink", "parquet_schema"]
