@@ -6,7 +6,6 @@ the leaf table."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 
 from .codes import EXIT_REASON_TDCALL
 from .regs import GPR_MASK, names_in
@@ -52,13 +51,12 @@ def _table(rows: list[dict], keys: list[str]) -> list[dict]:
         if r["kind"] == "tdvmcall":
             g["tdvmcall"] += r["n"]
             g[r["verdict"]] += r["n"]
-    out = []
-    for key in sorted(groups):
-        g = groups[key]
-        share: Callable[[int], float] = (lambda x: round(x / g["tdvmcall"], 6)) if g["tdvmcall"] else (lambda x: 0.0)
-        out.append({**dict(zip(keys, key)), **g, "refused_share": share(sum(g[v] for v in FAILING)),
-                    "depends_share": share(g["depends"])})
-    return out
+    return [{**dict(zip(keys, key)), **g, "refused_share": _share(sum(g[v] for v in FAILING), g["tdvmcall"]),
+             "depends_share": _share(g["depends"], g["tdvmcall"])} for key, g in sorted(groups.items())]
+
+
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, 6) if whole else 0.0
 
 
 def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
@@ -102,8 +100,8 @@ def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
         "totals": {
             "exits": sum(r["n"] for r in rows), **{f"{kd}_exits": v for kd, v in by_kind.items()},
             "verdicts": by_verdict,
-            "refused_share": round((by_verdict["refused"] + by_verdict["internal-error"]) / n_td, 6) if n_td else 0.0,
-            "depends_share": round(by_verdict["depends"] / n_td, 6) if n_td else 0.0,
+            "refused_share": _share(sum(by_verdict[v] for v in FAILING), n_td),
+            "depends_share": _share(by_verdict["depends"], n_td),
         },
         "per_process": _table(rows, ["source", "process", "comm", "td"]),
         "per_vcpu": _table(rows, ["source", "process", "task_label", "vcpu", "td"]),
