@@ -30,8 +30,8 @@ from .trace import Reason, is_tdvmcall_reason
 VERDICTS = ("completes", "depends", "refused", "internal-error", "inconsistent")
 #: verdicts under which a call does not complete whatever its inputs
 FAILING = ("refused", "internal-error")
+#: what an exit is to the report: a TDVMCALL exit of a TD, another exit of a TD, an exit of another VM
 KINDS = ("tdvmcall", "td-other", "non-td")
-
 
 
 @dataclass(frozen=True)
