@@ -1,6 +1,6 @@
 """``tdvmcall trace --to-parquet``: one row per parsed exit (schema: :data:`PARQUET_COLUMNS`,
-documented in docs/trace.md), written with pyarrow alone, in batches, so that memory does not grow
-with the input.  Classification comes from ``trace_verdict.classify_exit``, as in the report."""
+documented in docs/trace.md), written with pyarrow alone, a chunk's rows at a time, so that memory
+does not grow with the input.  Classification comes from ``trace_verdict.classify_exit``, as in the report."""
 
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ PARQUET_COLUMNS = (
     ("info1", "uint64"), ("mask", "uint64"), ("td", "bool"), ("kind", "string"), ("verdict", "string"),
     ("missing", "string"),
 )
-#: rows per batch when the temporary file is rewritten
-BATCH_ROWS = 1 << 14
 
 
 def parquet_schema() -> pa.Schema:
@@ -63,7 +61,9 @@ class ParquetSink:
         try:
             if self._writer is not None:
                 self._writer.close()
-                for batch in pq.ParquetFile(self.tmp).iter_batches(batch_size=BATCH_ROWS):
+                rows = pq.ParquetFile(self.tmp)
+                for group in range(rows.num_row_groups):  # a chunk's rows (iter_batches reads far ahead)
+                    batch = rows.read_row_group(group)
                     task = batch["task"]
                     rid, info1 = batch["rid"].to_numpy(), batch["info1"].to_numpy()
                     row_td, row_has = is_td[task.to_numpy()], has_mask[rid]
