@@ -43,7 +43,7 @@ class ParquetSink:
     def write(self, rows: Columns, source: str) -> None:
         t = pa.table({**rows, "source": pa.array([source] * len(rows["line"]), pa.string())})
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, t.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self.tmp, t.schema, compression="zstd", write_statistics=False)
         self._writer.write_table(t)
 
     def close(self, td: set[int]) -> None:
