@@ -299,6 +299,19 @@ def test_parquet_rows_and_plot(write, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_counts_each_verdict_once_per_exit(write):
+    # the plot's series are the TDVMCALL exits of the TD, by verdict: the hand counts of the fixture
+    from tdvmcall import trace, trace_plot, trace_report
+    from tdvmcall.trace_verdict import VERDICTS
+
+    a = trace.Audit()
+    trace.audit_input(a, write("t", fixture("ftrace")))
+    buckets, counts, width = trace_plot.by_time(a, trace_report.td_tasks(a))
+    assert dict(zip(VERDICTS, counts.sum(axis=0).tolist())) == {
+        "completes": 4, "depends": 3, "refused": 2, "internal-error": 1, "inconsistent": 2}
+    assert width == 1 / 1024 and len(buckets) == counts.shape[0] and (buckets[1:] - buckets[:-1] == 1).all()
+
+
 def test_table_output_names_the_verdicts(write):
     r = runner.invoke(app, ["trace", write("t", fixture("ftrace"))])
     assert r.exit_code == 0
@@ -382,8 +395,12 @@ def test_integer_timestamps_of_counter_clocks(write):
     assert rep["totals"]["verdicts"]["completes"] == 1  # CPUID with R10-R15 completes
 
 
-@pytest.mark.parametrize("stamp", ["123456789012345", "9007199254740992", "98765432109876543210"])
-def test_large_counter_timestamps_and_the_plot(write, tmp_path, stamp):
+# the smallest shift s at which t / 2**(s - 10) < 2**52 for the larger stamp (the span, 5 units, fits
+# 512 buckets from s = 0): 1.23e14 * 2**10 / 2**52 = 28.1 -> 5; 9.007e15 * 2**10 / 2**52 = 2048.0 -> 12;
+# 9.88e19 * 2**10 / 2**52 = 2.25e7 -> 25
+@pytest.mark.parametrize("stamp, shift", [("123456789012345", 5), ("9007199254740992", 12),
+                                          ("98765432109876543210", 25)])
+def test_large_counter_timestamps_and_the_plot(write, tmp_path, stamp, shift):
     # an x86-tsc clock passes 10**16 after a few weeks of uptime: 15 digits take the fast path, more
     # the reference parser; both must keep the time buckets exact (2**63 / 1024 is about 9.0e15)
     from tdvmcall import trace
@@ -397,7 +414,8 @@ def test_large_counter_timestamps_and_the_plot(write, tmp_path, stamp):
     assert os.path.getsize(png) > 0
     a = trace.Audit()
     trace.audit_input(a, path)
-    width = trace.BUCKET_BASE * (1 << a.shift)
+    assert a.shift == shift
+    width = 2.0 ** (shift - 10)
     buckets = sorted(a.time_columns()["bucket"].tolist())
     assert int(stamp) / width < 2 ** 52 and buckets[-1] < 2 ** 52
     assert buckets == sorted({int(int(stamp[:-1] + d) // width) for d in "05"})  # exact, with one bucket or two

@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tdvmcall import trace_scan
-from tdvmcall.trace import ReasonTable, TaskTable, parse_chunk
+from tdvmcall.trace import ROW_COLUMNS, ReasonTable, TaskTable, is_tdvmcall_reason, parse_chunk
 from tdvmcall.trace_polars import parse_chunk_polars
-from tdvmcall.trace_plot import frame
 from tdvmcall.traceio import Chunk
 
 REASONS = ["TDCALL", "VMCALL", "HLT", "CPUID", "IO_INSTRUCTION", "MSR_READ", "MSR_WRITE", "EPT_MISCONFIG",
@@ -96,6 +95,18 @@ def parse_both(data: bytes, fmt: str, rows: bool):
     return results
 
 
+def frame(cols, reasons: ReasonTable) -> pl.DataFrame:
+    """Aggregates or rows with the reason named (text, name, flags) and the mask null unless the
+    reason is a TDVMCALL reason (info1 is the mask of the rows)."""
+    rs = reasons.reasons
+    named = pl.DataFrame({"rid": range(len(rs)), "reason": [r.text for r in rs], "reason_name": [r.name for r in rs],
+                          "reason_flags": [r.flags for r in rs], "tdvmcall_reason": [is_tdvmcall_reason(r) for r in rs]},
+                         schema={"rid": pl.UInt32, "reason": pl.String, "reason_name": pl.String,
+                                 "reason_flags": pl.String, "tdvmcall_reason": pl.Boolean})
+    f = pl.DataFrame(cols).join(named, on="rid", how="left")
+    return f.with_columns(mask=pl.when("tdvmcall_reason").then("mask" if "mask" in f.columns else "info1"))
+
+
 def canonical(cols, tasks: TaskTable, reasons: ReasonTable) -> list[tuple]:
     """Rows with the task and reason ids replaced by the task and the reason text (ids are assigned
     in lookup order), sorted."""
@@ -128,6 +139,7 @@ def test_fast_path_agrees_with_the_reference_parser(monkeypatch, data):
     assert canonical(fast.by_key, *f) == canonical(ref.by_key, *r)
     assert canonical(fast.by_time, *f) == canonical(ref.by_time, *r)
     if rows:
+        assert tuple(fast.rows) == tuple(ref.rows) == ROW_COLUMNS
         assert {c: v.dtype for c, v in fast.rows.items()} == {c: v.dtype for c, v in ref.rows.items()}
         assert canonical(fast.rows, *f) == canonical(ref.rows, *r)
         assert fast.rows["line"].tolist() == sorted(ref.rows["line"].tolist())  # in line order

@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
             td_tasks = trace_report.td_tasks(audit)
             result = trace_report.finish(audit, td_tasks, top=top)
             if plot_file:
-                from .trace_plot import plot  # polars and matplotlib: only for the plot
+                from .trace_plot import plot  # matplotlib: only for the plot
 
                 plot(audit, td_tasks, plot_file)
         except TraceInputError as e:

@@ -20,7 +20,7 @@ columns keyed by task and reason ids.  The lines the kernel is not sure about go
 parser (``trace_polars.parse_chunk_polars``: polars splits the lines, one anchored regex without
 captures validates the payload, fields by ``find`` and slicing).  Only aggregates are kept;
 ``trace_report`` turns them into the report (plain Python: they are few rows); ``trace_parquet``
-writes the rows (pyarrow) and ``trace_plot`` the plot (polars).  This module does not import
+writes the rows (pyarrow) and ``trace_plot`` the plot (matplotlib).  This module does not import
 polars: a run whose lines all take the fast path never loads it.
 """
 

@@ -1,6 +1,7 @@
 """``tdvmcall trace --to-parquet``: one row per parsed exit (schema: :data:`PARQUET_COLUMNS`,
 documented in docs/trace.md), written with pyarrow alone, a chunk's rows at a time, so that memory
-does not grow with the input.  Classification comes from ``trace_verdict.classify_exit``, as in the report."""
+does not grow with the input.  Classification comes from ``trace_verdict``, as in the report and
+the plot."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .trace import Audit, Columns, is_tdvmcall_reason
-from .trace_scan import kernels
-from .trace_verdict import classify_exit
+from .trace_verdict import classify_rows
 
 #: the Parquet columns
 PARQUET_COLUMNS = (
@@ -82,12 +82,8 @@ class ParquetSink:
 
 
 def _classes(reasons: list, td: np.ndarray, rid: np.ndarray, mask: np.ndarray) -> tuple[pa.Array, ...]:
-    """The kind, verdict and missing columns of a batch: each distinct (TD, reason, mask) is
-    classified once (``mask`` is 0 where the reason is not a TDVMCALL reason: not read then)."""
-    keys = np.column_stack([td, rid, mask]).astype(np.int64)
-    first, *_, of_row = kernels().group(keys, np.ones(len(keys), np.int64), np.zeros(len(keys)), np.zeros(len(keys)))
-    classes = [classify_exit(reasons[r], m, bool(d))
-               for d, r, m in zip(td[first].tolist(), rid[first].tolist(), mask[first].tolist())]
+    """The kind, verdict and missing columns of a batch."""
+    classes, of_row = classify_rows(reasons, td, rid, mask)
     index = pa.array(of_row)
     return tuple(pc.take(pa.array([getattr(c, f) for c in classes], pa.string()), index)
                  for f in ("kind", "verdict", "missing"))

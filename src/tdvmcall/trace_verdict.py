@@ -21,10 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
+import numpy as np
+
 from .codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
 from .control import Control, ExitQualification
 from .kvm.leaves import Leaf, missing_by_case, reason_leaves
 from .regs import GPR_MASK, R10, R11, names_in
+from . import trace_scan
 from .trace import Reason, is_tdvmcall_reason
 
 VERDICTS = ("completes", "depends", "refused", "internal-error", "inconsistent")
@@ -153,5 +156,18 @@ def classify_exit(reason: Reason, mask: int | None, td: bool) -> Classified:
     return Classified("tdvmcall", v.verdict, v.detail, " ".join(v.missing), ", ".join(v.refused_for))
 
 
-__all__ = ["Classified", "Verdict", "classify_exit", "implied_exposed", "module_problems", "verdict_for",
+def classify_rows(reasons: list[Reason], td: np.ndarray, rid: np.ndarray,
+                  mask: np.ndarray) -> tuple[list[Classified], np.ndarray]:
+    """Classify many exits at once (columns: is the task a TD, reason id, mask, 0 where the reason
+    is not a TDVMCALL reason): each distinct (TD, reason, mask) is classified once.  Returns the
+    distinct classifications and, per row, the index of its own."""
+    keys = np.column_stack([td, rid, mask]).astype(np.int64)
+    first, *_, of_row = trace_scan.kernels().group(keys, np.ones(len(keys), np.int64), np.zeros(len(keys)),
+                                                   np.zeros(len(keys)))
+    classes = [classify_exit(reasons[r], m, bool(d))
+               for d, r, m in zip(td[first].tolist(), rid[first].tolist(), mask[first].tolist())]
+    return classes, of_row
+
+
+__all__ = ["Classified", "Verdict", "classify_exit", "classify_rows", "implied_exposed", "module_problems", "verdict_for",
            "verdict_if_td", "FAILING", "KINDS", "VERDICTS"]
