@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tdvmcall.catalog import (
+from tdvmcall.check.catalog import (
     ALL_KVM_CALLS, CatalogError, Host, check_call, check_sites, load_catalog, parse_calls, shipped_catalog_text,
     what_if,
 )

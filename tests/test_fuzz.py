@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import tdvmcall
-from tdvmcall import fuzz as F
+from tdvmcall.fuzz import campaign as F
 from tdvmcall.guest import tdvmcall as round_trip
 from tdvmcall.kvm.tdx import KvmVcpu
 from tdvmcall.module import TdConfig, tdg_vp_vmcall, tdh_vp_enter
@@ -56,7 +56,7 @@ def planted_copy(root: Path, mutations: list[tuple[str, str, str]]):
         f.write_text(text.replace(old, new))
     sys.path.insert(0, str(root))
     try:
-        return importlib.import_module(f"{name}.fuzz")
+        return importlib.import_module(f"{name}.fuzz.campaign")
     finally:
         sys.path.remove(str(root))
 
@@ -108,7 +108,7 @@ def test_campaign_finds_planted_bug_within_budget(bug, tmp_path):
 
 def test_cli_writes_a_replayable_counterexample(tmp_path):
     fz = planted_copy(tmp_path, PLANTED["module does not zero an unselected register"][0])
-    cli = importlib.import_module(fz.__name__.replace(".fuzz", ".cli"))
+    cli = importlib.import_module(fz.__name__.replace(".fuzz.campaign", ".cli"))
     out = tmp_path / "ce.json"
     r = CliRunner().invoke(cli.app, ["fuzz", "--examples", "50", "--seed", "0", "--json", "--out", str(out)])
     assert r.exit_code == 1, r.output

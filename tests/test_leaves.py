@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tdvmcall.kvm import leaves as L
 from tdvmcall.kvm.handlers import HANDLERS
-from tdvmcall.regs import GPR_NAMES
+from tdvmcall.abi.regs import GPR_NAMES
 
 
 def test_every_operand_is_a_gpr_the_module_can_pass():

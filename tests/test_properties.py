@@ -9,7 +9,7 @@ from tdvmcall.guest import tdvmcall
 from tdvmcall.kvm import leaves as L
 from tdvmcall.kvm.platform import Platform, Userspace
 from tdvmcall.kvm.tdx import KvmVcpu
-from tdvmcall.regs import reg_index
+from tdvmcall.abi.regs import reg_index
 from tdvmcall.module import TdConfig, VcpuState, tdg_vp_vmcall, tdh_vp_enter
 
 U64 = st.integers(0, (1 << 64) - 1)

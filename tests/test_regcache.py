@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tdvmcall.kvm.regcache import ModelBug, RegCache
-from tdvmcall.regs import CR3, EXIT_INFO_1, EXIT_INFO_2, PDPTR, R12, RAX, RBX, RIP, RSP
+from tdvmcall.abi.regs import CR3, EXIT_INFO_1, EXIT_INFO_2, PDPTR, R12, RAX, RBX, RIP, RSP
 
 ALL25 = (1 << 25) - 1
 

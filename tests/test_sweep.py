@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tdvmcall import sweep as S
+from tdvmcall.sweep import sweep as S
 from tdvmcall.cli import app
 from tdvmcall.module import TdConfig
 

@@ -59,8 +59,8 @@ import zstandard
 from typer.testing import CliRunner
 
 from tdvmcall.cli import app
-from tdvmcall.trace import detect_format
-from tdvmcall.trace_verdict import verdict_for
+from tdvmcall.trace.rows import detect_format
+from tdvmcall.trace.verdict import verdict_for
 
 runner = CliRunner()
 
@@ -301,8 +301,8 @@ def test_parquet_rows_and_plot(write, tmp_path):
 
 def test_the_plot_counts_each_verdict_once_per_exit(write):
     # the plot's series are the TDVMCALL exits of the TD, by verdict: the hand counts of the fixture
-    from tdvmcall import trace, trace_plot, trace_report
-    from tdvmcall.trace_verdict import VERDICTS
+    from tdvmcall.trace import audit as trace, plot as trace_plot, report as trace_report
+    from tdvmcall.trace.verdict import VERDICTS
 
     a = trace.Audit()
     trace.audit_input(a, write("t", fixture("ftrace")))
@@ -403,7 +403,7 @@ def test_integer_timestamps_of_counter_clocks(write):
 def test_large_counter_timestamps_and_the_plot(write, tmp_path, stamp, shift):
     # an x86-tsc clock passes 10**16 after a few weeks of uptime: 15 digits take the fast path, more
     # the reference parser; both must keep the time buckets exact (2**63 / 1024 is about 9.0e15)
-    from tdvmcall import trace
+    from tdvmcall.trace import audit as trace
 
     text = "# tracer: nop\n" + "".join(
         line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00)).replace("1.000000:", f"{stamp[:-1]}{d}:")
@@ -446,7 +446,7 @@ def test_chunk_boundaries_do_not_change_the_audit(write, tmp_path, monkeypatch, 
     # widen the buckets of earlier ones)
     import pyarrow.parquet as pq
 
-    from tdvmcall import trace, traceio
+    from tdvmcall.trace import audit as trace, io as traceio
 
     data = fixture("ftrace").replace(b" 100.0", b" 10").replace(b" 100.", b" 10.")
     path = write("t.ftrace", compress(data) if compress else data)
@@ -468,7 +468,7 @@ def test_chunk_boundaries_do_not_change_the_audit(write, tmp_path, monkeypatch, 
 
 
 def test_a_line_longer_than_max_line_or_a_file_without_newline(write):
-    from tdvmcall.traceio import MAX_LINE
+    from tdvmcall.trace.io import MAX_LINE
 
     for text in (b"x" * (MAX_LINE + 10), b"# tracer: nop\n" + b"x" * (MAX_LINE + 10)):  # no newline to end it
         r = runner.invoke(app, ["trace", write("long", text)])
@@ -482,7 +482,7 @@ def test_a_line_longer_than_max_line_or_a_file_without_newline(write):
 def test_task_lists_are_in_a_stable_order(write, monkeypatch):
     # task ids follow the order in which the parsing threads meet them; the report lists tasks by
     # input, process and pid, whatever that order was (small chunks: many of them, in parallel)
-    from tdvmcall import trace, traceio
+    from tdvmcall.trace import audit as trace, io as traceio
 
     events = [line("ftrace", "CPU 0/KVM", pid, 1.0 + pid / 1000, "kvm_exit", payload(0, "TDCALL", 0xFC00))
               for pid in (1009, 1003, 1007, 1001, 1005)]

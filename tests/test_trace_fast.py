@@ -11,10 +11,11 @@ import polars as pl
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tdvmcall import trace_scan
-from tdvmcall.trace import ROW_COLUMNS, ReasonTable, TaskTable, is_tdvmcall_reason, parse_chunk
-from tdvmcall.trace_polars import parse_chunk_polars
-from tdvmcall.traceio import Chunk
+from tdvmcall.trace import scan as trace_scan
+from tdvmcall.trace.audit import parse_chunk
+from tdvmcall.trace.rows import ROW_COLUMNS, ReasonTable, TaskTable, is_tdvmcall_reason
+from tdvmcall.trace.reference import parse_chunk_polars
+from tdvmcall.trace.io import Chunk
 
 REASONS = ["TDCALL", "VMCALL", "HLT", "CPUID", "IO_INSTRUCTION", "MSR_READ", "MSR_WRITE", "EPT_MISCONFIG",
            "EPT_VIOLATION", "EXTERNAL_INTERRUPT", "0x4d", "0x7f", "BOGUS_REASON"]
@@ -146,7 +147,7 @@ def test_fast_path_agrees_with_the_reference_parser(monkeypatch, data):
 
 
 def test_well_formed_lines_take_the_fast_path_and_quirks_the_slow_one():
-    from tdvmcall.trace_scan import Scanned
+    from tdvmcall.trace.scan import Scanned
 
     def line(body: str, ts: str = "1.000000") -> bytes:
         return f"  CPU 0/KVM-1001    [000] d..2. {ts}: kvm_exit: vcpu 0 reason {body}".encode()
@@ -173,7 +174,7 @@ def test_well_formed_lines_take_the_fast_path_and_quirks_the_slow_one():
 def test_chunks_of_short_slow_lines_are_counted_again():
     # the scanner first guesses one slow line per 48 bytes (and 64 more); 300 short lines that look
     # like kvm_exit exceed the guess, and the kernel must then be called again with the lines counted
-    from tdvmcall.trace_scan import Scanned
+    from tdvmcall.trace.scan import Scanned
 
     exit_ = (b"  CPU 0/KVM-1001    [000] d..2. 1.000000: kvm_exit: vcpu 0 reason TDCALL rip 0x0 info1 "
              b"0x000000000000fc00 info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000\n")

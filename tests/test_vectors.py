@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from typer.testing import CliRunner
 
-from tdvmcall import vectors as V
+from tdvmcall.sweep import vectors as V
 from tdvmcall.cli import app
 
 runner = CliRunner()

@@ -1,243 +1,30 @@
-"""The command line: composes the model's rooms, never reaches into them."""
+"""The app: gathers each wing's commands, nothing else."""
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-from typing import Optional
-
 import typer
-from rich.console import Console
 
-# The model (decode, codes, kvm, regs, scenario, ...) is imported inside the commands that use it, so
-# that importing this module (the start of every command, `tdvmcall trace` included) stays cheap.
+from .check.cli import register as register_check
+from .fuzz.cli import register as register_fuzz
+from .show.cli import register as register_show
+from .sweep.cli import register as register_sweep
+from .trace.cli import register as register_trace
 
 app = typer.Typer(
     name="tdvmcall",
     help="Executable model of the TDX TDVMCALL register path: guest, TDX module and KVM, "
-         "today's KVM ('legacy') and the hardened one side by side.",
+    "today's KVM ('legacy') and the hardened one side by side.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-out = Console(width=max(Console().width, 120))  # 16-digit hex columns must not be cut
-
-
-def fail(message: str, code: int = 2) -> None:
-    """One clear line on stderr and a non-zero exit: the boundary for bad user input."""
-    sys.stderr.write(f"tdvmcall: error: {message}\n")  # plain: never wrapped, one line
-    raise typer.Exit(code)
-
-
-def emit_json(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
-
-
-# --- run -----------------------------------------------------------------------------------------
-@app.command()
-def run(
-    file: str = typer.Argument(..., help="Scenario JSON file, or - for standard input."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result object (the documented JSON contract)."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="Override kvm.policy: legacy or hardened."),
-) -> None:
-    """Run one TDVMCALL round trip (guest -> TDX module -> KVM -> module -> guest) from a JSON scenario
-    and show every register at every step.
-
-    Scenario: {"td": {"module": "1.5", "no_rbp_mod": true}, "kvm": {"policy": "hardened"},
-    "guest": {"rcx": "0xFFCC", "r11": "0xA", "r12": "0x1"}, "platform": {}}. See docs/scenario.md.
-    """
-    from .scenario import ScenarioError, parse, result_json
-
-    try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text()
-    except OSError as e:
-        fail(f"{file}: cannot read scenario ({e.strerror})")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        fail(f"scenario: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
-    if policy is not None:
-        if not isinstance(data, dict):
-            fail("scenario: expected a JSON object")
-        data.setdefault("kvm", {})
-        if isinstance(data["kvm"], dict):
-            data["kvm"]["policy"] = policy
-    try:
-        sc = parse(data)
-    except ScenarioError as e:
-        fail(str(e))
-    result = result_json(sc.run())
-    if as_json:
-        emit_json(result)
-    else:
-        render_run(result)
-
-
-def render_run(r: dict) -> None:
-    from rich.table import Table
-
-    from .regs import GPR_NAMES, fmt_mask
-
-    m, k = r["module"], r["kvm"]
-    gsel = set(m["gpr_select"])
-    out.print(f"[bold]TDX module {r['td']['module']}[/], NO_RBP_MOD {'on' if r['td']['no_rbp_mod'] else 'off'}; "
-              f"control {m['control']} exposes {' '.join(m['gpr_select']) or 'nothing'}"
-              + (f", {' '.join(m['xmm_select'])}" if m["xmm_select"] else ""))
-    if m["fault"]:
-        out.print(f"[red]guest fault:[/] {m['fault']} (no status, RIP not advanced)")
-    elif not m["exited"]:
-        out.print(f"[red]module refused the call:[/] guest RAX = {m['status']} ({m['status_name']}); "
-                  f"{'; '.join(m['problems'])}. KVM never saw it.")
-    if k:
-        status = k["status"] or "not written"
-        name = f" {k['status_name']}" if k["status_name"] else ""
-        out.print(f"[bold]KVM ({k['policy']})[/]: {k['leaf']} -> [bold]{k['verdict']}[/], R10 {status}{name}")
-        for key in ("missing", "unexposed_outputs", "zero_reads", "dropped_writes"):
-            if k[key]:
-                out.print(f"  {key.replace('_', ' ')}: {' '.join(k[key])}")
-        for e in k["userspace_exits"]:
-            out.print(f"  userspace exit: {json.dumps(e)}", markup=False, highlight=False)
-        out.print(f"  regs_avail {fmt_mask(int(k['regs_avail'], 16))}", highlight=False)
-        out.print(f"  regs_dirty {fmt_mask(int(k['regs_dirty'], 16))}", highlight=False)
-    t = Table(show_lines=False, header_style="bold")
-    for col in ("reg", "exposed", "guest before", "VMM view", "KVM wrote", "guest after"):
-        t.add_column(col)
-    for reg in GPR_NAMES:
-        before, after = r["guest_before"][reg], r["guest"][reg]
-        vmm = r["vmm"][reg] if r["vmm"] else ""
-        wrote = k["wrote"].get(reg, "") if k else ""
-        mark = "yes" if reg in gsel else ""
-        style = "bold" if before != after else ""
-        if k and reg in k["zero_reads"]:
-            vmm = f"[yellow]{vmm} (zero read)[/]"
-        if k and reg in k["dropped_writes"]:
-            wrote = f"[red]{wrote} (dropped)[/]"
-        t.add_row(reg, mark, before, vmm, wrote, f"[{style}]{after}[/]" if style else after)
-    t.add_row("rip", "", r["guest_before"]["rip"], "", "", r["guest"]["rip"])
-    out.print(t)
-
-
-# --- decode --------------------------------------------------------------------------------------
-@app.command()
-def decode(
-    value: str = typer.Argument(..., help="The value, hex (0x...) or decimal."),
-    as_: Optional[str] = typer.Option(None, "--as", help="Reading: status | tdvmcall-status | control | exitqual. "
-                                                         "Without it, one is picked and the output says which."),
-    module: str = typer.Option("1.5.05", "--module", help="Module version of the status table: 1.0.3 | 1.5.01 | 1.5.05."),
-    as_json: bool = typer.Option(False, "--json", help="Print the explanation as JSON."),
-) -> None:
-    """Explain a value from a log: a TDX status, a TDVMCALL status, a control value or an exit
-    qualification."""
-    from . import decode as D
-    from .codes import MODULE_TABLE_VERSIONS
-    from .regs import parse_int
-
-    try:
-        v = parse_int(value, "VALUE")
-    except ValueError as e:
-        fail(str(e))
-    if as_ is not None and as_ not in D.KINDS:
-        fail(f"--as: {as_!r} is not a reading; accepted: {', '.join(D.KINDS)}")
-    if module not in MODULE_TABLE_VERSIONS:
-        fail(f"--module: {module!r} is not a module version; accepted: {', '.join(MODULE_TABLE_VERSIONS)}")
-    info = D.decode(v, as_, module)
-    if as_json:
-        emit_json({k: (f"0x{x:016x}" if k == "value" else x) for k, x in info.items()})
-        return
-    render_decode(info)
-
-
-def render_decode(d: dict) -> None:
-    from .codes import TDVMCALL_STATUS_NAMES
-
-    value = d["value"]
-    out.print(f"[bold]0x{value:016x}[/] read as [bold]{d['reading']}[/] ({d['why']})", highlight=False)
-    kind = d["kind"]
-    if kind == "tdx-status":
-        name = d["name"] or "unknown status"
-        out.print(f"  name: {name}  (module {d['module']})", highlight=False)
-        if "operand_id" in d:
-            out.print(f"  operand id: {d['operand_id']} ({d['operand_name'] or 'unknown operand'})", highlight=False)
-        out.print(f"  class {d['class']:#04x}, details L1 {d['details_l1']:#04x}, details L2 {d['details_l2']:#010x}",
-                  highlight=False)
-        for other, other_name in d["in_other_versions"].items():
-            out.print(f"  in module {other}: {other_name}", highlight=False)
-        flags = [f for f in ("error", "non_recoverable", "fatal", "host_recoverability_hint") if d[f]]
-        out.print(f"  bits: {', '.join(flags) or 'none of error/non-recoverable/fatal/hint'}")
-    elif kind == "tdvmcall-status":
-        out.print(f"  {d['name'] or 'unknown TDVMCALL status'}; error bit {'set' if d['error'] else 'clear'}"
-                  f"  (known: {', '.join(f'{n}={v:#x}' for v, n in TDVMCALL_STATUS_NAMES.items())})", highlight=False)
-    elif kind in ("control", "exitqual"):
-        out.print(f"  GPRs: {' '.join(d['gprs']) or 'none'}   (gpr_select {d['gpr_select']:#06x})", highlight=False)
-        out.print(f"  XMMs: {' '.join(d['xmms']) or 'none'}", highlight=False)
-        if kind == "control":
-            if d["reserved"]:
-                out.print(f"  reserved bits 63:32: {d['reserved'] >> 32:#x}", highlight=False)
-            for what, ok in d["accepted"].items():
-                why = "" if ok else ": " + "; ".join(d["problems"][what])
-                out.print(f"  {what}: {'accepted' if ok else '[red]rejected[/]'}{why}", highlight=False)
-            if d["hardened_completes"]:
-                out.print(f"  hardened KVM completes: {', '.join(d['hardened_completes'])}", highlight=False)
-        else:
-            out.print(f"  VM index: {d['vm']}" + (f"; unexpected bits {d['other_bits']:#x}" if d["other_bits"] else ""))
-    if not d.get("known", True):
-        out.print("  [yellow]not a known value of this kind[/]")
-
-
-# --- leaves --------------------------------------------------------------------------------------
-@app.command()
-def leaves(
-    name: Optional[str] = typer.Argument(None, help="Show one call only (e.g. Instruction.IO)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
-) -> None:
-    """Print the leaf table: what each TDVMCALL reads and writes, under which conditions, the minimal
-    GPR mask hardened KVM needs, and where each fact was read."""
-    from rich.table import Table
-
-    from .kvm import leaves as L
-
-    rows = L.LEAVES
-    if name is not None:
-        try:
-            rows = (L.by_name(name),)
-        except KeyError as e:
-            fail(str(e.args[0]))
-    if as_json:
-        emit_json([L.as_dict(leaf) for leaf in rows])
-        return
-    t = Table(header_style="bold", show_lines=True)
-    for col in ("call", "select", "reads", "writes", "minimal mask", "source"):
-        t.add_column(col, overflow="fold")
-    for leaf in rows:
-        d = L.as_dict(leaf)
-        sel = f"R11={leaf.r11:#x}" if leaf.family == "ghci" else f"R10={leaf.nr}"
-        reads = "\n".join(_operand_text(o) for o in d["inputs"]) or "-"
-        writes = "\n".join(_operand_text(o) for o in d["outputs"]) or "-"
-        masks = "\n".join(f"{k}: {v}" for k, v in d["minimal_masks"].items())
-        t.add_row(leaf.name, sel, reads, writes, masks, leaf.source)
-    out.print(t)
-
-
-def _operand_text(o: dict) -> str:
-    s = o["reg"]
-    if o.get("required") is False:
-        s += " (optional)"
-    if o.get("on", "any") != "any":
-        s += f" on {o['on']}"
-    if "when" in o:
-        s += f" if {o['when']}"
-    return s
-
-
-# --- feature commands: each lives in its own cli_<feature>.py with a register(app) function ----
-# (keep one line per feature here)
-from .cli_check import register as _register_check; _register_check(app)  # noqa: E402
-from .cli_trace import register as _register_trace; _register_trace(app)  # noqa: E402
-from .cli_sweep import register as _register_sweep; _register_sweep(app)  # noqa: E402
-from .cli_fuzz import register as _register_fuzz; _register_fuzz(app)  # noqa: E402
-# --- end of feature commands ------------------------------------------------------------------
+# one line per wing, in the order of `tdvmcall --help`
+register_show(app)
+register_check(app)
+register_trace(app)
+register_fuzz(app)
+register_sweep(app)
 
 
 def main() -> None:

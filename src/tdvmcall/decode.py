@@ -3,10 +3,17 @@ exit qualification.  Pure data in, plain dict out (the CLI renders it)."""
 
 from __future__ import annotations
 
-from .codes import DEFAULT_TABLE_VERSION, MODULE_TABLE_VERSIONS, TDVMCALL_STATUS_NAMES, decode_status, decode_tdvmcall_status, status_name
-from .control import Control, ExitQualification, check_control
+from .abi.codes import (
+    DEFAULT_TABLE_VERSION,
+    MODULE_TABLE_VERSIONS,
+    TDVMCALL_STATUS_NAMES,
+    decode_status,
+    decode_tdvmcall_status,
+    status_name,
+)
+from .abi.control import Control, ExitQualification, check_control
+from .abi.regs import names_in
 from .kvm import leaves as L
-from .regs import names_in
 
 KINDS = ("status", "tdvmcall-status", "control", "exitqual")
 

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 from .kvm.platform import Platform
 from .kvm.tdx import KvmResult, KvmVcpu, handle_tdvmcall
-from .module import GuestFault, TdConfig, VcpuState, VmcallResult, tdg_vp_vmcall, tdh_vp_enter
+from .module import (
+    GuestFault,
+    TdConfig,
+    VcpuState,
+    VmcallResult,
+    tdg_vp_vmcall,
+    tdh_vp_enter,
+)
 
 
 @dataclass

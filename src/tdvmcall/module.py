@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .codes import EXIT_REASON_TDCALL, TDX_OPERAND_INVALID, TDX_SUCCESS
-from .control import Control, build_exit_qualification, check_control, module_family
-from .regs import NR_GPRS, RAX, RCX, U64, u64
+from .abi.codes import EXIT_REASON_TDCALL, TDX_OPERAND_INVALID, TDX_SUCCESS
+from .abi.control import (
+    Control,
+    build_exit_qualification,
+    check_control,
+    module_family,
+)
+from .abi.regs import NR_GPRS, RAX, RCX, U64, U128, u64
 
 TDCALL_INSN_LEN = 4  # 66 0F 01 CC
 TDG_VP_VMCALL_LEAF = 0
-U128 = (1 << 128) - 1
 
 
 @dataclass(frozen=True)

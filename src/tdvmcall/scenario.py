@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .codes import TDVMCALL_STATUS_NAMES, status_name
-from .control import Control
+from .abi.codes import TDVMCALL_STATUS_NAMES, status_name
+from .abi.control import Control
+from .abi.regs import GPR_NAMES, hex64, names_in, parse_int
 from .guest import RoundTrip, tdvmcall
 from .kvm.platform import Platform, Userspace
 from .kvm.tdx import POLICIES, KvmVcpu
 from .module import TdConfig, VcpuState
-from .regs import GPR_NAMES, hex64, names_in, parse_int
 
 SCHEMA_VERSION = 1
 TREES = ("kvm-x86", "v6.16")

@@ -20,11 +20,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..codes import (
-    EXIT_REASON_CPUID, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_HLT, EXIT_REASON_IO_INSTRUCTION,
-    EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE, EXIT_REASON_TDCALL, EXIT_REASON_VMCALL,
+from ..abi.codes import (
+    EXIT_REASON_CPUID,
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_HLT,
+    EXIT_REASON_IO_INSTRUCTION,
+    EXIT_REASON_MSR_READ,
+    EXIT_REASON_MSR_WRITE,
+    EXIT_REASON_TDCALL,
+    EXIT_REASON_VMCALL,
 )
-from ..regs import mask_of
+from ..abi.regs import mask_of
 
 TDX_C = "linux arch/x86/kvm/vmx/tdx.c"
 X86_C = "linux arch/x86/kvm/x86.c ____kvm_emulate_hypercall()"

@@ -14,8 +14,12 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codes import TDVMCALL_ALIGN_ERROR, TDVMCALL_INVALID_OPERAND, TDVMCALL_SUCCESS
-from ..regs import U64
+from ..abi.codes import (
+    TDVMCALL_ALIGN_ERROR,
+    TDVMCALL_INVALID_OPERAND,
+    TDVMCALL_SUCCESS,
+)
+from ..abi.regs import U64
 
 KVM_EXIT_HYPERCALL = "KVM_EXIT_HYPERCALL"
 KVM_EXIT_TDX = "KVM_EXIT_TDX"

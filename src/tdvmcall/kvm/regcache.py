@@ -20,12 +20,40 @@ at vCPU creation.  The model records a kernel ``WARN`` in :attr:`RegCache.warnin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from ..regs import (
-    ALL_REGS_MASK, CR0, CR3, CR4, EXIT_INFO_1, EXIT_INFO_2, NR_GPRS, NR_REGS, PDPTR, R8, R9, R10,
-    R11, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RFLAGS, RIP, RSI, RSP, SEGMENTS, U32, U64,
-    mask_of, reg_name, u64,
+from ..abi.regs import (
+    ALL_REGS_MASK,
+    CR0,
+    CR3,
+    CR4,
+    EXIT_INFO_1,
+    EXIT_INFO_2,
+    NR_GPRS,
+    NR_REGS,
+    PDPTR,
+    R8,
+    R9,
+    R10,
+    R11,
+    R12,
+    R13,
+    R14,
+    R15,
+    RAX,
+    RBP,
+    RBX,
+    RCX,
+    RDI,
+    RDX,
+    RFLAGS,
+    RIP,
+    RSI,
+    RSP,
+    SEGMENTS,
+    U32,
+    U64,
+    mask_of,
+    reg_name,
+    u64,
 )
 
 

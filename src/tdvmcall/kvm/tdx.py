@@ -27,10 +27,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..codes import TDVMCALL_INVALID_OPERAND
-from ..control import ExitQualification
+from ..abi.codes import TDVMCALL_INVALID_OPERAND
+from ..abi.control import ExitQualification
+from ..abi.regs import GPR_NAMES, NR_GPRS, RCX, reg_index, u64
 from ..module import VmcallExit
-from ..regs import GPR_NAMES, NR_GPRS, RCX, reg_index, u64
 from . import leaves as L
 from .handlers import handler_for
 from .platform import Platform

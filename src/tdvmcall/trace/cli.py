@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .traceio import TraceInputError
+from .io import TraceInputError
 
 #: inputs at least this large (on disk) get a progress display when stderr is a terminal
 PROGRESS_THRESHOLD = 64 << 20
@@ -68,7 +68,9 @@ def register(app: typer.Typer) -> None:
             os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # 265 MB peak instead of 323
         gc.disable()  # the imports and numba's start-up create about a million objects: see below
         try:
-            from . import trace, trace_report, trace_scan
+            from . import audit as trace
+            from . import report as trace_report
+            from . import scan as trace_scan
 
             trace_scan.warm_up()
             # those objects would be walked by the cyclic garbage collector again and again, and
@@ -85,7 +87,7 @@ def register(app: typer.Typer) -> None:
             td_tasks = trace_report.td_tasks(audit)
             result = trace_report.finish(audit, td_tasks, top=top)
             if plot_file:
-                from .trace_plot import plot  # matplotlib: only for the plot
+                from .plot import plot  # matplotlib: only for the plot
 
                 plot(audit, td_tasks, plot_file)
         except TraceInputError as e:
@@ -117,7 +119,13 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console,

@@ -49,11 +49,22 @@ def check(
     html_file: Optional[Path] = typer.Option(None, "--html", metavar="FILE",
                                              help="Also write a self-contained HTML report (matrix of sites x calls)."),
 ) -> None:
-    from .catalog import CatalogError, Host, check_sites, load_catalog, what_if
-    from .cli import emit_json, fail, out  # the shared console and the bad-input boundary
-    from .kvm.tdx import POLICIES
-    from .report import html_report, markdown_report, report_json, rich_report
-    from .scenario import TREES
+    from ..console import emit_json, fail, out
+    from ..kvm.tdx import POLICIES
+    from ..scenario import TREES
+    from .catalog import (
+        CatalogError,
+        Host,
+        check_sites,
+        load_catalog,
+        what_if,
+    )
+    from .report import (
+        html_report,
+        markdown_report,
+        report_json,
+        rich_report,
+    )
 
     # validate options
     if policy not in POLICIES:

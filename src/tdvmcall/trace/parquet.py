@@ -6,14 +6,18 @@ the plot."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .trace import Audit, Columns, is_tdvmcall_reason
-from .trace_verdict import classify_rows
+from .rows import Columns, is_tdvmcall_reason
+from .verdict import classify_rows
+
+if TYPE_CHECKING:  # the audit imports this module when it writes Parquet
+    from .audit import Audit
 
 #: the Parquet columns
 PARQUET_COLUMNS = (

@@ -22,7 +22,7 @@ SLOW_GUESS, SLOW_MIN = 48, 64
 @cache
 def kernels():
     """The compiled kernels (numba is imported on first use: it takes about half a second)."""
-    from . import trace_kernels
+    from . import kernels as trace_kernels
 
     return trace_kernels
 

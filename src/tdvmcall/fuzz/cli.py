@@ -7,22 +7,20 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 
-from typing import TYPE_CHECKING
-
 if TYPE_CHECKING:  # the campaign (and hypothesis) load only when `tdvmcall fuzz` runs
-    from . import fuzz as F
+    from . import campaign as F
 
 VERDICT_ORDER = ("completed", "userspace", "refused", "internal_error", "module-gate", "guest-fault")
 
 
 def summary(r: F.CampaignResult, written: dict | None) -> dict:
     """The ``--json`` object: figures, coverage and the violation (None when clean)."""
-    from . import fuzz as F
+    from . import campaign as F
 
     cov = r.coverage()
     out: dict = {
@@ -48,7 +46,7 @@ def summary(r: F.CampaignResult, written: dict | None) -> dict:
 
 def write_counterexample(r: F.CampaignResult, path: Path) -> dict:
     """Write the scenario of the failing call (and, for a sequence, the whole example beside it)."""
-    from . import fuzz as F
+    from . import campaign as F
 
     assert r.failure is not None
     sc = F.counterexample(r.failure.example, r.failure.violation)
@@ -64,7 +62,7 @@ def write_counterexample(r: F.CampaignResult, path: Path) -> dict:
 def render(r: F.CampaignResult, out: Console) -> None:
     from rich.table import Table
 
-    from . import fuzz as F
+    from . import campaign as F
 
     cov = r.coverage()
     out.print(f"fuzz: seed {r.seed}, policies {', '.join(r.policies)}", highlight=False)
@@ -115,9 +113,8 @@ def register(app: typer.Typer) -> None:
         Progress goes to stderr.  On a violation the shrunk counterexample is
         written as a scenario that `tdvmcall run` replays; exit status 1.
         """
-        from . import fuzz as F
-
-        from .cli import emit_json, fail  # at call time: cli imports this module
+        from ..console import emit_json, fail
+        from . import campaign as F
 
         if seconds is not None and examples is not None:
             fail("--seconds and --examples: give one of them, not both")

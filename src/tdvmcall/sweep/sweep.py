@@ -36,13 +36,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 
-from . import scenario
-from .control import check_control, forbidden_gprs
-from .guest import RoundTrip, tdvmcall
-from .kvm import leaves as L
-from .kvm.tdx import POLICIES, VERDICT_COMPLETED, VERDICT_USERSPACE, KvmVcpu
-from .module import TdConfig, VcpuState
-from .regs import GPR_NAMES, NR_GPRS, RAX, RCX, mask_of, names_in
+from .. import scenario
+from ..abi.control import check_control, forbidden_gprs
+from ..abi.regs import GPR_NAMES, NR_GPRS, RAX, RCX, mask_of, names_in
+from ..guest import RoundTrip, tdvmcall
+from ..kvm import leaves as L
+from ..kvm.tdx import POLICIES, VERDICT_COMPLETED, VERDICT_USERSPACE, KvmVcpu
+from ..module import TdConfig, VcpuState
 
 NR_MASKS = 1 << NR_GPRS  # 65,536 GPR masks
 #: the TD settings swept: module 1.5 (which checks RBP) with and without NO_RBP_MOD

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
+U128 = (1 << 128) - 1  # an XMM register
 
 GPR_NAMES: tuple[str, ...] = (
     "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",

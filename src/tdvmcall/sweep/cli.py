@@ -36,8 +36,8 @@ def sweep(
     call: Optional[list[str]] = typer.Option(None, "--call", help="Only this call (repeatable; e.g. Instruction.IO)."),
     jobs: int = typer.Option(0, "--jobs", help="Worker processes (0: one per CPU, at most 4)."),
 ) -> None:
-    from .cli import emit_json, fail, out  # the shared console and the bad-input boundary
-    from .kvm import leaves as L
+    from ..console import emit_json, fail, out
+    from ..kvm import leaves as L
     from .sweep import run_sweep
 
     known = [leaf.name for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,)]
@@ -106,7 +106,7 @@ def export(
     each one register short, Linux's 0xFFCC, RBP, RSP and a reserved bit) under both KVM policies,
     module 1.0 and 1.5, with and without NO_RBP_MOD; plus index.json and vector.schema.json.
     The same model writes the same bytes."""
-    from .cli import emit_json, fail, out
+    from ..console import emit_json, fail, out
     from .vectors import CorpusError
     from .vectors import export as do_export
 
@@ -133,7 +133,7 @@ def verify(
     """Replay every vector of a corpus through the model and report every difference, field by field
     (file, path, expected, got). Exit status: 0 when every vector matches, 1 on any difference,
     2 for a malformed corpus (no index, bad JSON, a file that fails the schema, a bad scenario)."""
-    from .cli import emit_json, fail, out
+    from ..console import emit_json, fail, out
     from .vectors import CorpusError
     from .vectors import verify as do_verify
 

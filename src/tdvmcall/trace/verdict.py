@@ -23,12 +23,12 @@ from functools import cache
 
 import numpy as np
 
-from .codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
-from .control import Control, ExitQualification
-from .kvm.leaves import Leaf, missing_by_case, reason_leaves
-from .regs import GPR_MASK, R10, R11, names_in
-from . import trace_scan
-from .trace import Reason, is_tdvmcall_reason
+from ..abi.codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
+from ..abi.control import Control, ExitQualification
+from ..abi.regs import GPR_MASK, R10, R11, names_in
+from ..kvm.leaves import Leaf, missing_by_case, reason_leaves
+from . import scan as trace_scan
+from .rows import Reason, is_tdvmcall_reason
 
 VERDICTS = ("completes", "depends", "refused", "internal-error", "inconsistent")
 #: verdicts under which a call does not complete whatever its inputs

@@ -23,18 +23,17 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-from . import __version__ as VERSION
-from . import scenario
-from .kvm import leaves as L
-from .kvm.tdx import POLICIES
-from .module import TdConfig
-from .regs import GPR_NAMES, hex64, mask_of, names_in
+from .. import __version__ as VERSION
+from .. import data_file, scenario
+from ..abi.regs import GPR_NAMES, hex64, mask_of, names_in
+from ..kvm import leaves as L
+from ..kvm.tdx import POLICIES
+from ..module import TdConfig
 from .sweep import Target, targets
 
 FORMAT = "tdvmcall-vectors"
@@ -203,7 +202,7 @@ def _prepare(directory: Path, force: bool) -> None:
 
 # --- the schema -----------------------------------------------------------------------------------
 def _schema_bytes() -> bytes:
-    return resources.files(__package__).joinpath(f"data/{SCHEMA_FILE}").read_bytes()
+    return data_file(SCHEMA_FILE).read_bytes()
 
 
 @cache

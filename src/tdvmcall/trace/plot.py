@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .trace import Audit, bucket_width, is_tdvmcall_reason
-from .trace_verdict import VERDICTS, classify_rows
+from .audit import Audit
+from .rows import bucket_width, is_tdvmcall_reason
+from .verdict import VERDICTS, classify_rows
 
 PLOT_COLOURS = {"completes": "#4c9a2a", "depends": "#e0a526", "refused": "#c0392b", "internal-error": "#7d3c98",
                 "inconsistent": "#7f8c8d"}

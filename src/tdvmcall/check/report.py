@@ -14,15 +14,24 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from ..abi.control import Control
+from ..abi.regs import hex64, names_in
+from ..kvm import leaves as L
+from ..kvm.leaves import LEAVES
+from ..kvm.tdx import POLICIES
 from .catalog import (
-    FOREIGN_CALLS, HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, CallCheck, CaseRun, Host, Site,
+    FOREIGN_CALLS,
+    HARDENED_REFUSES,
+    LEGACY_SILENT,
+    MODULE_REJECTS,
+    NOT_KVM,
+    OK,
+    CallCheck,
+    CaseRun,
+    Host,
+    Site,
     summary,
 )
-from .kvm import leaves as L
-from .kvm.leaves import LEAVES
-from .control import Control
-from .kvm.tdx import POLICIES
-from .regs import hex64, names_in
 
 JSON_SCHEMA = 1
 

@@ -10,9 +10,20 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .trace import (LOOKS_LIKE_EXIT, MARKER, PAYLOAD_RX, ChunkResult, Columns, Counts, ReasonTable, TaskTable,
-                    bucket_width, span_shift, union_span)
-from .traceio import Chunk
+from .io import Chunk
+from .rows import (
+    LOOKS_LIKE_EXIT,
+    MARKER,
+    PAYLOAD_RX,
+    ChunkResult,
+    Columns,
+    Counts,
+    ReasonTable,
+    TaskTable,
+    bucket_width,
+    span_shift,
+    union_span,
+)
 
 
 def _lines(data: bytes) -> pl.DataFrame:

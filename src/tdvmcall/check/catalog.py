@@ -18,17 +18,21 @@ import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
-from .codes import DEFAULT_TABLE_VERSION, MODULE_TABLE_VERSIONS, decode_status
-from .control import Control, module_family
-from .kvm import leaves as L
-from .kvm.regcache import ModelBug
-from .kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
-from .module import TdConfig, VcpuState, tdg_vp_vmcall
-from .regs import GPR_NAMES, RCX, names_in, parse_int
-from .scenario import parse as parse_scenario
+from .. import data_file
+from ..abi.codes import (
+    DEFAULT_TABLE_VERSION,
+    MODULE_TABLE_VERSIONS,
+    decode_status,
+)
+from ..abi.control import Control, module_family
+from ..abi.regs import GPR_NAMES, RCX, names_in, parse_int
+from ..kvm import leaves as L
+from ..kvm.regcache import ModelBug
+from ..kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
+from ..module import TdConfig, VcpuState, tdg_vp_vmcall
+from ..scenario import parse as parse_scenario
 
 CATALOG_COLUMNS = ("guest", "snapshot", "file", "function", "mask_hex", "tdvmcalls", "note")
 
@@ -213,7 +217,7 @@ def parse_mask(text: str) -> int:
 
 # --- loading ---------------------------------------------------------------------------------------
 def shipped_catalog_text() -> str:
-    return resources.files(__package__).joinpath("data/guest-masks.csv").read_text()
+    return data_file("guest-masks.csv").read_text()
 
 
 def load_catalog(path: str | Path | None = None) -> tuple[list[Site], list[str]]:

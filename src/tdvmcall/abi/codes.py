@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 
+from .. import data_file
 from .regs import U64
 
 # --- TDX module statuses used by the model (module 1.5 values; also 1.0's for these names) -------
@@ -98,7 +98,7 @@ def status_table(version: str = DEFAULT_TABLE_VERSION) -> StatusTable:
     status: dict[int, str] = {}
     operand: dict[int, str] = {}
     by_name: dict[str, int] = {}
-    with resources.files(__package__).joinpath("data/tdx-module-status-codes.csv").open() as f:
+    with data_file("tdx-module-status-codes.csv").open() as f:
         for row in csv.DictReader(f):
             if row["module_version"] != version:
                 continue

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .codes import EXIT_REASON_TDCALL
-from .regs import GPR_MASK, names_in
-from .trace import Audit, is_tdvmcall_reason
-from .trace_verdict import FAILING, KINDS, VERDICTS, classify_exit
+from ..abi.codes import EXIT_REASON_TDCALL
+from ..abi.regs import GPR_MASK, names_in
+from .audit import Audit
+from .rows import is_tdvmcall_reason
+from .verdict import FAILING, KINDS, VERDICTS, classify_exit
 
 
 def td_tasks(audit: Audit) -> set[int]:

@@ -1,0 +1,1 @@
+"""What the ABI defines, nothing that acts: registers and masks, status codes, the control value."""

@@ -1,0 +1,1 @@
+"""``tdvmcall check``: real guests' call sites (a catalog) judged against a host."""

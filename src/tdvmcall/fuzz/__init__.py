@@ -1,0 +1,1 @@
+"""``tdvmcall fuzz``: strategies, the model's properties, and the campaign."""

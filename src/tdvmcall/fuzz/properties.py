@@ -1,0 +1,401 @@
+"""The properties every fuzzed execution must satisfy, and the checks that enforce them.
+
+Properties (ABI.md §2-§5; each is a restatement of a documented fact, never a call into the code it
+checks):
+
+``gate``            an invalid RAX or control never reaches KVM and yields exactly the documented
+                    status (RAX 0xC000010000000000 / control 0xC000010000000001), RIP advanced, every
+                    other register, the platform and the cache unchanged; outside 64-bit mode, #GP and
+                    nothing changes (ABI §3, tdx-module ``tdg_vp_vmcall.c``).
+``confidentiality`` the VMM's view of an unexposed GPR or XMM is 0, and nothing the host sees
+                    (VMM registers, KVM's writes and verdict, userspace exits, side effects) changes
+                    when the unexposed registers hold other values (ABI §3, ``td_exit.c``).
+``integrity``       after resume every unexposed register holds its old value whatever the host wrote
+                    (checked with KVM's own writes and with arbitrary VMM registers handed to
+                    ``tdh_vp_enter``); an exposed register KVM did not write comes back unchanged;
+                    RAX = 0, RCX = the control, RIP advanced (ABI §3, ``tdh_vp_enter.c``).
+``cache``           hardened: no register in the invalid pair (avail 0, dirty 1) and no handler read of
+                    a register the guest did not expose (the strict cache also raises ``ModelBug``);
+                    legacy: no register of ``TDX_REGS_AVAIL_SET`` in the invalid pair.  The other
+                    registers (RSP, RIP, PDPTR, CR0, CR3, CR4, RFLAGS, SEGMENTS) *are* in the invalid
+                    pair after a legacy exit: today's tdx.c clears their avail bits and never resets
+                    dirty, which is set for all of them at vCPU creation (ABI §2).  That is a fact of
+                    today's KVM the model reproduces, not a violation.
+``refusal``         hardened: refused exactly when R10 is exposed and the leaf table's required inputs
+                    or possible outputs are not; a refusal has no side effect (platform snapshot
+                    unchanged, no userspace exit) and only R10 = INVALID_OPERAND reaches the guest;
+                    with R10 unexposed, an internal error and no register change (ABI §4-§5).
+``completeness``    hardened: every output a completed call writes is exposed and reaches the guest,
+                    and every output the table expects for the outcome is written (ABI §2, §4).
+``differential``    whenever hardened completes a call, legacy on the same platform gives the same
+                    guest registers and the same side effects.
+``model-bug``       the model raised ``ModelBug`` (a broken internal invariant).
+``crash``           the model raised anything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..abi.codes import (
+    TDVMCALL_INVALID_OPERAND,
+    TDX_OPERAND_INVALID,
+    TDX_OPERAND_INVALID_RCX,
+)
+from ..abi.regs import (
+    GPR_NAMES,
+    NR_GPRS,
+    R10,
+    RAX,
+    RBP,
+    RCX,
+    RSP,
+    U64,
+    U128,
+    hex64,
+    names_in,
+)
+from ..guest import RoundTrip, tdvmcall
+from ..kvm import leaves as L
+from ..kvm.platform import KVM_EXIT_INTERNAL_ERROR, Platform
+from ..kvm.regcache import TDX_REGS_AVAIL_SET, ModelBug
+from ..kvm.tdx import (
+    VERDICT_COMPLETED,
+    VERDICT_INTERNAL_ERROR,
+    VERDICT_REFUSED,
+    VERDICT_USERSPACE,
+    KvmVcpu,
+)
+from ..module import TdConfig, VcpuState, tdg_vp_vmcall, tdh_vp_enter
+
+PROPERTIES = ("gate", "confidentiality", "integrity", "cache", "refusal", "completeness", "differential",
+              "model-bug", "crash")
+#: pseudo-verdicts for calls that never reach KVM (coverage)
+GATE, FAULT = "module-gate", "guest-fault"
+
+
+
+# === violations ==================================================================================
+class Violation(AssertionError):
+    """A property failed.  ``call`` and ``policy`` say where; ``platform`` is the scenario ``platform``
+    object of the host as it was just before that call."""
+
+    prop = "violation"
+
+    def __init__(self, detail: str):
+        super().__init__(f"{self.prop}: {detail}")
+        self.detail = detail
+        self.call: int | None = None
+        self.policy: str | None = None
+        self.platform: dict | None = None
+        self.expressible: list[str] = []  # what the scenario file cannot carry
+
+
+#: one exception class per property, so that hypothesis tells the failures apart while shrinking
+VIOLATION: dict[str, type[Violation]] = {
+    p: type(f"{p.title().replace('-', '')}Violation", (Violation,), {"prop": p}) for p in PROPERTIES
+}
+
+
+def require(ok: bool, prop: str, detail: str | Callable[[], str]) -> None:
+    if not ok:
+        raise VIOLATION[prop](detail() if callable(detail) else detail)
+
+
+
+# === the oracle for the module gate ================================================================
+def documented_gate(td: TdConfig, rax: int, rcx: int, long_mode: bool) -> str | int | None:
+    """What ABI.md §3 says the module does with this TDCALL: ``"fault"`` (#GP outside 64-bit mode),
+    the status the guest gets for a bad RAX or control, or ``None`` (the call exits to the VMM).
+    Restated from the ABI notes on purpose, not taken from ``control.py``: an oracle must not share
+    code with what it checks."""
+    if not long_mode:
+        return "fault"
+    if rax != 0:  # reserved bits 63:24, version 23:16 or a leaf other than 0
+        return TDX_OPERAND_INVALID  # operand id RAX = 0
+    forbidden = 1 << RAX | 1 << RCX | 1 << RSP
+    if td.no_rbp_mod and td.module == "1.5":
+        forbidden |= 1 << RBP
+    if rcx & forbidden or rcx >> 32:
+        return TDX_OPERAND_INVALID_RCX
+    return None
+
+
+# === running and checking one call ===============================================================
+@dataclass
+class Lane:
+    """One policy's KVM vCPU and host, kept across the calls of an example."""
+
+    policy: str
+    vcpu: KvmVcpu
+    platform: Platform
+
+
+@dataclass
+class Stats:
+    executions: int = 0
+    coverage: Counter = field(default_factory=Counter)  # (policy, leaf, verdict) -> executions
+
+    def record(self, policy: str, leaf: str, verdict: str) -> None:
+        self.executions += 1
+        self.coverage[(policy, leaf, verdict)] += 1
+
+
+def leaf_label(leaf: L.Leaf) -> str:
+    """Coverage name of a leaf: its table name, one name for every unknown GHCI leaf."""
+    return leaf.name if leaf.name in L.BY_NAME or leaf is L.UNKNOWN_HYPERCALL else "unknown GHCI leaf"
+
+
+def _gprs_diff(a: list[int], b: list[int], regs: list[int]) -> str:
+    return ", ".join(f"{GPR_NAMES[i]} {hex64(a[i])} -> {hex64(b[i])}" for i in regs if a[i] != b[i])
+
+
+def _exposed(rcx: int) -> tuple[int, int]:
+    return rcx & 0xFFFF, rcx >> 16 & 0xFFFF
+
+
+def clone(platform: Platform) -> Platform:
+    """A copy of a host whose later changes do not touch the original.  The CPUID table is shared:
+    no handler writes it (``Platform.kvm_cpuid`` only reads), and copying it is most of the cost."""
+    return copy.deepcopy(platform, {id(platform.cpuid): platform.cpuid})
+
+
+def run_call(td: TdConfig, before: VcpuState, vcpu: KvmVcpu, platform: Platform) -> RoundTrip:
+    """One round trip; a model exception becomes a ``model-bug`` or ``crash`` violation."""
+    try:
+        return tdvmcall(td, before.copy(), vcpu, platform)
+    except ModelBug as e:
+        # the strict (hardened) register cache raises on a read of an unavailable register or an
+        # invalid pair: that is the cache property; any other ModelBug is the model's own assertion
+        in_cache = any(f.filename.endswith("regcache.py") for f in traceback.extract_tb(e.__traceback__))
+        raise VIOLATION["cache" if in_cache else "model-bug"](f"ModelBug: {e}") from e
+    except Exception as e:  # noqa: BLE001  anything else the model raises is a crash
+        raise VIOLATION["crash"](f"{type(e).__name__}: {e}") from e
+
+
+def check_gate(td: TdConfig, before: VcpuState, rt: RoundTrip, snap: dict, platform: Platform,
+               cache_before: tuple[int, int], vcpu: KvmVcpu) -> bool:
+    """The module gate; returns whether the call reached KVM."""
+    expected = documented_gate(td, before.gprs[RAX], before.gprs[RCX], before.long_mode)
+    if expected is None:
+        require(rt.module is not None and rt.module.exited and rt.kvm is not None, "gate",
+                f"a valid call (RCX {hex64(before.gprs[RCX])}) did not reach KVM")
+        return True
+    require(rt.kvm is None and not (rt.module and rt.module.exited), "gate", "an invalid call reached KVM")
+    require(platform.snapshot() == snap, "gate", "an invalid call changed the platform")
+    require((vcpu.cache.avail, vcpu.cache.dirty) == cache_before, "gate", "an invalid call changed KVM's cache")
+    if expected == "fault":
+        require(rt.fault is not None and rt.module is None, "gate", "TDCALL outside 64-bit mode did not fault")
+        want, want_rip = before.gprs, before.rip
+    else:
+        require(rt.module is not None and rt.module.status == expected, "gate",
+                lambda: f"status {hex64(rt.module.status) if rt.module else None}, documented {hex64(expected)}")
+        want, want_rip = [expected] + before.gprs[1:], (before.rip + 4) & U64
+    require(rt.after.gprs == want, "gate",
+            lambda: "registers changed: " + _gprs_diff(want, rt.after.gprs, list(range(16))))
+    require(rt.after.rip == want_rip, "gate", lambda: f"RIP {hex64(rt.after.rip)}, expected {hex64(want_rip)}")
+    require(rt.after.xmm == before.xmm, "gate", "XMM registers changed")
+    return False
+
+
+def check_confidentiality_view(before: VcpuState, vmm: list[int], vmm_xmm: list[int]) -> None:
+    """The VMM's registers: exposed GPRs/XMMs hold the guest's values, unexposed ones 0."""
+    gpr, xmm = _exposed(before.gprs[RCX])
+    for i in range(2, NR_GPRS):
+        want = before.gprs[i] if gpr >> i & 1 else 0
+        require(vmm[i] == want, "confidentiality",
+                lambda: f"VMM sees {GPR_NAMES[i]} = {hex64(vmm[i])}, expected {hex64(want)}"
+                        + ("" if gpr >> i & 1 else " (not exposed)"))
+    for i in range(16):
+        want = before.xmm[i] if xmm >> i & 1 else 0
+        require(vmm_xmm[i] == want, "confidentiality", lambda: f"VMM sees xmm{i} = {vmm_xmm[i]:#x}, expected {want:#x}")
+
+
+def host_view(rt: RoundTrip, platform: Platform) -> dict:
+    """Everything the host side observes of one call."""
+    k = rt.kvm
+    view: dict[str, Any] = {"vmm": rt.module.exit.vmm if rt.module and rt.module.exit else None,
+                            "vmm_xmm": rt.module.exit.vmm_xmm if rt.module and rt.module.exit else None,
+                            "platform": platform.snapshot()}
+    if k is not None:
+        view |= {"leaf": k.leaf.name, "verdict": k.verdict, "status": k.status, "wrote": k.wrote,
+                 "vmm_after": k.vmm_after}
+    return view
+
+
+def check_noninterference(td: TdConfig, before: VcpuState, rt: RoundTrip, lane: Lane, pre_vcpu: KvmVcpu,
+                          pre_platform: Platform) -> None:
+    """Re-run the call with every unexposed GPR and XMM holding other values: the host must see
+    exactly the same things."""
+    gpr, xmm = _exposed(before.gprs[RCX])
+    other = before.copy()
+    for i in range(2, NR_GPRS):
+        if not gpr >> i & 1:
+            other.gprs[i] ^= U64
+    for i in range(16):
+        if not xmm >> i & 1:
+            other.xmm[i] ^= U128
+    platform = clone(pre_platform)
+    rt2 = run_call(td, other, copy.deepcopy(pre_vcpu), platform)
+    a, b = host_view(rt, lane.platform), host_view(rt2, platform)
+    diff = [k for k in a if a[k] != b.get(k)]
+
+    def where(k: str) -> str:
+        if k in ("vmm", "vmm_after"):
+            return f"{k} {' '.join(GPR_NAMES[i] for i in range(NR_GPRS) if a[k][i] != b[k][i])}"
+        return k
+
+    require(not diff, "confidentiality",
+            lambda: f"the host's {', '.join(map(where, diff))} changed when only unexposed registers "
+                    f"({' '.join(names_in(~gpr & 0xFFEC, 16))}) did")
+
+
+def check_cache(rt: RoundTrip, vcpu: KvmVcpu) -> None:
+    cache = vcpu.cache
+    if vcpu.policy == "hardened":
+        require(cache.invalid_pairs() == 0, "cache",
+                lambda: f"invalid pair (avail 0, dirty 1) in {cache.invalid_pairs():#x}")
+        gpr, _ = _exposed(rt.module.exit.control)  # type: ignore[union-attr]
+        unavailable = [GPR_NAMES[r] for r in cache.reads if not (gpr | 1 << RCX) >> r & 1]
+        require(not unavailable, "cache", f"a handler read {unavailable}, which the guest did not expose")
+    else:
+        bad = cache.invalid_pairs() & TDX_REGS_AVAIL_SET
+        require(not bad, "cache", f"invalid pair for registers KVM keeps available: {bad:#x}")
+
+
+def check_integrity(before: VcpuState, after: VcpuState, control: int, host: list[int], host_xmm: list[int],
+                    written: set[int] | None) -> None:
+    """After resume: unexposed registers unchanged; exposed ones hold what the host wrote (all of
+    them when ``written`` is None, the arbitrary-VMM case; else only those KVM wrote, the others
+    unchanged); RAX 0, RCX the control, RIP advanced.  Exposed and written mismatches are reported as
+    ``completeness``."""
+    gpr, xmm = _exposed(control)
+    for i in range(2, NR_GPRS):
+        exposed = gpr >> i & 1
+        wrote = exposed and (written is None or i in written)
+        want = host[i] if wrote else before.gprs[i]
+        prop = "completeness" if wrote and written is not None else "integrity"
+        require(after.gprs[i] == want, prop,
+                lambda: f"{GPR_NAMES[i]} came back {hex64(after.gprs[i])}, expected {hex64(want)} "
+                        f"({'exposed' if exposed else 'not exposed'}, host wrote {hex64(host[i])})")
+    require(after.gprs[RAX] == 0 and after.gprs[RCX] == control, "integrity",
+            lambda: f"RAX {hex64(after.gprs[RAX])} RCX {hex64(after.gprs[RCX])} after resume")
+    require(after.rip == (before.rip + 4) & U64, "integrity", "RIP not advanced past TDCALL")
+    for i in range(16):
+        want = host_xmm[i] if xmm >> i & 1 else before.xmm[i]
+        require(after.xmm[i] == want, "integrity", lambda: f"xmm{i} came back {after.xmm[i]:#x}, expected {want:#x}")
+
+
+def check_host_writes(td: TdConfig, before: VcpuState, host: dict | None) -> None:
+    """The module alone: whatever VMM registers the host resumes with, only exposed ones reach the guest."""
+    if host is None or documented_gate(td, before.gprs[RAX], before.gprs[RCX], before.long_mode) is not None:
+        return
+    try:
+        res = tdg_vp_vmcall(td, before.copy())
+        after = tdh_vp_enter(td, res.exit, list(host["vmm"]), list(host["xmm"]))  # type: ignore[arg-type]
+    except Exception as e:  # noqa: BLE001
+        raise VIOLATION["crash"](f"module: {type(e).__name__}: {e}") from e
+    check_confidentiality_view(before, res.exit.vmm, res.exit.vmm_xmm)  # type: ignore[union-attr]
+    check_integrity(before, after, before.gprs[RCX], host["vmm"], [x & U128 for x in host["xmm"]], None)
+
+
+def table_need(leaf: L.Leaf, vmm: list[int]) -> list[str]:
+    """The registers the leaf table says a call needs exposed, for the values the VMM sees."""
+    vals = {GPR_NAMES[i]: vmm[i] for i in range(NR_GPRS)}
+    return L.required_inputs(leaf, vals) + L.possible_outputs(leaf, vals)
+
+
+def check_hardened(before: VcpuState, rt: RoundTrip, snap: dict, platform: Platform) -> None:
+    """Refusal and completeness under the hardened policy."""
+    k, ex = rt.kvm, rt.module.exit  # type: ignore[union-attr]
+    assert k is not None and ex is not None
+    gpr, _ = _exposed(ex.control)
+    exposed = set(names_in(gpr, 16))
+    unmet = [r for r in table_need(k.leaf, ex.vmm) if r not in exposed]
+    # R10 unexposed: no status can reach the guest, an internal error and nothing else
+    if "r10" not in exposed:
+        require(k.verdict == VERDICT_INTERNAL_ERROR, "refusal", f"R10 not exposed but verdict {k.verdict}")
+        require(not k.wrote, "refusal", f"R10 not exposed but KVM wrote {sorted(k.wrote)}")
+        new = platform.exits[len(snap["exits"]):]
+        require(len(new) == 1 and new[0]["reason"] == KVM_EXIT_INTERNAL_ERROR, "refusal",
+                f"R10 not exposed: expected one internal-error exit, got {[e['reason'] for e in new]}")
+        return
+    if k.verdict == VERDICT_REFUSED:
+        require(bool(unmet), "refusal", f"{k.leaf.name} refused although every register it needs is exposed")
+        require(platform.snapshot() == snap, "refusal", "a refused call changed the platform")
+        require(not k.userspace_exits, "refusal", "a refused call exited to userspace")
+        require(k.wrote == {"r10": TDVMCALL_INVALID_OPERAND}, "refusal",
+                f"a refused call wrote {k.wrote}, expected only R10 = INVALID_OPERAND")
+        require(rt.after.gprs[R10] == TDVMCALL_INVALID_OPERAND, "refusal",
+                "the guest did not get INVALID_OPERAND in R10")
+        return
+    # completeness: every write exposed, every expected output written
+    dropped = [r for r in k.wrote if r not in exposed]
+    require(not dropped, "completeness", f"{k.leaf.name} wrote {dropped}, which cannot reach the guest")
+    vals = {GPR_NAMES[i]: ex.vmm[i] for i in range(NR_GPRS)}
+    clean = [r for r in L.expected_outputs(k.leaf, vals, k.wrote.get("r10", 0) != 0) if r not in k.wrote]
+    require(not clean, "completeness", f"{k.leaf.name} did not write its outputs {clean}")
+    require(not unmet, "refusal", f"{k.leaf.name} needs {unmet} exposed, verdict {k.verdict}")
+    require(k.verdict in (VERDICT_COMPLETED, VERDICT_USERSPACE), "refusal", f"unexpected verdict {k.verdict}")
+
+
+def guest_view(rt: RoundTrip) -> tuple:
+    return rt.after.gprs, rt.after.rip, rt.after.xmm
+
+
+def _side_effects(platform: Platform, snap: dict) -> dict:
+    now = platform.snapshot()
+    return {"exits": now["exits"][len(snap["exits"]):], "effects": now["effects"][len(snap["effects"]):],
+            "msrs": now["msrs"], "memory": now["memory"], "userspace": now["userspace"]}
+
+
+def check_differential(td: TdConfig, before: VcpuState, hardened: RoundTrip, h_platform: Platform,
+                       pre_platform: Platform) -> None:
+    """Whenever hardened completes, legacy on the same host state gives the same guest and effects."""
+    if hardened.kvm is None or hardened.kvm.verdict not in (VERDICT_COMPLETED, VERDICT_USERSPACE):
+        return
+    platform = clone(pre_platform)
+    snap = platform.snapshot()
+    legacy = run_call(td, before, KvmVcpu("legacy"), platform)
+    for name, a, b in zip(("GPRs", "RIP", "XMMs"), guest_view(hardened), guest_view(legacy)):
+        require(a == b, "differential",
+                lambda: f"legacy guest {name} differ: " + (_gprs_diff(a, b, list(range(16))) if name == "GPRs" else ""))
+    ha, la = _side_effects(h_platform, snap), _side_effects(platform, snap)
+    diff = [k for k in ha if ha[k] != la[k]]
+    require(not diff, "differential", f"legacy side effects differ in {diff}")
+
+
+def check_call(td: TdConfig, before: VcpuState, lane: Lane, pre_platform: Platform,
+               stats: Stats | None) -> RoundTrip:
+    """Run one call in a lane (whose host was ``pre_platform`` just before) and check every property."""
+    pre_vcpu = copy.deepcopy(lane.vcpu)
+    snap = lane.platform.snapshot()
+    cache_before = (lane.vcpu.cache.avail, lane.vcpu.cache.dirty)
+    rt = run_call(td, before, lane.vcpu, lane.platform)
+    reached = check_gate(td, before, rt, snap, lane.platform, cache_before, lane.vcpu)
+    if stats is not None:
+        label = leaf_label(rt.kvm.leaf if rt.kvm else L.lookup(before.gprs[R10], before.gprs[11]))
+        stats.record(lane.policy, label, rt.kvm.verdict if rt.kvm else (FAULT if rt.fault else GATE))
+    if not reached:
+        return rt
+    k, ex = rt.kvm, rt.module.exit  # type: ignore[union-attr]
+    assert k is not None and ex is not None
+    check_confidentiality_view(before, ex.vmm, ex.vmm_xmm)
+    check_noninterference(td, before, rt, lane, pre_vcpu, pre_platform)
+    check_cache(rt, lane.vcpu)
+    # what KVM wrote, by its own account: exposed ones must reach the guest, the rest is unchanged
+    host = list(ex.vmm)
+    for reg, value in k.wrote.items():
+        host[GPR_NAMES.index(reg)] = value
+    written = {GPR_NAMES.index(r) for r in k.wrote}
+    check_integrity(before, rt.after, ex.control, host, ex.vmm_xmm, written)
+    if lane.policy == "hardened":
+        check_hardened(before, rt, snap, lane.platform)
+    return rt
+
+

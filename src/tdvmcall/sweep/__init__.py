@@ -1,0 +1,1 @@
+"""``tdvmcall sweep`` and ``tdvmcall vectors``: every mask through every call, conformance vectors."""

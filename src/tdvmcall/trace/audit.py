@@ -1,0 +1,277 @@
+"""Audit real hosts' ``kvm:kvm_exit`` traces: which TD exits would hardened KVM refuse.
+
+Facts used (ABI.md §4, §7): the ``kvm_exit`` tracepoint prints ``vcpu %u reason %s%s%s rip 0x%lx
+info1 0x%016llx info2 0x%016llx intr_info 0x%08x error_code 0x%08x``; parsers tolerate trailing
+text (a 2023 patch appending `` requests 0x%016llx`` was not merged, some trees carry it).  The
+reason is the name from VMX_EXIT_REASONS followed by `` FAILED_VMENTRY`` or a raw hex flag when
+flag bits are set; for a TD it is the reason KVM synthesises for the TDVMCALL (what that says,
+and the verdicts: ``trace_verdict.py``).
+
+The line formats (§7): ftrace ``<comm>-<pid> [<cpu>] <flags> <secs.usecs>: kvm_exit: <payload>``
+(optionally ``(<tgid>)`` after the pid), ``trace-cmd report`` the same with the flags column
+optional and the event name padded, ``perf script`` ``<comm> <pid>[/<tid>] [<cpu>] <secs.usecs>:
+kvm:kvm_exit: <payload>``.
+
+Technique (chosen by measurement, see ``docs/trace.md``): each newline-aligned chunk is scanned
+once by a compiled kernel (``trace_kernels.py``, numba, without the GIL: two chunks at a time) that
+parses the kvm_exit lines of the usual shape into arrays and interns their task prefixes and
+reason texts, which are then parsed once each in Python; a second kernel aggregates, into numpy
+columns keyed by task and reason ids.  The lines the kernel is not sure about go to the reference
+parser (``trace_polars.parse_chunk_polars``: polars splits the lines, one anchored regex without
+captures validates the payload, fields by ``find`` and slicing).  Only aggregates are kept;
+``trace_report`` turns them into the report (plain Python: they are few rows); ``trace_parquet``
+writes the rows (pyarrow) and ``trace_plot`` the plot (matplotlib).  This module does not import
+polars: a run whose lines all take the fast path never loads it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import scan as trace_scan
+from .io import Chunk, Source, TraceInputError, chunks
+from .rows import (
+    FORMATS,
+    KEY,
+    TIME_KEY,
+    ChunkResult,
+    Columns,
+    Counts,
+    Reason,
+    ReasonTable,
+    TaskTable,
+    aggregate,
+    bucket_of,
+    coarser,
+    concat,
+    detect_format,
+    empty_key,
+    empty_time,
+    is_tdvmcall_reason,
+    parse_reason,
+    span_shift,
+    union_span,
+)
+
+# ---------------------------------------------------------------------------------------------
+# parsing one chunk
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: ReasonTable, shift: int = 0,
+                span: tuple[float, float] | None = None, keep_bad: int = 5, rows: bool = False) -> ChunkResult:
+    """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
+    from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
+
+    :mod:`.trace_scan` scans the bytes once (compiled, without the GIL) and parses the kvm_exit
+    lines of the usual shape into arrays; the lines it is not sure about go to the reference
+    parser (``trace_polars.parse_chunk_polars``), and the two results are merged.  The task
+    prefixes and reason texts are parsed once per distinct value, here as there; a prefix that
+    does not parse makes its lines unparsed.  Time buckets are at least as wide as ``shift`` says,
+    and wide enough for the time ``span`` seen so far, with this chunk's, to fit :data:`MAX_BUCKETS`."""
+    sc = trace_scan.Scanned(chunk.data, fmt == "perf")
+
+    # the distinct prefixes -> (task, cpu); the distinct reasons -> ids, TDVMCALL or not
+    looked = [tasks.lookup(source, fmt, p.decode("ascii")) for p in sc.prefixes]
+    ptask = np.array([t[0] if t else -1 for t in looked], np.int64)[sc.task]
+    rids = reasons.ids(r.decode("ascii") for r in sc.reasons)
+    good = ptask >= 0
+    task, vcpu, ts, info1 = ptask[good].astype(np.uint32), sc.vcpu[good], sc.ts[good], sc.info1[good]
+    rid = rids[sc.reason[good]]
+    mask = np.where(reasons.tdvmcall(rids)[sc.reason[good]], info1, np.uint64(0))
+    bad_lines = [(int(n), _line_text(chunk.data, int(s))) for n, s in
+                 zip(sc.line_of[~good][:keep_bad], sc.start_of[~good][:keep_bad])]
+    if len(sc.ts):  # the span of every well-formed line, as the reference parser does
+        span = union_span(span, (float(sc.ts.min()), float(sc.ts.max())))
+        shift = span_shift(span, shift)
+
+    # the slow lines, through the reference parser (its line numbers mapped back)
+    slow = None
+    if len(sc.slow):
+        from .reference import (
+            parse_chunk_polars,  # polars: only when a line needs it
+        )
+
+        data = b"\n".join(chunk.data[s:e] for _, s, e in sc.slow.tolist()) + b"\n"
+        slow = parse_chunk_polars(Chunk(data), fmt, source, tasks, reasons, shift, span, keep_bad, rows)
+        shift = slow.shift
+        line_map = sc.slow[:, 0].astype(np.uint64)
+        bad_lines += [(int(line_map[n - 1]), t) for n, t in slow.counts.bad]
+
+    # one pass over the exits, by key and time bucket; both aggregates from its (few) groups
+    fine = aggregate({"task": task, "vcpu": vcpu, "rid": rid, "mask": mask, "bucket": bucket_of(ts, shift),
+                      "n": np.ones(len(ts), np.int64), "first": ts, "last": ts}, KEY + ("bucket",))
+    by_key = aggregate({c: v for c, v in fine.items() if c != "bucket"}, KEY)
+    by_time = aggregate({c: fine[c] for c in TIME_KEY + ("n",)}, TIME_KEY)
+    row_cols = None
+    if rows:
+        row_cols = {"line": sc.line_of[good].astype(np.uint64), "ts": ts, "task": task,
+                    "cpu": np.array([t[1] if t else 0 for t in looked], np.uint32)[sc.task][good], "vcpu": vcpu,
+                    "rid": rid, "info1": info1}
+
+    counts = Counts(lines=sc.lines, comments=sc.headers, other_events=sc.others, kvm_exit_lines=len(sc.ts),
+                    parsed=len(ts), truncated_last_line=chunk.truncated)
+    if slow is not None:
+        counts.comments += slow.counts.comments
+        counts.other_events += slow.counts.other_events
+        counts.kvm_exit_lines += slow.counts.kvm_exit_lines
+        counts.parsed += slow.counts.parsed
+        by_key = aggregate(concat([by_key, slow.by_key]), KEY)
+        by_time = aggregate(concat([by_time, slow.by_time]), TIME_KEY)
+        if rows:
+            assert slow.rows is not None and row_cols is not None
+            both = concat([row_cols, dict(slow.rows, line=line_map[slow.rows["line"].astype(np.int64) - 1])])
+            order = np.argsort(both["line"], kind="stable")
+            row_cols = {c: v[order] for c, v in both.items()}
+    counts.bad = sorted(bad_lines)[:keep_bad]
+    return ChunkResult(counts, by_key, by_time, shift, row_cols)
+
+
+def _line_text(data: bytes, start: int) -> str:
+    """The line of ``data`` that starts at ``start``, as the reference parser shows it."""
+    end = data.find(b"\n", start)
+    text = bytes(data[start:end if end >= 0 else len(data)])
+    return text[:-1].decode("utf-8", "replace") if text.endswith(b"\r") else text.decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# the audit: aggregates over every input
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class InputReport:
+    name: str
+    format: str
+    compression: str
+    bytes: int
+    counts: Counts
+
+
+class Audit:
+    """Aggregates of every parsed exit, by (task, vCPU, reason, mask) and by time bucket, as
+    columns of numpy arrays (``trace_report`` turns them into the report)."""
+
+    def __init__(self, td_pids: set[int] | None = None, parquet: str | None = None, keep_bad: int = 5):
+        self.td_pids = td_pids
+        self.tasks = TaskTable()
+        self.reasons = ReasonTable()
+        self.inputs: list[InputReport] = []
+        self.keep_bad = keep_bad
+        self._by_key: list[Columns] = []
+        self._by_time: list[Columns] = []
+        self._shift = 0  # bucket width = BUCKET_BASE * 2**shift; only grows
+        self._span: tuple[float, float] | None = None
+        self.parquet = None
+        if parquet:
+            from .parquet import (
+                ParquetSink,  # pyarrow: only when writing Parquet
+            )
+
+            self.parquet = ParquetSink(parquet, self)
+
+    # -- feeding --------------------------------------------------------------------------
+    def add(self, result: ChunkResult, source: str) -> None:
+        """Fold one chunk's aggregates in."""
+        key = result.by_key
+        if not len(key["n"]):
+            return
+        self._by_key.append(key)
+        self._widen(float(key["first"].min()), float(key["last"].max()), result.shift)
+        self._by_time.append(dict(result.by_time, bucket=coarser(result.by_time["bucket"], self._shift - result.shift)))
+        if self.parquet is not None and result.rows is not None:
+            self.parquet.write(result.rows, source)
+        if len(self._by_key) >= 32:
+            self._compact()
+
+    def _widen(self, lo: float, hi: float, at_least: int) -> None:
+        """Widen the time buckets (doubling) so that the span seen fits :data:`MAX_BUCKETS` and is
+        at least as wide as a chunk's."""
+        self._span = union_span(self._span, (lo, hi))
+        shift = span_shift(self._span, max(self._shift, at_least))
+        if shift != self._shift:
+            self._by_time = [dict(t, bucket=coarser(t["bucket"], shift - self._shift)) for t in self._by_time]
+            self._shift = shift
+
+    def _compact(self) -> None:
+        self._by_key = [aggregate(concat(self._by_key), KEY)]
+        self._by_time = [aggregate(concat(self._by_time), TIME_KEY)]
+
+    @property
+    def shift(self) -> int:
+        return self._shift
+
+    @property
+    def span(self) -> tuple[float, float] | None:
+        return self._span
+
+    def key_columns(self) -> Columns:
+        """Every parsed exit so far, aggregated by :data:`KEY`."""
+        if not self._by_key:
+            return empty_key()
+        self._compact()
+        return self._by_key[0]
+
+    def time_columns(self) -> Columns:
+        """Every parsed exit so far, aggregated by :data:`TIME_KEY` at :attr:`shift`."""
+        if not self._by_time:
+            return empty_time()
+        self._compact()
+        return self._by_time[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading inputs
+# ---------------------------------------------------------------------------------------------
+
+Progress = Callable[[int, int], None]  # (bytes of the input read so far, lines so far)
+
+
+def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress | None = None,
+                threads: int = 2) -> InputReport:
+    """Read one input into the audit; raises :class:`TraceInputError` for bad input."""
+    with Source(path) as src:
+        it = chunks(src)
+        first = next(it)
+        if fmt == "auto":
+            sample = first.data[:1 << 20].decode("utf-8", "replace")
+            found = detect_format(sample)
+            if found is None:
+                if any(s.strip() and not s.lstrip().startswith("#") for s in sample.splitlines()):
+                    raise TraceInputError(f"{src.name}: not trace text: no line has the shape of an ftrace, "
+                                          "trace-cmd report or perf script event (use --format to force one)")
+                found = "ftrace"  # only a header: an empty ftrace capture
+            fmt = found
+            del sample
+        report = InputReport(src.name, fmt, src.compression, 0, Counts())
+        pending: deque[Future] = deque()
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                result = pending.popleft().result()
+                result.renumber(report.counts.lines)
+                report.counts.add(result.counts, audit.keep_bad)
+                audit.add(result, src.name)
+                if progress:
+                    progress(src.position(), report.counts.lines)
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            stream = itertools.chain([first], it)
+            del first  # the chain alone holds it, until it is parsed
+            for chunk in stream:
+                report.bytes += len(chunk.data)
+                pending.append(pool.submit(parse_chunk, chunk, fmt, src.name, audit.tasks, audit.reasons, audit.shift,
+                                           audit.span, audit.keep_bad, audit.parquet is not None))
+                drain(threads)
+            drain(0)
+    audit.inputs.append(report)
+    return report
+
+
+__all__ = ["Audit", "ChunkResult", "Counts", "Reason", "ReasonTable", "TaskTable", "TraceInputError", "aggregate",
+           "audit_input", "detect_format", "is_tdvmcall_reason", "parse_chunk", "parse_reason", "FORMATS"]
