@@ -17,7 +17,7 @@ from tdvmcall import sweep as S
 from tdvmcall.kvm.tdx import POLICIES
 
 
-def timed(fn, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN201
+def timed(fn, *args, **kw):
     start = time.perf_counter()
     out = fn(*args, **kw)
     return out, time.perf_counter() - start
@@ -43,21 +43,27 @@ def main() -> None:
     # the whole sweep, footprint route
     for jobs in (1, 2):
         res, sec = timed(S.run_sweep, jobs=jobs)
-        print(f"sweep, footprint route, {jobs} worker(s): {sec:.2f} s, {res['round_trips']:,} round trips, "
-              f"{len(res['rows'])} calls x cases, agree={res['agree']}")
+        print(
+            f"sweep, footprint route, {jobs} worker(s): {sec:.2f} s, {res['round_trips']:,} round trips, "
+            f"{len(res['rows'])} calls x cases, agree={res['agree']}"
+        )
 
     # the exhaustive route: every accepted mask, every call, case, TD and policy
     masks_total = sum(len(S.module_accepts(td.module, td.no_rbp_mod)) for td in S.TD_SETTINGS)
     runs = masks_total * len(POLICIES) * len(S.targets())
-    one, sec = timed(lambda: [S.simulate(t, td, p, exhaustive=True) for td in S.TD_SETTINGS for p in POLICIES])
+    _, sec = timed(lambda: [S.simulate(t, td, p, exhaustive=True) for td in S.TD_SETTINGS for p in POLICIES])
     per_run = sec / (masks_total * len(POLICIES))
-    print(f"exhaustive route, one call and case ({t.call} {t.case.name}): {sec:.2f} s for "
-          f"{masks_total * len(POLICIES):,} round trips; all {len(S.targets())}: {runs:,} round trips, "
-          f"about {runs * per_run:.0f} s on one worker")
+    print(
+        f"exhaustive route, one call and case ({t.call} {t.case.name}): {sec:.2f} s for "
+        f"{masks_total * len(POLICIES):,} round trips; all {len(S.targets())}: {runs:,} round trips, "
+        f"about {runs * per_run:.0f} s on one worker"
+    )
     if full:
         res, sec = timed(S.run_sweep, exhaustive=True, jobs=os.cpu_count() or 1)
-        print(f"sweep, exhaustive route, {os.cpu_count()} workers: {sec:.1f} s, {res['round_trips']:,} round trips, "
-              f"agree={res['agree']}")
+        print(
+            f"sweep, exhaustive route, {os.cpu_count()} workers: {sec:.1f} s, {res['round_trips']:,} round trips, "
+            f"agree={res['agree']}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 import time
 
 # --- the baseline: what a user would write ---------------------------------------------------
-BASELINE = r'''
+BASELINE = r"""
 import re, sys, collections
 # same fields as tdvmcall trace: comm, pid, tgid, cpu, timestamp, vcpu, reason (+flags), info1
 RX = re.compile(r"^\s*(.+?)-(\d+)\s+(?:\(\s*([-\d]+)\)\s+)?\[(\d+)\]\s+(?:\S+\s+)?(\d+\.\d+):\s+kvm_exit:\s+"
@@ -42,48 +42,113 @@ with open(sys.argv[1], errors="replace") as f:
             comm, pid, tgid, cpu, ts, vcpu, reason, info1 = m.groups()
             counts[(pid, vcpu, reason, int(info1, 16))] += 1
 print(sum(counts.values()))
-'''
-PERF_BASELINE = BASELINE.replace(r'(.+?)-(\d+)\s+(?:\(\s*([-\d]+)\)\s+)?', r'(.+?)\s+(?:(\d+)/)?(\d+)\s+') \
-                        .replace(r'(?:\S+\s+)?(\d+\.\d+):\s+kvm_exit:', r'(\d+\.\d+):\s+kvm:kvm_exit:') \
-                        .replace("comm, pid, tgid, cpu", "comm, tgid, pid, cpu")
+"""
+PERF_BASELINE = (
+    BASELINE.replace(r"(.+?)-(\d+)\s+(?:\(\s*([-\d]+)\)\s+)?", r"(.+?)\s+(?:(\d+)/)?(\d+)\s+")
+    .replace(r"(?:\S+\s+)?(\d+\.\d+):\s+kvm_exit:", r"(\d+\.\d+):\s+kvm:kvm_exit:")
+    .replace("comm, pid, tgid, cpu", "comm, tgid, pid, cpu")
+)
 
 # --- the generator ---------------------------------------------------------------------------
 #: (name, tgid, vCPUs, {reason: [(mask, weight)]}) per TD, after the guest catalog
 GUESTS = [
-    ("linux-6.8", 4100, 8, {r: [(0xFFCC, 1)] for r in ("HLT", "MSR_WRITE", "MSR_READ", "CPUID", "EPT_MISCONFIG",
-                                                         "IO_INSTRUCTION", "TDCALL", "VMCALL")}),
-    ("linux-6.1", 4300, 4, {r: [(0xFC00, 1)] for r in ("HLT", "MSR_WRITE", "MSR_READ", "CPUID", "EPT_MISCONFIG",
-                                                         "IO_INSTRUCTION", "TDCALL")}),
-    ("coconut-svsm", 4500, 2, {"TDCALL": [(0x3C00, 1)], "CPUID": [(0xFC00, 1)], "MSR_READ": [(0x1C00, 1)],
-                               "MSR_WRITE": [(0x3C00, 1)], "HLT": [(0x1C00, 1)], "IO_INSTRUCTION": [(0xFC00, 1)],
-                               "VMCALL": [(0x0D04, 1)]}),
-    ("openvmm", 4700, 2, {"MSR_READ": [(0x1C00, 1)], "MSR_WRITE": [(0x3C00, 1)], "TDCALL": [(0x3C00, 1)],
-                          "IO_INSTRUCTION": [(0xFF00, 1)], "VMCALL": [(0x0D04, 1)], "HLT": [(0x1C00, 1)],
-                          "CPUID": [(0x7C00, 1)]}),
+    (
+        "linux-6.8",
+        4100,
+        8,
+        {
+            r: [(0xFFCC, 1)]
+            for r in ("HLT", "MSR_WRITE", "MSR_READ", "CPUID", "EPT_MISCONFIG", "IO_INSTRUCTION", "TDCALL", "VMCALL")
+        },
+    ),
+    (
+        "linux-6.1",
+        4300,
+        4,
+        {
+            r: [(0xFC00, 1)]
+            for r in ("HLT", "MSR_WRITE", "MSR_READ", "CPUID", "EPT_MISCONFIG", "IO_INSTRUCTION", "TDCALL")
+        },
+    ),
+    (
+        "coconut-svsm",
+        4500,
+        2,
+        {
+            "TDCALL": [(0x3C00, 1)],
+            "CPUID": [(0xFC00, 1)],
+            "MSR_READ": [(0x1C00, 1)],
+            "MSR_WRITE": [(0x3C00, 1)],
+            "HLT": [(0x1C00, 1)],
+            "IO_INSTRUCTION": [(0xFC00, 1)],
+            "VMCALL": [(0x0D04, 1)],
+        },
+    ),
+    (
+        "openvmm",
+        4700,
+        2,
+        {
+            "MSR_READ": [(0x1C00, 1)],
+            "MSR_WRITE": [(0x3C00, 1)],
+            "TDCALL": [(0x3C00, 1)],
+            "IO_INSTRUCTION": [(0xFF00, 1)],
+            "VMCALL": [(0x0D04, 1)],
+            "HLT": [(0x1C00, 1)],
+            "CPUID": [(0x7C00, 1)],
+        },
+    ),
 ]
 #: how often each reason occurs among a TD's TDVMCALL exits
-REASON_WEIGHTS = {"HLT": 30, "MSR_WRITE": 25, "EPT_MISCONFIG": 10, "IO_INSTRUCTION": 10, "CPUID": 8,
-                  "MSR_READ": 8, "TDCALL": 6, "VMCALL": 3}
+REASON_WEIGHTS = {
+    "HLT": 30,
+    "MSR_WRITE": 25,
+    "EPT_MISCONFIG": 10,
+    "IO_INSTRUCTION": 10,
+    "CPUID": 8,
+    "MSR_READ": 8,
+    "TDCALL": 6,
+    "VMCALL": 3,
+}
 TD_OTHER = ["EPT_VIOLATION", "EXTERNAL_INTERRUPT", "EXCEPTION_NMI", "TRIPLE_FAULT"]
-VM_REASONS = [("EPT_VIOLATION", None), ("EXTERNAL_INTERRUPT", 0), ("HLT", 0), ("MSR_WRITE", 0),
-              ("IO_INSTRUCTION", None), ("CPUID", 0), ("EPT_MISCONFIG", 0), ("PAUSE_INSTRUCTION", 0)]
+VM_REASONS = [
+    ("EPT_VIOLATION", None),
+    ("EXTERNAL_INTERRUPT", 0),
+    ("HLT", 0),
+    ("MSR_WRITE", 0),
+    ("IO_INSTRUCTION", None),
+    ("CPUID", 0),
+    ("EPT_MISCONFIG", 0),
+    ("PAUSE_INSTRUCTION", 0),
+]
 IO_QUALS = [0x3F80008, 0x3F80000, 0x3FD0008, 0x700008, 0x710000, 0xCF80018, 0xCFC0008, 0x600008]
-NOISE = ["kvm_entry: vcpu {v}, rip 0x{r:x}", "kvm_userspace_exit: reason KVM_EXIT_IO (2)",
-         "kvm_pio: pio_write at 0x3f8 size 1 count 1 val 0x41", "kvm_msr: msr_write 808 = 0x10",
-         "kvm_hypercall: nr 0xb a0 0x1 a1 0x0 a2 0x0 a3 0x0", "kvm_fpu: load",
-         "sched_switch: prev_comm={c} prev_pid={p} prev_prio=120 prev_state=S ==> next_comm=swapper/1 "
-         "next_pid=0 next_prio=120", "kvm_apic_accept_irq: apicid 1 vec 236 (Fixed|edge)"]
+NOISE = [
+    "kvm_entry: vcpu {v}, rip 0x{r:x}",
+    "kvm_userspace_exit: reason KVM_EXIT_IO (2)",
+    "kvm_pio: pio_write at 0x3f8 size 1 count 1 val 0x41",
+    "kvm_msr: msr_write 808 = 0x10",
+    "kvm_hypercall: nr 0xb a0 0x1 a1 0x0 a2 0x0 a3 0x0",
+    "kvm_fpu: load",
+    "sched_switch: prev_comm={c} prev_pid={p} prev_prio=120 prev_state=S ==> next_comm=swapper/1 "
+    "next_pid=0 next_prio=120",
+    "kvm_apic_accept_irq: apicid 1 vec 236 (Fixed|edge)",
+]
 
 
 def _payload(v: int, reason: str, rip: int, info1: int, info2: int = 0, intr: int = 0) -> str:
-    return (f"vcpu {v} reason {reason} rip 0x{rip:x} info1 0x{info1:016x} info2 0x{info2:016x} "
-            f"intr_info 0x{intr:08x} error_code 0x00000000")
+    return (
+        f"vcpu {v} reason {reason} rip 0x{rip:x} info1 0x{info1:016x} info2 0x{info2:016x} "
+        f"intr_info 0x{intr:08x} error_code 0x00000000"
+    )
 
 
 def _line(fmt: str, comm: str, pid: int, tgid: int, cpu: int, ts: float, event: str, body: str) -> str:
     if fmt == "perf":
-        return f"{comm:>16} {tgid}/{pid} [{cpu:03d}] {ts:.6f}: kvm:{event}: {body}\n" if event.startswith("kvm") \
+        return (
+            f"{comm:>16} {tgid}/{pid} [{cpu:03d}] {ts:.6f}: kvm:{event}: {body}\n"
+            if event.startswith("kvm")
             else f"{comm:>16} {tgid}/{pid} [{cpu:03d}] {ts:.6f}: sched:{event}: {body}\n"
+        )
     flags = "" if fmt == "trace-cmd" else "d..2. "
     return f"{comm:>16}-{pid:<7} [{cpu:03d}] {flags}{ts:.6f}: {event}: {body}\n"
 
@@ -92,7 +157,7 @@ def generate(path: str, size_mb: int, fmt: str = "ftrace", seed: int = 1) -> int
     """Write a trace of about ``size_mb`` MB; returns its number of lines."""
     rnd = random.Random(seed)
     tds = []
-    for guest, tgid, ncpu, masks in GUESTS:
+    for _guest, tgid, ncpu, masks in GUESTS:
         reasons = [r for r in REASON_WEIGHTS if r in masks]
         weights = [REASON_WEIGHTS[r] for r in reasons]
         tds += [(f"CPU {i}/KVM", tgid + 1 + i, tgid, i, masks, reasons, weights) for i in range(ncpu)]
@@ -118,21 +183,44 @@ def generate(path: str, size_mb: int, fmt: str = "ftrace", seed: int = 1) -> int
                     buf.append(_line(fmt, comm, pid, tgid, cpu, ts, "kvm_exit", _payload(v, reason, 0, mask)))
                 elif r < 0.45:  # another exit of a TD
                     comm, pid, tgid, v, *_ = rnd.choice(tds)
-                    buf.append(_line(fmt, comm, pid, tgid, cpu, ts, "kvm_exit",
-                                     _payload(v, rnd.choice(TD_OTHER), 0, rnd.getrandbits(12) << 3, rnd.getrandbits(30) << 12)))
+                    buf.append(
+                        _line(
+                            fmt,
+                            comm,
+                            pid,
+                            tgid,
+                            cpu,
+                            ts,
+                            "kvm_exit",
+                            _payload(v, rnd.choice(TD_OTHER), 0, rnd.getrandbits(12) << 3, rnd.getrandbits(30) << 12),
+                        )
+                    )
                 elif r < 0.55:  # a legacy VM
                     comm, pid, tgid, v = rnd.choice(vms)
                     reason, qual = rnd.choice(VM_REASONS)
                     if qual is None:
                         qual = rnd.choice(IO_QUALS) if reason == "IO_INSTRUCTION" else rnd.getrandbits(10)
-                    buf.append(_line(fmt, comm, pid, tgid, cpu, ts, "kvm_exit",
-                                     _payload(v, reason, 0xFFFFFFFF81000000 + rnd.getrandbits(20), qual)))
+                    buf.append(
+                        _line(
+                            fmt,
+                            comm,
+                            pid,
+                            tgid,
+                            cpu,
+                            ts,
+                            "kvm_exit",
+                            _payload(v, reason, 0xFFFFFFFF81000000 + rnd.getrandbits(20), qual),
+                        )
+                    )
                 else:  # noise
                     comm, pid, tgid, v = rnd.choice(vms + [t[:4] for t in tds])
                     ev = rnd.choice(NOISE)
                     name, _, body = ev.partition(": ")
-                    buf.append(_line(fmt, comm, pid, tgid, cpu, ts, name,
-                                     body.format(v=v, r=rnd.getrandbits(40), c=comm, p=pid)))
+                    buf.append(
+                        _line(
+                            fmt, comm, pid, tgid, cpu, ts, name, body.format(v=v, r=rnd.getrandbits(40), c=comm, p=pid)
+                        )
+                    )
             text = "".join(buf)
             f.write(text)
             written += len(text)
@@ -173,12 +261,13 @@ def main() -> None:
         with open(path, "rb") as f:
             nlines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
     size = os.path.getsize(path)
-    tdvmcall = [sys.executable, "-c", "from tdvmcall.cli import main; main()", "trace", path, "--json",
-                "--no-progress"]
+    tdvmcall = [sys.executable, "-c", "from tdvmcall.cli import main; main()", "trace", path, "--json", "--no-progress"]
     baseline = [sys.executable, "-c", PERF_BASELINE if args.format == "perf" else BASELINE, path]
     runs = {"tdvmcall trace": tdvmcall, "regex loop": baseline, "grep -c kvm_exit": ["grep", "-c", "kvm_exit", path]}
-    print(f"input: {size / 1e6:.0f} MB, {nlines:,} lines, {args.format}; {os.cpu_count()} CPUs; "
-          f"{args.repeat} round(s), each contender once per round, medians below")
+    print(
+        f"input: {size / 1e6:.0f} MB, {nlines:,} lines, {args.format}; {os.cpu_count()} CPUs; "
+        f"{args.repeat} round(s), each contender once per round, medians below"
+    )
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
     for _ in range(args.repeat):
         for name, cmd in runs.items():
@@ -191,11 +280,15 @@ def main() -> None:
         secs, cpu = statistics.median(r[0] for r in runs_), statistics.median(r[1] for r in runs_)
         med[name] = (secs, cpu)
         spread = f" (min {min(r[0] for r in runs_):.2f}, max {max(r[0] for r in runs_):.2f})" if len(runs_) > 1 else ""
-        print(f"{name:18s} {secs:7.2f} s wall{spread} {cpu:7.2f} s CPU  {size / secs / 1e6:8.1f} MB/s  "
-              f"{nlines / secs / 1e6:6.2f} M lines/s  peak RSS {max(r[2] for r in runs_):5.0f} MB")
+        print(
+            f"{name:18s} {secs:7.2f} s wall{spread} {cpu:7.2f} s CPU  {size / secs / 1e6:8.1f} MB/s  "
+            f"{nlines / secs / 1e6:6.2f} M lines/s  peak RSS {max(r[2] for r in runs_):5.0f} MB"
+        )
     (base, base_cpu), (ours, ours_cpu), (floor, _) = med["regex loop"], med["tdvmcall trace"], med["grep -c kvm_exit"]
-    print(f"tdvmcall trace: {base / ours:.1f}x the regex loop's throughput (wall), "
-          f"{base_cpu / ours_cpu:.1f}x per CPU second; grep -c is {ours / floor:.1f}x faster than tdvmcall trace")
+    print(
+        f"tdvmcall trace: {base / ours:.1f}x the regex loop's throughput (wall), "
+        f"{base_cpu / ours_cpu:.1f}x per CPU second; grep -c is {ours / floor:.1f}x faster than tdvmcall trace"
+    )
     print(f"load average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 

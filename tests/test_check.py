@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from tdvmcall.check.catalog import (
-    ALL_KVM_CALLS, CatalogError, Host, check_call, check_sites, load_catalog, parse_calls, shipped_catalog_text,
+    ALL_KVM_CALLS,
+    CatalogError,
+    Host,
+    check_call,
+    check_sites,
+    load_catalog,
+    parse_calls,
+    shipped_catalog_text,
     what_if,
 )
 from tdvmcall.cli import app
@@ -58,8 +65,10 @@ def test_call_names_map_to_leaves():
     names = [c.name for c in calls]
     # catalog names -> leaf names; KVM-hypercall -> the six KVM hypercalls of ABI.md §4
     assert names[:3] == ["Instruction.HLT", "Instruction.RDMSR", "#VE.RequestMMIO"]
-    assert names[3:9] == [f"KVMHypercall.{n}" for n in
-                          ("VAPIC_POLL_IRQ", "KICK_CPU", "CLOCK_PAIRING", "SEND_IPI", "SCHED_YIELD", "MAP_GPA_RANGE")]
+    assert names[3:9] == [
+        f"KVMHypercall.{n}"
+        for n in ("VAPIC_POLL_IRQ", "KICK_CPU", "CLOCK_PAIRING", "SEND_IPI", "SCHED_YIELD", "MAP_GPA_RANGE")
+    ]
     assert calls[3].annotation == "R10!=0"
     assert names[9] == "HyperV-hypercall" and calls[9].foreign and calls[9].leaf is None
     assert remarks  # "all:" is kept as a remark
@@ -123,7 +132,8 @@ def test_linux_0xffcc_passes_every_call_with_over_exposure_notes(shipped):
     assert any("exposed but unused" in n for n in checks["Instruction.HLT"].notes)
     # every condition was run, e.g. IO in and out, MapGPA success and RETRY, under both policies
     assert {(r.case, r.policy) for r in checks["Instruction.IO"].runs} == {
-        (c, p) for c in ("in", "out") for p in ("legacy", "hardened")}
+        (c, p) for c in ("in", "out") for p in ("legacy", "hardened")
+    }
     assert {"to-shared", "retry"} <= {r.case for r in checks["MapGPA"].runs}
 
 
@@ -169,10 +179,12 @@ def test_cpuid_with_only_the_selectors():
     # case for all six; today's KVM reads r12 r13 as 0 and its four writes are dropped.
     c = one("0x0C00", "Instruction.CPUID")
     assert c.verdict == {"legacy": "legacy-silent", "hardened": "hardened-refuses"}
-    assert c.refusals() and all(r.missing_inputs == ["r12", "r13"] and r.missing_outputs == ["r12", "r13", "r14", "r15"]
-                                for r in c.refusals())
-    assert c.silences() and all(r.zero_reads == ["r12", "r13"] and r.dropped_writes == ["r12", "r13", "r14", "r15"]
-                                for r in c.silences())
+    assert c.refusals() and all(
+        r.missing_inputs == ["r12", "r13"] and r.missing_outputs == ["r12", "r13", "r14", "r15"] for r in c.refusals()
+    )
+    assert c.silences() and all(
+        r.zero_reads == ["r12", "r13"] and r.dropped_writes == ["r12", "r13", "r14", "r15"] for r in c.silences()
+    )
 
 
 def test_unexposed_r11_runs_another_leaf_today():
@@ -239,15 +251,18 @@ def test_what_if_exit_statuses():
     assert invoke("--mask", "0xFFEC", "--call", "CPUID", "--rbp-mod").exit_code == 0
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--mask", "0xZZ"], "mask"),
-    (["--mask", "0x1C00", "--call", "RDMSRX"], "RDMSRX"),
-    (["--call", "RDMSR"], "--call"),
-    (["--policy", "strict"], "--policy"),
-    (["--module", "2.0"], "--module"),
-    (["--catalog", "/nonexistent.csv"], "/nonexistent.csv"),
-    (["--guest", "windows"], "--guest"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--mask", "0xZZ"], "mask"),
+        (["--mask", "0x1C00", "--call", "RDMSRX"], "RDMSRX"),
+        (["--call", "RDMSR"], "--call"),
+        (["--policy", "strict"], "--policy"),
+        (["--module", "2.0"], "--module"),
+        (["--catalog", "/nonexistent.csv"], "/nonexistent.csv"),
+        (["--guest", "windows"], "--guest"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = invoke(*args)
     assert r.exit_code == 2
@@ -261,7 +276,8 @@ def test_bad_catalog_rows_are_named_and_the_rest_is_checked(tmp_path):
         "guest,snapshot,file,function,mask_hex,tdvmcalls,note\n"
         "fw,1,a.c,good_rdmsr,0x1C00,RDMSR,\n"
         "fw,1,a.c,bad_mask,0xZZ,RDMSR,\n"
-        "fw,1,a.c,bad_call,0x1C00,RDMSR FROB,\n")
+        "fw,1,a.c,bad_call,0x1C00,RDMSR FROB,\n"
+    )
     r = invoke("--catalog", str(path), "--json")
     assert r.exit_code == 2
     err = r.stderr.strip().splitlines()

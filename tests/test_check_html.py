@@ -35,9 +35,20 @@ pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium found (the 
 
 def chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
     """Run headless chromium offline, in a throwaway profile (the timeout only guards a hang)."""
-    cmd = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", *extra, url]
+    cmd = [
+        BROWSER,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        *extra,
+        url,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=True)
 
 

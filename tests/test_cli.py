@@ -31,11 +31,14 @@ def test_run_policy_override_and_table():
     assert "zero reads: r12" in r.stdout and "guest after" in r.stdout and "0x0180ffef" in r.stdout
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("{not json", "not valid JSON"),
-    ('{"guest": {"rcx": "0xZZ"}}', "guest.rcx"),
-    ('{"guest": {}, "kvm": {"policy": "x"}}', "kvm.policy"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"guest": {"rcx": "0xZZ"}}', "guest.rcx"),
+        ('{"guest": {}, "kvm": {"policy": "x"}}', "kvm.policy"),
+    ],
+)
 def test_run_bad_scenario_is_one_line_and_exit_2(text, needle):
     r = invoke("run", "-", input=text)
     assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -48,7 +51,12 @@ def test_run_missing_file_is_exit_2():
 
 def test_decode_operand_invalid_rcx():
     d = json.loads(invoke("decode", "0xC000010000000001", "--json").stdout)
-    assert (d["reading"], d["name"], d["operand_id"], d["operand_name"]) == ("status", "TDX_OPERAND_INVALID", 1, "OPERAND_ID_RCX")
+    assert (d["reading"], d["name"], d["operand_id"], d["operand_name"]) == (
+        "status",
+        "TDX_OPERAND_INVALID",
+        1,
+        "OPERAND_ID_RCX",
+    )
     assert d["error"] and d["non_recoverable"] and not d["fatal"]  # bits 63 and 62 set, 61 clear
 
 
@@ -63,8 +71,11 @@ def test_decode_status_depends_on_module_version():
 def test_decode_control_with_rbp():
     d = json.loads(invoke("decode", "0xFFEC", "--json").stdout)
     assert d["reading"] == "control" and "rbp" in d["gprs"]
-    assert d["accepted"] == {"module 1.5, NO_RBP_MOD (KVM's TDs)": False, "module 1.5, no NO_RBP_MOD": True,
-                             "module 1.0": True}
+    assert d["accepted"] == {
+        "module 1.5, NO_RBP_MOD (KVM's TDs)": False,
+        "module 1.5, no NO_RBP_MOD": True,
+        "module 1.0": True,
+    }
     assert d["module_status_if_rejected"] == 0xC000010000000001
 
 
@@ -86,8 +97,15 @@ def test_decode_unknown_value_is_reported_not_raised():
     assert r.exit_code == 0 and "not a known value" in r.stdout
 
 
-@pytest.mark.parametrize("args", [["decode", "xyz"], ["decode", "0x1", "--as", "bogus"],
-                                  ["decode", "0x1", "--module", "2.0"], ["decode", str(1 << 64)]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["decode", "xyz"],
+        ["decode", "0x1", "--as", "bogus"],
+        ["decode", "0x1", "--module", "2.0"],
+        ["decode", str(1 << 64)],
+    ],
+)
 def test_decode_bad_input(args):
     r = invoke(*args)
     assert r.exit_code == 2 and r.stderr.startswith("tdvmcall: error:")
@@ -115,10 +133,12 @@ def test_run_json_validates_against_the_published_result_schema(tmp_path):
 
     schema = json.loads(resources.files("tdvmcall").joinpath("data/vector.schema.json").read_text())
     result_schema = {"$ref": "#/$defs/result", "$defs": schema["$defs"]}
-    for sc in ({"guest": {"rcx": "0xFFCC", "r11": "0xA", "r12": "0x1"}},
-               {"guest": {"rcx": "0xFFEC", "r11": "0xA"}},  # refused by the module
-               {"guest": {"rcx": "0x7C00", "r11": "0x10003", "r12": "0x8000000000000000", "r13": "0x5000"}},
-               {"guest": {"rcx": "0x1800", "r11": "0xA"}},  # internal error
-               {"kvm": {"policy": "legacy"}, "guest": {"rcx": "0xEC00", "r11": "0xA", "r12": "0x1"}}):
+    for sc in (
+        {"guest": {"rcx": "0xFFCC", "r11": "0xA", "r12": "0x1"}},
+        {"guest": {"rcx": "0xFFEC", "r11": "0xA"}},  # refused by the module
+        {"guest": {"rcx": "0x7C00", "r11": "0x10003", "r12": "0x8000000000000000", "r13": "0x5000"}},
+        {"guest": {"rcx": "0x1800", "r11": "0xA"}},  # internal error
+        {"kvm": {"policy": "legacy"}, "guest": {"rcx": "0xEC00", "r11": "0xA", "r12": "0x1"}},
+    ):
         r = invoke("run", "-", "--json", input=json.dumps(sc))
         jsonschema.validate(json.loads(r.stdout), result_schema)

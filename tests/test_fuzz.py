@@ -68,26 +68,54 @@ PLANTED = {
     # HLT (leaf table: inputs R12 only) also reads R13; the strict hardened cache meets an
     # unavailable register whenever R13 is not exposed (its minimal mask R10 R11 R12 does not)
     "handler reads an undeclared register": (
-        [("kvm/handlers.py", 'p.halt(io.read("r12") != 0)', 'p.halt((io.read("r12") | io.read("r13")) != 0)'),
-         ("kvm/tdx.py", "if undeclared := [r for r in reads if r not in declared_in]:", "if undeclared := []:")],
-        600, {"cache"}),
+        [
+            ("kvm/handlers.py", 'p.halt(io.read("r12") != 0)', 'p.halt((io.read("r12") | io.read("r13")) != 0)'),
+            ("kvm/tdx.py", "if undeclared := [r for r in reads if r not in declared_in]:", "if undeclared := []:"),
+        ],
+        600,
+        {"cache"},
+    ),
     # the module hands the VMM the guest's RBX even when RBX is not selected
     "module does not zero an unselected register": (
-        [("module.py", "        if ctl.gpr_select >> i & 1:\n            vmm[i] = vcpu.gprs[i]",
-          "        if ctl.gpr_select >> i & 1 or i == 3:\n            vmm[i] = vcpu.gprs[i]")],
-        50, {"confidentiality"}),
+        [
+            (
+                "module.py",
+                "        if ctl.gpr_select >> i & 1:\n            vmm[i] = vcpu.gprs[i]",
+                "        if ctl.gpr_select >> i & 1 or i == 3:\n            vmm[i] = vcpu.gprs[i]",
+            )
+        ],
+        50,
+        {"confidentiality"},
+    ),
     # the resume copies the VMM's R9 into the guest even when R9 is not selected
     "resume copies back an unselected register": (
-        [("module.py", "        if ctl.gpr_select >> i & 1:\n            guest.gprs[i] = u64(vmm[i]",
-          "        if ctl.gpr_select >> i & 1 or i == 9:\n            guest.gprs[i] = u64(vmm[i]")],
-        50, {"integrity"}),
+        [
+            (
+                "module.py",
+                "        if ctl.gpr_select >> i & 1:\n            guest.gprs[i] = u64(vmm[i]",
+                "        if ctl.gpr_select >> i & 1 or i == 9:\n            guest.gprs[i] = u64(vmm[i]",
+            )
+        ],
+        50,
+        {"integrity"},
+    ),
     # the hardened check forgets the last output of each leaf (e.g. CPUID's R15, GetTdVmCallInfo's R14)
     "hardened check forgets an output": (
-        [("kvm/tdx.py", "unexposed_outputs = [r for r in L.possible_outputs(leaf, vals) if r not in exposed]",
-          "unexposed_outputs = [r for r in L.possible_outputs(leaf, vals)[:-1] if r not in exposed]"),
-         ("kvm/tdx.py", "                if GPR_NAMES[i] not in exposed:\n                    raise ModelBug",
-          "                if False:\n                    raise ModelBug")],
-        600, {"completeness"}),
+        [
+            (
+                "kvm/tdx.py",
+                "unexposed_outputs = [r for r in L.possible_outputs(leaf, vals) if r not in exposed]",
+                "unexposed_outputs = [r for r in L.possible_outputs(leaf, vals)[:-1] if r not in exposed]",
+            ),
+            (
+                "kvm/tdx.py",
+                "                if GPR_NAMES[i] not in exposed:\n                    raise ModelBug",
+                "                if False:\n                    raise ModelBug",
+            ),
+        ],
+        600,
+        {"completeness"},
+    ),
 }
 
 
@@ -131,8 +159,21 @@ def test_short_campaign_is_clean_on_both_policies():
 def test_cli_json_figures(tmp_path):
     from tdvmcall.cli import app
 
-    r = CliRunner().invoke(app, ["fuzz", "--examples", "30", "--seed", "1", "--policy", "hardened", "--json",
-                                 "--out", str(tmp_path / "x.json")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "fuzz",
+            "--examples",
+            "30",
+            "--seed",
+            "1",
+            "--policy",
+            "hardened",
+            "--json",
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["clean"] and report["policies"] == ["hardened"] and report["seed"] == 1
@@ -140,8 +181,9 @@ def test_cli_json_figures(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-@pytest.mark.parametrize("args", [["--seconds", "1", "--examples", "5"], ["--policy", "paranoid"],
-                                  ["--examples", "0"], ["--seconds", "-1"]])
+@pytest.mark.parametrize(
+    "args", [["--seconds", "1", "--examples", "5"], ["--policy", "paranoid"], ["--examples", "0"], ["--seconds", "-1"]]
+)
 def test_cli_bad_input_exits_2(args):
     from tdvmcall.cli import app
 

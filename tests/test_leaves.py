@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from tdvmcall.abi.regs import GPR_NAMES
 from tdvmcall.kvm import leaves as L
 from tdvmcall.kvm.handlers import HANDLERS
-from tdvmcall.abi.regs import GPR_NAMES
 
 
 def test_every_operand_is_a_gpr_the_module_can_pass():
@@ -30,10 +30,19 @@ def test_dispatch_follows_r10_then_r11():
 
 def test_ghci_numbers_and_vmx_reasons():
     # ABI §4: leaf numbers and the VMX reasons KVM re-labels instruction leaves with
-    expect = {"GetTdVmCallInfo": (0x10000, 77), "MapGPA": (0x10001, 77), "GetQuote": (0x10002, 77),
-              "ReportFatalError": (0x10003, 77), "SetupEventNotifyInterrupt": (0x10004, 77),
-              "Instruction.CPUID": (10, 10), "Instruction.HLT": (12, 12), "Instruction.IO": (30, 30),
-              "Instruction.RDMSR": (31, 31), "Instruction.WRMSR": (32, 32), "#VE.RequestMMIO": (48, 49)}
+    expect = {
+        "GetTdVmCallInfo": (0x10000, 77),
+        "MapGPA": (0x10001, 77),
+        "GetQuote": (0x10002, 77),
+        "ReportFatalError": (0x10003, 77),
+        "SetupEventNotifyInterrupt": (0x10004, 77),
+        "Instruction.CPUID": (10, 10),
+        "Instruction.HLT": (12, 12),
+        "Instruction.IO": (30, 30),
+        "Instruction.RDMSR": (31, 31),
+        "Instruction.WRMSR": (32, 32),
+        "#VE.RequestMMIO": (48, 49),
+    }
     for name, (r11, reason) in expect.items():
         leaf = L.by_name(name)
         assert (leaf.r11, leaf.reason) == (r11, reason), name

@@ -21,14 +21,34 @@ CPUID = [
 
 def scenario(rcx, policy="hardened", no_rbp_mod=True, module="1.5", platform=None, **regs):
     guest = {"rcx": rcx, **regs}
-    return {"td": {"module": module, "no_rbp_mod": no_rbp_mod}, "kvm": {"policy": policy},
-            "guest": guest, "platform": platform or {}}
+    return {
+        "td": {"module": module, "no_rbp_mod": no_rbp_mod},
+        "kvm": {"policy": policy},
+        "guest": guest,
+        "platform": platform or {},
+    }
 
 
 def fill(**over):
     """A guest whose every GPR holds a recognisable value (0x1100 + index), RAX 0 and the given ones."""
-    names = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
+    names = [
+        "rax",
+        "rcx",
+        "rdx",
+        "rbx",
+        "rsp",
+        "rbp",
+        "rsi",
+        "rdi",
+        "r8",
+        "r9",
+        "r10",
+        "r11",
+        "r12",
+        "r13",
+        "r14",
+        "r15",
+    ]
     regs = {n: 0x1100 + i for i, n in enumerate(names)}
     regs["rax"] = 0
     regs.update(over)
@@ -51,12 +71,16 @@ def test_rbp_exposed_under_no_rbp_mod_fails_in_the_module(policy):
 
 
 def test_rbp_exposed_without_no_rbp_mod_reaches_kvm_with_rbp():
-    r = run_json(scenario("0xFFEC", no_rbp_mod=False, **{k: v for k, v in fill(r10=0, r11=10, r12=1).items() if k != "rcx"}))
+    r = run_json(
+        scenario("0xFFEC", no_rbp_mod=False, **{k: v for k, v in fill(r10=0, r11=10, r12=1).items() if k != "rcx"})
+    )
     assert r["module"]["exited"] and r["vmm"]["rbp"] == H(0x1105)
 
 
 def test_module_1_0_does_not_check_rbp():
-    r = run_json(scenario("0xFFEC", module="1.0", **{k: v for k, v in fill(r10=0, r11=10, r12=1).items() if k != "rcx"}))
+    r = run_json(
+        scenario("0xFFEC", module="1.0", **{k: v for k, v in fill(r10=0, r11=10, r12=1).items() if k != "rcx"})
+    )
     assert r["module"]["exited"]
 
 
@@ -197,8 +221,9 @@ def test_report_fatal_error_gpa_needs_r13_only_with_bit_63():
 
 # --- §4 IO, MMIO, MapGPA -------------------------------------------------------------------------------
 def test_io_in_zero_extends_userspace_data_into_r11():
-    r = run_json(scenario("0x7C00", r11=30, r12=2, r13=0, r14=0x1_0070,
-                          platform={"userspace": {"ports": {"0x70": "0xBEEF"}}}))
+    r = run_json(
+        scenario("0x7C00", r11=30, r12=2, r13=0, r14=0x1_0070, platform={"userspace": {"ports": {"0x70": "0xBEEF"}}})
+    )
     e = r["kvm"]["userspace_exit"]
     assert e["reason"] == "KVM_EXIT_IO" and e["port"] == H(0x70) and e["direction"] == "in"  # port truncated
     assert r["guest"]["r11"] == H(0xBEEF)
@@ -239,16 +264,23 @@ def test_map_gpa_private_4mib_in_two_chunks():
 
 def test_map_gpa_retry_resumes_at_the_next_chunk():
     shared = 1 << 51 | 0x8000_0000
-    r = run_json(scenario("0x3C00", r11=0x10001, r12=shared, r13=0x40_0000,
-                          platform={"userspace": {"hypercall_ret": [0, 11]}}))  # second chunk: EAGAIN
+    r = run_json(
+        scenario("0x3C00", r11=0x10001, r12=shared, r13=0x40_0000, platform={"userspace": {"hypercall_ret": [0, 11]}})
+    )  # second chunk: EAGAIN
     assert r["kvm"]["status"] == H(1)  # RETRY
     assert r["guest"]["r11"] == H(shared + 0x20_0000)
     assert r["kvm"]["userspace_exits"][0]["args"][0] == H(0x8000_0000)  # shared bit cleared
     assert r["kvm"]["userspace_exits"][0]["args"][2] == H(0)  # DECRYPTED
 
 
-@pytest.mark.parametrize("gpa,size,status", [(0x1000, 0, 0x8000000000000000), (0x1010, 0x1000, 0x8000000000000002),
-                                              ((1 << 51) - 0x1000, 0x2000, 0x8000000000000000)])
+@pytest.mark.parametrize(
+    "gpa,size,status",
+    [
+        (0x1000, 0, 0x8000000000000000),
+        (0x1010, 0x1000, 0x8000000000000002),
+        ((1 << 51) - 0x1000, 0x2000, 0x8000000000000000),
+    ],
+)
 def test_map_gpa_early_errors_return_the_gpa_in_r11(gpa, size, status):
     r = run_json(scenario("0x3C00", r11=0x10001, r12=gpa, r13=size))
     assert r["kvm"]["status"] == H(status) and r["guest"]["r11"] == H(gpa) and not r["kvm"]["userspace_exits"]
@@ -322,15 +354,18 @@ def test_map_gpa_range_hypercall_passes_arguments_verbatim():
 
 
 # --- the scenario contract's errors ---------------------------------------------------------------------
-@pytest.mark.parametrize("bad,field", [
-    ({"guest": {"rcx": "0xZZ"}}, "guest.rcx"),
-    ({"guest": {"r16": 1}}, "guest.r16"),
-    ({"guest": {"rcx": 1 << 64}}, "guest.rcx"),
-    ({"guest": {}, "kvm": {"policy": "strict"}}, "kvm.policy"),
-    ({"guest": {}, "td": {"module": "2.0"}}, "td.module"),
-    ({"kvm": {}}, "guest"),
-    ({"guest": {}, "platform": {"userspace": {"ports": {"x": 1}}}}, "platform.userspace.ports"),
-])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ({"guest": {"rcx": "0xZZ"}}, "guest.rcx"),
+        ({"guest": {"r16": 1}}, "guest.r16"),
+        ({"guest": {"rcx": 1 << 64}}, "guest.rcx"),
+        ({"guest": {}, "kvm": {"policy": "strict"}}, "kvm.policy"),
+        ({"guest": {}, "td": {"module": "2.0"}}, "td.module"),
+        ({"kvm": {}}, "guest"),
+        ({"guest": {}, "platform": {"userspace": {"ports": {"x": 1}}}}, "platform.userspace.ports"),
+    ],
+)
 def test_malformed_scenarios_name_the_field(bad, field):
     with pytest.raises(ScenarioError) as e:
         parse(bad)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tdvmcall.abi.regs import reg_index
 from tdvmcall.guest import tdvmcall
 from tdvmcall.kvm import leaves as L
 from tdvmcall.kvm.platform import Platform, Userspace
 from tdvmcall.kvm.tdx import KvmVcpu
-from tdvmcall.abi.regs import reg_index
 from tdvmcall.module import TdConfig, VcpuState, tdg_vp_vmcall, tdh_vp_enter
 
 U64 = st.integers(0, (1 << 64) - 1)
@@ -65,7 +65,11 @@ def test_vmm_never_sees_an_unexposed_register_and_the_guest_keeps_them(call, pol
 
 
 @settings(max_examples=300, deadline=None)
-@given(guest_call(), st.lists(U64, min_size=16, max_size=16), st.lists(st.integers(0, (1 << 128) - 1), min_size=16, max_size=16))
+@given(
+    guest_call(),
+    st.lists(U64, min_size=16, max_size=16),
+    st.lists(st.integers(0, (1 << 128) - 1), min_size=16, max_size=16),
+)
 def test_unexposed_registers_survive_any_host_behaviour(call, host_gprs, host_xmm):
     td, state, _ = call
     before = state.copy()

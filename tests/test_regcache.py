@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tdvmcall.kvm.regcache import ModelBug, RegCache
 from tdvmcall.abi.regs import CR3, EXIT_INFO_1, EXIT_INFO_2, PDPTR, R12, RAX, RBX, RIP, RSP
+from tdvmcall.kvm.regcache import ModelBug, RegCache
 
 ALL25 = (1 << 25) - 1
 

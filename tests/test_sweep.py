@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tdvmcall.sweep import sweep as S
 from tdvmcall.cli import app
 from tdvmcall.module import TdConfig
+from tdvmcall.sweep import sweep as S
 
 LINUX_TD = TdConfig("1.5", True)  # what KVM creates (ABI.md §3)
 RBP_TD = TdConfig("1.5", False)
@@ -20,8 +20,19 @@ ON, OFF = "1.5/no_rbp_mod", "1.5/rbp_mod"
 
 
 def _mask(*names: str) -> int:
-    idx = {"rdx": 2, "rbx": 3, "rbp": 5, "rsi": 6, "rdi": 7, "r10": 10, "r11": 11, "r12": 12, "r13": 13, "r14": 14,
-           "r15": 15}
+    idx = {
+        "rdx": 2,
+        "rbx": 3,
+        "rbp": 5,
+        "rsi": 6,
+        "rdi": 7,
+        "r10": 10,
+        "r11": 11,
+        "r12": 12,
+        "r13": 13,
+        "r14": 14,
+        "r15": 15,
+    }
     return sum(1 << idx[n] for n in names)
 
 

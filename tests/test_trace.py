@@ -68,8 +68,10 @@ ZERO16 = "0" * 16
 
 
 def payload(vcpu: int, reason: str, info1: int, tail: str = "") -> str:
-    return (f"vcpu {vcpu} reason {reason} rip 0x0 info1 0x{info1:016x} info2 0x{ZERO16} "
-            f"intr_info 0x00000000 error_code 0x00000000{tail}")
+    return (
+        f"vcpu {vcpu} reason {reason} rip 0x0 info1 0x{info1:016x} info2 0x{ZERO16} "
+        f"intr_info 0x00000000 error_code 0x00000000{tail}"
+    )
 
 
 def line(fmt: str, comm: str, pid: int, ts: float, event: str, body: str, tgid: int | None = None) -> str:
@@ -84,8 +86,11 @@ def line(fmt: str, comm: str, pid: int, ts: float, event: str, body: str, tgid: 
     return f"{task} [000] d..2. {ts:.6f}: {event}: {body}"
 
 
-HEADERS = {"ftrace": ["# tracer: nop", "#"], "trace-cmd": ["version = 6", "cpus=2"],
-           "perf": ["# ========", "# captured on    : Thu Nov 26 10:00:00 2026"]}
+HEADERS = {
+    "ftrace": ["# tracer: nop", "#"],
+    "trace-cmd": ["version = 6", "cpus=2"],
+    "perf": ["# ========", "# captured on    : Thu Nov 26 10:00:00 2026"],
+}
 TD, VM = ("CPU 0/KVM", 1001), ("CPU 0/KVM", 2001)
 
 #: lines 3..23 of the main fixture (see the module docstring); None = a blank line
@@ -107,8 +112,11 @@ EVENTS = [
     (VM, "kvm_exit", payload(0, "IO_INSTRUCTION", 0x3F80008)),
     (VM, "kvm_exit", payload(0, "EPT_VIOLATION", 0x181)),
     (TD, "kvm_entry", "vcpu 0, rip 0x0"),
-    (TD, "sched_switch", "prev_comm=CPU 0/KVM prev_pid=1001 prev_prio=120 prev_state=S ==> next_comm=swapper/0 "
-                         "next_pid=0 next_prio=120"),
+    (
+        TD,
+        "sched_switch",
+        "prev_comm=CPU 0/KVM prev_pid=1001 prev_prio=120 prev_state=S ==> next_comm=swapper/0 next_pid=0 next_prio=120",
+    ),
     (TD, "kvm_exit", "reason HLT rip 0x0 info 0 0"),
     None,
     (TD, "kvm_exit", payload(0, "IO_INSTRUCTION", 0xFC00)),
@@ -144,8 +152,14 @@ def write(tmp_path):
 def check_main_fixture(rep: dict, fmt: str) -> None:
     (inp,) = rep["inputs"]
     assert inp["format"] == fmt
-    assert (inp["lines"], inp["comments"], inp["other_events"], inp["kvm_exit_lines"], inp["parsed"],
-            inp["unparsed"]) == (24, 3, 2, 19, 17, 2)
+    assert (
+        inp["lines"],
+        inp["comments"],
+        inp["other_events"],
+        inp["kvm_exit_lines"],
+        inp["parsed"],
+        inp["unparsed"],
+    ) == (24, 3, 2, 19, 17, 2)
     assert inp["truncated_last_line"] is True
     assert [b["line"] for b in rep["unparsed_examples"]] == [21, 24]
     assert "info 0 0" in rep["unparsed_examples"][0]["text"]
@@ -157,20 +171,30 @@ def check_main_fixture(rep: dict, fmt: str) -> None:
     assert t["refused_share"] == 0.25 and t["depends_share"] == 0.25
     pairs = {(p["reason"], p["mask"]): p for p in rep["pairs"]}
     assert {k: p["verdict"] for k, p in pairs.items()} == {
-        ("TDCALL", "0xffcc"): "completes", ("TDCALL", "0x1c00"): "depends", ("CPUID", "0x7c00"): "refused",
-        ("IO_INSTRUCTION", "0x7c00"): "depends", ("HLT", "0x1c00"): "completes",
-        ("MSR_WRITE", "0x0c00"): "refused", ("VMCALL", "0x0d04"): "depends",
-        ("EPT_MISCONFIG", "0x1800"): "internal-error", ("CPUID", "0xffec"): "inconsistent",
-        ("MSR_READ", "0x0400"): "inconsistent", ("TDCALL", "0xfc00"): "completes",
-        ("IO_INSTRUCTION", "0xfc00"): "completes"}
+        ("TDCALL", "0xffcc"): "completes",
+        ("TDCALL", "0x1c00"): "depends",
+        ("CPUID", "0x7c00"): "refused",
+        ("IO_INSTRUCTION", "0x7c00"): "depends",
+        ("HLT", "0x1c00"): "completes",
+        ("MSR_WRITE", "0x0c00"): "refused",
+        ("VMCALL", "0x0d04"): "depends",
+        ("EPT_MISCONFIG", "0x1800"): "internal-error",
+        ("CPUID", "0xffec"): "inconsistent",
+        ("MSR_READ", "0x0400"): "inconsistent",
+        ("TDCALL", "0xfc00"): "completes",
+        ("IO_INSTRUCTION", "0xfc00"): "completes",
+    }
     assert pairs[("CPUID", "0x7c00")]["missing"] == "r15"
     assert pairs[("MSR_WRITE", "0x0c00")]["missing"] == "r12 r13"
     assert pairs[("IO_INSTRUCTION", "0x7c00")]["refused_for"] == "Instruction.IO[out]"
-    assert pairs[("TDCALL", "0x1c00")]["refused_for"] == \
-        "GetTdVmCallInfo[leaf0,leaf1], MapGPA, GetQuote, ReportFatalError[with-gpa]"
+    assert (
+        pairs[("TDCALL", "0x1c00")]["refused_for"]
+        == "GetTdVmCallInfo[leaf0,leaf1], MapGPA, GetQuote, ReportFatalError[with-gpa]"
+    )
     assert pairs[("TDCALL", "0x1c00")]["missing"] == "r13 r14"
-    assert pairs[("VMCALL", "0x0d04")]["refused_for"] == ("KVMHypercall.KICK_CPU, KVMHypercall.CLOCK_PAIRING, "
-                                                         "KVMHypercall.SEND_IPI, KVMHypercall.MAP_GPA_RANGE")
+    assert pairs[("VMCALL", "0x0d04")]["refused_for"] == (
+        "KVMHypercall.KICK_CPU, KVMHypercall.CLOCK_PAIRING, KVMHypercall.SEND_IPI, KVMHypercall.MAP_GPA_RANGE"
+    )
     assert pairs[("VMCALL", "0x0d04")]["missing"] == "r12 r13 r14"
     # the refusals first (refused and internal error), then the input/leaf-dependent ones
     top = [(p["reason"], p["mask"]) for p in rep["top_offending"]]
@@ -181,8 +205,16 @@ def check_main_fixture(rep: dict, fmt: str) -> None:
     assert (procs[2001]["exits"], procs[2001]["tdvmcall"], procs[2001]["td"]) == (3, 0, False)
     reasons = {r["reason_name"]: r["tdvmcall"] for r in rep["per_reason"]}
     # TDVMCALL exits of the TD only: TDCALL 3, 4, 15; IO 6, 23; CPUID 5, 11
-    assert reasons == {"TDCALL": 3, "CPUID": 2, "IO_INSTRUCTION": 2, "HLT": 1, "MSR_WRITE": 1, "VMCALL": 1,
-                       "EPT_MISCONFIG": 1, "MSR_READ": 1}
+    assert reasons == {
+        "TDCALL": 3,
+        "CPUID": 2,
+        "IO_INSTRUCTION": 2,
+        "HLT": 1,
+        "MSR_WRITE": 1,
+        "VMCALL": 1,
+        "EPT_MISCONFIG": 1,
+        "MSR_READ": 1,
+    }
     masks = {m["mask"]: (m["tdvmcall"], m["refused"]) for m in rep["per_mask"]}
     assert masks["0x7c00"] == (2, 1) and masks["0xfc00"] == (2, 0) and masks["0x1c00"] == (2, 0)
 
@@ -194,8 +226,9 @@ def test_each_format_gives_the_hand_counted_report(write, fmt):
     check_main_fixture(audit(path, "--format", fmt), fmt)
 
 
-@pytest.mark.parametrize("compress,suffix", [(gzip.compress, ".gz"),
-                                             (lambda b: zstandard.ZstdCompressor().compress(b), ".zst")])
+@pytest.mark.parametrize(
+    "compress,suffix", [(gzip.compress, ".gz"), (lambda b: zstandard.ZstdCompressor().compress(b), ".zst")]
+)
 def test_compressed_input_is_detected_by_magic(write, compress, suffix):
     path = write("trace" + suffix, compress(fixture("ftrace")))
     rep = audit(path)
@@ -222,14 +255,18 @@ def test_detect_format_by_header_or_line_shape():
 # 1001 and 1002 are vCPU threads of process 1000 (a TD); only 1001 has a TDCALL exit.  2001 is a VM.
 #   1001 TDCALL 0xFFCC -> completes;  1002 HLT 0x1C00 -> completes (HLT reads R12);
 #   2001 HLT 0x0 -> if it were a TD: inconsistent (HLT implies R11 exposed).
-THREE = [("CPU 0/KVM", 1001, 1000, payload(0, "TDCALL", 0xFFCC)),
-         ("CPU 1/KVM", 1002, 1000, payload(1, "HLT", 0x1C00)),
-         ("CPU 0/KVM", 2001, 2000, payload(0, "HLT", 0))]
+THREE = [
+    ("CPU 0/KVM", 1001, 1000, payload(0, "TDCALL", 0xFFCC)),
+    ("CPU 1/KVM", 1002, 1000, payload(1, "HLT", 0x1C00)),
+    ("CPU 0/KVM", 2001, 2000, payload(0, "HLT", 0)),
+]
 
 
 def three(fmt: str, tgids: bool) -> bytes:
-    return "".join(line(fmt, c, pid, 1.0 + i, "kvm_exit", body, tgid if tgids else None) + "\n"
-                   for i, (c, pid, tgid, body) in enumerate(THREE)).encode()
+    return "".join(
+        line(fmt, c, pid, 1.0 + i, "kvm_exit", body, tgid if tgids else None) + "\n"
+        for i, (c, pid, tgid, body) in enumerate(THREE)
+    ).encode()
 
 
 @pytest.mark.parametrize("fmt", ["ftrace", "perf"])
@@ -258,20 +295,23 @@ def test_td_given_on_the_command_line(write):
 
 
 # --- verdicts straight from the leaf table (ABI §4) ------------------------------------------------
-@pytest.mark.parametrize("reason,mask,verdict", [
-    (30, 0x7C00, "depends"),  # IO: in completes, out needs R15
-    (30, 0xFC00, "completes"),
-    (10, 0xFC00, "completes"),  # CPUID: R10-R15
-    (10, 0xDC00, "refused"),  # CPUID without R13 (sub-leaf in, EBX out)
-    (12, 0x0C00, "refused"),  # HLT needs R12
-    (77, 0x0C00, "depends"),  # TDCALL R10 R11: enough only for the unsupported leaves
-    (77, 0x0400, "refused"),  # TDCALL without R11: KVM saw leaf 0, whose selector R11 is missing
-    (77, 0x0800, "internal-error"),  # no R10
-    (18, 0x0400, "depends"),  # VMCALL R10: VAPIC_POLL_IRQ only
-    (77, 0x1_0000_FC00, "completes"),  # VM index 1 (bits 33:32) is allowed by the module
-    (77, 0x4_0000_FC00, "inconsistent"),  # bit 34: reserved
-    (77, 0xFC01, "inconsistent"),  # RAX
-])
+@pytest.mark.parametrize(
+    "reason,mask,verdict",
+    [
+        (30, 0x7C00, "depends"),  # IO: in completes, out needs R15
+        (30, 0xFC00, "completes"),
+        (10, 0xFC00, "completes"),  # CPUID: R10-R15
+        (10, 0xDC00, "refused"),  # CPUID without R13 (sub-leaf in, EBX out)
+        (12, 0x0C00, "refused"),  # HLT needs R12
+        (77, 0x0C00, "depends"),  # TDCALL R10 R11: enough only for the unsupported leaves
+        (77, 0x0400, "refused"),  # TDCALL without R11: KVM saw leaf 0, whose selector R11 is missing
+        (77, 0x0800, "internal-error"),  # no R10
+        (18, 0x0400, "depends"),  # VMCALL R10: VAPIC_POLL_IRQ only
+        (77, 0x1_0000_FC00, "completes"),  # VM index 1 (bits 33:32) is allowed by the module
+        (77, 0x4_0000_FC00, "inconsistent"),  # bit 34: reserved
+        (77, 0xFC01, "inconsistent"),  # RAX
+    ],
+)
 def test_verdict_for(reason, mask, verdict):
     assert verdict_for(reason, mask).verdict == verdict
 
@@ -284,8 +324,24 @@ def test_parquet_rows_and_plot(write, tmp_path):
     assert r.exit_code == 0, r.stderr
     table = pq.read_table(pq_path)
     assert table.num_rows == 17
-    assert table.column_names == ["source", "line", "ts", "cpu", "comm", "pid", "tgid", "vcpu", "reason",
-                                  "reason_flags", "info1", "mask", "td", "kind", "verdict", "missing"]
+    assert table.column_names == [
+        "source",
+        "line",
+        "ts",
+        "cpu",
+        "comm",
+        "pid",
+        "tgid",
+        "vcpu",
+        "reason",
+        "reason_flags",
+        "info1",
+        "mask",
+        "td",
+        "kind",
+        "verdict",
+        "missing",
+    ]
     rows = table.to_pylist()
     verdicts = [row["verdict"] for row in rows if row["kind"] == "tdvmcall"]
     assert sorted(verdicts).count("refused") == 2 and len(verdicts) == 12
@@ -301,14 +357,21 @@ def test_parquet_rows_and_plot(write, tmp_path):
 
 def test_the_plot_counts_each_verdict_once_per_exit(write):
     # the plot's series are the TDVMCALL exits of the TD, by verdict: the hand counts of the fixture
-    from tdvmcall.trace import audit as trace, plot as trace_plot, report as trace_report
+    from tdvmcall.trace import audit as trace
+    from tdvmcall.trace import plot as trace_plot
+    from tdvmcall.trace import report as trace_report
     from tdvmcall.trace.verdict import VERDICTS
 
     a = trace.Audit()
     trace.audit_input(a, write("t", fixture("ftrace")))
     buckets, counts, width = trace_plot.by_time(a, trace_report.td_tasks(a))
     assert dict(zip(VERDICTS, counts.sum(axis=0).tolist())) == {
-        "completes": 4, "depends": 3, "refused": 2, "internal-error": 1, "inconsistent": 2}
+        "completes": 4,
+        "depends": 3,
+        "refused": 2,
+        "internal-error": 1,
+        "inconsistent": 2,
+    }
     assert width == 1 / 1024 and len(buckets) == counts.shape[0] and (buckets[1:] - buckets[:-1] == 1).all()
 
 
@@ -320,15 +383,18 @@ def test_table_output_names_the_verdicts(write):
 
 
 # --- bad input: one line on stderr, exit 2 ----------------------------------------------------------
-@pytest.mark.parametrize("kind,needle", [
-    ("binary", "binary data"),
-    ("empty", "empty input"),
-    ("directory", "is a directory"),
-    ("missing", "no such file"),
-    ("not-a-trace", "not trace text"),
-    ("gzip-binary", "gzip-compressed binary"),
-    ("bad-gzip", "cannot decompress"),
-])
+@pytest.mark.parametrize(
+    "kind,needle",
+    [
+        ("binary", "binary data"),
+        ("empty", "empty input"),
+        ("directory", "is a directory"),
+        ("missing", "no such file"),
+        ("not-a-trace", "not trace text"),
+        ("gzip-binary", "gzip-compressed binary"),
+        ("bad-gzip", "cannot decompress"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, kind, needle):
     p = tmp_path / "input"
     if kind == "binary":
@@ -356,8 +422,16 @@ def test_bad_td_list_is_one_line_and_exit_2(write):
 
 def test_a_line_whose_task_prefix_has_the_wrong_shape_is_unparsed(write):
     # line 3 has a valid payload and timestamp, but no "<comm>-<pid> [<cpu>]" before them
-    text = "\n".join(["# tracer: nop", line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFFCC)),
-                      "garbage 2.000000: kvm_exit: " + payload(0, "HLT", 0x1C00)]) + "\n"
+    text = (
+        "\n".join(
+            [
+                "# tracer: nop",
+                line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFFCC)),
+                "garbage 2.000000: kvm_exit: " + payload(0, "HLT", 0x1C00),
+            ]
+        )
+        + "\n"
+    )
     rep = audit(write("t", text.encode()))
     inp = rep["inputs"][0]
     assert (inp["lines"], inp["kvm_exit_lines"], inp["parsed"], inp["unparsed"]) == (3, 2, 1, 1)
@@ -377,8 +451,10 @@ def test_several_inputs_add_up_and_keep_their_tasks_apart(write):
 
 def test_perf_right_aligned_event_names(write):
     # perf script pads event names to the longest one recorded: "1.000000:     kvm:kvm_exit: ..."
-    lines_ = [line("perf", *TD, 1.0 + i, "kvm_exit", payload(0, "TDCALL", 0xFFCC)).replace(": kvm:", ":     kvm:")
-              for i in range(2)]
+    lines_ = [
+        line("perf", *TD, 1.0 + i, "kvm_exit", payload(0, "TDCALL", 0xFFCC)).replace(": kvm:", ":     kvm:")
+        for i in range(2)
+    ]
     lines_.append(line("perf", *TD, 3.0, "kvm_entry", "vcpu 0, rip 0x0").replace(": kvm:", ":    kvm:"))
     rep = audit(write("p", ("\n".join(lines_) + "\n").encode()))
     inp = rep["inputs"][0]
@@ -387,8 +463,11 @@ def test_perf_right_aligned_event_names(write):
 
 def test_integer_timestamps_of_counter_clocks(write):
     # trace_clock=x86-tsc or counter prints an integer where seconds.microseconds would be
-    text = ("# tracer: nop\n" + line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "CPUID", 0xFC00))
-            .replace("1.000000:", "123456789012:") + "\n")
+    text = (
+        "# tracer: nop\n"
+        + line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "CPUID", 0xFC00)).replace("1.000000:", "123456789012:")
+        + "\n"
+    )
     rep = audit(write("t", text.encode()))
     assert (rep["inputs"][0]["parsed"], rep["totals"]["verdicts"]["completes"]) == (1, 0)  # no TDCALL: not a TD
     rep = audit(write("t", text.encode()), "--td", "1001")
@@ -398,8 +477,9 @@ def test_integer_timestamps_of_counter_clocks(write):
 # the smallest shift s at which t / 2**(s - 10) < 2**52 for the larger stamp (the span, 5 units, fits
 # 512 buckets from s = 0): 1.23e14 * 2**10 / 2**52 = 28.1 -> 5; 9.007e15 * 2**10 / 2**52 = 2048.0 -> 12;
 # 9.88e19 * 2**10 / 2**52 = 2.25e7 -> 25
-@pytest.mark.parametrize("stamp, shift", [("123456789012345", 5), ("9007199254740992", 12),
-                                          ("98765432109876543210", 25)])
+@pytest.mark.parametrize(
+    "stamp, shift", [("123456789012345", 5), ("9007199254740992", 12), ("98765432109876543210", 25)]
+)
 def test_large_counter_timestamps_and_the_plot(write, tmp_path, stamp, shift):
     # an x86-tsc clock passes 10**16 after a few weeks of uptime: 15 digits take the fast path, more
     # the reference parser; both must keep the time buckets exact (2**63 / 1024 is about 9.0e15)
@@ -407,7 +487,9 @@ def test_large_counter_timestamps_and_the_plot(write, tmp_path, stamp, shift):
 
     text = "# tracer: nop\n" + "".join(
         line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00)).replace("1.000000:", f"{stamp[:-1]}{d}:")
-        + "\n" for d in "05")
+        + "\n"
+        for d in "05"
+    )
     path, png = write("t", text.encode()), str(tmp_path / "t.png")
     rep = audit(path, "--plot", png)
     assert (rep["inputs"][0]["parsed"], rep["totals"]["verdicts"]["completes"]) == (2, 2)
@@ -417,13 +499,16 @@ def test_large_counter_timestamps_and_the_plot(write, tmp_path, stamp, shift):
     assert a.shift == shift
     width = 2.0 ** (shift - 10)
     buckets = sorted(a.time_columns()["bucket"].tolist())
-    assert int(stamp) / width < 2 ** 52 and buckets[-1] < 2 ** 52
+    assert int(stamp) / width < 2**52 and buckets[-1] < 2**52
     assert buckets == sorted({int(int(stamp[:-1] + d) // width) for d in "05"})  # exact, with one bucket or two
 
 
 def test_a_timestamp_beyond_float_range_is_unparsed(write):
-    text = "# tracer: nop\n" + line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00)).replace(
-        "1.000000:", "9" * 400 + ":") + "\n"
+    text = (
+        "# tracer: nop\n"
+        + line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00)).replace("1.000000:", "9" * 400 + ":")
+        + "\n"
+    )
     rep = audit(write("t", text.encode()))
     assert (rep["inputs"][0]["parsed"], rep["inputs"][0]["unparsed"]) == (0, 1)
 
@@ -446,7 +531,8 @@ def test_chunk_boundaries_do_not_change_the_audit(write, tmp_path, monkeypatch, 
     # widen the buckets of earlier ones)
     import pyarrow.parquet as pq
 
-    from tdvmcall.trace import audit as trace, io as traceio
+    from tdvmcall.trace import audit as trace
+    from tdvmcall.trace import io as traceio
 
     data = fixture("ftrace").replace(b" 100.0", b" 10").replace(b" 100.", b" 10.")
     path = write("t.ftrace", compress(data) if compress else data)
@@ -457,8 +543,10 @@ def test_chunk_boundaries_do_not_change_the_audit(write, tmp_path, monkeypatch, 
         out = str(tmp_path / f"{tag}.parquet")
         rep = audit(path, "--to-parquet", out)
         t = a.time_columns()  # ids are given in the order chunks meet them: compare names
-        buckets = sorted((a.tasks.tasks[task].label, a.reasons.reasons[rid].text, mask, bucket, n) for
-                         task, rid, mask, bucket, n in zip(*(t[c].tolist() for c in ("task", "rid", "mask", "bucket", "n"))))
+        buckets = sorted(
+            (a.tasks.tasks[task].label, a.reasons.reasons[rid].text, mask, bucket, n)
+            for task, rid, mask, bucket, n in zip(*(t[c].tolist() for c in ("task", "rid", "mask", "bucket", "n")))
+        )
         return rep, a.shift, buckets, pq.read_table(out).to_pylist()
 
     whole = run("whole")
@@ -475,17 +563,23 @@ def test_a_line_longer_than_max_line_or_a_file_without_newline(write):
         assert r.exit_code == 2 and "longer than 1 MiB" in r.stderr
     one = line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0xFC00))
     rep = audit(write("one", one.encode()))  # no newline at all: one truncated line, still parsed
-    assert (rep["inputs"][0]["lines"], rep["inputs"][0]["parsed"], rep["inputs"][0]["truncated_last_line"]) == \
-        (1, 1, True)
+    assert (rep["inputs"][0]["lines"], rep["inputs"][0]["parsed"], rep["inputs"][0]["truncated_last_line"]) == (
+        1,
+        1,
+        True,
+    )
 
 
 def test_task_lists_are_in_a_stable_order(write, monkeypatch):
     # task ids follow the order in which the parsing threads meet them; the report lists tasks by
     # input, process and pid, whatever that order was (small chunks: many of them, in parallel)
-    from tdvmcall.trace import audit as trace, io as traceio
+    from tdvmcall.trace import audit as trace
+    from tdvmcall.trace import io as traceio
 
-    events = [line("ftrace", "CPU 0/KVM", pid, 1.0 + pid / 1000, "kvm_exit", payload(0, "TDCALL", 0xFC00))
-              for pid in (1009, 1003, 1007, 1001, 1005)]
+    events = [
+        line("ftrace", "CPU 0/KVM", pid, 1.0 + pid / 1000, "kvm_exit", payload(0, "TDCALL", 0xFC00))
+        for pid in (1009, 1003, 1007, 1001, 1005)
+    ]
     path = write("t", ("# tracer: nop\n" + "\n".join(events) + "\n").encode())
     monkeypatch.setattr(trace, "chunks", lambda src: traceio.chunks(src, 97))
     rep = audit(path)

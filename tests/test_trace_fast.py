@@ -13,12 +13,25 @@ from hypothesis import strategies as st
 
 from tdvmcall.trace import scan as trace_scan
 from tdvmcall.trace.audit import parse_chunk
-from tdvmcall.trace.rows import ROW_COLUMNS, ReasonTable, TaskTable, is_tdvmcall_reason
-from tdvmcall.trace.reference import parse_chunk_polars
 from tdvmcall.trace.io import Chunk
+from tdvmcall.trace.reference import parse_chunk_polars
+from tdvmcall.trace.rows import ROW_COLUMNS, ReasonTable, TaskTable, is_tdvmcall_reason
 
-REASONS = ["TDCALL", "VMCALL", "HLT", "CPUID", "IO_INSTRUCTION", "MSR_READ", "MSR_WRITE", "EPT_MISCONFIG",
-           "EPT_VIOLATION", "EXTERNAL_INTERRUPT", "0x4d", "0x7f", "BOGUS_REASON"]
+REASONS = [
+    "TDCALL",
+    "VMCALL",
+    "HLT",
+    "CPUID",
+    "IO_INSTRUCTION",
+    "MSR_READ",
+    "MSR_WRITE",
+    "EPT_MISCONFIG",
+    "EPT_VIOLATION",
+    "EXTERNAL_INTERRUPT",
+    "0x4d",
+    "0x7f",
+    "BOGUS_REASON",
+]
 FLAGS = ["", " FAILED_VMENTRY", " 0x4000000", " 0x4000000 FAILED_VMENTRY", " 0xABC"]
 MASKS = [0xFFCC, 0xFC00, 0x1C00, 0x0D04, 0x7C00, 0x3F80008, 0x1_0000_FC00, 0xFFFF_FFFF_FFFF_FFFF, 0]
 COMMS = ["CPU 0/KVM", "qemu-system-x86", "a-b-c", "<...>", "x", "  spaced  "]
@@ -38,8 +51,10 @@ def exit_line(draw, fmt: str) -> str:
     info1 = draw(st.sampled_from(MASKS))
     vcpu = draw(st.sampled_from([0, 1, 7, 4095, 123456789, 1234567890, 99999999999]))
     tail = draw(st.sampled_from(["", " requests 0x0000000000000000", " x"]))
-    payload = (f"vcpu {vcpu} reason {reason} rip 0x{draw(st.integers(0, 2**64 - 1)):x} info1 0x{info1:016x} "
-               f"info2 0x{0:016x} intr_info 0x00000000 error_code 0x00000000{tail}")
+    payload = (
+        f"vcpu {vcpu} reason {reason} rip 0x{draw(st.integers(0, 2**64 - 1)):x} info1 0x{info1:016x} "
+        f"info2 0x{0:016x} intr_info 0x00000000 error_code 0x00000000{tail}"
+    )
     if fmt == "perf":
         ids = f"{tgid}/{pid}" if tgid is not None else str(pid)
         pad = draw(st.sampled_from([" ", "     "]))
@@ -58,7 +73,7 @@ def damage(draw, line: str) -> str:
     if how == "cut":
         return line[:at]
     if how == "byte":
-        return line[:at] + draw(st.sampled_from(["x", " ", "-", ":", "0", "G", "\r"])) + line[at + 1:]
+        return line[:at] + draw(st.sampled_from(["x", " ", "-", ":", "0", "G", "\r"])) + line[at + 1 :]
     if how == "nul":
         return line[:at] + "\x00" + line[at:]
     return line[:at] + "é" + line[at:]
@@ -73,9 +88,18 @@ def trace_text(draw, fmt: str) -> bytes:
             text = draw(exit_line(fmt))
             out.append(damage(draw, text) if kind == "damaged" else text)
         elif kind == "other":
-            out.append(draw(st.sampled_from(["  CPU 0/KVM-1001 [000] d..2. 1.000000: kvm_entry: vcpu 0, rip 0x0",
-                                             "qemu 7/8 [001] 2.5: sched:sched_switch: prev_comm=x kvm_exit",
-                                             "garbage", "   "])))
+            out.append(
+                draw(
+                    st.sampled_from(
+                        [
+                            "  CPU 0/KVM-1001 [000] d..2. 1.000000: kvm_entry: vcpu 0, rip 0x0",
+                            "qemu 7/8 [001] 2.5: sched:sched_switch: prev_comm=x kvm_exit",
+                            "garbage",
+                            "   ",
+                        ]
+                    )
+                )
+            )
         elif kind == "header":
             out.append(draw(st.sampled_from(["# tracer: nop", "cpus=2", "version = 6", "#kvm_exit: comment"])))
         else:
@@ -90,8 +114,7 @@ def parse_both(data: bytes, fmt: str, rows: bool):
     results = []
     for parse in (parse_chunk, parse_chunk_polars):
         tasks, reasons = TaskTable(), ReasonTable()
-        r = parse(Chunk(data, truncated=not data.endswith(b"\n")), fmt, "src", tasks, reasons, keep_bad=1000,
-                  rows=rows)
+        r = parse(Chunk(data, truncated=not data.endswith(b"\n")), fmt, "src", tasks, reasons, keep_bad=1000, rows=rows)
         results.append((r, tasks, reasons))
     return results
 
@@ -100,10 +123,22 @@ def frame(cols, reasons: ReasonTable) -> pl.DataFrame:
     """Aggregates or rows with the reason named (text, name, flags) and the mask null unless the
     reason is a TDVMCALL reason (info1 is the mask of the rows)."""
     rs = reasons.reasons
-    named = pl.DataFrame({"rid": range(len(rs)), "reason": [r.text for r in rs], "reason_name": [r.name for r in rs],
-                          "reason_flags": [r.flags for r in rs], "tdvmcall_reason": [is_tdvmcall_reason(r) for r in rs]},
-                         schema={"rid": pl.UInt32, "reason": pl.String, "reason_name": pl.String,
-                                 "reason_flags": pl.String, "tdvmcall_reason": pl.Boolean})
+    named = pl.DataFrame(
+        {
+            "rid": range(len(rs)),
+            "reason": [r.text for r in rs],
+            "reason_name": [r.name for r in rs],
+            "reason_flags": [r.flags for r in rs],
+            "tdvmcall_reason": [is_tdvmcall_reason(r) for r in rs],
+        },
+        schema={
+            "rid": pl.UInt32,
+            "reason": pl.String,
+            "reason_name": pl.String,
+            "reason_flags": pl.String,
+            "tdvmcall_reason": pl.Boolean,
+        },
+    )
     f = pl.DataFrame(cols).join(named, on="rid", how="left")
     return f.with_columns(mask=pl.when("tdvmcall_reason").then("mask" if "mask" in f.columns else "info1"))
 
@@ -111,14 +146,17 @@ def frame(cols, reasons: ReasonTable) -> pl.DataFrame:
 def canonical(cols, tasks: TaskTable, reasons: ReasonTable) -> list[tuple]:
     """Rows with the task and reason ids replaced by the task and the reason text (ids are assigned
     in lookup order), sorted."""
-    who = pl.DataFrame({"task": range(len(tasks.tasks)), "who": [repr(t) for t in tasks.tasks]},
-                       schema={"task": pl.UInt32, "who": pl.String})
+    who = pl.DataFrame(
+        {"task": range(len(tasks.tasks)), "who": [repr(t) for t in tasks.tasks]},
+        schema={"task": pl.UInt32, "who": pl.String},
+    )
     f = frame(cols, reasons).join(who, on="task", how="left").drop("task", "rid")
     return sorted(f.rows(), key=repr)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                     HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
 def test_fast_path_agrees_with_the_reference_parser(monkeypatch, data):
     fmt = data.draw(st.sampled_from(["ftrace", "trace-cmd", "perf"]))
@@ -153,15 +191,24 @@ def test_well_formed_lines_take_the_fast_path_and_quirks_the_slow_one():
         return f"  CPU 0/KVM-1001    [000] d..2. {ts}: kvm_exit: vcpu 0 reason {body}".encode()
 
     good = b" rip 0x0 info1 0x000000000000fc00 info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000"
-    text = b"\n".join([
-        line("TDCALL") + good,  # 1 fast
-        line("HLT 0x4000000 FAILED_VMENTRY") + good + b" requests 0x0000000000000000\r",  # 2 fast: flags, suffix, CRLF
-        line("TDCALL", ts="123456789012") + good,  # 3 fast: integer timestamp
-        line("TDCALL", ts="1234567890123456") + good,  # 4 slow: 16 digits
-        line("HLT rip 0x0 info 0 0"),  # 5 slow: old payload (the reference parser counts it unparsed)
-        line("TDCALL") + good.replace(b"0x0000000000000000", b"0x00000000000000"),  # 6 slow: short info2
-        b"# header", b"", b"  CPU 0/KVM-1001    [000] d..2. 1.0: kvm_entry: vcpu 0",  # 7, 8 header/blank; 9 other
-    ]) + b"\n"
+    text = (
+        b"\n".join(
+            [
+                line("TDCALL") + good,  # 1 fast
+                line("HLT 0x4000000 FAILED_VMENTRY")
+                + good
+                + b" requests 0x0000000000000000\r",  # 2 fast: flags, suffix, CRLF
+                line("TDCALL", ts="123456789012") + good,  # 3 fast: integer timestamp
+                line("TDCALL", ts="1234567890123456") + good,  # 4 slow: 16 digits
+                line("HLT rip 0x0 info 0 0"),  # 5 slow: old payload (the reference parser counts it unparsed)
+                line("TDCALL") + good.replace(b"0x0000000000000000", b"0x00000000000000"),  # 6 slow: short info2
+                b"# header",
+                b"",
+                b"  CPU 0/KVM-1001    [000] d..2. 1.0: kvm_entry: vcpu 0",  # 7, 8 header/blank; 9 other
+            ]
+        )
+        + b"\n"
+    )
     s = Scanned(text, perf=False)
     assert (s.lines, s.headers, s.others) == (9, 2, 1)
     assert s.line_of.tolist() == [1, 2, 3]
@@ -176,8 +223,10 @@ def test_chunks_of_short_slow_lines_are_counted_again():
     # like kvm_exit exceed the guess, and the kernel must then be called again with the lines counted
     from tdvmcall.trace.scan import Scanned
 
-    exit_ = (b"  CPU 0/KVM-1001    [000] d..2. 1.000000: kvm_exit: vcpu 0 reason TDCALL rip 0x0 info1 "
-             b"0x000000000000fc00 info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000\n")
+    exit_ = (
+        b"  CPU 0/KVM-1001    [000] d..2. 1.000000: kvm_exit: vcpu 0 reason TDCALL rip 0x0 info1 "
+        b"0x000000000000fc00 info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000\n"
+    )
     text = b"\n" * 300 + b"x kvm_exit: ?\n" * 300 + exit_ * 3 + b"#\n" * 100
     assert len(text) // 48 + 64 < 300  # the guess is short
     s = Scanned(text, perf=False)

@@ -12,8 +12,8 @@ import jsonschema
 import pytest
 from typer.testing import CliRunner
 
-from tdvmcall.sweep import vectors as V
 from tdvmcall.cli import app
+from tdvmcall.sweep import vectors as V
 
 runner = CliRunner()
 
@@ -85,7 +85,10 @@ def test_corpus_is_modest_and_covers_every_call(corpus):
     assert calls == {leaf.name for leaf in V.L.LEAVES + (V.L.UNKNOWN_HYPERCALL,)}
     assert {e["policy"] for e in index["files"]} == {"legacy", "hardened"}
     assert {(e["td"]["module"], e["td"]["no_rbp_mod"]) for e in index["files"]} == {
-        ("1.5", True), ("1.5", False), ("1.0", True)}
+        ("1.5", True),
+        ("1.5", False),
+        ("1.0", True),
+    }
 
 
 # --- contents, derived by hand from ABI.md ----------------------------------------------------------
@@ -157,8 +160,12 @@ def test_edited_verdict_and_removed_key(corpus, tmp_path):
     path.write_text(json.dumps(v))
     paths = {x["path"]: x for x in V.verify(d)["differences"]}
     assert paths["expected.kvm.verdict"]["got"] == "refused"
-    assert paths["expected.kvm.wrote.r10"] == {"file": f"vectors/{vid}.json", "path": "expected.kvm.wrote.r10",
-                                               "expected": V.ABSENT, "got": "0x8000000000000000"}
+    assert paths["expected.kvm.wrote.r10"] == {
+        "file": f"vectors/{vid}.json",
+        "path": "expected.kvm.wrote.r10",
+        "expected": V.ABSENT,
+        "got": "0x8000000000000000",
+    }
     # a key the schema requires, removed: a malformed vector, not a difference
     del v["expected"]["kvm"]["warnings"]
     path.write_text(json.dumps(v))
@@ -174,8 +181,9 @@ def test_a_vector_the_index_does_not_list_is_a_difference(corpus, tmp_path):
     shutil.copy(d / V.VECTOR_DIR / f"{vid}.json", d / V.VECTOR_DIR / "extra.json")
     report = V.verify(d)
     assert (report["ok"], report["failing"], report["vectors"]) == (False, 1, 1)
-    assert report["differences"] == [{"file": "vectors/extra.json", "path": "index.json", "expected": "listed",
-                                      "got": "not listed"}]
+    assert report["differences"] == [
+        {"file": "vectors/extra.json", "path": "index.json", "expected": "listed", "got": "not listed"}
+    ]
 
 
 @pytest.mark.parametrize("damage", ["no-index", "bad-json", "schema", "bad-scenario", "missing-file"])

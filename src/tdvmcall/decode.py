@@ -35,9 +35,12 @@ def decode_control(value: int) -> dict:
         "module 1.0": c.problems("1.0", False),
     }
     return {
-        "kind": "control", "value": value,
-        "gpr_select": c.gpr_select, "gprs": _gpr_list(c.gpr_select),
-        "xmm_select": c.xmm_select, "xmms": [f"xmm{i}" for i in range(16) if c.xmm_select >> i & 1],
+        "kind": "control",
+        "value": value,
+        "gpr_select": c.gpr_select,
+        "gprs": _gpr_list(c.gpr_select),
+        "xmm_select": c.xmm_select,
+        "xmms": [f"xmm{i}" for i in range(16) if c.xmm_select >> i & 1],
         "reserved": c.reserved,
         "accepted": {k: not v for k, v in acceptance.items()},
         "problems": {k: v for k, v in acceptance.items() if v},
@@ -50,10 +53,14 @@ def decode_control(value: int) -> dict:
 def decode_exitqual(value: int) -> dict:
     q = ExitQualification(value)
     return {
-        "kind": "exitqual", "value": value,
-        "gpr_select": q.gpr_select, "gprs": _gpr_list(q.gpr_select),
-        "xmm_select": q.xmm_select, "xmms": [f"xmm{i}" for i in range(16) if q.xmm_select >> i & 1],
-        "vm": q.vm, "other_bits": q.other_bits,
+        "kind": "exitqual",
+        "value": value,
+        "gpr_select": q.gpr_select,
+        "gprs": _gpr_list(q.gpr_select),
+        "xmm_select": q.xmm_select,
+        "xmms": [f"xmm{i}" for i in range(16) if q.xmm_select >> i & 1],
+        "vm": q.vm,
+        "other_bits": q.other_bits,
         "known": q.other_bits == 0,
     }
 

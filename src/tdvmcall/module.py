@@ -43,7 +43,7 @@ class VcpuState:
     rip: int = 0x1000
     long_mode: bool = True
 
-    def copy(self) -> "VcpuState":
+    def copy(self) -> VcpuState:
         return VcpuState(list(self.gprs), list(self.xmm), self.rip, self.long_mode)
 
 
@@ -135,5 +135,4 @@ def tdh_vp_enter(td: TdConfig, exit: VmcallExit, vmm: list[int], vmm_xmm: list[i
     return guest
 
 
-__all__ = ["TdConfig", "VcpuState", "GuestFault", "VmcallExit", "VmcallResult", "tdg_vp_vmcall",
-           "tdh_vp_enter"]
+__all__ = ["GuestFault", "TdConfig", "VcpuState", "VmcallExit", "VmcallResult", "tdg_vp_vmcall", "tdh_vp_enter"]

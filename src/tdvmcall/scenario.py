@@ -102,7 +102,7 @@ def parse(data: Any) -> Scenario:
         raise ScenarioError(f"kvm.tree: {tree!r} is not a kernel tree; accepted: {', '.join(TREES)}")
 
     if "guest" not in top:
-        raise ScenarioError("guest: missing; expected an object of registers like {\"rcx\": \"0xFFCC\", \"r11\": \"0xA\"}")
+        raise ScenarioError('guest: missing; expected an object of registers like {"rcx": "0xFFCC", "r11": "0xA"}')
     g_in = _obj(top["guest"], "guest")
     _known(g_in, "guest", set(GPR_NAMES) | {"rip", "long_mode", "xmm"})
     guest = VcpuState()
@@ -124,17 +124,31 @@ def _int128(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ScenarioError(f"{field}: expected an integer or a hex string of up to 128 bits")
     try:
-        v = value if isinstance(value, int) else int(value.strip().replace("_", ""), 0 if value.strip().lower().startswith("0x") else 10)
+        v = (
+            value
+            if isinstance(value, int)
+            else int(value.strip().replace("_", ""), 0 if value.strip().lower().startswith("0x") else 10)
+        )
     except ValueError:
-        raise ScenarioError(f"{field}: {value!r} is not an integer; use decimal or hex like \"0xFF\"") from None
+        raise ScenarioError(f'{field}: {value!r} is not an integer; use decimal or hex like "0xFF"') from None
     if not 0 <= v < 1 << 128:
         raise ScenarioError(f"{field}: does not fit 128 bits unsigned")
     return v
 
 
 def _platform(p_in: dict, tree: str) -> Platform:
-    keys = {"msr_exits", "exit_hypercall_map_gpa", "gpaw", "maxphyaddr", "pending_event", "apic_ids",
-            "host_clock_suitable", "cpuid", "msrs", "userspace"}
+    keys = {
+        "msr_exits",
+        "exit_hypercall_map_gpa",
+        "gpaw",
+        "maxphyaddr",
+        "pending_event",
+        "apic_ids",
+        "host_clock_suitable",
+        "cpuid",
+        "msrs",
+        "userspace",
+    }
     _known(p_in, "platform", keys)
     p = Platform(tree=tree)
     for key in ("msr_exits", "exit_hypercall_map_gpa", "pending_event", "host_clock_suitable"):
@@ -158,9 +172,12 @@ def _platform(p_in: dict, tree: str) -> Platform:
             e = _obj(e, f)
             _known(e, f, {"leaf", "subleaf", "eax", "ebx", "ecx", "edx"})
             p.cpuid[(_int(e.get("leaf", 0), f + ".leaf"), _int(e.get("subleaf", 0), f + ".subleaf"))] = tuple(
-                _int(e.get(r, 0), f"{f}.{r}") & 0xFFFFFFFF for r in ("eax", "ebx", "ecx", "edx"))  # type: ignore[assignment]
+                _int(e.get(r, 0), f"{f}.{r}") & 0xFFFFFFFF for r in ("eax", "ebx", "ecx", "edx")
+            )  # type: ignore[assignment]
     u_in = _obj(p_in.get("userspace"), "platform.userspace")
-    _known(u_in, "platform.userspace", {"hypercall_ret", "tdx_ret", "tdvmcall_info", "ports", "mmio", "rdmsr", "msr_error"})
+    _known(
+        u_in, "platform.userspace", {"hypercall_ret", "tdx_ret", "tdvmcall_info", "ports", "mmio", "rdmsr", "msr_error"}
+    )
     u = Userspace()
     if "hypercall_ret" in u_in:
         u.hypercall_ret = _int_list(u_in["hypercall_ret"], "platform.userspace.hypercall_ret")
@@ -203,7 +220,8 @@ def result_json(rt: RoundTrip) -> dict:
     module: dict[str, Any] = {
         "exited": bool(rt.module and rt.module.exited),
         "status": hex64(rt.module.status) if rt.module else None,
-        "status_name": None, "fault": rt.fault,
+        "status_name": None,
+        "fault": rt.fault,
         "control": hex64(ctl.raw),
         "gpr_select": names_in(ctl.gpr_select, 16),
         "xmm_select": [f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1],
@@ -224,14 +242,20 @@ def result_json(rt: RoundTrip) -> dict:
     if rt.kvm:
         k = rt.kvm
         out["kvm"] = {
-            "policy": k.policy, "leaf": k.leaf.name,
+            "policy": k.policy,
+            "leaf": k.leaf.name,
             "verdict": k.verdict,
             "status": hex64(k.status) if k.status is not None else None,
-            "status_name": TDVMCALL_STATUS_NAMES.get(k.status) if k.status is not None and k.leaf.family == "ghci" else None,
-            "missing": k.missing, "unexposed_outputs": k.unexposed_outputs,
-            "zero_reads": k.zero_reads, "dropped_writes": k.dropped_writes,
+            "status_name": TDVMCALL_STATUS_NAMES.get(k.status)
+            if k.status is not None and k.leaf.family == "ghci"
+            else None,
+            "missing": k.missing,
+            "unexposed_outputs": k.unexposed_outputs,
+            "zero_reads": k.zero_reads,
+            "dropped_writes": k.dropped_writes,
             "wrote": {r: hex64(v) for r, v in k.wrote.items()},
-            "regs_avail": hex64(k.regs_avail), "regs_dirty": hex64(k.regs_dirty),
+            "regs_avail": hex64(k.regs_avail),
+            "regs_dirty": hex64(k.regs_dirty),
             "userspace_exit": _json_value(k.userspace_exits[0]) if k.userspace_exits else None,
             "userspace_exits": _json_value(k.userspace_exits),
             "warnings": k.warnings,

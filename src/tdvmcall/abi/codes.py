@@ -148,8 +148,9 @@ def decode_status(value: int, version: str = DEFAULT_TABLE_VERSION) -> dict:
         op = value & 0xFFFFFFFF
         out["operand_id"] = op
         out["operand_name"] = t.operand_by_value.get(op)
-    out["in_other_versions"] = {v: n for v in MODULE_TABLE_VERSIONS if v != version
-                                and (n := status_name(value, v)) is not None and n != name}
+    out["in_other_versions"] = {
+        v: n for v in MODULE_TABLE_VERSIONS if v != version and (n := status_name(value, v)) is not None and n != name
+    }
     return out
 
 

@@ -76,8 +76,10 @@ class Control(_Selects):
         out = []
         bad = self.gpr_select & forbidden_gprs(module, no_rbp_mod)
         if bad:
-            out.append(f"gpr_select exposes {' '.join(names_in(bad, 16))}, which the module refuses"
-                       + (" (RBP: NO_RBP_MOD)" if bad & NO_RBP_MOD_FORBIDDEN else ""))
+            out.append(
+                f"gpr_select exposes {' '.join(names_in(bad, 16))}, which the module refuses"
+                + (" (RBP: NO_RBP_MOD)" if bad & NO_RBP_MOD_FORBIDDEN else "")
+            )
         if self.reserved:
             out.append(f"reserved bits 63:32 are {self.reserved >> 32:#x}, must be 0")
         return out

@@ -15,11 +15,33 @@ U32 = (1 << 32) - 1
 U128 = (1 << 128) - 1  # an XMM register
 
 GPR_NAMES: tuple[str, ...] = (
-    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+    "rax",
+    "rcx",
+    "rdx",
+    "rbx",
+    "rsp",
+    "rbp",
+    "rsi",
+    "rdi",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
 )
 EXTRA_NAMES: tuple[str, ...] = (
-    "rip", "pdptr", "cr0", "cr3", "cr4", "rflags", "segments", "exit_info_1", "exit_info_2",
+    "rip",
+    "pdptr",
+    "cr0",
+    "cr3",
+    "cr4",
+    "rflags",
+    "segments",
+    "exit_info_1",
+    "exit_info_2",
 )
 REG_NAMES: tuple[str, ...] = GPR_NAMES + EXTRA_NAMES
 NR_GPRS = 16
@@ -80,8 +102,11 @@ def u64(value: int, field: str = "value") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueWidthError(f"{field}: expected an integer, got {type(value).__name__}")
     if not 0 <= value <= U64:
-        raise ValueWidthError(f"{field}: {value:#x} does not fit 64 bits unsigned" if value >= 0
-                              else f"{field}: negative value {value} (write it as 64-bit two's complement)")
+        raise ValueWidthError(
+            f"{field}: {value:#x} does not fit 64 bits unsigned"
+            if value >= 0
+            else f"{field}: negative value {value} (write it as 64-bit two's complement)"
+        )
     return value
 
 
@@ -103,10 +128,10 @@ def parse_int(text: str | int, field: str = "value") -> int:
     if isinstance(text, int):
         return u64(text, field)
     if not isinstance(text, str):
-        raise ValueWidthError(f"{field}: expected an integer or a hex string like \"0xFFCC\"")
+        raise ValueWidthError(f'{field}: expected an integer or a hex string like "0xFFCC"')
     s = text.strip().replace("_", "")
     try:
         value = int(s, 16) if s.lower().startswith("0x") else int(s, 10)
     except ValueError:
-        raise ValueWidthError(f"{field}: {text!r} is not an integer; use decimal or hex like \"0xFFCC\"") from None
+        raise ValueWidthError(f'{field}: {text!r} is not an integer; use decimal or hex like "0xFFCC"') from None
     return u64(value, field)

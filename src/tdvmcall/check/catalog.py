@@ -57,10 +57,14 @@ CALL_NAMES: dict[str, tuple[str, ...]] = {
     "KVM-hypercall": tuple(leaf.name for leaf in L.KVM_HYPERCALLS),
 }
 
-_HYPERV = ("Hyper-V hypercall: R10 holds a Hyper-V control word for a Hyper-V host; KVM would take any "
-           "R10 != 0 as a KVM hypercall number, so KVM's leaf table does not describe it (ABI.md §4, §6)")
-_MIGTD = ("MigTD call (TD migration): served by the host's migration service, not a leaf of KVM's TDVMCALL "
-          "dispatch, which answers SUBFUNC_UNSUPPORTED to leaves it does not know (ABI.md §4)")
+_HYPERV = (
+    "Hyper-V hypercall: R10 holds a Hyper-V control word for a Hyper-V host; KVM would take any "
+    "R10 != 0 as a KVM hypercall number, so KVM's leaf table does not describe it (ABI.md §4, §6)"
+)
+_MIGTD = (
+    "MigTD call (TD migration): served by the host's migration service, not a leaf of KVM's TDVMCALL "
+    "dispatch, which answers SUBFUNC_UNSUPPORTED to leaves it does not know (ABI.md §4)"
+)
 
 #: Calls the catalog names that are not KVM calls, with the reason.  They are checked against the
 #: TDX module only (its control check holds on any host) and reported as ``not-kvm``.
@@ -98,8 +102,12 @@ _NAMES = _index()
 
 def accepted_names() -> list[str]:
     """Every call name the catalog accepts (for error messages and ``--help``)."""
-    return ["all", *CALL_NAMES, *(n for n in L.BY_NAME if n.lower() not in {c.lower() for c in CALL_NAMES}),
-            *FOREIGN_CALLS]
+    return [
+        "all",
+        *CALL_NAMES,
+        *(n for n in L.BY_NAME if n.lower() not in {c.lower() for c in CALL_NAMES}),
+        *FOREIGN_CALLS,
+    ]
 
 
 class CatalogError(ValueError):
@@ -177,7 +185,7 @@ def parse_calls(text: str) -> tuple[list[CallRef], list[str]]:
             remarks.append(tok[1:-1].strip())
             continue
         if tok.lower() in REMARK_WORDS:
-            remarks.append(" ".join(tokens[i - 1:]))
+            remarks.append(" ".join(tokens[i - 1 :]))
             break
         word, _, annotation = tok.partition("(")
         annotation = annotation[:-1].strip() if annotation else ""
@@ -230,7 +238,9 @@ def load_catalog(path: str | Path | None = None) -> tuple[list[Site], list[str]]
         try:
             text, where = Path(path).read_text(), str(path)
         except (OSError, UnicodeDecodeError) as e:
-            raise CatalogError(f"{path}: cannot read the catalog ({e.strerror if isinstance(e, OSError) else e})") from None
+            raise CatalogError(
+                f"{path}: cannot read the catalog ({e.strerror if isinstance(e, OSError) else e})"
+            ) from None
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in CATALOG_COLUMNS if c not in (reader.fieldnames or []) and c != "note"]
     if missing:
@@ -249,8 +259,16 @@ def load_catalog(path: str | Path | None = None) -> tuple[list[Site], list[str]]
         except CatalogError as e:
             errors.append(f"{where} row {line}, field {field_name}: {e}")
             continue
-        sites.append(Site(line, *(str(row[c] or "").strip() for c in ("guest", "snapshot", "file", "function")),
-                          mask, tuple(calls), tuple(remarks), (row.get("note") or "").strip()))
+        sites.append(
+            Site(
+                line,
+                *(str(row[c] or "").strip() for c in ("guest", "snapshot", "file", "function")),
+                mask,
+                tuple(calls),
+                tuple(remarks),
+                (row.get("note") or "").strip(),
+            )
+        )
     return sites, errors
 
 
@@ -356,8 +374,12 @@ def module_outcome(site: Site, host: Host) -> ModuleOutcome:
     res = tdg_vp_vmcall(host.td, vcpu)
     if res.exited:
         return ModuleOutcome(True)
-    return ModuleOutcome(False, res.status, decode_status(res.status, host.status_table),
-                         Control(site.mask).problems(host.td.module, host.td.no_rbp_mod))
+    return ModuleOutcome(
+        False,
+        res.status,
+        decode_status(res.status, host.status_table),
+        Control(site.mask).problems(host.td.module, host.td.no_rbp_mod),
+    )
 
 
 def cases_for(call: CallRef) -> list[L.Case]:
@@ -382,24 +404,36 @@ def run_case(site: Site, leaf: L.Leaf, case: L.Case, policy: str, host: Host) ->
     did not expose them), so a call KVM dispatched elsewhere (R10/R11 not exposed) is still
     explained in terms of the call the guest meant."""
     inputs = {**leaf.selector_values(), **case.regs}
-    scenario = {"td": {"module": host.module, "no_rbp_mod": host.no_rbp_mod},
-                "kvm": {"policy": policy, "tree": host.tree},
-                "guest": {"rcx": site.mask, **inputs}, "platform": case.platform}
+    scenario = {
+        "td": {"module": host.module, "no_rbp_mod": host.no_rbp_mod},
+        "kvm": {"policy": policy, "tree": host.tree},
+        "guest": {"rcx": site.mask, **inputs},
+        "platform": case.platform,
+    }
     rt = parse_scenario(scenario).run()
     k = rt.kvm
     if k is None:
         raise ModelBug(f"{site.label}: the module accepted the control but the call never reached KVM")
     exposed = _exposed(site.mask)
     seen = {r: (v if r in exposed else 0) for r, v in inputs.items()}
-    run = CaseRun(case.name, inputs, policy, k.verdict, k.leaf.name, k.status,
-                  [r for r in L.required_inputs(leaf, seen) if r not in exposed],
-                  [r for r in L.possible_outputs(leaf, seen) if r not in exposed])
+    run = CaseRun(
+        case.name,
+        inputs,
+        policy,
+        k.verdict,
+        k.leaf.name,
+        k.status,
+        [r for r in L.required_inputs(leaf, seen) if r not in exposed],
+        [r for r in L.possible_outputs(leaf, seen) if r not in exposed],
+    )
     if policy == "legacy":
         run.zero_reads = list(k.zero_reads)  # dispatch's own R10/R11 reads included
         run.dropped_writes = list(k.dropped_writes)
     elif run.refused != bool(run.missing_inputs or run.missing_outputs):
-        raise ModelBug(f"{leaf.name} {case.name}: hardened KVM {k.verdict} but the table says "
-                       f"missing inputs {run.missing_inputs}, outputs {run.missing_outputs}")
+        raise ModelBug(
+            f"{leaf.name} {case.name}: hardened KVM {k.verdict} but the table says "
+            f"missing inputs {run.missing_inputs}, outputs {run.missing_outputs}"
+        )
     return run
 
 
@@ -446,8 +480,10 @@ def check_call(site: Site, call: CallRef, host: Host, module: ModuleOutcome | No
     for case in cases_for(call):
         for policy in POLICIES:
             out.runs.append(run_case(site, leaf, case, policy, host))
-    out.verdict = {"legacy": LEGACY_SILENT if out.silences() else OK,
-                   "hardened": HARDENED_REFUSES if out.refusals() else OK}
+    out.verdict = {
+        "legacy": LEGACY_SILENT if out.silences() else OK,
+        "hardened": HARDENED_REFUSES if out.refusals() else OK,
+    }
     return out
 
 

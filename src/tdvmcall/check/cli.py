@@ -6,48 +6,63 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-CHECK_HELP = "\n\n".join(" ".join(paragraph.split()) for paragraph in (
-    """Check every TDVMCALL of real guests' call sites against a host: the TDX module with the TD's
+CHECK_HELP = "\n\n".join(
+    " ".join(paragraph.split())
+    for paragraph in (
+        """Check every TDVMCALL of real guests' call sites against a host: the TDX module with the TD's
     attributes, then KVM as it is today ('legacy') and with the hardened register validation.""",
-    """Each call is run through the model once per condition (IO in and out, MMIO read and write,
+        """Each call is run through the model once per condition (IO in and out, MMIO read and write,
     MapGPA success and RETRY, ReportFatalError with and without a GPA, ...). Verdicts per KVM policy:
     module-rejects (the module fails the call back to the guest; KVM never sees it), hardened-refuses
     (registers missing, inputs or outputs), legacy-silent (today's KVM reads an unexposed input as 0
     or drops an output), ok; not-kvm for calls that are not KVM's (Hyper-V hypercalls, MigTD). Notes
     name registers exposed but unused and XMMs exposed.""",
-    """Without --catalog the shipped catalog (Linux, td-shim, EDK2, OpenVMM, COCONUT-SVSM, tdx-guest,
+        """Without --catalog the shipped catalog (Linux, td-shim, EDK2, OpenVMM, COCONUT-SVSM, tdx-guest,
     Gramine-TDX) is checked. Exit status: 0 when every call passes --policy, 1 when some do not, 2 for
     bad input (a bad catalog row is named on stderr; the other rows are still checked).""",
-    """Examples: 'tdvmcall check', 'tdvmcall check --mask 0x1C00 --call Instruction.RDMSR',
+        """Examples: 'tdvmcall check', 'tdvmcall check --mask 0x1C00 --call Instruction.RDMSR',
     'tdvmcall check --catalog mine.csv --html report.html', 'tdvmcall check --rbp-mod --json'.
     See docs/check.md.""",
-))
+    )
+)
 
 
 def check(
-    catalog: Optional[Path] = typer.Option(
-        None, "--catalog", metavar="FILE.csv",
+    catalog: Path | None = typer.Option(
+        None,
+        "--catalog",
+        metavar="FILE.csv",
         help="Your own call sites: CSV with columns guest,snapshot,file,function,mask_hex,tdvmcalls,note "
-             "(tdvmcalls: names like 'RDMSR WRMSR', 'IO MMIO', 'all', 'CPUID leaf 0xB'; see docs/check.md)."),
-    mask: Optional[str] = typer.Option(
-        None, "--mask", help="What-if: check this RCX control value (e.g. 0x1C00) instead of a catalog."),
-    call: Optional[list[str]] = typer.Option(
-        None, "--call", help="What-if: the call(s) made with --mask (repeatable; e.g. Instruction.RDMSR, RDMSR, "
-                             "MapGPA, KVM-hypercall). Default: every call KVM implements."),
-    policy: str = typer.Option("hardened", "--policy", help="The KVM policy the exit status follows: hardened or legacy."),
+        "(tdvmcalls: names like 'RDMSR WRMSR', 'IO MMIO', 'all', 'CPUID leaf 0xB'; see docs/check.md).",
+    ),
+    mask: str | None = typer.Option(
+        None, "--mask", help="What-if: check this RCX control value (e.g. 0x1C00) instead of a catalog."
+    ),
+    call: list[str] | None = typer.Option(
+        None,
+        "--call",
+        help="What-if: the call(s) made with --mask (repeatable; e.g. Instruction.RDMSR, RDMSR, "
+        "MapGPA, KVM-hypercall). Default: every call KVM implements.",
+    ),
+    policy: str = typer.Option(
+        "hardened", "--policy", help="The KVM policy the exit status follows: hardened or legacy."
+    ),
     module: str = typer.Option("1.5", "--module", help="TDX module version: 1.0, 1.5 (or 1.0.3, 1.5.01, 1.5.05)."),
-    no_rbp_mod: bool = typer.Option(True, "--no-rbp-mod/--rbp-mod",
-                                    help="The TD's NO_RBP_MOD attribute (on: as Linux KVM creates every TD)."),
+    no_rbp_mod: bool = typer.Option(
+        True, "--no-rbp-mod/--rbp-mod", help="The TD's NO_RBP_MOD attribute (on: as Linux KVM creates every TD)."
+    ),
     tree: str = typer.Option("kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026) or v6.16."),
-    guest: Optional[list[str]] = typer.Option(None, "--guest", help="Only these guests of the catalog (repeatable)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: summary, errors and one object per site and call."),
+    guest: list[str] | None = typer.Option(None, "--guest", help="Only these guests of the catalog (repeatable)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON document: summary, errors and one object per site and call."
+    ),
     markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables, one per guest."),
-    html_file: Optional[Path] = typer.Option(None, "--html", metavar="FILE",
-                                             help="Also write a self-contained HTML report (matrix of sites x calls)."),
+    html_file: Path | None = typer.Option(
+        None, "--html", metavar="FILE", help="Also write a self-contained HTML report (matrix of sites x calls)."
+    ),
 ) -> None:
     from ..console import emit_json, fail, out
     from ..kvm.tdx import POLICIES
@@ -75,7 +90,7 @@ def check(
         fail("--json and --markdown: choose one output format")
     try:
         host = Host(module, no_rbp_mod, tree)
-        host.td  # normalises the module version: raises for an unknown one
+        _ = host.td  # normalises the module version: raises for an unknown one
     except ValueError as e:
         fail(f"--module: {e}")
 

@@ -41,7 +41,12 @@ STYLE = {
     NOT_KVM: ("dim", "#e4e4e4", "#444444", "not a KVM call (Hyper-V, MigTD): only the module's check applies"),
     LEGACY_SILENT: ("yellow", "#ffe38a", "#6d4c00", "today's KVM reads an unexposed input as 0 or drops an output"),
     HARDENED_REFUSES: ("dark_orange", "#ffb380", "#7a2e00", "hardened KVM refuses the call (INVALID_OPERAND)"),
-    MODULE_REJECTS: ("bold red", "#d83b3b", "#ffffff", "the TDX module fails the call back to the guest; KVM never sees it"),
+    MODULE_REJECTS: (
+        "bold red",
+        "#d83b3b",
+        "#ffffff",
+        "the TDX module fails the call back to the guest; KVM never sees it",
+    ),
 }
 
 
@@ -50,7 +55,7 @@ def short_name(call: str) -> str:
     """A compact column label: ``Instruction.RDMSR`` -> ``RDMSR``, ``#VE.RequestMMIO`` -> ``MMIO``."""
     for prefix in ("Instruction.", "KVMHypercall.", "#VE.Request"):
         if call.startswith(prefix):
-            return call[len(prefix):]
+            return call[len(prefix) :]
     return call
 
 
@@ -126,21 +131,46 @@ def result_json(check: CallCheck) -> dict:
     s, m = check.site, check.module
     ctl = Control(s.mask)
     return {
-        "guest": s.guest, "snapshot": s.snapshot, "file": s.file, "function": s.function, "row": s.row,
-        "mask": f"{s.mask:#06x}", "gprs": names_in(ctl.gpr_select, 16),
+        "guest": s.guest,
+        "snapshot": s.snapshot,
+        "file": s.file,
+        "function": s.function,
+        "row": s.row,
+        "mask": f"{s.mask:#06x}",
+        "gprs": names_in(ctl.gpr_select, 16),
         "xmms": [f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1],
-        "call": check.call.name, "written": check.call.written, "kvm_call": check.call.foreign is None,
+        "call": check.call.name,
+        "written": check.call.written,
+        "kvm_call": check.call.foreign is None,
         "not_kvm_reason": check.call.foreign,
         "verdict": dict(check.verdict),
-        "module": {"accepted": m.accepted, "status": hex64(m.status) if m.status is not None else None,
-                   "status_name": (m.decoded or {}).get("name"),
-                   "operand": (m.decoded or {}).get("operand_name"), "problems": m.problems},
-        "hardened_refusals": [{"case": r.case, "inputs": {k: f"{v:#x}" for k, v in r.inputs.items()},
-                               "missing_inputs": r.missing_inputs, "missing_outputs": r.missing_outputs,
-                               "kvm_verdict": r.kvm_verdict} for r in check.refusals()],
-        "legacy_silences": [{"case": r.case, "inputs": {k: f"{v:#x}" for k, v in r.inputs.items()},
-                             "zero_reads": r.zero_reads, "dropped_writes": r.dropped_writes,
-                             "dispatched": r.dispatched} for r in check.silences()],
+        "module": {
+            "accepted": m.accepted,
+            "status": hex64(m.status) if m.status is not None else None,
+            "status_name": (m.decoded or {}).get("name"),
+            "operand": (m.decoded or {}).get("operand_name"),
+            "problems": m.problems,
+        },
+        "hardened_refusals": [
+            {
+                "case": r.case,
+                "inputs": {k: f"{v:#x}" for k, v in r.inputs.items()},
+                "missing_inputs": r.missing_inputs,
+                "missing_outputs": r.missing_outputs,
+                "kvm_verdict": r.kvm_verdict,
+            }
+            for r in check.refusals()
+        ],
+        "legacy_silences": [
+            {
+                "case": r.case,
+                "inputs": {k: f"{v:#x}" for k, v in r.inputs.items()},
+                "zero_reads": r.zero_reads,
+                "dropped_writes": r.dropped_writes,
+                "dispatched": r.dispatched,
+            }
+            for r in check.silences()
+        ],
         "cases": list(dict.fromkeys(r.case for r in check.runs)),
         "unused": check.unused,
         "notes": check.notes,
@@ -154,8 +184,10 @@ def report_json(results: list[CallCheck], host: Host, policy: str, catalog: str,
     return {
         "schema": JSON_SCHEMA,
         "host": {"module": host.module, "no_rbp_mod": host.no_rbp_mod, "tree": host.tree},
-        "policy": policy, "catalog": catalog,
-        "summary": summary(results), "errors": errors,
+        "policy": policy,
+        "catalog": catalog,
+        "summary": summary(results),
+        "errors": errors,
         "passed": all(r.passes(policy) for r in results) and not errors,
         "results": [result_json(r) for r in results],
     }
@@ -197,8 +229,9 @@ def rich_report(results: list[CallCheck], host: Host, policy: str, catalog: str)
     """The default output: one table per guest, then the summary line."""
     parts: list = [Text(host_line(host, policy, catalog), style="dim")]
     for guest, checks in by_guest(results):
-        t = Table(title=guest, title_justify="left", title_style="bold", show_lines=True, header_style="bold",
-                  expand=True)
+        t = Table(
+            title=guest, title_justify="left", title_style="bold", show_lines=True, header_style="bold", expand=True
+        )
         t.add_column("site", ratio=3, overflow="fold")
         t.add_column("mask", no_wrap=True)
         t.add_column("call", no_wrap=True)
@@ -209,9 +242,14 @@ def rich_report(results: list[CallCheck], host: Host, policy: str, catalog: str)
             where = Text(site.function, style="bold")
             where.append(f"\n{site.file}" + (f" @ {site.snapshot}" if site.snapshot else ""), style="dim")
             for i, c in enumerate(site_checks):
-                t.add_row(where if i == 0 else "", f"{site.mask:#06x}" if i == 0 else "", short_name(c.call.name),
-                          _verdict_text(c.verdict["legacy"]), _verdict_text(c.verdict["hardened"]),
-                          Text("\n".join(detail_lines(c, brief=True))))
+                t.add_row(
+                    where if i == 0 else "",
+                    f"{site.mask:#06x}" if i == 0 else "",
+                    short_name(c.call.name),
+                    _verdict_text(c.verdict["legacy"]),
+                    _verdict_text(c.verdict["hardened"]),
+                    Text("\n".join(detail_lines(c, brief=True))),
+                )
         parts.append(t)
     parts.append(Text(summary_line(results), style="bold"))
     return Group(*parts)
@@ -227,13 +265,16 @@ def markdown_report(results: list[CallCheck], host: Host, policy: str, catalog: 
     for guest, checks in by_guest(results):
         out += [f"## {guest}", "", "| site | mask | call | legacy | hardened | details |", "|---|---|---|---|---|---|"]
         for site, site_checks in by_site(checks):
-            where = f"`{site.function}`" + (f" ({site.file}{' @ ' + site.snapshot if site.snapshot else ''})"
-                                             if site.file else "")
+            where = f"`{site.function}`" + (
+                f" ({site.file}{' @ ' + site.snapshot if site.snapshot else ''})" if site.file else ""
+            )
             for i, c in enumerate(site_checks):
                 first = i == 0
-                out.append(f"| {_md(where) if first else ''} | {f'`{site.mask:#06x}`' if first else ''} | "
-                           f"{_md(c.call.name)} | {c.verdict['legacy']} | {c.verdict['hardened']} | "
-                           f"{_md('; '.join(detail_lines(c)))} |")
+                out.append(
+                    f"| {_md(where) if first else ''} | {f'`{site.mask:#06x}`' if first else ''} | "
+                    f"{_md(c.call.name)} | {c.verdict['legacy']} | {c.verdict['hardened']} | "
+                    f"{_md('; '.join(detail_lines(c)))} |"
+                )
         out.append("")
     out.append(f"**{summary_line(results)}**")
     return "\n".join(out) + "\n"
@@ -306,9 +347,11 @@ def _cell(i: int, c: CallCheck) -> str:
         halves.append(f'<span class="{p} {v}" style="background:{bg};color:{fg}">{p[0].upper()}</span>')
     tip = f"{c.site.label} · {c.call.name}\nlegacy: {c.verdict['legacy']}\nhardened: {c.verdict['hardened']}\n"
     tip += "\n".join(detail_lines(c))
-    return (f'<td class="cell" id="c{i}" data-id="{i}" data-row="{c.site.row}" data-call="{html.escape(c.call.name)}"'
-            f' data-legacy="{c.verdict["legacy"]}" data-hardened="{c.verdict["hardened"]}"'
-            f' title="{html.escape(tip)}"><div class="pair">{"".join(halves)}</div></td>')
+    return (
+        f'<td class="cell" id="c{i}" data-id="{i}" data-row="{c.site.row}" data-call="{html.escape(c.call.name)}"'
+        f' data-legacy="{c.verdict["legacy"]}" data-hardened="{c.verdict["hardened"]}"'
+        f' title="{html.escape(tip)}"><div class="pair">{"".join(halves)}</div></td>'
+    )
 
 
 def _columns(results: list[CallCheck]) -> list[tuple[str, list[str]]]:
@@ -317,8 +360,9 @@ def _columns(results: list[CallCheck]) -> list[tuple[str, list[str]]]:
     ghci = [lf.name for lf in LEAVES if lf.family == "ghci" and lf.name in present]
     hc = [lf.name for lf in LEAVES if lf.family == "kvm-hypercall" and lf.name in present]
     foreign = [n for n in FOREIGN_CALLS if n in present]
-    return [(label, cols) for label, cols in (("GHCI calls", ghci), ("KVM hypercalls", hc), ("not KVM", foreign))
-            if cols]
+    return [
+        (label, cols) for label, cols in (("GHCI calls", ghci), ("KVM hypercalls", hc), ("not KVM", foreign)) if cols
+    ]
 
 
 def _findings_html(results: list[CallCheck]) -> str:
@@ -334,10 +378,14 @@ def _findings_html(results: list[CallCheck]) -> str:
             why = tuple(line for line in detail_lines(c) if line not in c.notes)
             groups.setdefault((c.verdict["legacy"], c.verdict["hardened"], why), []).append(short_name(c.call.name))
         for (legacy, hardened, why), calls in groups.items():
-            badges = "".join(f'<span class="v" style="background:{STYLE[v][1]};color:{STYLE[v][2]}">{p}: {v}</span>'
-                             for p, v in (("legacy", legacy), ("hardened", hardened)))
-            items.append(f'<li data-row="{site.row}"><b>{e(site.label)}</b> <code>{site.mask:#06x}</code> '
-                         f'{e(", ".join(calls))} {badges}<br>{"<br>".join(e(w) for w in why)}</li>')
+            badges = "".join(
+                f'<span class="v" style="background:{STYLE[v][1]};color:{STYLE[v][2]}">{p}: {v}</span>'
+                for p, v in (("legacy", legacy), ("hardened", hardened))
+            )
+            items.append(
+                f'<li data-row="{site.row}"><b>{e(site.label)}</b> <code>{site.mask:#06x}</code> '
+                f"{e(', '.join(calls))} {badges}<br>{'<br>'.join(e(w) for w in why)}</li>"
+            )
     if not items:
         return '<h2 class="findings">Findings</h2><p>Every call passes under both policies.</p>'
     return f'<h2 class="findings">Findings</h2><ul class="findings" id="findings">{"".join(items)}</ul>'
@@ -350,25 +398,37 @@ def html_report(results: list[CallCheck], host: Host, policy: str, catalog: str,
     e = html.escape
     groups = _columns(results)
     cols = [c for _, cs in groups for c in cs]
-    head1 = '<tr><th rowspan="2"></th>' + "".join(
-        f'<th class="group" colspan="{len(cs)}">{e(label)}</th>' for label, cs in groups) + "</tr>"
-    head2 = "<tr>" + "".join(f'<th class="call" title="{e(c)}"><div>{e(short_name(c))}</div></th>' for c in cols) + "</tr>"
+    head1 = (
+        '<tr><th rowspan="2"></th>'
+        + "".join(f'<th class="group" colspan="{len(cs)}">{e(label)}</th>' for label, cs in groups)
+        + "</tr>"
+    )
+    head2 = (
+        "<tr>" + "".join(f'<th class="call" title="{e(c)}"><div>{e(short_name(c))}</div></th>' for c in cols) + "</tr>"
+    )
     index = {id(c): i for i, c in enumerate(results)}
     body = []
     for guest, checks in by_guest(results):
         body.append(f'<tr class="guest"><th colspan="{len(cols) + 1}">{e(guest)}</th></tr>')
         for site, site_checks in by_site(checks):
             by_call = {c.call.name: c for c in site_checks}
-            label = (f'<th class="site" title="{e(site.file)}{" @ " + e(site.snapshot) if site.snapshot else ""}">'
-                     f'<code>{e(site.function)}</code><span class="mask">{site.mask:#06x}</span></th>')
-            cells = [_cell(index[id(by_call[c])], by_call[c]) if c in by_call else '<td class="none"></td>'
-                     for c in cols]
+            label = (
+                f'<th class="site" title="{e(site.file)}{" @ " + e(site.snapshot) if site.snapshot else ""}">'
+                f'<code>{e(site.function)}</code><span class="mask">{site.mask:#06x}</span></th>'
+            )
+            cells = [
+                _cell(index[id(by_call[c])], by_call[c]) if c in by_call else '<td class="none"></td>' for c in cols
+            ]
             body.append(f'<tr data-row="{site.row}">{label}{"".join(cells)}</tr>')
     findings = _findings_html(results)
-    legend = "".join(f'<span style="background:{bg};color:{fg}" title="{e(meaning)}">{v}</span>'
-                     for v, (_, bg, fg, meaning) in STYLE.items())
-    data = {"styles": {v: [bg, fg] for v, (_, bg, fg, _m) in STYLE.items()},
-            "results": {str(i): result_json(c) for i, c in enumerate(results)}}
+    legend = "".join(
+        f'<span style="background:{bg};color:{fg}" title="{e(meaning)}">{v}</span>'
+        for v, (_, bg, fg, meaning) in STYLE.items()
+    )
+    data = {
+        "styles": {v: [bg, fg] for v, (_, bg, fg, _m) in STYLE.items()},
+        "results": {str(i): result_json(c) for i, c in enumerate(results)},
+    }
     payload = json.dumps(data).replace("</", "<\\/")
     errs = "".join(f"<li>{e(x)}</li>" for x in errors)
     return f"""<!DOCTYPE html>
@@ -379,7 +439,7 @@ def html_report(results: list[CallCheck], host: Host, policy: str, catalog: str,
 <div class="host">{e(host_line(host, policy, catalog))}</div>
 <div class="summary" id="summary">{e(summary_line(results))}</div>
 <div class="legend">each cell: <b>L</b> = today's KVM (legacy), <b>H</b> = hardened KVM, coloured by verdict: {legend}</div>
-{f'<ul class="errors" id="errors">{errs}</ul>' if errors else ''}
+{f'<ul class="errors" id="errors">{errs}</ul>' if errors else ""}
 <div class="wrap">
 <table class="matrix" id="matrix"><thead>{head1}{head2}</thead><tbody>
 {chr(10).join(body)}
@@ -393,5 +453,14 @@ def html_report(results: list[CallCheck], host: Host, policy: str, catalog: str,
 """
 
 
-__all__ = ["STYLE", "detail_lines", "result_json", "report_json", "summary_line", "rich_report",
-           "markdown_report", "html_report", "short_name"]
+__all__ = [
+    "STYLE",
+    "detail_lines",
+    "html_report",
+    "markdown_report",
+    "report_json",
+    "result_json",
+    "rich_report",
+    "short_name",
+    "summary_line",
+]

@@ -13,6 +13,7 @@ The strategies are in :mod:`.strategies`, the properties in :mod:`.properties`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
@@ -93,8 +94,10 @@ def run_example(ex: dict, policies: tuple[str, ...] = ("legacy", "hardened"), st
             v.call, v.policy = n, lane.policy if lane else None
             v.platform = ex["platform"] if n == 0 else platform_json(pre, ex["platform"])
             if n > 0:
-                v.expressible.append(f"the {n} earlier call(s) on the same KVM vCPU (the whole example "
-                                     "is written beside this file as *.sequence.json)")
+                v.expressible.append(
+                    f"the {n} earlier call(s) on the same KVM vCPU (the whole example "
+                    "is written beside this file as *.sequence.json)"
+                )
             raise
 
 
@@ -141,9 +144,11 @@ def without_defaults(sc: dict) -> dict:
     only: the meaning is unchanged, so this is not shrinking.)"""
     meaning = _meaning(sc)
     sc = copy.deepcopy(sc)
-    for path in [("guest", k) for k in sc["guest"]] + [("platform", "userspace", k) for k in
-                                                       sc["platform"].get("userspace", {})] + \
-            [("platform", k) for k in sc["platform"]]:
+    for path in (
+        [("guest", k) for k in sc["guest"]]
+        + [("platform", "userspace", k) for k in sc["platform"].get("userspace", {})]
+        + [("platform", k) for k in sc["platform"]]
+    ):
         *parents, key = path
         trial = copy.deepcopy(sc)
         holder = trial
@@ -163,14 +168,19 @@ def counterexample(ex: dict, v: Violation) -> dict:
     n = v.call or 0
     call = ex["calls"][n]
     policy = "hardened" if v.prop == "differential" else (v.policy or "hardened")
-    sc = without_defaults(_scenario(ex, guest_json(call["guest"]), policy,
-                                    hexed(v.platform if v.platform is not None else ex["platform"])))
+    sc = without_defaults(
+        _scenario(
+            ex, guest_json(call["guest"]), policy, hexed(v.platform if v.platform is not None else ex["platform"])
+        )
+    )
     notes = [f"fuzz counterexample: {v.prop}: {v.detail}"]
     if v.prop == "differential":
         notes.append("replay it with --policy legacy as well and compare guest and userspace exits")
     if v.policy is None:
-        notes.append("found with arbitrary VMM registers given to TDH.VP.ENTER, which a scenario cannot carry: "
-                     f"vmm = {hexed(call['host']['vmm'])}, xmm = {hexed(call['host']['xmm'])}")
+        notes.append(
+            "found with arbitrary VMM registers given to TDH.VP.ENTER, which a scenario cannot carry: "
+            f"vmm = {hexed(call['host']['vmm'])}, xmm = {hexed(call['host']['xmm'])}"
+        )
     if v.expressible:
         notes.append("not carried by this file: " + "; ".join(v.expressible))
     sc["name"] = f"fuzz-{v.prop}"
@@ -180,8 +190,7 @@ def counterexample(ex: dict, v: Violation) -> dict:
 
 def replays(sc: dict, prop: str) -> bool:
     """Whether the scenario alone (fresh vCPU, no host writes) shows the same property failing."""
-    ex = {"td": sc["td"], "tree": sc["kvm"]["tree"], "platform": sc["platform"],
-          "calls": [{"guest": sc["guest"]}]}
+    ex = {"td": sc["td"], "tree": sc["kvm"]["tree"], "platform": sc["platform"], "calls": [{"guest": sc["guest"]}]}
     try:
         run_example(ex, ("legacy", "hardened") if prop == "differential" else (sc["kvm"]["policy"],))
     except Violation as v:
@@ -222,17 +231,24 @@ def target_labels() -> list[str]:
     return [leaf_label(t) if t is not None else "unknown GHCI leaf" for t in TARGETS]
 
 
-def _batch(seed: int, n: int, policies: tuple[str, ...], stats: Stats, failures: list[Failure],
-           max_calls: int) -> int:
+def _batch(seed: int, n: int, policies: tuple[str, ...], stats: Stats, failures: list[Failure], max_calls: int) -> int:
     """Run ``n`` hypothesis examples from ``seed``; returns how many ran.  A violation is recorded
     (hypothesis replays the shrunk example last, so the last record is the minimal one) and the
     batch stops."""
     ran = 0
 
     @hypothesis_seed(seed)
-    @settings(max_examples=n, database=None, deadline=None, derandomize=False, report_multiple_bugs=False,
-              suppress_health_check=list(HealthCheck), phases=(Phase.generate, Phase.shrink),
-              verbosity=Verbosity.quiet, print_blob=False)
+    @settings(
+        max_examples=n,
+        database=None,
+        deadline=None,
+        derandomize=False,
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+        phases=(Phase.generate, Phase.shrink),
+        verbosity=Verbosity.quiet,
+        print_blob=False,
+    )
     @given(examples(max_calls))
     def campaign_property(ex: dict) -> None:
         nonlocal ran
@@ -243,16 +259,21 @@ def _batch(seed: int, n: int, policies: tuple[str, ...], stats: Stats, failures:
             failures.append(Failure(copy.deepcopy(ex), v))
             raise
 
-    try:
+    with contextlib.suppress(Violation):
         campaign_property()
-    except Violation:
-        pass
     return ran
 
 
-def campaign(*, examples: int | None = None, seconds: float | None = None, seed: int = 0,
-             policy: str = "both", batch: int = 100, max_calls: int = 3,
-             progress: Callable[[CampaignResult], None] | None = None) -> CampaignResult:
+def campaign(
+    *,
+    examples: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    policy: str = "both",
+    batch: int = 100,
+    max_calls: int = 3,
+    progress: Callable[[CampaignResult], None] | None = None,
+) -> CampaignResult:
     """Run the campaign for ``examples`` examples or ``seconds`` seconds (whichever is given; the
     default is 1000 examples), in batches of ``batch`` examples, each with a hypothesis seed drawn
     from ``seed``, so that a run with ``--examples`` and ``--seed`` is deterministic.  ``examples``
@@ -280,7 +301,20 @@ def campaign(*, examples: int | None = None, seconds: float | None = None, seed:
     return result
 
 
-__all__ = ["examples", "calls", "platforms", "controls", "guest_registers", "run_example", "campaign",
-           "CampaignResult", "Violation", "VIOLATION", "PROPERTIES", "counterexample", "replays",
-           "documented_gate", "policies_of"]
-
+__all__ = [
+    "PROPERTIES",
+    "VIOLATION",
+    "CampaignResult",
+    "Violation",
+    "calls",
+    "campaign",
+    "controls",
+    "counterexample",
+    "documented_gate",
+    "examples",
+    "guest_registers",
+    "platforms",
+    "policies_of",
+    "replays",
+    "run_example",
+]

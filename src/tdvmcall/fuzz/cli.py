@@ -7,7 +7,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -25,9 +25,12 @@ def summary(r: F.CampaignResult, written: dict | None) -> dict:
     cov = r.coverage()
     out: dict = {
         "clean": r.failure is None,
-        "seed": r.seed, "policies": list(r.policies),
-        "examples": r.examples, "executions": r.stats.executions,
-        "seconds": round(r.seconds, 3), "executions_per_second": round(r.executions_per_second, 1),
+        "seed": r.seed,
+        "policies": list(r.policies),
+        "examples": r.examples,
+        "executions": r.stats.executions,
+        "seconds": round(r.seconds, 3),
+        "executions_per_second": round(r.executions_per_second, 1),
         "coverage": {
             "combinations": len(r.stats.coverage),
             "leaves": {p: sorted(cov.get(p, {})) for p in r.policies},
@@ -38,9 +41,15 @@ def summary(r: F.CampaignResult, written: dict | None) -> dict:
     }
     if r.failure is not None:
         v = r.failure.violation
-        out["violation"] = {"property": v.prop, "detail": v.detail, "policy": v.policy, "call": v.call,
-                            "calls_in_example": len(r.failure.example["calls"]),
-                            "not_in_scenario": v.expressible, **(written or {})}
+        out["violation"] = {
+            "property": v.prop,
+            "detail": v.detail,
+            "policy": v.policy,
+            "call": v.call,
+            "calls_in_example": len(r.failure.example["calls"]),
+            "not_in_scenario": v.expressible,
+            **(written or {}),
+        }
     return out
 
 
@@ -93,15 +102,20 @@ def render(r: F.CampaignResult, out: Console) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def fuzz(
-        seconds: Optional[float] = typer.Option(None, "--seconds", help="Run for this many seconds."),
-        examples: Optional[int] = typer.Option(None, "--examples",
-                                               help="Run exactly this many examples (default 1000 when "
-                                                    "--seconds is not given); deterministic with --seed."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: a random one, printed)."),
-        policy: str = typer.Option("both", "--policy", help="legacy, hardened or both (both adds the "
-                                                            "differential property)."),
-        out_file: Path = typer.Option(Path("fuzz-counterexample.json"), "--out",
-                                      help="Where to write the counterexample scenario on a violation."),
+        seconds: float | None = typer.Option(None, "--seconds", help="Run for this many seconds."),
+        examples: int | None = typer.Option(
+            None,
+            "--examples",
+            help="Run exactly this many examples (default 1000 when "
+            "--seconds is not given); deterministic with --seed.",
+        ),
+        seed: int | None = typer.Option(None, "--seed", help="Seed (default: a random one, printed)."),
+        policy: str = typer.Option(
+            "both", "--policy", help="legacy, hardened or both (both adds the differential property)."
+        ),
+        out_file: Path = typer.Option(
+            Path("fuzz-counterexample.json"), "--out", help="Where to write the counterexample scenario on a violation."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print figures, coverage and any violation as JSON."),
     ) -> None:
         """Fuzz the model's promises with hypothesis: any RAX, RCX, register and XMM values, every leaf
@@ -134,9 +148,11 @@ def register(app: typer.Typer) -> None:
         err.print(f"fuzz: seed {seed}, policy {policy}", highlight=False)
 
         def progress(r: F.CampaignResult) -> None:
-            err.print(f"fuzz: {r.examples} examples, {r.stats.executions} executions, {r.seconds:.1f} s, "
-                      f"{r.executions_per_second:.0f}/s, {len(r.stats.coverage)} leaf x verdict x policy",
-                      highlight=False)
+            err.print(
+                f"fuzz: {r.examples} examples, {r.stats.executions} executions, {r.seconds:.1f} s, "
+                f"{r.executions_per_second:.0f}/s, {len(r.stats.coverage)} leaf x verdict x policy",
+                highlight=False,
+            )
 
         result = F.campaign(examples=examples, seconds=seconds, seed=seed, policy=policy, progress=progress)
         written = write_counterexample(result, out_file) if result.failure is not None else None
@@ -149,13 +165,17 @@ def register(app: typer.Typer) -> None:
                 out.print("[green]clean[/green]: every property held on every execution")
             else:
                 v = result.failure.violation
-                out.print(f"[red]violation[/red] of {v.prop} ({v.policy or 'module alone'}, call {v.call}): {v.detail}",
-                          highlight=False)
+                out.print(
+                    f"[red]violation[/red] of {v.prop} ({v.policy or 'module alone'}, call {v.call}): {v.detail}",
+                    highlight=False,
+                )
                 assert written is not None
                 alone = "reproduces" if written["scenario_replays"] else "does NOT reproduce"
-                out.print(f"counterexample: {written['scenario']} (replay: tdvmcall run {written['scenario']}"
-                          f"{' --policy ' + v.policy if v.policy else ''}); it {alone} the violation alone",
-                          highlight=False)
+                out.print(
+                    f"counterexample: {written['scenario']} (replay: tdvmcall run {written['scenario']}"
+                    f"{' --policy ' + v.policy if v.policy else ''}); it {alone} the violation alone",
+                    highlight=False,
+                )
                 for note in v.expressible:
                     out.print(f"not in the scenario: {note}", highlight=False)
                 if "sequence" in written:

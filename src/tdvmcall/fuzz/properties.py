@@ -73,11 +73,19 @@ from ..kvm.tdx import (
 )
 from ..module import TdConfig, VcpuState, tdg_vp_vmcall, tdh_vp_enter
 
-PROPERTIES = ("gate", "confidentiality", "integrity", "cache", "refusal", "completeness", "differential",
-              "model-bug", "crash")
+PROPERTIES = (
+    "gate",
+    "confidentiality",
+    "integrity",
+    "cache",
+    "refusal",
+    "completeness",
+    "differential",
+    "model-bug",
+    "crash",
+)
 #: pseudo-verdicts for calls that never reach KVM (coverage)
 GATE, FAULT = "module-gate", "guest-fault"
-
 
 
 # === violations ==================================================================================
@@ -105,7 +113,6 @@ VIOLATION: dict[str, type[Violation]] = {
 def require(ok: bool, prop: str, detail: str | Callable[[], str]) -> None:
     if not ok:
         raise VIOLATION[prop](detail() if callable(detail) else detail)
-
 
 
 # === the oracle for the module gate ================================================================
@@ -174,17 +181,27 @@ def run_call(td: TdConfig, before: VcpuState, vcpu: KvmVcpu, platform: Platform)
         # invalid pair: that is the cache property; any other ModelBug is the model's own assertion
         in_cache = any(f.filename.endswith("regcache.py") for f in traceback.extract_tb(e.__traceback__))
         raise VIOLATION["cache" if in_cache else "model-bug"](f"ModelBug: {e}") from e
-    except Exception as e:  # noqa: BLE001  anything else the model raises is a crash
+    except Exception as e:
         raise VIOLATION["crash"](f"{type(e).__name__}: {e}") from e
 
 
-def check_gate(td: TdConfig, before: VcpuState, rt: RoundTrip, snap: dict, platform: Platform,
-               cache_before: tuple[int, int], vcpu: KvmVcpu) -> bool:
+def check_gate(
+    td: TdConfig,
+    before: VcpuState,
+    rt: RoundTrip,
+    snap: dict,
+    platform: Platform,
+    cache_before: tuple[int, int],
+    vcpu: KvmVcpu,
+) -> bool:
     """The module gate; returns whether the call reached KVM."""
     expected = documented_gate(td, before.gprs[RAX], before.gprs[RCX], before.long_mode)
     if expected is None:
-        require(rt.module is not None and rt.module.exited and rt.kvm is not None, "gate",
-                f"a valid call (RCX {hex64(before.gprs[RCX])}) did not reach KVM")
+        require(
+            rt.module is not None and rt.module.exited and rt.kvm is not None,
+            "gate",
+            f"a valid call (RCX {hex64(before.gprs[RCX])}) did not reach KVM",
+        )
         return True
     require(rt.kvm is None and not (rt.module and rt.module.exited), "gate", "an invalid call reached KVM")
     require(platform.snapshot() == snap, "gate", "an invalid call changed the platform")
@@ -193,11 +210,15 @@ def check_gate(td: TdConfig, before: VcpuState, rt: RoundTrip, snap: dict, platf
         require(rt.fault is not None and rt.module is None, "gate", "TDCALL outside 64-bit mode did not fault")
         want, want_rip = before.gprs, before.rip
     else:
-        require(rt.module is not None and rt.module.status == expected, "gate",
-                lambda: f"status {hex64(rt.module.status) if rt.module else None}, documented {hex64(expected)}")
+        require(
+            rt.module is not None and rt.module.status == expected,
+            "gate",
+            lambda: f"status {hex64(rt.module.status) if rt.module else None}, documented {hex64(expected)}",
+        )
         want, want_rip = [expected] + before.gprs[1:], (before.rip + 4) & U64
-    require(rt.after.gprs == want, "gate",
-            lambda: "registers changed: " + _gprs_diff(want, rt.after.gprs, list(range(16))))
+    require(
+        rt.after.gprs == want, "gate", lambda: "registers changed: " + _gprs_diff(want, rt.after.gprs, list(range(16)))
+    )
     require(rt.after.rip == want_rip, "gate", lambda: f"RIP {hex64(rt.after.rip)}, expected {hex64(want_rip)}")
     require(rt.after.xmm == before.xmm, "gate", "XMM registers changed")
     return False
@@ -208,9 +229,14 @@ def check_confidentiality_view(before: VcpuState, vmm: list[int], vmm_xmm: list[
     gpr, xmm = _exposed(before.gprs[RCX])
     for i in range(2, NR_GPRS):
         want = before.gprs[i] if gpr >> i & 1 else 0
-        require(vmm[i] == want, "confidentiality",
-                lambda: f"VMM sees {GPR_NAMES[i]} = {hex64(vmm[i])}, expected {hex64(want)}"
-                        + ("" if gpr >> i & 1 else " (not exposed)"))
+        require(
+            vmm[i] == want,
+            "confidentiality",
+            lambda: (
+                f"VMM sees {GPR_NAMES[i]} = {hex64(vmm[i])}, expected {hex64(want)}"
+                + ("" if gpr >> i & 1 else " (not exposed)")
+            ),
+        )
     for i in range(16):
         want = before.xmm[i] if xmm >> i & 1 else 0
         require(vmm_xmm[i] == want, "confidentiality", lambda: f"VMM sees xmm{i} = {vmm_xmm[i]:#x}, expected {want:#x}")
@@ -219,17 +245,25 @@ def check_confidentiality_view(before: VcpuState, vmm: list[int], vmm_xmm: list[
 def host_view(rt: RoundTrip, platform: Platform) -> dict:
     """Everything the host side observes of one call."""
     k = rt.kvm
-    view: dict[str, Any] = {"vmm": rt.module.exit.vmm if rt.module and rt.module.exit else None,
-                            "vmm_xmm": rt.module.exit.vmm_xmm if rt.module and rt.module.exit else None,
-                            "platform": platform.snapshot()}
+    view: dict[str, Any] = {
+        "vmm": rt.module.exit.vmm if rt.module and rt.module.exit else None,
+        "vmm_xmm": rt.module.exit.vmm_xmm if rt.module and rt.module.exit else None,
+        "platform": platform.snapshot(),
+    }
     if k is not None:
-        view |= {"leaf": k.leaf.name, "verdict": k.verdict, "status": k.status, "wrote": k.wrote,
-                 "vmm_after": k.vmm_after}
+        view |= {
+            "leaf": k.leaf.name,
+            "verdict": k.verdict,
+            "status": k.status,
+            "wrote": k.wrote,
+            "vmm_after": k.vmm_after,
+        }
     return view
 
 
-def check_noninterference(td: TdConfig, before: VcpuState, rt: RoundTrip, lane: Lane, pre_vcpu: KvmVcpu,
-                          pre_platform: Platform) -> None:
+def check_noninterference(
+    td: TdConfig, before: VcpuState, rt: RoundTrip, lane: Lane, pre_vcpu: KvmVcpu, pre_platform: Platform
+) -> None:
     """Re-run the call with every unexposed GPR and XMM holding other values: the host must see
     exactly the same things."""
     gpr, xmm = _exposed(before.gprs[RCX])
@@ -250,16 +284,24 @@ def check_noninterference(td: TdConfig, before: VcpuState, rt: RoundTrip, lane: 
             return f"{k} {' '.join(GPR_NAMES[i] for i in range(NR_GPRS) if a[k][i] != b[k][i])}"
         return k
 
-    require(not diff, "confidentiality",
-            lambda: f"the host's {', '.join(map(where, diff))} changed when only unexposed registers "
-                    f"({' '.join(names_in(~gpr & 0xFFEC, 16))}) did")
+    require(
+        not diff,
+        "confidentiality",
+        lambda: (
+            f"the host's {', '.join(map(where, diff))} changed when only unexposed registers "
+            f"({' '.join(names_in(~gpr & 0xFFEC, 16))}) did"
+        ),
+    )
 
 
 def check_cache(rt: RoundTrip, vcpu: KvmVcpu) -> None:
     cache = vcpu.cache
     if vcpu.policy == "hardened":
-        require(cache.invalid_pairs() == 0, "cache",
-                lambda: f"invalid pair (avail 0, dirty 1) in {cache.invalid_pairs():#x}")
+        require(
+            cache.invalid_pairs() == 0,
+            "cache",
+            lambda: f"invalid pair (avail 0, dirty 1) in {cache.invalid_pairs():#x}",
+        )
         gpr, _ = _exposed(rt.module.exit.control)  # type: ignore[union-attr]
         unavailable = [GPR_NAMES[r] for r in cache.reads if not (gpr | 1 << RCX) >> r & 1]
         require(not unavailable, "cache", f"a handler read {unavailable}, which the guest did not expose")
@@ -268,8 +310,9 @@ def check_cache(rt: RoundTrip, vcpu: KvmVcpu) -> None:
         require(not bad, "cache", f"invalid pair for registers KVM keeps available: {bad:#x}")
 
 
-def check_integrity(before: VcpuState, after: VcpuState, control: int, host: list[int], host_xmm: list[int],
-                    written: set[int] | None) -> None:
+def check_integrity(
+    before: VcpuState, after: VcpuState, control: int, host: list[int], host_xmm: list[int], written: set[int] | None
+) -> None:
     """After resume: unexposed registers unchanged; exposed ones hold what the host wrote (all of
     them when ``written`` is None, the arbitrary-VMM case; else only those KVM wrote, the others
     unchanged); RAX 0, RCX the control, RIP advanced.  Exposed and written mismatches are reported as
@@ -280,11 +323,19 @@ def check_integrity(before: VcpuState, after: VcpuState, control: int, host: lis
         wrote = exposed and (written is None or i in written)
         want = host[i] if wrote else before.gprs[i]
         prop = "completeness" if wrote and written is not None else "integrity"
-        require(after.gprs[i] == want, prop,
-                lambda: f"{GPR_NAMES[i]} came back {hex64(after.gprs[i])}, expected {hex64(want)} "
-                        f"({'exposed' if exposed else 'not exposed'}, host wrote {hex64(host[i])})")
-    require(after.gprs[RAX] == 0 and after.gprs[RCX] == control, "integrity",
-            lambda: f"RAX {hex64(after.gprs[RAX])} RCX {hex64(after.gprs[RCX])} after resume")
+        require(
+            after.gprs[i] == want,
+            prop,
+            lambda: (
+                f"{GPR_NAMES[i]} came back {hex64(after.gprs[i])}, expected {hex64(want)} "
+                f"({'exposed' if exposed else 'not exposed'}, host wrote {hex64(host[i])})"
+            ),
+        )
+    require(
+        after.gprs[RAX] == 0 and after.gprs[RCX] == control,
+        "integrity",
+        lambda: f"RAX {hex64(after.gprs[RAX])} RCX {hex64(after.gprs[RCX])} after resume",
+    )
     require(after.rip == (before.rip + 4) & U64, "integrity", "RIP not advanced past TDCALL")
     for i in range(16):
         want = host_xmm[i] if xmm >> i & 1 else before.xmm[i]
@@ -298,7 +349,7 @@ def check_host_writes(td: TdConfig, before: VcpuState, host: dict | None) -> Non
     try:
         res = tdg_vp_vmcall(td, before.copy())
         after = tdh_vp_enter(td, res.exit, list(host["vmm"]), list(host["xmm"]))  # type: ignore[arg-type]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise VIOLATION["crash"](f"module: {type(e).__name__}: {e}") from e
     check_confidentiality_view(before, res.exit.vmm, res.exit.vmm_xmm)  # type: ignore[union-attr]
     check_integrity(before, after, before.gprs[RCX], host["vmm"], [x & U128 for x in host["xmm"]], None)
@@ -321,18 +372,25 @@ def check_hardened(before: VcpuState, rt: RoundTrip, snap: dict, platform: Platf
     if "r10" not in exposed:
         require(k.verdict == VERDICT_INTERNAL_ERROR, "refusal", f"R10 not exposed but verdict {k.verdict}")
         require(not k.wrote, "refusal", f"R10 not exposed but KVM wrote {sorted(k.wrote)}")
-        new = platform.exits[len(snap["exits"]):]
-        require(len(new) == 1 and new[0]["reason"] == KVM_EXIT_INTERNAL_ERROR, "refusal",
-                f"R10 not exposed: expected one internal-error exit, got {[e['reason'] for e in new]}")
+        new = platform.exits[len(snap["exits"]) :]
+        require(
+            len(new) == 1 and new[0]["reason"] == KVM_EXIT_INTERNAL_ERROR,
+            "refusal",
+            f"R10 not exposed: expected one internal-error exit, got {[e['reason'] for e in new]}",
+        )
         return
     if k.verdict == VERDICT_REFUSED:
         require(bool(unmet), "refusal", f"{k.leaf.name} refused although every register it needs is exposed")
         require(platform.snapshot() == snap, "refusal", "a refused call changed the platform")
         require(not k.userspace_exits, "refusal", "a refused call exited to userspace")
-        require(k.wrote == {"r10": TDVMCALL_INVALID_OPERAND}, "refusal",
-                f"a refused call wrote {k.wrote}, expected only R10 = INVALID_OPERAND")
-        require(rt.after.gprs[R10] == TDVMCALL_INVALID_OPERAND, "refusal",
-                "the guest did not get INVALID_OPERAND in R10")
+        require(
+            k.wrote == {"r10": TDVMCALL_INVALID_OPERAND},
+            "refusal",
+            f"a refused call wrote {k.wrote}, expected only R10 = INVALID_OPERAND",
+        )
+        require(
+            rt.after.gprs[R10] == TDVMCALL_INVALID_OPERAND, "refusal", "the guest did not get INVALID_OPERAND in R10"
+        )
         return
     # completeness: every write exposed, every expected output written
     dropped = [r for r in k.wrote if r not in exposed]
@@ -350,12 +408,18 @@ def guest_view(rt: RoundTrip) -> tuple:
 
 def _side_effects(platform: Platform, snap: dict) -> dict:
     now = platform.snapshot()
-    return {"exits": now["exits"][len(snap["exits"]):], "effects": now["effects"][len(snap["effects"]):],
-            "msrs": now["msrs"], "memory": now["memory"], "userspace": now["userspace"]}
+    return {
+        "exits": now["exits"][len(snap["exits"]) :],
+        "effects": now["effects"][len(snap["effects"]) :],
+        "msrs": now["msrs"],
+        "memory": now["memory"],
+        "userspace": now["userspace"],
+    }
 
 
-def check_differential(td: TdConfig, before: VcpuState, hardened: RoundTrip, h_platform: Platform,
-                       pre_platform: Platform) -> None:
+def check_differential(
+    td: TdConfig, before: VcpuState, hardened: RoundTrip, h_platform: Platform, pre_platform: Platform
+) -> None:
     """Whenever hardened completes, legacy on the same host state gives the same guest and effects."""
     if hardened.kvm is None or hardened.kvm.verdict not in (VERDICT_COMPLETED, VERDICT_USERSPACE):
         return
@@ -363,15 +427,17 @@ def check_differential(td: TdConfig, before: VcpuState, hardened: RoundTrip, h_p
     snap = platform.snapshot()
     legacy = run_call(td, before, KvmVcpu("legacy"), platform)
     for name, a, b in zip(("GPRs", "RIP", "XMMs"), guest_view(hardened), guest_view(legacy)):
-        require(a == b, "differential",
-                lambda: f"legacy guest {name} differ: " + (_gprs_diff(a, b, list(range(16))) if name == "GPRs" else ""))
+        require(
+            a == b,
+            "differential",
+            lambda: f"legacy guest {name} differ: " + (_gprs_diff(a, b, list(range(16))) if name == "GPRs" else ""),
+        )
     ha, la = _side_effects(h_platform, snap), _side_effects(platform, snap)
     diff = [k for k in ha if ha[k] != la[k]]
     require(not diff, "differential", f"legacy side effects differ in {diff}")
 
 
-def check_call(td: TdConfig, before: VcpuState, lane: Lane, pre_platform: Platform,
-               stats: Stats | None) -> RoundTrip:
+def check_call(td: TdConfig, before: VcpuState, lane: Lane, pre_platform: Platform, stats: Stats | None) -> RoundTrip:
     """Run one call in a lane (whose host was ``pre_platform`` just before) and check every property."""
     pre_vcpu = copy.deepcopy(lane.vcpu)
     snap = lane.platform.snapshot()
@@ -397,5 +463,3 @@ def check_call(td: TdConfig, before: VcpuState, lane: Lane, pre_platform: Platfo
     if lane.policy == "hardened":
         check_hardened(before, rt, snap, lane.platform)
     return rt
-
-

@@ -30,8 +30,27 @@ from ..abi.regs import (
 from ..kvm import leaves as L
 
 # === strategies ==================================================================================
-INTERESTING_U64 = (0, 1, 2, 3, 4, 8, 0x10, 0x20, 0xFF, 0x1000, 0xFFFF, 0x20_0000, U32, 1 << 32,
-                   1 << 51, (1 << 51) | 0x1000, 1 << 63, U64 - 0xFFF, U64)
+INTERESTING_U64 = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    8,
+    0x10,
+    0x20,
+    0xFF,
+    0x1000,
+    0xFFFF,
+    0x20_0000,
+    U32,
+    1 << 32,
+    1 << 51,
+    (1 << 51) | 0x1000,
+    1 << 63,
+    U64 - 0xFFF,
+    U64,
+)
 #: MSR indices worth poking: the emulated x2APIC ones, TSC deadline, APIC base, and an unknown one
 INTERESTING_MSRS = (0x10, 0x1B, 0x6E0, 0x802, 0x803, 0x808, 0x80B, 0x80F, 0x830, 0xC0000080)
 
@@ -179,10 +198,16 @@ def _maps(keys: st.SearchStrategy[int], values: st.SearchStrategy[int]) -> st.Se
 
 
 _MSR_INDEX = st.one_of(st.sampled_from(INTERESTING_MSRS), st.integers(0, U32))
-_CPUID_ENTRY = st.fixed_dictionaries({
-    "leaf": st.one_of(st.sampled_from((0, 1, 7, 0xD, 0x40000000, 0x80000000)), st.integers(0, U32)),
-    "subleaf": st.integers(0, 3), "eax": st.integers(0, U32), "ebx": st.integers(0, U32),
-    "ecx": st.integers(0, U32), "edx": st.integers(0, U32)})
+_CPUID_ENTRY = st.fixed_dictionaries(
+    {
+        "leaf": st.one_of(st.sampled_from((0, 1, 7, 0xD, 0x40000000, 0x80000000)), st.integers(0, U32)),
+        "subleaf": st.integers(0, 3),
+        "eax": st.integers(0, U32),
+        "ebx": st.integers(0, U32),
+        "ecx": st.integers(0, U32),
+        "edx": st.integers(0, U32),
+    }
+)
 _PLATFORM_PARTS = {
     "msr_exits": weighted(False, True, odds=2),
     "exit_hypercall_map_gpa": weighted(True, False, odds=4),
@@ -230,5 +255,3 @@ def examples(draw, max_calls: int = 3) -> dict:
         "platform": draw(platforms()),
         "calls": draw(st.lists(calls(module, no_rbp_mod), min_size=1, max_size=max_calls)),
     }
-
-

@@ -71,8 +71,9 @@ def get_td_vm_call_info(io: Access, p: Platform) -> None:
             io.write(reg, 0)
     elif leaf == 1:
         words = p.userspace.tdvmcall_info
-        ret = p.tdx_exit(0x10000, {"leaf": 1, "r11": words[0], "r12": words[1], "r13": words[2],
-                                   "r14": words[3]}, TDVMCALL_SUCCESS)
+        ret = p.tdx_exit(
+            0x10000, {"leaf": 1, "r11": words[0], "r12": words[1], "r13": words[2], "r14": words[3]}, TDVMCALL_SUCCESS
+        )
         set_status(io, ret)
         for reg, value in zip(("r11", "r12", "r13", "r14"), words):
             io.write(reg, value)
@@ -93,8 +94,7 @@ def map_gpa(io: Access, p: Platform) -> None:
     # early checks, in KVM's order; R11 = the original GPA
     if not p.exit_hypercall_map_gpa:
         return fail(TDVMCALL_SUBFUNC_UNSUPPORTED, gpa)
-    if (end <= gpa or not p.is_legal_gpa(gpa) or not p.is_legal_gpa(end - 1)
-            or p.is_shared(gpa) != p.is_shared(end - 1)):
+    if end <= gpa or not p.is_legal_gpa(gpa) or not p.is_legal_gpa(end - 1) or p.is_shared(gpa) != p.is_shared(end - 1):
         return fail(TDVMCALL_INVALID_OPERAND, gpa)
     if not _aligned(gpa) or not _aligned(size):
         return fail(TDVMCALL_ALIGN_ERROR, gpa)
@@ -144,9 +144,14 @@ def report_fatal_error(io: Access, p: Platform) -> None:
         else:
             data[i] = io.read_optional(reg)
     message = b"".join(data[GPR_NAMES.index(r)].to_bytes(8, "little") for r in FATAL_MESSAGE_REGS)
-    p.system_event(KVM_SYSTEM_EVENT_TDX_FATAL, data, error_code=code, gpa=gpa,
-                   message=message.rstrip(b"\0").decode("latin-1"),
-                   qemu_accepts=code & 0xFFFF == 0)
+    p.system_event(
+        KVM_SYSTEM_EVENT_TDX_FATAL,
+        data,
+        error_code=code,
+        gpa=gpa,
+        message=message.rstrip(b"\0").decode("latin-1"),
+        qemu_accepts=code & 0xFFFF == 0,
+    )
 
 
 def setup_event_notify_interrupt(io: Access, p: Platform) -> None:

@@ -136,63 +136,104 @@ _PRIVATE_PAGE = 0x8000_0000
 
 GHCI_LEAVES: tuple[Leaf, ...] = (
     Leaf(
-        "GetTdVmCallInfo", "ghci", 0x10000, None, EXIT_REASON_TDCALL,
+        "GetTdVmCallInfo",
+        "ghci",
+        0x10000,
+        None,
+        EXIT_REASON_TDCALL,
         inputs=(_in("r12", "leaf (0: GHCI basics, 1: supported sub-functions)"),),
-        outputs=(STATUS_ALWAYS,
-                 _out("r11", "info word 0", when=INFO_KNOWN), _out("r12", "info word 1", when=INFO_KNOWN),
-                 _out("r13", "info word 2", when=INFO_KNOWN), _out("r14", "info word 3", when=INFO_KNOWN)),
+        outputs=(
+            STATUS_ALWAYS,
+            _out("r11", "info word 0", when=INFO_KNOWN),
+            _out("r12", "info word 1", when=INFO_KNOWN),
+            _out("r13", "info word 2", when=INFO_KNOWN),
+            _out("r14", "info word 3", when=INFO_KNOWN),
+        ),
         handling="leaf 0 in kernel (R11..R14 = 0); leaf 1 exits to userspace, which fills R10, R11..R14; "
-                 "other leaves INVALID_OPERAND with R11..R14 untouched",
-        source=f"{TDX_C} tdx_get_td_vm_call_info()", userspace="KVM_EXIT_TDX",
+        "other leaves INVALID_OPERAND with R11..R14 untouched",
+        source=f"{TDX_C} tdx_get_td_vm_call_info()",
+        userspace="KVM_EXIT_TDX",
         cases=(Case("leaf0", {"r12": 0}), Case("leaf1", {"r12": 1}), Case("bad-leaf", {"r12": 2})),
     ),
     Leaf(
-        "MapGPA", "ghci", 0x10001, None, EXIT_REASON_TDCALL,
+        "MapGPA",
+        "ghci",
+        0x10001,
+        None,
+        EXIT_REASON_TDCALL,
         inputs=(_in("r12", "start GPA (shared bit: convert to shared)"), _in("r13", "size in bytes")),
-        outputs=(STATUS_ON_ERROR,
-                 _out("r11", "GPA to resume from (error or RETRY)", on="failure")),
+        outputs=(STATUS_ON_ERROR, _out("r11", "GPA to resume from (error or RETRY)", on="failure")),
         handling="checks (exit-hypercall cap, range, alignment), then one KVM_EXIT_HYPERCALL "
-                 "(MAP_GPA_RANGE) per chunk of at most 2 MiB; EAGAIN or a pending event -> RETRY",
-        source=f"{TDX_C} tdx_map_gpa(), tdx_complete_vmcall_map_gpa()", userspace="KVM_EXIT_HYPERCALL",
-        cases=(Case("to-shared", {"r12": _SHARED_PAGE, "r13": 0x1000}),
-               Case("to-private-4MiB", {"r12": _PRIVATE_PAGE, "r13": 0x40_0000}),
-               Case("retry", {"r12": _SHARED_PAGE, "r13": 0x40_0000}, {"userspace": {"hypercall_ret": [0, 11]}}),
-               Case("unaligned", {"r12": _SHARED_PAGE | 0x10, "r13": 0x1000})),
+        "(MAP_GPA_RANGE) per chunk of at most 2 MiB; EAGAIN or a pending event -> RETRY",
+        source=f"{TDX_C} tdx_map_gpa(), tdx_complete_vmcall_map_gpa()",
+        userspace="KVM_EXIT_HYPERCALL",
+        cases=(
+            Case("to-shared", {"r12": _SHARED_PAGE, "r13": 0x1000}),
+            Case("to-private-4MiB", {"r12": _PRIVATE_PAGE, "r13": 0x40_0000}),
+            Case("retry", {"r12": _SHARED_PAGE, "r13": 0x40_0000}, {"userspace": {"hypercall_ret": [0, 11]}}),
+            Case("unaligned", {"r12": _SHARED_PAGE | 0x10, "r13": 0x1000}),
+        ),
         note="R11 is written only on error or RETRY: on success the guest gets its own R11 back",
     ),
     Leaf(
-        "GetQuote", "ghci", 0x10002, None, EXIT_REASON_TDCALL,
+        "GetQuote",
+        "ghci",
+        0x10002,
+        None,
+        EXIT_REASON_TDCALL,
         inputs=(_in("r12", "shared GPA of the quote buffer"), _in("r13", "buffer size")),
         outputs=(STATUS_ALWAYS,),
         handling="INVALID_OPERAND if the GPA is private; else KVM_EXIT_TDX and R10 = userspace's ret",
-        source=f"{TDX_C} tdx_get_quote()", userspace="KVM_EXIT_TDX",
-        cases=(Case("shared", {"r12": _SHARED_PAGE, "r13": 0x2000}),
-               Case("private", {"r12": _PRIVATE_PAGE, "r13": 0x2000})),
+        source=f"{TDX_C} tdx_get_quote()",
+        userspace="KVM_EXIT_TDX",
+        cases=(
+            Case("shared", {"r12": _SHARED_PAGE, "r13": 0x2000}),
+            Case("private", {"r12": _PRIVATE_PAGE, "r13": 0x2000}),
+        ),
     ),
     Leaf(
-        "ReportFatalError", "ghci", 0x10003, None, EXIT_REASON_TDCALL,
-        inputs=(_in("r12", "error code (bit 63: R13 holds a GPA)"),
-                _in("r13", "GPA of extra information", when=FATAL_GPA))
-               + tuple(_in(r, f"message bytes {8 * i}..{8 * i + 7}", required=False)
-                       for i, r in enumerate(FATAL_MESSAGE_REGS)),
+        "ReportFatalError",
+        "ghci",
+        0x10003,
+        None,
+        EXIT_REASON_TDCALL,
+        inputs=(
+            _in("r12", "error code (bit 63: R13 holds a GPA)"),
+            _in("r13", "GPA of extra information", when=FATAL_GPA),
+        )
+        + tuple(
+            _in(r, f"message bytes {8 * i}..{8 * i + 7}", required=False) for i, r in enumerate(FATAL_MESSAGE_REGS)
+        ),
         outputs=(),
         handling="KVM_EXIT_SYSTEM_EVENT (TDX_FATAL) with every GPR slot in data[]; no status, no completion",
-        source=f"{TDX_C} tdx_report_fatal_error()", userspace="KVM_EXIT_SYSTEM_EVENT",
-        cases=(Case("code-only", {"r12": 0x0001_0000}),
-               Case("with-gpa", {"r12": 1 << 63 | 0x0001_0000, "r13": _SHARED_PAGE})),
+        source=f"{TDX_C} tdx_report_fatal_error()",
+        userspace="KVM_EXIT_SYSTEM_EVENT",
+        cases=(
+            Case("code-only", {"r12": 0x0001_0000}),
+            Case("with-gpa", {"r12": 1 << 63 | 0x0001_0000, "r13": _SHARED_PAGE}),
+        ),
         note="message registers are optional: an unexposed one reads as 0 (QEMU packs the exposed ones)",
     ),
     Leaf(
-        "SetupEventNotifyInterrupt", "ghci", 0x10004, None, EXIT_REASON_TDCALL,
+        "SetupEventNotifyInterrupt",
+        "ghci",
+        0x10004,
+        None,
+        EXIT_REASON_TDCALL,
         inputs=(_in("r12", "interrupt vector (32..255)"),),
         outputs=(STATUS_ALWAYS,),
         handling="INVALID_OPERAND unless 32 <= vector <= 255; else KVM_EXIT_TDX, R10 = userspace's ret "
-                 "(v6.16: SUBFUNC_UNSUPPORTED)",
-        source=f"{TDX_C} tdx_setup_event_notify_interrupt()", userspace="KVM_EXIT_TDX",
+        "(v6.16: SUBFUNC_UNSUPPORTED)",
+        source=f"{TDX_C} tdx_setup_event_notify_interrupt()",
+        userspace="KVM_EXIT_TDX",
         cases=(Case("vector-0x40", {"r12": 0x40}), Case("bad-vector", {"r12": 0x10})),
     ),
     Leaf(
-        "Instruction.CPUID", "ghci", 10, None, EXIT_REASON_CPUID,
+        "Instruction.CPUID",
+        "ghci",
+        10,
+        None,
+        EXIT_REASON_CPUID,
         inputs=(_in("r12", "leaf (EAX, low 32 bits)"), _in("r13", "sub-leaf (ECX, low 32 bits)")),
         outputs=(_out("r12", "EAX"), _out("r13", "EBX"), _out("r14", "ECX"), _out("r15", "EDX")),
         handling="in kernel; the result of kvm_cpuid() is ignored, so it never fails and never writes R10",
@@ -200,7 +241,11 @@ GHCI_LEAVES: tuple[Leaf, ...] = (
         cases=(Case("leaf1", {"r12": 1, "r13": 0}), Case("leaf0", {"r12": 0, "r13": 0})),
     ),
     Leaf(
-        "Instruction.HLT", "ghci", 12, None, EXIT_REASON_HLT,
+        "Instruction.HLT",
+        "ghci",
+        12,
+        None,
+        EXIT_REASON_HLT,
         inputs=(_in("r12", "interrupts blocked (non-zero: blocked)"),),
         outputs=(),
         handling="in kernel (kvm_emulate_halt_noskip); R12 decides whether a pending interrupt wakes it",
@@ -208,17 +253,33 @@ GHCI_LEAVES: tuple[Leaf, ...] = (
         cases=(Case("sti-hlt", {"r12": 0}),),
     ),
     Leaf(
-        "Instruction.IO", "ghci", 30, None, EXIT_REASON_IO_INSTRUCTION,
-        inputs=(_in("r12", "size (1, 2 or 4)"), _in("r13", "direction (0 in, 1 out)"),
-                _in("r14", "port (low 16 bits)"), _in("r15", "data to write", when=IO_WRITE)),
+        "Instruction.IO",
+        "ghci",
+        30,
+        None,
+        EXIT_REASON_IO_INSTRUCTION,
+        inputs=(
+            _in("r12", "size (1, 2 or 4)"),
+            _in("r13", "direction (0 in, 1 out)"),
+            _in("r14", "port (low 16 bits)"),
+            _in("r15", "data to write", when=IO_WRITE),
+        ),
         outputs=(STATUS_ON_ERROR, _out("r11", "data read (zero-extended)", on="success", when=IO_READ)),
         handling="size must be 1, 2 or 4 and direction 0 or 1, else INVALID_OPERAND; "
-                 "in kernel or KVM_EXIT_IO (count 1); IN completes on the next run",
-        source=f"{TDX_C} tdx_emulate_io(), tdx_complete_pio_in()", userspace="KVM_EXIT_IO",
-        cases=(Case("in", {"r12": 1, "r13": 0, "r14": 0x3FD}), Case("out", {"r12": 1, "r13": 1, "r14": 0x3F8, "r15": 0x41})),
+        "in kernel or KVM_EXIT_IO (count 1); IN completes on the next run",
+        source=f"{TDX_C} tdx_emulate_io(), tdx_complete_pio_in()",
+        userspace="KVM_EXIT_IO",
+        cases=(
+            Case("in", {"r12": 1, "r13": 0, "r14": 0x3FD}),
+            Case("out", {"r12": 1, "r13": 1, "r14": 0x3F8, "r15": 0x41}),
+        ),
     ),
     Leaf(
-        "Instruction.RDMSR", "ghci", 31, None, EXIT_REASON_MSR_READ,
+        "Instruction.RDMSR",
+        "ghci",
+        31,
+        None,
+        EXIT_REASON_MSR_READ,
         inputs=(_in("r12", "MSR index (low 32 bits)"),),
         outputs=(STATUS_ON_ERROR, _out("r11", "EDX:EAX", on="success")),
         handling="only MSRs KVM emulates for a TD succeed; else INVALID_OPERAND (or KVM_EXIT_X86_RDMSR)",
@@ -227,7 +288,11 @@ GHCI_LEAVES: tuple[Leaf, ...] = (
         cases=(Case("apic-version", {"r12": 0x803}), Case("unknown-msr", {"r12": 0x10})),
     ),
     Leaf(
-        "Instruction.WRMSR", "ghci", 32, None, EXIT_REASON_MSR_WRITE,
+        "Instruction.WRMSR",
+        "ghci",
+        32,
+        None,
+        EXIT_REASON_MSR_WRITE,
         inputs=(_in("r12", "MSR index (low 32 bits)"), _in("r13", "value (64 bits)")),
         outputs=(STATUS_ON_ERROR,),
         handling="only MSRs KVM emulates for a TD succeed; else INVALID_OPERAND (or KVM_EXIT_X86_WRMSR)",
@@ -236,15 +301,26 @@ GHCI_LEAVES: tuple[Leaf, ...] = (
         cases=(Case("tpr", {"r12": 0x808, "r13": 0x10}), Case("unknown-msr", {"r12": 0x10, "r13": 1})),
     ),
     Leaf(
-        "#VE.RequestMMIO", "ghci", 48, None, EXIT_REASON_EPT_MISCONFIG,
-        inputs=(_in("r12", "size (1, 2, 4 or 8; low 32 bits)"), _in("r13", "direction (0 read, 1 write; low 32 bits)"),
-                _in("r14", "shared GPA"), _in("r15", "data to write", when=MMIO_WRITE)),
+        "#VE.RequestMMIO",
+        "ghci",
+        48,
+        None,
+        EXIT_REASON_EPT_MISCONFIG,
+        inputs=(
+            _in("r12", "size (1, 2, 4 or 8; low 32 bits)"),
+            _in("r13", "direction (0 read, 1 write; low 32 bits)"),
+            _in("r14", "shared GPA"),
+            _in("r15", "data to write", when=MMIO_WRITE),
+        ),
         outputs=(STATUS_ON_ERROR, _out("r11", "data read (zero-extended)", on="success", when=MMIO_READ)),
         handling="size and direction checked on their low 32 bits; first and last byte must be shared; "
-                 "in kernel or KVM_EXIT_MMIO with the shared bit cleared",
-        source=f"{TDX_C} tdx_emulate_mmio(), tdx_complete_mmio_read()", userspace="KVM_EXIT_MMIO",
-        cases=(Case("read", {"r12": 4, "r13": 0, "r14": SHARED_BIT | 0xFEB0_0000}),
-               Case("write", {"r12": 4, "r13": 1, "r14": SHARED_BIT | 0xFEB0_0000, "r15": 0x1234})),
+        "in kernel or KVM_EXIT_MMIO with the shared bit cleared",
+        source=f"{TDX_C} tdx_emulate_mmio(), tdx_complete_mmio_read()",
+        userspace="KVM_EXIT_MMIO",
+        cases=(
+            Case("read", {"r12": 4, "r13": 0, "r14": SHARED_BIT | 0xFEB0_0000}),
+            Case("write", {"r12": 4, "r13": 1, "r14": SHARED_BIT | 0xFEB0_0000, "r15": 0x1234}),
+        ),
     ),
 )
 
@@ -253,43 +329,102 @@ UNSUPPORTED_GHCI = {"Service": 0x10005, "Instruction.WBINVD": 54, "Instruction.P
 
 
 def _unsupported(name: str, r11: int) -> Leaf:
-    return Leaf(name, "ghci", r11, None, EXIT_REASON_TDCALL, inputs=(), outputs=(STATUS_ALWAYS,),
-                handling="not handled by KVM: SUBFUNC_UNSUPPORTED", source=f"{TDX_C} handle_tdvmcall() default")
+    return Leaf(
+        name,
+        "ghci",
+        r11,
+        None,
+        EXIT_REASON_TDCALL,
+        inputs=(),
+        outputs=(STATUS_ALWAYS,),
+        handling="not handled by KVM: SUBFUNC_UNSUPPORTED",
+        source=f"{TDX_C} handle_tdvmcall() default",
+    )
 
 
-def _hc(name: str, nr: int, args: tuple[tuple[str, str], ...], handling: str,
-        cases: tuple[Case, ...] = (Case("default", {}),), userspace: str | None = None) -> Leaf:
-    return Leaf(f"KVMHypercall.{name}", "kvm-hypercall", None, nr, EXIT_REASON_VMCALL,
-                inputs=tuple(_in(r, role) for r, role in args), outputs=(HC_RESULT,),
-                handling=handling, source=f"{TDX_C} tdx_emulate_vmcall(); {X86_C}",
-                userspace=userspace, cases=cases)
+def _hc(
+    name: str,
+    nr: int,
+    args: tuple[tuple[str, str], ...],
+    handling: str,
+    cases: tuple[Case, ...] = (Case("default", {}),),
+    userspace: str | None = None,
+) -> Leaf:
+    return Leaf(
+        f"KVMHypercall.{name}",
+        "kvm-hypercall",
+        None,
+        nr,
+        EXIT_REASON_VMCALL,
+        inputs=tuple(_in(r, role) for r, role in args),
+        outputs=(HC_RESULT,),
+        handling=handling,
+        source=f"{TDX_C} tdx_emulate_vmcall(); {X86_C}",
+        userspace=userspace,
+        cases=cases,
+    )
 
 
 KVM_HYPERCALLS: tuple[Leaf, ...] = (
     _hc("VAPIC_POLL_IRQ", 1, (), "returns 0"),
-    _hc("KICK_CPU", 5, (("r12", "a1: APIC id to wake"),), "wakes the vCPU with that APIC id; returns 0 "
-        "(a0 in R11 is ignored)", (Case("apic1", {"r12": 1}),)),
-    _hc("CLOCK_PAIRING", 9, (("r11", "a0: GPA of the result"), ("r12", "a1: clock type (0 = wall)")),
+    _hc(
+        "KICK_CPU",
+        5,
+        (("r12", "a1: APIC id to wake"),),
+        "wakes the vCPU with that APIC id; returns 0 (a0 in R11 is ignored)",
+        (Case("apic1", {"r12": 1}),),
+    ),
+    _hc(
+        "CLOCK_PAIRING",
+        9,
+        (("r11", "a0: GPA of the result"), ("r12", "a1: clock type (0 = wall)")),
         "0, -KVM_EOPNOTSUPP (clock type != 0 or unsuitable host clock) or -KVM_EFAULT",
-        (Case("wall", {"r11": 0x9000, "r12": 0}), Case("bad-clock", {"r11": 0x9000, "r12": 1}))),
-    _hc("SEND_IPI", 10, (("r11", "a0: APIC-id bitmap, low"), ("r12", "a1: APIC-id bitmap, high"),
-                         ("r13", "a2: lowest APIC id"), ("r14", "a3: ICR")),
-        "count of IPIs sent, or -KVM_EINVAL", (Case("two-cpus", {"r11": 0b11, "r12": 0, "r13": 0, "r14": 0xFD}),)),
-    _hc("SCHED_YIELD", 11, (("r11", "a0: APIC id of the preempted vCPU"),), "yields to that vCPU; returns 0",
-        (Case("apic1", {"r11": 1}),)),
-    _hc("MAP_GPA_RANGE", 12, (("r11", "a0: GPA"), ("r12", "a1: pages"), ("r13", "a2: attributes")),
+        (Case("wall", {"r11": 0x9000, "r12": 0}), Case("bad-clock", {"r11": 0x9000, "r12": 1})),
+    ),
+    _hc(
+        "SEND_IPI",
+        10,
+        (
+            ("r11", "a0: APIC-id bitmap, low"),
+            ("r12", "a1: APIC-id bitmap, high"),
+            ("r13", "a2: lowest APIC id"),
+            ("r14", "a3: ICR"),
+        ),
+        "count of IPIs sent, or -KVM_EINVAL",
+        (Case("two-cpus", {"r11": 0b11, "r12": 0, "r13": 0, "r14": 0xFD}),),
+    ),
+    _hc(
+        "SCHED_YIELD",
+        11,
+        (("r11", "a0: APIC id of the preempted vCPU"),),
+        "yields to that vCPU; returns 0",
+        (Case("apic1", {"r11": 1}),),
+    ),
+    _hc(
+        "MAP_GPA_RANGE",
+        12,
+        (("r11", "a0: GPA"), ("r12", "a1: pages"), ("r13", "a2: attributes")),
         "-KVM_ENOSYS unless userspace enabled it; -KVM_EINVAL for bad arguments; else KVM_EXIT_HYPERCALL "
         "with the arguments verbatim and R10 = userspace's ret",
-        (Case("one-page", {"r11": 0x8000_0000, "r12": 1, "r13": 0x10}),), userspace="KVM_EXIT_HYPERCALL"),
+        (Case("one-page", {"r11": 0x8000_0000, "r12": 1, "r13": 0x10}),),
+        userspace="KVM_EXIT_HYPERCALL",
+    ),
 )
 
-UNKNOWN_HYPERCALL = Leaf("KVMHypercall", "kvm-hypercall", None, None, EXIT_REASON_VMCALL, inputs=(),
-                         outputs=(HC_RESULT,), handling="unknown hypercall number: -KVM_ENOSYS",
-                         source=f"{TDX_C} tdx_emulate_vmcall(); {X86_C}",
-                         cases=(Case("unknown-nr", {"r10": 0x77}),))
+UNKNOWN_HYPERCALL = Leaf(
+    "KVMHypercall",
+    "kvm-hypercall",
+    None,
+    None,
+    EXIT_REASON_VMCALL,
+    inputs=(),
+    outputs=(HC_RESULT,),
+    handling="unknown hypercall number: -KVM_ENOSYS",
+    source=f"{TDX_C} tdx_emulate_vmcall(); {X86_C}",
+    cases=(Case("unknown-nr", {"r10": 0x77}),),
+)
 
-LEAVES: tuple[Leaf, ...] = (GHCI_LEAVES + tuple(_unsupported(n, v) for n, v in UNSUPPORTED_GHCI.items())
-                            + KVM_HYPERCALLS)
+LEAVES: tuple[Leaf, ...] = GHCI_LEAVES + tuple(_unsupported(n, v) for n, v in UNSUPPORTED_GHCI.items()) + KVM_HYPERCALLS
 BY_NAME: dict[str, Leaf] = {leaf.name: leaf for leaf in LEAVES}
 _GHCI_BY_R11 = {leaf.r11: leaf for leaf in LEAVES if leaf.family == "ghci"}
 _HC_BY_NR = {leaf.nr: leaf for leaf in KVM_HYPERCALLS}
@@ -382,13 +517,18 @@ def as_dict(leaf: Leaf) -> dict:
         return d
 
     return {
-        "name": leaf.name, "family": leaf.family,
-        "r11": leaf.r11, "nr": leaf.nr, "vmx_exit_reason": leaf.reason,
+        "name": leaf.name,
+        "family": leaf.family,
+        "r11": leaf.r11,
+        "nr": leaf.nr,
+        "vmx_exit_reason": leaf.reason,
         "selectors": list(leaf.selectors),
-        "inputs": [op(o) for o in leaf.inputs], "outputs": [op(o) for o in leaf.outputs],
-        "userspace_exit": leaf.userspace, "handling": leaf.handling, "source": leaf.source,
+        "inputs": [op(o) for o in leaf.inputs],
+        "outputs": [op(o) for o in leaf.outputs],
+        "userspace_exit": leaf.userspace,
+        "handling": leaf.handling,
+        "source": leaf.source,
         "note": leaf.note,
         "minimal_masks": {k: f"0x{v:04x}" for k, v in condition_masks(leaf).items()},
         "cases": [{"name": c.name, "regs": {k: f"{v:#x}" for k, v in c.regs.items()}} for c in leaf.cases],
     }
-

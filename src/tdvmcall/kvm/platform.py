@@ -119,8 +119,13 @@ class Platform:
 
     def snapshot(self) -> dict:
         """Everything a call could change (for the no-side-effect property)."""
-        return {"msrs": dict(self.msrs), "exits": copy.deepcopy(self.exits), "effects": list(self.effects),
-                "memory": dict(self.memory), "userspace": copy.deepcopy(self.userspace)}
+        return {
+            "msrs": dict(self.msrs),
+            "exits": copy.deepcopy(self.exits),
+            "effects": list(self.effects),
+            "memory": dict(self.memory),
+            "userspace": copy.deepcopy(self.userspace),
+        }
 
     # --- in kernel ----------------------------------------------------------------------------
     def kvm_cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
@@ -163,16 +168,25 @@ class Platform:
     # --- userspace exits ----------------------------------------------------------------------
     def io(self, port: int, size: int, write: bool, data: int) -> int:
         """KVM_EXIT_IO (count 1); returns the data an IN reads (unknown ports read all ones)."""
-        self.exits.append({"reason": KVM_EXIT_IO, "direction": "out" if write else "in", "size": size,
-                           "port": port, "count": 1, "data": data if write else None})
+        self.exits.append(
+            {
+                "reason": KVM_EXIT_IO,
+                "direction": "out" if write else "in",
+                "size": size,
+                "port": port,
+                "count": 1,
+                "data": data if write else None,
+            }
+        )
         if write:
             return 0
         return self.userspace.ports.get(port, U64) & ((1 << 8 * size) - 1)
 
     def mmio(self, gpa: int, size: int, write: bool, data: int) -> int:
         """KVM_EXIT_MMIO with the shared bit cleared; unknown addresses read all ones."""
-        self.exits.append({"reason": KVM_EXIT_MMIO, "phys_addr": gpa, "len": size, "is_write": write,
-                           "data": data if write else None})
+        self.exits.append(
+            {"reason": KVM_EXIT_MMIO, "phys_addr": gpa, "len": size, "is_write": write, "data": data if write else None}
+        )
         if write:
             self.memory[gpa] = data
             return 0
@@ -181,8 +195,15 @@ class Platform:
     def hypercall_exit(self, nr: int, args: tuple[int, int, int]) -> int:
         """KVM_EXIT_HYPERCALL; returns userspace's ``ret``."""
         ret = self.userspace.next_hypercall_ret()
-        self.exits.append({"reason": KVM_EXIT_HYPERCALL, "nr": nr, "args": list(args),
-                           "flags": KVM_EXIT_HYPERCALL_LONG_MODE, "ret": ret})
+        self.exits.append(
+            {
+                "reason": KVM_EXIT_HYPERCALL,
+                "nr": nr,
+                "args": list(args),
+                "flags": KVM_EXIT_HYPERCALL_LONG_MODE,
+                "ret": ret,
+            }
+        )
         return ret
 
     def tdx_exit(self, nr: int, fields: dict[str, int], qemu_answer: int) -> int:
@@ -193,8 +214,9 @@ class Platform:
         return ret
 
     def system_event(self, event_type: int, data: list[int], **fields: Any) -> None:
-        self.exits.append({"reason": KVM_EXIT_SYSTEM_EVENT, "type": event_type, "ndata": len(data),
-                           "data": list(data), **fields})
+        self.exits.append(
+            {"reason": KVM_EXIT_SYSTEM_EVENT, "type": event_type, "ndata": len(data), "data": list(data), **fields}
+        )
 
     def internal_error(self, why: str) -> None:
         self.exits.append({"reason": KVM_EXIT_INTERNAL_ERROR, "why": why})

@@ -66,8 +66,9 @@ VMX_LAZY_SET = mask_of((RSP, RIP, RFLAGS, PDPTR, SEGMENTS, CR0, CR3, CR4, EXIT_I
 #: registers SVM loads lazily (svm.c: only the PDPTRs)
 SVM_LAZY_SET = mask_of((PDPTR,))
 #: registers tdx.c keeps "available" after every TD exit (TDX_REGS_AVAIL_SET) = 0x0180FFEF
-TDX_REGS_AVAIL_SET = mask_of((RAX, RBX, RCX, RDX, RBP, RSI, RDI, R8, R9, R10, R11, R12, R13, R14,
-                              R15, EXIT_INFO_1, EXIT_INFO_2))
+TDX_REGS_AVAIL_SET = mask_of(
+    (RAX, RBX, RCX, RDX, RBP, RSI, RDI, R8, R9, R10, R11, R12, R13, R14, R15, EXIT_INFO_1, EXIT_INFO_2)
+)
 
 
 class RegCache:

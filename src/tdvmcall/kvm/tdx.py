@@ -149,8 +149,9 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     missing = [r for r in L.required_inputs(leaf, vals) if r not in exposed]
     unexposed_outputs = [r for r in L.possible_outputs(leaf, vals) if r not in exposed]
     exits_before = len(platform.exits)
-    result = KvmResult(vcpu.policy, leaf, VERDICT_COMPLETED, None, vmm,
-                       missing=missing, unexposed_outputs=unexposed_outputs)
+    result = KvmResult(
+        vcpu.policy, leaf, VERDICT_COMPLETED, None, vmm, missing=missing, unexposed_outputs=unexposed_outputs
+    )
 
     if vcpu.policy == "legacy":
         # mark registers: the fixed set, whatever the mask
@@ -165,13 +166,13 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     else:
         # (a) load exactly the exposed GPRs, plus RCX, into the cache
         cache = vcpu.cache
-        cache.tdx_after_exit_hardened({i: vmm[i] for i in range(NR_GPRS)
-                                       if qual.gpr_select >> i & 1 or i == RCX})
+        cache.tdx_after_exit_hardened({i: vmm[i] for i in range(NR_GPRS) if qual.gpr_select >> i & 1 or i == RCX})
         io = HardenedAccess(cache, qual.raw)
         # (b) validate before dispatch
         if "r10" not in exposed:
-            platform.internal_error(f"TDVMCALL without R10 exposed (mask {qual.gpr_select:#06x}): "
-                                    "no status can reach the guest")
+            platform.internal_error(
+                f"TDVMCALL without R10 exposed (mask {qual.gpr_select:#06x}): no status can reach the guest"
+            )
             result.verdict = VERDICT_INTERNAL_ERROR
         elif missing or unexposed_outputs:
             io.write("r10", TDVMCALL_INVALID_OPERAND)

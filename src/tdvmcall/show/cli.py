@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,7 +19,7 @@ from ..console import emit_json, fail, out
 def run(
     file: str = typer.Argument(..., help="Scenario JSON file, or - for standard input."),
     as_json: bool = typer.Option(False, "--json", help="Print the result object (the documented JSON contract)."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="Override kvm.policy: legacy or hardened."),
+    policy: str | None = typer.Option(None, "--policy", help="Override kvm.policy: legacy or hardened."),
 ) -> None:
     """Run one TDVMCALL round trip (guest -> TDX module -> KVM -> module -> guest) from a JSON scenario
     and show every register at every step.
@@ -62,14 +61,18 @@ def render_run(r: dict) -> None:
 
     m, k = r["module"], r["kvm"]
     gsel = set(m["gpr_select"])
-    out.print(f"[bold]TDX module {r['td']['module']}[/], NO_RBP_MOD {'on' if r['td']['no_rbp_mod'] else 'off'}; "
-              f"control {m['control']} exposes {' '.join(m['gpr_select']) or 'nothing'}"
-              + (f", {' '.join(m['xmm_select'])}" if m["xmm_select"] else ""))
+    out.print(
+        f"[bold]TDX module {r['td']['module']}[/], NO_RBP_MOD {'on' if r['td']['no_rbp_mod'] else 'off'}; "
+        f"control {m['control']} exposes {' '.join(m['gpr_select']) or 'nothing'}"
+        + (f", {' '.join(m['xmm_select'])}" if m["xmm_select"] else "")
+    )
     if m["fault"]:
         out.print(f"[red]guest fault:[/] {m['fault']} (no status, RIP not advanced)")
     elif not m["exited"]:
-        out.print(f"[red]module refused the call:[/] guest RAX = {m['status']} ({m['status_name']}); "
-                  f"{'; '.join(m['problems'])}. KVM never saw it.")
+        out.print(
+            f"[red]module refused the call:[/] guest RAX = {m['status']} ({m['status_name']}); "
+            f"{'; '.join(m['problems'])}. KVM never saw it."
+        )
     if k:
         status = k["status"] or "not written"
         name = f" {k['status_name']}" if k["status_name"] else ""
@@ -102,9 +105,15 @@ def render_run(r: dict) -> None:
 # --- decode --------------------------------------------------------------------------------------
 def decode(
     value: str = typer.Argument(..., help="The value, hex (0x...) or decimal."),
-    as_: Optional[str] = typer.Option(None, "--as", help="Reading: status | tdvmcall-status | control | exitqual. "
-                                                         "Without it, one is picked and the output says which."),
-    module: str = typer.Option("1.5.05", "--module", help="Module version of the status table: 1.0.3 | 1.5.01 | 1.5.05."),
+    as_: str | None = typer.Option(
+        None,
+        "--as",
+        help="Reading: status | tdvmcall-status | control | exitqual. "
+        "Without it, one is picked and the output says which.",
+    ),
+    module: str = typer.Option(
+        "1.5.05", "--module", help="Module version of the status table: 1.0.3 | 1.5.01 | 1.5.05."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the explanation as JSON."),
 ) -> None:
     """Explain a value from a log: a TDX status, a TDVMCALL status, a control value or an exit
@@ -139,15 +148,20 @@ def render_decode(d: dict) -> None:
         out.print(f"  name: {name}  (module {d['module']})", highlight=False)
         if "operand_id" in d:
             out.print(f"  operand id: {d['operand_id']} ({d['operand_name'] or 'unknown operand'})", highlight=False)
-        out.print(f"  class {d['class']:#04x}, details L1 {d['details_l1']:#04x}, details L2 {d['details_l2']:#010x}",
-                  highlight=False)
+        out.print(
+            f"  class {d['class']:#04x}, details L1 {d['details_l1']:#04x}, details L2 {d['details_l2']:#010x}",
+            highlight=False,
+        )
         for other, other_name in d["in_other_versions"].items():
             out.print(f"  in module {other}: {other_name}", highlight=False)
         flags = [f for f in ("error", "non_recoverable", "fatal", "host_recoverability_hint") if d[f]]
         out.print(f"  bits: {', '.join(flags) or 'none of error/non-recoverable/fatal/hint'}")
     elif kind == "tdvmcall-status":
-        out.print(f"  {d['name'] or 'unknown TDVMCALL status'}; error bit {'set' if d['error'] else 'clear'}"
-                  f"  (known: {', '.join(f'{n}={v:#x}' for v, n in TDVMCALL_STATUS_NAMES.items())})", highlight=False)
+        out.print(
+            f"  {d['name'] or 'unknown TDVMCALL status'}; error bit {'set' if d['error'] else 'clear'}"
+            f"  (known: {', '.join(f'{n}={v:#x}' for v, n in TDVMCALL_STATUS_NAMES.items())})",
+            highlight=False,
+        )
     elif kind in ("control", "exitqual"):
         out.print(f"  GPRs: {' '.join(d['gprs']) or 'none'}   (gpr_select {d['gpr_select']:#06x})", highlight=False)
         out.print(f"  XMMs: {' '.join(d['xmms']) or 'none'}", highlight=False)
@@ -167,7 +181,7 @@ def render_decode(d: dict) -> None:
 
 # --- leaves --------------------------------------------------------------------------------------
 def leaves(
-    name: Optional[str] = typer.Argument(None, help="Show one call only (e.g. Instruction.IO)."),
+    name: str | None = typer.Argument(None, help="Show one call only (e.g. Instruction.IO)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Print the leaf table: what each TDVMCALL reads and writes, under which conditions, the minimal
@@ -207,8 +221,6 @@ def _operand_text(o: dict) -> str:
     if "when" in o:
         s += f" if {o['when']}"
     return s
-
-
 
 
 def register(app: typer.Typer) -> None:

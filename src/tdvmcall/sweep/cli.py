@@ -6,34 +6,39 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-SWEEP_HELP = "\n\n".join(" ".join(paragraph.split()) for paragraph in (
-    """Answer exhaustively which GPR masks each call accepts. For every call of the leaf table under
+SWEEP_HELP = "\n\n".join(
+    " ".join(paragraph.split())
+    for paragraph in (
+        """Answer exhaustively which GPR masks each call accepts. For every call of the leaf table under
     each of its cases (IO in and out, MMIO read and write, MapGPA RETRY, ...), all 65,536 masks go
     through the TDX module (1.5, with and without NO_RBP_MOD) and KVM (legacy and hardened).""",
-    """Per call and case it prints: the minimal mask hardened KVM needs; how many masks each layer
+        """Per call and case it prints: the minimal mask hardened KVM needs; how many masks each layer
     accepts (module; legacy 'silent-ok': KVM ran the call the guest made and read no unexposed
     register and wrote none; hardened 'completes'); whether the hardened set is exactly the masks
     that contain the minimal one; and whether the simulation agrees with the leaf table.""",
-    """Two routes, marked in the output. Simulation (sim): the module's real control check over every
+        """Two routes, marked in the output. Simulation (sim): the module's real control check over every
     mask, and the real round trip (module, KVM handlers, resume) on one mask per class of masks that
     the model was observed to treat alike (registers it read, wrote or reported; checked at both ends
     of every class, else every mask is run); --exhaustive runs every mask instead (minutes). Table
     (table): minimal_mask, condition_masks and forbidden_gprs of the leaf table, nothing run.""",
-    """Exit status: 0 when the two routes agree for every call, 1 when they do not (said loudly),
+        """Exit status: 0 when the two routes agree for every call, 1 when they do not (said loudly),
     2 for bad input. See docs/sweep.md.""",
-))
+    )
+)
 
 
 def sweep(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: one row per call and case."),
-    exhaustive: bool = typer.Option(False, "--exhaustive",
-                                    help="Run the model on every mask the module accepts instead of one per "
-                                         "observed class (the ground truth of the fast route; takes minutes)."),
-    call: Optional[list[str]] = typer.Option(None, "--call", help="Only this call (repeatable; e.g. Instruction.IO)."),
+    exhaustive: bool = typer.Option(
+        False,
+        "--exhaustive",
+        help="Run the model on every mask the module accepts instead of one per "
+        "observed class (the ground truth of the fast route; takes minutes).",
+    ),
+    call: list[str] | None = typer.Option(None, "--call", help="Only this call (repeatable; e.g. Instruction.IO)."),
     jobs: int = typer.Option(0, "--jobs", help="Worker processes (0: one per CPU, at most 4)."),
 ) -> None:
     from ..console import emit_json, fail, out
@@ -53,45 +58,83 @@ def sweep(
     raise typer.Exit(0 if result["agree"] else 1)
 
 
-def _render_sweep(result: dict, out) -> None:  # noqa: ANN001 (a rich Console)
+def _render_sweep(result: dict, out) -> None:
     from rich import box
     from rich.table import Table
 
     from .sweep import NR_MASKS
 
-    t = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
-              caption=f"module 1.5; masks accepted out of {NR_MASKS:,}; (sim) = simulation, {result['route']} route; "
-                      "(table) = leaf table")
-    for col in ("call", "case", "NO_RBP\n_MOD", "minimal\n(table)", "minimal\n(sim)", "module\n(sim)",
-                "legacy\nsilent-ok", "hardened\n(sim)", "hardened\n(table)", "up-set\n(sim)", "agree"):
+    t = Table(
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        caption=f"module 1.5; masks accepted out of {NR_MASKS:,}; (sim) = simulation, {result['route']} route; "
+        "(table) = leaf table",
+    )
+    for col in (
+        "call",
+        "case",
+        "NO_RBP\n_MOD",
+        "minimal\n(table)",
+        "minimal\n(sim)",
+        "module\n(sim)",
+        "legacy\nsilent-ok",
+        "hardened\n(sim)",
+        "hardened\n(table)",
+        "up-set\n(sim)",
+        "agree",
+    ):
         t.add_column(col, no_wrap=True, justify="left" if col in ("call", "case") else "right")
     for r in result["rows"]:
         for i, (td, e) in enumerate(r["td"].items()):
             hard = e["hardened_completes"]
-            t.add_row(r["call"] if i == 0 else "", r["case"] if i == 0 else "", "on" if td.endswith("/no_rbp_mod") else "off",
-                      e["table"]["minimal"], hard["minimal"] or "none", str(e["module_accepts"]),
-                      str(e["legacy_silent_ok"]["count"]), str(hard["count"]), str(e["table"]["hardened_accepts"]),
-                      "yes" if hard["upset"] else "[bold red]NO[/]", "yes" if e["agree"] else "[bold red]NO[/]",
-                      end_section=i == len(r["td"]) - 1)
+            t.add_row(
+                r["call"] if i == 0 else "",
+                r["case"] if i == 0 else "",
+                "on" if td.endswith("/no_rbp_mod") else "off",
+                e["table"]["minimal"],
+                hard["minimal"] or "none",
+                str(e["module_accepts"]),
+                str(e["legacy_silent_ok"]["count"]),
+                str(hard["count"]),
+                str(e["table"]["hardened_accepts"]),
+                "yes" if hard["upset"] else "[bold red]NO[/]",
+                "yes" if e["agree"] else "[bold red]NO[/]",
+                end_section=i == len(r["td"]) - 1,
+            )
     out.print(t)
     for r in result["rows"]:
         for p in r["problems"]:
             out.print(f"[bold red]DISAGREEMENT[/] {r['call']} / {r['case']}: {p}", highlight=False)
-    fallbacks = sorted({f"{r['call']} / {r['case']}" for r in result["rows"] for e in r["td"].values()
-                        for p in e["routes"].values() if p["disagreeing_classes"]})
+    fallbacks = sorted(
+        {
+            f"{r['call']} / {r['case']}"
+            for r in result["rows"]
+            for e in r["td"].values()
+            for p in e["routes"].values()
+            if p["disagreeing_classes"]
+        }
+    )
     if fallbacks:
         out.print(f"[yellow]footprint check failed, every mask run instead:[/] {', '.join(fallbacks)}")
-    verdict = ("[bold green]simulation and leaf table agree for every call and case[/]" if result["agree"]
-               else "[bold red]SIMULATION AND LEAF TABLE DISAGREE (see above)[/]")
-    out.print(f"{verdict}: {len(result['rows'])} calls x cases, {result['round_trips']:,} model round trips "
-              f"({result['route']} route), {result['seconds']:.2f} s", highlight=False)
+    verdict = (
+        "[bold green]simulation and leaf table agree for every call and case[/]"
+        if result["agree"]
+        else "[bold red]SIMULATION AND LEAF TABLE DISAGREE (see above)[/]"
+    )
+    out.print(
+        f"{verdict}: {len(result['rows'])} calls x cases, {result['round_trips']:,} model round trips "
+        f"({result['route']} route), {result['seconds']:.2f} s",
+        highlight=False,
+    )
 
 
 # --- vectors -------------------------------------------------------------------------------------
 vectors_app = typer.Typer(
     help="Conformance vectors: a deterministic corpus of TDVMCALL round trips (input scenario and "
-         "expected module, VMM, KVM and guest results) that another implementation can be checked "
-         "against. See docs/vectors.md.",
+    "expected module, VMM, KVM and guest results) that another implementation can be checked "
+    "against. See docs/vectors.md.",
     no_args_is_help=True,
 )
 
@@ -119,9 +162,11 @@ def export(
     if as_json:
         emit_json(summary)
     else:
-        out.print(f"wrote {summary['vectors']} vectors ({summary['vector_bytes']:,} bytes) and index.json, "
-                  f"vector.schema.json to {directory} ({summary['files']} files, {summary['bytes']:,} bytes)",
-                  highlight=False)
+        out.print(
+            f"wrote {summary['vectors']} vectors ({summary['vector_bytes']:,} bytes) and index.json, "
+            f"vector.schema.json to {directory} ({summary['files']} files, {summary['bytes']:,} bytes)",
+            highlight=False,
+        )
 
 
 @vectors_app.command("verify")
@@ -147,15 +192,20 @@ def verify(
         diffs = report["differences"]
         shown = diffs if limit <= 0 else diffs[:limit]
         for d in shown:
-            out.print(f"{d['file']}: {d['path']}: expected {_show(d['expected'])}, got {_show(d['got'])}",
-                      highlight=False, markup=False)
+            out.print(
+                f"{d['file']}: {d['path']}: expected {_show(d['expected'])}, got {_show(d['got'])}",
+                highlight=False,
+                markup=False,
+            )
         if len(shown) < len(diffs):
             out.print(f"... and {len(diffs) - len(shown)} more differences (--limit 0 or --json for all)")
         if report["ok"]:
             out.print(f"[green]all {report['vectors']} vectors match the model[/]")
         else:
-            out.print(f"[bold red]{report['failing']} of {report['vectors']} vectors differ from the model "
-                      f"({len(diffs)} differences)[/]")
+            out.print(
+                f"[bold red]{report['failing']} of {report['vectors']} vectors differ from the model "
+                f"({len(diffs)} differences)[/]"
+            )
     raise typer.Exit(0 if report["ok"] else 1)
 
 

@@ -138,8 +138,16 @@ def observe(td: TdConfig, policy: str, t: Target, mask: int) -> Outcome:
     footprint = DISPATCH_MASK | mask_of(named)
     if k.policy == "hardened":
         footprint |= mask_of(i for i in vcpu.cache.reads if i < NR_GPRS)
-    record = (k.leaf.name, k.verdict, k.status, tuple(k.zero_reads), tuple(k.dropped_writes), tuple(k.missing),
-              tuple(k.unexposed_outputs), tuple(sorted(k.wrote)))
+    record = (
+        k.leaf.name,
+        k.verdict,
+        k.status,
+        tuple(k.zero_reads),
+        tuple(k.dropped_writes),
+        tuple(k.missing),
+        tuple(k.unexposed_outputs),
+        tuple(sorted(k.wrote)),
+    )
     silent_ok = k.leaf.name == t.call and not k.zero_reads and not k.dropped_writes
     return Outcome(True, silent_ok, k.verdict in (VERDICT_COMPLETED, VERDICT_USERSPACE), footprint, record)
 
@@ -200,8 +208,7 @@ def simulate(t: Target, td: TdConfig, policy: str, exhaustive: bool = False) -> 
     return Simulated("footprint", fp, len(runs), [m for m in gate if (m & fp) in ok])
 
 
-def _exhaustive(t: Target, td: TdConfig, policy: str, gate: tuple[int, ...], fp: int,
-                disagree: list[int]) -> Simulated:
+def _exhaustive(t: Target, td: TdConfig, policy: str, gate: tuple[int, ...], fp: int, disagree: list[int]) -> Simulated:
     accepted = [m for m in gate if _policy_ok(policy, observe(td, policy, t, m))]
     return Simulated("exhaustive", fp, len(gate), accepted, disagree)
 
@@ -233,8 +240,13 @@ def table_answer(t: Target, td: TdConfig) -> dict:
     forbidden = forbidden_gprs(td.module, td.no_rbp_mod)
     module_count = 1 << (NR_GPRS - bin(forbidden).count("1"))
     count = 0 if minimal & forbidden else 1 << (NR_GPRS - bin(forbidden | minimal).count("1"))
-    return {"minimal": minimal, "condition_mask": by_case, "forbidden": forbidden,
-            "module_accepts": module_count, "hardened_accepts": count}
+    return {
+        "minimal": minimal,
+        "condition_mask": by_case,
+        "forbidden": forbidden,
+        "module_accepts": module_count,
+        "hardened_accepts": count,
+    }
 
 
 # --- one row of the sweep -----------------------------------------------------------------------
@@ -250,13 +262,27 @@ def sweep_target(t: Target, exhaustive: bool = False) -> dict:
         entry = {
             "module_accepts": len(gate),
             "legacy_silent_ok": {"count": len(leg), "least": _hex_or_none(least(leg)), "upset": is_upset(leg, gate)},
-            "hardened_completes": {"count": len(hard), "minimal": _hex_or_none(least(hard)),
-                                   "upset": is_upset(hard, gate)},
-            "table": {"minimal": hex16(table["minimal"]), "condition_mask": hex16(table["condition_mask"]),
-                      "forbidden": hex16(table["forbidden"]), "module_accepts": table["module_accepts"],
-                      "hardened_accepts": table["hardened_accepts"]},
-            "routes": {p: {"route": s.route, "footprint": names_in(s.footprint, NR_GPRS), "runs": s.runs,
-                           "disagreeing_classes": [hex16(m) for m in s.disagreements]} for p, s in sim.items()},
+            "hardened_completes": {
+                "count": len(hard),
+                "minimal": _hex_or_none(least(hard)),
+                "upset": is_upset(hard, gate),
+            },
+            "table": {
+                "minimal": hex16(table["minimal"]),
+                "condition_mask": hex16(table["condition_mask"]),
+                "forbidden": hex16(table["forbidden"]),
+                "module_accepts": table["module_accepts"],
+                "hardened_accepts": table["hardened_accepts"],
+            },
+            "routes": {
+                p: {
+                    "route": s.route,
+                    "footprint": names_in(s.footprint, NR_GPRS),
+                    "runs": s.runs,
+                    "disagreeing_classes": [hex16(m) for m in s.disagreements],
+                }
+                for p, s in sim.items()
+            },
         }
         problems = _compare(table, hard, leg, gate)
         entry["agree"] = not problems
@@ -302,6 +328,13 @@ def run_sweep(exhaustive: bool = False, calls: list[str] | None = None, jobs: in
         rows = [sweep_target(t, exhaustive) for t in chosen]
     seconds = time.perf_counter() - start
     runs = sum(r["td"][td]["routes"][p]["runs"] for r in rows for td in r["td"] for p in POLICIES)
-    return {"masks": NR_MASKS, "td_settings": [td_label(td) for td in TD_SETTINGS], "policies": list(POLICIES),
-            "rows": rows, "agree": all(r["agree"] for r in rows), "round_trips": runs,
-            "seconds": round(seconds, 3), "route": "exhaustive" if exhaustive else "footprint"}
+    return {
+        "masks": NR_MASKS,
+        "td_settings": [td_label(td) for td in TD_SETTINGS],
+        "policies": list(POLICIES),
+        "rows": rows,
+        "agree": all(r["agree"] for r in rows),
+        "round_trips": runs,
+        "seconds": round(seconds, 3),
+        "route": "exhaustive" if exhaustive else "footprint",
+    }

@@ -72,8 +72,9 @@ class Spec:
     @property
     def id(self) -> str:
         rbp = "no-rbp-mod" if self.td.no_rbp_mod else "rbp-mod"
-        return ".".join((_slug(self.target.call), _slug(self.target.case.name), self.label, self.policy,
-                         f"m{self.td.module}-{rbp}"))
+        return ".".join(
+            (_slug(self.target.call), _slug(self.target.case.name), self.label, self.policy, f"m{self.td.module}-{rbp}")
+        )
 
 
 def _slug(name: str) -> str:
@@ -97,11 +98,13 @@ def invalid_masks(t: Target) -> list[tuple[str, int, TdConfig, tuple[str, ...]]]
     module refuses, KVM never sees the call, so the policy cannot matter: one vector (hardened)."""
     minimal = L.minimal_mask(t.leaf, t.regs())
     refused = ("hardened",)
-    return [("rbp", minimal | RBP_BIT, LINUX_TD, refused),
-            ("rbp", minimal | RBP_BIT, TdConfig("1.5", False), POLICIES),
-            ("rbp", minimal | RBP_BIT, TdConfig("1.0", True), POLICIES),
-            ("rsp", minimal | RSP_BIT, LINUX_TD, refused),
-            ("reserved", minimal | RESERVED_BIT, LINUX_TD, refused)]
+    return [
+        ("rbp", minimal | RBP_BIT, LINUX_TD, refused),
+        ("rbp", minimal | RBP_BIT, TdConfig("1.5", False), POLICIES),
+        ("rbp", minimal | RBP_BIT, TdConfig("1.0", True), POLICIES),
+        ("rsp", minimal | RSP_BIT, LINUX_TD, refused),
+        ("reserved", minimal | RESERVED_BIT, LINUX_TD, refused),
+    ]
 
 
 def specs() -> list[Spec]:
@@ -145,10 +148,18 @@ def vector_of(s: Spec) -> dict:
     sc = scenario_of(s)
     expected = scenario.run_json(sc)
     return {
-        "format": VECTOR_FORMAT, "version": VERSION_1, "id": s.id,
-        "call": s.target.call, "case": s.target.case.name, "label": s.label, "mask": hex64(s.mask),
-        "policy": s.policy, "td": {"module": s.td.module, "no_rbp_mod": s.td.no_rbp_mod},
-        "verdict": verdict_of(expected), "scenario": sc, "expected": expected,
+        "format": VECTOR_FORMAT,
+        "version": VERSION_1,
+        "id": s.id,
+        "call": s.target.call,
+        "case": s.target.case.name,
+        "label": s.label,
+        "mask": hex64(s.mask),
+        "policy": s.policy,
+        "td": {"module": s.td.module, "no_rbp_mod": s.td.no_rbp_mod},
+        "verdict": verdict_of(expected),
+        "scenario": sc,
+        "expected": expected,
     }
 
 
@@ -175,14 +186,25 @@ def export(directory: Path, force: bool = False) -> dict:
         (directory / rel).write_bytes(data)
         total += len(data)
         entries.append({"file": rel} | {k: vec[k] for k in HEADER} | {"sha256": hashlib.sha256(data).hexdigest()})
-    index = {"format": FORMAT, "version": VERSION_1, "generator": f"tdvmcall {VERSION} (the model)",
-             "schema": SCHEMA_FILE, "count": len(entries), "files": entries}
+    index = {
+        "format": FORMAT,
+        "version": VERSION_1,
+        "generator": f"tdvmcall {VERSION} (the model)",
+        "schema": SCHEMA_FILE,
+        "count": len(entries),
+        "files": entries,
+    }
     index_bytes = dumps(index)
     schema_bytes = _schema_bytes()
     (directory / INDEX).write_bytes(index_bytes)
     (directory / SCHEMA_FILE).write_bytes(schema_bytes)
-    return {"directory": str(directory), "vectors": len(entries), "vector_bytes": total,
-            "files": len(entries) + 2, "bytes": total + len(index_bytes) + len(schema_bytes)}
+    return {
+        "directory": str(directory),
+        "vectors": len(entries),
+        "vector_bytes": total,
+        "files": len(entries) + 2,
+        "bytes": total + len(index_bytes) + len(schema_bytes),
+    }
 
 
 def _prepare(directory: Path, force: bool) -> None:
@@ -276,8 +298,9 @@ def diff(expected: Any, got: Any, path: str = "") -> Iterator[tuple[str, Any, An
                 yield from diff(expected[key], got[key], sub)
     elif isinstance(expected, list) and isinstance(got, list):
         for i in range(max(len(expected), len(got))):
-            yield from diff(expected[i] if i < len(expected) else ABSENT,
-                            got[i] if i < len(got) else ABSENT, f"{path}[{i}]")
+            yield from diff(
+                expected[i] if i < len(expected) else ABSENT, got[i] if i < len(got) else ABSENT, f"{path}[{i}]"
+            )
     elif expected != got or type(expected) is not type(got):
         yield path, expected, got
 
@@ -354,9 +377,24 @@ def verify(directory: Path) -> dict:
         if path.resolve() not in listed:
             differences.append(Difference(f"{VECTOR_DIR}/{path.name}", INDEX, "listed", "not listed"))
     failing = sorted({d.file for d in differences})
-    return {"directory": str(directory), "vectors": len(index["files"]), "failing": len(failing),
-            "differences": [d.as_dict() for d in differences], "ok": not differences}
+    return {
+        "directory": str(directory),
+        "vectors": len(index["files"]),
+        "failing": len(failing),
+        "differences": [d.as_dict() for d in differences],
+        "ok": not differences,
+    }
 
 
-__all__ = ["CorpusError", "Difference", "Spec", "diff", "export", "schema", "schema_errors",
-           "specs", "verify", "vector_of"]
+__all__ = [
+    "CorpusError",
+    "Difference",
+    "Spec",
+    "diff",
+    "export",
+    "schema",
+    "schema_errors",
+    "specs",
+    "vector_of",
+    "verify",
+]

@@ -64,8 +64,17 @@ from .rows import (
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: ReasonTable, shift: int = 0,
-                span: tuple[float, float] | None = None, keep_bad: int = 5, rows: bool = False) -> ChunkResult:
+def parse_chunk(
+    chunk: Chunk,
+    fmt: str,
+    source: str,
+    tasks: TaskTable,
+    reasons: ReasonTable,
+    shift: int = 0,
+    span: tuple[float, float] | None = None,
+    keep_bad: int = 5,
+    rows: bool = False,
+) -> ChunkResult:
     """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
     from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
 
@@ -85,8 +94,10 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
     task, vcpu, ts, info1 = ptask[good].astype(np.uint32), sc.vcpu[good], sc.ts[good], sc.info1[good]
     rid = rids[sc.reason[good]]
     mask = np.where(reasons.tdvmcall(rids)[sc.reason[good]], info1, np.uint64(0))
-    bad_lines = [(int(n), _line_text(chunk.data, int(s))) for n, s in
-                 zip(sc.line_of[~good][:keep_bad], sc.start_of[~good][:keep_bad])]
+    bad_lines = [
+        (int(n), _line_text(chunk.data, int(s)))
+        for n, s in zip(sc.line_of[~good][:keep_bad], sc.start_of[~good][:keep_bad])
+    ]
     if len(sc.ts):  # the span of every well-formed line, as the reference parser does
         span = union_span(span, (float(sc.ts.min()), float(sc.ts.max())))
         shift = span_shift(span, shift)
@@ -105,18 +116,41 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
         bad_lines += [(int(line_map[n - 1]), t) for n, t in slow.counts.bad]
 
     # one pass over the exits, by key and time bucket; both aggregates from its (few) groups
-    fine = aggregate({"task": task, "vcpu": vcpu, "rid": rid, "mask": mask, "bucket": bucket_of(ts, shift),
-                      "n": np.ones(len(ts), np.int64), "first": ts, "last": ts}, KEY + ("bucket",))
+    fine = aggregate(
+        {
+            "task": task,
+            "vcpu": vcpu,
+            "rid": rid,
+            "mask": mask,
+            "bucket": bucket_of(ts, shift),
+            "n": np.ones(len(ts), np.int64),
+            "first": ts,
+            "last": ts,
+        },
+        KEY + ("bucket",),
+    )
     by_key = aggregate({c: v for c, v in fine.items() if c != "bucket"}, KEY)
     by_time = aggregate({c: fine[c] for c in TIME_KEY + ("n",)}, TIME_KEY)
     row_cols = None
     if rows:
-        row_cols = {"line": sc.line_of[good].astype(np.uint64), "ts": ts, "task": task,
-                    "cpu": np.array([t[1] if t else 0 for t in looked], np.uint32)[sc.task][good], "vcpu": vcpu,
-                    "rid": rid, "info1": info1}
+        row_cols = {
+            "line": sc.line_of[good].astype(np.uint64),
+            "ts": ts,
+            "task": task,
+            "cpu": np.array([t[1] if t else 0 for t in looked], np.uint32)[sc.task][good],
+            "vcpu": vcpu,
+            "rid": rid,
+            "info1": info1,
+        }
 
-    counts = Counts(lines=sc.lines, comments=sc.headers, other_events=sc.others, kvm_exit_lines=len(sc.ts),
-                    parsed=len(ts), truncated_last_line=chunk.truncated)
+    counts = Counts(
+        lines=sc.lines,
+        comments=sc.headers,
+        other_events=sc.others,
+        kvm_exit_lines=len(sc.ts),
+        parsed=len(ts),
+        truncated_last_line=chunk.truncated,
+    )
     if slow is not None:
         counts.comments += slow.counts.comments
         counts.other_events += slow.counts.other_events
@@ -136,13 +170,14 @@ def parse_chunk(chunk: Chunk, fmt: str, source: str, tasks: TaskTable, reasons: 
 def _line_text(data: bytes, start: int) -> str:
     """The line of ``data`` that starts at ``start``, as the reference parser shows it."""
     end = data.find(b"\n", start)
-    text = bytes(data[start:end if end >= 0 else len(data)])
+    text = bytes(data[start : end if end >= 0 else len(data)])
     return text[:-1].decode("utf-8", "replace") if text.endswith(b"\r") else text.decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------------------------
 # the audit: aggregates over every input
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class InputReport:
@@ -232,19 +267,22 @@ class Audit:
 Progress = Callable[[int, int], None]  # (bytes of the input read so far, lines so far)
 
 
-def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress | None = None,
-                threads: int = 2) -> InputReport:
+def audit_input(
+    audit: Audit, path: str, fmt: str = "auto", progress: Progress | None = None, threads: int = 2
+) -> InputReport:
     """Read one input into the audit; raises :class:`TraceInputError` for bad input."""
     with Source(path) as src:
         it = chunks(src)
         first = next(it)
         if fmt == "auto":
-            sample = first.data[:1 << 20].decode("utf-8", "replace")
+            sample = first.data[: 1 << 20].decode("utf-8", "replace")
             found = detect_format(sample)
             if found is None:
                 if any(s.strip() and not s.lstrip().startswith("#") for s in sample.splitlines()):
-                    raise TraceInputError(f"{src.name}: not trace text: no line has the shape of an ftrace, "
-                                          "trace-cmd report or perf script event (use --format to force one)")
+                    raise TraceInputError(
+                        f"{src.name}: not trace text: no line has the shape of an ftrace, "
+                        "trace-cmd report or perf script event (use --format to force one)"
+                    )
                 found = "ftrace"  # only a header: an empty ftrace capture
             fmt = found
             del sample
@@ -265,13 +303,39 @@ def audit_input(audit: Audit, path: str, fmt: str = "auto", progress: Progress |
             del first  # the chain alone holds it, until it is parsed
             for chunk in stream:
                 report.bytes += len(chunk.data)
-                pending.append(pool.submit(parse_chunk, chunk, fmt, src.name, audit.tasks, audit.reasons, audit.shift,
-                                           audit.span, audit.keep_bad, audit.parquet is not None))
+                pending.append(
+                    pool.submit(
+                        parse_chunk,
+                        chunk,
+                        fmt,
+                        src.name,
+                        audit.tasks,
+                        audit.reasons,
+                        audit.shift,
+                        audit.span,
+                        audit.keep_bad,
+                        audit.parquet is not None,
+                    )
+                )
                 drain(threads)
             drain(0)
     audit.inputs.append(report)
     return report
 
 
-__all__ = ["Audit", "ChunkResult", "Counts", "Reason", "ReasonTable", "TaskTable", "TraceInputError", "aggregate",
-           "audit_input", "detect_format", "is_tdvmcall_reason", "parse_chunk", "parse_reason", "FORMATS"]
+__all__ = [
+    "FORMATS",
+    "Audit",
+    "ChunkResult",
+    "Counts",
+    "Reason",
+    "ReasonTable",
+    "TaskTable",
+    "TraceInputError",
+    "aggregate",
+    "audit_input",
+    "detect_format",
+    "is_tdvmcall_reason",
+    "parse_chunk",
+    "parse_reason",
+]

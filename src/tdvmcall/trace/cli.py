@@ -48,16 +48,25 @@ def register(app: typer.Typer) -> None:
     def trace_cmd(
         files: Annotated[list[str], typer.Argument(help="trace files (plain, .gz or .zst; '-' for standard input)")],
         format: Annotated[Format, typer.Option("--format", help="input format; auto-detected per file")] = Format.auto,
-        td: Annotated[str | None, typer.Option("--td", help="comma-separated pids/tgids of the TDs "
-                                               "(default: infer: a task with a TDCALL exit is a TD)")] = None,
+        td: Annotated[
+            str | None,
+            typer.Option(
+                "--td", help="comma-separated pids/tgids of the TDs (default: infer: a task with a TDCALL exit is a TD)"
+            ),
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
         plot_file: Annotated[str | None, typer.Option("--plot", help="write a PNG: exits over time by verdict")] = None,
-        parquet_file: Annotated[str | None, typer.Option("--to-parquet", help="write one row per exit to a "
-                                                         "Parquet file (schema: docs/trace.md)")] = None,
+        parquet_file: Annotated[
+            str | None,
+            typer.Option("--to-parquet", help="write one row per exit to a Parquet file (schema: docs/trace.md)"),
+        ] = None,
         top: Annotated[int, typer.Option("--top", help="how many offending (reason, mask) pairs to list")] = 10,
-        progress: Annotated[bool | None, typer.Option("--progress/--no-progress",
-                                                      help="progress on stderr (default: for large inputs "
-                                                           "on a terminal)")] = None,
+        progress: Annotated[
+            bool | None,
+            typer.Option(
+                "--progress/--no-progress", help="progress on stderr (default: for large inputs on a terminal)"
+            ),
+        ] = None,
     ) -> None:
         """Which TD exits of real hosts' kvm_exit traces would hardened KVM refuse?
 
@@ -127,9 +136,15 @@ class _progress:
             TimeRemainingColumn,
         )
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console,
-                            transient=True)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
         self.bar.start()
         self.task = self.bar.add_task(os.path.basename(self.path) or self.path, total=self.size, rate="")
         self.t0 = time.perf_counter()
@@ -152,30 +167,46 @@ def _pct(x: float) -> str:
 def show(r: dict, console: Console) -> None:
     """The report as rich tables."""
     for i in r["inputs"]:
-        console.print(f"[bold]{i['name']}[/]: {i['format']}, {i['compression']}, {i['lines']:,} lines: "
-                      f"{i['parsed']:,} kvm_exit parsed, {i['unparsed']:,} kvm_exit-looking lines unparsed, "
-                      f"{i['other_events']:,} other events skipped, {i['comments']:,} header/blank"
-                      + (", [yellow]last line truncated[/]" if i["truncated_last_line"] else ""))
+        console.print(
+            f"[bold]{i['name']}[/]: {i['format']}, {i['compression']}, {i['lines']:,} lines: "
+            f"{i['parsed']:,} kvm_exit parsed, {i['unparsed']:,} kvm_exit-looking lines unparsed, "
+            f"{i['other_events']:,} other events skipped, {i['comments']:,} header/blank"
+            + (", [yellow]last line truncated[/]" if i["truncated_last_line"] else "")
+        )
     for b in r["unparsed_examples"]:
         console.print(f"  [yellow]unparsed[/] {b['input']}:{b['line']}: ", end="")
         console.print(b["text"], markup=False, highlight=False)
     td = r["td"]
-    console.print(f"TDs ({td['mode']}: {td['rule']}): {len(td['tasks'])} tasks; non-TD tasks: {len(td['non_td_tasks'])}")
+    console.print(
+        f"TDs ({td['mode']}: {td['rule']}): {len(td['tasks'])} tasks; non-TD tasks: {len(td['non_td_tasks'])}"
+    )
     t = r["totals"]
-    console.print(f"exits: {t['exits']:,}; TDVMCALL exits of TDs: {t['tdvmcall_exits']:,}; other TD exits: "
-                  f"{t['td-other_exits']:,}; non-TD exits: {t['non-td_exits']:,}")
+    console.print(
+        f"exits: {t['exits']:,}; TDVMCALL exits of TDs: {t['tdvmcall_exits']:,}; other TD exits: "
+        f"{t['td-other_exits']:,}; non-TD exits: {t['non-td_exits']:,}"
+    )
     v = t["verdicts"]
-    console.print("hardened KVM: " + ", ".join(f"{k} {n:,}" for k, n in v.items())
-                  + f"; refused share {_pct(t['refused_share'])}, depends share {_pct(t['depends_share'])}")
+    console.print(
+        "hardened KVM: "
+        + ", ".join(f"{k} {n:,}" for k, n in v.items())
+        + f"; refused share {_pct(t['refused_share'])}, depends share {_pct(t['depends_share'])}"
+    )
     if v["inconsistent"]:
         console.print(f"[red]{v['inconsistent']:,} exits are inconsistent with the TDX module or KVM:[/]")
         for p in r["pairs"]:
             if p["verdict"] == "inconsistent":
-                console.print(f"  {p['reason']} {p['mask']} ({p['exits']:,} exits): {p['detail']}",
-                              markup=False, highlight=False)
+                console.print(
+                    f"  {p['reason']} {p['mask']} ({p['exits']:,} exits): {p['detail']}", markup=False, highlight=False
+                )
 
-    verdict_cols = (("tdvmcall", "TDVMCALL"), ("completes", "completes"), ("depends", "depends"),
-                    ("refused", "refused"), ("internal-error", "int.err"), ("inconsistent", "incons."))
+    verdict_cols = (
+        ("tdvmcall", "TDVMCALL"),
+        ("completes", "completes"),
+        ("depends", "depends"),
+        ("refused", "refused"),
+        ("internal-error", "int.err"),
+        ("inconsistent", "incons."),
+    )
 
     def counts_table(title: str, rows: list[dict], keys: list[tuple[str, str]]) -> None:
         if not rows:
@@ -187,8 +218,9 @@ def show(r: dict, console: Console) -> None:
             tab.add_column(head, justify="right")
         for row in rows:
             cells = [("yes" if row[k] else "no") if k == "td" else str(row[k]) for k, _ in keys]
-            tab.add_row(*cells, f"{row['exits']:,}", *[f"{row[c]:,}" for c, _ in verdict_cols],
-                        _pct(row["refused_share"]))
+            tab.add_row(
+                *cells, f"{row['exits']:,}", *[f"{row[c]:,}" for c, _ in verdict_cols], _pct(row["refused_share"])
+            )
         console.print(tab)
 
     counts_table("per process", r["per_process"], [("process", "process"), ("comm", "comm"), ("td", "TD")])

@@ -57,8 +57,7 @@ class Source:
         self._raw: BinaryIO = _open_raw(path)
         self.size: int | None = _size_of(self._raw)
         head = self._raw.peek(4)[:4] if hasattr(self._raw, "peek") else b""
-        self.compression = ("gzip" if head.startswith(GZIP_MAGIC)
-                            else "zstd" if head.startswith(ZSTD_MAGIC) else "none")
+        self.compression = "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head.startswith(ZSTD_MAGIC) else "none"
         self._stream: BinaryIO = _decompressing(self._raw, self.compression)
 
     def position(self) -> int:
@@ -138,10 +137,10 @@ def chunks(src: Source, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
     first = True
     while True:
         buf = bytearray(len(rest) + size)
-        buf[:len(rest)] = rest
-        got = src.readinto(memoryview(buf)[len(rest):])
+        buf[: len(rest)] = rest
+        got = src.readinto(memoryview(buf)[len(rest) :])
         if first:
-            _check_start(src, bytes(buf[:min(got, BINARY_PROBE)]))
+            _check_start(src, bytes(buf[: min(got, BINARY_PROBE)]))
             first = False
         if not got:
             break
@@ -166,5 +165,7 @@ def _check_start(src: Source, data: bytes) -> None:
         raise TraceInputError(f"{src.name}: empty input, expected kvm_exit trace text")
     if b"\x00" in data[:BINARY_PROBE]:
         what = f"{src.compression}-compressed " if src.compression != "none" else ""
-        raise TraceInputError(f"{src.name}: {what}binary data (NUL bytes), expected trace text "
-                              "(ftrace, trace-cmd report or perf script output)")
+        raise TraceInputError(
+            f"{src.name}: {what}binary data (NUL bytes), expected trace text "
+            "(ftrace, trace-cmd report or perf script output)"
+        )

@@ -56,7 +56,7 @@ _MIX = np.uint64(0xFF51AFD7ED558CCD)
 _ONES, _HIGH = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080)
 _NEWLINES, _KS = np.uint64(0x0A0A0A0A0A0A0A0A), np.uint64(0x6B6B6B6B6B6B6B6B)
 #: exact powers of ten (a timestamp has at most 15 digits)
-_POW10 = np.array([10.0 ** k for k in range(16)])
+_POW10 = np.array([10.0**k for k in range(16)])
 
 
 def _word(text: str) -> np.ndarray:
@@ -105,10 +105,16 @@ def _hex_field(buf, p, e, word, width):
 @njit(cache=True, nogil=True, inline="always")
 def _load8(buf, a):
     """The 8 bytes at ``a`` as one little-endian word (an unaligned load)."""
-    return (np.uint64(buf[a]) | (np.uint64(buf[a + 1]) << np.uint64(8)) | (np.uint64(buf[a + 2]) << np.uint64(16))
-            | (np.uint64(buf[a + 3]) << np.uint64(24)) | (np.uint64(buf[a + 4]) << np.uint64(32))
-            | (np.uint64(buf[a + 5]) << np.uint64(40)) | (np.uint64(buf[a + 6]) << np.uint64(48))
-            | (np.uint64(buf[a + 7]) << np.uint64(56)))
+    return (
+        np.uint64(buf[a])
+        | (np.uint64(buf[a + 1]) << np.uint64(8))
+        | (np.uint64(buf[a + 2]) << np.uint64(16))
+        | (np.uint64(buf[a + 3]) << np.uint64(24))
+        | (np.uint64(buf[a + 4]) << np.uint64(32))
+        | (np.uint64(buf[a + 5]) << np.uint64(40))
+        | (np.uint64(buf[a + 6]) << np.uint64(48))
+        | (np.uint64(buf[a + 7]) << np.uint64(56))
+    )
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -280,7 +286,7 @@ def scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
     out = np.zeros(4, np.int64)
     pcount = np.zeros(1, np.int64)
     rcount = np.zeros(1, np.int64)
-    words = buf[:n - n % 8].view(np.uint64)
+    words = buf[: n - n % 8].view(np.uint64)
     while i < n:
         start = i
         q = -1

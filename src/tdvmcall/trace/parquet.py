@@ -21,9 +21,21 @@ if TYPE_CHECKING:  # the audit imports this module when it writes Parquet
 
 #: the Parquet columns
 PARQUET_COLUMNS = (
-    ("source", "string"), ("line", "uint64"), ("ts", "float64"), ("cpu", "uint32"), ("comm", "string"),
-    ("pid", "int64"), ("tgid", "int64"), ("vcpu", "uint32"), ("reason", "string"), ("reason_flags", "string"),
-    ("info1", "uint64"), ("mask", "uint64"), ("td", "bool"), ("kind", "string"), ("verdict", "string"),
+    ("source", "string"),
+    ("line", "uint64"),
+    ("ts", "float64"),
+    ("cpu", "uint32"),
+    ("comm", "string"),
+    ("pid", "int64"),
+    ("tgid", "int64"),
+    ("vcpu", "uint32"),
+    ("reason", "string"),
+    ("reason_flags", "string"),
+    ("info1", "uint64"),
+    ("mask", "uint64"),
+    ("td", "bool"),
+    ("kind", "string"),
+    ("verdict", "string"),
     ("missing", "string"),
 )
 
@@ -72,13 +84,28 @@ class ParquetSink:
                     rid, info1 = batch["rid"].to_numpy(), batch["info1"].to_numpy()
                     row_td, row_has = is_td[task.to_numpy()], has_mask[rid]
                     kind, verdict, missing = _classes(reasons, row_td, rid, np.where(row_has, info1, 0))
-                    out.write_table(pa.table({
-                        "source": batch["source"], "line": batch["line"], "ts": batch["ts"], "cpu": batch["cpu"],
-                        "comm": comm.take(task), "pid": pid.take(task), "tgid": tgid.take(task), "vcpu": batch["vcpu"],
-                        "reason": name.take(batch["rid"]), "reason_flags": flags.take(batch["rid"]),
-                        "info1": batch["info1"], "mask": pa.array(info1, pa.uint64(), mask=~row_has),
-                        "td": pa.array(row_td), "kind": kind, "verdict": verdict, "missing": missing,
-                    }).cast(schema))
+                    out.write_table(
+                        pa.table(
+                            {
+                                "source": batch["source"],
+                                "line": batch["line"],
+                                "ts": batch["ts"],
+                                "cpu": batch["cpu"],
+                                "comm": comm.take(task),
+                                "pid": pid.take(task),
+                                "tgid": tgid.take(task),
+                                "vcpu": batch["vcpu"],
+                                "reason": name.take(batch["rid"]),
+                                "reason_flags": flags.take(batch["rid"]),
+                                "info1": batch["info1"],
+                                "mask": pa.array(info1, pa.uint64(), mask=~row_has),
+                                "td": pa.array(row_td),
+                                "kind": kind,
+                                "verdict": verdict,
+                                "missing": missing,
+                            }
+                        ).cast(schema)
+                    )
         finally:
             out.close()
             if os.path.exists(self.tmp):
@@ -89,8 +116,9 @@ def _classes(reasons: list, td: np.ndarray, rid: np.ndarray, mask: np.ndarray) -
     """The kind, verdict and missing columns of a batch."""
     classes, of_row = classify_rows(reasons, td, rid, mask)
     index = pa.array(of_row)
-    return tuple(pc.take(pa.array([getattr(c, f) for c in classes], pa.string()), index)
-                 for f in ("kind", "verdict", "missing"))
+    return tuple(
+        pc.take(pa.array([getattr(c, f) for c in classes], pa.string()), index) for f in ("kind", "verdict", "missing")
+    )
 
 
 __all__ = ["PARQUET_COLUMNS", "ParquetSink", "parquet_schema"]

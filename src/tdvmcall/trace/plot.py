@@ -10,8 +10,13 @@ from .audit import Audit
 from .rows import bucket_width, is_tdvmcall_reason
 from .verdict import VERDICTS, classify_rows
 
-PLOT_COLOURS = {"completes": "#4c9a2a", "depends": "#e0a526", "refused": "#c0392b", "internal-error": "#7d3c98",
-                "inconsistent": "#7f8c8d"}
+PLOT_COLOURS = {
+    "completes": "#4c9a2a",
+    "depends": "#e0a526",
+    "refused": "#c0392b",
+    "internal-error": "#7d3c98",
+    "inconsistent": "#7f8c8d",
+}
 
 
 def by_time(audit: Audit, td: set[int]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -47,8 +52,13 @@ def plot(audit: Audit, td: set[int], path: str) -> None:
     else:
         x = (buckets - buckets[0]) * width
         series = [i for i, _ in enumerate(VERDICTS) if counts[:, i].any()]
-        ax.stackplot(x, *[counts[:, i] / width for i in series], labels=[VERDICTS[i] for i in series],
-                     colors=[PLOT_COLOURS[VERDICTS[i]] for i in series], step="post")
+        ax.stackplot(
+            x,
+            *[counts[:, i] / width for i in series],
+            labels=[VERDICTS[i] for i in series],
+            colors=[PLOT_COLOURS[VERDICTS[i]] for i in series],
+            step="post",
+        )
         ax.legend(loc="upper right", fontsize="small")
         ax.set_xlim(0, max(x[-1], width))
     ax.set_xlabel(f"seconds since the first exit (bins of {width:g} s)")

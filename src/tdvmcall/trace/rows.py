@@ -38,12 +38,16 @@ LOOKS_LIKE_EXIT = "kvm_exit:"
 #: the payload, anchored, without captures (validation only; fields are then sliced out); ASCII
 #: classes, not \S and \d, keep the regex engine's automaton small (measured 25% faster)
 #: (a vCPU index of 10 digits or more is not a vCPU: unparsed, and it would not fit UInt32)
-PAYLOAD_RX = (r"^vcpu [0-9]{1,9} reason [!-~]+(?: (?:FAILED_VMENTRY|0x[0-9a-f]+))* rip 0x[0-9a-f]+ "
-              r"info1 0x[0-9a-f]{16} info2 0x[0-9a-f]{16} intr_info 0x[0-9a-f]{8} error_code 0x[0-9a-f]{8}")
+PAYLOAD_RX = (
+    r"^vcpu [0-9]{1,9} reason [!-~]+(?: (?:FAILED_VMENTRY|0x[0-9a-f]+))* rip 0x[0-9a-f]+ "
+    r"info1 0x[0-9a-f]{16} info2 0x[0-9a-f]{16} intr_info 0x[0-9a-f]{8} error_code 0x[0-9a-f]{8}"
+)
 
 #: the line start up to the timestamp (the "prefix"); ftrace and trace-cmd share one shape
-_DASH_PREFIX = re.compile(r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+(?:\(\s*(?P<tgid>\d+|-+)\)\s+)?"
-                          r"\[(?P<cpu>\d+)\]\s+(?:[^\s\[\]]{1,8}\s+)?$")
+_DASH_PREFIX = re.compile(
+    r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+(?:\(\s*(?P<tgid>\d+|-+)\)\s+)?"
+    r"\[(?P<cpu>\d+)\]\s+(?:[^\s\[\]]{1,8}\s+)?$"
+)
 _PERF_PREFIX = re.compile(r"^\s*(?P<comm>.*?)\s+(?:(?P<tgid>\d+)/)?(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+$")
 PREFIX_RX = {"ftrace": _DASH_PREFIX, "trace-cmd": _DASH_PREFIX, "perf": _PERF_PREFIX}
 
@@ -255,13 +259,25 @@ def concat(parts: list[Columns]) -> Columns:
 
 
 def empty_key() -> Columns:
-    return {"task": np.zeros(0, np.uint32), "vcpu": np.zeros(0, np.uint32), "rid": np.zeros(0, np.uint32),
-            "mask": np.zeros(0, np.uint64), "n": np.zeros(0, np.int64), "first": np.zeros(0), "last": np.zeros(0)}
+    return {
+        "task": np.zeros(0, np.uint32),
+        "vcpu": np.zeros(0, np.uint32),
+        "rid": np.zeros(0, np.uint32),
+        "mask": np.zeros(0, np.uint64),
+        "n": np.zeros(0, np.int64),
+        "first": np.zeros(0),
+        "last": np.zeros(0),
+    }
 
 
 def empty_time() -> Columns:
-    return {"task": np.zeros(0, np.uint32), "rid": np.zeros(0, np.uint32), "mask": np.zeros(0, np.uint64),
-            "bucket": np.zeros(0, np.int64), "n": np.zeros(0, np.int64)}
+    return {
+        "task": np.zeros(0, np.uint32),
+        "rid": np.zeros(0, np.uint32),
+        "mask": np.zeros(0, np.uint64),
+        "bucket": np.zeros(0, np.int64),
+        "n": np.zeros(0, np.int64),
+    }
 
 
 @dataclass
@@ -308,8 +324,9 @@ def span_shift(span: tuple[float, float], shift: int = 0) -> int:
     """The smallest shift (at least ``shift``) at which ``span`` fits :data:`MAX_BUCKETS` buckets
     and every bucket number is below 2**52 (exact in float64 and int64: a counter clock's
     timestamps, ``x86-tsc`` say, reach 10**16 and more)."""
-    while ((span[1] - span[0]) / bucket_width(shift) >= MAX_BUCKETS - 1
-           or max(abs(span[0]), abs(span[1])) / bucket_width(shift) >= 1 << 52):
+    while (span[1] - span[0]) / bucket_width(shift) >= MAX_BUCKETS - 1 or max(
+        abs(span[0]), abs(span[1])
+    ) / bucket_width(shift) >= 1 << 52:
         shift += 1
     return shift
 
@@ -317,5 +334,3 @@ def span_shift(span: tuple[float, float], shift: int = 0) -> int:
 def union_span(a: tuple[float, float] | None, b: tuple[float, float]) -> tuple[float, float]:
     """The smallest time span holding both (``a`` may be None: nothing yet)."""
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
-
-

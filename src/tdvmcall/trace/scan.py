@@ -47,14 +47,33 @@ class Scanned:
         parsed_rows, slow_rows = len(data) // 100 + 16, len(data) // SLOW_GUESS + SLOW_MIN
         while True:
             line_of, start_of = np.empty(parsed_rows, np.uint32), np.empty(parsed_rows, np.int64)
-            ts, vcpu, info1 = np.empty(parsed_rows, np.float64), np.empty(parsed_rows, np.uint32), np.empty(
-                parsed_rows, np.uint64)
+            ts, vcpu, info1 = (
+                np.empty(parsed_rows, np.float64),
+                np.empty(parsed_rows, np.uint32),
+                np.empty(parsed_rows, np.uint64),
+            )
             task, reason = np.empty(parsed_rows, np.uint32), np.empty(parsed_rows, np.uint32)
             slow = np.empty((slow_rows, 3), np.int64)
             preps, rreps = np.empty((INTERN // 2, 2), np.int64), np.empty((INTERN // 2, 2), np.int64)
             counts = np.zeros(7, np.int64)
-            k.scan(buf, perf, nul, line_of, start_of, ts, vcpu, info1, task, reason, slow,
-                   np.full(INTERN, -1, np.int32), preps, np.full(INTERN, -1, np.int32), rreps, counts)
+            k.scan(
+                buf,
+                perf,
+                nul,
+                line_of,
+                start_of,
+                ts,
+                vcpu,
+                info1,
+                task,
+                reason,
+                slow,
+                np.full(INTERN, -1, np.int32),
+                preps,
+                np.full(INTERN, -1, np.int32),
+                rreps,
+                counts,
+            )
             if counts[0] >= 0:
                 break
             lines = max(k.count_lines(buf), 1)

@@ -88,13 +88,17 @@ def verdict_for(reason: int, mask: int) -> Verdict:
     # KVM consistency: the reason implies which selectors it read as non-zero
     unseen = implied_exposed(reason) & ~gprs
     if unseen:
-        return Verdict("inconsistent", f"reason {VMX_EXIT_REASON_NAMES[reason]} implies "
-                       f"{' '.join(names_in(unseen, 16))} exposed, the mask does not expose it",
-                       missing=tuple(names_in(unseen, 16)))
+        return Verdict(
+            "inconsistent",
+            f"reason {VMX_EXIT_REASON_NAMES[reason]} implies "
+            f"{' '.join(names_in(unseen, 16))} exposed, the mask does not expose it",
+            missing=tuple(names_in(unseen, 16)),
+        )
     # no R10: no status can reach the guest
     if not gprs >> R10 & 1:
-        return Verdict("internal-error", "R10 not exposed: hardened KVM reports an internal error "
-                       "to userspace", missing=("r10",))
+        return Verdict(
+            "internal-error", "R10 not exposed: hardened KVM reports an internal error to userspace", missing=("r10",)
+        )
     # the leaf table: every leaf this reason may stand for, every named input condition
     leaves = reason_leaves(reason)
     outcomes = [(leaf, _case_outcomes(leaf, gprs)) for leaf in leaves]
@@ -106,17 +110,31 @@ def verdict_for(reason: int, mask: int) -> Verdict:
     if not missing_mask:
         return Verdict("completes", "completes for " + _what(leaves))
     if all(cases):
-        return Verdict("refused", f"refused for {_what(leaves)}: missing {' '.join(missing)}",
-                       missing, tuple(leaf.name for leaf in leaves))
+        return Verdict(
+            "refused",
+            f"refused for {_what(leaves)}: missing {' '.join(missing)}",
+            missing,
+            tuple(leaf.name for leaf in leaves),
+        )
     if len(leaves) == 1:
         leaf, oc = outcomes[0]
-        parts = [f"{case}: " + ("completes" if not miss else f"refused (missing {' '.join(names_in(miss, 16))})")
-                 for case, miss in oc]
-        return Verdict("depends", f"{leaf.name} depends on inputs: " + ", ".join(parts), missing,
-                       tuple(f"{leaf.name}[{case}]" for case, miss in oc if miss))
+        parts = [
+            f"{case}: " + ("completes" if not miss else f"refused (missing {' '.join(names_in(miss, 16))})")
+            for case, miss in oc
+        ]
+        return Verdict(
+            "depends",
+            f"{leaf.name} depends on inputs: " + ", ".join(parts),
+            missing,
+            tuple(f"{leaf.name}[{case}]" for case, miss in oc if miss),
+        )
     refused_for = tuple(_refused_name(leaf, oc) for leaf, oc in outcomes if any(m for _, m in oc))
-    return Verdict("depends", "depends on the leaf: refused for " + ", ".join(refused_for)
-                   + f" (missing {' '.join(missing)})", missing, refused_for)
+    return Verdict(
+        "depends",
+        "depends on the leaf: refused for " + ", ".join(refused_for) + f" (missing {' '.join(missing)})",
+        missing,
+        refused_for,
+    )
 
 
 def _what(leaves: list[Leaf]) -> str:
@@ -156,18 +174,33 @@ def classify_exit(reason: Reason, mask: int | None, td: bool) -> Classified:
     return Classified("tdvmcall", v.verdict, v.detail, " ".join(v.missing), ", ".join(v.refused_for))
 
 
-def classify_rows(reasons: list[Reason], td: np.ndarray, rid: np.ndarray,
-                  mask: np.ndarray) -> tuple[list[Classified], np.ndarray]:
+def classify_rows(
+    reasons: list[Reason], td: np.ndarray, rid: np.ndarray, mask: np.ndarray
+) -> tuple[list[Classified], np.ndarray]:
     """Classify many exits at once (columns: is the task a TD, reason id, mask, 0 where the reason
     is not a TDVMCALL reason): each distinct (TD, reason, mask) is classified once.  Returns the
     distinct classifications and, per row, the index of its own."""
     keys = np.column_stack([td, rid, mask]).astype(np.int64)
-    first, *_, of_row = trace_scan.kernels().group(keys, np.ones(len(keys), np.int64), np.zeros(len(keys)),
-                                                   np.zeros(len(keys)))
-    classes = [classify_exit(reasons[r], m, bool(d))
-               for d, r, m in zip(td[first].tolist(), rid[first].tolist(), mask[first].tolist())]
+    first, *_, of_row = trace_scan.kernels().group(
+        keys, np.ones(len(keys), np.int64), np.zeros(len(keys)), np.zeros(len(keys))
+    )
+    classes = [
+        classify_exit(reasons[r], m, bool(d))
+        for d, r, m in zip(td[first].tolist(), rid[first].tolist(), mask[first].tolist())
+    ]
     return classes, of_row
 
 
-__all__ = ["Classified", "Verdict", "classify_exit", "classify_rows", "implied_exposed", "module_problems", "verdict_for",
-           "verdict_if_td", "FAILING", "KINDS", "VERDICTS"]
+__all__ = [
+    "FAILING",
+    "KINDS",
+    "VERDICTS",
+    "Classified",
+    "Verdict",
+    "classify_exit",
+    "classify_rows",
+    "implied_exposed",
+    "module_problems",
+    "verdict_for",
+    "verdict_if_td",
+]
