@@ -33,7 +33,7 @@ class ScenarioError(ValueError):
     """A malformed scenario: the message names the field and the accepted form."""
 
 
-def _obj(value: Any, field: str) -> dict:
+def _obj(value: Any, field: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -41,7 +41,7 @@ def _obj(value: Any, field: str) -> dict:
     return value
 
 
-def _known(obj: dict, field: str, keys: set[str]) -> None:
+def _known(obj: dict[str, Any], field: str, keys: set[str]) -> None:
     extra = sorted(set(obj) - keys)
     if extra:
         raise ScenarioError(f"{field}.{extra[0]}: unknown field; accepted: {', '.join(sorted(keys))}")
@@ -136,7 +136,7 @@ def _int128(value: Any, field: str) -> int:
     return v
 
 
-def _platform(p_in: dict, tree: str) -> Platform:
+def _platform(p_in: dict[str, Any], tree: str) -> Platform:
     keys = {
         "msr_exits",
         "exit_hypercall_map_gpa",
@@ -214,7 +214,7 @@ def _json_value(v: Any) -> Any:
     return str(v)
 
 
-def result_json(rt: RoundTrip) -> dict:
+def result_json(rt: RoundTrip) -> dict[str, Any]:
     """The result object of ``tdvmcall run --json`` (schema version 1; docs/scenario.md)."""
     ctl = Control(rt.before.gprs[1])
     module: dict[str, Any] = {
@@ -264,7 +264,7 @@ def result_json(rt: RoundTrip) -> dict:
     return out
 
 
-def run_json(data: Any) -> dict:
+def run_json(data: Any) -> dict[str, Any]:
     """Parse, run and render one scenario."""
     sc = parse(data)
     return result_json(sc.run())

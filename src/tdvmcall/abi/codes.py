@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from .. import data_file
 from .regs import U64
@@ -135,13 +136,19 @@ def status_name(value: int, version: str = DEFAULT_TABLE_VERSION) -> str | None:
     return t.status_by_value.get(value & 0xFFFFFFFF00000000)
 
 
-def decode_status(value: int, version: str = DEFAULT_TABLE_VERSION) -> dict:
+def decode_status(value: int, version: str = DEFAULT_TABLE_VERSION) -> dict[str, Any]:
     """Explain a TDX module status: its name (an exact match, or the status part, bits 63:32), its
     fields and, for an operand error (``TDX_OPERAND_*``), the operand id in bits 31:0 and its name."""
     t = status_table(version)
     base = value & 0xFFFFFFFF00000000
     name = t.status_by_value.get(value) or t.status_by_value.get(base)
-    out: dict = {"kind": "tdx-status", "module": version, "value": value, "name": name, "known": name is not None}
+    out: dict[str, Any] = {
+        "kind": "tdx-status",
+        "module": version,
+        "value": value,
+        "name": name,
+        "known": name is not None,
+    }
     out.update(status_fields(value))
     base_name = t.status_by_value.get(base)
     if base_name is not None and base_name.startswith("TDX_OPERAND"):
@@ -154,7 +161,7 @@ def decode_status(value: int, version: str = DEFAULT_TABLE_VERSION) -> dict:
     return out
 
 
-def decode_tdvmcall_status(value: int) -> dict:
+def decode_tdvmcall_status(value: int) -> dict[str, Any]:
     return {
         "kind": "tdvmcall-status",
         "value": value,

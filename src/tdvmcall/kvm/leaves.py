@@ -19,6 +19,7 @@ Conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..abi.codes import (
     EXIT_REASON_CPUID,
@@ -74,7 +75,7 @@ class Case:
 
     name: str
     regs: dict[str, int]
-    platform: dict = field(default_factory=dict)
+    platform: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,11 @@ class Leaf:
         return {"r10": 0, "r11": self.r11 or 0}
 
 
-def _in(reg: str, role: str, **kw) -> Operand:
+def _in(reg: str, role: str, **kw: Any) -> Operand:
     return Operand(reg, role, **kw)
 
 
-def _out(reg: str, role: str, on: str = "any", **kw) -> Operand:
+def _out(reg: str, role: str, on: str = "any", **kw: Any) -> Operand:
     return Operand(reg, role, on=on, **kw)
 
 
@@ -504,10 +505,10 @@ def reason_leaves(reason: int) -> list[Leaf]:
     return [leaf for leaf in LEAVES if leaf.reason == reason]
 
 
-def as_dict(leaf: Leaf) -> dict:
+def as_dict(leaf: Leaf) -> dict[str, Any]:
     """The leaf row as plain data (``tdvmcall leaves --json``)."""
 
-    def op(o: Operand) -> dict:
+    def op(o: Operand) -> dict[str, Any]:
         d = {"reg": o.reg, "role": o.role, "required": o.required}
         if o.when is not None:
             d["when"] = o.when.text

@@ -117,7 +117,7 @@ class Platform:
     def is_legal_gpa(self, gpa: int) -> bool:
         return gpa >> self.maxphyaddr == 0
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """Everything a call could change (for the no-side-effect property)."""
         return {
             "msrs": dict(self.msrs),

@@ -26,6 +26,7 @@ Two policies over the same handlers (``handlers.py``) and the same leaf table (`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..abi.codes import TDVMCALL_INVALID_OPERAND
 from ..abi.control import ExitQualification
@@ -60,7 +61,7 @@ class KvmResult:
     dropped_writes: list[str] = field(default_factory=list)  # writes the module will not copy back
     regs_avail: int = 0
     regs_dirty: int = 0
-    userspace_exits: list[dict] = field(default_factory=list)
+    userspace_exits: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -156,7 +157,7 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     if vcpu.policy == "legacy":
         # mark registers: the fixed set, whatever the mask
         vcpu.cache.tdx_after_exit_legacy()
-        io = LegacyAccess(vmm, qual.raw)
+        io: LegacyAccess | HardenedAccess = LegacyAccess(vmm, qual.raw)
         handler_for(leaf)(io, platform)
         _check_against_table(leaf, io.reads, io.wrote, vals)
         # dispatch itself consumed R10 (and R11 for a GHCI call)

@@ -208,7 +208,7 @@ class Audit:
                 ParquetSink,  # pyarrow: only when writing Parquet
             )
 
-            self.parquet = ParquetSink(parquet, self)
+            self.parquet = ParquetSink(parquet, self.tasks, self.reasons)
 
     # -- feeding --------------------------------------------------------------------------
     def add(self, result: ChunkResult, source: str) -> None:

@@ -6,18 +6,14 @@ the plot."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .rows import Columns, is_tdvmcall_reason
+from .rows import Columns, ReasonTable, TaskTable, is_tdvmcall_reason
 from .verdict import classify_rows
-
-if TYPE_CHECKING:  # the audit imports this module when it writes Parquet
-    from .audit import Audit
 
 #: the Parquet columns
 PARQUET_COLUMNS = (
@@ -50,10 +46,10 @@ class ParquetSink:
     batch by batch, with tasks and reasons named and the ``td``, ``kind``, ``verdict`` and
     ``missing`` columns added."""
 
-    def __init__(self, path: str, audit: Audit):
+    def __init__(self, path: str, tasks: TaskTable, reasons: ReasonTable):
         self.path = path
         self.tmp = path + ".partial"
-        self.audit = audit
+        self.tasks, self.reasons = tasks, reasons
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, rows: Columns, source: str) -> None:
@@ -63,7 +59,7 @@ class ParquetSink:
         self._writer.write_table(t)
 
     def close(self, td: set[int]) -> None:
-        tasks, reasons = self.audit.tasks.tasks, self.audit.reasons.reasons
+        tasks, reasons = self.tasks.tasks, self.reasons.reasons
         # per task id and per reason id, the columns they name
         comm = pa.array([t.comm for t in tasks], pa.string())
         pid = pa.array([t.pid for t in tasks], pa.int64())
