@@ -72,3 +72,42 @@ def test_minimal_masks_match_the_guests_that_pass_today():
     assert L.minimal_mask(L.by_name("Instruction.WRMSR")) == 0x3C00
     assert L.minimal_mask(L.by_name("MapGPA")) == 0x3C00
     assert L.minimal_mask(L.by_name("Instruction.CPUID")) == 0xFC00  # inputs R12 R13, outputs R12..R15
+
+
+def test_cases_are_immutable_and_hashable():
+    """The table's rows do not change: a Case hashes, its registers and platform refuse every
+    change (nested values too), and they still read, unpack, pickle and export like dicts."""
+    import dataclasses
+    import json
+    import pickle
+
+    import pytest
+
+    retry = {c.name: c for c in L.BY_NAME["MapGPA"].cases}["retry"]
+    # rows and their cases can be set members and dict keys (equal values, equal hashes)
+    pairs = {(leaf, case) for leaf in L.LEAVES for case in leaf.cases}
+    assert len(pairs) == sum(len(leaf.cases) for leaf in L.LEAVES)
+    assert hash(retry) == hash(L.Case("retry", dict(retry.regs), json.loads(json.dumps(retry.platform))))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        retry.regs = {}  # type: ignore[misc]
+    for mutate in (
+        lambda: retry.regs.__setitem__("r12", 0),
+        lambda: retry.regs.update(r13=0),
+        lambda: retry.regs.pop("r12"),
+        lambda: retry.platform["userspace"].clear(),
+        lambda: retry.platform["userspace"]["hypercall_ret"].append(0),
+        lambda: retry.platform["userspace"]["hypercall_ret"].__setitem__(0, 11),
+    ):
+        with pytest.raises(TypeError, match="immutable"):
+            mutate()
+    # reads as before: indexing, unpacking, JSON, pickling (sweep's worker processes)
+    assert retry.regs["r13"] == 0x40_0000 and {**retry.regs, "r10": 0}["r10"] == 0
+    assert json.loads(json.dumps({"platform": retry.platform})) == {
+        "platform": {"userspace": {"hypercall_ret": [0, 11]}}
+    }
+    assert pickle.loads(pickle.dumps(retry)) == retry
+    # a plain dict given to Case is copied, not shared
+    regs = {"r12": 1}
+    case = L.Case("x", regs)
+    regs["r12"] = 2
+    assert case.regs == {"r12": 1}

@@ -18,8 +18,9 @@ Conventions:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from ..abi.codes import (
     EXIT_REASON_CPUID,
@@ -68,14 +69,129 @@ class Operand:
     on: str = "any"  # outputs only: any | success | failure
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _immutable(obj: object) -> NoReturn:
+    raise TypeError(f"{type(obj).__name__} is immutable: the leaf table's rows do not change")
+
+
+class FrozenDict(dict[K, V]):
+    """A dict that cannot change and hashes (over its items): the values of a leaf-table row.  A
+    ``dict`` subclass, so ``d["r12"]``, ``{**d}``, ``dict(d)``, ``d | other`` and ``json.dumps(d)``
+    work as for a dict; every mutating method raises ``TypeError``."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle (sweep's worker processes) and copy
+        return (type(self), (dict(self),))
+
+    def __setitem__(self, key: K, value: V) -> NoReturn:
+        _immutable(self)
+
+    def __delitem__(self, key: K) -> NoReturn:
+        _immutable(self)
+
+    def __ior__(self, other: Any) -> NoReturn:  # type: ignore[misc]
+        _immutable(self)
+
+    def clear(self) -> NoReturn:
+        _immutable(self)
+
+    def pop(self, *args: Any) -> NoReturn:
+        _immutable(self)
+
+    def popitem(self) -> NoReturn:
+        _immutable(self)
+
+    def setdefault(self, *args: Any) -> NoReturn:
+        _immutable(self)
+
+    def update(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _immutable(self)
+
+
+class FrozenList(list[V]):
+    """A list that cannot change and hashes (over its items): a list inside a row's ``platform``
+    (a ``list`` subclass, so the scenario parser and JSON take it as a list)."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (list(self),))
+
+    def __setitem__(self, *args: Any) -> NoReturn:
+        _immutable(self)
+
+    def __delitem__(self, *args: Any) -> NoReturn:
+        _immutable(self)
+
+    def __iadd__(self, other: Any) -> NoReturn:  # type: ignore[misc]
+        _immutable(self)
+
+    def __imul__(self, other: Any) -> NoReturn:  # type: ignore[misc]
+        _immutable(self)
+
+    def append(self, *args: Any) -> NoReturn:
+        _immutable(self)
+
+    def extend(self, *args: Any) -> NoReturn:
+        _immutable(self)
+
+    def insert(self, *args: Any) -> NoReturn:
+        _immutable(self)
+
+    def pop(self, *args: Any) -> NoReturn:
+        _immutable(self)
+
+    def remove(self, *args: Any) -> NoReturn:
+        _immutable(self)
+
+    def clear(self) -> NoReturn:
+        _immutable(self)
+
+    def sort(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _immutable(self)
+
+    def reverse(self) -> NoReturn:
+        _immutable(self)
+
+
+def frozen(value: Any) -> Any:
+    """``value`` with every dict and list in it, at any depth, made a :class:`FrozenDict` or a
+    :class:`FrozenList` (tuples keep their type, their items frozen)."""
+    if isinstance(value, dict):
+        return FrozenDict({k: frozen(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return FrozenList(frozen(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(frozen(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class Case:
     """Input values that exercise one condition of a leaf (used by check, sweep and vectors).
-    ``platform`` overrides the default platform, e.g. a userspace answer that asks for RETRY."""
+    ``platform`` overrides the default platform, e.g. a userspace answer that asks for RETRY.
+
+    Immutable and hashable, like the rest of the table: ``regs`` and ``platform`` are given as
+    plain dicts and stored as :class:`FrozenDict` (nested dicts and lists frozen too), which still
+    read, unpack (``{**case.regs}``) and export to JSON as dicts."""
 
     name: str
-    regs: dict[str, int]
-    platform: dict[str, Any] = field(default_factory=dict)
+    regs: Mapping[str, int]
+    platform: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regs", frozen(self.regs))
+        object.__setattr__(self, "platform", frozen(self.platform))
 
 
 @dataclass(frozen=True)
@@ -446,11 +562,11 @@ def by_name(name: str) -> Leaf:
         raise KeyError(f"unknown call {name!r}; accepted: {', '.join(BY_NAME)}") from None
 
 
-def _applies(op: Operand, regs: dict[str, int]) -> bool:
+def _applies(op: Operand, regs: Mapping[str, int]) -> bool:
     return op.when is None or op.when.holds(regs.get(op.when.reg, 0))
 
 
-def required_inputs(leaf: Leaf, regs: dict[str, int]) -> list[str]:
+def required_inputs(leaf: Leaf, regs: Mapping[str, int]) -> list[str]:
     """Registers the call must have exposed as inputs for these input values (selectors first)."""
     out = list(leaf.selectors)
     out += [op.reg for op in leaf.inputs if op.required and _applies(op, regs) and op.reg not in out]
@@ -461,7 +577,7 @@ def optional_inputs(leaf: Leaf) -> list[str]:
     return [op.reg for op in leaf.inputs if not op.required]
 
 
-def possible_outputs(leaf: Leaf, regs: dict[str, int]) -> list[str]:
+def possible_outputs(leaf: Leaf, regs: Mapping[str, int]) -> list[str]:
     """Registers the call may write, whatever its outcome, for these input values."""
     out: list[str] = []
     for op in leaf.outputs:
@@ -470,7 +586,7 @@ def possible_outputs(leaf: Leaf, regs: dict[str, int]) -> list[str]:
     return out
 
 
-def expected_outputs(leaf: Leaf, regs: dict[str, int], failed: bool) -> list[str]:
+def expected_outputs(leaf: Leaf, regs: Mapping[str, int], failed: bool) -> list[str]:
     """Registers the call must have written, given its inputs and whether it failed
     (a non-zero status in R10, RETRY included)."""
     want = {"any", "failure" if failed else "success"}
@@ -481,7 +597,7 @@ def expected_outputs(leaf: Leaf, regs: dict[str, int], failed: bool) -> list[str
     return out
 
 
-def minimal_mask(leaf: Leaf, regs: dict[str, int] | None = None) -> int:
+def minimal_mask(leaf: Leaf, regs: Mapping[str, int] | None = None) -> int:
     """The smallest gpr_select hardened KVM accepts for this call with these input values:
     selectors, required inputs and possible outputs (RAX and RCX are never in gpr_select)."""
     regs = {**leaf.selector_values(), **(regs or {})}
