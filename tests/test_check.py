@@ -23,6 +23,7 @@ from tdvmcall.check.catalog import (
     load_catalog,
     parse_calls,
     shipped_catalog_text,
+    summary,
     what_if,
 )
 from tdvmcall.cli import app
@@ -88,7 +89,58 @@ def test_family_words_qualifiers_and_remarks():
     assert set(ALL_KVM_CALLS) == {leaf.name for leaf in L.GHCI_LEAVES + L.KVM_HYPERCALLS}
 
 
-@pytest.mark.parametrize("text", ["RDMSRX", "HLT (unbalanced", "", "CPUID leaf 0xZZ"])
+def test_msr_index_pins_and_comments():
+    # `RDMSR 0x802 (x2APIC ID)` (OpenVMM's AP trampoline): RDMSR with R12, the MSR index (ABI.md §4),
+    # pinned to 0x802; the parenthesis is a comment, kept as a remark and changing no call
+    (rdmsr,), remarks = parse_calls("RDMSR 0x802 (x2APIC ID)")
+    assert rdmsr.name == "Instruction.RDMSR" and rdmsr.inputs == (("r12", 0x802),) and remarks == ["x2APIC ID"]
+    assert rdmsr.label == "RDMSR 0x802"
+    (wrmsr,), _ = parse_calls("WRMSR msr 0x808")
+    assert wrmsr.name == "Instruction.WRMSR" and wrmsr.inputs == (("r12", 0x808),)
+    # the pinned index is the only case run: one case, R12 = 0x802, under both policies
+    c = one("0x1C00", "RDMSR 0x802")
+    assert {(r.inputs["r12"], r.policy) for r in c.runs} == {(0x802, "legacy"), (0x802, "hardened")}
+
+
+def test_all_followed_by_words_is_every_call():
+    # `all selftest calls`: "selftest" names no call, so this is `all` (every call KVM implements)
+    calls, remarks = parse_calls("all selftest calls")
+    assert [c.name for c in calls] == list(ALL_KVM_CALLS) and remarks == ["all selftest calls"]
+    # `all` followed by call names still means those calls (as `all:`)
+    calls, _ = parse_calls("all IO HLT")
+    assert [c.name for c in calls] == ["Instruction.IO", "Instruction.HLT"]
+
+
+def test_direction_words_select_one_case():
+    # ABI.md §4: IO and MMIO direction is R13 (0 in/read, 1 out/write); R15 (the data) is read only
+    # for out/write, R11 (the data read) written only for in/read.
+    for text, leaf, case, r13 in (
+        ("IO in", "Instruction.IO", "in", 0),
+        ("IO out", "Instruction.IO", "out", 1),
+        ("MMIO read", "#VE.RequestMMIO", "read", 0),
+        ("MMIO write", "#VE.RequestMMIO", "write", 1),
+    ):
+        (call,), _ = parse_calls(text)
+        assert call.name == leaf and call.cases == (case,) and call.label == text
+        (run_case,) = [c for c in L.BY_NAME[leaf].cases if c.name == case]
+        assert run_case.regs["r13"] == r13
+    # 0x7C00 = r10 r11 r12 r13 r14: a read needs r10 r11 (selectors) r12 r13 r14 (inputs) and writes
+    # r10 r11: everything is exposed.  A write also reads r15: refused (hardened), read as 0 (legacy).
+    for call in ("IO in", "MMIO read"):
+        c = one("0x7C00", call)
+        assert c.verdict == {"legacy": "ok", "hardened": "ok"} and {r.case for r in c.runs} == {call.split()[1]}
+    for call in ("IO out", "MMIO write", "IO", "MMIO"):
+        c = one("0x7C00", call)
+        assert c.verdict == {"legacy": "legacy-silent", "hardened": "hardened-refuses"}, call
+        assert [(r.case, r.missing_inputs, r.missing_outputs) for r in c.refusals()] == [
+            ("out" if call.startswith("IO") else "write", ["r15"], [])
+        ]
+        assert [r.zero_reads for r in c.silences()] == [["r15"]]
+
+
+@pytest.mark.parametrize(
+    "text", ["RDMSRX", "HLT (unbalanced", "", "CPUID leaf 0xZZ", "RDMSR 0xZZ", "RDMSR 0x802 0x803", "all IO ports"]
+)
 def test_bad_call_field(text):
     with pytest.raises(CatalogError):
         parse_calls(text)
@@ -171,6 +223,68 @@ def test_unimplemented_and_migtd_calls(shipped):
     assert checks["MigTD.WaitForRequest"].verdict == {"legacy": "not-kvm", "hardened": "not-kvm"}
     assert checks["Service"].verdict == {"legacy": "ok", "hardened": "ok"}
     assert any("SUBFUNC_UNSUPPORTED" in n for n in checks["Service"].notes)
+
+
+def test_rows_added_by_the_2026_11_29_catalog(shipped):
+    """The rows the corrected catalog added or changed, each derived from its CSV row and ABI.md."""
+    # OpenVMM's AP trampoline, `RDMSR 0x802 (x2APIC ID)` at 0x1C00 = r10 r11 r12: RDMSR reads r12 and
+    # writes r10 (failure) or r11 (success): all exposed, nothing unused
+    (c,) = check_sites([site(shipped, "openvmm", "AP reset-vector trampoline (raw bytes)", 0x1C00)], KVM)
+    assert c.call.inputs == (("r12", 0x802),) and c.verdict == {"legacy": "ok", "hardened": "ok"} and c.unused == []
+    # EDK2's ApRunLoop between 35f6a2780e and c1eb477e06, 0xFFCC: CPUID leaf 0xB passes; CPUID uses
+    # r10..r15, so rdx rbx rsi rdi r8 r9 are exposed for nothing (RBX: the mailbox address)
+    (c,) = check_sites([site(shipped, "edk2", "AsmRelocateApMailBoxLoop", 0xFFCC)], KVM)
+    assert c.verdict == {"legacy": "ok", "hardened": "ok"} and c.unused == ["rdx", "rbx", "rsi", "rdi", "r8", "r9"]
+    # ... and before 35f6a2780e, 0xFFEC: RBP, so TDX_OPERAND_INVALID(RCX) under NO_RBP_MOD (ABI.md §3)
+    (c,) = check_sites([site(shipped, "edk2", "AsmRelocateApMailBoxLoop", 0xFFEC)], KVM)
+    assert c.verdict == {"legacy": "module-rejects", "hardened": "module-rejects"}
+    assert c.module.status == TDX_OPERAND_INVALID_RCX
+    # KVM's selftests, `all selftest calls` at 0xFC00 = r10..r15: every KVM call, and r10..r15 hold
+    # every register any of them needs (the message registers of ReportFatalError are optional)
+    s = site(shipped, "kvm-selftests (intel/tdx downstream)", "__tdx_hypercall (selftest guest)", 0xFC00)
+    checks = check_sites([s], KVM)
+    assert [c.call.name for c in checks] == list(ALL_KVM_CALLS)
+    assert all(c.verdict == {"legacy": "ok", "hardened": "ok"} for c in checks)
+    # Linux 0xFFCC no longer lists SetupEventNotifyInterrupt: 9 GHCI calls, 6 KVM hypercalls, Hyper-V
+    linux = site(shipped, "linux", "__tdx_hypercall", 0xFFCC)
+    assert len(linux.calls) == 16 and "SetupEventNotifyInterrupt" not in {c.name for c in linux.calls}
+
+
+def test_shipped_catalog_summary(shipped):
+    """The figures README.md and docs/check.md quote, counted by hand from guest-masks.csv:
+    sites = rows = linux 2, td-shim 6, edk2 6, openvmm 6, coconut-svsm 8, tdx-guest 1, gramine 11,
+    kvm-selftests 1 = 41.  Calls per row (`all` = the 17 calls KVM implements, 11 GHCI + 6 hypercalls):
+    linux 16 + 17; td-shim 12 + 3 + 17 + 1 + 1 + 1; edk2 5 + 1 + 1 + 1 + 1 + 17; openvmm 6; coconut 8;
+    tdx-guest 12; gramine 11; selftests 17 = 148.  not-kvm: the three Hyper-V rows' calls, td-shim's
+    MigTD.WaitForRequest and its three MigTD calls = 7.  module-rejects: the 0xFFEC rows (RBP), td-shim
+    AP loop 1 + EDK2 ApRunLoop 1 + EDK2 TdVmCall `all` 17 = 19.  Refused / silent: COCONUT-SVSM's
+    ReportFatalError at 0x1C00 (the with-gpa case lacks r13) = 1.  Everything else is ok: 121."""
+    s = summary(check_sites(shipped, KVM))
+    assert (s["sites"], s["calls"]) == (41, 148)
+    zero = {"legacy-silent": 0, "hardened-refuses": 0}
+    assert s["hardened"] == {**zero, "ok": 121, "not-kvm": 7, "hardened-refuses": 1, "module-rejects": 19}
+    assert s["legacy"] == {**zero, "ok": 121, "not-kvm": 7, "legacy-silent": 1, "module-rejects": 19}
+
+
+def test_package_data_equals_the_shared_reference_data():
+    """The shipped tables are copies of the project's reference data (``<repo>/../shared/data``):
+    every CSV there is shipped, byte for byte."""
+    from pathlib import Path
+
+    from tdvmcall import data_file
+
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip(
+            f"{shared} does not exist: this checkout has no shared workspace beside it (../shared/data), "
+            "so there is no reference copy to compare the package's data files with"
+        )
+    csvs = sorted(p.name for p in shared.glob("*.csv"))
+    assert {"guest-masks.csv", "tdx-module-status-codes.csv"} <= set(csvs)
+    for name in csvs:
+        assert data_file(name).read_bytes() == (shared / name).read_bytes(), (
+            f"src/tdvmcall/data/{name} != {shared / name}"
+        )
 
 
 # --- what-ifs -------------------------------------------------------------------------------------------

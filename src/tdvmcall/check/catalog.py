@@ -80,10 +80,27 @@ FOREIGN_CALLS: dict[str, str] = {
 FAMILY_WORDS = ("MigTD",)
 
 #: Qualifiers that pin a call's input values: ``CPUID leaf 0xB`` checks CPUID with R12 = 0xB only,
-#: ``ReportFatalError code 0x10000`` checks only a report without a GPA (R12 bit 63 clear).
+#: ``ReportFatalError code 0x10000`` checks only a report without a GPA (R12 bit 63 clear),
+#: ``RDMSR msr 0x802`` only that MSR index.
 INPUT_QUALIFIERS: dict[str, dict[str, str]] = {
     "Instruction.CPUID": {"leaf": "r12", "subleaf": "r13"},
     "ReportFatalError": {"code": "r12"},  # a code without bit 63: a site that never passes a GPA
+    "Instruction.RDMSR": {"msr": "r12"},
+    "Instruction.WRMSR": {"msr": "r12"},
+}
+
+#: A number right after these names pins that input: ``RDMSR 0x802`` is RDMSR with R12 (the MSR
+#: index, ABI.md §4) = 0x802, the x2APIC ID register.
+POSITIONAL_INPUTS: dict[str, str] = {
+    "Instruction.RDMSR": "r12",
+    "Instruction.WRMSR": "r12",
+}
+
+#: Direction words: ``IO in`` runs only the leaf-table case ``in`` of ``Instruction.IO`` (R13 = 0),
+#: ``MMIO write`` only ``write`` (R13 = 1): a site that only reads never needs R15 (ABI.md §4).
+CASE_WORDS: dict[str, dict[str, str]] = {
+    "Instruction.IO": {"in": "in", "out": "out"},
+    "#VE.RequestMMIO": {"read": "read", "write": "write"},
 }
 
 #: Words that end the list of calls: the rest of the field is a remark (``... and other C callers``).
@@ -123,6 +140,13 @@ class CallRef:
     annotation: str = ""  # text in parentheses after the name
     inputs: tuple[tuple[str, int], ...] = ()  # input values pinned by a qualifier
     foreign: str | None = None
+    cases: tuple[str, ...] = ()  # the leaf's cases a direction word selects (empty: every case)
+    qualifier: str = ""  # the qualifiers and direction words as written (``leaf 0xB``, ``0x802``, ``in``)
+
+    @property
+    def label(self) -> str:
+        """The call with its qualifiers, as a reader would write it: ``RDMSR 0x802``, ``IO in``."""
+        return f"{self.written} {self.qualifier}" if self.qualifier else self.written
 
     @property
     def leaf(self) -> L.Leaf | None:
@@ -152,19 +176,29 @@ class Site:
 _TOKEN = re.compile(r"[^\s()]+(?:\([^()]*\))?|\([^()]*\)")
 
 
+def _names_a_call(token: str) -> bool:
+    word = token.partition("(")[0]
+    return word.lower() in _NAMES or word in FAMILY_WORDS
+
+
 def parse_calls(text: str) -> tuple[list[CallRef], list[str]]:
     """Parse a ``tdvmcalls`` field into calls and remarks.  The grammar, in order of the tokens:
 
-    - ``all`` alone: every call KVM implements (:data:`ALL_KVM_CALLS`); ``all:`` followed by
-      names: the site's one mask serves all of the listed calls (the prefix is then only a remark);
+    - ``all`` alone, or followed by words that do not start with a call name (``all selftest
+      calls``): every call KVM implements (:data:`ALL_KVM_CALLS`), the words kept as a remark;
+      ``all:`` (or ``all``) followed by call names: the site's one mask serves all of the listed
+      calls (the prefix is then only a remark);
     - ``NAME`` or ``NAME(annotation)``: a call (:data:`CALL_NAMES`, a leaf name, or
       :data:`FOREIGN_CALLS`); the annotation is kept as a remark on that call;
-    - ``NAME QUALIFIER VALUE`` (:data:`INPUT_QUALIFIERS`): the call with that input pinned;
+    - after a name, in any order: ``QUALIFIER VALUE`` (:data:`INPUT_QUALIFIERS`, e.g. ``CPUID leaf
+      0xB``) pins that input; a bare number (:data:`POSITIONAL_INPUTS`, ``RDMSR 0x802``) pins the MSR
+      index; a direction word (:data:`CASE_WORDS`, ``IO in``, ``MMIO write``) runs only that case;
     - ``FAMILY A B``: ``FAMILY.A FAMILY.B`` (:data:`FAMILY_WORDS`);
-    - ``(text)`` on its own: a remark on the row;
+    - ``(text)`` on its own: a remark on the row (a comment: it changes no call);
     - ``and ...``: the rest is a remark (the list is not exhaustive).
 
-    Raises :class:`CatalogError` for an unknown name or unbalanced parentheses."""
+    Raises :class:`CatalogError` for an unknown name, a bad or twice-pinned value, or unbalanced
+    parentheses."""
     if text.count("(") != text.count(")"):
         raise CatalogError(f"unbalanced parentheses in {text!r}")
     tokens = _TOKEN.findall(text)
@@ -173,10 +207,14 @@ def parse_calls(text: str) -> tuple[list[CallRef], list[str]]:
     family: str | None = None
     i = 0
     if tokens and tokens[0].lower() in ("all", "all:"):
-        if tokens[0].lower() == "all" and all(t.startswith("(") for t in tokens[1:]):
+        words = [t for t in tokens[1:] if not t.startswith("(")]
+        if tokens[0].lower() == "all" and not (words and _names_a_call(words[0])):
             calls += [CallRef(name, "all") for name in ALL_KVM_CALLS]
-        else:
-            remarks.append("one mask for all of these calls")
+            if words:
+                remarks.append(" ".join(["all", *words]))
+            remarks += [t[1:-1].strip() for t in tokens[1:] if t.startswith("(")]
+            return calls, remarks
+        remarks.append("one mask for all of these calls")
         i = 1
     while i < len(tokens):
         tok = tokens[i]
@@ -199,20 +237,52 @@ def parse_calls(text: str) -> tuple[list[CallRef], list[str]]:
             raise CatalogError(f"unknown call name {word!r}; accepted: {', '.join(accepted_names())}")
         if not (family and names[0].startswith(family + ".")):
             family = None
-        pinned: list[tuple[str, int]] = []
-        quals = INPUT_QUALIFIERS.get(names[0], {})
-        while i + 1 < len(tokens) and tokens[i].lower() in quals:
-            try:
-                value = parse_int(tokens[i + 1], f"{word} {tokens[i]}")
-            except ValueError as e:
-                raise CatalogError(str(e)) from None
-            pinned.append((quals[tokens[i].lower()], value))
-            i += 2
+        start = i
+        pinned, cases, i = _modifiers(word, names[0], tokens, i)
+        qualifier = " ".join(tokens[start:i])
         for name in names:
-            calls.append(CallRef(name, word, annotation, tuple(pinned), FOREIGN_CALLS.get(name)))
+            calls.append(
+                CallRef(name, word, annotation, pinned, FOREIGN_CALLS.get(name), cases=cases, qualifier=qualifier)
+            )
     if not calls:
         raise CatalogError(f"no call named in {text!r}; accepted: {', '.join(accepted_names())}")
     return calls, remarks
+
+
+def _modifiers(
+    word: str, leaf: str, tokens: list[str], i: int
+) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...], int]:
+    """The qualifiers, positional values and direction words after a call name, from token ``i``:
+    the pinned inputs, the selected cases and the index of the next token."""
+    quals = INPUT_QUALIFIERS.get(leaf, {})
+    positional = POSITIONAL_INPUTS.get(leaf)
+    case_words = CASE_WORDS.get(leaf, {})
+    pinned: dict[str, int] = {}
+    cases: list[str] = []
+
+    def pin(reg: str, value_text: str, what: str) -> None:
+        try:
+            value = parse_int(value_text, what)
+        except ValueError as e:
+            raise CatalogError(str(e)) from None
+        if reg in pinned:
+            raise CatalogError(f"{word}: {reg} is pinned twice ({pinned[reg]:#x} and {value:#x})")
+        pinned[reg] = value
+
+    while i < len(tokens):
+        tok = tokens[i].lower()
+        if tok in quals and i + 1 < len(tokens):
+            pin(quals[tok], tokens[i + 1], f"{word} {tokens[i]}")
+            i += 2
+        elif positional is not None and tok[:1].isdigit():
+            pin(positional, tokens[i], f"{word} index")
+            i += 1
+        elif tok in case_words:
+            cases += [case_words[tok]] if case_words[tok] not in cases else []
+            i += 1
+        else:
+            break
+    return tuple(pinned.items()), tuple(cases), i
 
 
 def parse_mask(text: str) -> int:
@@ -383,14 +453,18 @@ def module_outcome(site: Site, host: Host) -> ModuleOutcome:
 
 
 def cases_for(call: CallRef) -> list[L.Case]:
-    """The leaf's cases (one per condition), or one case with the inputs a qualifier pinned."""
+    """The leaf's cases (one per condition; only those a direction word selects), or one case
+    with the inputs a qualifier pinned, over the first of them."""
     leaf = call.leaf
     assert leaf is not None
+    cases = [c for c in leaf.cases if not call.cases or c.name in call.cases]
+    if not cases:
+        raise ModelBug(f"{call.label}: {leaf.name} has no case named {' or '.join(call.cases)}")
     if not call.inputs:
-        return list(leaf.cases)
+        return cases
     pinned = dict(call.inputs)
-    name = " ".join(f"{r}={v:#x}" for r, v in call.inputs)
-    return [L.Case(name, {**leaf.cases[0].regs, **pinned}, leaf.cases[0].platform)]
+    name = " ".join([*call.cases, *(f"{r}={v:#x}" for r, v in call.inputs)])
+    return [L.Case(name, {**cases[0].regs, **pinned}, cases[0].platform)]
 
 
 def _exposed(mask: int) -> set[str]:
@@ -400,9 +474,11 @@ def _exposed(mask: int) -> set[str]:
 def run_case(site: Site, leaf: L.Leaf, case: L.Case, policy: str, host: Host) -> CaseRun:
     """One round trip through the model (scenario API), then what it means for this leaf: under
     ``hardened`` the registers KVM found missing, under ``legacy`` what it read as zero or dropped.
-    Missing registers are read from the leaf table over KVM's view of the inputs (0 where the guest
-    did not expose them), so a call KVM dispatched elsewhere (R10/R11 not exposed) is still
-    explained in terms of the call the guest meant."""
+    When KVM dispatched the leaf the guest meant, the missing registers are KVM's own
+    (``KvmResult.missing`` and ``unexposed_outputs``).  When it dispatched another one (R10/R11 not
+    exposed, so KVM read 0 there), they are read from the leaf table over KVM's view of the inputs
+    (0 where the guest did not expose them), so the call is still explained in terms of the call
+    the guest meant."""
     inputs = {**leaf.selector_values(), **case.regs}
     scenario = {
         "td": {"module": host.module, "no_rbp_mod": host.no_rbp_mod},
@@ -414,18 +490,14 @@ def run_case(site: Site, leaf: L.Leaf, case: L.Case, policy: str, host: Host) ->
     k = rt.kvm
     if k is None:
         raise ModelBug(f"{site.label}: the module accepted the control but the call never reached KVM")
-    exposed = _exposed(site.mask)
-    seen = {r: (v if r in exposed else 0) for r, v in inputs.items()}
-    run = CaseRun(
-        case.name,
-        inputs,
-        policy,
-        k.verdict,
-        k.leaf.name,
-        k.status,
-        [r for r in L.required_inputs(leaf, seen) if r not in exposed],
-        [r for r in L.possible_outputs(leaf, seen) if r not in exposed],
-    )
+    if k.leaf == leaf:
+        missing_inputs, missing_outputs = list(k.missing), list(k.unexposed_outputs)
+    else:
+        exposed = _exposed(site.mask)
+        seen = {r: (v if r in exposed else 0) for r, v in inputs.items()}
+        missing_inputs = [r for r in L.required_inputs(leaf, seen) if r not in exposed]
+        missing_outputs = [r for r in L.possible_outputs(leaf, seen) if r not in exposed]
+    run = CaseRun(case.name, inputs, policy, k.verdict, k.leaf.name, k.status, missing_inputs, missing_outputs)
     if policy == "legacy":
         run.zero_reads = list(k.zero_reads)  # dispatch's own R10/R11 reads included
         run.dropped_writes = list(k.dropped_writes)

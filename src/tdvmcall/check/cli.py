@@ -21,7 +21,7 @@ CHECK_HELP = "\n\n".join(
     or drops an output), ok; not-kvm for calls that are not KVM's (Hyper-V hypercalls, MigTD). Notes
     name registers exposed but unused and XMMs exposed.""",
         """Without --catalog the shipped catalog (Linux, td-shim, EDK2, OpenVMM, COCONUT-SVSM, tdx-guest,
-    Gramine-TDX) is checked. Exit status: 0 when every call passes --policy, 1 when some do not, 2 for
+    Gramine-TDX, KVM's TDX selftests) is checked. Exit status: 0 when every call passes --policy, 1 when some do not, 2 for
     bad input (a bad catalog row is named on stderr; the other rows are still checked).""",
         """Examples: 'tdvmcall check', 'tdvmcall check --mask 0x1C00 --call Instruction.RDMSR',
     'tdvmcall check --catalog mine.csv --html report.html', 'tdvmcall check --rbp-mod --json'.

@@ -59,11 +59,10 @@ def short_name(call: str) -> str:
     return call
 
 
-def case_text(run: CaseRun) -> str:
-    """``in [r12=0x1 r13=0x0 r14=0x3fd]``: the case name and its input values, without the selectors
-    (R10, and R11 when R10 = 0 makes it the GHCI leaf number)."""
-    selectors = L.lookup(run.inputs.get("r10", 0), run.inputs.get("r11", 0)).selectors
-    vals = " ".join(f"{r}={v:#x}" for r, v in run.inputs.items() if r not in selectors)
+def case_text(run: CaseRun, leaf: L.Leaf) -> str:
+    """``in [r12=0x1 r13=0x0 r14=0x3fd]``: the case name and its input values, without the
+    selectors of the leaf the guest meant (``Leaf.selectors``: R10, and R11 for a GHCI call)."""
+    vals = " ".join(f"{r}={v:#x}" for r, v in run.inputs.items() if r not in leaf.selectors)
     return f"{run.case} [{vals}]" if vals else run.case
 
 
@@ -96,7 +95,7 @@ def _silence(run: CaseRun, call: str) -> str:
     return "; ".join(parts)
 
 
-def _by_finding(prefix: str, runs: list[CaseRun], explain) -> list[str]:
+def _by_finding(prefix: str, runs: list[CaseRun], explain, leaf: L.Leaf | None) -> list[str]:
     """One line per distinct finding, naming the cases it holds for (with their inputs when it holds
     for only some of the cases)."""
     found: dict[str, list[CaseRun]] = {}
@@ -104,7 +103,7 @@ def _by_finding(prefix: str, runs: list[CaseRun], explain) -> list[str]:
         found.setdefault(explain(run), []).append(run)
     lines = []
     for text, rs in found.items():
-        where = ", ".join(case_text(r) for r in rs) if len(rs) == 1 else ", ".join(r.case for r in rs)
+        where = ", ".join(case_text(r, leaf) for r in rs) if len(rs) == 1 and leaf else ", ".join(r.case for r in rs)
         lines.append(f"{prefix} (case {where}): {text}")
     return lines
 
@@ -118,8 +117,9 @@ def detail_lines(check: CallCheck, brief: bool = False) -> list[str]:
     elif check.call.foreign:
         reason = check.call.foreign.split(":")[0] if brief else check.call.foreign
         lines.append(f"not a KVM call: {reason}")
-    lines += _by_finding("hardened refuses", check.refusals(), _refusal)
-    lines += _by_finding("legacy", check.silences(), lambda r: _silence(r, check.call.name))
+    leaf = check.call.leaf
+    lines += _by_finding("hardened refuses", check.refusals(), _refusal, leaf)
+    lines += _by_finding("legacy", check.silences(), lambda r: _silence(r, check.call.name), leaf)
     lines += check.notes
     if check.call.annotation:
         lines.append(f"catalog: {check.call.written}({check.call.annotation})")
