@@ -447,3 +447,82 @@ def test_every_shipped_row_is_checked(shipped):
 def test_check_call_matches_check_sites():
     s = what_if("0xFC00", ["IO"])
     assert check_call(s, s.calls[0], KVM).verdict == check_sites([s], KVM)[0].verdict
+
+
+# --- the first screen ---------------------------------------------------------------------------------
+def test_the_answer_comes_first():
+    """The verdict, the counts and the findings come before the per-guest tables, so that the first
+    40 lines answer: the findings of the shipped catalog are the three 0xFFEC rows the module
+    rejects (RBP under NO_RBP_MOD, ABI.md §3) and COCONUT-SVSM's ReportFatalError without R13."""
+    r = invoke()
+    lines = r.stdout.splitlines()
+    assert lines[1].startswith("FAIL under --policy hardened: 4 of 41 sites, 20 of 148 calls do not pass (exit 1)")
+    assert " ".join(lines[2].split()) == "hardened: 121 ok, 7 not-kvm, 1 hardened-refuses, 19 module-rejects"
+    assert " ".join(lines[3].split()) == "legacy: 121 ok, 7 not-kvm, 1 legacy-silent, 19 module-rejects"
+    findings_at = next(i for i, line in enumerate(lines) if line.startswith("Findings (4)"))
+    first_table = next(i for i, line in enumerate(lines) if line.split()[:2] == ["site", "mask"])
+    assert findings_at < first_table
+    findings = "\n".join(lines[findings_at:first_table])
+    # every failing site, with its verdict and why, in order (worst first)
+    order = [findings.index(s) for s in ("td-shim AP mailbox", "edk2 AsmRelocateApMailBoxLoop", "edk2 TdVmCall")]
+    assert order == sorted(order) and findings.count("module-rejects") == 3 and findings.count("rbp") == 3
+    assert findings.index("edk2 TdVmCall") < findings.index("coconut-svsm")
+    coconut = findings[findings.index("hardened-refuses") :]  # the last finding (rich wraps long cells)
+    assert "coconut-svsm" in coconut and "r13" in coconut and "with-gpa" in coconut and "legacy-silent" in coconut
+    head = "\n".join(lines[:40])
+    assert all(s in head for s in ("coconut-svsm", "tdvmcall_report_fatal_error", "every KVM call (17)"))
+    # one row per site: the Linux row's hypercalls are collapsed, no per-call row
+    assert "KVM-hypercall×6" in r.stdout and "KICK_CPU" not in r.stdout
+
+
+def test_per_call_details_only_with_verbose():
+    # COCONUT-SVSM's ReportFatalError: the case's input values (R12 with bit 63 set, ABI.md §4) and
+    # the catalog's remarks are per-call details
+    gpa_case = "r12=0x8000000000010000"
+    plain = invoke("--guest", "coconut-svsm").stdout
+    verbose = invoke("--guest", "coconut-svsm", "--verbose").stdout
+    assert gpa_case not in plain and gpa_case in verbose
+    # the Linux row makes six KVM hypercalls: one per line with --verbose only
+    plain = invoke("--guest", "linux").stdout
+    verbose = invoke("--guest", "linux", "-v").stdout
+    assert "KICK_CPU" not in plain and "SEND_IPI" not in plain
+    assert "KICK_CPU" in verbose and "SEND_IPI" in verbose and "catalog: KVM-hypercall(R10!=0)" in verbose
+    # JSON and Markdown always carry them
+    doc = json.loads(invoke("--guest", "coconut-svsm", "--json").stdout)
+    (fatal,) = [x for x in doc["results"] if x["call"] == "ReportFatalError"]
+    assert any(gpa_case in d for d in fatal["details"])
+    assert gpa_case in invoke("--guest", "coconut-svsm", "--markdown").stdout
+
+
+def test_over_exposure_is_noted_once_per_site(tmp_path):
+    # 0xFF00 = r8..r15.  HLT and RDMSR use r10 r11 r12, CPUID r10..r15: r8 r9 are used by none of
+    # the three, so the site exposes r8 r9 for nothing (r13..r15 are CPUID's)
+    path = tmp_path / "fw.csv"
+    path.write_text("guest,snapshot,file,function,mask_hex,tdvmcalls,note\nfw,1,a.c,vmcall,0xFF00,HLT RDMSR CPUID,\n")
+    for args in ((), ("--verbose",), ("--markdown",)):
+        out = invoke("--catalog", str(path), *args).stdout
+        assert out.count("r8 r9") == 1, args
+        assert "exposed but unused" not in out, args  # the per-call notes are not repeated
+    assert "exposed for" in invoke("--catalog", str(path), "--verbose").stdout
+    # the JSON keeps each call's own notes and adds the site's
+    doc = json.loads(invoke("--catalog", str(path), "--json").stdout)
+    assert [x["unused"] for x in doc["results"]] == [["r8", "r9", "r13", "r14", "r15"]] * 2 + [["r8", "r9"]]
+    (site_doc,) = doc["sites"]
+    assert site_doc["exposed_for_nothing"] == ["r8", "r9"] and site_doc["results"] == [0, 1, 2]
+
+
+def test_json_findings():
+    doc = json.loads(invoke("--json").stdout)
+    found = doc["findings"]
+    # the three 0xFFEC rows (module) then COCONUT-SVSM's ReportFatalError (hardened, legacy)
+    assert [(f["guest"], f["mask"], f["verdict"]["hardened"]) for f in found] == [
+        ("td-shim", "0xffec", "module-rejects"),
+        ("edk2", "0xffec", "module-rejects"),
+        ("edk2", "0xffec", "module-rejects"),
+        ("coconut-svsm", "0x1c00", "hardened-refuses"),
+    ]
+    assert len(found[2]["calls"]) == len(ALL_KVM_CALLS) and found[3]["calls"] == ["ReportFatalError"]
+    assert found[3]["verdict"]["legacy"] == "legacy-silent" and "r13" in found[3]["why"]
+    for f in found:
+        assert all(doc["results"][i]["function"] == f["function"] for i in f["results"])
+    assert len(doc["sites"]) == 41 and sum(len(s["results"]) for s in doc["sites"]) == 148

@@ -425,7 +425,8 @@ class CallCheck:
     verdict: dict[str, str]  # policy -> verdict
     runs: list[CaseRun] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)  # exposed GPRs the call neither reads nor writes
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the exposure notes, then call_notes
+    call_notes: list[str] = field(default_factory=list)  # the notes about the call, not the exposure
 
     def passes(self, policy: str) -> bool:
         return self.verdict[policy] in PASSING
@@ -514,14 +515,19 @@ def used_registers(leaf: L.Leaf) -> set[str]:
     return set(leaf.selectors) | {op.reg for op in leaf.inputs + leaf.outputs}
 
 
-def _notes(site: Site, call: CallRef, unused: list[str]) -> list[str]:
+def _exposure_notes(site: Site, unused: list[str]) -> list[str]:
+    """Registers the call is exposed for nothing: unused GPRs, and XMMs (no KVM call uses them)."""
     notes = []
     if unused:
         notes.append(f"exposed but unused: {' '.join(unused)} (the host can read and overwrite them)")
-    ctl = Control(site.mask)
-    if ctl.xmm_select:
-        xmms = " ".join(f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1)
-        notes.append(f"XMMs exposed: {xmms} (no KVM call uses them; the host can read and overwrite them)")
+    if xmms := exposed_xmms(site.mask):
+        notes.append(f"XMMs exposed: {' '.join(xmms)} (no KVM call uses them; the host can read and overwrite them)")
+    return notes
+
+
+def _call_notes(site: Site, call: CallRef) -> list[str]:
+    """Notes about the call itself: optional inputs the mask leaves out, a leaf KVM does not implement."""
+    notes = []
     leaf = call.leaf
     if leaf is not None:
         skipped = [r for r in L.optional_inputs(leaf) if r not in _exposed(site.mask)]
@@ -530,6 +536,21 @@ def _notes(site: Site, call: CallRef, unused: list[str]) -> list[str]:
         if leaf.name in L.UNSUPPORTED_GHCI:
             notes.append(f"KVM does not implement {leaf.name}: it answers SUBFUNC_UNSUPPORTED")
     return notes
+
+
+def exposed_xmms(mask: int) -> list[str]:
+    ctl = Control(mask)
+    return [f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1]
+
+
+def site_unused(checks: Iterable[CallCheck]) -> list[str]:
+    """The GPRs a site exposes that none of its calls reads or writes, under any condition: the
+    over-exposure of the site as a whole.  A call that is not KVM's may use any register (KVM's
+    table does not describe it), so a site making one has none."""
+    checks = list(checks)
+    unused = [set(c.unused) if c.call.leaf is not None else set() for c in checks]
+    common = set.intersection(*unused) if unused else set()
+    return [r for r in GPR_NAMES if r in common]
 
 
 def check_call(site: Site, call: CallRef, host: Host, module: ModuleOutcome | None = None) -> CallCheck:
@@ -542,7 +563,10 @@ def check_call(site: Site, call: CallRef, host: Host, module: ModuleOutcome | No
     leaf = call.leaf
     exposed = [r for r in GPR_NAMES if r in _exposed(site.mask)]
     unused = [r for r in exposed if leaf is not None and r not in used_registers(leaf)]
-    out = CallCheck(site, call, module, {}, unused=unused, notes=_notes(site, call, unused))
+    call_notes = _call_notes(site, call)
+    out = CallCheck(
+        site, call, module, {}, unused=unused, notes=_exposure_notes(site, unused) + call_notes, call_notes=call_notes
+    )
     if not module.accepted:
         out.verdict = {p: MODULE_REJECTS for p in POLICIES}
         return out

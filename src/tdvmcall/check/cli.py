@@ -59,7 +59,16 @@ def check(
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON document: summary, errors and one object per site and call."
     ),
-    markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables, one per guest."),
+    markdown: bool = typer.Option(
+        False, "--markdown", help="Print Markdown: the summary, the findings, one table per guest with every call."
+    ),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="In the terminal, one row per call with the details of every case (which case fails, its "
+        "input values, the registers missing), instead of one row per site.",
+    ),
     html_file: Path | None = typer.Option(
         None, "--html", metavar="FILE", help="Also write a self-contained HTML report (matrix of sites x calls)."
     ),
@@ -122,9 +131,9 @@ def check(
     if as_json:
         emit_json(report_json(results, host, policy, source, errors))
     elif markdown:
-        sys.stdout.write(markdown_report(results, host, policy, source))
+        sys.stdout.write(markdown_report(results, host, policy, source, len(errors)))
     else:
-        out.print(rich_report(results, host, policy, source))
+        out.print(rich_report(results, host, policy, source, verbose, len(errors)))
     if html_file is not None:
         try:
             html_file.write_text(html_report(results, host, policy, source, errors))

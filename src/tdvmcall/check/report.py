@@ -8,8 +8,10 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import groupby
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -20,16 +22,21 @@ from ..kvm import leaves as L
 from ..kvm.leaves import LEAVES
 from ..kvm.tdx import POLICIES
 from .catalog import (
+    ALL_KVM_CALLS,
     FOREIGN_CALLS,
     HARDENED_REFUSES,
     LEGACY_SILENT,
     MODULE_REJECTS,
     NOT_KVM,
     OK,
+    VERDICTS,
     CallCheck,
     CaseRun,
     Host,
     Site,
+    exposed_xmms,
+    failing,
+    site_unused,
     summary,
 )
 
@@ -95,35 +102,167 @@ def _silence(run: CaseRun, call: str) -> str:
     return "; ".join(parts)
 
 
-def _by_finding(prefix: str, runs: list[CaseRun], explain, leaf: L.Leaf | None) -> list[str]:
+def _by_finding(prefix: str, runs: list[CaseRun], explain, leaf: L.Leaf | None, values: bool = True) -> list[str]:
     """One line per distinct finding, naming the cases it holds for (with their inputs when it holds
-    for only some of the cases)."""
+    for only some of the cases, unless ``values`` is False)."""
     found: dict[str, list[CaseRun]] = {}
     for run in runs:
         found.setdefault(explain(run), []).append(run)
     lines = []
     for text, rs in found.items():
-        where = ", ".join(case_text(r, leaf) for r in rs) if len(rs) == 1 and leaf else ", ".join(r.case for r in rs)
+        if len(rs) == 1 and leaf is not None and values:
+            where = case_text(rs[0], leaf)
+        else:
+            where = ", ".join(r.case for r in rs)
         lines.append(f"{prefix} (case {where}): {text}")
     return lines
 
 
-def detail_lines(check: CallCheck, brief: bool = False) -> list[str]:
-    """Why the verdicts are what they are, then the notes, one line each (``brief``: a not-KVM
-    call's reason only up to its first colon, for the terminal table)."""
+def _module_brief(check: CallCheck) -> str:
+    """``gpr_select exposes rbp, ... (RBP: NO_RBP_MOD): TDX_OPERAND_INVALID, operand RCX``."""
+    d = check.module.decoded or {}
+    name = d.get("name") or hex64(check.module.status or 0)
+    operand = f", operand {str(d.get('operand_name') or d.get('operand_id')).removeprefix('OPERAND_ID_')}"
+    return f"{'; '.join(check.module.problems)}: {name}{operand if 'operand_id' in d else ''}"
+
+
+def _reasons(check: CallCheck, brief: bool = False, values: bool = True) -> list[str]:
+    """Why the verdicts are what they are: the module's refusal, the not-KVM reason, the hardened
+    refusals and the legacy silences, one line per distinct finding (``values=False``: shorter, for
+    the findings: the module's reason without the status value, the cases without their inputs)."""
     lines: list[str] = []
     if not check.module.accepted:
-        lines.append(f"module rejects: {module_text(check)}")
+        lines.append(f"module rejects: {module_text(check)}" if values else _module_brief(check))
     elif check.call.foreign:
         reason = check.call.foreign.split(":")[0] if brief else check.call.foreign
         lines.append(f"not a KVM call: {reason}")
     leaf = check.call.leaf
-    lines += _by_finding("hardened refuses", check.refusals(), _refusal, leaf)
-    lines += _by_finding("legacy", check.silences(), lambda r: _silence(r, check.call.name), leaf)
-    lines += check.notes
+    lines += _by_finding("hardened refuses", check.refusals(), _refusal, leaf, values)
+    lines += _by_finding("legacy", check.silences(), lambda r: _silence(r, check.call.name), leaf, values)
+    return lines
+
+
+def detail_lines(check: CallCheck, brief: bool = False, exposure: bool = True) -> list[str]:
+    """Why the verdicts are what they are, then the notes, one line each (``brief``: a not-KVM
+    call's reason only up to its first colon, for the terminal table; ``exposure=False``: without
+    the over-exposure notes, which the terminal and Markdown reports give once per site)."""
+    lines = _reasons(check, brief)
+    lines += check.notes if exposure else check.call_notes
     if check.call.annotation:
         lines.append(f"catalog: {check.call.written}({check.call.annotation})")
     return lines
+
+
+def call_label(check: CallCheck) -> str:
+    """A compact name of the call with its pins: ``RDMSR 0x802``, ``IO in``, ``CPUID leaf 0xB``."""
+    name = short_name(check.call.name)
+    return f"{name} {check.call.qualifier}" if check.call.qualifier else name
+
+
+def calls_text(checks: list[CallCheck]) -> str:
+    """The calls of a group, compact: ``every KVM call (17)`` for a bare ``all``, the six KVM
+    hypercalls as ``KVM-hypercall×6``, else their labels."""
+    names = [c.call.name for c in checks]
+    plain = not any(c.call.qualifier for c in checks)
+    if plain and len(checks) > 1 and sorted(names) == sorted(ALL_KVM_CALLS):
+        return f"every KVM call ({len(names)})"
+    hypercalls = {leaf.name for leaf in L.KVM_HYPERCALLS}
+    collapse = plain and hypercalls <= set(names)
+    labels: list[str] = []
+    for c in checks:
+        label = f"KVM-hypercall×{len(hypercalls)}" if collapse and c.call.name in hypercalls else call_label(c)
+        if label not in labels:
+            labels.append(label)
+    return " ".join(labels)
+
+
+def verdict_label(verdict: dict[str, str]) -> str:
+    """Both policies' verdicts in a few words: ``module-rejects``, ``hardened-refuses, legacy-silent``
+    (``ok`` only when both are; the verdict names say which policy they belong to)."""
+    words = list(dict.fromkeys(verdict[p] for p in ("hardened", "legacy")))
+    if len(words) > 1 and OK in words:
+        words.remove(OK)
+    return ", ".join(words)
+
+
+def _rank(verdict: dict[str, str]) -> int:
+    return max(VERDICTS.index(v) for v in verdict.values())
+
+
+def short_snapshot(site: Site) -> str:
+    """The snapshot a site was read at, without its parenthesised detail (``mainline v6.3+``)."""
+    return site.snapshot.split(" (")[0].strip()
+
+
+def site_where(site: Site) -> str:
+    """Where, in one line: ``td-shim AP mailbox loop @ before e3a692b1 0xffec``."""
+    snap = f" @ {short_snapshot(site)}" if site.snapshot else ""
+    return f"{site.guest} {site.function}{snap} {site.mask:#06x}"
+
+
+@dataclass
+class Finding:
+    """Calls of one site that fail under some policy for the same reason."""
+
+    site: Site
+    checks: list[CallCheck]
+    verdict: dict[str, str]
+    why: str  # one line, case names without their values
+    details: list[str]  # the same, one line per reason, with the cases' input values
+
+
+def findings(results: list[CallCheck]) -> list[Finding]:
+    """Every (site, call) that does not pass under some policy, grouped per site by verdicts and
+    reason, worst first (``module-rejects``, ``hardened-refuses``, ``legacy-silent``), then in
+    catalog order."""
+    out: list[Finding] = []
+    for site, checks in by_site(results):
+        groups: dict[tuple[str, str, str], Finding] = {}
+        for c in checks:
+            if all(c.passes(p) for p in POLICIES):
+                continue
+            why = "; ".join(_reasons(c, brief=True, values=False))
+            key = (c.verdict["legacy"], c.verdict["hardened"], why)
+            if key not in groups:
+                groups[key] = Finding(site, [], dict(c.verdict), why, _reasons(c))
+            groups[key].checks.append(c)
+        out += groups.values()
+    return sorted(out, key=lambda f: -_rank(f.verdict))  # stable: catalog order within a verdict
+
+
+def site_exposure(checks: list[CallCheck]) -> list[str]:
+    """What a site exposes for nothing, once per site: GPRs none of its calls uses, then XMMs."""
+    return site_unused(checks) + exposed_xmms(checks[0].site.mask)
+
+
+def _finding_json(f: Finding, index: dict[int, int]) -> dict:
+    s = f.site
+    return {
+        "guest": s.guest,
+        "function": s.function,
+        "snapshot": s.snapshot,
+        "row": s.row,
+        "mask": f"{s.mask:#06x}",
+        "calls": [c.call.name for c in f.checks],
+        "results": [index[id(c)] for c in f.checks],
+        "verdict": f.verdict,
+        "why": f.why,
+        "details": f.details,
+    }
+
+
+def _site_json(site: Site, checks: list[CallCheck], index: dict[int, int]) -> dict:
+    return {
+        "guest": site.guest,
+        "function": site.function,
+        "snapshot": site.snapshot,
+        "file": site.file,
+        "row": site.row,
+        "mask": f"{site.mask:#06x}",
+        "exposed_for_nothing": site_unused(checks),
+        "xmms": exposed_xmms(site.mask),
+        "results": [index[id(c)] for c in checks],
+    }
 
 
 def result_json(check: CallCheck) -> dict:
@@ -141,6 +280,7 @@ def result_json(check: CallCheck) -> dict:
         "xmms": [f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1],
         "call": check.call.name,
         "written": check.call.written,
+        "qualifier": check.call.qualifier,
         "kvm_call": check.call.foreign is None,
         "not_kvm_reason": check.call.foreign,
         "verdict": dict(check.verdict),
@@ -181,6 +321,7 @@ def result_json(check: CallCheck) -> dict:
 
 def report_json(results: list[CallCheck], host: Host, policy: str, catalog: str, errors: list[str]) -> dict:
     """The whole ``--json`` document."""
+    index = {id(c): i for i, c in enumerate(results)}
     return {
         "schema": JSON_SCHEMA,
         "host": {"module": host.module, "no_rbp_mod": host.no_rbp_mod, "tree": host.tree},
@@ -190,6 +331,8 @@ def report_json(results: list[CallCheck], host: Host, policy: str, catalog: str,
         "errors": errors,
         "passed": all(r.passes(policy) for r in results) and not errors,
         "results": [result_json(r) for r in results],
+        "findings": [_finding_json(f, index) for f in findings(results)],
+        "sites": [_site_json(site, checks, index) for site, checks in by_site(results)],
     }
 
 
@@ -220,38 +363,150 @@ def by_guest(results: Iterable[CallCheck]) -> list[tuple[str, list[CallCheck]]]:
     return [(g, list(group)) for g, group in groupby(results, key=lambda r: r.site.guest)]
 
 
-# --- rich table ---------------------------------------------------------------------------------
+# --- the terminal --------------------------------------------------------------------------------
 def _verdict_text(v: str) -> Text:
     return Text(v, style=STYLE[v][0])
 
 
-def rich_report(results: list[CallCheck], host: Host, policy: str, catalog: str) -> Group:
-    """The default output: one table per guest, then the summary line."""
-    parts: list = [Text(host_line(host, policy, catalog), style="dim")]
-    for guest, checks in by_guest(results):
-        t = Table(
-            title=guest, title_justify="left", title_style="bold", show_lines=True, header_style="bold", expand=True
+def verdict_line(results: list[CallCheck], policy: str, errors: int = 0) -> str:
+    """The answer: ``FAIL under --policy hardened: 20 of 148 calls at 4 of 41 sites do not pass (exit 1)``."""
+    bad = failing(results, policy)
+    sites = len({id(r.site) for r in results})
+    bad_sites = len({id(r.site) for r in bad})
+    if bad:
+        line = (
+            f"FAIL under --policy {policy}: {bad_sites} of {sites} sites, {len(bad)} of {len(results)} calls "
+            "do not pass"
         )
-        t.add_column("site", ratio=3, overflow="fold")
-        t.add_column("mask", no_wrap=True)
+    else:
+        line = f"PASS under --policy {policy}: every call of {_count(sites, 'site')} passes"
+    if errors:
+        line += f"; {_count(errors, 'bad catalog row')} (named on stderr)"
+    return f"{line} (exit {2 if errors else 1 if bad else 0})"
+
+
+def policy_lines(results: list[CallCheck]) -> list[Text]:
+    """The counts per policy, one line each, every verdict in its colour."""
+    s = summary(results)
+    lines = []
+    for p in ("hardened", "legacy"):
+        line = Text(f"{p + ':':<10}")
+        counts = [(v, n) for v, n in s[p].items() if n]
+        for i, (v, n) in enumerate(counts):
+            line.append(", " if i else "")
+            line.append(f"{n} {v}", style=STYLE[v][0])
+        lines.append(line if counts else Text(f"{p}: nothing checked"))
+    return lines
+
+
+def findings_table(found: list[Finding]) -> Table:
+    """One row per finding: the verdicts, where (guest, site, snapshot, mask), the calls, why."""
+    t = Table(box=None, show_header=True, header_style="bold", pad_edge=False, expand=True)
+    t.add_column("verdict", no_wrap=True)
+    t.add_column("where", ratio=4)
+    t.add_column("calls", width=16, overflow="fold")
+    t.add_column("why", ratio=7)
+    for f in found:
+        verdict = Text()
+        for i, v in enumerate(verdict_label(f.verdict).split(", ")):
+            verdict.append(("\n" if i else "") + v, style=STYLE[v][0])
+        where = Text(f"{f.site.guest} {f.site.function}", style="bold")
+        where.append(f" {f.site.mask:#06x}" + (f" @ {short_snapshot(f.site)}" if f.site.snapshot else ""))
+        t.add_row(verdict, where, calls_text(f.checks), f.why)
+    return t
+
+
+def _site_cell(site: Site, verbose: bool, exposure: list[str]) -> Text:
+    where = Text(site.function, style="bold")
+    if verbose:
+        where.append(f"\n{site.file}" + (f" @ {site.snapshot}" if site.snapshot else ""), style="dim")
+        if exposure:
+            where.append(f"\nexposed for nothing: {' '.join(exposure)}", style="yellow")
+    elif site.snapshot:
+        where.append(f" @ {short_snapshot(site)}", style="dim")
+    return where
+
+
+def _verdict_groups(checks: list[CallCheck]) -> Text:
+    """A site's calls grouped by their verdicts: ``ok: HLT RDMSR ...`` then ``not-kvm: HyperV-hypercall``."""
+    groups: dict[str, list[CallCheck]] = {}
+    for c in checks:
+        groups.setdefault(verdict_label(c.verdict), []).append(c)
+    out = Text()
+    for i, (label, group) in enumerate(groups.items()):
+        worst = max(group[0].verdict.values(), key=VERDICTS.index)
+        if i:
+            out.append("\n")
+        out.append(label, style=STYLE[worst][0])
+        out.append(f": {calls_text(group)}")
+    return out
+
+
+def guest_table(guest: str, checks: list[CallCheck], verbose: bool = False) -> Table:
+    """One guest: one row per site (mask, its calls grouped by verdict, what it exposes for
+    nothing), or with ``verbose`` one row per call with the details of every case."""
+    t = Table(
+        title=guest,
+        title_justify="left",
+        title_style="bold",
+        header_style="bold",
+        expand=True,
+        box=box.HEAVY_HEAD if verbose else box.SIMPLE_HEAD,
+        show_edge=verbose,
+    )
+    t.add_column("site", ratio=4 if not verbose else 3, overflow="fold")
+    t.add_column("mask", no_wrap=True)
+    if verbose:
+        t.show_lines = True
         t.add_column("call", no_wrap=True)
         t.add_column("legacy", no_wrap=True)
         t.add_column("hardened", no_wrap=True)
         t.add_column("details", ratio=7)
-        for site, site_checks in by_site(checks):
-            where = Text(site.function, style="bold")
-            where.append(f"\n{site.file}" + (f" @ {site.snapshot}" if site.snapshot else ""), style="dim")
-            for i, c in enumerate(site_checks):
-                t.add_row(
-                    where if i == 0 else "",
-                    f"{site.mask:#06x}" if i == 0 else "",
-                    short_name(c.call.name),
-                    _verdict_text(c.verdict["legacy"]),
-                    _verdict_text(c.verdict["hardened"]),
-                    Text("\n".join(detail_lines(c, brief=True))),
-                )
-        parts.append(t)
-    parts.append(Text(summary_line(results), style="bold"))
+    else:
+        t.add_column("calls, by verdict", ratio=4)
+        t.add_column("exposed for nothing", width=25)
+    for site, site_checks in by_site(checks):
+        exposure = site_exposure(site_checks)
+        where = _site_cell(site, verbose, exposure)
+        if not verbose:
+            t.add_row(where, f"{site.mask:#06x}", _verdict_groups(site_checks), " ".join(exposure))
+            continue
+        for i, c in enumerate(site_checks):
+            t.add_row(
+                where if i == 0 else "",
+                f"{site.mask:#06x}" if i == 0 else "",
+                call_label(c),
+                _verdict_text(c.verdict["legacy"]),
+                _verdict_text(c.verdict["hardened"]),
+                Text("\n".join(detail_lines(c, brief=True, exposure=False))),
+            )
+    return t
+
+
+def rich_report(
+    results: list[CallCheck], host: Host, policy: str, catalog: str, verbose: bool = False, errors: int = 0
+) -> Group:
+    """The default output, the answer first: the host, the verdict and the summary, the findings
+    (one line each: what fails, where, why), then one compact table per guest (one row per site);
+    ``verbose``: one row per call with every case's details instead."""
+    bad = failing(results, policy)
+    parts: list = [
+        Text(host_line(host, policy, catalog), style="dim"),
+        Text(verdict_line(results, policy, errors), style="bold red" if bad or errors else "bold green"),
+        *policy_lines(results),
+    ]
+    found = findings(results)
+    if found:
+        parts += [Text(f"\nFindings ({len(found)}): calls that do not pass under some policy", style="bold")]
+        parts.append(findings_table(found))
+    else:
+        parts.append(Text("\nNo findings: every call passes under both policies.", style="bold"))
+    if not verbose:
+        parts.append(Text("Details of every call and case: --verbose, --json, --markdown or --html FILE.", style="dim"))
+    parts.append(Text(""))
+    for i, (guest, checks) in enumerate(by_guest(results)):
+        parts += [Text("")] if i else []
+        parts.append(guest_table(guest, checks, verbose))
     return Group(*parts)
 
 
@@ -260,23 +515,44 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def markdown_report(results: list[CallCheck], host: Host, policy: str, catalog: str) -> str:
-    out = ["# tdvmcall check", "", host_line(host, policy, catalog) + ".", ""]
+def markdown_report(results: list[CallCheck], host: Host, policy: str, catalog: str, errors: int = 0) -> str:
+    """The summary and the findings first, then one table per guest with every call and its details
+    (what the terminal shows with ``--verbose``), over-exposure once per site."""
+    out = [
+        "# tdvmcall check",
+        "",
+        host_line(host, policy, catalog) + ".",
+        "",
+        f"**{verdict_line(results, policy, errors)}.** {summary_line(results)}",
+        "",
+        "## Findings",
+        "",
+    ]
+    found = findings(results)
+    for f in found:
+        out.append(
+            f"- **{verdict_label(f.verdict)}**: {_md(site_where(f.site))}, {_md(calls_text(f.checks))}: {_md(f.why)}"
+        )
+    if not found:
+        out.append("Every call passes under both policies.")
+    out.append("")
     for guest, checks in by_guest(results):
         out += [f"## {guest}", "", "| site | mask | call | legacy | hardened | details |", "|---|---|---|---|---|---|"]
         for site, site_checks in by_site(checks):
             where = f"`{site.function}`" + (
                 f" ({site.file}{' @ ' + site.snapshot if site.snapshot else ''})" if site.file else ""
             )
+            if exposure := site_exposure(site_checks):
+                where += f"<br>exposed for nothing: {' '.join(exposure)}"
             for i, c in enumerate(site_checks):
                 first = i == 0
+                name = f"{c.call.name} {c.call.qualifier}" if c.call.qualifier else c.call.name
                 out.append(
                     f"| {_md(where) if first else ''} | {f'`{site.mask:#06x}`' if first else ''} | "
-                    f"{_md(c.call.name)} | {c.verdict['legacy']} | {c.verdict['hardened']} | "
-                    f"{_md('; '.join(detail_lines(c)))} |"
+                    f"{_md(name)} | {c.verdict['legacy']} | {c.verdict['hardened']} | "
+                    f"{_md('; '.join(detail_lines(c, exposure=False)))} |"
                 )
         out.append("")
-    out.append(f"**{summary_line(results)}**")
     return "\n".join(out) + "\n"
 
 
@@ -455,7 +731,10 @@ def html_report(results: list[CallCheck], host: Host, policy: str, catalog: str,
 
 __all__ = [
     "STYLE",
+    "Finding",
     "detail_lines",
+    "findings",
+    "guest_table",
     "html_report",
     "markdown_report",
     "report_json",
