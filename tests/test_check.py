@@ -400,6 +400,11 @@ def test_bad_catalog_rows_are_named_and_the_rest_is_checked(tmp_path):
     doc = json.loads(r.stdout)
     assert [x["function"] for x in doc["results"]] == ["good_rdmsr"]
     assert doc["results"][0]["verdict"] == {"legacy": "ok", "hardened": "ok"} and len(doc["errors"]) == 2
+    # the terminal's first lines say so before anything else
+    r = invoke("--catalog", str(path))
+    assert r.exit_code == 2
+    head = r.stdout[: r.stdout.index("No findings")]  # before the findings and the tables
+    assert "ERROR: 2 bad catalog rows not checked" in head
 
 
 def test_catalog_missing_columns(tmp_path):

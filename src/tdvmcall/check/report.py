@@ -195,9 +195,11 @@ def short_snapshot(site: Site) -> str:
 
 
 def site_where(site: Site) -> str:
-    """Where, in one line: ``td-shim AP mailbox loop @ before e3a692b1 0xffec``."""
+    """Where, in one line: ``td-shim AP mailbox loop 0xffec @ before e3a692b1``."""
+    if site.row == 0:  # a what-if: its function is the mask
+        return site.label
     snap = f" @ {short_snapshot(site)}" if site.snapshot else ""
-    return f"{site.guest} {site.function}{snap} {site.mask:#06x}"
+    return f"{site.guest} {site.function} {site.mask:#06x}{snap}"
 
 
 @dataclass
@@ -369,20 +371,19 @@ def _verdict_text(v: str) -> Text:
 
 
 def verdict_line(results: list[CallCheck], policy: str, errors: int = 0) -> str:
-    """The answer: ``FAIL under --policy hardened: 20 of 148 calls at 4 of 41 sites do not pass (exit 1)``."""
+    """The answer: ``FAIL under --policy hardened: 4 of 41 sites, 20 of 148 calls do not pass (exit 1)``;
+    with bad catalog rows, ``ERROR: ...`` first (exit 2)."""
     bad = failing(results, policy)
     sites = len({id(r.site) for r in results})
     bad_sites = len({id(r.site) for r in bad})
     if bad:
-        line = (
-            f"FAIL under --policy {policy}: {bad_sites} of {sites} sites, {len(bad)} of {len(results)} calls "
-            "do not pass"
-        )
+        line = f"FAIL under --policy {policy}: {bad_sites} of {sites} sites, {len(bad)} of {len(results)} calls do not pass"
     else:
         line = f"PASS under --policy {policy}: every call of {_count(sites, 'site')} passes"
     if errors:
-        line += f"; {_count(errors, 'bad catalog row')} (named on stderr)"
-    return f"{line} (exit {2 if errors else 1 if bad else 0})"
+        rows = _count(errors, "bad catalog row")
+        return f"ERROR: {rows} not checked (named on stderr); the others: {line} (exit 2)"
+    return f"{line} (exit {1 if bad else 0})"
 
 
 def policy_lines(results: list[CallCheck]) -> list[Text]:
@@ -410,9 +411,7 @@ def findings_table(found: list[Finding]) -> Table:
         verdict = Text()
         for i, v in enumerate(verdict_label(f.verdict).split(", ")):
             verdict.append(("\n" if i else "") + v, style=STYLE[v][0])
-        where = Text(f"{f.site.guest} {f.site.function}", style="bold")
-        where.append(f" {f.site.mask:#06x}" + (f" @ {short_snapshot(f.site)}" if f.site.snapshot else ""))
-        t.add_row(verdict, where, calls_text(f.checks), f.why)
+        t.add_row(verdict, site_where(f.site), calls_text(f.checks), f.why)
     return t
 
 
