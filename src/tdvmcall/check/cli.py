@@ -18,8 +18,11 @@ CHECK_HELP = "\n\n".join(
     MapGPA success and RETRY, ReportFatalError with and without a GPA, ...). Verdicts per KVM policy:
     module-rejects (the module fails the call back to the guest; KVM never sees it), hardened-refuses
     (registers missing, inputs or outputs), legacy-silent (today's KVM reads an unexposed input as 0
-    or drops an output), ok; not-kvm for calls that are not KVM's (Hyper-V hypercalls, MigTD). Notes
-    name registers exposed but unused and XMMs exposed.""",
+    or drops an output), ok; not-kvm for calls that are not KVM's (Hyper-V hypercalls, MigTD).""",
+        """The report leads with the answer: the verdict under --policy, the counts, and one line per
+    finding (what fails, at which guest and site, and why); then one row per site with its calls
+    grouped by verdict and the registers it exposes for nothing. --verbose shows every call and case
+    with its details, as --json, --markdown and --html always do.""",
         """Without --catalog the shipped catalog (Linux, td-shim, EDK2, OpenVMM, COCONUT-SVSM, tdx-guest,
     Gramine-TDX, KVM's TDX selftests) is checked. Exit status: 0 when every call passes --policy, 1 when some do not, 2 for
     bad input (a bad catalog row is named on stderr; the other rows are still checked).""",
