@@ -641,26 +641,20 @@ def _columns(results: list[CallCheck]) -> list[tuple[str, list[str]]]:
 
 
 def _findings_html(results: list[CallCheck]) -> str:
-    """Below the matrix, the sites with a call that does not pass under some policy, one line per
-    distinct finding with the calls it concerns: readable without hovering."""
+    """Below the matrix, the findings (:func:`findings`: the sites with a call that does not pass
+    under some policy, one line per distinct reason, worst first): readable without hovering."""
     e = html.escape
     items = []
-    for site, checks in by_site(results):
-        groups: dict[tuple, list[str]] = {}
-        for c in checks:
-            if all(c.passes(p) for p in POLICIES):
-                continue
-            why = tuple(line for line in detail_lines(c) if line not in c.notes)
-            groups.setdefault((c.verdict["legacy"], c.verdict["hardened"], why), []).append(short_name(c.call.name))
-        for (legacy, hardened, why), calls in groups.items():
-            badges = "".join(
-                f'<span class="v" style="background:{STYLE[v][1]};color:{STYLE[v][2]}">{p}: {v}</span>'
-                for p, v in (("legacy", legacy), ("hardened", hardened))
-            )
-            items.append(
-                f'<li data-row="{site.row}"><b>{e(site.label)}</b> <code>{site.mask:#06x}</code> '
-                f"{e(', '.join(calls))} {badges}<br>{'<br>'.join(e(w) for w in why)}</li>"
-            )
+    for f in findings(results):
+        badges = "".join(
+            f'<span class="v" style="background:{STYLE[v][1]};color:{STYLE[v][2]}">{p}: {v}</span>'
+            for p, v in (("legacy", f.verdict["legacy"]), ("hardened", f.verdict["hardened"]))
+        )
+        calls = calls_text(f.checks)
+        items.append(
+            f'<li data-row="{f.site.row}"><b>{e(f.site.label)}</b> <code>{f.site.mask:#06x}</code> '
+            f"{e(calls)} {badges}<br>{'<br>'.join(e(w) for w in f.details)}</li>"
+        )
     if not items:
         return '<h2 class="findings">Findings</h2><p>Every call passes under both policies.</p>'
     return f'<h2 class="findings">Findings</h2><ul class="findings" id="findings">{"".join(items)}</ul>'
