@@ -6,8 +6,9 @@ module's resume goes to the guest.  Nothing here decides anything: each actor li
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .abi.regs import RBP
 from .kvm.platform import Platform
 from .kvm.tdx import KvmResult, KvmVcpu, handle_tdvmcall
 from .module import (
@@ -15,8 +16,16 @@ from .module import (
     TdConfig,
     VcpuState,
     VmcallResult,
-    tdg_vp_vmcall,
+    td_call,
     tdh_vp_enter,
+)
+
+#: said whenever the guest's RBP comes back as a host value
+RBP_HOST_WARNING = (
+    "the guest exposed RBP on a TD without NO_RBP_MOD: KVM passes no RBP to TDH.VP.ENTER, so the module "
+    "copies a host value the model cannot know into the guest's RBP. Upstream KVM never runs such a TD: "
+    "Linux refuses a TDX module without NO_RBP_MOD (check_features()) and KVM sets NO_RBP_MOD for every TD "
+    "(setup_tdparams())"
 )
 
 
@@ -28,20 +37,23 @@ class RoundTrip:
     kvm: KvmResult | None  # None: the call never reached KVM
     after: VcpuState
     fault: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what the model cannot show exactly
 
 
 def tdvmcall(td: TdConfig, state: VcpuState, kvm: KvmVcpu, platform: Platform) -> RoundTrip:
     """Issue TDG.VP.VMCALL from ``state`` (RAX = 0, RCX = control, the rest as the guest set them)
     and run it to the guest's next instruction.  If KVM reports the call to userspace without
     completing it (a fatal error, an internal error), ``after`` is the state the guest resumes in if
-    userspace runs the vCPU again."""
+    userspace runs the vCPU again; so is it when KVM_RUN failed (``kvm.resumed`` is False).  A TDCALL
+    leaf other than TDG.VP.VMCALL is not modelled: ``after`` is then the state before the call."""
     before = state.copy()
     try:
-        res = tdg_vp_vmcall(td, state)
+        res = td_call(td, state)
     except GuestFault as fault:
         return RoundTrip(td, before, None, None, before.copy(), fault=str(fault))
     if res.exit is None:
         return RoundTrip(td, before, res, None, res.guest)
     k = handle_tdvmcall(kvm, res.exit, platform)
-    after = tdh_vp_enter(td, res.exit, k.vmm_after, res.exit.vmm_xmm)
-    return RoundTrip(td, before, res, k, after)
+    after = tdh_vp_enter(td, res.exit, k.vmm_after, res.exit.vmm_xmm, k.vmm_after_host)
+    warnings = [RBP_HOST_WARNING] if RBP in after.host else []
+    return RoundTrip(td, before, res, k, after, warnings=warnings)

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .abi.codes import TDVMCALL_STATUS_NAMES, status_name
+from .abi.codes import TDVMCALL_STATUS_NAMES, TdcallRax, status_name, tdcall_rax_problems
 from .abi.control import Control
-from .abi.regs import GPR_NAMES, hex64, names_in, parse_int
+from .abi.regs import GPR_NAMES, hex64, mask_of, names_in, parse_int
 from .guest import RoundTrip, tdvmcall
 from .kvm.platform import Platform, Userspace
-from .kvm.tdx import POLICIES, KvmVcpu
+from .kvm.tdx import POLICIES, VMM_AFTER_NOTES, KvmVcpu
 from .module import TdConfig, VcpuState
 
 SCHEMA_VERSION = 1
+_ERRNO_NAMES = {22: "EINVAL"}
 TREES = ("kvm-x86", "v6.16")
 
 
@@ -86,9 +87,13 @@ def parse(data: Any) -> Scenario:
     _known(top, "scenario", {"td", "kvm", "guest", "platform", "comment", "name"})
 
     td_in = _obj(top.get("td"), "td")
-    _known(td_in, "td", {"module", "no_rbp_mod"})
+    _known(td_in, "td", {"module", "no_rbp_mod", "bus_lock"})
     try:
-        td = TdConfig(str(td_in.get("module", "1.5")), _bool(td_in.get("no_rbp_mod", True), "td.no_rbp_mod"))
+        td = TdConfig(
+            str(td_in.get("module", "1.5")),
+            _bool(td_in.get("no_rbp_mod", True), "td.no_rbp_mod"),
+            _bool(td_in.get("bus_lock", False), "td.bus_lock"),
+        )
     except ValueError as e:
         raise ScenarioError(f"td.module: {e}") from None
 
@@ -214,30 +219,51 @@ def _json_value(v: Any) -> Any:
     return str(v)
 
 
+def _module_problems(rt: RoundTrip) -> list[str]:
+    """Why the module failed the call back: RAX's problems, else the control's."""
+    if rt.module is None or rt.module.exited or rt.module.not_modelled:
+        return []
+    rax_problems = tdcall_rax_problems(rt.before.gprs[0])
+    if rax_problems:
+        return rax_problems
+    return Control(rt.before.gprs[1]).problems(rt.td.module, rt.td.no_rbp_mod)
+
+
+def _exit_name(status: int) -> str:
+    if status >> 26 & 1:
+        return f"TDCALL exit (reason 77, bus lock detected: bit 26, {status:#x})"
+    return "TDCALL exit (reason 77)"
+
+
 def result_json(rt: RoundTrip) -> dict[str, Any]:
     """The result object of ``tdvmcall run --json`` (schema version 1; docs/scenario.md)."""
     ctl = Control(rt.before.gprs[1])
+    rax = TdcallRax(rt.before.gprs[0])
     module: dict[str, Any] = {
         "exited": bool(rt.module and rt.module.exited),
-        "status": hex64(rt.module.status) if rt.module else None,
+        "status": hex64(rt.module.status) if rt.module and rt.module.status is not None else None,
         "status_name": None,
         "fault": rt.fault,
         "control": hex64(ctl.raw),
         "gpr_select": names_in(ctl.gpr_select, 16),
         "xmm_select": [f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1],
-        "problems": ctl.problems(rt.td.module, rt.td.no_rbp_mod) if rt.module and rt.before.gprs[0] == 0 else [],
+        "problems": _module_problems(rt),
+        "tdcall_leaf": {"leaf": rax.leaf, "version": rax.version, "name": rax.name},
+        "not_modelled": rt.module.not_modelled if rt.module else None,
     }
-    if rt.module:
-        module["status_name"] = "TDCALL exit (reason 77)" if rt.module.exited else status_name(rt.module.status)
+    if rt.module and rt.module.status is not None:
+        module["status_name"] = _exit_name(rt.module.status) if rt.module.exited else status_name(rt.module.status)
     out: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
-        "td": {"module": rt.td.module, "no_rbp_mod": rt.td.no_rbp_mod},
+        "td": {"module": rt.td.module, "no_rbp_mod": rt.td.no_rbp_mod, "bus_lock": rt.td.bus_lock},
         "module": module,
         "vmm": _regs(rt.module.exit.vmm) if rt.module and rt.module.exit else None,
         "kvm": None,
         "guest_before": _regs(rt.before.gprs) | {"rip": hex64(rt.before.rip)},
         "guest": _regs(rt.after.gprs) | {"rip": hex64(rt.after.rip)},
         "guest_xmm": {f"xmm{i}": f"0x{x:032x}" for i, x in enumerate(rt.after.xmm)},
+        "guest_unknown": names_in(mask_of(GPR_NAMES[i] for i in rt.after.host), 16),
+        "warnings": list(rt.warnings),
     }
     if rt.kvm:
         k = rt.kvm
@@ -259,8 +285,16 @@ def result_json(rt: RoundTrip) -> dict[str, Any]:
             "userspace_exit": _json_value(k.userspace_exits[0]) if k.userspace_exits else None,
             "userspace_exits": _json_value(k.userspace_exits),
             "warnings": k.warnings,
+            "exit_reason": hex64(k.exit_reason),
+            "trace_reason": k.trace_reason,
+            "bus_lock": k.bus_lock,
+            "resumed": k.resumed,
+            "run_error": f"-{_ERRNO_NAMES.get(-k.run_error, str(-k.run_error))}" if k.run_error is not None else None,
+            "notes": list(k.notes),
         }
         out["vmm_after"] = _regs(k.vmm_after)
+        out["vmm_after_unknown"] = names_in(mask_of(GPR_NAMES[i] for i in k.vmm_after_host), 16)
+        out["vmm_after_notes"] = dict(VMM_AFTER_NOTES)
     return out
 
 

@@ -24,6 +24,101 @@ OPERAND_ID_RCX = 1
 TDX_OPERAND_INVALID_RCX = TDX_OPERAND_INVALID | OPERAND_ID_RCX  # 0xC000010000000001
 
 MODULE_TABLE_VERSIONS = ("1.0.3", "1.5.01", "1.5.05")
+
+# --- TDCALL leaves (guest RAX) ---------------------------------------------------------------------
+# RAX of a TDCALL (tdx-module 1.5.01 ``include/tdx_api_defs.h``, ``tdx_leaf_and_version_t``): bits 15:0
+# the leaf, 23:16 the version, 63:24 reserved.  Leaf numbers: ``tdcall_leaf_opcode_t`` (same file);
+# the dispatcher's checks: ``src/td_dispatcher/tdx_td_dispatcher.c``, ``td_call()``.
+TDCALL_LEAVES: dict[int, str] = {
+    0: "TDG.VP.VMCALL",
+    1: "TDG.VP.INFO",
+    2: "TDG.MR.RTMR.EXTEND",
+    3: "TDG.VP.VEINFO.GET",
+    4: "TDG.MR.REPORT",
+    5: "TDG.VP.CPUIDVE.SET",
+    6: "TDG.MEM.PAGE.ACCEPT",
+    7: "TDG.VM.RD",
+    8: "TDG.VM.WR",
+    9: "TDG.VP.RD",
+    10: "TDG.VP.WR",
+    11: "TDG.SYS.RD",
+    12: "TDG.SYS.RDALL",
+    18: "TDG.SERVTD.RD",
+    20: "TDG.SERVTD.WR",
+    22: "TDG.MR.VERIFYREPORT",
+    23: "TDG.MEM.PAGE.ATTR.RD",
+    24: "TDG.MEM.PAGE.ATTR.WR",
+    25: "TDG.VP.ENTER",
+    26: "TDG.VP.INVEPT",
+    27: "TDG.VP.INVVPID",
+}
+TDCALL_VP_VMCALL = 0
+TDCALL_VM_RD = 7
+#: the highest version the dispatcher lets through, per leaf (1.5.01: only TDG.VM.RD goes past 0)
+TDCALL_DISPATCHER_MAX_VERSION: dict[int, int] = {TDCALL_VM_RD: 255}
+#: the highest version the leaf itself accepts (TDG.VM.RD: 1, checked in ``tdg_vm_rd_wr.c``)
+TDCALL_LEAF_MAX_VERSION: dict[int, int] = {TDCALL_VM_RD: 1}
+TDCALL_RESERVED_MASK = 0xFFFFFFFFFF000000
+
+
+@dataclass(frozen=True)
+class TdcallRax:
+    """A TDCALL's RAX split into its fields."""
+
+    raw: int
+
+    @property
+    def leaf(self) -> int:
+        return self.raw & 0xFFFF
+
+    @property
+    def version(self) -> int:
+        return self.raw >> 16 & 0xFF
+
+    @property
+    def reserved(self) -> int:
+        return self.raw & TDCALL_RESERVED_MASK
+
+    @property
+    def name(self) -> str | None:
+        return TDCALL_LEAVES.get(self.leaf)
+
+
+def tdcall_rax_problems(rax: int) -> list[str]:
+    """Why the TDX module (1.5.01) fails a TDCALL with this RAX back to the guest with
+    ``TDX_OPERAND_INVALID`` (operand RAX); empty: the module accepts it and runs the leaf.
+    In the dispatcher's order (``td_call()``): reserved bits 63:24, a version the dispatcher does not
+    let through (anything but 0, except TDG.VM.RD), an unknown leaf; then TDG.VM.RD's own check of
+    its version (``tdg_vm_rd_wr.c``: versions 0 and 1)."""
+    r = TdcallRax(rax)
+    if r.reserved:
+        return [f"reserved bits 63:24 are {r.reserved >> 24:#x}, must be 0"]
+    if r.version > TDCALL_DISPATCHER_MAX_VERSION.get(r.leaf, 0):
+        return [f"version {r.version} is not accepted for leaf {r.leaf} ({r.name or 'unknown leaf'}): only 0"]
+    if r.name is None:
+        return [f"leaf {r.leaf} is not a TDCALL leaf of module 1.5.01"]
+    if r.version > TDCALL_LEAF_MAX_VERSION.get(r.leaf, 0):
+        return [f"version {r.version} is refused by {r.name} itself (versions 0..{TDCALL_LEAF_MAX_VERSION[r.leaf]})"]
+    return []
+
+
+def check_tdcall_rax(rax: int) -> int | None:
+    """The module's RAX check: ``None`` if it accepts this TDCALL RAX, else the status the guest gets
+    in RAX (``TDX_OPERAND_INVALID`` with operand id RAX = 0xC000010000000000)."""
+    return TDX_OPERAND_INVALID | OPERAND_ID_RAX if tdcall_rax_problems(rax) else None
+
+
+def tdcall_rax_accepted(rax: int) -> bool:
+    """Whether the TDX module (1.5.01) accepts a TDCALL with this RAX (leaf, version, reserved bits)."""
+    return not tdcall_rax_problems(rax)
+
+
+def tdcall_leaf_text(rax: int) -> str:
+    """The TDCALL leaf of a RAX as a phrase: ``"TDCALL leaf 1, TDG.VP.INFO"``."""
+    r = TdcallRax(rax)
+    version = f" version {r.version}" if r.version else ""
+    return f"TDCALL leaf {r.leaf}{version}, {r.name or 'unknown leaf'}"
+
 DEFAULT_TABLE_VERSION = "1.5.05"
 
 # --- VMX basic exit reasons KVM reports for TD exits (Linux arch/x86/include/uapi/asm/vmx.h) -------
@@ -35,6 +130,10 @@ EXIT_REASON_MSR_READ = 31
 EXIT_REASON_MSR_WRITE = 32
 EXIT_REASON_EPT_MISCONFIG = 49
 EXIT_REASON_TDCALL = 77
+EXIT_REASON_BUS_LOCK = 74  # synthetic, never a TDVMCALL: not in VMX_EXIT_REASON_NAMES
+#: bit 26 of the exit reason: a bus lock was detected (tdx-module ``vmcs_defs.h`` bus_lock_preempted;
+#: Linux ``union vmx_exit_reason`` bus_lock_detected)
+EXIT_REASON_BUS_LOCK_DETECTED = 1 << 26
 
 VMX_EXIT_REASON_NAMES = {
     EXIT_REASON_CPUID: "CPUID",
@@ -46,6 +145,27 @@ VMX_EXIT_REASON_NAMES = {
     EXIT_REASON_EPT_MISCONFIG: "EPT_MISCONFIG",
     EXIT_REASON_TDCALL: "TDCALL",
 }
+
+
+
+def kvm_exit_reason_text(reason: int) -> str:
+    """The ``reason`` field of a ``kvm_exit`` trace line (Linux ``arch/x86/kvm/trace.h``,
+    ``kvm_print_exit_reason``): the name of the basic reason (bits 15:0), then, when any bit above 15
+    is set, a space and those bits as flags: ``FAILED_VMENTRY`` for bit 31 (the only flag
+    ``VMX_EXIT_REASON_FLAGS`` names), the others as one hex number (``TDCALL 0x4000000``)."""
+    basic = reason & 0xFFFF
+    name = VMX_EXIT_REASON_NAMES.get(basic, f"0x{basic:x}")
+    flags = reason & ~0xFFFF & 0xFFFFFFFF
+    if not flags:
+        return name
+    parts = []
+    if flags & 1 << 31:
+        parts.append("FAILED_VMENTRY")
+        flags &= ~(1 << 31)
+    if flags:
+        parts.append(f"0x{flags:x}")
+    return f"{name} {' '.join(parts)}"
+
 
 # --- TDVMCALL statuses returned in R10 (GHCI; Linux arch/x86/include/asm/shared/tdx.h) ------------
 TDVMCALL_SUCCESS = 0x0000000000000000

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from ..abi.codes import (
     EAGAIN,
+    EINVAL,
     EXIT_REASON_TDCALL,
     KVM_EFAULT,
     KVM_EINVAL,
@@ -37,6 +38,16 @@ from .platform import (
 )
 
 MAP_GPA_MAX_LEN = 2 * 1024 * 1024  # TDX_MAP_GPA_MAX_LEN: one userspace exit per 2 MiB
+
+
+class RunFailed(Exception):
+    """KVM_RUN fails: the completion of a userspace exit returned an error (``errno``, positive), so
+    the guest is not re-entered by this KVM_RUN and no status reaches it."""
+
+    def __init__(self, errno: int, why: str):
+        super().__init__(why)
+        self.errno = errno
+        self.why = why
 
 
 class Access(Protocol):
@@ -83,7 +94,9 @@ def get_td_vm_call_info(io: Access, p: Platform) -> None:
 
 def map_gpa(io: Access, p: Platform) -> None:
     """tdx_map_gpa() and its completion tdx_complete_vmcall_map_gpa(): check the range, then one
-    KVM_EXIT_HYPERCALL (MAP_GPA_RANGE) per chunk of at most 2 MiB."""
+    KVM_EXIT_HYPERCALL (MAP_GPA_RANGE) per chunk of at most 2 MiB.  Userspace's ret: 0 goes on,
+    EAGAIN is RETRY, EINVAL INVALID_OPERAND (R11 = the refused chunk); any other value makes KVM_RUN
+    fail with -EINVAL (:class:`RunFailed`; v6.16: INVALID_OPERAND for every non-zero ret)."""
     gpa, size = io.read("r12"), io.read("r13")
     end = (gpa + size) & U64
 
@@ -105,10 +118,18 @@ def map_gpa(io: Access, p: Platform) -> None:
     while True:
         chunk = min(MAP_GPA_MAX_LEN, end - nxt)
         ret = p.hypercall_exit(12, (nxt & ~p.shared_bit, chunk // PAGE_SIZE, attrs))
+        if ret != 0 and p.tree == "v6.16":
+            # v6.16: any non-zero ret is INVALID_OPERAND
+            return fail(TDVMCALL_INVALID_OPERAND, nxt)
+        if ret == EAGAIN:
+            return fail(TDVMCALL_RETRY, nxt)
+        if ret == EINVAL:
+            return fail(TDVMCALL_INVALID_OPERAND, nxt)
         if ret != 0:
-            # kvm-x86: EAGAIN asks for RETRY, anything else INVALID_OPERAND; v6.16: all INVALID_OPERAND
-            retry = ret == EAGAIN and p.tree != "v6.16"
-            return fail(TDVMCALL_RETRY if retry else TDVMCALL_INVALID_OPERAND, nxt)
+            # kvm-x86 tdx_complete_vmcall_map_gpa(): any other ret fails KVM_RUN with -EINVAL before
+            # anything is written (its WARN_ON_ONCE tests kvm_is_valid_map_gpa_range_ret(), which is
+            # false for every ret that gets here, so it never fires)
+            raise RunFailed(EINVAL, f"MapGPA: userspace answered KVM_HC_MAP_GPA_RANGE with ret {ret:#x}")
         nxt += chunk
         if nxt >= end:
             return None  # success: neither R10 nor R11 written
@@ -194,7 +215,8 @@ def instruction_io(io: Access, p: Platform) -> None:
 
 
 def instruction_rdmsr(io: Access, p: Platform) -> None:
-    """RDMSR: kvm_emulate_rdmsr() over the TD's emulated MSRs; EDX:EAX into R11 on success only."""
+    """RDMSR: kvm_emulate_rdmsr() through tdx_get_msr() (only MSRs on tdx_has_emulated_msr()'s list);
+    tdx_complete_emulated_msr(): EDX:EAX into R11 on success, else INVALID_OPERAND (no #GP)."""
     ok, value = p.msr_read(io.read("r12") & U32)
     if not ok:
         return set_status(io, TDVMCALL_INVALID_OPERAND)
@@ -202,7 +224,7 @@ def instruction_rdmsr(io: Access, p: Platform) -> None:
 
 
 def instruction_wrmsr(io: Access, p: Platform) -> None:
-    """WRMSR: kvm_emulate_wrmsr(); the value is all 64 bits of R13."""
+    """WRMSR: kvm_emulate_wrmsr() through tdx_set_msr(); the value is all 64 bits of R13 (EDX:EAX)."""
     if not p.msr_write(io.read("r12") & U32, io.read("r13")):
         set_status(io, TDVMCALL_INVALID_OPERAND)
 

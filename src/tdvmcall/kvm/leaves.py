@@ -281,7 +281,8 @@ GHCI_LEAVES: tuple[Leaf, ...] = (
         inputs=(_in("r12", "start GPA (shared bit: convert to shared)"), _in("r13", "size in bytes")),
         outputs=(STATUS_ON_ERROR, _out("r11", "GPA to resume from (error or RETRY)", on="failure")),
         handling="checks (exit-hypercall cap, range, alignment), then one KVM_EXIT_HYPERCALL "
-        "(MAP_GPA_RANGE) per chunk of at most 2 MiB; EAGAIN or a pending event -> RETRY",
+        "(MAP_GPA_RANGE) per chunk of at most 2 MiB; EAGAIN or a pending event -> RETRY, EINVAL -> "
+        "INVALID_OPERAND, any other userspace ret -> KVM_RUN fails with -EINVAL (no status, no resume)",
         source=f"{TDX_C} tdx_map_gpa(), tdx_complete_vmcall_map_gpa()",
         userspace="KVM_EXIT_HYPERCALL",
         cases=(
@@ -399,8 +400,10 @@ GHCI_LEAVES: tuple[Leaf, ...] = (
         EXIT_REASON_MSR_READ,
         inputs=(_in("r12", "MSR index (low 32 bits)"),),
         outputs=(STATUS_ON_ERROR, _out("r11", "EDX:EAX", on="success")),
-        handling="only MSRs KVM emulates for a TD succeed; else INVALID_OPERAND (or KVM_EXIT_X86_RDMSR)",
-        source=f"{TDX_C} tdx_handle_exit() EXIT_REASON_MSR_READ, tdx_complete_emulated_msr(); x86.c kvm_emulate_rdmsr()",
+        handling="only MSRs KVM emulates for a TD succeed (tdx_has_emulated_msr()); else INVALID_OPERAND "
+        "(or KVM_EXIT_X86_RDMSR)",
+        source=f"{TDX_C} tdx_handle_exit() EXIT_REASON_MSR_READ, tdx_has_emulated_msr(), tdx_get_msr(), "
+        "tdx_complete_emulated_msr(); x86.c kvm_emulate_rdmsr()",
         userspace="KVM_EXIT_X86_RDMSR",
         cases=(Case("apic-version", {"r12": 0x803}), Case("unknown-msr", {"r12": 0x10})),
     ),
@@ -412,10 +415,17 @@ GHCI_LEAVES: tuple[Leaf, ...] = (
         EXIT_REASON_MSR_WRITE,
         inputs=(_in("r12", "MSR index (low 32 bits)"), _in("r13", "value (64 bits)")),
         outputs=(STATUS_ON_ERROR,),
-        handling="only MSRs KVM emulates for a TD succeed; else INVALID_OPERAND (or KVM_EXIT_X86_WRMSR)",
-        source=f"{TDX_C} tdx_handle_exit() EXIT_REASON_MSR_WRITE; x86.c kvm_emulate_wrmsr()",
+        handling="only MSRs KVM emulates for a TD and does not treat as read-only succeed (tdx_has_emulated_msr(), "
+        "tdx_set_msr()); else INVALID_OPERAND (or KVM_EXIT_X86_WRMSR)",
+        source=f"{TDX_C} tdx_handle_exit() EXIT_REASON_MSR_WRITE, tdx_has_emulated_msr(), tdx_set_msr(); "
+        "x86.c kvm_emulate_wrmsr()",
         userspace="KVM_EXIT_X86_WRMSR",
-        cases=(Case("tpr", {"r12": 0x808, "r13": 0x10}), Case("unknown-msr", {"r12": 0x10, "r13": 1})),
+        cases=(
+            Case("tsc-deadline", {"r12": 0x6E0, "r13": 0x10}),
+            Case("unknown-msr", {"r12": 0x10, "r13": 1}),
+        ),
+        note="only MSRs on tdx_has_emulated_msr()'s list: TPR, PPR, EOI, ISR, TMR, IRR and the other x2APIC "
+        "registers the TDX module virtualises fail (INVALID_OPERAND)",
     ),
     Leaf(
         "#VE.RequestMMIO",
@@ -547,12 +557,33 @@ _GHCI_BY_R11 = {leaf.r11: leaf for leaf in LEAVES if leaf.family == "ghci"}
 _HC_BY_NR = {leaf.nr: leaf for leaf in KVM_HYPERCALLS}
 
 
-def lookup(r10: int, r11: int) -> Leaf:
-    """The leaf a TDVMCALL selects: R10 != 0 is a KVM hypercall number, else R11 is the GHCI leaf."""
+#: the GHCI leaves ``handle_tdvmcall()`` itself dispatches on R11 (the vendor-specific ones); the
+#: instruction leaves reach KVM re-labelled as VMX exits instead (``tdx_to_vmx_exit_reason()``)
+HANDLE_TDVMCALL_R11 = (0x10000, 0x10001, 0x10002, 0x10003, 0x10004)
+
+
+def lookup(r10: int, r11: int, bus_lock: bool = False) -> Leaf:
+    """The leaf a TDVMCALL selects: R10 != 0 is a KVM hypercall number, else R11 is the GHCI leaf.
+
+    ``bus_lock``: the exit reason has bit 26 set.  ``tdx_to_vmx_exit_reason()`` compares the whole
+    reason with TDCALL (0x4D), so 0x0400004D is not re-labelled: ``tdx_handle_exit()`` sends it, by
+    its basic reason, to ``handle_tdvmcall()``, which switches on R11 alone.  R11 = 0x10000..0x10004
+    runs that GHCI call, whatever R10 says (a KVM hypercall whose a0 is such a value is taken for
+    it); every other R11 (CPUID, HLT, IO, MSR, MMIO, a hypercall's a0) is SUBFUNC_UNSUPPORTED."""
+    if bus_lock:
+        if r11 in HANDLE_TDVMCALL_R11:
+            return _GHCI_BY_R11[r11]
+        return _unsupported(f"bus-lock(0x{r11:x})", r11)
     if r10 != 0:
         return _HC_BY_NR.get(r10, UNKNOWN_HYPERCALL)
     leaf = _GHCI_BY_R11.get(r11)
     return leaf if leaf is not None else _unsupported(f"unknown(0x{r11:x})", r11)
+
+
+def bus_lock_leaves() -> list[Leaf]:
+    """What a TDVMCALL exit with the bus-lock bit may have run: the five GHCI calls
+    ``handle_tdvmcall()`` knows, or SUBFUNC_UNSUPPORTED for any other R11 (see :func:`lookup`)."""
+    return [_GHCI_BY_R11[r11] for r11 in HANDLE_TDVMCALL_R11] + [_unsupported("bus-lock(other R11)", 0)]
 
 
 def by_name(name: str) -> Leaf:

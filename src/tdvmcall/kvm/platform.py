@@ -39,6 +39,16 @@ PAGE_SIZE = 0x1000
 INDEXED_CPUID_LEAVES = frozenset({0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1F, 0x24})
 
 
+def _vendor(name: bytes) -> tuple[int, int, int]:
+    """A 12-byte CPUID vendor string as leaf 0's (EBX, EDX, ECX)."""
+    return tuple(int.from_bytes(name[i : i + 4], "little") for i in (0, 4, 8))  # type: ignore[return-value]
+
+
+#: vendors for which KVM answers an out-of-range leaf with zeros (AMD semantics): every other vendor,
+#: an unknown or empty one included, gets the max basic leaf (cpuid.c get_out_of_range_cpuid_entry())
+AMD_VENDORS = frozenset({_vendor(b"AuthenticAMD"), _vendor(b"HygonGenuine")})
+
+
 def _vendor_cpuid() -> dict[tuple[int, int], tuple[int, int, int, int]]:
     """A small Intel-like CPUID table ("GenuineIntel", max basic leaf 0xD, a KVM signature)."""
     return {
@@ -54,19 +64,99 @@ def _vendor_cpuid() -> dict[tuple[int, int], tuple[int, int, int, int]]:
     }
 
 
+# --- MSRs a TD may read or write through TDVMCALL --------------------------------------------------
+MSR_IA32_APICBASE = 0x1B
+MSR_IA32_FEAT_CTL = 0x3A
+MSR_EFER = 0xC0000080
+MSR_IA32_MCG_CAP = 0x179
+MSR_IA32_MCG_EXT_CTL = 0x4D0
+MSR_IA32_TSC_DEADLINE = 0x6E0
+X2APIC_BASE = 0x800
+FEAT_CTL_LOCKED = 1 << 0
+FEAT_CTL_LMCE_ENABLED = 1 << 20
+MCG_LMCE_P = 1 << 27
+MCG_EXT_CTL_LMCE_EN = 1 << 0
+
+#: the MSRs outside the x2APIC range that KVM emulates for a TD: single indices and inclusive ranges
+#: (kvm-x86 ``arch/x86/kvm/vmx/tdx.c``, ``tdx_has_emulated_msr()``)
+TDX_EMULATED_MSRS: tuple[tuple[int, int, str], ...] = (
+    (0x8B, 0x8B, "IA32_UCODE_REV"),
+    (0x10A, 0x10A, "IA32_ARCH_CAPABILITIES"),
+    (0x1FC, 0x1FC, "IA32_POWER_CTL"),
+    (0x277, 0x277, "IA32_CR_PAT"),
+    (0xFE, 0xFE, "MTRRcap"),
+    (0x200, 0x26F, "MTRRphysBase0 .. MTRRfix4K_F8000"),
+    (0x2FF, 0x2FF, "MTRRdefType"),
+    (0x6E0, 0x6E0, "IA32_TSC_DEADLINE"),
+    (0x1A0, 0x1A0, "IA32_MISC_ENABLE"),
+    (0xCE, 0xCE, "PLATFORM_INFO"),
+    (0x140, 0x140, "MISC_FEATURES_ENABLES"),
+    (0x1B, 0x1B, "IA32_APICBASE (read-only)"),
+    (0xC0000080, 0xC0000080, "EFER (read-only)"),
+    (0x3A, 0x3A, "IA32_FEAT_CTL (read-only, synthesised)"),
+    (0x179, 0x17B, "MCG_CAP, MCG_STATUS, MCG_CTL"),
+    (0x4D0, 0x4D0, "MCG_EXT_CTL"),
+    (0x400, 0x47F, "MC0_CTL .. MC31_MISC (32 banks)"),
+    (0x280, 0x29F, "MC0_CTL2 .. MC31_CTL2"),
+    (0x4B564D05, 0x4B564D05, "MSR_KVM_POLL_CONTROL"),
+)
+#: the x2APIC MSRs (0x800 + xAPIC offset / 16) KVM emulates for a TD; every other index in
+#: 0x800..0x8FF, TPR 0x808, PPR 0x80A, EOI 0x80B, ISR/TMR/IRR 0x810..0x827 and SELF_IPI 0x83F
+#: included, is virtualised by the TDX module and fails (kvm-x86 ``tdx_has_emulated_msr()``, the
+#: allow-list of commit 1f3e69af5f93, 2026)
+TDX_EMULATED_X2APIC: dict[int, str] = {
+    0x802: "ID",
+    0x803: "LVR",
+    0x80D: "LDR",
+    0x80F: "SPIV",
+    0x828: "ESR",
+    0x82F: "LVTCMCI",
+    0x830: "ICR",
+    0x832: "LVTT",
+    0x833: "LVTTHMR",
+    0x834: "LVTPC",
+    0x835: "LVT0",
+    0x836: "LVT1",
+    0x837: "LVTERR",
+    0x838: "TMICT",
+    0x839: "TMCCT",
+    0x83E: "TDCR",
+}
+#: v6.16's deny-list in the x2APIC range: meant to exclude TPR, PPR, EOI and the ISR, TMR and IRR
+#: banks, it excluded only these six (a range bug: KT0511/linux-6.16.1 ``tdx_has_emulated_msr()``)
+V6_16_X2APIC_DENIED = frozenset({0x808, 0x80A, 0x80B, 0x810, 0x818, 0x820})
+#: read-only for a TD (``tdx_is_read_only_msr()``): a guest write fails
+TDX_READ_ONLY_MSRS = frozenset({MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL})
+#: x2APIC registers on the list that a guest cannot write in x2APIC mode (KVM's lapic emulation,
+#: ``kvm_lapic_reg_write()``: ID, LDR and the version register; from memory of that code)
+X2APIC_READ_ONLY = frozenset({0x802, 0x803, 0x80D})
+
+
+def tdx_has_emulated_msr(index: int, tree: str = "kvm-x86") -> bool:
+    """Whether KVM emulates this MSR for a TD (``tdx_has_emulated_msr()``): the kvm-x86 allow-list,
+    or, for ``tree="v6.16"``, the same non-APIC list plus every x2APIC index but the six its
+    deny-list caught."""
+    if X2APIC_BASE <= index <= X2APIC_BASE + 0xFF:
+        if tree == "v6.16":
+            return index not in V6_16_X2APIC_DENIED
+        return index in TDX_EMULATED_X2APIC
+    return any(lo <= index <= hi for lo, hi, _ in TDX_EMULATED_MSRS)
+
+
 def _emulated_msrs() -> dict[int, int]:
-    """MSRs KVM emulates for a TD in this fake (x2APIC registers and a few others)."""
+    """The values KVM's common MSR code holds for this fake TD (``kvm_get_msr_common()``); an MSR
+    on the emulated list without an entry here reads as 0.  Whether a TD may access an MSR at all is
+    :func:`tdx_has_emulated_msr`, not this table."""
     return {
-        0x01B: 0xFEE00D00,  # IA32_APIC_BASE: x2APIC enabled, BSP
-        0x6E0: 0x0,  # IA32_TSC_DEADLINE
+        MSR_IA32_APICBASE: 0xFEE00D00,  # x2APIC enabled, BSP
+        MSR_EFER: 0xD01,  # LMA LME SCE NXE
+        MSR_IA32_TSC_DEADLINE: 0x0,
+        MSR_IA32_MCG_CAP: 0x0,  # no LMCE_P: FEAT_CTL reads LOCKED only, MCG_EXT_CTL fails
+        0x277: 0x0007040600070406,  # IA32_CR_PAT (the reset value)
         0x802: 0x0,  # x2APIC ID
         0x803: 0x50014,  # x2APIC version
-        0x808: 0x0,  # TPR
-        0x80F: 0x1FF,  # SVR
+        0x80F: 0x1FF,  # SPIV
     }
-
-
-WRITABLE_MSRS = frozenset({0x6E0, 0x808, 0x80B, 0x80F, 0x830})
 
 
 @dataclass
@@ -91,7 +181,6 @@ class Platform:
 
     cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = field(default_factory=_vendor_cpuid)
     msrs: dict[int, int] = field(default_factory=_emulated_msrs)
-    writable_msrs: frozenset[int] = WRITABLE_MSRS
     msr_exits: bool = False  # userspace asked for KVM_EXIT_X86_RDMSR/WRMSR on unhandled MSRs
     exit_hypercall_map_gpa: bool = True  # KVM_CAP_EXIT_HYPERCALL bit 12 (QEMU enables it)
     gpaw: int = 52  # the TD's guest physical address width: shared bit = bit gpaw - 1
@@ -128,27 +217,89 @@ class Platform:
         }
 
     # --- in kernel ----------------------------------------------------------------------------
+    def _cpuid_entry(self, leaf: int, subleaf: int) -> tuple[int, int, int, int] | None:
+        """``kvm_find_cpuid_entry_index()``: the sub-leaf matters only for indexed leaves."""
+        return self.cpuid.get((leaf, subleaf if leaf in INDEXED_CPUID_LEAVES else 0))
+
+    def _cpuid_any_index(self, leaf: int) -> tuple[int, int, int, int] | None:
+        """``kvm_find_cpuid_entry()``: the first entry of the leaf, whatever its index."""
+        hits = sorted(k for k in self.cpuid if k[0] == leaf)
+        return self.cpuid[hits[0]] if hits else None
+
+    def out_of_range_cpuid_leaf(self, leaf: int) -> int | None:
+        """kvm-x86 ``arch/x86/kvm/cpuid.c``, ``get_out_of_range_cpuid_entry()``: the leaf KVM answers
+        instead of a ``leaf`` it has no entry for, or None (zeros).  No leaf 0, or an AMD or Hygon
+        vendor string: None.  The class of ``leaf``: each 0x100-wide hypervisor range
+        0x4000_0000..0x4FFF_FFFF is its own (base ``leaf & ~0xFF``); 0xC000_0000 and above is one;
+        otherwise bit 31 decides (basic 0.., which includes 0x5000_0000..0x7FFF_FFFF, or extended
+        0x8000_0000..).  A leaf within its class's maximum (the base entry's EAX) gets zeros; above
+        it, or with no base entry, the max basic leaf (leaf 0's EAX)."""
+        top = self._cpuid_any_index(0)
+        if top is None or (top[1], top[3], top[2]) in AMD_VENDORS:
+            return None
+        if 0x40000000 <= leaf <= 0x4FFFFFFF:
+            base = leaf & 0xFFFFFF00
+        elif leaf >= 0xC0000000:
+            base = 0xC0000000
+        else:
+            base = leaf & 0x80000000
+        basic = self._cpuid_any_index(base)
+        if basic is not None and leaf <= basic[0]:
+            return None
+        return top[0]
+
     def kvm_cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
-        """arch/x86/kvm/cpuid.c kvm_cpuid(): the table entry (the sub-leaf matters only for indexed
-        leaves); for a leaf above the maximum of its class, on an Intel guest, the entry of the max
-        basic leaf; zeros otherwise."""
-        key = (leaf, subleaf if leaf in INDEXED_CPUID_LEAVES else 0)
-        if key in self.cpuid:
-            return self.cpuid[key]
-        class_base = leaf & 0xC0000000 if leaf & 0x80000000 else leaf & 0xF0000000
-        top = self.cpuid.get((class_base, 0))
-        if top is not None and leaf > top[0]:
-            basic_max = self.cpuid[(0, 0)][0]
-            key = (basic_max, subleaf if basic_max in INDEXED_CPUID_LEAVES else 0)
-            return self.cpuid.get(key, (0, 0, 0, 0))
+        """cpuid.c ``kvm_cpuid()`` with ``exact_only = false``, as ``tdx_emulate_cpuid()`` calls it:
+        the entry; else the out-of-range redirect (:meth:`out_of_range_cpuid_leaf`), looked up with
+        the original sub-leaf; else zeros.  With no entry and an (effective) leaf 0xB or 0x1F that
+        has sub-leaf 1: ECX = the sub-leaf's low byte, EDX = sub-leaf 1's EDX (the x2APIC ID)."""
+        entry = self._cpuid_entry(leaf, subleaf)
+        if entry is None:
+            redirect = self.out_of_range_cpuid_leaf(leaf)
+            if redirect is not None:
+                leaf = redirect
+                entry = self._cpuid_entry(leaf, subleaf)
+        if entry is not None:
+            return entry
+        if leaf in (0xB, 0x1F) and (leaf, 1) in self.cpuid:
+            return (0, 0, subleaf & 0xFF, self.cpuid[(leaf, 1)][3])
         return (0, 0, 0, 0)
 
     def halt(self, interrupts_blocked: bool) -> None:
         self.effects.append("vCPU halted" + (" with interrupts blocked" if interrupts_blocked else ""))
 
+    def tdx_get_msr(self, index: int) -> tuple[bool, int]:
+        """The vendor read hook for a TD (kvm-x86 tdx.c ``tdx_get_msr()``): IA32_FEAT_CTL is
+        synthesised (LOCKED, plus LMCE_ENABLED when MCG_CAP has LMCE_P); MCG_EXT_CTL needs LMCE_P;
+        any other MSR must be on :func:`tdx_has_emulated_msr`'s list, then the common code's value."""
+        mcg_cap = self.msrs.get(MSR_IA32_MCG_CAP, 0)
+        if index == MSR_IA32_FEAT_CTL:
+            return True, FEAT_CTL_LOCKED | (FEAT_CTL_LMCE_ENABLED if mcg_cap & MCG_LMCE_P else 0)
+        if index == MSR_IA32_MCG_EXT_CTL and not mcg_cap & MCG_LMCE_P:
+            return False, 0
+        if not tdx_has_emulated_msr(index, self.tree):
+            return False, 0
+        return True, self.msrs.get(index, 0)
+
+    def tdx_set_msr(self, index: int, value: int) -> bool:
+        """The vendor write hook for a TD (``tdx_set_msr()``): MCG_EXT_CTL needs LMCE_P and only
+        bit 0; APICBASE, EFER and FEAT_CTL are read-only; any other MSR must be on the list (and
+        the x2APIC ID, LDR and version registers are not writable)."""
+        if index == MSR_IA32_MCG_EXT_CTL:
+            if not self.msrs.get(MSR_IA32_MCG_CAP, 0) & MCG_LMCE_P or value & ~MCG_EXT_CTL_LMCE_EN:
+                return False
+        elif index in TDX_READ_ONLY_MSRS or index in X2APIC_READ_ONLY or not tdx_has_emulated_msr(index, self.tree):
+            return False
+        self.msrs[index] = value
+        self.effects.append(f"MSR {index:#x} <- {value:#x}")
+        return True
+
     def msr_read(self, index: int) -> tuple[bool, int]:
-        if index in self.msrs:
-            return True, self.msrs[index]
+        """``kvm_emulate_rdmsr()`` for a TD: the vendor hook; on failure a KVM_EXIT_X86_RDMSR when
+        userspace asked for MSR exits (its answer completes the read), else the failure."""
+        ok, value = self.tdx_get_msr(index)
+        if ok:
+            return True, value
         if self.msr_exits:
             self.exits.append({"reason": KVM_EXIT_X86_RDMSR, "index": index})
             ok = not self.userspace.msr_error and index in self.userspace.rdmsr
@@ -156,9 +307,8 @@ class Platform:
         return False, 0
 
     def msr_write(self, index: int, value: int) -> bool:
-        if index in self.writable_msrs:
-            self.msrs[index] = value
-            self.effects.append(f"MSR {index:#x} <- {value:#x}")
+        """``kvm_emulate_wrmsr()`` for a TD, likewise."""
+        if self.tdx_set_msr(index, value):
             return True
         if self.msr_exits:
             self.exits.append({"reason": KVM_EXIT_X86_WRMSR, "index": index, "data": value})

@@ -28,12 +28,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..abi.codes import TDVMCALL_INVALID_OPERAND
+from ..abi.codes import (
+    EXIT_REASON_BUS_LOCK_DETECTED,
+    EXIT_REASON_TDCALL,
+    TDVMCALL_INVALID_OPERAND,
+    kvm_exit_reason_text,
+)
 from ..abi.control import ExitQualification
-from ..abi.regs import GPR_NAMES, NR_GPRS, RCX, reg_index, u64
+from ..abi.regs import GPR_NAMES, NR_GPRS, RAX, RBP, RCX, RSP, reg_index, u64
 from ..module import VmcallExit
 from . import leaves as L
-from .handlers import handler_for
+from .handlers import RunFailed, handler_for
 from .platform import Platform
 from .regcache import ModelBug, RegCache
 
@@ -43,6 +48,23 @@ VERDICT_COMPLETED = "completed"
 VERDICT_REFUSED = "refused"
 VERDICT_USERSPACE = "userspace"
 VERDICT_INTERNAL_ERROR = "internal_error"
+VERDICT_RUN_FAILED = "run_failed"
+
+#: SEAMCALL leaf number of TDH.VP.ENTER: the RAX KVM enters the module with (Linux ``TDH_VP_ENTER``)
+TDH_VP_ENTER = 0
+#: what the VMM's registers hold at TDH.VP.ENTER where KVM passes nothing of the TD's (Linux
+#: ``struct tdx_module_args`` has no RAX, RBP or RSP; ``tdh_vp_enter()`` in
+#: ``arch/x86/virt/vmx/tdx/tdx.c`` overwrites RCX with the vCPU's TDVPR physical address)
+VMM_AFTER_NOTES = {
+    "rax": "TDH.VP.ENTER (SEAMCALL leaf 0)",
+    "rcx": "the vCPU's TDVPR physical address (a host value): tdh_vp_enter() overwrites RCX before every "
+    "entry, so the exit qualification is not passed back; the module restores the guest's RCX from the "
+    "control it saved",
+    "rsp": "the host's stack pointer (a host value; never copied to a TD)",
+    "rbp": "the host's RBP (a host value): struct tdx_module_args has no RBP, so KVM passes none",
+}
+#: VMM GPRs KVM re-enters with that hold host values the model cannot know
+VMM_AFTER_HOST = frozenset({RCX, RSP, RBP})
 
 
 @dataclass
@@ -63,6 +85,21 @@ class KvmResult:
     regs_dirty: int = 0
     userspace_exits: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    exit_reason: int = EXIT_REASON_TDCALL  # the VMX exit reason KVM reports (kvm_exit, exit handlers)
+    bus_lock: bool = False  # the exit reason had bit 26 set: not re-labelled, dispatched on R11 only
+    run_error: int | None = None  # KVM_RUN's error (negative errno) when it failed; no resume
+    notes: list[str] = field(default_factory=list)  # what the model wants a reader to know
+    vmm_after_host: frozenset[int] = VMM_AFTER_HOST  # VMM GPRs at re-entry that hold host values
+
+    @property
+    def trace_reason(self) -> str:
+        """The ``reason`` field of this exit's ``kvm_exit`` trace line."""
+        return kvm_exit_reason_text(self.exit_reason)
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this KVM_RUN re-enters the guest (False: KVM_RUN failed)."""
+        return self.run_error is None
 
 
 class LegacyAccess:
@@ -137,6 +174,26 @@ def _check_against_table(leaf: L.Leaf, reads: list[str], wrote: dict[str, int], 
         raise ModelBug(f"{leaf.name}: expected outputs left clean: {clean}")
 
 
+def _run_handler(
+    leaf: L.Leaf, io: LegacyAccess | HardenedAccess, platform: Platform, vals: dict[str, int], result: KvmResult
+) -> None:
+    """Run the leaf's handler and hold it to its row; a failed KVM_RUN (:class:`RunFailed`) ends the
+    call with nothing written: no status reaches the guest and this KVM_RUN does not re-enter it."""
+    try:
+        handler_for(leaf)(io, platform)
+    except RunFailed as e:
+        result.verdict = VERDICT_RUN_FAILED
+        result.run_error = -e.errno
+        result.notes.append(
+            f"{e.why}: KVM_RUN returns -EINVAL and the guest is not resumed; if userspace runs the vCPU "
+            "again, the guest continues with its registers as the exit left them (R10 = its own value)"
+        )
+        if io.wrote:
+            raise ModelBug(f"{leaf.name}: wrote {sorted(io.wrote)} before KVM_RUN failed") from e
+        return
+    _check_against_table(leaf, io.reads, io.wrote, vals)
+
+
 def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmResult:
     """KVM's handling of one TDG.VP.VMCALL exit (tdx.c ``tdx_handle_exit()`` -> ``handle_tdvmcall()``),
     under the vCPU's policy.  Returns what KVM did and the VMM registers it re-enters with."""
@@ -145,21 +202,34 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     exposed = _exposed_names(qual.gpr_select)
     vals = {GPR_NAMES[i]: vmm[i] for i in range(NR_GPRS)}
 
+    # re-label: tdx_to_vmx_exit_reason() compares the whole reason (low 32 bits) with TDCALL; a
+    # reason with the bus-lock bit (0x0400004D) stays TDCALL and goes to handle_tdvmcall() by its
+    # basic reason, which dispatches on R11 alone
+    reason = vmm[RAX] & 0xFFFFFFFF
+    bus_lock = reason != EXIT_REASON_TDCALL and reason & 0xFFFF == EXIT_REASON_TDCALL
+
     # dispatch: R10 != 0 is a KVM hypercall number, else R11 is the GHCI leaf
-    leaf = L.lookup(vmm[reg_index("r10")], vmm[reg_index("r11")])
+    leaf = L.lookup(vmm[reg_index("r10")], vmm[reg_index("r11")], bus_lock)
     missing = [r for r in L.required_inputs(leaf, vals) if r not in exposed]
     unexposed_outputs = [r for r in L.possible_outputs(leaf, vals) if r not in exposed]
     exits_before = len(platform.exits)
     result = KvmResult(
         vcpu.policy, leaf, VERDICT_COMPLETED, None, vmm, missing=missing, unexposed_outputs=unexposed_outputs
     )
+    result.exit_reason = reason if bus_lock else leaf.reason
+    result.bus_lock = bus_lock
+    if bus_lock:
+        result.notes.append(
+            f"bus lock detected (exit reason {reason:#010x}, bit 26): KVM does not re-label the exit and "
+            f"dispatches on R11 alone ({leaf.name}); instruction leaves and KVM hypercalls get "
+            "SUBFUNC_UNSUPPORTED unless R11 is 0x10000..0x10004"
+        )
 
     if vcpu.policy == "legacy":
         # mark registers: the fixed set, whatever the mask
         vcpu.cache.tdx_after_exit_legacy()
         io: LegacyAccess | HardenedAccess = LegacyAccess(vmm, qual.raw)
-        handler_for(leaf)(io, platform)
-        _check_against_table(leaf, io.reads, io.wrote, vals)
+        _run_handler(leaf, io, platform, vals, result)
         # dispatch itself consumed R10 (and R11 for a GHCI call)
         consumed = dict.fromkeys([*leaf.selectors, *io.reads])
         result.zero_reads = [r for r in consumed if r not in exposed]
@@ -180,14 +250,18 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
             result.verdict = VERDICT_REFUSED
         else:
             # (c) run the handler through the cache
-            handler_for(leaf)(io, platform)
-            _check_against_table(leaf, io.reads, io.wrote, vals)
+            _run_handler(leaf, io, platform, vals, result)
         # (d) write dirty GPRs back to the module's VMM registers
         for i in range(NR_GPRS):
             if cache.is_dirty(i):
                 if GPR_NAMES[i] not in exposed:
                     raise ModelBug(f"{GPR_NAMES[i]} is dirty but not exposed")
                 vmm[i] = cache.regs[i]
+
+    # re-entry: TDH.VP.ENTER in RAX, the TDVPR address in RCX; RSP and RBP are the host's
+    vmm[RAX] = TDH_VP_ENTER
+    for i in VMM_AFTER_HOST:
+        vmm[i] = 0  # a placeholder: listed in vmm_after_host
 
     result.wrote = dict(io.wrote)
     result.status = io.wrote.get("r10")
