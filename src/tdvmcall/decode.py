@@ -1,5 +1,5 @@
-"""Explain a 64-bit value from a log: a TDX module status, a TDVMCALL status, a control value or an
-exit qualification.  Pure data in, plain dict out (the CLI renders it)."""
+"""Explain a 64-bit value from a log: a TDX module status, a TDVMCALL status, a control value, an
+exit qualification or a TDCALL's RAX.  Pure data in, plain dict out (the CLI renders it)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ from .abi.codes import (
     DEFAULT_TABLE_VERSION,
     MODULE_TABLE_VERSIONS,
     TDVMCALL_STATUS_NAMES,
+    TdcallRax,
+    check_tdcall_rax,
     decode_status,
     decode_tdvmcall_status,
     status_name,
+    tdcall_rax_problems,
 )
 from .abi.control import Control, ExitQualification, check_control
 from .abi.regs import names_in
 from .kvm import leaves as L
 
-KINDS = ("status", "tdvmcall-status", "control", "exitqual")
+KINDS = ("status", "tdvmcall-status", "control", "exitqual", "tdcall-rax")
 
 
 def _gpr_list(mask: int) -> list[str]:
@@ -65,6 +68,26 @@ def decode_exitqual(value: int) -> dict:
     }
 
 
+def decode_tdcall_rax(value: int) -> dict:
+    """A TDCALL's RAX: the leaf (named from the TDX module 1.5.01 table), the version, the reserved
+    bits, and whether the module accepts it (``abi.codes.tdcall_rax_problems``)."""
+    r = TdcallRax(value)
+    problems = tdcall_rax_problems(value)
+    return {
+        "kind": "tdcall-rax",
+        "value": value,
+        "leaf": r.leaf,
+        "name": r.name,
+        "version": r.version,
+        "reserved": r.reserved,
+        "accepted": not problems,
+        "problems": problems,
+        "status": check_tdcall_rax(value),
+        "tdvmcall": r.raw == 0,
+        "known": r.name is not None,
+    }
+
+
 def guess_kind(value: int, version: str = DEFAULT_TABLE_VERSION) -> tuple[str, str]:
     """Pick a reading for a value with no ``--as``, and say why."""
     if value >> 63 and value in TDVMCALL_STATUS_NAMES:
@@ -93,6 +116,8 @@ def decode(value: int, kind: str | None = None, version: str = DEFAULT_TABLE_VER
         out = decode_control(value)
     elif kind == "exitqual":
         out = decode_exitqual(value)
+    elif kind == "tdcall-rax":
+        out = decode_tdcall_rax(value)
     else:
         raise ValueError(f"unknown reading {kind!r}; accepted: {', '.join(KINDS)}")
     out["reading"] = kind

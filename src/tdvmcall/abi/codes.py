@@ -119,6 +119,7 @@ def tdcall_leaf_text(rax: int) -> str:
     version = f" version {r.version}" if r.version else ""
     return f"TDCALL leaf {r.leaf}{version}, {r.name or 'unknown leaf'}"
 
+
 DEFAULT_TABLE_VERSION = "1.5.05"
 
 # --- VMX basic exit reasons KVM reports for TD exits (Linux arch/x86/include/uapi/asm/vmx.h) -------
@@ -145,7 +146,6 @@ VMX_EXIT_REASON_NAMES = {
     EXIT_REASON_EPT_MISCONFIG: "EPT_MISCONFIG",
     EXIT_REASON_TDCALL: "TDCALL",
 }
-
 
 
 def kvm_exit_reason_text(reason: int) -> str:

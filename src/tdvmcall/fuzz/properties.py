@@ -5,15 +5,19 @@ checks):
 
 ``gate``            an invalid RAX or control never reaches KVM and yields exactly the documented
                     status (RAX 0xC000010000000000 / control 0xC000010000000001), RIP advanced, every
-                    other register, the platform and the cache unchanged; outside 64-bit mode, #GP and
-                    nothing changes (ABI §3, tdx-module ``tdg_vp_vmcall.c``).
+                    other register (but RDX and R8 for TDG.VM.RD version 2..255), the platform and the
+                    cache unchanged; a TDCALL leaf other than 0 that the module accepts is not modelled
+                    and changes nothing; outside 64-bit mode, #GP and nothing changes (ABI §3, §8,
+                    tdx-module ``tdx_td_dispatcher.c``, ``tdg_vm_rd_wr.c``, ``tdg_vp_vmcall.c``).
 ``confidentiality`` the VMM's view of an unexposed GPR or XMM is 0, and nothing the host sees
                     (VMM registers, KVM's writes and verdict, userspace exits, side effects) changes
                     when the unexposed registers hold other values (ABI §3, ``td_exit.c``).
 ``integrity``       after resume every unexposed register holds its old value whatever the host wrote
                     (checked with KVM's own writes and with arbitrary VMM registers handed to
-                    ``tdh_vp_enter``); an exposed register KVM did not write comes back unchanged;
-                    RAX = 0, RCX = the control, RIP advanced (ABI §3, ``tdh_vp_enter.c``).
+                    ``tdh_vp_enter``); an exposed register KVM did not write comes back unchanged,
+                    except RBP, which KVM never passes (``struct tdx_module_args``): exposed (no
+                    NO_RBP_MOD), it comes back as a host value; RAX = 0, RCX = the control, RIP
+                    advanced (ABI §3, ``tdh_vp_enter.c``).
 ``cache``           hardened: no register in the invalid pair (avail 0, dirty 1) and no handler read of
                     a register the guest did not expose (the strict cache also raises ``ModelBug``);
                     legacy: no register of ``TDX_REGS_AVAIL_SET`` in the invalid pair.  The other
@@ -50,10 +54,12 @@ from ..abi.codes import (
 from ..abi.regs import (
     GPR_NAMES,
     NR_GPRS,
+    R8,
     R10,
     RAX,
     RBP,
     RCX,
+    RDX,
     RSP,
     U64,
     U128,
@@ -68,6 +74,7 @@ from ..kvm.tdx import (
     VERDICT_COMPLETED,
     VERDICT_INTERNAL_ERROR,
     VERDICT_REFUSED,
+    VERDICT_RUN_FAILED,
     VERDICT_USERSPACE,
     KvmVcpu,
 )
@@ -116,15 +123,27 @@ def require(ok: bool, prop: str, detail: str | Callable[[], str]) -> None:
 
 
 # === the oracle for the module gate ================================================================
+#: the TDCALL leaves of module 1.5.01 (``tdcall_leaf_opcode_t``): 0..12, 18, 20, 22..27
+_KNOWN_TDCALL_LEAVES = frozenset((*range(13), 18, 20, *range(22, 28)))
+NOT_MODELLED = "not-modelled"
+VM_RD_REFUSED = "vm-rd-refused"
+
+
 def documented_gate(td: TdConfig, rax: int, rcx: int, long_mode: bool) -> str | int | None:
-    """What ABI.md §3 says the module does with this TDCALL: ``"fault"`` (#GP outside 64-bit mode),
-    the status the guest gets for a bad RAX or control, or ``None`` (the call exits to the VMM).
-    Restated from the ABI notes on purpose, not taken from ``control.py``: an oracle must not share
-    code with what it checks."""
+    """What ABI.md §3 and §8 say the module does with this TDCALL: ``"fault"`` (#GP outside 64-bit
+    mode), the status the guest gets for a bad RAX or control, ``"vm-rd-refused"`` (TDG.VM.RD with a
+    version above 1), ``"not-modelled"`` (another leaf the module accepts), or ``None`` (the call
+    exits to the VMM).  Restated from the ABI notes on purpose, not taken from ``control.py`` or
+    ``codes.py``: an oracle must not share code with what it checks."""
     if not long_mode:
         return "fault"
-    if rax != 0:  # reserved bits 63:24, version 23:16 or a leaf other than 0
+    leaf, version = rax & 0xFFFF, rax >> 16 & 0xFF
+    if rax >> 24 or (version and leaf != 7) or leaf not in _KNOWN_TDCALL_LEAVES:
         return TDX_OPERAND_INVALID  # operand id RAX = 0
+    if leaf == 7 and version > 1:
+        return VM_RD_REFUSED
+    if leaf != 0:
+        return NOT_MODELLED
     forbidden = 1 << RAX | 1 << RCX | 1 << RSP
     if td.no_rbp_mod and td.module == "1.5":
         forbidden |= 1 << RBP
@@ -209,6 +228,22 @@ def check_gate(
     if expected == "fault":
         require(rt.fault is not None and rt.module is None, "gate", "TDCALL outside 64-bit mode did not fault")
         want, want_rip = before.gprs, before.rip
+    elif expected == NOT_MODELLED:
+        require(
+            rt.module is not None and rt.module.not_modelled is not None,
+            "gate",
+            f"TDCALL leaf {before.gprs[RAX] & 0xFFFF} was not reported as not modelled",
+        )
+        want, want_rip = before.gprs, before.rip
+    elif expected == VM_RD_REFUSED:
+        require(
+            rt.module is not None and rt.module.status == TDX_OPERAND_INVALID,
+            "gate",
+            "TDG.VM.RD with a version above 1 did not fail with operand RAX",
+        )
+        want = [TDX_OPERAND_INVALID] + before.gprs[1:]
+        want[RDX], want[R8] = U64, 0  # written by TDG.VM.RD before it checks the version
+        want_rip = (before.rip + 4) & U64
     else:
         require(
             rt.module is not None and rt.module.status == expected,
@@ -221,6 +256,7 @@ def check_gate(
     )
     require(rt.after.rip == want_rip, "gate", lambda: f"RIP {hex64(rt.after.rip)}, expected {hex64(want_rip)}")
     require(rt.after.xmm == before.xmm, "gate", "XMM registers changed")
+    require(not rt.after.host, "gate", "a call that never reached KVM left host values in the guest")
     return False
 
 
@@ -311,14 +347,29 @@ def check_cache(rt: RoundTrip, vcpu: KvmVcpu) -> None:
 
 
 def check_integrity(
-    before: VcpuState, after: VcpuState, control: int, host: list[int], host_xmm: list[int], written: set[int] | None
+    before: VcpuState,
+    after: VcpuState,
+    control: int,
+    host: list[int],
+    host_xmm: list[int],
+    written: set[int] | None,
+    kvm_rbp: bool = False,
 ) -> None:
     """After resume: unexposed registers unchanged; exposed ones hold what the host wrote (all of
     them when ``written`` is None, the arbitrary-VMM case; else only those KVM wrote, the others
     unchanged); RAX 0, RCX the control, RIP advanced.  Exposed and written mismatches are reported as
-    ``completeness``."""
+    ``completeness``.  ``kvm_rbp``: the VMM was KVM, which passes no RBP, so an exposed RBP comes back
+    as a host value (and is the only one)."""
     gpr, xmm = _exposed(control)
+    want_host = {RBP} if kvm_rbp and gpr >> RBP & 1 else set()
+    require(
+        after.host == want_host,
+        "integrity",
+        lambda: f"host values in {sorted(GPR_NAMES[i] for i in after.host)}, expected {sorted(want_host)}",
+    )
     for i in range(2, NR_GPRS):
+        if i in want_host:
+            continue
         exposed = gpr >> i & 1
         wrote = exposed and (written is None or i in written)
         want = host[i] if wrote else before.gprs[i]
@@ -399,7 +450,11 @@ def check_hardened(before: VcpuState, rt: RoundTrip, snap: dict, platform: Platf
     clean = [r for r in L.expected_outputs(k.leaf, vals, k.wrote.get("r10", 0) != 0) if r not in k.wrote]
     require(not clean, "completeness", f"{k.leaf.name} did not write its outputs {clean}")
     require(not unmet, "refusal", f"{k.leaf.name} needs {unmet} exposed, verdict {k.verdict}")
-    require(k.verdict in (VERDICT_COMPLETED, VERDICT_USERSPACE), "refusal", f"unexpected verdict {k.verdict}")
+    require(
+        k.verdict in (VERDICT_COMPLETED, VERDICT_USERSPACE, VERDICT_RUN_FAILED),
+        "refusal",
+        f"unexpected verdict {k.verdict}",
+    )
 
 
 def guest_view(rt: RoundTrip) -> tuple:
@@ -459,7 +514,7 @@ def check_call(td: TdConfig, before: VcpuState, lane: Lane, pre_platform: Platfo
     for reg, value in k.wrote.items():
         host[GPR_NAMES.index(reg)] = value
     written = {GPR_NAMES.index(r) for r in k.wrote}
-    check_integrity(before, rt.after, ex.control, host, ex.vmm_xmm, written)
+    check_integrity(before, rt.after, ex.control, host, ex.vmm_xmm, written, kvm_rbp=True)
     if lane.policy == "hardened":
         check_hardened(before, rt, snap, lane.platform)
     return rt

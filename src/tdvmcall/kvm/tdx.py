@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..abi.codes import (
-    EXIT_REASON_BUS_LOCK_DETECTED,
     EXIT_REASON_TDCALL,
     TDVMCALL_INVALID_OPERAND,
     kvm_exit_reason_text,

@@ -62,12 +62,15 @@ def render_run(r: dict) -> None:
     m, k = r["module"], r["kvm"]
     gsel = set(m["gpr_select"])
     out.print(
-        f"[bold]TDX module {r['td']['module']}[/], NO_RBP_MOD {'on' if r['td']['no_rbp_mod'] else 'off'}; "
-        f"control {m['control']} exposes {' '.join(m['gpr_select']) or 'nothing'}"
+        f"[bold]TDX module {r['td']['module']}[/], NO_RBP_MOD {'on' if r['td']['no_rbp_mod'] else 'off'}"
+        + (", [yellow]bus lock detected[/]" if r["td"].get("bus_lock") else "")
+        + f"; control {m['control']} exposes {' '.join(m['gpr_select']) or 'nothing'}"
         + (f", {' '.join(m['xmm_select'])}" if m["xmm_select"] else "")
     )
     if m["fault"]:
         out.print(f"[red]guest fault:[/] {m['fault']} (no status, RIP not advanced)")
+    elif m.get("not_modelled"):
+        out.print(f"[yellow]{m['not_modelled']}[/]: the TDX module accepts it; the guest is shown unchanged.")
     elif not m["exited"]:
         out.print(
             f"[red]module refused the call:[/] guest RAX = {m['status']} ({m['status_name']}); "
@@ -76,7 +79,18 @@ def render_run(r: dict) -> None:
     if k:
         status = k["status"] or "not written"
         name = f" {k['status_name']}" if k["status_name"] else ""
-        out.print(f"[bold]KVM ({k['policy']})[/]: {k['leaf']} -> [bold]{k['verdict']}[/], R10 {status}{name}")
+        out.print(
+            f"[bold]KVM ({k['policy']})[/]: {k['leaf']} -> [bold]{k['verdict']}[/], R10 {status}{name}"
+            f"; kvm_exit reason {k['trace_reason']}",
+            highlight=False,
+        )
+        if not k["resumed"]:
+            out.print(
+                f"  [red]KVM_RUN fails with {k['run_error']}: no status reaches the guest, it is not resumed[/]"
+                " (the guest column: if userspace runs the vCPU again)"
+            )
+        for note in k["notes"]:
+            out.print(f"  note: {note}", highlight=False)
         for key in ("missing", "unexposed_outputs", "zero_reads", "dropped_writes"):
             if k[key]:
                 out.print(f"  {key.replace('_', ' ')}: {' '.join(k[key])}")
@@ -84,21 +98,31 @@ def render_run(r: dict) -> None:
             out.print(f"  userspace exit: {json.dumps(e)}", markup=False, highlight=False)
         out.print(f"  regs_avail {fmt_mask(int(k['regs_avail'], 16))}", highlight=False)
         out.print(f"  regs_dirty {fmt_mask(int(k['regs_dirty'], 16))}", highlight=False)
+    for w in r.get("warnings", []):
+        out.print(f"[red]warning:[/] {w}", highlight=False)
     t = Table(show_lines=False, header_style="bold")
-    for col in ("reg", "exposed", "guest before", "VMM view", "KVM wrote", "guest after"):
+    for col in ("reg", "exposed", "guest before", "VMM view", "KVM wrote", "KVM re-enters with", "guest after"):
         t.add_column(col)
+    unknown = set(r.get("guest_unknown", []))
+    vmm_unknown = set(r.get("vmm_after_unknown", []))
     for reg in GPR_NAMES:
         before, after = r["guest_before"][reg], r["guest"][reg]
         vmm = r["vmm"][reg] if r["vmm"] else ""
         wrote = k["wrote"].get(reg, "") if k else ""
+        again = r["vmm_after"][reg] if k else ""
         mark = "yes" if reg in gsel else ""
         style = "bold" if before != after else ""
         if k and reg in k["zero_reads"]:
             vmm = f"[yellow]{vmm} (zero read)[/]"
         if k and reg in k["dropped_writes"]:
             wrote = f"[red]{wrote} (dropped)[/]"
-        t.add_row(reg, mark, before, vmm, wrote, f"[{style}]{after}[/]" if style else after)
-    t.add_row("rip", "", r["guest_before"]["rip"], "", "", r["guest"]["rip"])
+        if k and reg in vmm_unknown:
+            again = "[dim]TDVPR address (host)[/]" if reg == "rcx" else "[dim]host value[/]"
+        shown = f"[{style}]{after}[/]" if style else after
+        if reg in unknown:
+            shown = "[red]host value (unknown)[/]"
+        t.add_row(reg, mark, before, vmm, wrote, again, shown)
+    t.add_row("rip", "", r["guest_before"]["rip"], "", "", "", r["guest"]["rip"])
     out.print(t)
 
 
@@ -108,7 +132,7 @@ def decode(
     as_: str | None = typer.Option(
         None,
         "--as",
-        help="Reading: status | tdvmcall-status | control | exitqual. "
+        help="Reading: status | tdvmcall-status | control | exitqual | tdcall-rax. "
         "Without it, one is picked and the output says which.",
     ),
     module: str = typer.Option(
@@ -116,8 +140,8 @@ def decode(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the explanation as JSON."),
 ) -> None:
-    """Explain a value from a log: a TDX status, a TDVMCALL status, a control value or an exit
-    qualification."""
+    """Explain a value from a log: a TDX status, a TDVMCALL status, a control value, an exit
+    qualification or a TDCALL's RAX (its leaf, by name, and whether the TDX module accepts it)."""
     from .. import decode as D
     from ..abi.codes import MODULE_TABLE_VERSIONS
     from ..abi.regs import parse_int
@@ -175,6 +199,20 @@ def render_decode(d: dict) -> None:
                 out.print(f"  hardened KVM completes: {', '.join(d['hardened_completes'])}", highlight=False)
         else:
             out.print(f"  VM index: {d['vm']}" + (f"; unexpected bits {d['other_bits']:#x}" if d["other_bits"] else ""))
+    elif kind == "tdcall-rax":
+        out.print(
+            f"  leaf {d['leaf']} ({d['name'] or 'unknown leaf'}), version {d['version']}"
+            + (f", reserved bits 63:24 {d['reserved'] >> 24:#x}" if d["reserved"] else ""),
+            highlight=False,
+        )
+        if d["accepted"]:
+            what = "a TDVMCALL" if d["leaf"] == 0 else "not a TDVMCALL (not modelled)"
+            out.print(f"  the TDX module accepts it: {what}", highlight=False)
+        else:
+            out.print(
+                f"  [red]rejected[/]: {'; '.join(d['problems'])}; the guest gets RAX = {d['status']:#018x}",
+                highlight=False,
+            )
     if not d.get("known", True):
         out.print("  [yellow]not a known value of this kind[/]")
 

@@ -20,7 +20,7 @@ from functools import cache
 
 import numpy as np
 
-from ..abi.codes import VMX_EXIT_REASON_NAMES
+from ..abi.codes import EXIT_REASON_BUS_LOCK_DETECTED, VMX_EXIT_REASON_NAMES
 from . import scan as trace_scan
 
 FORMATS = ("ftrace", "trace-cmd", "perf")
@@ -114,13 +114,27 @@ class Reason:
     number: int | None
     flags: str
     failed_vmentry: bool
+    bus_lock: bool = False  # bit 26 among the flags: the module detected a bus lock (TDCALL 0x4000000)
 
 
 _REASON_NUMBERS = {name: nr for nr, name in VMX_EXIT_REASON_NAMES.items()}
 
 
+def _flag_bits(flags: str) -> int:
+    """The raw flag bits of a reason's flags: ``kvm_print_exit_reason`` prints the bits above 15 that
+    ``VMX_EXIT_REASON_FLAGS`` does not name (all but FAILED_VMENTRY) as one hex number."""
+    bits = 0
+    for token in flags.split():
+        if re.fullmatch(r"0x[0-9a-fA-F]+", token):
+            bits |= int(token, 16)
+    return bits
+
+
 @cache
 def parse_reason(text: str) -> Reason:
+    """A kvm_exit reason: its name (or hex number), its VMX number, its flags: ``FAILED_VMENTRY``, and
+    bit 26 (``0x4000000``: a bus lock detected, which the TDX module sets on the exit after one; KVM
+    then does not re-label a TDVMCALL, so it is printed ``TDCALL 0x4000000``)."""
     name, _, flags = text.partition(" ")
     if name.startswith("0x"):  # a reason the kernel has no name for is printed in hex
         try:
@@ -130,7 +144,8 @@ def parse_reason(text: str) -> Reason:
         name = VMX_EXIT_REASON_NAMES.get(number, name)  # type: ignore[arg-type]
     else:
         number = _REASON_NUMBERS.get(name)
-    return Reason(text, name, number, flags, "FAILED_VMENTRY" in flags.split())
+    bus_lock = bool(_flag_bits(flags) & EXIT_REASON_BUS_LOCK_DETECTED)
+    return Reason(text, name, number, flags, "FAILED_VMENTRY" in flags.split(), bus_lock)
 
 
 def is_tdvmcall_reason(r: Reason) -> bool:

@@ -14,6 +14,11 @@ Facts used (ABI.md §3, §4):
 - Hardened KVM completes a call iff gpr_select covers the leaf's minimal mask for the actual inputs
   (``kvm/leaves.py``: the single source of truth); without R10 no status can reach the guest, and it
   reports an internal error to userspace instead.
+- ``TDCALL 0x4000000``: the exit reason had bit 26 (bus lock detected).  KVM re-labels only a reason
+  equal to TDCALL, so this exit went to ``handle_tdvmcall()`` unchanged and was dispatched on R11
+  alone (``leaves.lookup(..., bus_lock=True)``): it may be any TDVMCALL (a CPUID, a hypercall), and it
+  ran one of the five GHCI calls KVM handles there or got SUBFUNC_UNSUPPORTED.  A re-labelled reason
+  (CPUID, VMCALL, ...) never carries the bit.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 from ..abi.codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
 from ..abi.control import Control, ExitQualification
 from ..abi.regs import GPR_MASK, R10, R11, names_in
-from ..kvm.leaves import Leaf, missing_by_case, reason_leaves
+from ..kvm.leaves import Leaf, bus_lock_leaves, missing_by_case, reason_leaves
 from . import scan as trace_scan
 from .rows import Reason, is_tdvmcall_reason
 
@@ -77,13 +82,30 @@ def _case_outcomes(leaf: Leaf, gprs: int) -> list[tuple[str, int]]:
     return list(missing_by_case(leaf, gprs).items())
 
 
+BUS_LOCK_NOTE = "bus lock (reason bit 26): KVM dispatched on R11 alone, every other call got SUBFUNC_UNSUPPORTED"
+
+
 @cache
-def verdict_for(reason: int, mask: int) -> Verdict:
-    """The verdict for a TDVMCALL exit of a TD with this synthesised reason and exit qualification."""
+def verdict_for(reason: int, mask: int, bus_lock: bool = False) -> Verdict:
+    """The verdict for a TDVMCALL exit of a TD with this synthesised reason and exit qualification
+    (``bus_lock``: the reason carried bit 26, ``TDCALL 0x4000000``)."""
+    v = _verdict_for(reason, mask, bus_lock)
+    if bus_lock and v.verdict != "inconsistent":
+        return Verdict(v.verdict, f"{BUS_LOCK_NOTE}; {v.detail}", v.missing, v.refused_for)
+    return v
+
+
+def _verdict_for(reason: int, mask: int, bus_lock: bool) -> Verdict:
     # module consistency
     problems = module_problems(mask)
     if problems:
         return Verdict("inconsistent", "the TDX module refuses this mask: " + "; ".join(problems))
+    if bus_lock and reason != EXIT_REASON_TDCALL:
+        return Verdict(
+            "inconsistent",
+            f"reason {VMX_EXIT_REASON_NAMES[reason]} with the bus-lock bit: KVM re-labels only a reason equal to "
+            "TDCALL, and a re-labelled reason carries no flag",
+        )
     gprs = mask & GPR_MASK
     # KVM consistency: the reason implies which selectors it read as non-zero
     unseen = implied_exposed(reason) & ~gprs
@@ -100,7 +122,7 @@ def verdict_for(reason: int, mask: int) -> Verdict:
             "internal-error", "R10 not exposed: hardened KVM reports an internal error to userspace", missing=("r10",)
         )
     # the leaf table: every leaf this reason may stand for, every named input condition
-    leaves = reason_leaves(reason)
+    leaves = bus_lock_leaves() if bus_lock else reason_leaves(reason)
     outcomes = [(leaf, _case_outcomes(leaf, gprs)) for leaf in leaves]
     cases = [miss for _, oc in outcomes for _, miss in oc]
     missing_mask = 0
@@ -150,7 +172,7 @@ def verdict_if_td(reason: Reason, mask: int | None) -> Verdict | None:
     """The verdict of an exit if its task is a TD, or ``None`` if it is not a TDVMCALL exit."""
     if not is_tdvmcall_reason(reason) or mask is None:
         return None
-    return verdict_for(reason.number, mask)  # type: ignore[arg-type]
+    return verdict_for(reason.number, mask, reason.bus_lock)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
