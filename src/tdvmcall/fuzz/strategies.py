@@ -250,7 +250,7 @@ def examples(draw, max_calls: int = 3) -> dict:
     module = draw(st.sampled_from(("1.5", "1.0")))
     no_rbp_mod = draw(weighted(True, False, odds=2))
     return {
-        "td": {"module": module, "no_rbp_mod": no_rbp_mod, "bus_lock": draw(weighted(False, True, odds=8))},
+        "td": {"module": module, "no_rbp_mod": no_rbp_mod},
         "tree": draw(weighted("kvm-x86", "v6.16", odds=4)),
         "platform": draw(platforms()),
         "calls": draw(st.lists(calls(module, no_rbp_mod), min_size=1, max_size=max_calls)),

@@ -139,6 +139,8 @@ def verdict_of(result: dict) -> str:
     module = result["module"]
     if module["fault"]:
         return "fault"
+    if module.get("not_modelled"):
+        return "not-modelled"
     if not module["exited"]:
         return "module-refused"
     return result["kvm"]["verdict"]
