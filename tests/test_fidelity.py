@@ -357,3 +357,30 @@ def test_vmm_after_says_rcx_is_the_tdvpr_address_not_the_exit_qualification():
     assert "rcx" in r["vmm_after_unknown"] and "TDVPR" in r["vmm_after_notes"]["rcx"]
     assert r["vmm_after"]["rax"] == H(0)  # TDH.VP.ENTER is SEAMCALL leaf 0
     assert r["vmm"]["rcx"] == H(0xFFCC) and r["guest"]["rcx"] == H(0xFFCC)
+
+
+# --- the four new examples: `tdvmcall run` shows each behaviour, its JSON fits the published schema ----
+@pytest.mark.parametrize(
+    "name,check",
+    [
+        ("bus-lock-cpuid", lambda r: r["kvm"]["trace_reason"] == "TDCALL 0x4000000"),
+        ("map-gpa-run-failed", lambda r: r["kvm"]["verdict"] == "run_failed" and not r["kvm"]["resumed"]),
+        ("tdg-vp-info", lambda r: r["module"]["not_modelled"].startswith("TDCALL leaf 1, TDG.VP.INFO")),
+        ("rbp-without-no-rbp-mod", lambda r: r["guest_unknown"] == ["rbp"] and r["warnings"]),
+    ],
+)
+def test_examples_show_the_behaviours_and_fit_the_schema(name, check):
+    from importlib import resources
+    from pathlib import Path
+
+    import jsonschema
+
+    path = Path(__file__).parent.parent / "examples" / f"{name}.json"
+    r = runner.invoke(app, ["run", str(path), "--json"])
+    assert r.exit_code == 0
+    result = json.loads(r.stdout)
+    assert check(result)
+    schema = json.loads(resources.files("tdvmcall").joinpath("data/vector.schema.json").read_text())
+    jsonschema.validate(result, {"$ref": "#/$defs/result", "$defs": schema["$defs"]})
+    table = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and table.stdout.strip()
