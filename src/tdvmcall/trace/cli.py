@@ -88,10 +88,7 @@ def _check_outputs(inputs: list[str], plot: str | None, parquet: str | None) -> 
     if plot:
         ext = os.path.splitext(plot)[1][1:].lower()
         if ext and ext not in PLOT_FORMATS:
-            fail(
-                f"--plot {plot}: cannot write .{ext} files; use .png, .svg or .pdf "
-                f"(or {', '.join('.' + f for f in PLOT_FORMATS[3:])}; no extension: PNG)"
-            )
+            fail(f"--plot {plot}: cannot write .{ext} files; use {', '.join(PLOT_FORMATS)} (no extension: PNG)")
         fmt = ext or "png"
     if plot and parquet and os.path.abspath(plot) == os.path.abspath(parquet):
         fail(f"--plot and --to-parquet name the same file {plot}")
