@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -153,9 +154,26 @@ def _line(fmt: str, comm: str, pid: int, tgid: int, cpu: int, ts: float, event: 
     return f"{comm:>16}-{pid:<7} [{cpu:03d}] {flags}{ts:.6f}: {event}: {body}\n"
 
 
-def generate(path: str, size_mb: int, fmt: str = "ftrace", seed: int = 1) -> int:
-    """Write a trace of about ``size_mb`` MB; returns its number of lines."""
+#: quirks that send a kvm_exit line to the reference parser (ABI.md §7; docs/trace.md): a non-ASCII
+#: task name, or a counter clock's timestamp of 16 digits (``trace_clock=x86-tsc`` after some uptime)
+QUIRKS = ("comm", "tsc")
+_STAMP = re.compile(r" (\d+)\.(\d{6}): ")
+
+
+def quirky(line: str, quirk: str) -> str:
+    """The line with the quirk that takes it off the fast path."""
+    if quirk == "comm":
+        return line.replace("CPU ", "CPÜ ", 1)
+    return _STAMP.sub(lambda m: f" {10**15 + int(m[1]) * 10**6 + int(m[2])}: ", line, count=1)
+
+
+def generate(
+    path: str, size_mb: int, fmt: str = "ftrace", seed: int = 1, slow_share: float = 0.0, quirk: str = "comm"
+) -> int:
+    """Write a trace of about ``size_mb`` MB; returns its number of lines.  ``slow_share`` of the
+    kvm_exit lines (0 to 1) carry ``quirk`` (:data:`QUIRKS`), so that they take the slow path."""
     rnd = random.Random(seed)
+    odd = random.Random(seed + 1)  # its own stream: the trace is the same whatever the share
     tds = []
     for _guest, tgid, ncpu, masks in GUESTS:
         reasons = [r for r in REASON_WEIGHTS if r in masks]
@@ -221,6 +239,8 @@ def generate(path: str, size_mb: int, fmt: str = "ftrace", seed: int = 1) -> int
                             fmt, comm, pid, tgid, cpu, ts, name, body.format(v=v, r=rnd.getrandbits(40), c=comm, p=pid)
                         )
                     )
+            if slow_share:
+                buf = [quirky(x, quirk) if "kvm_exit:" in x and odd.random() < slow_share else x for x in buf]
             text = "".join(buf)
             f.write(text)
             written += len(text)
@@ -249,13 +269,16 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--format", choices=("ftrace", "trace-cmd", "perf"), default="ftrace")
     ap.add_argument("--regenerate", action="store_true")
+    ap.add_argument("--slow-share", type=float, default=0.0, help="share of kvm_exit lines with --quirk (0 to 1)")
+    ap.add_argument("--quirk", choices=QUIRKS, default="comm", help="what takes those lines off the fast path")
     ap.add_argument("--repeat", type=int, default=3, help="rounds (each runs every contender once); medians are shown")
     args = ap.parse_args()
 
-    path = os.path.join(args.dir, f"tdvmcall-bench-{args.format}-{args.size_mb}MB.trace")
+    odd = f"-{args.quirk}{args.slow_share:g}" if args.slow_share else ""
+    path = os.path.join(args.dir, f"tdvmcall-bench-{args.format}-{args.size_mb}MB{odd}.trace")
     if args.regenerate or not os.path.exists(path):
         t = time.perf_counter()
-        nlines = generate(path, args.size_mb, args.format)
+        nlines = generate(path, args.size_mb, args.format, slow_share=args.slow_share, quirk=args.quirk)
         print(f"generated {path} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     else:
         with open(path, "rb") as f:

@@ -415,6 +415,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, kind, needle):
     assert r.exit_code == 2
     assert r.stdout == ""
     assert r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+    assert r.stderr.startswith("tdvmcall: error: ")  # as every command says it
 
 
 def test_bad_td_list_is_one_line_and_exit_2(write):
@@ -586,3 +587,257 @@ def test_task_lists_are_in_a_stable_order(write, monkeypatch):
     monkeypatch.setattr(trace, "chunks", lambda src: traceio.chunks(src, 97))
     rep = audit(path)
     assert [t.split("-")[-1] for t in rep["td"]["tasks"]] == ["1001", "1003", "1005", "1007", "1009"]
+
+
+# --- issue 13: outputs checked before the work, truncated streams, counts, widths, errors ----------
+def no_audit(monkeypatch):
+    """Make reading any input fail the test: an output path must be refused before the work."""
+    from tdvmcall.trace import audit as trace
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the audit ran before the output paths were checked")
+
+    monkeypatch.setattr(trace, "audit_input", refuse)
+
+
+def one_error_line(r, *needles: str) -> None:
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    assert r.stdout == ""
+    assert r.stderr.startswith("tdvmcall: error: ") and r.stderr.count("\n") == 1, r.stderr
+    for needle in needles:
+        assert needle in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "option, name, needles",
+    [
+        ("--plot", "x.txt", ("x.txt", "txt", "png")),  # matplotlib writes no .txt
+        ("--plot", "adir", ("adir", "directory")),
+        ("--to-parquet", "adir", ("adir", "directory")),
+        ("--plot", "nodir/x.png", ("nodir", "no such directory")),
+        ("--to-parquet", "nodir/x.parquet", ("nodir", "no such directory")),
+        ("--to-parquet", "", ("--to-parquet", "empty")),
+    ],
+)
+def test_bad_output_paths_are_refused_before_the_audit(write, tmp_path, monkeypatch, option, name, needles):
+    path = write("t", fixture("ftrace"))
+    (tmp_path / "adir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    no_audit(monkeypatch)
+    one_error_line(runner.invoke(app, ["trace", path, option, name]), *needles)
+    assert not (tmp_path / "adir.png").exists()
+
+
+@pytest.mark.parametrize("option", ["--to-parquet", "--plot"])
+def test_an_output_that_is_an_input_is_refused(write, monkeypatch, option):
+    data = fixture("ftrace")
+    path = write("t.png", data)  # a plot name, so that only the clash can be the reason
+    no_audit(monkeypatch)
+    one_error_line(runner.invoke(app, ["trace", path, option, path]), path, "input")
+    with open(path, "rb") as f:
+        assert f.read() == data  # the trace is untouched
+
+
+def test_plot_and_parquet_to_the_same_file_are_refused(write, tmp_path, monkeypatch):
+    out = str(tmp_path / "out.png")
+    no_audit(monkeypatch)
+    r = runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--plot", out, "--to-parquet", out])
+    one_error_line(r, "same file")
+
+
+def test_a_plot_name_without_extension_is_written_as_png_under_that_name(write, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--plot", "noext"])
+    assert r.exit_code == 0, r.stderr
+    assert "wrote plot noext" in r.stderr and not (tmp_path / "noext.png").exists()
+    with open(tmp_path / "noext", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_plot_in_svg_is_svg(write, tmp_path):
+    out = tmp_path / "p.svg"
+    r = runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--plot", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert b"<svg" in out.read_bytes()[:1000]
+
+
+@pytest.mark.parametrize("cut", [1, 7, "frame2"])
+def test_a_truncated_zstd_stream_is_an_error(write, cut):
+    # the same as a truncated gzip stream: the data that would follow is lost, so exit 2
+    data = fixture("ftrace") + b"\n"
+    z = zstandard.ZstdCompressor()
+    if cut == "frame2":  # two frames (zstd -c a b > ab.zst, or a stream flushed): the second one cut
+        blob = z.compress(data[:500]) + z.compress(data[500:])[:-5]
+    else:
+        blob = z.compress(data)[:-cut]
+    one_error_line(runner.invoke(app, ["trace", write("t.zst", blob)]), "t.zst", "zstd", "truncated")
+
+
+def test_a_zstd_stream_of_several_frames_is_read_whole(write):
+    data = fixture("ftrace")
+    z = zstandard.ZstdCompressor()
+    check_main_fixture(audit(write("t.zst", z.compress(data[:700]) + z.compress(data[700:]))), "ftrace")
+
+
+def test_a_truncated_gzip_stream_is_an_error(write):
+    one_error_line(runner.invoke(app, ["trace", write("t.gz", gzip.compress(fixture("ftrace"))[:-9])]), "t.gz")
+
+
+def test_negative_top_is_an_error_and_zero_lists_none(write):
+    path = write("t", fixture("ftrace"))
+    one_error_line(runner.invoke(app, ["trace", path, "--top", "-1"]), "--top", "-1")
+    assert audit(path, "--top", "0")["top_offending"] == []
+    assert len(audit(path, "--top", "2")["top_offending"]) == 2
+
+
+@pytest.mark.parametrize("td", ["-1", "1,,2", "1001,-5", ",", "0x10"])
+def test_bad_td_lists_are_refused(write, td):
+    one_error_line(runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--td", td]), "--td")
+
+
+def test_td_naming_no_task_is_an_error_and_a_partial_miss_a_warning(write):
+    path = write("t", fixture("ftrace"))
+    one_error_line(runner.invoke(app, ["trace", path, "--td", "999,998"]), "998", "999", "no task")
+    r = runner.invoke(app, ["trace", path, "--td", "1001,999", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["td"]["tasks"] == [f"{path}:CPU 0/KVM-1001"]
+    assert r.stderr.count("\n") == 1 and "tdvmcall: warning:" in r.stderr and "999" in r.stderr
+
+
+def test_closed_standard_input_is_one_line_and_exit_2():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", "from tdvmcall.cli import main; main()", "trace", "-"],
+        preexec_fn=lambda: os.close(0),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.startswith("tdvmcall: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "standard input" in r.stderr
+
+
+def test_the_first_compilation_is_announced_on_stderr(write, monkeypatch):
+    from tdvmcall.trace import scan as trace_scan
+
+    monkeypatch.setattr(trace_scan, "compiled_on_disk", lambda: False)
+    r = runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--json"])
+    assert r.exit_code == 0 and "compiling" in r.stderr and json.loads(r.stdout)["totals"]["exits"] == 17
+    monkeypatch.setattr(trace_scan, "compiled_on_disk", lambda: True)
+    r = runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--json"])
+    assert r.exit_code == 0 and "compiling" not in r.stderr
+
+
+def wide_trace() -> bytes:
+    """3,000 TDCALL exits with mask 0x1c00 (depends, a long detail), 12,345 HLT 0x1c00 (completes)
+    of TD 1001 and 1,000,000-wide counts nowhere else: every table has four- and five-digit counts."""
+    out = ["# tracer: nop"]
+    for i in range(3000):
+        out.append(line("ftrace", *TD, 1.0 + i / 1e4, "kvm_exit", payload(0, "TDCALL", 0x1C00)))
+    for i in range(12345):
+        out.append(line("ftrace", *TD, 2.0 + i / 1e5, "kvm_exit", payload(0, "HLT", 0x1C00)))
+    return ("\n".join(out) + "\n").encode()
+
+
+def test_the_table_report_cuts_no_value_when_not_a_terminal(write):
+    # CliRunner's stdout is not a terminal (rich would take 80 columns)
+    path = write("wide", wide_trace())
+    rep = audit(path)
+    r = runner.invoke(app, ["trace", path])
+    assert r.exit_code == 0
+    assert "…" not in r.stdout
+    lines_ = r.stdout.splitlines()
+    # the per-mask row: mask, registers, then the counts, all whole, on one line
+    assert any("0x1c00" in s and "r10 r11 r12" in s and "15,345" in s and "3,000" in s for s in lines_), r.stdout
+    for p in rep["top_offending"]:
+        assert any(p["reason"] in s and p["mask"] in s and f"{p['exits']:,}" in s for s in lines_), p
+    assert any(rep["top_offending"][0]["detail"] in s for s in lines_)  # the detail, whole, on one line
+
+
+def test_a_narrow_terminal_folds_values_but_never_cuts_them(write):
+    from rich.console import Console
+
+    from tdvmcall.trace import audit as trace
+    from tdvmcall.trace import report as trace_report
+    from tdvmcall.trace.cli import show
+
+    a = trace.Audit()
+    trace.audit_input(a, write("wide", wide_trace()))
+    rep = trace_report.finish(a, trace_report.td_tasks(a))
+    console = Console(width=60, force_terminal=True, record=True, color_system=None)
+    with console.capture() as cap:
+        show(rep, console)
+    text = cap.get()
+    assert "…" not in text
+    joined = "".join(text.split())  # a folded value continues on the next line of its cell
+    assert "15,345" in text or "15,345" in joined
+
+
+# --- the plot: bins a reader can see -------------------------------------------------------------
+def td_trace(stamps: list[float], reason: str = "TDCALL", mask: int = 0xFFCC) -> bytes:
+    lines_ = [line("ftrace", *TD, t, "kvm_exit", payload(0, reason, mask)) for t in stamps]
+    return ("# tracer: nop\n" + "\n".join(lines_) + "\n").encode()
+
+
+def plotted(path: str):
+    from tdvmcall.trace import audit as trace
+    from tdvmcall.trace import plot as trace_plot
+    from tdvmcall.trace import report as trace_report
+
+    a = trace.Audit()
+    trace.audit_input(a, path)
+    return trace_plot.bins(a, trace_report.td_tasks(a))
+
+
+def test_three_exits_make_three_bars_at_the_right_times(write):
+    # exits at 100.0, 100.5 and 102.9 s (TDCALL 0xFFCC: completes).  The audit keeps buckets of
+    # 2**s / 1024 s with the span, 2.9 s, under 511 of them: s = 3, 1/128 s.  The plot merges
+    # buckets in powers of two until at most 64 bins cover the span from the first bucket:
+    # 1/128 s -> 372 buckets (12800 to 13171), 1/64 -> 186, 1/32 -> 93, 1/16 s -> 47 bins
+    # (1600 to 1646).  So: 47 bins of 0.0625 s from t = 100.0 s, one exit in bins 0, 8 and 46
+    # (100.5 / 0.0625 = 1608; 102.9 / 0.0625 = 1646.4)
+    from tdvmcall.trace.verdict import VERDICTS
+
+    b = plotted(write("t", td_trace([100.0, 100.5, 102.9])))
+    assert b.width == 0.0625 and b.start == 100.0
+    assert b.counts.shape == (47, len(VERDICTS))
+    done = b.counts[:, VERDICTS.index("completes")]
+    assert done.nonzero()[0].tolist() == [0, 8, 46] and done.sum() == 3
+    assert b.counts.sum() == 3
+
+
+def test_the_plot_draws_every_bin_inside_the_axes(write, tmp_path):
+    # the bars drawn: one per non-empty bin and verdict, left edge at the bin's start, height in
+    # exits per second (1 exit / 0.0625 s = 16), all inside the x range, the first not at its edge
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.patches import Rectangle
+
+    from tdvmcall.trace import plot as trace_plot
+
+    path = write("t", td_trace([100.0, 100.5, 102.9]))
+    fig = trace_plot.figure(plotted(path))
+    ax = fig.axes[0]
+    bars = sorted(
+        (round(p.get_x(), 6), p.get_width(), p.get_height())
+        for p in ax.patches
+        if isinstance(p, Rectangle) and p.get_height() > 0
+    )
+    assert bars == [(0.0, 0.0625, 16.0), (0.5, 0.0625, 16.0), (2.875, 0.0625, 16.0)]
+    lo, hi = ax.get_xlim()
+    assert lo < 0.0 and hi >= 2.9375  # the first bar clear of the axis, the last one drawn whole
+    assert "62.5 ms" in ax.get_xlabel() and "100" in ax.get_xlabel()
+    legend = fig.legends[0] if fig.legends else ax.get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["completes"]
+    fig.savefig(tmp_path / "three.png")
+
+
+def test_a_long_trace_gets_tens_of_bins(write):
+    # one exit a second for an hour: the audit's buckets are 8 s wide (3600 s / 2**s * 1024 < 511
+    # from s = 13), 450 of them; the plot doubles them to 16, 32, 64 s: 57 bins (0 to 3584 s)
+    b = plotted(write("t", td_trace([float(t) for t in range(3600)])))
+    assert b.width == 64.0 and b.start == 0.0 and b.counts.shape[0] == 57
+    assert b.counts.sum() == 3600 and b.counts[:-1].sum(axis=1).tolist() == [64] * 56

@@ -1,5 +1,5 @@
 """The fast path of ``tdvmcall trace`` (``trace_scan``, compiled) agrees with the reference parser
-(``parse_chunk_polars``) on generated traces: same line counts, same unparsed lines (numbers and
+(``parse_chunk_reference``, plain Python) on generated traces: same line counts, same unparsed lines (numbers and
 text), same aggregates and the same Parquet rows, whatever mix of well-formed lines, rare quirks
 (ABI.md §7: reason flags, hex reasons, trailing text, CRLF, padded perf event names, integer
 timestamps, record-tgid) and damaged lines (truncated, a byte changed, NUL, non-ASCII) it holds.
@@ -7,14 +7,13 @@ The expected values are the reference parser's, which test_trace.py checks again
 
 from __future__ import annotations
 
-import polars as pl
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tdvmcall.trace import scan as trace_scan
 from tdvmcall.trace.audit import parse_chunk
 from tdvmcall.trace.io import Chunk
-from tdvmcall.trace.reference import parse_chunk_polars
+from tdvmcall.trace.reference import parse_chunk_reference
 from tdvmcall.trace.rows import ROW_COLUMNS, ReasonTable, TaskTable, is_tdvmcall_reason
 
 REASONS = [
@@ -112,46 +111,27 @@ def trace_text(draw, fmt: str) -> bytes:
 
 def parse_both(data: bytes, fmt: str, rows: bool):
     results = []
-    for parse in (parse_chunk, parse_chunk_polars):
+    for parse in (parse_chunk, parse_chunk_reference):
         tasks, reasons = TaskTable(), ReasonTable()
         r = parse(Chunk(data, truncated=not data.endswith(b"\n")), fmt, "src", tasks, reasons, keep_bad=1000, rows=rows)
         results.append((r, tasks, reasons))
     return results
 
 
-def frame(cols, reasons: ReasonTable) -> pl.DataFrame:
-    """Aggregates or rows with the reason named (text, name, flags) and the mask null unless the
-    reason is a TDVMCALL reason (info1 is the mask of the rows)."""
-    rs = reasons.reasons
-    named = pl.DataFrame(
-        {
-            "rid": range(len(rs)),
-            "reason": [r.text for r in rs],
-            "reason_name": [r.name for r in rs],
-            "reason_flags": [r.flags for r in rs],
-            "tdvmcall_reason": [is_tdvmcall_reason(r) for r in rs],
-        },
-        schema={
-            "rid": pl.UInt32,
-            "reason": pl.String,
-            "reason_name": pl.String,
-            "reason_flags": pl.String,
-            "tdvmcall_reason": pl.Boolean,
-        },
-    )
-    f = pl.DataFrame(cols).join(named, on="rid", how="left")
-    return f.with_columns(mask=pl.when("tdvmcall_reason").then("mask" if "mask" in f.columns else "info1"))
-
-
 def canonical(cols, tasks: TaskTable, reasons: ReasonTable) -> list[tuple]:
-    """Rows with the task and reason ids replaced by the task and the reason text (ids are assigned
-    in lookup order), sorted."""
-    who = pl.DataFrame(
-        {"task": range(len(tasks.tasks)), "who": [repr(t) for t in tasks.tasks]},
-        schema={"task": pl.UInt32, "who": pl.String},
-    )
-    f = frame(cols, reasons).join(who, on="task", how="left").drop("task", "rid")
-    return sorted(f.rows(), key=repr)
+    """Rows with the task and reason ids replaced by the task and the reason (text, name, flags)
+    (ids are assigned in lookup order), the mask null unless the reason is a TDVMCALL reason (info1
+    is the mask of the rows), sorted."""
+    rs, who = reasons.reasons, [repr(t) for t in tasks.tasks]
+    mask = cols["mask"] if "mask" in cols else cols["info1"]
+    rest = [c for c in cols if c not in ("task", "rid", "mask")]
+    out = []
+    for i, (task, rid) in enumerate(zip(cols["task"].tolist(), cols["rid"].tolist())):
+        r = rs[rid]
+        td = is_tdvmcall_reason(r)
+        named = (r.text, r.name, r.flags, td, int(mask[i]) if td else None, who[task])
+        out.append(tuple(cols[c][i].item() for c in rest) + named)
+    return sorted(out, key=repr)
 
 
 @settings(

@@ -17,11 +17,9 @@ once by a compiled kernel (``trace_kernels.py``, numba, without the GIL: two chu
 parses the kvm_exit lines of the usual shape into arrays and interns their task prefixes and
 reason texts, which are then parsed once each in Python; a second kernel aggregates, into numpy
 columns keyed by task and reason ids.  The lines the kernel is not sure about go to the reference
-parser (``trace_polars.parse_chunk_polars``: polars splits the lines, one anchored regex without
-captures validates the payload, fields by ``find`` and slicing).  Only aggregates are kept;
+parser (``reference.parse_chunk_reference``: plain Python, one anchored regex per line).  Only aggregates are kept;
 ``trace_report`` turns them into the report (plain Python: they are few rows); ``trace_parquet``
-writes the rows (pyarrow) and ``trace_plot`` the plot (matplotlib).  This module does not import
-polars: a run whose lines all take the fast path never loads it.
+writes the rows (pyarrow) and ``trace_plot`` the plot (matplotlib).
 """
 
 from __future__ import annotations
@@ -80,7 +78,7 @@ def parse_chunk(
 
     :mod:`.trace_scan` scans the bytes once (compiled, without the GIL) and parses the kvm_exit
     lines of the usual shape into arrays; the lines it is not sure about go to the reference
-    parser (``trace_polars.parse_chunk_polars``), and the two results are merged.  The task
+    parser (``reference.parse_chunk_reference``), and the two results are merged.  The task
     prefixes and reason texts are parsed once per distinct value, here as there; a prefix that
     does not parse makes its lines unparsed.  Time buckets are at least as wide as ``shift`` says,
     and wide enough for the time ``span`` seen so far, with this chunk's, to fit :data:`MAX_BUCKETS`."""
@@ -105,12 +103,10 @@ def parse_chunk(
     # the slow lines, through the reference parser (its line numbers mapped back)
     slow = None
     if len(sc.slow):
-        from .reference import (
-            parse_chunk_polars,  # polars: only when a line needs it
-        )
+        from .reference import parse_chunk_reference
 
         data = b"\n".join(chunk.data[s:e] for _, s, e in sc.slow.tolist()) + b"\n"
-        slow = parse_chunk_polars(Chunk(data), fmt, source, tasks, reasons, shift, span, keep_bad, rows)
+        slow = parse_chunk_reference(Chunk(data), fmt, source, tasks, reasons, shift, span, keep_bad, rows)
         shift = slow.shift
         line_map = sc.slow[:, 0].astype(np.uint64)
         bad_lines += [(int(line_map[n - 1]), t) for n, t in slow.counts.bad]

@@ -16,8 +16,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from ..console import fail
 from .io import TraceInputError
 
 #: inputs at least this large (on disk) get a progress display when stderr is a terminal
@@ -32,15 +35,78 @@ class Format(str, Enum):
 
 
 def _parse_td(text: str | None) -> set[int] | None:
+    """The process ids of ``--td``: comma-separated positive numbers, nothing else."""
     if text is None:
         return None
-    try:
-        pids = {int(p) for p in text.replace(" ", "").split(",") if p}
-    except ValueError:
-        raise TraceInputError(f"--td: {text!r} is not a list of process ids; use e.g. --td 4100,4300") from None
-    if not pids:
-        raise TraceInputError("--td: give at least one process id, e.g. --td 4100")
-    return pids
+    items = [p.strip() for p in text.split(",")]
+    if not any(items):
+        fail("--td: give at least one process id, e.g. --td 4100")
+    for p in items:
+        if not p:
+            fail(f"--td {text!r}: an empty item between commas; give process ids, e.g. --td 4100,4300")
+        if not (p.isascii() and p.isdigit()) or int(p) == 0:
+            fail(f"--td {text!r}: {p!r} is not a process id (a number from 1 up); e.g. --td 4100,4300")
+    return {int(p) for p in items}
+
+
+def _check_td(audit, given: set[int] | None) -> None:
+    """Every id of ``--td`` should name a task of the inputs: none at all is an error (the report
+    would have no TD), some not a warning on stderr."""
+    if given is None:
+        return
+    tasks = audit.tasks.tasks
+    missing = sorted(p for p in given if not any(t.pid == p or t.tgid == p for t in tasks))
+    if not missing:
+        return
+    ids = ", ".join(map(str, missing))
+    if len(missing) == len(given):
+        shown = ", ".join(sorted({t.label for t in tasks})[:6]) or "none"
+        fail(f"--td {ids}: no task in the input has this pid or tgid (tasks: {shown})")
+    sys.stderr.write(f"tdvmcall: warning: --td {ids}: no task in the input has this pid or tgid\n")
+
+
+def _check_outputs(inputs: list[str], plot: str | None, parquet: str | None) -> str:
+    """Refuse, before any work, an output that cannot be written or would overwrite an input; the
+    plot's format (from its extension; none: PNG)."""
+    from .plot import PLOT_FORMATS
+
+    fmt = "png"
+    named = [(opt, path) for opt, path in (("--plot", plot), ("--to-parquet", parquet)) if path is not None]
+    for opt, path in named:
+        if not path:
+            fail(f"{opt}: empty file name")
+        if os.path.isdir(path):
+            fail(f"{opt} {path}: is a directory; name a file, e.g. {os.path.join(path, 'exits')}")
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            fail(f"{opt} {path}: no such directory {parent}")
+        if not os.access(parent, os.W_OK):
+            fail(f"{opt} {path}: cannot write in directory {parent}")
+        for i in inputs:
+            if i != "-" and os.path.exists(i) and os.path.exists(path) and os.path.samefile(i, path):
+                fail(f"{opt} {path}: is an input file; it would be overwritten (name another file)")
+    if plot:
+        ext = os.path.splitext(plot)[1][1:].lower()
+        if ext and ext not in PLOT_FORMATS:
+            fail(f"--plot {plot}: cannot write .{ext} files; use {', '.join(PLOT_FORMATS)} (no extension: PNG)")
+        fmt = ext or "png"
+    if plot and parquet and os.path.abspath(plot) == os.path.abspath(parquet):
+        fail(f"--plot and --to-parquet name the same file {plot}")
+    return fmt
+
+
+def _warm_up(err: Console) -> None:
+    """Load the kernels (numba); say so first when they must be compiled (the first run ever)."""
+    from . import scan as trace_scan
+
+    if not trace_scan.compiled_on_disk():
+        err.print(
+            "tdvmcall: compiling the trace kernels (numba), once: about 10 s; later runs load them from the cache",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    trace_scan.warm_up()
 
 
 def register(app: typer.Typer) -> None:
@@ -55,7 +121,12 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
-        plot_file: Annotated[str | None, typer.Option("--plot", help="write a PNG: exits over time by verdict")] = None,
+        plot_file: Annotated[
+            str | None,
+            typer.Option(
+                "--plot", help="write a plot of exits over time by verdict (PNG; .svg, .pdf, ... by extension)"
+            ),
+        ] = None,
         parquet_file: Annotated[
             str | None,
             typer.Option("--to-parquet", help="write one row per exit to a Parquet file (schema: docs/trace.md)"),
@@ -73,46 +144,61 @@ def register(app: typer.Typer) -> None:
         Reads ftrace, trace-cmd report or perf script text; for every TDVMCALL exit of a TD, the
         mask (info1) and the reason say whether the TDX module could have sent it and whether
         hardened KVM completes it, refuses it, or it depends on inputs or on the leaf."""
+        if top < 0:
+            fail(f"--top {top}: a count cannot be negative")
+        td_pids = _parse_td(td)
+        plot_format = _check_outputs(files, plot_file, parquet_file)
         if parquet_file:  # pyarrow's default allocator (mimalloc) keeps what Parquet batches free:
             os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # 265 MB peak instead of 323
+        err = Console(stderr=True)
         gc.disable()  # the imports and numba's start-up create about a million objects: see below
         try:
             from . import audit as trace
             from . import report as trace_report
-            from . import scan as trace_scan
 
-            trace_scan.warm_up()
+            _warm_up(err)
             # those objects would be walked by the cyclic garbage collector again and again, and
             # once more at exit (0.4 s): exempt them
             gc.freeze()
         finally:
             gc.enable()
-        err = Console(stderr=True)
+        audit = trace.Audit(td_pids=td_pids, parquet=parquet_file)
         try:
-            audit = trace.Audit(td_pids=_parse_td(td), parquet=parquet_file)
             for path in files:
                 with _progress(err, path, progress) as report:
                     trace.audit_input(audit, path, fmt=format.value, progress=report)
-            td_tasks = trace_report.td_tasks(audit)
-            result = trace_report.finish(audit, td_tasks, top=top)
-            if plot_file:
-                from .plot import plot  # matplotlib: only for the plot
-
-                plot(audit, td_tasks, plot_file)
         except TraceInputError as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except OSError as e:  # writing the plot or the Parquet file
-            err.print(f"error: {e.filename or ''}: {e.strerror or e}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            if audit.parquet is not None:
+                audit.parquet.discard()
+            fail(str(e))
+        _check_td(audit, td_pids)
+        td_tasks = trace_report.td_tasks(audit)
+        try:
+            result = trace_report.finish(audit, td_tasks, top=top)
+        except OSError as e:
+            fail(f"--to-parquet {parquet_file}: cannot write: {e.strerror or e}")
+        if plot_file:
+            from .plot import plot  # matplotlib: only for the plot
+
+            try:
+                plot(audit, td_tasks, plot_file, plot_format)
+            except OSError as e:
+                fail(f"--plot {plot_file}: cannot write: {e.strerror or e}")
         if as_json:
             sys.stdout.write(json.dumps(result, indent=2) + "\n")
         else:
-            show(result, Console())
+            show(result, report_console())
         for what, path in (("plot", plot_file), ("parquet", parquet_file)):
             if path:
-                err.print(f"wrote {what} {path}", markup=False, highlight=False)
+                err.print(f"wrote {what} {path}", markup=False, highlight=False, soft_wrap=True)
         gc.freeze()  # and what the run created: not walked again at exit
+
+
+def report_console() -> Console:
+    """Where the table report goes: the terminal at its width (cells fold, never cut), or, when
+    standard output is a file or a pipe, wide enough that no row is wrapped or cut."""
+    console = Console()
+    return console if console.is_terminal else Console(width=1 << 16)
 
 
 class _progress:
@@ -168,7 +254,7 @@ def show(r: dict, console: Console) -> None:
     """The report as rich tables."""
     for i in r["inputs"]:
         console.print(
-            f"[bold]{i['name']}[/]: {i['format']}, {i['compression']}, {i['lines']:,} lines: "
+            f"[bold]{escape(i['name'])}[/]: {i['format']}, {i['compression']}, {i['lines']:,} lines: "
             f"{i['parsed']:,} kvm_exit parsed, {i['unparsed']:,} kvm_exit-looking lines unparsed, "
             f"{i['other_events']:,} other events skipped, {i['comments']:,} header/blank"
             + (", [yellow]last line truncated[/]" if i["truncated_last_line"] else "")
@@ -215,12 +301,11 @@ def show(r: dict, console: Console) -> None:
         for _, head in keys:
             tab.add_column(head, overflow="fold")
         for head in ("exits", *(h for _, h in verdict_cols), "refused %"):
-            tab.add_column(head, justify="right")
+            tab.add_column(head, justify="right", overflow="fold")
         for row in rows:
             cells = [("yes" if row[k] else "no") if k == "td" else str(row[k]) for k, _ in keys]
-            tab.add_row(
-                *cells, f"{row['exits']:,}", *[f"{row[c]:,}" for c, _ in verdict_cols], _pct(row["refused_share"])
-            )
+            nums = [f"{row['exits']:,}", *[f"{row[c]:,}" for c, _ in verdict_cols], _pct(row["refused_share"])]
+            tab.add_row(*(Text(c) for c in cells + nums))  # Text: a "[...]" in a value is not markup
         console.print(tab)
 
     counts_table("per process", r["per_process"], [("process", "process"), ("comm", "comm"), ("td", "TD")])
@@ -230,7 +315,7 @@ def show(r: dict, console: Console) -> None:
     if r["top_offending"]:
         tab = Table(title="top offending (reason, mask)", title_justify="left")
         for col in ("reason", "mask", "exits", "verdict", "detail"):
-            tab.add_column(col, justify="right" if col == "exits" else "left")
+            tab.add_column(col, justify="right" if col == "exits" else "left", overflow="fold")
         for p in r["top_offending"]:
-            tab.add_row(p["reason"], p["mask"], f"{p['exits']:,}", p["verdict"], p["detail"])
+            tab.add_row(*(Text(c) for c in (p["reason"], p["mask"], f"{p['exits']:,}", p["verdict"], p["detail"])))
         console.print(tab)

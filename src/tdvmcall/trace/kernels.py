@@ -3,7 +3,7 @@
 :func:`scan` walks a newline-aligned chunk (a ``np.frombuffer`` uint8 array) once (eight bytes at a
 time where a word holds no newline and no ``k``, else byte by byte), and sorts every line into
 header/blank, other event, ``kvm_exit`` parsed here, or "slow": a line this scanner is not sure
-about, which the caller hands to the reference parser (``trace_polars.py``)
+about, which the caller hands to the reference parser (``reference.py``)
 (so every quirk that parser knows stays handled, and nothing is dropped).  The shapes it accepts
 are exactly those of ABI.md §7, as ``trace.py`` reads them:
 

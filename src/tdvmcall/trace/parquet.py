@@ -58,6 +58,14 @@ class ParquetSink:
             self._writer = pq.ParquetWriter(self.tmp, t.schema, compression="zstd", write_statistics=False)
         self._writer.write_table(t)
 
+    def discard(self) -> None:
+        """Stop without writing (the audit failed): remove the temporary file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
     def close(self, td: set[int]) -> None:
         tasks, reasons = self.tasks.tasks, self.reasons.reasons
         # per task id and per reason id, the columns they name

@@ -1,14 +1,22 @@
-"""The reference parser of ``tdvmcall trace``, in polars: any line, every quirk (ABI.md §7).
+"""The reference parser of ``tdvmcall trace``, in plain Python: any line, every quirk (ABI.md §7).
 
-``trace.parse_chunk`` (the compiled fast path) hands it the lines it is not sure about, and the
+``audit.parse_chunk`` (the compiled fast path) hands it the lines it is not sure about, and the
 tests check that the two agree on every line both can read.  Same contract as ``parse_chunk``: it
-returns a :class:`~tdvmcall.trace.ChunkResult` of numpy columns keyed by task and reason ids.
+returns a :class:`~tdvmcall.trace.rows.ChunkResult` of numpy columns keyed by task and reason ids.
+
+It is written for clarity first (it is the oracle the fast path is tested against): one loop over
+the lines in plain Python, one anchored regex per ``kvm_exit`` line, then numpy for the fields and
+a sort-based grouping for the two aggregates (not the fast path's compiled ``group``: the oracle
+shares no code with what it checks but the regexes of ABI.md §7).  It replaced a polars version
+of the same contract (measured: docs/trace.md, "The reference parser").
 """
 
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
-import polars as pl
 
 from .io import Chunk
 from .rows import (
@@ -26,30 +34,45 @@ from .rows import (
 )
 
 
-def _lines(data: bytes) -> pl.DataFrame:
-    """The lines of a chunk as column ``l`` (blank lines are null; a trailing CR is dropped,
-    invalid UTF-8 replaced).  Polars' CSV reader with a separator that text lines do not contain
-    (NUL) is the fastest line splitter measured; a NUL byte past the binary probe is read as
-    U+FFFD, as invalid UTF-8 is."""
-    if b"\x00" in data:
-        data = data.replace(b"\x00", "\ufffd".encode())
-    return pl.read_csv(
-        data,
-        has_header=False,
-        separator="\x00",
-        quote_char=None,
-        new_columns=["l"],
-        truncate_ragged_lines=True,
-        infer_schema=False,
-        encoding="utf8-lossy",
-    )
+def _captured(rx: str) -> re.Pattern[str]:
+    """:data:`~tdvmcall.trace.rows.PAYLOAD_RX` with its vCPU, reason text and info1 captured: the
+    same pattern (groups only mark where the fields are)."""
+    for field, group in (
+        ("vcpu [0-9]{1,9} ", "vcpu ([0-9]{1,9}) "),
+        (
+            " reason [!-~]+(?: (?:FAILED_VMENTRY|0x[0-9a-f]+))* ",
+            " reason ([!-~]+(?: (?:FAILED_VMENTRY|0x[0-9a-f]+))*) ",
+        ),
+        (" info1 0x[0-9a-f]{16} ", " info1 0x([0-9a-f]{16}) "),
+    ):
+        if rx.count(field) != 1:
+            raise ValueError(f"PAYLOAD_RX changed: {field!r} is not in it once")
+        rx = rx.replace(field, group)
+    return re.compile(rx)
 
 
-def _columns(frame: pl.DataFrame, types: dict[str, type]) -> Columns:
-    return {c: frame[c].to_numpy().astype(t) for c, t in types.items()}
+#: the payload, validated and its fields captured: vCPU, reason text, info1
+_PAYLOAD = _captured(PAYLOAD_RX)
+#: a timestamp: seconds with an optional fraction, or a counter clock's integer
+_TS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+#: header lines (and blank ones) that are not kvm_exit lines
+_HEADERS = ("#", "cpus=", "version = ")
 
 
-def parse_chunk_polars(
+def lines_of(data: bytes | bytearray) -> list[str]:
+    """The lines of a chunk: split at ``\\n``, one trailing ``\\r`` dropped (CRLF), invalid UTF-8
+    replaced (U+FFFD per maximal invalid sequence), a NUL byte read as U+FFFD too; a final
+    newline ends the last line, it does not start an empty one."""
+    text = bytes(data).decode("utf-8", "replace")
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    lines = text.split("\n")
+    if text.endswith("\n") or not text:
+        lines.pop()
+    return [s[:-1] if s.endswith("\r") else s for s in lines]
+
+
+def parse_chunk_reference(
     chunk: Chunk,
     fmt: str,
     source: str,
@@ -60,143 +83,104 @@ def parse_chunk_polars(
     keep_bad: int = 5,
     rows: bool = False,
 ) -> ChunkResult:
-    """The reference parser: same contract as ``trace.parse_chunk``, on any line.
+    """The reference parser: same contract as ``audit.parse_chunk``, on any line.
 
-    Few, large polars queries (each polars call costs about a millisecond whatever its size; they
-    run without the GIL):
-    1. split each kvm_exit line at the format's marker, validate the payload with
-       :data:`~tdvmcall.trace.PAYLOAD_RX` and cut the timestamp off the line prefix;
-    2. the distinct line prefixes and reason texts (few) and the time range;
-    3. in Python: prefix -> (task, cpu), reason -> id and whether it is a TDVMCALL reason;
-    4. fields by position, mask = info1 for TDVMCALL reasons (else 0), and the two aggregates."""
-    # 1. lines: kvm_exit-looking, header/blank, other; the kvm_exit lines split and validated
-    lines = (
-        _lines(chunk.data)
-        .lazy()
-        .with_row_index("line", offset=1)
-        .with_columns(is_exit=pl.col("l").str.contains(LOOKS_LIKE_EXIT, literal=True).fill_null(False))
-    )
-    header = (
-        pl.col("l").is_null()
-        | pl.col("l").str.starts_with("#")
-        | pl.col("l").str.starts_with("cpus=")
-        | pl.col("l").str.starts_with("version = ")
-    )
-    stats_q = lines.select(lines=pl.len(), exits=pl.col("is_exit").sum(), comments=(~pl.col("is_exit") & header).sum())
-    parts = pl.col("l").str.splitn(MARKER[fmt], 2)
-    head, p = pl.col("head"), pl.col("pay")
-    r = p.str.find(" reason ", literal=True)
-    rip = p.str.find(" rip 0x", literal=True)
-    parsed_q = (
-        lines.filter("is_exit")
-        .select(
-            "line",
-            "l",
-            head=parts.struct.field("field_0").str.strip_chars_end(" "),
-            pay=parts.struct.field("field_1").str.strip_chars_start(" "),
-        )
-        .with_columns(colon=head.str.ends_with(":"), head=head.str.strip_suffix(":"))
-        .with_columns(prefix=head.str.strip_chars_end("0123456789."))
-        .with_columns(ts=head.str.slice(pl.col("prefix").str.len_chars()))
-        .with_columns(
-            ok=(
-                p.str.contains(PAYLOAD_RX) & pl.col("colon") & pl.col("ts").str.contains(r"^[0-9]+(?:\.[0-9]+)?$")
-            ).fill_null(False)
-        )
-        .with_columns(ts=pl.col("ts").cast(pl.Float64, strict=False))
-        .with_columns(ok=(pl.col("ok") & pl.col("ts").is_finite()).fill_null(False))  # 309+ digits: not a time
-        .with_columns(reason=pl.when("ok").then(p.str.slice(r + 8, rip - r - 8)), ts=pl.when("ok").then("ts"))
-        .drop("head", "colon")
-    )
-    stats, parsed = pl.collect_all([stats_q, parsed_q])
-    counts = Counts(
-        lines=int(stats["lines"][0]),
-        kvm_exit_lines=int(stats["exits"][0]),
-        comments=int(stats["comments"][0]),
-        truncated_last_line=chunk.truncated,
-    )
+    1. Each line is a header/blank line, another event, or looks like ``kvm_exit`` (contains
+       ``kvm_exit:``).  A kvm_exit line parses when it splits at the format's marker into a prefix
+       ending in ``<secs>[.<frac>]:`` (a finite float) and a payload matching
+       :data:`~tdvmcall.trace.rows.PAYLOAD_RX` (spaces around the marker ignored).
+    2. Each distinct prefix is looked up once (task and CPU; a prefix of the wrong shape makes its
+       lines unparsed), each distinct reason text once (id, TDVMCALL reason or not).
+    3. The time span of every line that parsed widens the buckets (``span_shift``); then the
+       aggregates by (task, vCPU, reason, mask) and (task, reason, mask, time bucket), the mask
+       being info1 for a TDVMCALL reason and 0 otherwise."""
+    marker = MARKER[fmt]
+    counts = Counts(truncated_last_line=chunk.truncated)
+    bad: list[tuple[int, str]] = []
+    # 1. the lines; per parsed line: its number, timestamp, vCPU, info1, prefix and reason texts
+    parsed: list[tuple[int, float, str, str, str, str]] = []
+    lines = lines_of(chunk.data)
+    counts.lines = len(lines)
+    match, stamp_ok, isfinite = _PAYLOAD.match, _TS.fullmatch, math.isfinite
+    for n, line in enumerate(lines, 1):
+        if LOOKS_LIKE_EXIT not in line:
+            if not line or line.startswith(_HEADERS):
+                counts.comments += 1
+            continue
+        counts.kvm_exit_lines += 1
+        head, found, payload = line.partition(marker)
+        head = head.rstrip(" ")
+        m = match(payload.lstrip(" ")) if found and head.endswith(":") else None
+        if m is not None:
+            prefix = head[:-1].rstrip("0123456789.")
+            stamp = head[len(prefix) : -1]
+            if stamp_ok(stamp) and isfinite(ts := float(stamp)):  # 309+ digits: not a time
+                parsed.append((n, ts, prefix, *m.groups()))
+                continue
+        if len(bad) < keep_bad:
+            bad.append((n, line))
     counts.other_events = counts.lines - counts.kvm_exit_lines - counts.comments
-    ok = parsed.lazy().filter("ok")
 
-    # 2. the few distinct prefixes and reasons, the time range, the first unparseable lines
-    prefixes, reason_texts, ts_range, bad = pl.collect_all(
-        [
-            ok.select(pl.col("prefix").unique()),
-            ok.select(pl.col("reason").unique()),
-            ok.select(lo=pl.col("ts").min(), hi=pl.col("ts").max()),
-            parsed.lazy().filter(~pl.col("ok")).select("line", "l").head(keep_bad),
-        ]
-    )
+    # 2. the distinct prefixes -> (task, CPU) and reasons -> (id, TDVMCALL reason or not)
+    nums, stamps, prefixes, vcpus, reason_texts, info1s = zip(*parsed) if parsed else ((),) * 6
+    prefix_of, prefix_id = _intern(prefixes)
+    reason_of, reason_id = _intern(reason_texts)
+    looked = [tasks.lookup(source, fmt, p) for p in prefix_of]
+    rids = reasons.ids(reason_of)
+    line = np.array(nums, np.uint64)
+    ts = np.array(stamps, np.float64)
+    if len(ts):
+        shift = span_shift(union_span(span, (float(ts.min()), float(ts.max()))), shift)
+    task_of = np.array([t[0] if t else -1 for t in looked], np.int64)[prefix_id]
+    good = task_of >= 0
+    counts.parsed = int(good.sum())
+    bad_prefix = [(int(n), lines[int(n) - 1]) for n in line[~good][:keep_bad]]
+    counts.bad = sorted(bad + bad_prefix)[:keep_bad]
 
-    # 3. prefix -> (task, cpu) (a prefix of the wrong shape makes its lines unparsed); reason -> id
-    uniq = prefixes["prefix"].to_list()
-    looked = [tasks.lookup(source, fmt, x) for x in uniq]
-    ptab = pl.DataFrame(
-        {"prefix": uniq, "task": [t[0] if t else None for t in looked], "cpu": [t[1] if t else None for t in looked]},
-        schema={"prefix": pl.String, "task": pl.UInt32, "cpu": pl.UInt32},
-    )
-    texts = reason_texts["reason"].to_list()
-    ids = reasons.ids(texts)
-    rtab = pl.DataFrame(
-        {"reason": texts, "rid": ids, "tdvmcall_reason": reasons.tdvmcall(ids)},
-        schema={"reason": pl.String, "rid": pl.UInt32, "tdvmcall_reason": pl.Boolean},
-    )
-    if ts_range["lo"][0] is not None:
-        shift = span_shift(union_span(span, (ts_range["lo"][0], ts_range["hi"][0])), shift)
-
-    # 4. fields by position (the regex fixed the layout), mask, aggregates
-    i1 = p.str.find(" info1 0x", literal=True)
-    exits = (
-        ok.join(ptab.lazy(), on="prefix", how="left")
-        .join(rtab.lazy(), on="reason", how="left")
-        .select(
-            "line",
-            "ts",
-            "task",
-            "cpu",
-            "rid",
-            vcpu=p.str.slice(5, r - 5).cast(pl.UInt32),
-            info1=p.str.slice(i1 + 9, 16).str.to_integer(base=16, dtype=pl.UInt64),
-            tdvmcall_reason="tdvmcall_reason",
-        )
-        .with_columns(mask=pl.when("tdvmcall_reason").then("info1").otherwise(0))
-    )
-    good = exits.filter(pl.col("task").is_not_null())
-    bucket = (pl.col("ts") / bucket_width(shift)).floor().cast(pl.Int64)  # as trace.bucket_of
-    queries = [
-        good.group_by("task", "vcpu", "rid", "mask").agg(n=pl.len(), first=pl.col("ts").min(), last=pl.col("ts").max()),
-        good.group_by("task", "rid", "mask", bucket=bucket).agg(n=pl.len()),
-        exits.filter(pl.col("task").is_null()).select("line").head(keep_bad),
-    ] + ([good.sort("line")] if rows else [])
-    by_key, by_time, bad_prefix, *row_frames = pl.collect_all(queries)
-
-    counts.parsed = int(by_key["n"].sum())
-    bad_lines = [(int(n), t) for n, t in bad.iter_rows()]
-    if not bad_prefix.is_empty():
-        text = parsed.filter(pl.col("line").is_in(bad_prefix["line"].implode())).select("line", "l")
-        bad_lines += [(int(n), t) for n, t in text.iter_rows()]
-    counts.bad = sorted(bad_lines)[:keep_bad]
-    ids32, u64 = np.uint32, np.uint64
-    result = ChunkResult(
-        counts,
-        _columns(
-            by_key,
-            {
-                "task": ids32,
-                "vcpu": ids32,
-                "rid": ids32,
-                "mask": u64,
-                "n": np.int64,
-                "first": np.float64,
-                "last": np.float64,
-            },
-        ),
-        _columns(by_time, {"task": ids32, "rid": ids32, "mask": u64, "bucket": np.int64, "n": np.int64}),
-        shift,
-    )
+    # 3. fields of the lines that parsed with a good prefix; the two aggregates; the rows
+    task = task_of[good].astype(np.uint32)
+    cpu = np.array([t[1] if t else 0 for t in looked], np.uint32)[prefix_id][good]
+    vcpu = np.array([int(x) for x in vcpus], np.uint32)[good]
+    info1 = np.array([int(x, 16) for x in info1s], np.uint64)[good]
+    rid = rids[reason_id][good]
+    mask = np.where(reasons.tdvmcall(rids)[reason_id][good], info1, np.uint64(0))
+    ts, line = ts[good], line[good]
+    bucket = np.floor(ts / bucket_width(shift)).astype(np.int64)  # as rows.bucket_of
+    by_key = _group({"task": task, "vcpu": vcpu, "rid": rid, "mask": mask}, ts)
+    by_time = _group({"task": task, "rid": rid, "mask": mask, "bucket": bucket})
+    result = ChunkResult(counts, by_key, by_time, shift)
     if rows:
-        result.rows = _columns(
-            row_frames[0],
-            {"line": u64, "ts": np.float64, "task": ids32, "cpu": ids32, "vcpu": ids32, "rid": ids32, "info1": u64},
-        )
+        result.rows = {"line": line, "ts": ts, "task": task, "cpu": cpu, "vcpu": vcpu, "rid": rid, "info1": info1}
     return result
+
+
+def _intern(values: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
+    """The distinct values in the order first met, and the index of each value among them."""
+    ids: dict[str, int] = {}
+    index = [ids.setdefault(v, len(ids)) for v in values]
+    return list(ids), np.array(index, np.int64)
+
+
+def _group(keys: Columns, ts: np.ndarray | None = None) -> Columns:
+    """The rows grouped by equal ``keys`` (numpy: a stable sort on the keys, runs of equal keys):
+    the keys, ``n`` the rows of each group and, given ``ts``, ``first`` and ``last`` its least and
+    greatest."""
+    cols = list(keys.values())
+    order = np.lexsort(cols[::-1])
+    start = np.ones(len(order), bool)
+    for c in cols:
+        s = c[order]
+        start[1:] &= s[1:] == s[:-1]
+    start = ~start
+    start[:1] = True
+    at = np.flatnonzero(start)
+    out = {name: c[order][at] for name, c in keys.items()}
+    out["n"] = np.diff(np.append(at, len(order))).astype(np.int64)
+    if ts is not None:
+        t = ts[order]
+        out["first"] = np.minimum.reduceat(t, at) if len(at) else np.zeros(0)
+        out["last"] = np.maximum.reduceat(t, at) if len(at) else np.zeros(0)
+    return out
+
+
+__all__ = ["lines_of", "parse_chunk_reference"]

@@ -8,6 +8,7 @@ functions hold the GIL, and losing the second core cost as much; see docs/trace.
 
 from __future__ import annotations
 
+import os
 from functools import cache
 
 import numpy as np
@@ -25,6 +26,18 @@ def kernels():
     from . import kernels as trace_kernels
 
     return trace_kernels
+
+
+def compiled_on_disk() -> bool:
+    """Whether numba's cache holds the kernels that :func:`warm_up` runs (``False`` on the first
+    run ever: it then compiles them, seconds).  Read from the index file numba keeps per function
+    (the kernels they call are compiled into them; a private
+    layout: if it changes, assume they are cached and say nothing)."""
+    try:
+        k = kernels()
+        return all(os.path.exists(f._cache._cache_file._index_path) for f in (k.scan, k.group))
+    except AttributeError:
+        return True
 
 
 def warm_up() -> None:
