@@ -42,6 +42,11 @@ from tdvmcall.module import TdConfig, VcpuState, VmcallExit
 NR_MASKS = 1 << NR_GPRS
 R10_BIT = 1 << 10
 FILLER = 0x5A5A5A5A00000000  # a guest register no case sets: FILLER | its index
+#: the exit reason of a TDVMCALL exit after a bus lock was detected (bit 26; ABI.md §3)
+BUS_LOCK_RAX = EXIT_REASON_TDCALL | 1 << 26
+#: whether the model dispatches such an exit apart (``leaves.lookup(..., bus_lock)``); if not, the
+#: model and the C both ignore RAX and the bus-lock vectors below are left out
+BUS_LOCK = G.model_has_bus_lock()
 # the issue's flags; the userspace build of the generated files must pass them unchanged
 CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared"]
 
@@ -143,6 +148,8 @@ def targets() -> list[tuple[str, dict[str, int], dict]]:
                 out.append((f"{leaf.name}/{case.name}/{reg}-flip", regs | {reg: regs[reg] ^ 1}, case.platform))
     regs = {name: FILLER | i for i, name in enumerate(GPR_NAMES) if i not in (RAX, RCX)}
     out.append(("unknown-ghci", regs | {"r10": 0, "r11": fallback_ghci()}, {}))
+    if BUS_LOCK:  # every vector again, as the exit of a TD in which a bus lock was detected
+        out += [(f"{name}/bus-lock", regs | {"rax": BUS_LOCK_RAX}, platform) for name, regs, platform in out]
     return out
 
 
@@ -150,10 +157,11 @@ TARGETS = targets()
 
 
 def base_vector(regs: dict[str, int], qualification_high: int = 0) -> list[int]:
-    """The guest vector as the harness takes it: RAX = the exit reason the module reports, RCX's
-    bits above 15:0 (the mask is filled in per mask), the guest's GPRs."""
+    """The guest vector as the harness takes it: RAX = the exit reason the module reports (``rax``
+    in ``regs`` if given, else TDCALL), RCX's bits above 15:0 (the mask is filled in per mask), the
+    guest's GPRs."""
     base = [regs.get(name, 0) for name in GPR_NAMES]
-    base[RAX], base[RCX] = EXIT_REASON_TDCALL, qualification_high
+    base[RAX], base[RCX] = regs.get("rax", EXIT_REASON_TDCALL), qualification_high
     return base
 
 
@@ -183,7 +191,7 @@ def model_masks(base: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     unexposed), as arrays over the 65,536 masks.
 
     Why computing per class equals the policy: in ``kvm/tdx.py`` ``handle_tdvmcall()`` the hardened
-    check is ``leaf = lookup(vmm R10, vmm R11)``, ``missing = required_inputs(leaf, vals) - exposed``,
+    check is ``leaf = lookup(vmm R10, vmm R11)`` (and the exit reason in RAX, constant here), ``missing = required_inputs(leaf, vals) - exposed``,
     ``unexposed = possible_outputs(leaf, vals) - exposed``, then internal_error if R10 is not
     exposed, else refused if either is non-empty, else the handler runs.  ``vals`` is the VMM's
     vector: a GPR's value if exposed, else 0.  ``lookup`` reads only R10 and R11 and the two lists
@@ -202,9 +210,10 @@ def model_masks(base: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rep = sum(1 << r for j, r in enumerate(VALUE_REGS) if k >> j & 1)  # the class's representative
         vmm = vmm_for(base, rep)
         vals = {GPR_NAMES[i]: vmm[i] for i in range(NR_GPRS)}
-        leaf = L.lookup(vmm[10], vmm[11])
-        need_in[k] = mask_of(L.required_inputs(leaf, vals))
-        need_out[k] = mask_of(L.possible_outputs(leaf, vals))
+        kvm = hardened(vmm)  # the model's own dispatch (R10, R11, and RAX where the model reads it)
+        req, out = mask_of(L.required_inputs(kvm.leaf, vals)), mask_of(L.possible_outputs(kvm.leaf, vals))
+        assert (mask_of(kvm.missing), mask_of(kvm.unexposed_outputs)) == (req & ~rep, out & ~rep)
+        need_in[k], need_out[k] = req, out
     missing = need_in[key] & ~masks
     unexposed = need_out[key] & ~masks
     ret = np.where(
@@ -213,6 +222,12 @@ def model_masks(base: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         np.where((missing | unexposed) != 0, G.RET_REFUSE, G.RET_OK),
     ).astype(np.int32)
     return ret, missing, unexposed
+
+
+def hardened(vmm: list[int], platform: Platform | None = None):
+    """The model's hardened KVM on one TDVMCALL exit whose VMM registers are ``vmm``."""
+    exit = VmcallExit(vmm[RCX] & 0xFFFF, list(vmm), [0] * 16, VcpuState())
+    return handle_tdvmcall(KvmVcpu("hardened"), exit, platform or Platform())
 
 
 def verdict_code(verdict: str) -> int:
@@ -259,9 +274,9 @@ def test_the_model_side_is_the_model(lib):
     hardened KVM) gives the same verdict, missing and unexposed lists, and the VMM registers the
     module hands KVM are the harness's; masks the module refuses go to ``handle_tdvmcall`` directly."""
     rng = random.Random(12)
-    td = TdConfig("1.5", no_rbp_mod=False)
     checked = 0
     for name, regs, platform in TARGETS:
+        td = TdConfig("1.5", no_rbp_mod=False)
         base = base_vector(regs)
         want = model_masks(base)
         got = c_all_masks(lib, base)
@@ -270,7 +285,10 @@ def test_the_model_side_is_the_model(lib):
         for mask in sorted(masks):
             host = scenario.parse({"guest": {}, "platform": platform}).platform
             vcpu = KvmVcpu("hardened")
-            if check_control(mask, td.module, td.no_rbp_mod) is None:
+            guest_path = base[RAX] == EXIT_REASON_TDCALL or "bus_lock" in TdConfig.__dataclass_fields__
+            if check_control(mask, td.module, td.no_rbp_mod) is None and guest_path:
+                if base[RAX] != EXIT_REASON_TDCALL:
+                    td = TdConfig("1.5", no_rbp_mod=False, bus_lock=True)  # type: ignore[call-arg]
                 state = VcpuState()
                 state.gprs = [regs.get(n, 0) for n in GPR_NAMES]
                 state.gprs[RAX], state.gprs[RCX] = 0, mask
@@ -279,8 +297,7 @@ def test_the_model_side_is_the_model(lib):
                 assert rt.module.exit.vmm == vmm_for(base, mask), (name, hex(mask))
                 k = rt.kvm
             else:  # the module would refuse it; the C and the policy still answer
-                vmm = vmm_for(base, mask)
-                k = handle_tdvmcall(vcpu, VmcallExit(mask, vmm, [0] * 16, VcpuState()), host)
+                k = hardened(vmm_for(base, mask), host)
             model = (verdict_code(k.verdict), mask_of(k.missing), mask_of(k.unexposed_outputs))
             assert model == (int(want[0][mask]), int(want[1][mask]), int(want[2][mask])), (name, hex(mask))
             assert model == (int(got[0][mask]), int(got[1][mask]), int(got[2][mask])), (name, hex(mask))
@@ -330,11 +347,16 @@ def guest_vectors(draw, leaf: L.Leaf) -> dict[str, int]:
 
 @pytest.mark.parametrize("leaf", CALLS, ids=[leaf.name for leaf in CALLS])
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data(), mask=st.integers(0, NR_MASKS - 1), high=st.one_of(st.just(0), U64S))
-def test_c_equals_the_model_on_drawn_values(lib, leaf, data, mask, high):
+@given(
+    data=st.data(),
+    mask=st.integers(0, NR_MASKS - 1),
+    high=st.one_of(st.just(0), U64S),
+    rax=st.one_of(st.sampled_from([EXIT_REASON_TDCALL, BUS_LOCK_RAX]), U64S.map(lambda v: v & ~0xFFFF | 77), U64S),
+)
+def test_c_equals_the_model_on_drawn_values(lib, leaf, data, mask, high, rax):
     """Drawn register values, every mask: the C against the model's answer per mask, and on the
     drawn mask against ``handle_tdvmcall`` itself (the hardened policy, handler included)."""
-    regs = data.draw(guest_vectors(leaf))
+    regs = data.draw(guest_vectors(leaf)) | {"rax": rax}
     base = base_vector(regs, high & ~0xFFFF)
     got = c_all_masks(lib, base)
     want = model_masks(base)
@@ -343,7 +365,7 @@ def test_c_equals_the_model_on_drawn_values(lib, leaf, data, mask, high):
         f"mask {int(bad[0]):#06x}: C {[int(a[bad[0]]) for a in got]} model {[int(a[bad[0]]) for a in want]}"
     )
     vmm = vmm_for(base, mask)
-    k = handle_tdvmcall(KvmVcpu("hardened"), VmcallExit(mask, list(vmm), [0] * 16, VcpuState()), Platform())
+    k = hardened(vmm)
     model = (verdict_code(k.verdict), mask_of(k.missing), mask_of(k.unexposed_outputs))
     assert c_check(lib, vmm) == model
 
@@ -407,6 +429,19 @@ def test_hand_derived_answers(lib):
     # only bits 15:0 of the qualification select: XMM selects and the VM index do not expose GPRs
     assert c_check(lib, vec(0xFFFF_0000 | 0x0C00, r11=0x10005)) == (0, 0, 0)
     assert c_check(lib, vec(0x3_0000_0000 | 0x0800, r11=0x10005)) == (2, r10, r10)
+
+
+@pytest.mark.skipif(not BUS_LOCK, reason="the model does not dispatch a bus-lock exit apart (no lookup(bus_lock))")
+def test_hand_derived_bus_lock_answers(lib):
+    """Bit 26 of the exit reason (a bus lock was detected, ABI.md §3) keeps KVM from re-labelling the
+    exit, and handle_tdvmcall() dispatches it on R11 alone (only the GHCI calls 0x10000..0x10004)."""
+    r12, r13 = 1 << 12, 1 << 13
+    # CPUID's leaf is not one handle_tdvmcall() knows: SUBFUNC_UNSUPPORTED, R10 and R11 suffice
+    assert c_check(lib, vec(0x0C00, rax=BUS_LOCK_RAX, r11=10, r12=1)) == (0, 0, 0)
+    assert c_check(lib, vec(0x0C00, r11=10, r12=1)) == (1, r12 | r13, r12 | r13 | 1 << 14 | 1 << 15)
+    # R10 = 5 (KICK_CPU) is not looked at: R11 = MapGPA runs MapGPA (R12, R13 in; R10, R11 out)
+    assert c_check(lib, vec(0x0C00, rax=BUS_LOCK_RAX, r10=5, r11=0x10001)) == (1, r12 | r13, 0)
+    assert c_check(lib, vec(0x0400, r10=5, r11=0x10001)) == (1, r12, 0)
 
 
 # --- planted bugs ---------------------------------------------------------------------------------

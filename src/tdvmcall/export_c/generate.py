@@ -24,10 +24,12 @@ The output is deterministic: the same model writes the same bytes (no date, no p
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from dataclasses import dataclass, fields
 
 from .. import __version__
+from ..abi.codes import EXIT_REASON_TDCALL
 from ..abi.regs import GPR_NAMES, NR_GPRS, mask_of, reg_index
 from ..kvm import leaves as L
 
@@ -78,6 +80,7 @@ class CLeaf:
     outputs: int  # unconditional outputs
     conds: tuple[CCond, ...]
     source: str
+    bus_lock: bool = False  # still selected (by R11 alone) when the exit reason says a bus lock was detected
 
 
 def _ident(name: str) -> str:
@@ -190,10 +193,12 @@ class Table:
     hypercalls: tuple[CLeaf, ...]
     unknown_ghci: CLeaf
     unknown_hypercall: CLeaf
+    unknown_bus_lock: CLeaf | None = None  # only when the model dispatches a bus-lock exit apart
 
     @property
     def rows(self) -> tuple[CLeaf, ...]:
-        return self.ghci + self.hypercalls + (self.unknown_ghci, self.unknown_hypercall)
+        extra = (self.unknown_bus_lock,) if self.unknown_bus_lock is not None else ()
+        return self.ghci + self.hypercalls + (self.unknown_ghci, self.unknown_hypercall) + extra
 
     @property
     def max_values(self) -> int:
@@ -243,7 +248,58 @@ def build_table(leaves: tuple[L.Leaf, ...] | None = None) -> Table:
         )
     unknown_ghci = CLeaf(**{**fallbacks[0].__dict__, "name": "unknown GHCI leaf", "ident": "unknown_ghci"})
     unknown_hc = CLeaf(**{**fallbacks[1].__dict__, "name": "unknown hypercall", "ident": "unknown_hypercall"})
-    return Table(tuple(ghci), tuple(hcs), unknown_ghci, unknown_hc)
+    if not model_has_bus_lock():
+        return Table(tuple(ghci), tuple(hcs), unknown_ghci, unknown_hc)
+    ghci_bl, unknown_bl = _bus_lock_rows(leaves, ghci, hcs)
+    return Table(ghci_bl, tuple(hcs), unknown_ghci, unknown_hc, unknown_bl)
+
+
+# --- a bus-lock exit, when the model dispatches it apart ------------------------------------------
+#: bit 26 of a TD exit's reason says a bus lock was detected.  The model (``kvm/tdx.py``) follows
+#: ``tdx_to_vmx_exit_reason()``, which compares the whole reason (low 32 bits) with TDCALL: a reason
+#: whose basic part (15:0) is TDCALL but which is not exactly TDCALL is not re-labelled, and goes to
+#: ``handle_tdvmcall()``, which dispatches on R11 alone (``leaves.lookup(..., bus_lock=True)``).
+BUS_LOCK_RULE = "low 32 bits of RAX != TDCALL (77) and bits 15:0 == TDCALL"
+
+
+def model_has_bus_lock() -> bool:
+    """Whether the model's ``lookup()`` dispatches a bus-lock exit apart (a ``bus_lock`` argument)."""
+    return "bus_lock" in inspect.signature(L.lookup).parameters
+
+
+def _bus_lock_rows(leaves: tuple[L.Leaf, ...], ghci: list[CLeaf], hcs: list[CLeaf]) -> tuple[tuple[CLeaf, ...], CLeaf]:
+    """Which GHCI rows ``lookup(..., bus_lock=True)`` still selects (by R11, whatever R10 holds), and
+    its fallback for the others; anything else (a hypercall row, an answer that depends on R10) is
+    beyond one flag per row and one fallback row, and raises."""
+
+    def pick(r10: int, r11: int) -> L.Leaf:
+        return L.lookup(r10, r11, bus_lock=True)  # type: ignore[call-arg]
+
+    taken_r11 = {r.nr for r in ghci if r.nr is not None}
+    taken_nr = {r.nr for r in hcs if r.nr is not None}
+    other_r11 = _unused(taken_r11)
+    r10s = (0, _unused(taken_nr)[0], *sorted(taken_nr)[:1])
+    fallback = pick(0, other_r11[0])
+    if fallback.family != "ghci" or not _same_operands(fallback, pick(r10s[1], other_r11[1])):
+        raise GeneratorError("leaves.lookup(bus_lock=True): the fallback is not one fixed GHCI row")
+    by_nr = {leaf.r11: leaf for leaf in leaves if leaf.family == "ghci"}
+    out = []
+    for row in ghci:
+        leaf = by_nr[row.nr]
+        got = [pick(r10, row.nr or 0) for r10 in r10s]
+        if all(g is leaf for g in got):
+            out.append(CLeaf(**{**row.__dict__, "bus_lock": True}))
+        elif all(g is not leaf and _same_operands(g, fallback) for g in got):
+            out.append(row)
+        else:
+            raise GeneratorError(
+                f"{row.name}: under a bus lock, leaves.lookup() depends on R10; the C cannot express it"
+            )
+    for row in hcs:
+        if not all(_same_operands(pick(row.nr or 0, r11), fallback) for r11 in other_r11):
+            raise GeneratorError(f"{row.name}: under a bus lock, leaves.lookup() selects a hypercall row")
+    unknown = leaf_row(fallback, None)
+    return tuple(out), CLeaf(**{**unknown.__dict__, "name": "bus lock, other R11", "ident": "unknown_bus_lock"})
 
 
 # --- the C text -----------------------------------------------------------------------------------
@@ -380,6 +436,8 @@ def _render_row(row: CLeaf, indent: str = "\t") -> str:
     if row.conds:
         lines.append(f"{indent}\t.conds = tdvmcall_conds_{row.ident},")
         lines.append(f"{indent}\t.nr_conds = ARRAY_SIZE(tdvmcall_conds_{row.ident}),")
+    if row.bus_lock:
+        lines.append(f"{indent}\t.bus_lock = 1,")
     lines.append(f"{indent}}},")
     return "\n".join(lines)
 
@@ -396,6 +454,36 @@ def render_source(table: Table) -> str:
     conds = "".join(_render_conds(r, nvals) for r in table.rows)
     ghci = "\n".join(_render_row(r) for r in table.ghci)
     hcs = "\n".join(_render_row(r) for r in table.hypercalls)
+    bl = table.unknown_bus_lock
+    bl_doc = " * @bus_lock: still selected, by R11 alone, when the exit reason says a bus lock was detected\n"
+    bl_field = "\tu8 bus_lock;\n"
+    bl_define = f"#define TDVMCALL_EXIT_REASON_TDCALL\t{EXIT_REASON_TDCALL}\n"
+    bl_rows = f"""
+/* {_comment(bl.name) if bl else ""}: a bus-lock exit whose R11 no row above takes */
+{_render_fallback(bl) if bl else ""}
+
+/*
+ * A TDVMCALL exit whose reason also says a bus lock was detected (bit 26) is not re-labelled
+ * by its leaf: KVM dispatches it on R11 alone. The rule: the low 32 bits of RAX are not TDCALL
+ * ({EXIT_REASON_TDCALL}), but bits 15:0 are.
+ */
+static int tdvmcall_bus_lock(u64 rax)
+{{
+\tu64 reason = rax & GENMASK_ULL(31, 0);
+
+\treturn reason != TDVMCALL_EXIT_REASON_TDCALL &&
+\t       (reason & GENMASK_ULL(15, 0)) == TDVMCALL_EXIT_REASON_TDCALL;
+}}
+"""
+    bl_lookup = """\tif (tdvmcall_bus_lock(regs[TDVMCALL_RAX])) {
+\t\tfor (i = 0; i < ARRAY_SIZE(tdvmcall_ghci_leaves); i++)
+\t\t\tif (tdvmcall_ghci_leaves[i].bus_lock && tdvmcall_ghci_leaves[i].nr == r11)
+\t\t\t\treturn &tdvmcall_ghci_leaves[i];
+\t\treturn &tdvmcall_unknown_bus_lock;
+\t}
+"""
+    if bl is None:
+        bl_doc = bl_field = bl_define = bl_rows = bl_lookup = ""
     return f"""\
 // SPDX-License-Identifier: GPL-2.0-only OR MIT
 /*
@@ -422,7 +510,7 @@ def render_source(table: Table) -> str:
 
 #define TDVMCALL_GPR_SELECT\tGENMASK_ULL(15, 0)\t/* exit qualification bits 15:0 */
 #define TDVMCALL_COND_MAX_VALUES\t{nvals}
-
+{bl_define}
 enum tdvmcall_cond_op {{
 \tTDVMCALL_COND_EQ,\t/* the register equals values[0] */
 \tTDVMCALL_COND_IN,\t/* the register is one of values[0 .. nr_values - 1] */
@@ -456,14 +544,14 @@ struct tdvmcall_cond {{
  * @outputs: outputs the call may write whatever the values
  * @conds: the registers it needs under conditions on its inputs
  * @nr_conds: the number of @conds
- */
+{bl_doc} */
 struct tdvmcall_leaf {{
 \tu64 nr;
 \tu64 inputs;
 \tu64 outputs;
 \tconst struct tdvmcall_cond *conds;
 \tunsigned int nr_conds;
-}};
+{bl_field}}};
 
 {conds}/* GHCI leaves, selected by R11 when R10 is 0 */
 static const struct tdvmcall_leaf tdvmcall_ghci_leaves[] = {{
@@ -480,14 +568,15 @@ static const struct tdvmcall_leaf tdvmcall_hypercalls[] = {{
 
 /* {_comment(table.unknown_hypercall.name)}: an R10 no hypercall row takes */
 {_render_fallback(table.unknown_hypercall)}
-
-static const struct tdvmcall_leaf *tdvmcall_lookup(u64 r10, u64 r11)
+{bl_rows}
+static const struct tdvmcall_leaf *tdvmcall_lookup(const u64 regs[16])
 {{
 \tconst struct tdvmcall_leaf *table = tdvmcall_ghci_leaves;
 \tunsigned int i, n = ARRAY_SIZE(tdvmcall_ghci_leaves);
+\tu64 r10 = regs[TDVMCALL_R10], r11 = regs[TDVMCALL_R11];
 \tu64 nr = r11;
 
-\tif (r10) {{
+{bl_lookup}\tif (r10) {{
 \t\ttable = tdvmcall_hypercalls;
 \t\tn = ARRAY_SIZE(tdvmcall_hypercalls);
 \t\tnr = r10;
@@ -520,7 +609,7 @@ static int tdvmcall_cond_holds(const struct tdvmcall_cond *c, const u64 regs[16]
 int tdvmcall_check_regs(const u64 regs[16], u64 *missing, u64 *unexposed)
 {{
 \tu64 exposed = regs[TDVMCALL_RCX] & TDVMCALL_GPR_SELECT;
-\tconst struct tdvmcall_leaf *leaf = tdvmcall_lookup(regs[TDVMCALL_R10], regs[TDVMCALL_R11]);
+\tconst struct tdvmcall_leaf *leaf = tdvmcall_lookup(regs);
 \tu64 inputs = leaf->inputs, outputs = leaf->outputs;
 \tunsigned int i;
 
