@@ -73,10 +73,27 @@ void check_all_masks(const u64 base[16], int *ret, u64 *missing, u64 *unexposed)
 
 # --- building the C ---------------------------------------------------------------------------------
 def compiler() -> str:
-    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if cc is None or shutil.which(cc.split()[0]) is None:
+    """The C compiler: ``$CC`` if set, else the first of cc, gcc, clang on PATH; skip, saying which
+    was looked for, when there is none."""
+    cc = os.environ.get("CC")
+    if cc:
+        if shutil.which(cc.split()[0]) is None:
+            pytest.skip(f"no C compiler: $CC is {cc!r}, which is not on PATH")
+        return cc
+    found = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if found is None:
         pytest.skip("no C compiler: $CC is unset and none of cc, gcc, clang is on PATH")
-    return cc
+    return found
+
+
+def test_a_missing_compiler_skips_and_says_why(monkeypatch):
+    monkeypatch.setenv("CC", "no-such-cc-1234")
+    with pytest.raises(pytest.skip.Exception, match=r"\$CC is 'no-such-cc-1234', which is not on PATH"):
+        compiler()
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match="none of cc, gcc, clang is on PATH"):
+        compiler()
 
 
 def build(directory: Path, files: dict[str, str], name: str = "lib.so") -> ctypes.CDLL:
