@@ -9,7 +9,8 @@ register, and two random masks), as the TDX module hands the registers to the VM
 - the C function, called in a C loop over the workload (the cost KVM would pay per TDVMCALL exit);
 - the same C function called from Python through ctypes, one call per vector (mostly ctypes);
 - the model's hardened check alone, as ``kvm/tdx.py`` ``handle_tdvmcall()`` makes it before
-  dispatch: ``leaves.lookup()``, ``required_inputs()``, ``possible_outputs()``, the verdict;
+  dispatch: the bus-lock test of the exit reason, ``leaves.lookup()``, ``required_inputs()``,
+  ``possible_outputs()``, the verdict;
 - the model's whole ``handle_tdvmcall()`` under ``hardened`` (cache load, check, handler, write-back).
 
 The machine may be shared: the load average is printed beside the figures; each figure is the best
@@ -91,7 +92,9 @@ def model_check(vmm: list[int]) -> tuple[str, list[str], list[str]]:
     """The hardened check of ``handle_tdvmcall()``, nothing else (the same model calls)."""
     exposed = {GPR_NAMES[i] for i in range(NR_GPRS) if vmm[RCX] >> i & 1}
     vals = {GPR_NAMES[i]: vmm[i] for i in range(NR_GPRS)}
-    leaf = L.lookup(vmm[10], vmm[11])
+    reason = vmm[RAX] & 0xFFFFFFFF
+    bus_lock = reason != EXIT_REASON_TDCALL and reason & 0xFFFF == EXIT_REASON_TDCALL
+    leaf = L.lookup(vmm[10], vmm[11], bus_lock)
     missing = [r for r in L.required_inputs(leaf, vals) if r not in exposed]
     unexposed = [r for r in L.possible_outputs(leaf, vals) if r not in exposed]
     verdict = "internal_error" if "r10" not in exposed else "refused" if missing or unexposed else "dispatch"
