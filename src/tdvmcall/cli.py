@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .check.cli import register as register_check
+from .export_c.cli import register as register_export_c
 from .fuzz.cli import register as register_fuzz
 from .show.cli import register as register_show
 from .sweep.cli import register as register_sweep
@@ -25,6 +26,7 @@ register_check(app)
 register_trace(app)
 register_fuzz(app)
 register_sweep(app)
+register_export_c(app)
 
 
 def main() -> None:

@@ -1,0 +1,105 @@
+"""``tdvmcall export-c DIR``: write the hardened validation as C (``generate.py``), or check that a
+copy is still what the model writes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import typer
+
+EXPORT_C_HELP = "\n\n".join(
+    " ".join(paragraph.split())
+    for paragraph in (
+        """Write the hardened validation as C for KVM: DIR/tdvmcall_regs.h (the contract) and
+    DIR/tdvmcall_regs.c (a static const table generated from the leaf table, and
+    tdvmcall_check_regs()), in kernel style, ready to sit next to arch/x86/kvm/vmx/tdx.c. They build
+    in the kernel and in userspace (cc -std=gnu11 -Wall -Wextra -Werror). The same model writes the
+    same bytes.""",
+        """tdvmcall_check_regs(regs, &missing, &unexposed) returns 0 (dispatch), 1 (refuse: R10 =
+    INVALID_OPERAND) or 2 (R10 not exposed: no status can reach the guest), exactly as the model's
+    hardened policy decides; the tests prove it on every GPR mask and every case.""",
+        """DIR is created if needed; the two files are overwritten. --check writes nothing and exits 1
+    when DIR's copies differ from what the model writes (for a kernel tree's CI). Exit status 2 for
+    a bad DIR; 1 if the leaf table holds a condition the generator cannot express (never dropped
+    silently). See docs/kvm.md.""",
+    )
+)
+
+
+def export_c(
+    directory: Path = typer.Argument(..., help="Directory to write tdvmcall_regs.h and tdvmcall_regs.c into."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written (or checked) as JSON."),
+    check: bool = typer.Option(
+        False, "--check", help="Write nothing; exit 1 if DIR's files differ from what the model writes."
+    ),
+) -> None:
+    from .. import __version__
+    from ..console import emit_json, fail, out
+    from .generate import GeneratorError, build_table, generate, table_fingerprint
+
+    try:
+        files = generate()
+    except GeneratorError as e:
+        fail(f"the leaf table cannot be exported as C: {e}", code=1)
+    if directory.exists() and not directory.is_dir():
+        fail(f"{directory}: exists and is not a directory")
+
+    report = []
+    differ = []
+    for name, text in files.items():
+        path = directory / name
+        data = text.encode()
+        entry = {"file": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if check:
+            try:
+                same = path.read_bytes() == data
+            except FileNotFoundError:
+                same = False
+            except OSError as e:
+                fail(f"{path}: cannot read ({e.strerror})")
+            entry["up_to_date"] = same
+            if not same:
+                differ.append(str(path))
+        report.append(entry)
+
+    if not check:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (directory / name).write_bytes(text.encode())
+        except OSError as e:
+            fail(f"{e.filename or directory}: cannot write ({e.strerror})")
+
+    table = build_table()
+    summary = {
+        "generator": f"tdvmcall {__version__}",
+        "table": table_fingerprint(table),
+        "rows": len(table.rows),
+        "conditions": sum(len(r.conds) for r in table.rows),
+        "mode": "check" if check else "write",
+        "files": report,
+    }
+    if check:
+        summary["up_to_date"] = not differ
+    if as_json:
+        emit_json(summary)
+    else:
+        verb = "checked" if check else "wrote"
+        for e in report:
+            state = "" if not check else ("  up to date" if e["up_to_date"] else "  DIFFERS from the model")
+            out.print(f"{verb} {e['file']} ({e['bytes']:,} bytes){state}", highlight=False)
+        out.print(
+            f"table {summary['table']}: {summary['rows']} rows, {summary['conditions']} conditions "
+            f"(tdvmcall {__version__})",
+            highlight=False,
+        )
+    if differ:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export-c", help=EXPORT_C_HELP)(export_c)
+
+
+__all__ = ["register"]
