@@ -12,7 +12,7 @@ import tdvmcall
 
 ROOT = Path(tdvmcall.__file__).parent
 PKG = "tdvmcall"
-MODEL = ("abi", "module", "kvm", "guest", "scenario", "decode")
+MODEL = ("abi", "module", "kvm", "guest", "scenario", "decode", "judge")
 FACE = ("cli", "console", "__init__")
 
 

@@ -1,0 +1,275 @@
+"""Judge one TDVMCALL as a host would: the TDX module's control check, then KVM under both policies.
+
+This is the floor the tools share when they hold a concrete call (a control value in RCX, the call
+R10/R11 select, perhaps some input values): ``scan`` judges the call sites it finds in binaries with
+it, and any tool that knows a mask and a leaf can.  It runs the model (``module.py``, ``kvm/``)
+through the scenario API and reads the leaf table for what the call needs; it decides nothing of
+its own.
+
+Verdicts per KVM policy, from best to worst (the same words as ``tdvmcall check``):
+
+- ``ok``: every case of the call completes and nothing is read as 0 or dropped;
+- ``not-kvm``: a call KVM does not implement as a leaf (Hyper-V, MigTD: judged by the module only);
+- ``legacy-silent`` (legacy): some case reads an unexposed input as 0 or writes an unexposed output;
+- ``hardened-refuses`` (hardened): some case is refused for a register the guest did not expose;
+- ``module-rejects``: the TDX module fails the control value; the VMM never sees the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .abi.codes import DEFAULT_TABLE_VERSION, MODULE_TABLE_VERSIONS, decode_status
+from .abi.control import Control, module_family
+from .abi.regs import GPR_NAMES, RCX, names_in
+from .kvm import leaves as L
+from .kvm.regcache import ModelBug
+from .kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
+from .module import TdConfig, VcpuState, tdg_vp_vmcall
+from .scenario import parse as parse_scenario
+
+OK = "ok"
+NOT_KVM = "not-kvm"
+LEGACY_SILENT = "legacy-silent"
+HARDENED_REFUSES = "hardened-refuses"
+MODULE_REJECTS = "module-rejects"
+#: from best to worst
+VERDICTS = (OK, NOT_KVM, LEGACY_SILENT, HARDENED_REFUSES, MODULE_REJECTS)
+PASSING = frozenset({OK, NOT_KVM})
+
+#: Every call KVM implements (GHCI leaves and KVM hypercalls): what an unresolved call may be.
+KVM_CALLS: tuple[L.Leaf, ...] = L.GHCI_LEAVES + L.KVM_HYPERCALLS
+
+
+@dataclass(frozen=True)
+class Host:
+    """The host a call is judged against: the TD's attributes and KVM's tree."""
+
+    module: str = "1.5"
+    no_rbp_mod: bool = True
+    tree: str = "kvm-x86"
+
+    @property
+    def td(self) -> TdConfig:
+        return TdConfig(self.module, self.no_rbp_mod)
+
+    @property
+    def status_table(self) -> str:
+        """The status table to decode with: the exact version if shipped, else the family's newest."""
+        if self.module in MODULE_TABLE_VERSIONS:
+            return self.module
+        return "1.0.3" if module_family(self.module) == "1.0" else DEFAULT_TABLE_VERSION
+
+
+@dataclass
+class ModuleOutcome:
+    """The TDX module's answer to a control value (the same for every call made with it)."""
+
+    accepted: bool
+    status: int | None = None
+    decoded: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def module_outcome(mask: int, host: Host) -> ModuleOutcome:
+    """Run the control value through the module's TDG.VP.VMCALL (RAX = 0, RCX = ``mask``)."""
+    vcpu = VcpuState()
+    vcpu.gprs[RCX] = mask
+    res = tdg_vp_vmcall(host.td, vcpu)
+    if res.exited:
+        return ModuleOutcome(True)
+    assert res.status is not None
+    return ModuleOutcome(
+        False,
+        res.status,
+        decode_status(res.status, host.status_table),
+        Control(mask).problems(host.td.module, host.td.no_rbp_mod),
+    )
+
+
+@dataclass
+class CaseRun:
+    """One case of one call under one KVM policy."""
+
+    case: str
+    inputs: dict[str, int]  # the input values the guest set (selectors included)
+    policy: str
+    kvm_verdict: str  # the model's: completed | refused | userspace | internal_error
+    dispatched: str  # the leaf KVM dispatched to
+    status: int | None
+    missing_inputs: list[str] = field(default_factory=list)
+    missing_outputs: list[str] = field(default_factory=list)
+    zero_reads: list[str] = field(default_factory=list)
+    dropped_writes: list[str] = field(default_factory=list)
+
+    @property
+    def refused(self) -> bool:
+        return self.kvm_verdict in (VERDICT_REFUSED, VERDICT_INTERNAL_ERROR)
+
+    @property
+    def silent(self) -> bool:
+        return bool(self.zero_reads or self.dropped_writes)
+
+
+@dataclass
+class Judgement:
+    """One call made with one control value: the module's outcome, the verdict per policy, every
+    case run, and notes (registers exposed for nothing, XMMs, optional inputs skipped)."""
+
+    mask: int
+    leaf: L.Leaf
+    module: ModuleOutcome
+    verdict: dict[str, str]
+    runs: list[CaseRun] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def passes(self, policy: str) -> bool:
+        return self.verdict[policy] in PASSING
+
+    def refusals(self) -> list[CaseRun]:
+        return [r for r in self.runs if r.policy == "hardened" and r.refused]
+
+    def silences(self) -> list[CaseRun]:
+        return [r for r in self.runs if r.policy == "legacy" and r.silent]
+
+    def details(self) -> list[str]:
+        """One line per finding, in words (what ``check`` and ``scan`` print under a site)."""
+        lines: list[str] = []
+        if not self.module.accepted:
+            name = (self.module.decoded or {}).get("name") or f"{self.module.status:#x}"
+            lines.append(f"module fails the control with {name}: " + "; ".join(self.module.problems))
+            return lines + self.notes
+        for r in self.refusals():
+            regs = " ".join(r.missing_inputs + r.missing_outputs)
+            lines.append(f"hardened refuses case {r.case}: {regs} not exposed")
+        for r in self.silences():
+            parts = []
+            if r.zero_reads:
+                parts.append(f"reads {' '.join(r.zero_reads)} as 0")
+            if r.dropped_writes:
+                parts.append(f"drops {' '.join(r.dropped_writes)}")
+            lines.append(f"legacy case {r.case}: " + ", ".join(parts))
+        return lines + self.notes
+
+
+def exposed(mask: int) -> set[str]:
+    """The GPR names a control value exposes."""
+    return set(names_in(Control(mask).gpr_select, 16))
+
+
+def cases_for(leaf: L.Leaf, pinned: dict[str, int] | None = None) -> list[L.Case]:
+    """The leaf's cases (one per condition).  With input values pinned (an IO site known to read,
+    a CPUID site with a known leaf): the cases that agree with every pinned value they name, or else
+    one case of the pinned values over the first case's defaults."""
+    if not pinned:
+        return list(leaf.cases)
+    agree = [c for c in leaf.cases if all(c.regs.get(r, v) == v for r, v in pinned.items()) and set(pinned) <= set(c.regs)]
+    if agree:
+        return agree
+    name = " ".join(f"{r}={v:#x}" for r, v in pinned.items())
+    return [L.Case(name, {**leaf.cases[0].regs, **pinned}, leaf.cases[0].platform)]
+
+
+def run_case(mask: int, leaf: L.Leaf, case: L.Case, policy: str, host: Host) -> CaseRun:
+    """One round trip through the model (scenario API), then what it means for this leaf: under
+    ``hardened`` the registers KVM found missing, under ``legacy`` what it read as zero or dropped.
+    Missing registers are read from the leaf table over KVM's view of the inputs (0 where the guest
+    did not expose them), so a call KVM dispatched elsewhere (R10/R11 not exposed) is still
+    explained in terms of the call the guest meant."""
+    inputs = {**leaf.selector_values(), **case.regs}
+    scenario = {
+        "td": {"module": host.module, "no_rbp_mod": host.no_rbp_mod},
+        "kvm": {"policy": policy, "tree": host.tree},
+        "guest": {"rcx": mask, **inputs},
+        "platform": case.platform,
+    }
+    rt = parse_scenario(scenario).run()
+    k = rt.kvm
+    if k is None:
+        raise ModelBug(f"{leaf.name}: the module accepted {mask:#x} but the call never reached KVM")
+    shown = exposed(mask)
+    seen = {r: (v if r in shown else 0) for r, v in inputs.items()}
+    run = CaseRun(
+        case.name,
+        inputs,
+        policy,
+        k.verdict,
+        k.leaf.name,
+        k.status,
+        [r for r in L.required_inputs(leaf, seen) if r not in shown],
+        [r for r in L.possible_outputs(leaf, seen) if r not in shown],
+    )
+    if policy == "legacy":
+        run.zero_reads = list(k.zero_reads)
+        run.dropped_writes = list(k.dropped_writes)
+    elif run.refused != bool(run.missing_inputs or run.missing_outputs):
+        raise ModelBug(
+            f"{leaf.name} {case.name}: hardened KVM {k.verdict} but the table says "
+            f"missing inputs {run.missing_inputs}, outputs {run.missing_outputs}"
+        )
+    return run
+
+
+def used_registers(leaf: L.Leaf) -> set[str]:
+    """Every register the leaf may read or write, under any condition."""
+    return set(leaf.selectors) | {op.reg for op in leaf.inputs + leaf.outputs}
+
+
+def _notes(mask: int, leaf: L.Leaf, unused: list[str]) -> list[str]:
+    notes = []
+    if unused:
+        notes.append(f"exposed but unused: {' '.join(unused)} (the host can read and overwrite them)")
+    ctl = Control(mask)
+    if ctl.xmm_select:
+        xmms = " ".join(f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1)
+        notes.append(f"XMMs exposed: {xmms} (no KVM call uses them; the host can read and overwrite them)")
+    skipped = [r for r in L.optional_inputs(leaf) if r not in exposed(mask)]
+    if skipped:
+        notes.append(f"optional inputs not exposed: {' '.join(skipped)} (read as 0)")
+    if leaf.name in L.UNSUPPORTED_GHCI or leaf.name.startswith("unknown("):
+        notes.append(f"KVM does not implement {leaf.name}: it answers SUBFUNC_UNSUPPORTED")
+    return notes
+
+
+def judge(
+    mask: int,
+    leaf: L.Leaf,
+    host: Host,
+    pinned: dict[str, int] | None = None,
+    module: ModuleOutcome | None = None,
+) -> Judgement:
+    """Judge the call ``leaf`` made with control value ``mask`` (and input values ``pinned``): the
+    module's control check, then every case of the leaf under both KVM policies.  Verdict per
+    policy: ``module-rejects`` if the module refuses the control, else under ``hardened``
+    ``hardened-refuses`` if any case is refused, under ``legacy`` ``legacy-silent`` if any case
+    reads an unexposed input as 0 or writes an unexposed output; otherwise ``ok``."""
+    module = module or module_outcome(mask, host)
+    shown = exposed(mask)
+    unused = [r for r in GPR_NAMES if r in shown and r not in used_registers(leaf)]
+    out = Judgement(mask, leaf, module, {}, unused=unused, notes=_notes(mask, leaf, unused))
+    if not module.accepted:
+        out.verdict = {p: MODULE_REJECTS for p in POLICIES}
+        return out
+    for case in cases_for(leaf, pinned):
+        for policy in POLICIES:
+            out.runs.append(run_case(mask, leaf, case, policy, host))
+    out.verdict = {
+        "legacy": LEGACY_SILENT if out.silences() else OK,
+        "hardened": HARDENED_REFUSES if out.refusals() else OK,
+    }
+    return out
+
+
+def serves(mask: int) -> tuple[list[str], list[str]]:
+    """For a control value whose call is not known: the KVM calls it serves under the hardened
+    policy (every case's minimal mask is exposed) and those it fails (some case's is not), from the
+    leaf table's minimal masks.  RCX itself is never in the minimal masks."""
+    gpr_select = Control(mask).gpr_select
+    good: list[str] = []
+    bad: list[str] = []
+    for leaf in KVM_CALLS:
+        missing = L.missing_by_case(leaf, gpr_select)
+        (bad if any(missing.values()) else good).append(leaf.name)
+    return good, bad

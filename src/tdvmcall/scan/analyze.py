@@ -1,0 +1,282 @@
+"""From code regions to judged sites: every TDCALL, its registers, its callers, its verdicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import iced_x86 as ix
+
+from ..abi.control import Control
+from ..abi.regs import fmt_mask
+from ..judge import (
+    HARDENED_REFUSES,
+    LEGACY_SILENT,
+    MODULE_REJECTS,
+    PASSING,
+    Host,
+    Judgement,
+    ModuleOutcome,
+    judge,
+    module_outcome,
+    serves,
+)
+from ..kvm import leaves as L
+from .containers import Code, Found
+from .flow import Function, Region, Value, resolve, unknown
+
+#: TDCALL leaves (RAX), Linux ``arch/x86/include/asm/shared/tdx.h`` (ABI.md §8).
+#: TODO: use the abi table (abi/codes.py TDCALL_LEAVES) once the fidelity branch lands it.
+TDCALL_LEAVES = {
+    0: "TDG.VP.VMCALL",
+    1: "TDG.VP.INFO",
+    2: "TDG.MR.RTMR.EXTEND",
+    3: "TDG.VP.VEINFO.GET",
+    4: "TDG.MR.REPORT",
+    6: "TDG.MEM.PAGE.ACCEPT",
+    7: "TDG.VM.RD",
+    8: "TDG.VM.WR",
+    11: "TDG.SYS.RD",
+}
+
+#: The inputs that decide a call's case (which registers it reads or writes), per leaf: recovered
+#: and, when known, pinned in the judgement (an IO site known to read is not judged on its write).
+DECIDING: dict[str, tuple[str, ...]] = {
+    "Instruction.CPUID": ("r12", "r13"),
+    "Instruction.IO": ("r13",),
+    "#VE.RequestMMIO": ("r13",),
+    "Instruction.RDMSR": ("r12",),
+    "Instruction.WRMSR": ("r12",),
+    "ReportFatalError": ("r12",),
+    "GetTdVmCallInfo": ("r12",),
+}
+REGS = ("rax", "rcx", "r10", "r11", "r12", "r13")
+
+
+@dataclass
+class Site:
+    """One resolved TDCALL: a site, once per caller when its values come from the caller."""
+
+    input: str
+    container: list[str]
+    address: int
+    function: str
+    function_start: int | None
+    regs: dict[str, Value]
+    via: str | None = None
+    leaf: L.Leaf | None = None
+    judgement: Judgement | None = None
+    module: ModuleOutcome | None = None
+    serves: list[str] = field(default_factory=list)
+    fails: list[str] = field(default_factory=list)
+
+    @property
+    def symbol(self) -> str:
+        if self.function_start is None:
+            return self.function
+        return f"{self.function}+{self.address - self.function_start:#x}"
+
+    @property
+    def rax(self) -> int | None:
+        return self.regs["rax"].value
+
+    @property
+    def mask(self) -> int | None:
+        return self.regs["rcx"].value if self.rax == 0 else None
+
+    @property
+    def is_vmcall(self) -> bool:
+        return self.rax == 0
+
+    @property
+    def tdcall_leaf(self) -> str:
+        if self.rax is None:
+            return "unresolved"
+        return TDCALL_LEAVES.get(self.rax, f"unknown TDCALL leaf {self.rax:#x}")
+
+    @property
+    def call_name(self) -> str:
+        if not self.is_vmcall:
+            return self.tdcall_leaf
+        if self.leaf is not None:
+            return self.leaf.name
+        return "unresolved"
+
+    def pinned(self) -> dict[str, int]:
+        if self.leaf is None:
+            return {}
+        return {r: v for r in DECIDING.get(self.leaf.name, ()) if (v := self.regs[r].value) is not None}
+
+    def verdict(self, policy: str) -> str:
+        """The verdict under a KVM policy: the judgement's, ``module-rejects`` for a known mask the
+        module fails, else ``unresolved`` (or ``not-tdvmcall``)."""
+        if not self.is_vmcall:
+            return "unresolved" if self.rax is None else "not-tdvmcall"
+        if self.judgement is not None:
+            return self.judgement.verdict[policy]
+        if self.module is not None and not self.module.accepted:
+            return MODULE_REJECTS
+        return "unresolved"
+
+    def passes(self, policy: str) -> bool:
+        return self.verdict(policy) in PASSING | {"unresolved", "not-tdvmcall"}
+
+    def details(self) -> list[str]:
+        out: list[str] = []
+        if self.judgement is not None:
+            out += self.judgement.details()
+        elif self.module is not None:
+            if not self.module.accepted:
+                name = (self.module.decoded or {}).get("name") or f"{self.module.status:#x}"
+                out.append(f"module fails the control with {name}: " + "; ".join(self.module.problems))
+            if self.fails or self.serves:
+                out.append(f"call unresolved; under hardened this mask serves: {' '.join(self.serves) or 'none'}")
+                out.append(f"and fails: {' '.join(self.fails) or 'none'}")
+        elif self.is_vmcall and self.leaf is not None:
+            need = L.minimal_mask(self.leaf, self.pinned())
+            out.append(f"mask unresolved; {self.leaf.name} needs at least {need:#06x} ({fmt_mask(need, 16)})")
+        return out
+
+
+def _call(regs: dict[str, Value]) -> L.Leaf | None:
+    r10, r11 = regs["r10"].value, regs["r11"].value
+    if r10 is None:
+        return None
+    if r10 != 0:
+        return L.lookup(r10, 0)
+    if r11 is None:
+        return None
+    return L.lookup(0, r11)
+
+
+def _caller_value(region: Region, caller: Function, reg: str, base: int, depth: int) -> Value:
+    v = resolve(caller, len(caller.insns) - 1, reg, base)
+    if v.param is None or depth >= 1 or not caller.exact:
+        return v if v.param is None else unknown(f"{v.how}, from the caller's caller, unresolved")
+    # one more level: accepted only when every caller's caller passes the same constant
+    values = []
+    for c in region.calls.get(caller.start, []):
+        fn = region.function(c)
+        if fn is None or fn.insns[-1].flow_control != ix.FlowControl.CALL:
+            continue
+        values.append(_caller_value(region, fn, v.param, base, depth + 1))
+    known = {x.value for x in values if x.known}
+    if values and len(known) == 1 and all(x.known for x in values):
+        return Value(known.pop(), f"{v.how}; all {len(values)} callers of {caller.name} pass it")
+    if not values:
+        return unknown(f"{v.how}, from the caller's caller, unresolved (no direct caller)")
+    return unknown(f"{v.how}, from the caller's callers: varies or unresolved")
+
+
+def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
+    """Every TDCALL decoded as code in the region (once per caller when values come from the caller),
+    and how many TDCALL byte matches are not code."""
+    code = region.code
+    base = code.va
+    out: list[Site] = []
+    not_code = 0
+    for at in region.hits():
+        fn = region.function(at)
+        if fn is None or fn.insns[-1].mnemonic != ix.Mnemonic.TDCALL:
+            not_code += 1
+            continue
+        idx = len(fn.insns) - 1
+        intra = {r: resolve(fn, idx, r, base) for r in REGS}
+        start = fn.start if fn.exact else None
+        params = {r: v for r, v in intra.items() if v.param}
+        if not params:
+            out.append(Site(input_name, code.chain, at, fn.name, start, intra))
+            continue
+        callers = []
+        for c in region.calls.get(fn.start, []):
+            cfn = region.function(c)
+            if cfn is None or cfn.insns[-1].flow_control != ix.FlowControl.CALL:
+                continue
+            if cfn.insns[-1].near_branch_target != fn.start:
+                continue
+            callers.append((c, cfn))
+        if not callers:
+            regs = {**intra, **{r: unknown(f"{v.how}, unresolved") for r, v in params.items()}}
+            out.append(Site(input_name, code.chain, at, fn.name, start, regs))
+            continue
+        for c, cfn in callers:
+            regs = dict(intra)
+            for r, v in params.items():
+                cv = _caller_value(region, cfn, v.param or r, base, 0)
+                where = f"caller at +{c - base:#x} ({cfn.name})"
+                how = f"{v.how}; {where}: {cv.how}" if v.how != "from caller" else f"{where}: {cv.how}"
+                regs[r] = Value(cv.value, how)
+            out.append(Site(input_name, code.chain, at, fn.name, start, regs, via=f"{cfn.name}+{c - cfn.start:#x}"))
+    return out, not_code
+
+
+def judge_site(site: Site, host: Host, cache: dict[tuple[object, ...], object]) -> None:
+    """Attach the call, the module's outcome and the verdicts to a site (judgements are cached by
+    mask, call and pinned inputs: a firmware repeats the same stub in every module)."""
+    if not site.is_vmcall:
+        return
+    site.leaf = _call(site.regs)
+    mask = site.mask
+    if mask is None:
+        return
+    key = ("m", mask)
+    if key not in cache:
+        cache[key] = module_outcome(mask, host)
+    site.module = cache[key]  # type: ignore[assignment]
+    if site.leaf is None:
+        key = ("s", Control(mask).gpr_select)
+        if key not in cache:
+            cache[key] = serves(mask)
+        site.serves, site.fails = cache[key]  # type: ignore[misc]
+        return
+    pinned = site.pinned()
+    key = ("j", mask, site.leaf.name, tuple(sorted(pinned.items())))
+    if key not in cache:
+        cache[key] = judge(mask, site.leaf, host, pinned, site.module)
+    site.judgement = cache[key]  # type: ignore[assignment]
+
+
+@dataclass
+class Image:
+    """One input file: its sites, problems, and what it held."""
+
+    path: str
+    sites: list[Site]
+    problems: list[str]
+    skipped: list[str]
+    kinds: dict[str, int]
+    not_code: int
+    bytes_code: int
+
+    def summary(self) -> dict[str, int]:
+        locs = {(tuple(s.container), s.address) for s in self.sites}
+        vm = {(tuple(s.container), s.address) for s in self.sites if s.is_vmcall}
+        return {
+            "tdcall_sites": len(locs),
+            "tdvmcall_sites": len(vm),
+            "resolved_calls": sum(1 for s in self.sites if s.is_vmcall),
+            "distinct_masks": len({s.mask for s in self.sites if s.mask is not None}),
+            "module_rejects": sum(1 for s in self.sites if s.verdict("hardened") == MODULE_REJECTS),
+            "hardened_refuses": sum(1 for s in self.sites if s.verdict("hardened") == HARDENED_REFUSES),
+            "legacy_silent": sum(1 for s in self.sites if s.verdict("legacy") == LEGACY_SILENT),
+            "unresolved": sum(1 for s in self.sites if s.verdict("hardened") == "unresolved"),
+            "not_code": self.not_code,
+        }
+
+
+def analyze(path: str, found: Found, host: Host, cache: dict[tuple[object, ...], object]) -> Image:
+    sites: list[Site] = []
+    not_code = 0
+    size = 0
+    for code in found.codes:
+        size += len(code.data)
+        if b"\x66\x0f\x01\xcc" not in code.data:
+            continue
+        got, nc = sites_in(Region.of(code), path)
+        sites += got
+        not_code += nc
+    for s in sites:
+        judge_site(s, host, cache)
+    return Image(path, sites, found.problems, found.skipped, found.kinds, not_code, size)
+
+
+__all__ = ["Code", "Image", "Site", "analyze"]

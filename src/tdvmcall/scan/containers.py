@@ -1,0 +1,586 @@
+"""Containers: from a path to the regions of x86 code inside it, each named by its chain.
+
+An input is opened by its first bytes and unpacked recursively: directories, gzip/xz/zstd/lz4
+streams, Linux ``bzImage`` (the compressed kernel after the setup code), ELF (executable sections,
+function symbols), PE/COFF and TE images (executable sections), UEFI firmware images and volumes
+(volumes, FFS files named by their UI section or GUID, sections, EDK2's LZMA GUID-defined section,
+nested volumes), and anything else as raw flat x86-64 code.
+
+Formats, re-expressed from their specifications:
+
+- ELF: the System V gABI (``Elf64_Ehdr``, ``Elf64_Shdr``, ``Elf64_Sym``); code is every section with
+  ``SHF_EXECINSTR``; functions are ``STT_FUNC`` symbols.
+- PE/COFF: Microsoft's PE format (``IMAGE_NT_HEADERS``, section headers, ``IMAGE_SCN_MEM_EXECUTE``);
+  TE: the PI specification vol. 1 "TE image" (``EFI_TE_IMAGE_HEADER``, 40 bytes; a section's file
+  offset is its raw pointer minus ``StrippedSize`` plus 40).
+- UEFI firmware volumes: the PI specification vol. 3 (``EFI_FIRMWARE_VOLUME_HEADER`` with signature
+  ``_FVH`` at offset 40, ``EFI_FFS_FILE_HEADER`` / ``EFI_FFS_FILE_HEADER2`` for large files, common
+  section headers with the 0xFFFFFF extended size, 8-byte file and 4-byte section alignment);
+  EDK2 ``MdePkg/Include/Pi/PiFirmwareFile.h``, ``PiFirmwareVolume.h``.  The LZMA GUID-defined section
+  (GUID EE4E5898-3914-4259-9D6E-DC7BD79403CF, EDK2 ``MdeModulePkg/Include/Guid/LzmaDecompress.h``)
+  holds an LZMA "alone" stream (13-byte header).
+- bzImage: Linux ``Documentation/arch/x86/boot.rst`` (``HdrS`` at 0x202, ``setup_sects`` at 0x1F1,
+  ``payload_offset``/``payload_length`` at 0x248/0x24C, relative to the protected-mode code at
+  ``(setup_sects + 1) * 512``).
+
+Decompression is capped per input (:data:`CAP`); past the cap the input is reported, not exhausted.
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import struct
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CAP = 1 << 30  # decompressed bytes per input
+TDCALL = b"\x66\x0f\x01\xcc"
+MAX_DEPTH = 12
+
+LZMA_GUID = uuid.UUID("EE4E5898-3914-4259-9D6E-DC7BD79403CF")
+LZMAF86_GUID = uuid.UUID("D42AE6BD-1352-4BFB-909A-CA72A6EAE889")
+TIANO_GUID = uuid.UUID("A31280AD-481E-41B6-95E8-127F4C984779")
+CRC32_GUID = uuid.UUID("FC1BCDB0-7D31-49AA-936A-A4600D9DD083")
+FFS2_GUID = uuid.UUID("8C8CE578-8A3D-4F1C-9935-896185C32DD3")
+FFS3_GUID = uuid.UUID("5473C07A-3DCB-4DCA-BD6F-1E9689E7349A")
+BROTLI_GUID = uuid.UUID("3D532050-5CDA-4FD0-879E-0F7F630D5AFB")
+
+FFS_TYPES = {
+    0x01: "RAW",
+    0x02: "FREEFORM",
+    0x03: "SEC",
+    0x04: "PEI_CORE",
+    0x05: "DXE_CORE",
+    0x06: "PEIM",
+    0x07: "DRIVER",
+    0x08: "COMBINED_PEIM_DRIVER",
+    0x09: "APPLICATION",
+    0x0A: "MM",
+    0x0B: "FV_IMAGE",
+    0x0C: "COMBINED_MM_DXE",
+    0x0D: "MM_CORE",
+    0xF0: "PAD",
+}
+SECTION_PE32, SECTION_PIC, SECTION_TE, SECTION_RAW = 0x10, 0x11, 0x12, 0x19
+SECTION_COMPRESSION, SECTION_GUID_DEFINED, SECTION_FV_IMAGE, SECTION_UI = 0x01, 0x02, 0x17, 0x15
+
+
+class ContainerError(ValueError):
+    """A broken container: one line saying what and where."""
+
+
+@dataclass
+class Code:
+    """One region of x86 code: its bytes, the address of its first byte, and what is known of it."""
+
+    chain: list[str]  # outer to inner
+    data: bytes
+    va: int  # address of data[0] (virtual address or RVA)
+    bitness: int = 64
+    functions: dict[int, str] = field(default_factory=dict)  # start address -> name
+    sizes: dict[int, int] = field(default_factory=dict)  # start address -> size (when the symbol says)
+    raw: bool = False  # a flat blob: no sections or symbols say where the code is
+
+
+@dataclass
+class Budget:
+    """Decompressed bytes still allowed for one input."""
+
+    left: int = CAP
+
+    def take(self, n: int, where: str) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise ContainerError(f"{where}: decompressed data past the cap of {CAP >> 20} MiB; the rest is not scanned")
+
+
+@dataclass
+class Found:
+    """What one input holds: code regions, problems (one line each), containers seen."""
+
+    codes: list[Code] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # broken containers: exit status 2
+    skipped: list[str] = field(default_factory=list)  # parts with no decoder: said, not an error
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    def saw(self, kind: str) -> None:
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+
+
+def where(chain: list[str]) -> str:
+    return " > ".join(chain)
+
+
+# --- decompression ---------------------------------------------------------------------------------
+def _lzma(data: bytes, fmt: int, budget: Budget, chain: list[str]) -> bytes:
+    d = lzma.LZMADecompressor(fmt)
+    try:
+        out = d.decompress(data, max_length=budget.left + 1)
+    except lzma.LZMAError as e:
+        raise ContainerError(f"{where(chain)}: corrupt LZMA data ({e})") from None
+    budget.take(len(out), where(chain))
+    if not d.eof and fmt != lzma.FORMAT_ALONE:
+        raise ContainerError(f"{where(chain)}: truncated compressed stream")
+    return out
+
+
+def _zlib(data: bytes, budget: Budget, chain: list[str]) -> bytes:
+    d = zlib.decompressobj(47)  # gzip or zlib header
+    try:
+        out = d.decompress(data, budget.left + 1)
+    except zlib.error as e:
+        raise ContainerError(f"{where(chain)}: corrupt gzip data ({e})") from None
+    budget.take(len(out), where(chain))
+    if not d.eof:
+        raise ContainerError(f"{where(chain)}: truncated gzip stream")
+    return out
+
+
+def _zstd(data: bytes, budget: Budget, chain: list[str]) -> bytes:
+    import io
+
+    import zstandard
+
+    try:
+        # the kernel's zstd frame has no content size; a stream reader stops at the frame's end
+        with zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(io.BytesIO(data)) as r:
+            out = r.read(budget.left + 1)
+    except zstandard.ZstdError as e:
+        raise ContainerError(f"{where(chain)}: corrupt zstd data ({e})") from None
+    budget.take(len(out), where(chain))
+    return out
+
+
+def _lz4(data: bytes, budget: Budget, chain: list[str]) -> bytes:
+    try:
+        import lz4.block
+        import lz4.frame
+    except ImportError:
+        raise ContainerError(
+            f"{where(chain)}: lz4 data, but the optional lz4 package is not installed (pip install lz4)"
+        ) from None
+    try:
+        if data[:4] == b"\x04\x22\x4d\x18":
+            d = lz4.frame.LZ4FrameDecompressor()
+            out = d.decompress(data, max_length=budget.left + 1)
+            budget.take(len(out), where(chain))
+            return bytes(out)
+        # the legacy format the kernel uses: magic, then chunks of (u32 size, block of at most 8 MiB)
+        parts, off = [], 4
+        while off + 4 <= len(data):
+            (n,) = struct.unpack_from("<I", data, off)
+            if n == 0x184C2102 or off + 4 + n > len(data):  # a following stream, or trailing size
+                break
+            part = lz4.block.decompress(data[off + 4 : off + 4 + n], uncompressed_size=8 << 20)
+            budget.take(len(part), where(chain))
+            parts.append(part)
+            off += 4 + n
+        return b"".join(parts)
+    except (RuntimeError, lz4.block.LZ4BlockError) as e:
+        raise ContainerError(f"{where(chain)}: corrupt lz4 data ({e})") from None
+
+
+def _bz2(data: bytes, budget: Budget, chain: list[str]) -> bytes:
+    d = bz2.BZ2Decompressor()
+    try:
+        out = d.decompress(data, max_length=budget.left + 1)
+    except OSError as e:
+        raise ContainerError(f"{where(chain)}: corrupt bzip2 data ({e})") from None
+    budget.take(len(out), where(chain))
+    return out
+
+
+def decompress(data: bytes, budget: Budget, chain: list[str]) -> tuple[str, bytes] | None:
+    """If ``data`` starts with a known compression magic, its decompressed bytes and the kind."""
+    if data[:2] == b"\x1f\x8b":
+        return "gzip", _zlib(data, budget, chain + ["gzip"])
+    if data[:6] == b"\xfd7zXZ\x00":
+        return "xz", _lzma(data, lzma.FORMAT_XZ, budget, chain + ["xz"])
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd", _zstd(data, budget, chain + ["zstd"])
+    if data[:4] in (b"\x04\x22\x4d\x18", b"\x02\x21\x4c\x18"):
+        return "lz4", _lz4(data, budget, chain + ["lz4"])
+    if data[:3] == b"BZh" and data[4:10] == b"\x31\x41\x59\x26\x53\x59":
+        return "bzip2", _bz2(data, budget, chain + ["bzip2"])
+    return None
+
+
+# --- ELF ---------------------------------------------------------------------------------------------
+SHF_EXECINSTR = 0x4
+SHT_PROGBITS, SHT_SYMTAB, SHT_DYNSYM = 1, 2, 11
+STT_FUNC = 2
+
+
+def elf(data: bytes, chain: list[str], found: Found) -> None:
+    """Executable sections of an ELF file, with its function symbols when it has a symbol table."""
+    if len(data) < 64:
+        raise ContainerError(f"{where(chain)}: ELF header truncated")
+    is64 = data[4] == 2
+    if data[5] != 1:
+        raise ContainerError(f"{where(chain)}: big-endian ELF is not x86")
+    bitness = 64 if is64 else 32
+    try:
+        if is64:
+            shoff, shentsize, shnum, shstrndx = (
+                struct.unpack_from("<Q", data, 0x28)[0],
+                *struct.unpack_from("<HHH", data, 0x3A),
+            )
+        else:
+            shoff, shentsize, shnum, shstrndx = (
+                struct.unpack_from("<I", data, 0x20)[0],
+                *struct.unpack_from("<HHH", data, 0x2E),
+            )
+        sections = []
+        for i in range(shnum):
+            o = shoff + i * shentsize
+            if is64:
+                name, typ, flags, addr, off, size, link, _info, _al, entsize = struct.unpack_from("<IIQQQQIIQQ", data, o)
+            else:
+                name, typ, flags, addr, off, size, link, _info, _al, entsize = struct.unpack_from("<IIIIIIIIII", data, o)
+            sections.append((name, typ, flags, addr, off, size, link, entsize))
+    except struct.error:
+        raise ContainerError(f"{where(chain)}: ELF section headers truncated") from None
+    strtab = b""
+    if 0 < shstrndx < len(sections):
+        s = sections[shstrndx]
+        strtab = data[s[4] : s[4] + s[5]]
+
+    def sname(i: int) -> str:
+        end = strtab.find(b"\0", i)
+        return strtab[i:end].decode(errors="replace") if i < len(strtab) else f"#{i}"
+
+    # function symbols (.symtab, else .dynsym)
+    funcs: dict[int, str] = {}
+    sizes: dict[int, int] = {}
+    for want in (SHT_SYMTAB, SHT_DYNSYM):
+        for s in sections:
+            if s[1] != want or s[6] >= len(sections):
+                continue
+            st = sections[s[6]]
+            names = data[st[4] : st[4] + st[5]]
+            table = data[s[4] : s[4] + s[5]]
+            if is64:
+                ent = 24
+                rows = struct.iter_unpack("<IBBHQQ", table[: len(table) // ent * ent])
+                for nm, info, _o, shndx, value, size in rows:
+                    if info & 0xF == STT_FUNC and shndx and value:
+                        if value not in funcs or not funcs[value]:
+                            funcs[value] = names[nm : names.find(b"\0", nm)].decode(errors="replace")
+                            sizes[value] = size
+            else:
+                ent = 16
+                rows32 = struct.iter_unpack("<IIIBBH", table[: len(table) // ent * ent])
+                for nm, value, size, info, _o, shndx in rows32:
+                    if info & 0xF == STT_FUNC and shndx and value:
+                        funcs.setdefault(value, names[nm : names.find(b"\0", nm)].decode(errors="replace"))
+                        sizes.setdefault(value, size)
+        if funcs:
+            break
+    found.saw("elf")
+    for name, typ, flags, addr, off, size, *_ in sections:
+        if typ == SHT_PROGBITS and flags & SHF_EXECINSTR and size:
+            if off + size > len(data):
+                raise ContainerError(f"{where(chain)}: section {sname(name)} runs past the end of the file")
+            lo, hi = addr, addr + size
+            fn = {a: n for a, n in funcs.items() if lo <= a < hi}
+            found.codes.append(
+                Code(
+                    chain + [sname(name)],
+                    data[off : off + size],
+                    addr,
+                    bitness,
+                    fn,
+                    {a: sizes[a] for a in fn},
+                )
+            )
+
+
+# --- PE/COFF and TE ----------------------------------------------------------------------------------
+SCN_MEM_EXECUTE = 0x20000000
+SCN_CNT_CODE = 0x20
+
+
+def _sections(data: bytes, at: int, n: int, adjust: int, bitness: int, chain: list[str], found: Found) -> None:
+    for k in range(n):
+        o = at + 40 * k
+        if o + 40 > len(data):
+            raise ContainerError(f"{where(chain)}: section table truncated")
+        name, vsize, va, rsize, rptr = struct.unpack_from("<8sIIII", data, o)
+        (chars,) = struct.unpack_from("<I", data, o + 36)
+        label = name.rstrip(b"\0").decode(errors="replace") or f"section{k}"
+        if chars & (SCN_MEM_EXECUTE | SCN_CNT_CODE) and rsize:
+            fo = rptr + adjust
+            if fo < 0 or fo + min(rsize, vsize or rsize) > len(data):
+                raise ContainerError(f"{where(chain)}: section {label} truncated")
+            size = min(rsize, vsize) if vsize else rsize
+            found.codes.append(
+                Code(chain + [label], data[fo : fo + size], va, bitness)
+            )
+
+
+def pe(data: bytes, chain: list[str], found: Found) -> None:
+    """Executable sections of a PE/COFF image (addresses are RVAs)."""
+    try:
+        (pe_at,) = struct.unpack_from("<I", data, 0x3C)
+        machine, nsec = struct.unpack_from("<HH", data, pe_at + 4)
+        (opt_size,) = struct.unpack_from("<H", data, pe_at + 20)
+        (entry,) = struct.unpack_from("<I", data, pe_at + 24 + 16)
+    except struct.error:
+        raise ContainerError(f"{where(chain)}: PE header truncated") from None
+    bitness = 64 if machine == 0x8664 else 32 if machine == 0x14C else 0
+    if not bitness:
+        raise ContainerError(f"{where(chain)}: PE machine {machine:#x} is not x86")
+    found.saw("pe")
+    first = len(found.codes)
+    _sections(data, pe_at + 24 + opt_size, nsec, 0, bitness, chain, found)
+    for c in found.codes[first:]:
+        if c.va <= entry < c.va + len(c.data):
+            c.functions.setdefault(entry, "entry point")
+
+
+def te(data: bytes, chain: list[str], found: Found) -> None:
+    """Executable sections of a TE image (addresses are RVAs)."""
+    try:
+        _sig, machine, nsec, _sub, stripped, entry = struct.unpack_from("<HHBBHI", data, 0)
+    except struct.error:
+        raise ContainerError(f"{where(chain)}: TE header truncated") from None
+    bitness = 64 if machine == 0x8664 else 32 if machine == 0x14C else 0
+    if not bitness:
+        raise ContainerError(f"{where(chain)}: TE machine {machine:#x} is not x86")
+    found.saw("te")
+    first = len(found.codes)
+    _sections(data, 40, nsec, 40 - stripped, bitness, chain, found)
+    for c in found.codes[first:]:
+        if c.va <= entry < c.va + len(c.data):
+            c.functions.setdefault(entry, "entry point")
+
+
+# --- UEFI firmware volumes ---------------------------------------------------------------------------
+def _guid(b: bytes, o: int = 0) -> uuid.UUID:
+    return uuid.UUID(bytes_le=bytes(b[o : o + 16]))
+
+
+def _u24(b: bytes, o: int) -> int:
+    return b[o] | b[o + 1] << 8 | b[o + 2] << 16
+
+
+def is_volume(data: bytes, at: int = 0) -> bool:
+    return data[at + 40 : at + 44] == b"_FVH" and len(data) >= at + 56
+
+
+def volumes(data: bytes) -> Iterator[int]:
+    """Offsets of the firmware volumes in a flash image (the 16-byte zero vector, then ``_FVH``)."""
+    i = 0
+    while (i := data.find(b"_FVH", i)) >= 0:
+        base = i - 40
+        if base >= 0 and data[base : base + 16] == bytes(16):
+            (length,) = struct.unpack_from("<Q", data, base + 32)
+            if 0 < length:
+                yield base
+                i = base + max(length, 44)
+                continue
+        i += 4
+
+
+def volume(data: bytes, chain: list[str], found: Found, budget: Budget, depth: int) -> None:
+    """The FFS files of one firmware volume starting at ``data[0]``."""
+    (length,) = struct.unpack_from("<Q", data, 32)
+    (hlen,) = struct.unpack_from("<H", data, 48)
+    (ext,) = struct.unpack_from("<H", data, 52)
+    if _guid(data, 16) not in (FFS2_GUID, FFS3_GUID):
+        found.saw("fv (not FFS: variables or other data)")
+        return
+    found.saw("fv")
+    if length > len(data):
+        raise ContainerError(f"{where(chain)}: volume truncated ({len(data)} of {length} bytes)")
+    if hlen < 56 or hlen > length:
+        raise ContainerError(f"{where(chain)}: bad volume header length {hlen}")
+    off = hlen
+    if ext:
+        if ext + 20 > length:
+            raise ContainerError(f"{where(chain)}: bad extended header offset {ext:#x}")
+        (esize,) = struct.unpack_from("<I", data, ext + 16)
+        off = ext + esize
+    while True:
+        off = (off + 7) & ~7
+        if off + 24 > length or data[off : off + 24] == b"\xff" * 24:
+            break
+        name = _guid(data, off)
+        ftype, attr = data[off + 18], data[off + 19]
+        size, hdr = _u24(data, off + 20), 24
+        if attr & 0x01:  # FFS_ATTRIB_LARGE_FILE: EFI_FFS_FILE_HEADER2
+            (size,) = struct.unpack_from("<Q", data, off + 24)
+            hdr = 32
+        if size < hdr or off + size > length:
+            raise ContainerError(f"{where(chain)}: file {str(name).upper()} at {off:#x} has a bad size {size:#x}")
+        if ftype != 0xF0:  # padding
+            found.saw("ffs")
+            body = data[off + hdr : off + size]
+            label = str(name).upper()
+            if ftype == 0x01:  # RAW file: the body is the data
+                explore(body, chain + [label], found, budget, depth + 1)
+            else:
+                leaves: list[tuple[list[str], bytes]] = []
+                ui = sections(body, chain + [label], leaves, found, budget, depth)
+                label = ui or label
+                for sub, blob in leaves:
+                    explore(blob, chain + [label] + sub, found, budget, depth + 1)
+        off += size
+
+
+def sections(
+    data: bytes, chain: list[str], leaves: list[tuple[list[str], bytes]], found: Found, budget: Budget, depth: int
+) -> str | None:
+    """Walk the sections of a file body; leaf images go to ``leaves`` (with their inner chain), nested
+    volumes are walked.  Returns the file's UI name if a UI section says it."""
+    ui: str | None = None
+    off = 0
+    while off + 4 <= len(data):
+        off = (off + 3) & ~3
+        if off + 4 > len(data):
+            break
+        size, typ, hdr = _u24(data, off), data[off + 3], 4
+        if size == 0xFFFFFF:
+            (size,) = struct.unpack_from("<I", data, off + 4)
+            hdr = 8
+        if size < hdr or off + size > len(data):
+            raise ContainerError(f"{where(chain)}: section at {off:#x} has a bad size {size:#x}")
+        body = data[off + hdr : off + size]
+        if typ == SECTION_UI:
+            ui = body.decode("utf-16-le", errors="replace").rstrip("\0")
+        elif typ in (SECTION_PE32, SECTION_PIC):
+            leaves.append((["pe32"], body))
+        elif typ == SECTION_TE:
+            leaves.append((["te"], body))
+        elif typ == SECTION_RAW:
+            leaves.append(([f"raw@{off:#x}"], body))
+        elif typ == SECTION_FV_IMAGE:
+            leaves.append((["fv"], body))
+        elif typ == SECTION_COMPRESSION:
+            if len(body) < 5:
+                raise ContainerError(f"{where(chain)}: compression section truncated")
+            (ctype,) = struct.unpack_from("<B", body, 4)
+            if ctype == 0:
+                sub: list[tuple[list[str], bytes]] = []
+                name = sections(body[5:], chain, sub, found, budget, depth)
+                ui = ui or name
+                leaves += sub
+            else:
+                found.skipped.append(
+                    f"{where(chain)}: EFI/Tiano-compressed section at {off:#x} not scanned (no decoder; see docs/scan.md)"
+                )
+        elif typ == SECTION_GUID_DEFINED:
+            if len(body) < 20:
+                raise ContainerError(f"{where(chain)}: GUID-defined section truncated")
+            g = _guid(body)
+            doff, gattr = struct.unpack_from("<HH", body, 16)
+            payload = data[off + doff : off + size]
+            if g == LZMA_GUID:
+                kind = "lzma"
+                found.saw(kind)
+                out = _lzma(payload, lzma.FORMAT_ALONE, budget, chain + [kind])
+                if len(payload) >= 13:
+                    (want,) = struct.unpack_from("<Q", payload, 5)
+                    if want != 0xFFFFFFFFFFFFFFFF and len(out) != want:
+                        raise ContainerError(f"{where(chain + [kind])}: LZMA stream ends after {len(out)} of {want} bytes")
+                sub = []
+                name = sections(out, chain + [kind], sub, found, budget, depth)
+                ui = ui or name
+                leaves += [([kind, *p], b) for p, b in sub]
+            elif g == CRC32_GUID or not gattr & 0x01:  # not processing-required: the data is plain
+                sub = []
+                name = sections(payload, chain, sub, found, budget, depth)
+                ui = ui or name
+                leaves += sub
+            else:
+                found.skipped.append(
+                    f"{where(chain)}: GUID-defined section {str(g).upper()} at {off:#x} not scanned (no decoder)"
+                )
+        off += size
+    return ui
+
+
+# --- bzImage -----------------------------------------------------------------------------------------
+def bzimage(data: bytes, chain: list[str], found: Found, budget: Budget, depth: int) -> None:
+    """The compressed kernel inside a bzImage (boot protocol 2.08+: payload offset and length)."""
+    setup_sects = data[0x1F1] or 4
+    (version,) = struct.unpack_from("<H", data, 0x206)
+    if version < 0x208:
+        raise ContainerError(f"{where(chain)}: bzImage boot protocol {version:#x} has no payload fields (2.08+)")
+    off, length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + off
+    if start + length > len(data):
+        raise ContainerError(f"{where(chain)}: bzImage payload runs past the end of the file")
+    found.saw("bzimage")
+    payload = data[start : start + length]
+    got = decompress(payload, budget, chain + ["bzImage payload"])
+    if got is None:
+        raise ContainerError(f"{where(chain)}: bzImage payload in an unknown compression ({payload[:4].hex()})")
+    kind, out = got
+    explore(out, chain + [f"vmlinux ({kind})"], found, budget, depth + 1)
+
+
+# --- dispatch ----------------------------------------------------------------------------------------
+def explore(data: bytes, chain: list[str], found: Found, budget: Budget, depth: int = 0) -> None:
+    """Recognise ``data`` by its first bytes and collect its code regions into ``found``."""
+    if depth > MAX_DEPTH:
+        found.skipped.append(f"{where(chain)}: containers nested deeper than {MAX_DEPTH}; not scanned")
+        return
+    if data[:4] == b"\x7fELF":
+        return elf(data, chain, found)
+    if data[:2] == b"MZ" and len(data) > 0x40:
+        (pe_at,) = struct.unpack_from("<I", data, 0x3C)
+        if data[pe_at : pe_at + 4] == b"PE\0\0":
+            if len(data) > 0x206 and data[0x202:0x206] == b"HdrS":
+                return bzimage(data, chain, found, budget, depth)  # an EFI-stub kernel is a bzImage too
+            return pe(data, chain, found)
+    if data[:2] == b"VZ" and len(data) >= 40:
+        return te(data, chain, found)
+    if len(data) > 0x250 and data[0x202:0x206] == b"HdrS":
+        return bzimage(data, chain, found, budget, depth)
+    if is_volume(data) and struct.unpack_from("<Q", data, 32)[0] >= len(data):
+        return volume(data, chain, found, budget, depth)
+    got = decompress(data, budget, chain)
+    if got is not None:
+        kind, out = got
+        found.saw(kind)
+        return explore(out, chain + [kind], found, budget, depth + 1)
+    bases = list(volumes(data)) if b"_FVH" in data else []
+    if bases:
+        found.saw("flash")
+        for base in bases:
+            try:
+                volume(data[base:], chain + [f"fv@{base:#x}"], found, budget, depth + 1)
+            except (ContainerError, struct.error) as e:
+                found.problems.append(str(e) if isinstance(e, ContainerError) else f"{where(chain)}: {e}")
+        # code outside the volumes (a reset vector, SEC in a raw region) is not scanned as flat code
+        return None
+    if TDCALL in data:
+        found.saw("raw")
+        found.codes.append(Code(chain + ["raw"], data, 0, 64, raw=True))
+    return None
+
+
+def open_input(path: Path) -> Iterator[tuple[str, Found]]:
+    """Every file of an input (a file, or a directory recursively), with what it holds.  A broken
+    container ends that file's walk with one problem line; the other files go on."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        found = Found()
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            found.problems.append(f"{p}: cannot read ({e.strerror})")
+            yield str(p), found
+            continue
+        try:
+            explore(data, [str(p)], found, Budget())
+        except ContainerError as e:
+            found.problems.append(str(e))
+        except (struct.error, IndexError) as e:
+            found.problems.append(f"{p}: truncated or corrupt container ({e})")
+        yield str(p), found
