@@ -7,6 +7,7 @@ import typer
 from .check.cli import register as register_check
 from .export_c.cli import register as register_export_c
 from .fuzz.cli import register as register_fuzz
+from .scan.cli import register as register_scan
 from .show.cli import register as register_show
 from .sweep.cli import register as register_sweep
 from .trace.cli import register as register_trace
@@ -23,6 +24,7 @@ app = typer.Typer(
 # one line per wing, in the order of `tdvmcall --help`
 register_show(app)
 register_check(app)
+register_scan(app)
 register_trace(app)
 register_fuzz(app)
 register_sweep(app)

@@ -165,7 +165,9 @@ def cases_for(leaf: L.Leaf, pinned: dict[str, int] | None = None) -> list[L.Case
     one case of the pinned values over the first case's defaults."""
     if not pinned:
         return list(leaf.cases)
-    agree = [c for c in leaf.cases if all(c.regs.get(r, v) == v for r, v in pinned.items()) and set(pinned) <= set(c.regs)]
+    agree = [
+        c for c in leaf.cases if all(c.regs.get(r, v) == v for r, v in pinned.items()) and set(pinned) <= set(c.regs)
+    ]
     if agree:
         return agree
     name = " ".join(f"{r}={v:#x}" for r, v in pinned.items())

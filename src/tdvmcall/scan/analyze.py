@@ -171,7 +171,7 @@ def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
     """Every TDCALL decoded as code in the region (once per caller when values come from the caller),
     and how many TDCALL byte matches are not code."""
     code = region.code
-    base = code.va
+    base = 0  # addresses are shown as they are in the container (VA, RVA or offset)
     out: list[Site] = []
     not_code = 0
     for at in region.hits():
@@ -202,7 +202,7 @@ def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
             regs = dict(intra)
             for r, v in params.items():
                 cv = _caller_value(region, cfn, v.param or r, base, 0)
-                where = f"caller at +{c - base:#x} ({cfn.name})"
+                where = f"caller at {c - base:#x} ({cfn.name})"
                 how = f"{v.how}; {where}: {cv.how}" if v.how != "from caller" else f"{where}: {cv.how}"
                 regs[r] = Value(cv.value, how)
             out.append(Site(input_name, code.chain, at, fn.name, start, regs, via=f"{cfn.name}+{c - cfn.start:#x}"))

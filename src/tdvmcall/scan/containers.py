@@ -238,9 +238,13 @@ def elf(data: bytes, chain: list[str], found: Found) -> None:
         for i in range(shnum):
             o = shoff + i * shentsize
             if is64:
-                name, typ, flags, addr, off, size, link, _info, _al, entsize = struct.unpack_from("<IIQQQQIIQQ", data, o)
+                name, typ, flags, addr, off, size, link, _info, _al, entsize = struct.unpack_from(
+                    "<IIQQQQIIQQ", data, o
+                )
             else:
-                name, typ, flags, addr, off, size, link, _info, _al, entsize = struct.unpack_from("<IIIIIIIIII", data, o)
+                name, typ, flags, addr, off, size, link, _info, _al, entsize = struct.unpack_from(
+                    "<IIIIIIIIII", data, o
+                )
             sections.append((name, typ, flags, addr, off, size, link, entsize))
     except struct.error:
         raise ContainerError(f"{where(chain)}: ELF section headers truncated") from None
@@ -317,9 +321,7 @@ def _sections(data: bytes, at: int, n: int, adjust: int, bitness: int, chain: li
             if fo < 0 or fo + min(rsize, vsize or rsize) > len(data):
                 raise ContainerError(f"{where(chain)}: section {label} truncated")
             size = min(rsize, vsize) if vsize else rsize
-            found.codes.append(
-                Code(chain + [label], data[fo : fo + size], va, bitness)
-            )
+            found.codes.append(Code(chain + [label], data[fo : fo + size], va, bitness))
 
 
 def pe(data: bytes, chain: list[str], found: Found) -> None:
@@ -486,7 +488,9 @@ def sections(
                 if len(payload) >= 13:
                     (want,) = struct.unpack_from("<Q", payload, 5)
                     if want != 0xFFFFFFFFFFFFFFFF and len(out) != want:
-                        raise ContainerError(f"{where(chain + [kind])}: LZMA stream ends after {len(out)} of {want} bytes")
+                        raise ContainerError(
+                            f"{where(chain + [kind])}: LZMA stream ends after {len(out)} of {want} bytes"
+                        )
                 sub = []
                 name = sections(out, chain + [kind], sub, found, budget, depth)
                 ui = ui or name

@@ -37,9 +37,7 @@ _REG = {getattr(ix.Register, n.upper()): n for n in GPRS}
 _REG.update({getattr(ix.Register, n.upper()): n for n in ("rip",)})
 #: registers a call may change (the union of the SysV and Microsoft x64 conventions' volatile ones)
 VOLATILE = frozenset({"rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11"})
-WRITES = frozenset(
-    {ix.OpAccess.WRITE, ix.OpAccess.READ_WRITE, ix.OpAccess.COND_WRITE, ix.OpAccess.READ_COND_WRITE}
-)
+WRITES = frozenset({ix.OpAccess.WRITE, ix.OpAccess.READ_WRITE, ix.OpAccess.COND_WRITE, ix.OpAccess.READ_COND_WRITE})
 IMMEDIATES = frozenset(
     {
         ix.OpKind.IMMEDIATE8,
@@ -225,7 +223,7 @@ def resolve(fn: Function, idx: int, reg: str, base: int) -> Value:
     insns = fn.insns
     for j in range(idx - 1, -1, -1):
         ins = insns[j]
-        at = f"+{ins.ip - base:#x}"
+        at = f"{ins.ip - base:#x}"
         fc = ins.flow_control
         if ins.mnemonic == ix.Mnemonic.TDCALL:
             return unknown(f"output of the TDCALL at {at}")
@@ -289,7 +287,7 @@ def _load(fn: Function, j: int, reg: str, width: int, base: int) -> Value:
     """``reg`` loaded from ``[base+disp]`` at ``fn.insns[j]``: the value an earlier store in the same
     function put there, with the base register unchanged in between."""
     ins = fn.insns[j]
-    at = f"+{ins.ip - base:#x}"
+    at = f"{ins.ip - base:#x}"
     key = _mem_key(ins)
     if key is None:
         what = "rip-relative" if ins.is_ip_rel_memory_operand else "indexed"
@@ -298,12 +296,17 @@ def _load(fn: Function, j: int, reg: str, width: int, base: int) -> Value:
     slot = f"[{base_reg}+{key[1]:#x}]"
     for k in range(j - 1, -1, -1):
         st = fn.insns[k]
-        if st.op_count >= 1 and st.op0_kind == ix.OpKind.MEMORY and _mem_key(st) == key and st.mnemonic == ix.Mnemonic.MOV:
+        if (
+            st.op_count >= 1
+            and st.op0_kind == ix.OpKind.MEMORY
+            and _mem_key(st) == key
+            and st.mnemonic == ix.Mnemonic.MOV
+        ):
             size = ix.MemorySizeExt.size(st.memory_size)
             if st.op1_kind in IMMEDIATES:
                 v = _imm(st, 1) & ((1 << (8 * size)) - 1) if size < 8 else _imm(st, 1)
                 if size < width:
-                    return unknown(f"loaded from {slot}, stored only in part at +{st.ip - base:#x}")
+                    return unknown(f"loaded from {slot}, stored only in part at {st.ip - base:#x}")
                 return Value(v & ((1 << (8 * width)) - 1), f"loaded from {slot}, stored as an immediate")
             if st.op1_kind == ix.OpKind.REGISTER:
                 src = reg_name(st.op1_register)

@@ -1,0 +1,122 @@
+"""``tdvmcall scan``: every TDCALL in firmware images, kernels and binaries, judged as ``check``
+judges a catalog row.  Composition only: containers in ``containers.py``, decoding and data flow in
+``flow.py``, sites and judgements in ``analyze.py``, renderers in ``report.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+SCAN_HELP = "\n\n".join(
+    " ".join(paragraph.split())
+    for paragraph in (
+        """Find every TDCALL (66 0F 01 CC, decoded as an instruction by iced-x86) in firmware images,
+    kernels and binaries, recover the registers it is made with, and judge each TDVMCALL against the
+    TDX module and both KVM policies, as 'tdvmcall check' judges a catalog row.""",
+        """Containers, recursively (each site named by its chain, outer to inner): directories; gzip, xz,
+    zstd, lz4, bzip2; bzImage (the compressed kernel); ELF (sites named by function when a symbol table
+    exists); PE/COFF and TE (EFI drivers and applications); UEFI flash images and volumes (.fd, .fv):
+    volumes, FFS files named by their UI section, sections, EDK2's LZMA section, nested volumes;
+    anything else as raw x86-64 code. Decompression is capped at 1 GiB per input.""",
+        """Values (RAX = the TDCALL leaf, RCX = the mask, R10/R11 = the call, the inputs that decide its
+    case) come from data flow in the function: immediates, copies, zeroing idioms, partial writes,
+    stack slots; a value from a parameter is followed to every direct caller (one row per caller).
+    What cannot be known is said ('loaded from memory', 'from caller, unresolved'), never guessed.""",
+        """Exit status: 0 when every resolved call passes --policy, 1 when some do not, 2 when an input
+    could not be read or is broken (one line each on stderr; the other inputs are still scanned).""",
+        """Examples: 'tdvmcall scan OVMF.fd', 'tdvmcall scan /boot/vmlinuz --json',
+    'tdvmcall scan fw/ --to-catalog mine.csv && tdvmcall check --catalog mine.csv'. See docs/scan.md.""",
+    )
+)
+
+
+def scan(
+    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Files or directories to scan."),
+    module: str = typer.Option("1.5", "--module", help="TDX module version: 1.0, 1.5 (or 1.0.3, 1.5.01, 1.5.05)."),
+    no_rbp_mod: bool = typer.Option(
+        True, "--no-rbp-mod/--rbp-mod", help="The TD's NO_RBP_MOD attribute (on: as Linux KVM creates every TD)."
+    ),
+    policy: str = typer.Option(
+        "hardened", "--policy", help="The KVM policy the exit status follows: hardened or legacy."
+    ),
+    tree: str = typer.Option("kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026) or v6.16."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON document: inputs, sites, summary (schema in docs/scan.md)."
+    ),
+    html_file: Path | None = typer.Option(
+        None, "--html", metavar="FILE", help="Also write a self-contained HTML report (sites x policies)."
+    ),
+    catalog_file: Path | None = typer.Option(
+        None,
+        "--to-catalog",
+        metavar="FILE.csv",
+        help="Also write the resolved sites as catalog rows that 'tdvmcall check --catalog' reads.",
+    ),
+) -> None:
+    from ..console import emit_json, fail, out
+    from ..judge import Host
+    from ..kvm.tdx import POLICIES
+    from ..scenario import TREES
+    from .analyze import analyze
+    from .containers import open_input
+    from .report import catalog_csv, html_report, report_json, rich_report
+
+    # validate options
+    if policy not in POLICIES:
+        fail(f"--policy: {policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+    if tree not in TREES:
+        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
+    try:
+        host = Host(module, no_rbp_mod, tree)
+        _ = host.td  # normalises the module version: raises for an unknown one
+    except ValueError as e:
+        fail(f"--module: {e}")
+
+    # scan every input; a bad one is said and the others go on
+    images = []
+    cache: dict = {}
+    for path in paths:
+        if not path.exists():
+            from .analyze import Image
+
+            images.append(Image(str(path), [], [f"{path}: no such file or directory"], [], {}, 0, 0))
+            continue
+        for name, found in open_input(path):
+            images.append(analyze(name, found, host, cache))
+
+    failing = any(not s.passes(policy) for img in images for s in img.sites)
+    for img in images:
+        for line in img.problems:
+            sys.stderr.write(f"tdvmcall: error: {line}\n")  # one line per broken input, as fail() writes
+    if as_json:
+        emit_json(report_json(images, host, policy, failing))
+    else:
+        out.print(rich_report(images, host, policy))
+    if html_file is not None:
+        try:
+            html_file.write_text(html_report(images, host, policy))
+        except OSError as e:
+            fail(f"--html: cannot write {html_file} ({e.strerror})")
+        if not as_json:
+            out.print(f"wrote {html_file}", highlight=False)
+    if catalog_file is not None:
+        text, left_out = catalog_csv(images)
+        try:
+            catalog_file.write_text(text)
+        except OSError as e:
+            fail(f"--to-catalog: cannot write {catalog_file} ({e.strerror})")
+        if not as_json:
+            extra = f" ({left_out} call(s) with an unresolved mask or call left out)" if left_out else ""
+            out.print(f"wrote {catalog_file}{extra}", highlight=False)
+    if any(img.problems for img in images):
+        raise typer.Exit(2)
+    raise typer.Exit(1 if failing else 0)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("scan", help=SCAN_HELP)(scan)
+
+
+__all__ = ["register"]
