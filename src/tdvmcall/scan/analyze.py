@@ -60,7 +60,7 @@ class Site:
     container: list[str]
     address: int
     function: str
-    function_start: int | None
+    function_start: int
     regs: dict[str, Value]
     via: str | None = None
     leaf: L.Leaf | None = None
@@ -71,8 +71,6 @@ class Site:
 
     @property
     def symbol(self) -> str:
-        if self.function_start is None:
-            return self.function
         return f"{self.function}+{self.address - self.function_start:#x}"
 
     @property
@@ -181,7 +179,7 @@ def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
             continue
         idx = len(fn.insns) - 1
         intra = {r: resolve(fn, idx, r, base) for r in REGS}
-        start = fn.start if fn.exact else None
+        start = fn.start
         params = {r: v for r, v in intra.items() if v.param}
         if not params:
             out.append(Site(input_name, code.chain, at, fn.name, start, intra))

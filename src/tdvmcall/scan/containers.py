@@ -271,10 +271,9 @@ def elf(data: bytes, chain: list[str], found: Found) -> None:
                 ent = 24
                 rows = struct.iter_unpack("<IBBHQQ", table[: len(table) // ent * ent])
                 for nm, info, _o, shndx, value, size in rows:
-                    if info & 0xF == STT_FUNC and shndx and value:
-                        if value not in funcs or not funcs[value]:
-                            funcs[value] = names[nm : names.find(b"\0", nm)].decode(errors="replace")
-                            sizes[value] = size
+                    if info & 0xF == STT_FUNC and shndx and value and not funcs.get(value):
+                        funcs[value] = names[nm : names.find(b"\0", nm)].decode(errors="replace")
+                        sizes[value] = size
             else:
                 ent = 16
                 rows32 = struct.iter_unpack("<IIIBBH", table[: len(table) // ent * ent])
@@ -381,7 +380,7 @@ def volumes(data: bytes) -> Iterator[int]:
         base = i - 40
         if base >= 0 and data[base : base + 16] == bytes(16):
             (length,) = struct.unpack_from("<Q", data, base + 32)
-            if 0 < length:
+            if length > 0:
                 yield base
                 i = base + max(length, 44)
                 continue

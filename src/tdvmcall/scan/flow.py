@@ -51,6 +51,16 @@ IMMEDIATES = frozenset(
     }
 )
 _INFO = ix.InstructionInfoFactory()
+#: instructions after which straight-line code does not continue
+BOUNDARIES = frozenset(
+    {
+        ix.FlowControl.RETURN,
+        ix.FlowControl.UNCONDITIONAL_BRANCH,
+        ix.FlowControl.INDIRECT_BRANCH,
+        ix.FlowControl.INTERRUPT,
+        ix.FlowControl.EXCEPTION,
+    }
+)
 
 
 def reg_name(reg: int) -> str | None:
@@ -166,7 +176,7 @@ class Region:
             tried += 1
             insns = self.decode(start, at)
             if insns is not None:
-                return Function(start, self.name(start), insns, True)
+                return self._cut(start, insns)
         if tried:
             return None  # decoding from the function's start does not land here: not code
         # no start within reach: decode a short window (the site only; no caller is followed)
@@ -175,6 +185,19 @@ class Region:
             if insns is not None:
                 return Function(at - back, f"at {at:#x}", insns, False)
         return None
+
+    def _cut(self, start: int, insns: list[ix.Instruction]) -> Function:
+        """Without a symbol saying where the function ends, a ``ret``, ``jmp`` or ``int3`` before the
+        site ends the straight-line path: the function (as far as the data flow goes) starts after the
+        last one, and is a known start only if something calls it there."""
+        if start in self.code.sizes:
+            return Function(start, self.name(start), insns, True)
+        for k in range(len(insns) - 2, -1, -1):
+            if insns[k].flow_control in BOUNDARIES:
+                nxt = insns[k + 1].ip
+                rest = insns[k + 1 :]
+                return Function(nxt, self.name(nxt), rest, nxt in self.calls or nxt in self.code.functions)
+        return Function(start, self.name(start), insns, True)
 
     def hits(self) -> list[int]:
         """Addresses of the TDCALL byte matches (code or not)."""
@@ -202,10 +225,7 @@ def _mem_key(ins: ix.Instruction) -> tuple[int, int] | None:
 def _writes(ins: ix.Instruction, reg: str) -> bool:
     if ins.mnemonic == ix.Mnemonic.TDCALL:
         return True
-    for u in _INFO.info(ins).used_registers():
-        if u.access in WRITES and reg_name(u.register) == reg:
-            return True
-    return False
+    return any(u.access in WRITES and reg_name(u.register) == reg for u in _INFO.info(ins).used_registers())
 
 
 def _merge(width: int, low: int, older: Value, how: str) -> Value:
@@ -252,20 +272,29 @@ def resolve(fn: Function, idx: int, reg: str, base: int) -> Value:
                 return Value(None if v.value is None else v.value & ((1 << (8 * width)) - 1), how)
             if k1 == ix.OpKind.MEMORY:
                 return _load(fn, j, reg, width, base)
-        if m in (ix.Mnemonic.XOR, ix.Mnemonic.SUB) and ins.op_count == 2 and ins.op1_kind == ix.OpKind.REGISTER:
-            if ins.op0_register == ins.op1_register and reg_name(op0) == reg:
-                older = resolve(fn, j, reg, base) if width < 4 else Value(0, "")
-                return _merge(width, 0, older, "zeroing idiom")
-        if m in (ix.Mnemonic.OR, ix.Mnemonic.AND, ix.Mnemonic.ADD, ix.Mnemonic.SUB) and reg_name(op0) == reg:
-            if ins.op1_kind in IMMEDIATES and width >= 4:
-                older = resolve(fn, j, reg, base)
-                imm = _imm(ins, 1)
-                name = {ix.Mnemonic.OR: "or", ix.Mnemonic.AND: "and", ix.Mnemonic.ADD: "add", ix.Mnemonic.SUB: "sub"}[m]
-                if not older.known:
-                    return unknown(f"{name} {imm:#x} over {older.how}")
-                a = older.value or 0
-                r = {"or": a | imm, "and": a & imm, "add": a + imm, "sub": a - imm}[name]
-                return Value(r & ((1 << (8 * width)) - 1), f"{older.how}, {name} {imm:#x}")
+        if (
+            m in (ix.Mnemonic.XOR, ix.Mnemonic.SUB)
+            and ins.op_count == 2
+            and ins.op1_kind == ix.OpKind.REGISTER
+            and ins.op0_register == ins.op1_register
+            and reg_name(op0) == reg
+        ):
+            older = resolve(fn, j, reg, base) if width < 4 else Value(0, "")
+            return _merge(width, 0, older, "zeroing idiom")
+        if (
+            m in (ix.Mnemonic.OR, ix.Mnemonic.AND, ix.Mnemonic.ADD, ix.Mnemonic.SUB)
+            and reg_name(op0) == reg
+            and ins.op1_kind in IMMEDIATES
+            and width >= 4
+        ):
+            older = resolve(fn, j, reg, base)
+            imm = _imm(ins, 1)
+            name = {ix.Mnemonic.OR: "or", ix.Mnemonic.AND: "and", ix.Mnemonic.ADD: "add", ix.Mnemonic.SUB: "sub"}[m]
+            if not older.known:
+                return unknown(f"{name} {imm:#x} over {older.how}")
+            a = older.value or 0
+            r = {"or": a | imm, "and": a & imm, "add": a + imm, "sub": a - imm}[name]
+            return Value(r & ((1 << (8 * width)) - 1), f"{older.how}, {name} {imm:#x}")
         if m == ix.Mnemonic.LEA and reg_name(op0) == reg and width >= 4:
             if ins.is_ip_rel_memory_operand:
                 return Value(ins.ip_rel_memory_address & U64, "lea of an address")
@@ -293,7 +322,8 @@ def _load(fn: Function, j: int, reg: str, width: int, base: int) -> Value:
         what = "rip-relative" if ins.is_ip_rel_memory_operand else "indexed"
         return unknown(f"loaded from memory ({what}) at {at}")
     base_reg = reg_name(key[0])
-    slot = f"[{base_reg}+{key[1]:#x}]"
+    disp = key[1] - (1 << 64) if key[1] >> 63 else key[1]
+    slot = f"[{base_reg}{'-' if disp < 0 else '+'}{abs(disp):#x}]"
     for k in range(j - 1, -1, -1):
         st = fn.insns[k]
         if (
@@ -320,9 +350,12 @@ def _load(fn: Function, j: int, reg: str, width: int, base: int) -> Value:
             break
         if base_reg and _writes(st, base_reg):
             return unknown(f"loaded from memory {slot} at {at} ({base_reg} changes before)")
-        if st.mnemonic == ix.Mnemonic.TDCALL or st.flow_control in (ix.FlowControl.CALL, ix.FlowControl.INDIRECT_CALL):
-            if base_reg != "rsp" and base_reg != "rbp":
-                return unknown(f"loaded from memory {slot} at {at}")
+        calls = st.mnemonic == ix.Mnemonic.TDCALL or st.flow_control in (
+            ix.FlowControl.CALL,
+            ix.FlowControl.INDIRECT_CALL,
+        )
+        if calls and base_reg not in ("rsp", "rbp"):
+            return unknown(f"loaded from memory {slot} at {at}")
     return unknown(f"loaded from memory {slot} at {at}")
 
 

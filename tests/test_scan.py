@@ -1,0 +1,303 @@
+"""``tdvmcall scan`` on fixtures the suite builds itself from ``tests/data/scan/sites.s`` (GNU as and
+ld): an ELF with symbols, the same stripped, a PE32+ EFI application, a TE image made from it, and a
+UEFI firmware volume whose driver sits in an LZMA GUID-defined section.  Every expected value is
+read from the assembly by hand (the comments there), the verdicts from the leaf table's minimal
+masks and the module's control rules (ABI.md §2, §4), never from the scanner's output."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import shutil
+import struct
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tdvmcall.cli import app
+
+HERE = Path(__file__).parent
+ASM = HERE / "data" / "scan" / "sites.s"
+runner = CliRunner()
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("as") and shutil.which("ld") and shutil.which("strip")),
+    reason="GNU as, ld and strip are needed to build the scan fixtures",
+)
+
+# --- building the fixtures ---------------------------------------------------------------------------
+FFS2 = uuid.UUID("8C8CE578-8A3D-4F1C-9935-896185C32DD3")
+LZMA_GUID = uuid.UUID("EE4E5898-3914-4259-9D6E-DC7BD79403CF")
+FILE_GUID = uuid.UUID("11111111-2222-3333-4444-555555555555")
+
+
+def section(typ: int, body: bytes) -> bytes:
+    """A common section header (PI vol. 3): 24-bit size, type; padded to 4 bytes."""
+    raw = struct.pack("<I", (len(body) + 4) | typ << 24) + body
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def guided_lzma(inner: bytes) -> bytes:
+    """A GUID-defined section (header 4 + GUID 16 + DataOffset 2 + Attributes 2 = 24 bytes) holding
+    an LZMA "alone" stream, processing required (attribute bit 0)."""
+    payload = lzma.compress(inner, format=lzma.FORMAT_ALONE)
+    body = LZMA_GUID.bytes_le + struct.pack("<HH", 24, 0x01) + payload
+    return section(0x02, body)
+
+
+def ffs_file(sections: bytes, ftype: int = 0x07) -> bytes:
+    """An FFS file header (name, checksum, type DRIVER, attributes, 24-bit size, state)."""
+    size = 24 + len(sections)
+    return FILE_GUID.bytes_le + struct.pack("<HBB", 0, ftype, 0) + size.to_bytes(3, "little") + b"\xf8" + sections
+
+
+def volume(files: bytes) -> bytes:
+    """A firmware volume: zero vector, FFS2 GUID, length, ``_FVH``, attributes, header length 72
+    (56 + one block-map entry + terminator), checksum, no extended header, revision 2."""
+    hlen = 72
+    length = hlen + len(files)
+    length += -length % 8
+    head = bytes(16) + FFS2.bytes_le + struct.pack("<Q4sIHHHBB", length, b"_FVH", 0, hlen, 0, 0, 0, 2)
+    head += struct.pack("<IIII", 1, length, 0, 0)
+    body = head + files
+    return body + b"\xff" * (length - len(body))
+
+
+def te_from_pe(pe: bytes) -> bytes:
+    """A TE image (PI vol. 1): the PE headers up to the section table replaced by a 40-byte TE header;
+    StrippedSize = the bytes removed, so a section's file offset = raw pointer - StrippedSize + 40."""
+    (pe_at,) = struct.unpack_from("<I", pe, 0x3C)
+    machine, nsec = struct.unpack_from("<HH", pe, pe_at + 4)
+    (opt,) = struct.unpack_from("<H", pe, pe_at + 20)
+    entry, base_of_code = struct.unpack_from("<II", pe, pe_at + 24 + 16)
+    (image_base,) = struct.unpack_from("<Q", pe, pe_at + 24 + 24)
+    table = pe_at + 24 + opt
+    head = struct.pack("<2sHBBHIIQ", b"VZ", machine, nsec, 10, table, entry, base_of_code, image_base)
+    head += bytes(40 - len(head))
+    return head + pe[table:]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("scan")
+    obj = d / "sites.o"
+    subprocess.run(["as", "--64", "-o", str(obj), str(ASM)], check=True)
+    subprocess.run(["ld", "-o", str(d / "sites.elf"), str(obj)], check=True)
+    subprocess.run(["strip", "-o", str(d / "sites.stripped"), str(d / "sites.elf")], check=True)
+    subprocess.run(
+        ["ld", "-m", "i386pep", "-e", "_start", "--subsystem", "10", "-o", str(d / "sites.efi"), str(obj)], check=True
+    )
+    pe = (d / "sites.efi").read_bytes()
+    (d / "sites.te").write_bytes(te_from_pe(pe))
+    ui = section(0x15, "SitesDxe\0".encode("utf-16-le"))
+    fv = volume(ffs_file(guided_lzma(section(0x10, pe) + ui)))
+    (d / "sites.fv").write_bytes(fv)
+    (d / "flash.fd").write_bytes(b"\xff" * 0x1000 + fv + b"\xff" * 0x1000)
+    (d / "truncated.fv").write_bytes(fv[: len(fv) // 2])
+    bad = bytearray(fv)
+    start = fv.find(LZMA_GUID.bytes_le) + 20 + 13  # after the section's GUID, offsets and LZMA header
+    bad[start + 40 : start + 240] = b"\xa5" * 200
+    (d / "corrupt-lzma.fv").write_bytes(bytes(bad))
+    return {p.name: p for p in d.iterdir()}
+
+
+def scan_json(*args: str | Path) -> tuple[int, dict]:
+    res = runner.invoke(app, ["scan", *map(str, args), "--json"])
+    assert res.exit_code in (0, 1, 2), res.output
+    return res.exit_code, json.loads(res.stdout)
+
+
+def by_symbol(doc: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for s in doc["sites"]:
+        out.setdefault(s["symbol"].split("+")[0], []).append(s)
+    return out
+
+
+# --- the sites, with symbols -------------------------------------------------------------------------
+def test_elf_with_symbols_every_case(built):
+    code, doc = scan_json(built["sites.elf"])
+    sites = by_symbol(doc)
+    # 1. immediate mask 0x1C00 (R10 R11 R12), RDMSR: its minimal mask exactly -> ok under both
+    [s] = sites["imm_mask"]
+    assert s["symbol"] == "imm_mask+0x16"  # 2 + 5 + 3 + 6 + 6 bytes before the TDCALL
+    assert (s["rax"], s["mask"], s["r10"], s["r11"], s["call"]) == ("0x0", "0x1c00", "0x0", "0x1f", "Instruction.RDMSR")
+    assert s["how"]["rcx"] == "immediate" and s["how"]["r10"] == "zeroing idiom"
+    assert s["inputs"] == {"r12": "0x1b"}
+    assert s["verdict"] == {"legacy": "ok", "hardened": "ok"} and s["module"]["accepted"]
+    # 2. a copy of r8: 0xFFEC exposes RBP -> the module fails it under NO_RBP_MOD
+    [s] = sites["copy_mask"]
+    assert s["mask"] == "0xffec" and s["how"]["rcx"] == "copy of r8"
+    assert s["verdict"] == {"legacy": "module-rejects", "hardened": "module-rejects"}
+    assert s["module"] == {"accepted": False, "status": "0xc000010000000001"}  # TDX_OPERAND_INVALID, RCX
+    # 3. xor ecx, ecx: nothing exposed; CPUID needs R10..R15 -> refused by hardened, silent in legacy
+    [s] = sites["zero_mask"]
+    assert s["mask"] == "0x0" and s["how"]["rcx"] == "zeroing idiom" and s["call"] == "Instruction.CPUID"
+    assert s["verdict"] == {"legacy": "legacy-silent", "hardened": "hardened-refuses"}
+    # 4. widths: a 32-bit write zeroes the top half; a 64-bit move sign-extends; an 8-bit one merges
+    assert sites["mov32"][0]["mask"] == "0xfc00"
+    assert sites["mov64"][0]["mask"] == "0xfffffffffffffc00"
+    assert sites["mov64"][0]["verdict"]["hardened"] == "module-rejects"  # reserved bits 63:32
+    assert sites["mov8"][0]["mask"] == "0xffcc"
+    # 5. the wrapper: one resolved call per caller, the leaf and the IO direction from each
+    ws = sorted(sites["wrapper"], key=lambda s: s["r11"])
+    assert [(s["r11"], s["call"], s["via"]) for s in ws] == [
+        ("0x1e", "Instruction.IO", "caller_io+0x14"),
+        ("0xc", "Instruction.HLT", "caller_hlt+0x5"),
+    ]
+    assert ws[0]["inputs"] == {"r13": "0x0"} and "caller at" in ws[0]["how"]["r11"]
+    assert all(s["mask"] == "0xfc00" and s["verdict"]["hardened"] == "ok" for s in ws)
+    # 6. loaded from memory: said, not guessed; judged by what the call needs
+    [s] = sites["mem_mask"]
+    assert s["mask"] is None and "loaded from memory" in s["how"]["rcx"]
+    assert s["verdict"] == {"legacy": "unresolved", "hardened": "unresolved"}
+    assert any("needs at least 0x1c00" in d for d in s["details"])
+    # 7. other TDCALL leaves are listed, not judged as TDVMCALLs
+    assert sites["vp_info"][0]["tdcall_leaf"] == "TDG.VP.INFO" and sites["vp_info"][0]["mask"] is None
+    assert sites["page_accept"][0]["call"] == "TDG.MEM.PAGE.ACCEPT"
+    assert sites["page_accept"][0]["verdict"]["hardened"] == "not-tdvmcall"
+    # 8. the bytes inside `mov eax, 0xCC010F66` are not a site; those in .data are not code at all
+    assert "not_code" not in sites
+    # 9. a stack slot: the mask stored then loaded; MMIO with direction 1 pinned
+    [s] = sites["stack_mask"]
+    assert s["mask"] == "0xfc00" and "[rsp-0x10]" in s["how"]["rcx"] and s["inputs"] == {"r13": "0x1"}
+    summary = doc["inputs"][0]["summary"]
+    assert (summary["tdcall_sites"], summary["tdvmcall_sites"], summary["not_code"]) == (11, 9, 1)
+    assert summary["module_rejects"] == 2 and summary["hardened_refuses"] == 1 and summary["unresolved"] == 1
+    assert code == 1  # some calls fail the hardened policy
+
+
+def test_rbp_mod_lets_the_module_accept_rbp(built):
+    _, doc = scan_json(built["sites.elf"], "--rbp-mod")
+    [s] = by_symbol(doc)["copy_mask"]
+    assert s["module"]["accepted"] and s["verdict"]["hardened"] == "ok"  # HLT needs only R10 R11 (+R12)
+
+
+@pytest.mark.parametrize("name", ["sites.stripped", "sites.efi", "sites.te"])
+def test_stripped_elf_pe_and_te_find_the_same_calls(built, name):
+    _, doc = scan_json(built[name])
+    summary = doc["inputs"][0]["summary"]
+    assert (summary["tdcall_sites"], summary["tdvmcall_sites"], summary["not_code"]) == (11, 9, 1)
+    masks = {s["mask"] for s in doc["sites"] if s["mask"]}
+    assert masks == {"0x0", "0x1c00", "0xfc00", "0xfffffffffffffc00", "0xffcc", "0xffec"}
+    # the wrapper's callers are found without symbols: its start is the target of two calls
+    calls = sorted(s["r11"] for s in doc["sites"] if s["mask"] == "0xfc00" and s["inputs"] != {"r13": "0x1"})
+    assert "0x1e" in calls and "0xc" in calls
+
+
+def test_firmware_volume_with_an_lzma_section(built):
+    for name in ("sites.fv", "flash.fd"):
+        code, doc = scan_json(built[name])
+        assert doc["inputs"][0]["errors"] == []
+        s = doc["sites"][0]
+        assert "lzma" in s["container"] and "SitesDxe" in s["container"]  # named by its UI section
+        assert doc["inputs"][0]["summary"]["tdvmcall_sites"] == 9
+        assert code == 1
+
+
+def test_broken_inputs_one_line_each_exit_2_and_the_others_scanned(built):
+    res = runner.invoke(
+        app, ["scan", str(built["truncated.fv"]), str(built["sites.elf"]), str(built["corrupt-lzma.fv"]), "--json"]
+    )
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("tdvmcall: error: ") for line in lines)
+    assert "truncated.fv" in lines[0] and "truncated" in lines[0]
+    assert "corrupt-lzma.fv" in lines[1] and "LZMA" in lines[1]
+    doc = json.loads(res.stdout)
+    assert [len(i["errors"]) for i in doc["inputs"]] == [1, 0, 1]
+    assert doc["inputs"][1]["summary"]["tdcall_sites"] == 11
+
+
+def test_compressed_inputs_and_directories(built, tmp_path):
+    import gzip
+
+    import zstandard
+
+    elf = built["sites.elf"].read_bytes()
+    (tmp_path / "a.gz").write_bytes(gzip.compress(elf))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.xz").write_bytes(lzma.compress(elf))
+    (tmp_path / "sub" / "c.zst").write_bytes(zstandard.ZstdCompressor().compress(elf))
+    _, doc = scan_json(tmp_path)
+    assert [Path(i["path"]).name for i in doc["inputs"]] == ["a.gz", "b.xz", "c.zst"]
+    assert all(i["summary"]["tdcall_sites"] == 11 for i in doc["inputs"])
+    assert doc["sites"][0]["container"][1] == "gzip"
+
+
+def test_bad_input_is_one_line(tmp_path):
+    res = runner.invoke(app, ["scan", str(tmp_path / "missing.bin")])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "no such file" in res.stderr
+    res = runner.invoke(app, ["scan", str(tmp_path), "--policy", "strict"])
+    assert res.exit_code == 2 and "--policy" in res.stderr
+
+
+def test_rich_table_lists_the_findings_first(built):
+    res = runner.invoke(app, ["scan", str(built["sites.elf"])], env={"COLUMNS": "200"})
+    assert res.exit_code == 1
+    text = res.stdout
+    assert text.index("module-rejects") < text.index("hardened-refuses") < text.index("imm_mask")
+
+
+def test_html_page(built, tmp_path):
+    out = tmp_path / "scan.html"
+    res = runner.invoke(app, ["scan", str(built["sites.elf"]), "--html", str(out)])
+    assert res.exit_code == 1
+    page = out.read_text()
+    assert page.startswith("<!doctype html>") and "copy_mask+0x14" in page and "module-rejects" in page
+
+
+def test_to_catalog_rows_collapse_and_pin_directions(built, tmp_path):
+    import csv
+
+    out = tmp_path / "mine.csv"
+    res = runner.invoke(app, ["scan", str(built["sites.elf"]), str(built["sites.stripped"]), "--to-catalog", str(out)])
+    assert res.exit_code == 1
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["guest", "snapshot", "file", "function", "mask_hex", "tdvmcalls", "note"]
+    mine = {(r["guest"], r["function"]): r for r in rows}
+    assert mine[("sites.elf", "wrapper+0xd")]["tdvmcalls"] in ("IO in", "HLT")
+    calls = {r["tdvmcalls"] for r in rows if r["guest"] == "sites.elf"}
+    assert {"IO in", "HLT", "RDMSR", "CPUID", "MMIO write"} <= calls
+    assert mine[("sites.elf", "copy_mask+0x14")]["mask_hex"] == "0xFFEC"
+    # the unresolved mask is not written: 9 resolved TDVMCALLs per image (the wrapper twice), 2 images
+    assert len(rows) == 2 * 9
+
+
+def test_to_catalog_round_trip_through_check(built, tmp_path):
+    from tdvmcall.check.catalog import CatalogError, parse_calls
+
+    try:
+        parse_calls("IO in")
+    except CatalogError:
+        pytest.skip("check's catalog grammar does not read pinned directions ('IO in') yet (branch check)")
+    out = tmp_path / "mine.csv"
+    runner.invoke(app, ["scan", str(built["sites.elf"]), "--to-catalog", str(out)])
+    res = runner.invoke(app, ["check", "--catalog", str(out), "--json"])
+    assert res.exit_code == 1, res.stderr  # the RBP and the reserved-bit rows fail; no row is bad
+    doc = json.loads(res.stdout)
+    assert doc["errors"] == []
+
+
+REAL_FIRMWARE = os.environ.get("TDVMCALL_REAL_FIRMWARE")
+
+
+def test_real_tdx_firmware():
+    """Debian sid's ovmf-inteltdx (edk2 2026.08): .ci/run downloads it when it can.  Expected from
+    research on that image (docs/scan.md): 73 TDCALL sites, of which 42 TDVMCALLs, all with the mask
+    0xFFCC or 0xFFC4 (TdxDxe's inline CPUID without RBX), none rejected or refused."""
+    if not REAL_FIRMWARE:
+        pytest.skip("TDVMCALL_REAL_FIRMWARE is not set (.ci/run sets it when the ovmf-inteltdx download works)")
+    path = Path(REAL_FIRMWARE)
+    if not path.is_file():
+        pytest.skip(f"TDVMCALL_REAL_FIRMWARE={REAL_FIRMWARE} is not a file (the download failed)")
+    code, doc = scan_json(path)
+    s = doc["inputs"][0]["summary"]
+    assert (s["tdcall_sites"], s["tdvmcall_sites"]) == (73, 42)
+    assert {x["mask"] for x in doc["sites"] if x["mask"]} == {"0xffcc", "0xffc4"}
+    assert s["module_rejects"] == 0 and s["hardened_refuses"] == 0
+    assert code == 0
