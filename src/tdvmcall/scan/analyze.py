@@ -50,6 +50,8 @@ DECIDING: dict[str, tuple[str, ...]] = {
     "GetTdVmCallInfo": ("r12",),
 }
 REGS = ("rax", "rcx", "r10", "r11", "r12", "r13")
+#: callers followed per site (one resolved call each); beyond, the site says how many were left
+MAX_CALLERS = 256
 
 
 @dataclass
@@ -185,7 +187,8 @@ def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
             out.append(Site(input_name, code.chain, at, fn.name, start, intra))
             continue
         callers = []
-        for c in region.calls.get(fn.start, []):
+        direct = region.calls.get(fn.start, [])
+        for c in direct[:MAX_CALLERS]:
             cfn = region.function(c)
             if cfn is None or cfn.insns[-1].flow_control != ix.FlowControl.CALL:
                 continue
@@ -196,6 +199,10 @@ def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
             regs = {**intra, **{r: unknown(f"{v.how}, unresolved") for r, v in params.items()}}
             out.append(Site(input_name, code.chain, at, fn.name, start, regs))
             continue
+        if len(direct) > MAX_CALLERS:
+            region.code.notes.append(
+                f"{fn.name}: {len(direct)} direct calls; the first {MAX_CALLERS} followed, the rest not"
+            )
         for c, cfn in callers:
             regs = dict(intra)
             for r, v in params.items():
@@ -274,7 +281,8 @@ def analyze(path: str, found: Found, host: Host, cache: dict[tuple[object, ...],
         not_code += nc
     for s in sites:
         judge_site(s, host, cache)
-    return Image(path, sites, found.problems, found.skipped, found.kinds, not_code, size)
+    skipped = found.skipped + [n for code in found.codes for n in code.notes]
+    return Image(path, sites, found.problems, skipped, found.kinds, not_code, size)
 
 
 __all__ = ["Code", "Image", "Site", "analyze"]

@@ -84,6 +84,7 @@ class Code:
     functions: dict[int, str] = field(default_factory=dict)  # start address -> name
     sizes: dict[int, int] = field(default_factory=dict)  # start address -> size (when the symbol says)
     raw: bool = False  # a flat blob: no sections or symbols say where the code is
+    notes: list[str] = field(default_factory=list)  # limits met while analysing it
 
 
 @dataclass
