@@ -78,7 +78,9 @@ def synthetic_firmware(d: Path) -> Path:
         f = name + struct.pack("<HBB", 0, 0x07, 0) + (24 + len(body)).to_bytes(3, "little") + b"\xf8" + body
         files += f + b"\xff" * (-len(f) % 8)
     inner = _volume(files)
-    payload = LZMA_GUID.bytes_le + struct.pack("<HH", 24, 1) + lzma.compress(section(0x17, inner), format=lzma.FORMAT_ALONE)
+    payload = (
+        LZMA_GUID.bytes_le + struct.pack("<HH", 24, 1) + lzma.compress(section(0x17, inner), format=lzma.FORMAT_ALONE)
+    )
     outer_body = section(0x02, payload)
     outer_file = uuid.UUID(int=999).bytes_le + struct.pack("<HBB", 0, 0x0B, 0)
     outer_file += (24 + len(outer_body)).to_bytes(3, "little") + b"\xf8" + outer_body
@@ -87,7 +89,9 @@ def synthetic_firmware(d: Path) -> Path:
     flash = fv + b"\xff" * ((4 << 20) - len(fv))
     path = d / "synthetic.fd"
     path.write_bytes(flash[: 4 << 20])
-    print(f"synthetic firmware: {len(fv) >> 10} KiB volume in a 4 MiB flash, {len(files) / 1e6:.1f} MB of drivers inside LZMA")
+    print(
+        f"synthetic firmware: {len(fv) >> 10} KiB volume in a 4 MiB flash, {len(files) / 1e6:.1f} MB of drivers inside LZMA"
+    )
     return path
 
 
@@ -111,7 +115,10 @@ def run(path: Path, repeat: int) -> None:
     doc: dict = {}
     for _ in range(repeat):
         t = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", "from tdvmcall.cli import main; main()", "scan", str(path), "--json"], capture_output=True)
+        p = subprocess.run(
+            [sys.executable, "-c", "from tdvmcall.cli import main; main()", "scan", str(path), "--json"],
+            capture_output=True,
+        )
         walls.append(time.perf_counter() - t)
         rss = max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         doc = json.loads(p.stdout)
