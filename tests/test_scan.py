@@ -165,8 +165,16 @@ def test_elf_with_symbols_every_case(built):
     # 9. a stack slot: the mask stored then loaded; MMIO with direction 1 pinned
     [s] = sites["stack_mask"]
     assert s["mask"] == "0xfc00" and "[rsp-0x10]" in s["how"]["rcx"] and s["inputs"] == {"r13": "0x1"}
+    # 10. through memory, two caller levels: the mask stored by `hypercall`, R10/R11/R13 by its callers
+    ts = sorted(by_symbol(doc)["tdcall_stub"], key=lambda s: s["r11"])
+    assert [(s["call"], s["via"], s["inputs"]) for s in ts] == [
+        ("Instruction.IO", "hypercall+0xd ← do_io_out+0x27", {"r13": "0x1"}),
+        ("Instruction.HLT", "hypercall+0xd ← do_halt+0x1d", {}),
+    ]
+    assert all(s["rax"] == "0x0" and s["mask"] == "0xffcc" and s["r10"] == "0x0" for s in ts)
+    assert "stored to [rsi+0x0]" in ts[0]["how"]["rcx"] and "as the caller passed it" in ts[0]["how"]["rcx"]
     summary = doc["inputs"][0]["summary"]
-    assert (summary["tdcall_sites"], summary["tdvmcall_sites"], summary["not_code"]) == (11, 9, 1)
+    assert (summary["tdcall_sites"], summary["tdvmcall_sites"], summary["not_code"]) == (12, 10, 1)
     assert summary["module_rejects"] == 2 and summary["hardened_refuses"] == 1 and summary["unresolved"] == 1
     assert code == 1  # some calls fail the hardened policy
 
@@ -181,12 +189,17 @@ def test_rbp_mod_lets_the_module_accept_rbp(built):
 def test_stripped_elf_pe_and_te_find_the_same_calls(built, name):
     _, doc = scan_json(built[name])
     summary = doc["inputs"][0]["summary"]
-    assert (summary["tdcall_sites"], summary["tdvmcall_sites"], summary["not_code"]) == (11, 9, 1)
+    assert (summary["tdcall_sites"], summary["tdvmcall_sites"], summary["not_code"]) == (12, 10, 1)
     masks = {s["mask"] for s in doc["sites"] if s["mask"]}
     assert masks == {"0x0", "0x1c00", "0xfc00", "0xfffffffffffffc00", "0xffcc", "0xffec"}
     # the wrapper's callers are found without symbols: its start is the target of two calls
     calls = sorted(s["r11"] for s in doc["sites"] if s["mask"] == "0xfc00" and s["inputs"] != {"r13": "0x1"})
     assert "0x1e" in calls and "0xc" in calls
+    # and the struct-passing stub's calls, two caller levels up
+    assert sorted(s["call"] for s in doc["sites"] if s["mask"] == "0xffcc" and s["via"] and "←" in s["via"]) == [
+        "Instruction.HLT",
+        "Instruction.IO",
+    ]
 
 
 def test_firmware_volume_with_an_lzma_section(built):
@@ -195,7 +208,7 @@ def test_firmware_volume_with_an_lzma_section(built):
         assert doc["inputs"][0]["errors"] == []
         s = doc["sites"][0]
         assert "lzma" in s["container"] and "SitesDxe" in s["container"]  # named by its UI section
-        assert doc["inputs"][0]["summary"]["tdvmcall_sites"] == 9
+        assert doc["inputs"][0]["summary"]["tdvmcall_sites"] == 10
         assert code == 1
 
 
@@ -210,7 +223,7 @@ def test_broken_inputs_one_line_each_exit_2_and_the_others_scanned(built):
     assert "corrupt-lzma.fv" in lines[1] and "LZMA" in lines[1]
     doc = json.loads(res.stdout)
     assert [len(i["errors"]) for i in doc["inputs"]] == [1, 0, 1]
-    assert doc["inputs"][1]["summary"]["tdcall_sites"] == 11
+    assert doc["inputs"][1]["summary"]["tdcall_sites"] == 12
 
 
 def test_compressed_inputs_and_directories(built, tmp_path):
@@ -225,7 +238,7 @@ def test_compressed_inputs_and_directories(built, tmp_path):
     (tmp_path / "sub" / "c.zst").write_bytes(zstandard.ZstdCompressor().compress(elf))
     _, doc = scan_json(tmp_path)
     assert [Path(i["path"]).name for i in doc["inputs"]] == ["a.gz", "b.xz", "c.zst"]
-    assert all(i["summary"]["tdcall_sites"] == 11 for i in doc["inputs"])
+    assert all(i["summary"]["tdcall_sites"] == 12 for i in doc["inputs"])
     assert doc["sites"][0]["container"][1] == "gzip"
 
 
@@ -264,8 +277,10 @@ def test_to_catalog_rows_collapse_and_pin_directions(built, tmp_path):
     calls = {r["tdvmcalls"] for r in rows if r["guest"] == "sites.elf"}
     assert {"IO in", "HLT", "RDMSR", "CPUID", "MMIO write"} <= calls
     assert mine[("sites.elf", "copy_mask+0x14")]["mask_hex"] == "0xFFEC"
-    # the unresolved mask is not written: 9 resolved TDVMCALLs per image (the wrapper twice), 2 images
-    assert len(rows) == 2 * 9
+    assert {"HLT", "IO out"} <= {r["tdvmcalls"] for r in rows if r["function"] == "tdcall_stub+0x12"}
+    # the unresolved mask is not written: 11 resolved TDVMCALLs per image (the wrapper and the stub
+    # twice each), 2 images
+    assert len(rows) == 2 * 11
 
 
 def test_to_catalog_round_trip_through_check(built, tmp_path):

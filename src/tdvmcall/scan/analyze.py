@@ -22,7 +22,7 @@ from ..judge import (
 )
 from ..kvm import leaves as L
 from .containers import Code, Found
-from .flow import Function, Region, Value, resolve, unknown
+from .flow import Function, Region, Value, memory_at_call, resolve, unknown
 
 #: TDCALL leaves (RAX), Linux ``arch/x86/include/asm/shared/tdx.h`` (ABI.md §8).
 #: TODO: use the abi table (abi/codes.py TDCALL_LEAVES) once the fidelity branch lands it.
@@ -148,30 +148,90 @@ def _call(regs: dict[str, Value]) -> L.Leaf | None:
     return L.lookup(0, r11)
 
 
-def _caller_value(region: Region, caller: Function, reg: str, base: int, depth: int) -> Value:
-    v = resolve(caller, len(caller.insns) - 1, reg, base)
-    if v.param is None or depth >= 1 or not caller.exact:
-        return v if v.param is None else unknown(f"{v.how}, from the caller's caller, unresolved")
-    # one more level: accepted only when every caller's caller passes the same constant
-    values = []
-    for c in region.calls.get(caller.start, []):
-        fn = region.function(c)
-        if fn is None or fn.insns[-1].flow_control != ix.FlowControl.CALL:
+#: caller levels followed: the site's function's callers, and their callers
+MAX_LEVELS = 2
+
+
+def _callers(region: Region, fn: Function) -> list[tuple[int, Function]]:
+    """Direct calls (and tail-call jumps) to ``fn``'s start, each with the caller's function decoded
+    up to that instruction."""
+    out = []
+    for c in region.calls.get(fn.start) + region.jumps.get(fn.start):
+        cfn = region.function(c)
+        if cfn is None or cfn.insns[-1].near_branch_target != fn.start:
             continue
-        values.append(_caller_value(region, fn, v.param, base, depth + 1))
-    known = {x.value for x in values if x.known}
-    if values and len(known) == 1 and all(x.known for x in values):
-        return Value(known.pop(), f"{v.how}; all {len(values)} callers of {caller.name} pass it")
-    if not values:
-        return unknown(f"{v.how}, from the caller's caller, unresolved (no direct caller)")
-    return unknown(f"{v.how}, from the caller's callers: varies or unresolved")
+        if cfn.insns[-1].flow_control not in (ix.FlowControl.CALL, ix.FlowControl.UNCONDITIONAL_BRANCH):
+            continue
+        out.append((c, cfn))
+    return out
+
+
+def _relevant(values: dict[str, Value]) -> set[str]:
+    """The registers worth following to the callers: RAX; for a TDVMCALL (or an unknown leaf) RCX,
+    R10 and R11; and the inputs that decide the call's case once the call is known."""
+    rax = values["rax"].value
+    if rax is not None and rax != 0:
+        return {"rax"}
+    out = {"rax", "rcx", "r10", "r11"}
+    leaf = _call(values)
+    if leaf is not None:
+        out |= set(DECIDING.get(leaf.name, ()))
+    return out
+
+
+def _at_caller(cfn: Function, v: Value) -> Value:
+    if v.param is not None:
+        return resolve(cfn, len(cfn.insns) - 1, v.param, 0)
+    assert v.mem is not None
+    return memory_at_call(cfn, *v.mem)
+
+
+def expand(
+    region: Region, fn: Function, values: dict[str, Value], level: int, budget: list[int]
+) -> list[tuple[dict[str, Value], list[str]]]:
+    """The site's values once per caller (recursively, up to :data:`MAX_LEVELS`) where some come
+    from the caller, with the callers as ``via``.  ``budget`` caps the resolved calls per site."""
+    pending = {r: v for r, v in values.items() if v.from_caller}
+    params = {r: v for r, v in pending.items() if r in _relevant(values)}
+    if not params:
+        done = {
+            r: unknown(f"{v.how}; from caller, not followed (it does not decide this call)") for r, v in pending.items()
+        }
+        return [({**values, **done}, [])]
+    params = pending
+    callers = _callers(region, fn) if fn.exact and level < MAX_LEVELS else []
+    if not callers:
+        if not fn.exact:
+            why = "function start unknown"
+        elif level >= MAX_LEVELS:
+            why = f"callers followed {MAX_LEVELS} levels"
+        else:
+            why = "no direct caller found"
+        return [
+            ({**values, **{r: unknown(f"{v.how}; from caller, unresolved ({why})") for r, v in params.items()}}, [])
+        ]
+    if len(callers) > budget[0]:
+        region.code.notes.append(
+            f"{fn.name}: {len(callers)} direct callers; {max(budget[0], 0)} followed, the rest not (cap {MAX_CALLERS})"
+        )
+        callers = callers[: max(budget[0], 0)]
+    out = []
+    for c, cfn in callers:
+        budget[0] -= 1
+        new = dict(values)
+        where = f"caller at {c:#x} ({cfn.name})"
+        for r, v in params.items():
+            cv = _at_caller(cfn, v)
+            new[r] = Value(cv.value, f"{v.how}; {where}: {cv.how}", cv.param, cv.mem)
+        for vals, via in expand(region, cfn, new, level + 1, budget):
+            out.append((vals, [f"{cfn.name}+{c - cfn.start:#x}", *via]))
+    return out
 
 
 def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
     """Every TDCALL decoded as code in the region (once per caller when values come from the caller),
     and how many TDCALL byte matches are not code."""
     code = region.code
-    base = 0  # addresses are shown as they are in the container (VA, RVA or offset)
     out: list[Site] = []
     not_code = 0
     for at in region.hits():
@@ -180,37 +240,9 @@ def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
             not_code += 1
             continue
         idx = len(fn.insns) - 1
-        intra = {r: resolve(fn, idx, r, base) for r in REGS}
-        start = fn.start
-        params = {r: v for r, v in intra.items() if v.param}
-        if not params:
-            out.append(Site(input_name, code.chain, at, fn.name, start, intra))
-            continue
-        callers = []
-        direct = region.calls.get(fn.start, [])
-        for c in direct[:MAX_CALLERS]:
-            cfn = region.function(c)
-            if cfn is None or cfn.insns[-1].flow_control != ix.FlowControl.CALL:
-                continue
-            if cfn.insns[-1].near_branch_target != fn.start:
-                continue
-            callers.append((c, cfn))
-        if not callers:
-            regs = {**intra, **{r: unknown(f"{v.how}, unresolved") for r, v in params.items()}}
-            out.append(Site(input_name, code.chain, at, fn.name, start, regs))
-            continue
-        if len(direct) > MAX_CALLERS:
-            region.code.notes.append(
-                f"{fn.name}: {len(direct)} direct calls; the first {MAX_CALLERS} followed, the rest not"
-            )
-        for c, cfn in callers:
-            regs = dict(intra)
-            for r, v in params.items():
-                cv = _caller_value(region, cfn, v.param or r, base, 0)
-                where = f"caller at {c - base:#x} ({cfn.name})"
-                how = f"{v.how}; {where}: {cv.how}" if v.how != "from caller" else f"{where}: {cv.how}"
-                regs[r] = Value(cv.value, how)
-            out.append(Site(input_name, code.chain, at, fn.name, start, regs, via=f"{cfn.name}+{c - cfn.start:#x}"))
+        intra = {r: resolve(fn, idx, r, 0) for r in REGS}
+        for regs, via in expand(region, fn, intra, 0, [MAX_CALLERS]):
+            out.append(Site(input_name, code.chain, at, fn.name, fn.start, regs, via=" ← ".join(via) or None))
     return out, not_code
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Any
 
 import iced_x86 as ix
 import numpy as np
@@ -71,11 +72,18 @@ def reg_name(reg: int) -> str | None:
 @dataclass(frozen=True)
 class Value:
     """A recovered register value (None: not known) and how it was found.  ``param`` names the
-    register whose value at the function's entry this is (the caller's)."""
+    register whose value at the function's entry this is (the caller's); ``mem`` says it was loaded
+    from ``[reg+disp]`` where ``reg`` still held its value from the function's entry (a pointer the
+    caller passed: the caller's stores there are looked up)."""
 
     value: int | None
     how: str
     param: str | None = None
+    mem: tuple[str, int] | None = None
+
+    @property
+    def from_caller(self) -> bool:
+        return self.param is not None or self.mem is not None
 
     @property
     def known(self) -> bool:
@@ -97,12 +105,42 @@ class Function:
 
 
 @dataclass
+class Branches:
+    """Direct branches of one kind in a region, sorted by target (numpy arrays of offsets: a
+    dict of lists would make hundreds of thousands of small objects for a kernel)."""
+
+    targets: np.ndarray
+    sources: np.ndarray
+    va: int
+
+    @classmethod
+    def empty(cls) -> Branches:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+
+    @classmethod
+    def of(cls, targets: np.ndarray, sources: np.ndarray, va: int) -> Branches:
+        order = np.argsort(targets, kind="stable")
+        return cls(targets[order], sources[order], va)
+
+    def get(self, target: int) -> list[int]:
+        """Addresses of the branches to ``target``."""
+        t = target - self.va
+        lo = int(np.searchsorted(self.targets, t, "left"))
+        hi = int(np.searchsorted(self.targets, t, "right"))
+        return [int(x) + self.va for x in self.sources[lo:hi]]
+
+    def __contains__(self, target: int) -> bool:
+        return bool(self.get(target))
+
+
+@dataclass
 class Region:
     """One code region prepared for analysis: function starts and direct calls."""
 
     code: Code
     starts: list[int] = field(default_factory=list)
-    calls: dict[int, list[int]] = field(default_factory=dict)  # target -> addresses of call insns
+    calls: Branches = field(default_factory=lambda: Branches.empty())  # direct calls, by target
+    jumps: Branches = field(default_factory=lambda: Branches.empty())  # jmp rel32 (tail calls), by target
 
     @classmethod
     def of(cls, code: Code) -> Region:
@@ -115,8 +153,8 @@ class Region:
         arr = np.frombuffer(data, dtype=np.uint8)
         n = len(arr)
         # direct calls: E8 rel32 whose target is inside the region
-        pos = np.flatnonzero(arr[: max(n - 4, 0)] == 0xE8)
-        if len(pos):
+        for opcode in (0xE8, 0xE9):
+            pos = np.flatnonzero(arr[: max(n - 4, 0)] == opcode)
             rel = (
                 arr[pos + 1].astype(np.int64)
                 | arr[pos + 2].astype(np.int64) << 8
@@ -126,18 +164,21 @@ class Region:
             rel = np.where(rel >= 1 << 31, rel - (1 << 32), rel)
             tgt = pos + 5 + rel
             ok = (tgt >= 0) & (tgt < n)
-            for p, t in zip(pos[ok].tolist(), tgt[ok].tolist()):
-                self.calls.setdefault(t + va, []).append(p + va)
+            branches = Branches.of(tgt[ok], pos[ok], va)
+            if opcode == 0xE8:
+                self.calls = branches
+            else:
+                self.jumps = branches
         starts = set(self.code.functions)
         # endbr64 marks function starts in CET-enabled builds (the Linux kernel)
-        i = 0
-        while (i := data.find(b"\xf3\x0f\x1e\xfa", i)) >= 0:
-            starts.add(i + va)
-            i += 4
-        for t, callers in self.calls.items():
-            before = data[t - va - 1] if t > va else 0xC3
-            if len(callers) >= 2 or before in (0xC3, 0xCC, 0x90, 0x00):
-                starts.add(t)
+        if n >= 4:
+            endbr = np.flatnonzero((arr[:-3] == 0xF3) & (arr[1:-2] == 0x0F) & (arr[2:-1] == 0x1E) & (arr[3:] == 0xFA))
+            starts.update(t + va for t in endbr.tolist())
+        # call targets: with two callers, or after a ret, int3, nop or padding
+        targets, counts = np.unique(self.calls.targets, return_counts=True)
+        before = arr[np.maximum(targets - 1, 0)]
+        likely = (counts >= 2) | np.isin(before, (0xC3, 0xCC, 0x90, 0x00)) | (targets == 0)
+        starts.update(t + va for t in targets[likely].tolist())
         starts.add(va)
         self.starts = sorted(starts)
 
@@ -265,8 +306,8 @@ def resolve(fn: Function, idx: int, reg: str, base: int) -> Value:
                     return unknown(f"copied from {ins.op1_register} at {at}")
                 v = resolve(fn, j, src, base)
                 how = f"copy of {src}" + (f" ({v.how})" if v.how and v.how != "immediate" else "")
-                if v.param:
-                    return Value(None, how, v.param)
+                if v.from_caller:
+                    return Value(None, how, v.param, v.mem) if width == 8 else unknown(f"{how}, truncated")
                 if width < 4:
                     return _merge(width, v.value or 0, resolve(fn, j, reg, base), how) if v.known else unknown(how)
                 return Value(None if v.value is None else v.value & ((1 << (8 * width)) - 1), how)
@@ -344,8 +385,8 @@ def _load(fn: Function, j: int, reg: str, width: int, base: int) -> Value:
                     break
                 v = resolve(fn, k, src, base)
                 how = f"loaded from {slot}, stored from {src} ({v.how})"
-                if v.param:
-                    return Value(None, how, v.param)
+                if v.from_caller:
+                    return Value(None, how, v.param, v.mem) if size == 8 and width == 8 else unknown(how)
                 return Value(v.value, how) if v.known else unknown(how)
             break
         if base_reg and _writes(st, base_reg):
@@ -356,6 +397,8 @@ def _load(fn: Function, j: int, reg: str, width: int, base: int) -> Value:
         )
         if calls and base_reg not in ("rsp", "rbp"):
             return unknown(f"loaded from memory {slot} at {at}")
+    if fn.exact and base_reg and base_reg not in ("rsp", "rbp"):
+        return Value(None, f"loaded from {slot} at {at}, {base_reg} as the caller passed it", mem=(base_reg, key[1]))
     return unknown(f"loaded from memory {slot} at {at}")
 
 
@@ -364,3 +407,217 @@ _FMT = ix.Formatter(ix.FormatterSyntax.INTEL)
 
 def _fmt(ins: ix.Instruction) -> str:
     return _FMT.format(ins)
+
+
+# --- forward: what a caller stored where, at its call ---------------------------------------------
+# A symbolic value: ("const", n) | ("entry", reg, offset) = the caller's own entry value of reg plus
+# offset (a pointer it was passed, its stack pointer) | None = not known.
+Sym = tuple[Any, ...] | None
+
+
+def _sym_add(v: Sym, d: int) -> Sym:
+    if v is None:
+        return None
+    if v[0] == "const":
+        return ("const", (v[1] + d) & U64)
+    return ("entry", v[1], v[2] + d)
+
+
+@dataclass
+class State:
+    """Registers and memory of a caller at its call, as far as its straight-line code says.  Memory
+    is the list of writes in order: (root, start, end, value, address of the store); ``value`` is a
+    symbol for a whole store, ``ZERO`` for a range known to be zero (``rep stos``, a zeroed vector
+    register), None for bytes written with something not known."""
+
+    regs: dict[str, Sym]
+    mem: list[tuple[Any, int, int, Any, int]]
+    zero_xmm: set[int] = field(default_factory=set)
+
+    def load(self, base: Sym, disp: int, size: int) -> tuple[Sym, int] | None:
+        """(value, address of the store) of the bytes ``[base+disp, +size)``, or None if nothing
+        this function stored covers them."""
+        if base is None or base[0] != "entry":
+            return None
+        root, lo = (base[0], base[1]), base[2] + disp
+        for r, start, end, value, at in reversed(self.mem):
+            if r != root or end <= lo or start >= lo + size:
+                continue
+            if value is ZERO and start <= lo and lo + size <= end:
+                return ("const", 0), at
+            if value is not ZERO and start == lo and end - start >= size:
+                if value is not None and value[0] == "const" and end - start > size:
+                    return ("const", value[1] & ((1 << (8 * size)) - 1)), at
+                return value, at
+            return (None, at)
+        return None
+
+    def store(self, base: Sym, disp: int, size: int, value: Any, at: int) -> None:
+        if base is None or base[0] != "entry":
+            self.mem.clear()  # an address not known may be any of them
+            return
+        self.mem.append(((base[0], base[1]), base[2] + disp, base[2] + disp + size, value, at))
+
+
+ZERO = object()
+_VECTOR_MOVES = frozenset(
+    {
+        ix.Mnemonic.MOVUPS,
+        ix.Mnemonic.MOVAPS,
+        ix.Mnemonic.MOVDQU,
+        ix.Mnemonic.MOVDQA,
+        ix.Mnemonic.VMOVUPS,
+        ix.Mnemonic.VMOVAPS,
+        ix.Mnemonic.VMOVDQU,
+        ix.Mnemonic.VMOVDQA,
+        ix.Mnemonic.MOVQ,
+    }
+)
+_VECTOR_ZEROING = frozenset({ix.Mnemonic.PXOR, ix.Mnemonic.XORPS, ix.Mnemonic.VPXOR, ix.Mnemonic.VXORPS})
+
+
+def _disp(ins: ix.Instruction) -> int:
+    d = ins.memory_displacement & U64
+    return d - (1 << 64) if d >> 63 else d
+
+
+def forward(fn: Function, upto: int) -> State:
+    """Interpret ``fn.insns[:upto]`` symbolically: constants, copies, ``lea``, stack-pointer moves,
+    pushes and pops, stores and loads of ``[reg+disp]``, ``rep stos`` and zeroed vector stores.
+    Anything else forgets the registers it writes; a store to an address not known, or a call,
+    forgets memory."""
+    st = State({r: ("entry", r, 0) for r in GPRS}, [])
+    for ins in fn.insns[:upto]:
+        m = ins.mnemonic
+        op0 = ins.op0_register if ins.op_count and ins.op0_kind == ix.OpKind.REGISTER else ix.Register.NONE
+        r0 = reg_name(op0) if op0 != ix.Register.NONE else None
+        w0 = ix.RegisterExt.size(op0) if op0 != ix.Register.NONE else 0
+        k1 = ins.op1_kind if ins.op_count > 1 else None
+        simple = ins.memory_index == ix.Register.NONE and not ins.is_ip_rel_memory_operand
+        mbase = st.regs.get(reg_name(ins.memory_base) or "") if ins.memory_base != ix.Register.NONE else None
+        if m == ix.Mnemonic.PUSH:
+            st.regs["rsp"] = _sym_add(st.regs["rsp"], -8)
+            val = st.regs.get(r0) if r0 else (("const", _imm(ins, 0)) if ins.op0_kind in IMMEDIATES else None)
+            st.store(st.regs["rsp"], 0, 8, val, ins.ip)
+            continue
+        if m == ix.Mnemonic.POP and r0:
+            got = st.load(st.regs["rsp"], 0, 8)
+            st.regs[r0] = got[0] if got else None
+            st.regs["rsp"] = _sym_add(st.regs["rsp"], 8)
+            continue
+        if ins.flow_control in (ix.FlowControl.CALL, ix.FlowControl.INDIRECT_CALL) or m == ix.Mnemonic.TDCALL:
+            for r in VOLATILE:
+                st.regs[r] = None
+            st.mem.clear()
+            st.zero_xmm.clear()
+            continue
+        if m == ix.Mnemonic.STOSQ and ins.has_rep_prefix:
+            count, fill = st.regs.get("rcx"), st.regs.get("rax")
+            if count and count[0] == "const" and fill == ("const", 0):
+                st.store(st.regs.get("rdi"), 0, 8 * count[1], ZERO, ins.ip)
+            else:
+                st.mem.clear()
+            st.regs["rdi"] = _sym_add(st.regs.get("rdi"), 8 * count[1]) if count and count[0] == "const" else None
+            st.regs["rcx"] = ("const", 0)
+            continue
+        if m in _VECTOR_ZEROING and ins.op_count >= 2 and ins.op0_kind == ix.OpKind.REGISTER:
+            same = all(ins.op_register(i) == ins.op0_register for i in range(1, ins.op_count))
+            (st.zero_xmm.add if same else st.zero_xmm.discard)(ix.RegisterExt.number(ins.op0_register))
+            continue
+        if m in _VECTOR_MOVES and ins.op0_kind == ix.OpKind.MEMORY and k1 == ix.OpKind.REGISTER and simple:
+            size = ix.MemorySizeExt.size(ins.memory_size)
+            zero = ix.RegisterExt.number(ins.op1_register) in st.zero_xmm and ix.RegisterExt.is_vector_register(
+                ins.op1_register
+            )
+            st.store(mbase, _disp(ins), size, ZERO if zero else None, ins.ip)
+            continue
+        if m == ix.Mnemonic.MOV and r0 and w0 >= 4:
+            if k1 in IMMEDIATES:
+                st.regs[r0] = ("const", _imm(ins, 1) & ((1 << (8 * w0)) - 1))
+                continue
+            if k1 == ix.OpKind.REGISTER:
+                src = st.regs.get(reg_name(ins.op1_register) or "")
+                st.regs[r0] = (
+                    src if w0 == 8 else (("const", src[1] & 0xFFFFFFFF) if src and src[0] == "const" else None)
+                )
+                continue
+            if k1 == ix.OpKind.MEMORY:
+                got = st.load(mbase, _disp(ins), w0) if simple else None
+                st.regs[r0] = got[0] if got else None
+                continue
+        if m == ix.Mnemonic.MOV and ins.op0_kind == ix.OpKind.MEMORY:
+            size = ix.MemorySizeExt.size(ins.memory_size)
+            if not simple:
+                st.mem.clear()
+                continue
+            if k1 in IMMEDIATES:
+                val: Any = ("const", _imm(ins, 1) & ((1 << (8 * size)) - 1))
+            elif k1 == ix.OpKind.REGISTER:
+                src = st.regs.get(reg_name(ins.op1_register) or "")
+                val = (
+                    src
+                    if size == 8
+                    else (("const", src[1] & ((1 << (8 * size)) - 1)) if src and src[0] == "const" else None)
+                )
+            else:
+                val = None
+            st.store(mbase, _disp(ins), size, val, ins.ip)
+            continue
+        if m in (ix.Mnemonic.XOR, ix.Mnemonic.SUB) and r0 and k1 == ix.OpKind.REGISTER and op0 == ins.op1_register:
+            st.regs[r0] = ("const", 0) if w0 >= 4 else None
+            continue
+        if m == ix.Mnemonic.LEA and r0 and w0 == 8 and ins.memory_index == ix.Register.NONE:
+            if ins.is_ip_rel_memory_operand:
+                st.regs[r0] = ("const", ins.ip_rel_memory_address & U64)
+            else:
+                st.regs[r0] = _sym_add(mbase, _disp(ins))
+            continue
+        if m in (ix.Mnemonic.ADD, ix.Mnemonic.SUB) and r0 and w0 == 8 and k1 in IMMEDIATES:
+            imm = _imm(ins, 1)
+            imm = imm - (1 << 64) if imm >> 63 else imm
+            st.regs[r0] = _sym_add(st.regs.get(r0), imm if m == ix.Mnemonic.ADD else -imm)
+            continue
+        # anything else: forget what it writes
+        info = _INFO.info(ins)
+        for u in info.used_registers():
+            if u.access in WRITES:
+                if r := reg_name(u.register):
+                    st.regs[r] = None
+                elif ix.RegisterExt.is_vector_register(u.register):
+                    st.zero_xmm.discard(ix.RegisterExt.number(u.register))
+        for um in info.used_memory():
+            if um.access in WRITES:
+                base = st.regs.get(reg_name(um.base) or "") if um.index == ix.Register.NONE else None
+                disp = um.displacement & U64
+                st.store(
+                    base,
+                    disp - (1 << 64) if disp >> 63 else disp,
+                    ix.MemorySizeExt.size(um.memory_size) or 8,
+                    None,
+                    ins.ip,
+                )
+    return st
+
+
+def memory_at_call(caller: Function, ptr: str, disp: int) -> Value:
+    """The value the caller stored at ``[ptr+disp]`` (8 bytes) before its call (the last
+    instruction of ``caller``), where ``ptr`` is the register the callee loaded through."""
+    st = forward(caller, len(caller.insns) - 1)
+    d = disp - (1 << 64) if disp >> 63 else disp
+    slot = f"[{ptr}{'-' if d < 0 else '+'}{abs(d):#x}]"
+    base = st.regs.get(ptr)
+    if base is None or base[0] != "entry":
+        return unknown(f"{slot}: the pointer in {ptr} is not known")
+    got = st.load(base, d, 8)
+    if got is None:
+        if base[1] != "rsp" and caller.exact:
+            return Value(
+                None, f"{slot} not stored here; {base[1]} as its caller passed it", mem=(base[1], (base[2] + d) & U64)
+            )
+        return unknown(f"{slot} not stored before the call")
+    val, at = got
+    if val is not None and val[0] == "const":
+        return Value(val[1], f"stored to {slot} at {at:#x}" + (" (zeroed)" if val[1] == 0 else ""))
+    if val is not None and val[0] == "entry" and val[2] == 0 and caller.exact:
+        return Value(None, f"stored to {slot} at {at:#x} from {val[1]} as its caller passed it", val[1])
+    return unknown(f"{slot}: stored at {at:#x}, value not known")

@@ -165,11 +165,71 @@ stack_mask:
     ret
 .size stack_mask, .-stack_mask
 
+# 10. Linux style: a stub loads RAX from its first argument and RCX, R10, R11, R13 from a struct
+#     it is given a pointer to (RSI); its caller stores the mask there and passes its own pointer
+#     on; that caller's callers fill the struct on their stack (zeroed by rep stos, or by a zeroed
+#     vector register) with the leaf and the IO direction.
+.globl tdcall_stub
+.type tdcall_stub, @function
+tdcall_stub:
+    mov rax, rdi                  # the TDCALL leaf: the caller's RDI
+    mov rcx, qword ptr [rsi]      # args->rcx
+    mov r10, qword ptr [rsi + 0x20]
+    mov r11, qword ptr [rsi + 0x28]
+    mov r13, qword ptr [rsi + 0x38]
+    .byte 0x66, 0x0f, 0x01, 0xcc
+    ret
+.size tdcall_stub, .-tdcall_stub
+
+.globl hypercall
+.type hypercall, @function
+hypercall:
+    push rbx
+    mov rsi, rdi
+    mov qword ptr [rdi], 0xFFCC   # args->rcx = the mask
+    xor edi, edi                  # leaf 0: TDG.VP.VMCALL
+    call tdcall_stub
+    pop rbx
+    ret
+.size hypercall, .-hypercall
+
+.globl do_halt
+.type do_halt, @function
+do_halt:
+    sub rsp, 0x68
+    xor eax, eax
+    mov ecx, 13
+    mov rdi, rsp
+    rep stosq                     # the struct zeroed: R10 = 0
+    mov qword ptr [rsp + 0x28], 0x0C   # R11: Instruction.HLT
+    mov rdi, rsp
+    call hypercall
+    add rsp, 0x68
+    ret
+.size do_halt, .-do_halt
+
+.globl do_io_out
+.type do_io_out, @function
+do_io_out:
+    sub rsp, 0x68
+    pxor xmm0, xmm0
+    movups xmmword ptr [rsp + 0x20], xmm0   # R10 = R11 = 0
+    movups xmmword ptr [rsp + 0x30], xmm0
+    mov qword ptr [rsp + 0x28], 0x1E   # R11: Instruction.IO
+    mov qword ptr [rsp + 0x38], 1      # R13: direction 1, out
+    mov rdi, rsp
+    call hypercall
+    add rsp, 0x68
+    ret
+.size do_io_out, .-do_io_out
+
 .globl _start
 .type _start, @function
 _start:
     call caller_io
     call caller_hlt
+    call do_halt
+    call do_io_out
     ret
 .size _start, .-_start
 
