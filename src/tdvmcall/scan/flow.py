@@ -10,10 +10,11 @@ only would be taken as set): immediates, register copies, zeroing idioms (``xor 
 writes (which zero the upper half), 8/16-bit writes (merged with the older value), ``or``/``and``/
 ``add``/``sub`` with an immediate, ``lea`` of a constant, and loads from a stack slot or struct
 field (``[reg+disp]``) that the same function stored a value to earlier with the base register
-unchanged.  A value that reaches the function's start is the caller's: every direct ``call`` to the
-function is followed and the register is recovered there the same way (one level, and one more when
-every caller's caller agrees).  Anything else is said, never guessed: ``loaded from memory``,
-``set by the call at ...``, ``from caller, unresolved``.
+unchanged in between.  A value that reaches the function's start is the caller's (``param``), and a
+load through a register still holding the caller's value is the caller's memory (``mem``): the
+callers are followed (``analyze.expand``) and :func:`resolve` (registers) or :func:`memory_at_call`
+(a forward pass over the caller's stores) gives the value there.  Anything else is said, never
+guessed: ``loaded from memory``, ``set by the call at ...``, ``from caller, unresolved``.
 
 iced reports no implicit registers for TDCALL: its reads and writes are modelled here (it reads RAX,
 and RCX and the exposed GPRs for TDG.VP.VMCALL; it writes RAX, RCX, R10, R11 and the exposed GPRs).
