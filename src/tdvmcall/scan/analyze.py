@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import iced_x86 as ix
 
+from ..abi.codes import TdcallRax, tdcall_rax_problems
 from ..abi.control import Control
 from ..abi.regs import fmt_mask
 from ..judge import (
@@ -23,20 +24,6 @@ from ..judge import (
 from ..kvm import leaves as L
 from .containers import Code, Found
 from .flow import Function, Region, Value, memory_at_call, resolve, unknown
-
-#: TDCALL leaves (RAX), Linux ``arch/x86/include/asm/shared/tdx.h`` (ABI.md §8).
-#: TODO: use the abi table (abi/codes.py TDCALL_LEAVES) once the fidelity branch lands it.
-TDCALL_LEAVES = {
-    0: "TDG.VP.VMCALL",
-    1: "TDG.VP.INFO",
-    2: "TDG.MR.RTMR.EXTEND",
-    3: "TDG.VP.VEINFO.GET",
-    4: "TDG.MR.REPORT",
-    6: "TDG.MEM.PAGE.ACCEPT",
-    7: "TDG.VM.RD",
-    8: "TDG.VM.WR",
-    11: "TDG.SYS.RD",
-}
 
 #: The inputs that decide a call's case (which registers it reads or writes), per leaf: recovered
 #: and, when known, pinned in the judgement (an IO site known to read is not judged on its write).
@@ -89,9 +76,12 @@ class Site:
 
     @property
     def tdcall_leaf(self) -> str:
+        """The TDCALL leaf's name (abi/codes.py ``TDCALL_LEAVES``, ABI.md §8), with its version if any."""
         if self.rax is None:
             return "unresolved"
-        return TDCALL_LEAVES.get(self.rax, f"unknown TDCALL leaf {self.rax:#x}")
+        r = TdcallRax(self.rax)
+        name = r.name or f"unknown TDCALL leaf {r.leaf:#x}"
+        return f"{name} version {r.version}" if r.version else name
 
     @property
     def call_name(self) -> str:
@@ -122,6 +112,8 @@ class Site:
 
     def details(self) -> list[str]:
         out: list[str] = []
+        if self.rax is not None and self.rax != 0 and (why := tdcall_rax_problems(self.rax)):
+            out.append("the TDX module fails this TDCALL (TDX_OPERAND_INVALID, RAX): " + "; ".join(why))
         if self.judgement is not None:
             out += self.judgement.details()
         elif self.module is not None:
