@@ -6,6 +6,7 @@ masks and the module's control rules (ABI.md §2, §4), never from the scanner's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import lzma
 import os
@@ -16,6 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from tdvmcall.cli import app
@@ -284,18 +287,55 @@ def test_to_catalog_rows_collapse_and_pin_directions(built, tmp_path):
 
 
 def test_to_catalog_round_trip_through_check(built, tmp_path):
+    """``scan --to-catalog`` then ``check --catalog``: every row is read back (no row error), and the
+    exit status says some fail (the RBP and reserved-bit rows).  The pinned directions ('IO in',
+    'MMIO write') need check's grammar for them; until it reads them, those rows are dropped here
+    and the test says so."""
+    import csv
+
     from tdvmcall.check.catalog import CatalogError, parse_calls
 
-    try:
-        parse_calls("IO in")
-    except CatalogError:
-        pytest.skip("check's catalog grammar does not read pinned directions ('IO in') yet (branch check)")
     out = tmp_path / "mine.csv"
     runner.invoke(app, ["scan", str(built["sites.elf"]), "--to-catalog", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    try:
+        parse_calls("IO in")
+        pinned = True
+    except CatalogError:
+        pinned = False
+        rows = [r for r in rows if r["tdvmcalls"].split()[0] not in ("IO", "MMIO")]
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     res = runner.invoke(app, ["check", "--catalog", str(out), "--json"])
     assert res.exit_code == 1, res.stderr  # the RBP and the reserved-bit rows fail; no row is bad
     doc = json.loads(res.stdout)
     assert doc["errors"] == []
+    if not pinned:
+        pytest.skip("check's grammar does not read 'IO in'/'MMIO write' yet: rows without them round-trip")
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_broken_containers_are_reported_never_raised(built, data):
+    """A truncated or corrupted ELF, PE, TE or volume ends in problem lines (or is scanned as far as
+    it goes), never in an exception: the command's one-line error for bad input."""
+    from tdvmcall.judge import Host
+    from tdvmcall.scan.analyze import analyze
+    from tdvmcall.scan.containers import Budget, ContainerError, Found, explore
+
+    name = data.draw(st.sampled_from(["sites.elf", "sites.efi", "sites.te", "sites.fv", "flash.fd"]))
+    blob = bytearray(built[name].read_bytes())
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 16))):
+            blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    found = Found()
+    with contextlib.suppress(ContainerError, struct.error, IndexError):  # open_input: one problem line
+        explore(bytes(blob), [name], found, Budget())
+    analyze(name, found, Host(), {})
 
 
 REAL_FIRMWARE = os.environ.get("TDVMCALL_REAL_FIRMWARE")
@@ -365,8 +405,6 @@ def test_tiano_section_is_skipped_not_an_error(built, tmp_path):
 
 
 # --- invariants ---------------------------------------------------------------------------------------
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)

@@ -22,7 +22,8 @@ SCAN_HELP = "\n\n".join(
     anything else as raw x86-64 code. Decompression is capped at 1 GiB per input.""",
         """Values (RAX = the TDCALL leaf, RCX = the mask, R10/R11 = the call, the inputs that decide its
     case) come from data flow in the function: immediates, copies, zeroing idioms, partial writes,
-    stack slots; a value from a parameter is followed to every direct caller (one row per caller).
+    stack slots; a value from a parameter, or from a struct the caller filled, is followed to every
+    direct caller (two levels; one row per caller).
     What cannot be known is said ('loaded from memory', 'from caller, unresolved'), never guessed.""",
         """Exit status: 0 when every resolved call passes --policy, 1 when some do not, 2 when an input
     could not be read or is broken (one line each on stderr; the other inputs are still scanned).""",
@@ -33,7 +34,7 @@ SCAN_HELP = "\n\n".join(
 
 
 def scan(
-    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Files or directories to scan."),
+    paths: list[Path] = typer.Argument(..., metavar="PATH", help="Files or directories to scan."),
     module: str = typer.Option("1.5", "--module", help="TDX module version: 1.0, 1.5 (or 1.0.3, 1.5.01, 1.5.05)."),
     no_rbp_mod: bool = typer.Option(
         True, "--no-rbp-mod/--rbp-mod", help="The TD's NO_RBP_MOD attribute (on: as Linux KVM creates every TD)."
