@@ -278,7 +278,7 @@ def test_to_catalog_rows_collapse_and_pin_directions(built, tmp_path):
     mine = {(r["guest"], r["function"]): r for r in rows}
     assert mine[("sites.elf", "wrapper+0xd")]["tdvmcalls"] in ("IO in", "HLT")
     calls = {r["tdvmcalls"] for r in rows if r["guest"] == "sites.elf"}
-    assert {"IO in", "HLT", "RDMSR", "CPUID", "MMIO write"} <= calls
+    assert {"IO in", "HLT", "RDMSR 0x1b", "RDMSR", "CPUID", "MMIO write"} <= calls  # MSR 0x1B pinned
     assert mine[("sites.elf", "copy_mask+0x14")]["mask_hex"] == "0xFFEC"
     assert {"HLT", "IO out"} <= {r["tdvmcalls"] for r in rows if r["function"] == "tdcall_stub+0x12"}
     # the unresolved mask is not written: 11 resolved TDVMCALLs per image (the wrapper and the stub

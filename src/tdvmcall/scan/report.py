@@ -263,7 +263,7 @@ _SHORT = {
 
 def catalog_call(site: Site) -> str | None:
     """The site's call in the catalog grammar (docs/check.md), with the direction or input pinned
-    when the scan knows it: ``IO in``, ``MMIO write``, ``CPUID leaf 0xb``.  None for a call the
+    when the scan knows it: ``IO in``, ``MMIO write``, ``RDMSR 0x1b``, ``CPUID leaf 0xb``.  None for a call the
     catalog cannot name (unknown GHCI leaf or hypercall number)."""
     leaf = site.leaf
     if leaf is None or leaf.name.startswith("unknown(") or leaf.name == "KVMHypercall":
@@ -274,6 +274,8 @@ def catalog_call(site: Site) -> str | None:
         return f"IO {'in' if pins['r13'] == 0 else 'out'}"
     if leaf.name == "#VE.RequestMMIO" and "r13" in pins and pins["r13"] & 0xFFFFFFFF in (0, 1):
         return f"MMIO {'read' if pins['r13'] & 0xFFFFFFFF == 0 else 'write'}"
+    if leaf.name in ("Instruction.RDMSR", "Instruction.WRMSR") and "r12" in pins:
+        return f"{name} {pins['r12']:#x}"
     if leaf.name == "Instruction.CPUID" and "r12" in pins:
         return f"CPUID leaf {pins['r12']:#x}"
     if leaf.name == "ReportFatalError" and "r12" in pins and not pins["r12"] >> 63 & 1:
