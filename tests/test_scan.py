@@ -392,16 +392,33 @@ def test_bzimage_and_lz4(built, tmp_path):
     assert chains["x.lz4"] == chains["y.lz4"] == ["lz4", ".text"]
 
 
-def test_tiano_section_is_skipped_not_an_error(built, tmp_path):
+def test_efi_and_tiano_compressed_sections_and_an_unknown_wrapper(built, tmp_path):
+    """EFI compression (compression section type 1) and EDK2's Tiano GUID-defined section are
+    decompressed by uefi-firmware's decoder; a processing-required GUID-defined section with no
+    decoder (Brotli) is skipped with a line, not an error; corrupt Tiano data is an error."""
+    efi = pytest.importorskip("uefi_firmware.efi_compressor", reason="the optional tiano extra is not installed")
     pe = built["sites.efi"].read_bytes()
-    tiano = section(0x01, struct.pack("<IB", len(pe), 1) + b"\0" * 64)  # compression type 1: EFI/Tiano
-    fv = volume(ffs_file(tiano + section(0x10, pe)))
-    (tmp_path / "t.fv").write_bytes(fv)
-    code, doc = scan_json(tmp_path / "t.fv")
-    assert doc["inputs"][0]["errors"] == [] and len(doc["inputs"][0]["skipped"]) == 1
-    assert "Tiano" in doc["inputs"][0]["skipped"][0]
-    assert doc["inputs"][0]["summary"]["tdcall_sites"] == 12  # the plain PE32 next to it is scanned
-    assert code == 1
+    inner = section(0x10, pe)
+    compressed = section(0x01, struct.pack("<IB", len(inner), 1) + efi.EfiCompress(inner, len(inner)))
+    tiano_guid = uuid.UUID("A31280AD-481E-41B6-95E8-127F4C984779")
+    tiano = section(0x02, tiano_guid.bytes_le + struct.pack("<HH", 24, 1) + efi.TianoCompress(inner, len(inner)))
+    brotli = section(
+        0x02, uuid.UUID("3D532050-5CDA-4FD0-879E-0F7F630D5AFB").bytes_le + struct.pack("<HH", 24, 1) + b"x"
+    )
+    (tmp_path / "a.fv").write_bytes(volume(ffs_file(compressed)))
+    (tmp_path / "b.fv").write_bytes(volume(ffs_file(tiano + brotli)))
+    bad = bytearray(efi.TianoCompress(inner, len(inner)))
+    bad[20:60] = b"\xa5" * 40
+    (tmp_path / "c.fv").write_bytes(
+        volume(ffs_file(section(0x02, tiano_guid.bytes_le + struct.pack("<HH", 24, 1) + bytes(bad))))
+    )
+    code, doc = scan_json(tmp_path)
+    a, b, c = doc["inputs"]
+    assert a["summary"]["tdcall_sites"] == 12 and a["containers"]["efi-compressed"] == 1
+    assert b["summary"]["tdcall_sites"] == 12 and b["containers"]["tiano"] == 1
+    assert b["errors"] == [] and len(b["skipped"]) == 1 and "3D532050" in b["skipped"][0]
+    assert len(c["errors"]) == 1 and "corrupt EFI/Tiano" in c["errors"][0]
+    assert code == 2
 
 
 # --- invariants ---------------------------------------------------------------------------------------

@@ -210,6 +210,40 @@ def decompress(data: bytes, budget: Budget, chain: list[str]) -> tuple[str, byte
     return None
 
 
+def _tiano(
+    data: bytes, budget: Budget, chain: list[str], found: Found, off: int, tiano_first: bool = False
+) -> bytes | None:
+    """An EFI- or Tiano-compressed section body (EDK2 ``BaseUefiDecompressLib``: 8-byte header of
+    compressed and original sizes, then Huffman-coded LZ77 blocks) decompressed by the C decoder of
+    the optional ``uefi-firmware`` package (``pip install 'tdvmcall[tiano]'``).  The compression
+    section's type 1 is EFI compression; EDK2's Tiano GUID-defined section uses the Tiano variant;
+    each is tried first where it is expected, then the other.  None (and a skipped line) without the
+    package."""
+    try:
+        from uefi_firmware import efi_compressor  # type: ignore[import-untyped]
+    except ImportError:
+        found.skipped.append(
+            f"{where(chain)}: EFI/Tiano-compressed section at {off:#x} not scanned "
+            "(the optional decoder is not installed: pip install 'tdvmcall[tiano]')"
+        )
+        return None
+    if len(data) < 8:
+        raise ContainerError(f"{where(chain)}: compressed section header truncated")
+    csize, osize = struct.unpack_from("<II", data, 0)
+    if csize + 8 > len(data):
+        raise ContainerError(f"{where(chain)}: compressed data truncated ({len(data) - 8} of {csize} bytes)")
+    budget.take(osize, where(chain))
+    decoders = [efi_compressor.TianoDecompress, efi_compressor.EfiDecompress]
+    for decode in decoders if tiano_first else decoders[::-1]:
+        try:
+            out = bytes(decode(data, len(data)))
+        except Exception:  # the C extension raises a bare Exception("Failed to decompress")
+            continue
+        if len(out) == osize:
+            return out
+    raise ContainerError(f"{where(chain)}: corrupt EFI/Tiano-compressed data")
+
+
 # --- ELF ---------------------------------------------------------------------------------------------
 SHF_EXECINSTR = 0x4
 SHT_PROGBITS, SHT_SYMTAB, SHT_DYNSYM = 1, 2, 11
@@ -466,15 +500,16 @@ def sections(
             if len(body) < 5:
                 raise ContainerError(f"{where(chain)}: compression section truncated")
             (ctype,) = struct.unpack_from("<B", body, 4)
+            sub: list[tuple[list[str], bytes]] = []
             if ctype == 0:
-                sub: list[tuple[list[str], bytes]] = []
                 name = sections(body[5:], chain, sub, found, budget, depth)
                 ui = ui or name
                 leaves += sub
-            else:
-                found.skipped.append(
-                    f"{where(chain)}: EFI/Tiano-compressed section at {off:#x} not scanned (no decoder; see docs/scan.md)"
-                )
+            elif (out := _tiano(body[5:], budget, chain + ["efi-compressed"], found, off)) is not None:
+                found.saw("efi-compressed")
+                name = sections(out, chain + ["efi-compressed"], sub, found, budget, depth)
+                ui = ui or name
+                leaves += [(["efi-compressed", *p], b) for p, b in sub]
         elif typ == SECTION_GUID_DEFINED:
             if len(body) < 20:
                 raise ContainerError(f"{where(chain)}: GUID-defined section truncated")
@@ -495,6 +530,14 @@ def sections(
                 name = sections(out, chain + [kind], sub, found, budget, depth)
                 ui = ui or name
                 leaves += [([kind, *p], b) for p, b in sub]
+            elif g == TIANO_GUID:
+                sub = []
+                out = _tiano(payload, budget, chain + ["tiano"], found, off, tiano_first=True)
+                if out is not None:
+                    found.saw("tiano")
+                    name = sections(out, chain + ["tiano"], sub, found, budget, depth)
+                    ui = ui or name
+                    leaves += [(["tiano", *p], b) for p, b in sub]
             elif g == CRC32_GUID or not gattr & 0x01:  # not processing-required: the data is plain
                 sub = []
                 name = sections(payload, chain, sub, found, budget, depth)
