@@ -181,8 +181,8 @@ def image_renderable(img: Image, policy: str) -> Group:
     sm = img.summary()
     head = Text.assemble(
         ("\n" + img.path, "bold"),
-        f"  {sm['tdcall_sites']} TDCALL sites, {sm['tdvmcall_sites']} TDVMCALL sites "
-        f"({sm['resolved_calls']} calls counting callers), {sm['distinct_masks']} distinct masks; "
+        f"  {sm['tdcall_sites']} TDCALL sites, {sm['tdvmcall_sites']} TDVMCALL sites, "
+        f"{sm['distinct_masks']} distinct masks; of their {sm['resolved_calls']} calls (one per caller): "
         f"module-rejects {sm['module_rejects']}, hardened-refuses {sm['hardened_refuses']}, "
         f"legacy-silent {sm['legacy_silent']}, unresolved {sm['unresolved']}",
     )
