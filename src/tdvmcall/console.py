@@ -1,22 +1,221 @@
-"""What every command prints: the console, JSON on standard output, and the one-line error for bad
-input.  The wings import this module; it imports nothing of the model or the tools."""
+"""What every command prints and reads: the console, JSON on standard output, the one-line error for
+bad input, and the shared readers and option checks that keep every command's edges alike.  The
+wings import this module; it imports nothing of the model or the tools.
+
+The shared helpers, for every wing:
+
+- :func:`fail` — one line ``tdvmcall: error: ...`` on stderr, exit 2;
+- :func:`read_text_input` — a file or ``-`` (stdin) as text: missing, directory, closed stdin, not
+  UTF-8 (a BOM is dropped), each one line;
+- :func:`stdin_binary` — standard input as bytes, or one line if it is closed;
+- :func:`parse_json_text` — JSON text to a value: bad JSON, nesting too deep, huge numbers;
+- :func:`require_count` and :func:`require_finite_positive` — option values that must be counts
+  (``>= minimum``) or finite positive numbers (``nan`` and ``inf`` are not);
+- :func:`writable_file` — a path an output file can be written to (not a directory, its folder
+  exists), checked before the work starts so nothing is lost at the end.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
 import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.measure import Measurement
+from rich.table import Table
 
-out = Console(width=max(Console().width, 120))  # 16-digit hex columns must not be cut
+
+class _WideConsole(Console):
+    """A console that never cuts a value: a table wider than the console is printed at its own
+    natural width (a terminal then wraps the long lines; a file or a pipe gets them whole)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        need = max((self._natural_width(o) for o in objects), default=0)
+        if need <= self.width:
+            super().print(*objects, **kwargs)
+            return
+        saved = self._width
+        self._width = need
+        try:
+            super().print(*objects, **kwargs)
+        finally:
+            self._width = saved
+
+    def _natural_width(self, renderable: Any) -> int:
+        if isinstance(renderable, Group):
+            return max((self._natural_width(r) for r in renderable.renderables), default=0)
+        if isinstance(renderable, Table):
+            return Measurement.get(self, self.options.update_width(1 << 16), renderable).maximum
+        return 0
 
 
-def fail(message: str, code: int = 2) -> None:
+# 16-digit hex columns fit at 120 columns; wider tables are printed at their own width
+out = _WideConsole(width=max(Console().width, 120))
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
     """One clear line on stderr and a non-zero exit: the boundary for bad user input."""
-    sys.stderr.write(f"tdvmcall: error: {message}\n")  # plain: never wrapped, one line
+    line = " ".join(str(message).split())  # one line, whatever the message holds
+    sys.stderr.write(f"tdvmcall: error: {line}\n")  # plain: never wrapped
+    sys.stderr.flush()
     raise typer.Exit(code)
 
 
 def emit_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+# --- reading input --------------------------------------------------------------------------------
+def stdin_binary(what: str) -> io.BufferedIOBase:
+    """Standard input as a binary stream; one line and exit 2 when it is closed (``<&-``)."""
+    stream = sys.stdin
+    if stream is None or getattr(stream, "buffer", None) is None:
+        fail(f"{what}: standard input is closed; give a file or pipe something in")
+    try:
+        os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        fail(f"{what}: standard input is closed; give a file or pipe something in")
+    return stream.buffer
+
+
+def read_bytes_input(path: str | Path, what: str) -> bytes:
+    """The bytes of a file, or of standard input for ``-``; every failure is one line and exit 2."""
+    name = str(path)
+    if name == "-":
+        try:
+            return stdin_binary(what).read()
+        except OSError as e:
+            fail(f"{what}: cannot read standard input ({e.strerror or e})")
+    p = Path(name)
+    if p.is_dir():
+        fail(f"{what}: {name} is a directory, not a file")
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        fail(f"{what}: cannot read {name} ({e.strerror or e})")
+
+
+def read_text_input(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a file, or of standard input for ``-`` (a leading BOM is dropped).  A
+    missing file, a directory, a closed stdin or bytes that are not UTF-8: one line, exit 2."""
+    data = read_bytes_input(path, what)
+    name = "standard input" if str(path) == "-" else str(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        fail(f"{what}: {name} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})")
+
+
+def parse_json_text(text: str, what: str) -> Any:
+    """JSON text to a value; invalid JSON, nesting too deep for the parser, or a number with too
+    many digits: one line, exit 2."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"{what}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    except RecursionError:
+        fail(f"{what}: JSON nested too deeply")
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        fail(f"{what}: not valid JSON ({e})")
+
+
+# --- option values --------------------------------------------------------------------------------
+def require_count(value: int | None, option: str, minimum: int = 0, meaning: str = "") -> None:
+    """An integer option that counts something must be at least ``minimum``."""
+    if value is not None and value < minimum:
+        extra = f" ({meaning})" if meaning else ""
+        fail(f"{option}: {value} is below {minimum}; give a whole number of {minimum} or more{extra}")
+
+
+def require_finite_positive(value: float | None, option: str) -> None:
+    """A number option (seconds, rates) must be finite and positive: ``nan``, ``inf`` and ``0`` are not."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        fail(f"{option}: {value} is not a finite positive number")
+
+
+def writable_file(path: str | Path, option: str) -> Path:
+    """A path an output file can be created at: not a directory, in a folder that exists and can be
+    written.  Checked before the work starts, so that a result is never lost for want of a place."""
+    p = Path(path)
+    if p.is_dir():
+        fail(f"{option}: {p} is a directory; give a file name")
+    parent = p.parent
+    if not parent.is_dir():
+        fail(f"{option}: cannot write {p} (folder {parent} does not exist)")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        fail(f"{option}: cannot write {p} (permission denied)")
+    return p
+
+
+# --- the process: closed pipes ---------------------------------------------------------------------
+class PipeGuard(io.TextIOBase):
+    """Standard output that survives its reader leaving (``tdvmcall check | head -1``): on a closed
+    pipe the rest of the output goes to /dev/null and the command runs on to its own exit status,
+    so a closed pipe never looks like a failed check."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.closed_pipe = False
+
+    def _discard(self) -> None:
+        self.closed_pipe = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def write(self, s: str) -> int:
+        try:
+            return self._stream.write(s)
+        except BrokenPipeError:
+            self._discard()
+            return len(s)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+            self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+    @property
+    def buffer(self) -> Any:
+        return self._stream.buffer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+__all__ = [
+    "PipeGuard",
+    "emit_json",
+    "fail",
+    "out",
+    "parse_json_text",
+    "read_bytes_input",
+    "read_text_input",
+    "require_count",
+    "require_finite_positive",
+    "stdin_binary",
+    "writable_file",
+]

@@ -19,7 +19,7 @@ from typing import Any
 
 from .abi.codes import TDVMCALL_STATUS_NAMES, TdcallRax, status_name, tdcall_rax_problems
 from .abi.control import Control
-from .abi.regs import GPR_NAMES, hex64, mask_of, names_in, parse_int
+from .abi.regs import GPR_NAMES, INT_TEXT, hex64, mask_of, names_in, parse_int
 from .guest import RoundTrip, tdvmcall
 from .kvm.platform import Platform, Userspace
 from .kvm.tdx import POLICIES, VMM_AFTER_NOTES, KvmVcpu
@@ -128,14 +128,13 @@ def _int128(value: Any, field: str) -> int:
     """An XMM value: an integer or a hex/decimal string that fits 128 bits."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ScenarioError(f"{field}: expected an integer or a hex string of up to 128 bits")
-    try:
-        v = (
-            value
-            if isinstance(value, int)
-            else int(value.strip().replace("_", ""), 0 if value.strip().lower().startswith("0x") else 10)
-        )
-    except ValueError:
-        raise ScenarioError(f'{field}: {value!r} is not an integer; use decimal or hex like "0xFF"') from None
+    if isinstance(value, int):
+        v = value
+    else:
+        s = value.strip(" \t\r\n")
+        if not INT_TEXT.fullmatch(s) or len(s) > 48:
+            raise ScenarioError(f'{field}: {value!r} is not an integer; use decimal or hex like "0xFF"')
+        v = int(s, 16) if s[:2].lower() == "0x" else int(s, 10)
     if not 0 <= v < 1 << 128:
         raise ScenarioError(f"{field}: does not fit 128 bits unsigned")
     return v
@@ -161,8 +160,14 @@ def _platform(p_in: dict[str, Any], tree: str) -> Platform:
             setattr(p, key, _bool(p_in[key], f"platform.{key}"))
     for key in ("gpaw", "maxphyaddr"):
         if key in p_in:
-            v = _int(p_in[key], f"platform.{key}")
+            raw = p_in[key]
+            negative = (isinstance(raw, int) and not isinstance(raw, bool) and raw < 0) or (
+                isinstance(raw, str) and raw.strip().startswith("-")
+            )
+            v = -1 if negative else _int(raw, f"platform.{key}")
             if not 32 <= v <= 52:
+                if negative:
+                    raise ScenarioError(f"platform.{key}: {raw} out of range; accepted: 32..52")
                 raise ScenarioError(f"platform.{key}: {v} out of range; accepted: 32..52")
             setattr(p, key, v)
     if "apic_ids" in p_in:

@@ -8,6 +8,7 @@ EXIT_INFO_1, EXIT_INFO_2): 25 in all.  Masks are plain Python integers that alwa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 U64 = (1 << 64) - 1
@@ -121,17 +122,25 @@ def fmt_mask(mask: int, limit: int = NR_REGS) -> str:
     return f"{mask:#010x} ({names or 'none'})"
 
 
+#: what a person writes for an integer: ASCII decimal digits (a leading minus only to be told it is
+#: negative) or 0x and hex digits; no sign +, no underscores, no other script's digits
+INT_TEXT = re.compile(r"-?[0-9]+|0[xX][0-9a-fA-F]+", re.ASCII)
+
+
 def parse_int(text: str | int, field: str = "value") -> int:
-    """Parse a user-given integer (``int``, decimal string or ``0x`` hex string) that must fit 64 bits."""
+    """Parse a user-given integer (``int``, decimal string or ``0x`` hex string) that must fit 64
+    bits.  Surrounding blanks are ignored; anything else that is not plain decimal or hex (``+5``,
+    ``1_000``, ``0x_FF``, Arabic-Indic ``٣``, ``1e3``) is refused."""
     if isinstance(text, bool):
         raise ValueWidthError(f"{field}: expected an integer or hex string, got a boolean")
     if isinstance(text, int):
         return u64(text, field)
     if not isinstance(text, str):
         raise ValueWidthError(f'{field}: expected an integer or a hex string like "0xFFCC"')
-    s = text.strip().replace("_", "")
-    try:
-        value = int(s, 16) if s.lower().startswith("0x") else int(s, 10)
-    except ValueError:
-        raise ValueWidthError(f'{field}: {text!r} is not an integer; use decimal or hex like "0xFFCC"') from None
+    s = text.strip(" \t\r\n")
+    if not INT_TEXT.fullmatch(s):
+        raise ValueWidthError(f'{field}: {text!r} is not an integer; use decimal or hex like "0xFFCC"')
+    if len(s.lstrip("-0xX")) > 40:  # more digits than 128 bits need (and than int() converts quickly)
+        raise ValueWidthError(f"{field}: {s[:24]}... does not fit 64 bits unsigned")
+    value = int(s, 16) if s[:2].lower() == "0x" else int(s, 10)
     return u64(value, field)

@@ -4,12 +4,10 @@ value from a log, explained) and ``leaves`` (the leaf table)."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import typer
 
-from ..console import emit_json, fail, out
+from ..console import emit_json, fail, out, parse_json_text, read_text_input
 
 # The model is imported inside the commands that use it, so that building the app (the start of
 # every command, ``tdvmcall trace`` included) stays cheap.
@@ -29,14 +27,7 @@ def run(
     """
     from ..scenario import ScenarioError, parse, result_json
 
-    try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text()
-    except OSError as e:
-        fail(f"{file}: cannot read scenario ({e.strerror})")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        fail(f"scenario: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    data = parse_json_text(read_text_input(file, "scenario"), "scenario")
     if policy is not None:
         if not isinstance(data, dict):
             fail("scenario: expected a JSON object")
@@ -47,6 +38,8 @@ def run(
         sc = parse(data)
     except ScenarioError as e:
         fail(str(e))
+    except RecursionError:  # a value nested deeper than the parser walks
+        fail("scenario: nested too deeply")
     result = result_json(sc.run())
     if as_json:
         emit_json(result)
@@ -72,9 +65,14 @@ def render_run(r: dict) -> None:
     elif m.get("not_modelled"):
         out.print(f"[yellow]{m['not_modelled']}[/]: the TDX module accepts it; the guest is shown unchanged.")
     elif not m["exited"]:
+        why = m["problems"] or [
+            f"RAX {r['guest_before']['rax']} is not TDG.VP.VMCALL (TDCALL leaf 0, version 0), "
+            "so the module rejects operand RAX"
+        ]
         out.print(
             f"[red]module refused the call:[/] guest RAX = {m['status']} ({m['status_name']}); "
-            f"{'; '.join(m['problems'])}. KVM never saw it."
+            f"{'; '.join(why)}. KVM never saw it.",
+            highlight=False,
         )
     if k:
         status = k["status"] or "not written"
@@ -128,7 +126,7 @@ def render_run(r: dict) -> None:
 
 # --- decode --------------------------------------------------------------------------------------
 def decode(
-    value: str = typer.Argument(..., help="The value, hex (0x...) or decimal."),
+    value: str = typer.Argument(..., help="The value: hex (0x...) or decimal digits, 64 bits unsigned."),
     as_: str | None = typer.Option(
         None,
         "--as",
@@ -146,6 +144,8 @@ def decode(
     from ..abi.codes import MODULE_TABLE_VERSIONS
     from ..abi.regs import parse_int
 
+    if value.startswith("--"):
+        fail(f"no such option: {value} (see 'tdvmcall decode --help')")
     try:
         v = parse_int(value, "VALUE")
     except ValueError as e:
@@ -263,5 +263,6 @@ def _operand_text(o: dict) -> str:
 
 def register(app: typer.Typer) -> None:
     app.command()(run)
-    app.command()(decode)
+    # a value that starts with '-' is the value (and is told it is negative), not an unknown option
+    app.command(context_settings={"ignore_unknown_options": True})(decode)
     app.command()(leaves)
