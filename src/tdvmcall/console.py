@@ -51,7 +51,7 @@ class _WideConsole(Console):
         if isinstance(renderable, Group):
             return max((self._natural_width(r) for r in renderable.renderables), default=0)
         if isinstance(renderable, Table):
-            return Measurement.get(self, self.options.update_width(1 << 16), renderable).maximum
+            return Measurement.get(self, self.options.update_width(1 << 16), renderable).minimum
         return 0
 
 

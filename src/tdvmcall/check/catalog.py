@@ -306,20 +306,30 @@ def load_catalog(path: str | Path | None = None) -> tuple[list[Site], list[str]]
         text, where = shipped_catalog_text(), "guest-masks.csv"
     else:
         try:
-            text, where = Path(path).read_text(), str(path)
-        except (OSError, UnicodeDecodeError) as e:
-            raise CatalogError(
-                f"{path}: cannot read the catalog ({e.strerror if isinstance(e, OSError) else e})"
-            ) from None
+            data, where = Path(path).read_bytes(), str(path)
+            text = data.decode("utf-8-sig")  # a spreadsheet's BOM is not part of the first column's name
+        except OSError as e:
+            raise CatalogError(f"{path}: cannot read the catalog ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise CatalogError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in CATALOG_COLUMNS if c not in (reader.fieldnames or []) and c != "note"]
     if missing:
         raise CatalogError(f"{where}: missing column(s) {', '.join(missing)}; expected: {','.join(CATALOG_COLUMNS)}")
     sites: list[Site] = []
     errors: list[str] = []
+    if unknown := [c for c in reader.fieldnames or [] if c not in CATALOG_COLUMNS]:
+        errors.append(f"{where}: unknown column(s) {', '.join(map(repr, unknown))}; expected: {','.join(CATALOG_COLUMNS)}")
     for row in reader:
         line = reader.line_num
+        if extra := row.pop(None, None):  # type: ignore[call-overload]
+            errors.append(
+                f"{where} row {line}: {len(extra)} field(s) more than the header's {len(reader.fieldnames or [])} "
+                "(a comma in an unquoted field?); row not checked"
+            )
+            continue
         if not any((v or "").strip() for v in row.values()):
+            errors.append(f"{where} row {line}: every field is empty; row not checked")
             continue
         field_name = "mask_hex"
         try:

@@ -76,7 +76,7 @@ def check(
         None, "--html", metavar="FILE", help="Also write a self-contained HTML report (matrix of sites x calls)."
     ),
 ) -> None:
-    from ..console import emit_json, fail, out
+    from ..console import emit_json, fail, out, writable_file
     from ..kvm.tdx import POLICIES
     from ..scenario import TREES
     from .catalog import (
@@ -100,6 +100,12 @@ def check(
         fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
     if as_json and markdown:
         fail("--json and --markdown: choose one output format")
+    if call and (blank := [c for c in call if not c.strip()]):
+        fail(f"--call: {blank[0]!r} names no call; give one like Instruction.RDMSR (no --call: every call)")
+    if guest and (blank := [g for g in guest if not g.strip()]):
+        fail(f"--guest: {blank[0]!r} names no guest")
+    if html_file is not None:  # before the check: a bad path must not cost the report printed first
+        writable_file(html_file, "--html")
     try:
         host = Host(module, no_rbp_mod, tree)
         _ = host.td  # normalises the module version: raises for an unknown one
@@ -121,6 +127,8 @@ def check(
             source = str(catalog) if catalog else "the shipped catalog"
     except CatalogError as e:
         fail(f"--mask/--call: {e}" if mask is not None else str(e))
+    if not sites and not errors:
+        fail(f"{source}: no call sites to check (an empty catalog passes nothing)")
     if guest:
         known = {s.guest for s in sites}
         if unknown := [g for g in guest if g not in known]:

@@ -127,15 +127,14 @@ def register(app: typer.Typer) -> None:
         Progress goes to stderr.  On a violation the shrunk counterexample is
         written as a scenario that `tdvmcall run` replays; exit status 1.
         """
-        from ..console import emit_json, fail
+        from ..console import emit_json, fail, require_count, require_finite_positive, writable_file
         from . import campaign as F
 
         if seconds is not None and examples is not None:
             fail("--seconds and --examples: give one of them, not both")
-        if seconds is not None and seconds <= 0:
-            fail(f"--seconds: {seconds} must be positive")
-        if examples is not None and examples <= 0:
-            fail(f"--examples: {examples} must be a positive integer")
+        require_finite_positive(seconds, "--seconds")  # nan would pass a `<= 0` test and run forever
+        require_count(examples, "--examples", 1)
+        writable_file(out_file, "--out")  # before the campaign: a counterexample must have a place
         if policy not in F.POLICY_CHOICES:
             fail(f"--policy: {policy!r} is not accepted; use one of {', '.join(F.POLICY_CHOICES)}")
         if seed is None:
@@ -155,7 +154,14 @@ def register(app: typer.Typer) -> None:
             )
 
         result = F.campaign(examples=examples, seconds=seconds, seed=seed, policy=policy, progress=progress)
-        written = write_counterexample(result, out_file) if result.failure is not None else None
+        written = None
+        if result.failure is not None:
+            try:
+                written = write_counterexample(result, out_file)
+            except OSError as e:  # the place went away during the run: keep the counterexample anyway
+                sc = F.counterexample(result.failure.example, result.failure.violation)
+                sys.stderr.write(json.dumps(sc) + "\n")
+                fail(f"--out: cannot write {out_file} ({e.strerror or e}); the counterexample is the line above", 1)
         if as_json:
             emit_json(summary(result, written))
         else:

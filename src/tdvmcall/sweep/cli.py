@@ -41,15 +41,14 @@ def sweep(
     call: list[str] | None = typer.Option(None, "--call", help="Only this call (repeatable; e.g. Instruction.IO)."),
     jobs: int = typer.Option(0, "--jobs", help="Worker processes (0: one per CPU, at most 4)."),
 ) -> None:
-    from ..console import emit_json, fail, out
+    from ..console import emit_json, fail, out, require_count
     from ..kvm import leaves as L
     from .sweep import run_sweep
 
     known = [leaf.name for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,)]
     if call and (unknown := [c for c in call if c not in known]):
         fail(f"--call: {unknown[0]!r} is not a call of the leaf table; accepted: {', '.join(known)}")
-    if jobs < 0:
-        fail(f"--jobs: {jobs} is negative; use 0 (automatic) or a count")
+    require_count(jobs, "--jobs", 0, "0: one per CPU, at most 4")
     result = run_sweep(exhaustive, call, jobs or min(os.cpu_count() or 1, 4))
     if as_json:
         emit_json(result)
@@ -178,10 +177,11 @@ def verify(
     """Replay every vector of a corpus through the model and report every difference, field by field
     (file, path, expected, got). Exit status: 0 when every vector matches, 1 on any difference,
     2 for a malformed corpus (no index, bad JSON, a file that fails the schema, a bad scenario)."""
-    from ..console import emit_json, fail, out
+    from ..console import emit_json, fail, out, require_count
     from .vectors import CorpusError
     from .vectors import verify as do_verify
 
+    require_count(limit, "--limit", 0, "0 prints every difference")
     try:
         report = do_verify(directory)
     except CorpusError as e:
@@ -202,9 +202,10 @@ def verify(
         if report["ok"]:
             out.print(f"[green]all {report['vectors']} vectors match the model[/]")
         else:
+            unlisted = f", {report['unlisted']} of them not listed in index.json" if report["unlisted"] else ""
             out.print(
-                f"[bold red]{report['failing']} of {report['vectors']} vectors differ from the model "
-                f"({len(diffs)} differences)[/]"
+                f"[bold red]{report['failing']} of {report['vectors']} vector files differ from the model "
+                f"({len(diffs)} differences{unlisted})[/]"
             )
     raise typer.Exit(0 if report["ok"] else 1)
 

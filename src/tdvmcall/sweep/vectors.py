@@ -314,9 +314,15 @@ def _load_json(path: Path, what: str) -> Any:
         raise CorpusError(f"{what}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorpusError(f"{what}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CorpusError(f"{what}: JSON nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise CorpusError(f"{what}: not valid JSON ({e})") from None
 
 
 def load_index(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise CorpusError(f"{directory}: not a directory; give the corpus's directory")
     if not (directory / INDEX).is_file():
         raise CorpusError(f"{directory}: no {INDEX}; not a corpus")
     index = _load_json(directory / INDEX, INDEX)
@@ -341,6 +347,10 @@ def verify_vector(rel: str, data: bytes, entry: dict) -> list[Difference]:
         vector = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorpusError(f"{rel}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CorpusError(f"{rel}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise CorpusError(f"{rel}: not valid JSON ({e})") from None
     if errors := schema_errors(vector):
         raise CorpusError(f"{rel}: does not match the vector schema: {errors[0]}")
     found: list[Difference] = []
@@ -364,6 +374,8 @@ def verify(directory: Path) -> dict:
     """Replay every vector of a corpus; raises :class:`CorpusError` for a malformed corpus (and the
     model's ``ModelBug`` if it breaks an invariant while replaying: a bug, never input)."""
     index = load_index(directory)
+    if not index["files"]:
+        raise CorpusError(f"{INDEX}: lists no vectors; an empty corpus verifies nothing")
     root = directory.resolve()
     differences: list[Difference] = []
     for entry in index["files"]:
@@ -375,13 +387,17 @@ def verify(directory: Path) -> dict:
             raise CorpusError(f"{rel}: listed in {INDEX} but missing")
         differences += verify_vector(rel, path.read_bytes(), entry)
     listed = {(directory / e["file"]).resolve() for e in index["files"]}
+    unlisted = 0
     for path in sorted((directory / VECTOR_DIR).glob("*.json")):  # a vector the index forgot is not checked
         if path.resolve() not in listed:
+            unlisted += 1
             differences.append(Difference(f"{VECTOR_DIR}/{path.name}", INDEX, "listed", "not listed"))
     failing = sorted({d.file for d in differences})
     return {
         "directory": str(directory),
-        "vectors": len(index["files"]),
+        "vectors": len(index["files"]) + unlisted,  # every vector file seen: listed, or found unlisted
+        "listed": len(index["files"]),
+        "unlisted": unlisted,
         "failing": len(failing),
         "differences": [d.as_dict() for d in differences],
         "ok": not differences,
