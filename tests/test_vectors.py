@@ -180,7 +180,14 @@ def test_a_vector_the_index_does_not_list_is_a_difference(corpus, tmp_path):
     assert V.verify(d)["ok"]
     shutil.copy(d / V.VECTOR_DIR / f"{vid}.json", d / V.VECTOR_DIR / "extra.json")
     report = V.verify(d)
-    assert (report["ok"], report["failing"], report["vectors"]) == (False, 1, 1)
+    # two vector files seen: one listed, one not (it was "1 of 1" before the unlisted one was counted)
+    assert (report["ok"], report["failing"], report["vectors"], report["listed"], report["unlisted"]) == (
+        False,
+        1,
+        2,
+        1,
+        1,
+    )
     assert report["differences"] == [
         {"file": "vectors/extra.json", "path": "index.json", "expected": "listed", "got": "not listed"}
     ]
@@ -218,3 +225,22 @@ def test_export_refuses_a_non_empty_directory(corpus, tmp_path):
     # an existing corpus is replaced only with --force
     d = _small(corpus, tmp_path / "c", [IO_IN.format(label="exact", policy="legacy")])
     assert runner.invoke(app, ["vectors", "export", str(d)]).exit_code == 2
+
+
+def test_an_empty_corpus_is_malformed_not_a_match(corpus, tmp_path):
+    # "all 0 vectors match" with exit 0 would let a CI job pass on a corpus that checks nothing
+    d = _small(corpus, tmp_path / "c", [])
+    with pytest.raises(V.CorpusError, match="lists no vectors"):
+        V.verify(d)
+
+
+def test_an_index_listing_fewer_files_counts_every_file(corpus, tmp_path):
+    # the index lists 1 of 3 vector files: 3 files seen, the 2 unlisted ones differ ("2 of 1" before)
+    ids = [IO_IN.format(label=label, policy="hardened") for label in ("exact", "short-r12", "linux-0xffcc")]
+    d = _small(corpus, tmp_path / "c", ids)
+    index = json.loads((d / V.INDEX).read_text())
+    index["files"], index["count"] = index["files"][:1], 1
+    (d / V.INDEX).write_text(json.dumps(index))
+    report = V.verify(d)
+    assert (report["vectors"], report["listed"], report["unlisted"], report["failing"]) == (3, 1, 2, 2)
+    assert report["failing"] <= report["vectors"]

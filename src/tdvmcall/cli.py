@@ -3,6 +3,7 @@ handled for every command (usage errors, ``--version``, a closed output pipe, he
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -73,12 +74,25 @@ def _reflow_help(typer_app: typer.Typer) -> None:
 
 
 _reflow_help(app)
+_COMMAND = typer.main.get_command(app)
 
 
-def _usage_line(e: UsageError) -> str:
+def _command_path(command: typer.core.TyperGroup, args: list[str]) -> str:
+    """``tdvmcall vectors verify``: the commands named at the start of the arguments."""
+    path = ["tdvmcall"]
+    for word in args:
+        sub = getattr(command, "commands", {}).get(word)
+        if sub is None:
+            break
+        path.append(word)
+        command = sub
+    return " ".join(path)
+
+
+def _usage_line(e: UsageError, args: list[str]) -> str:
     """A usage error as one line: what is wrong, then where help is."""
     ctx = e.ctx
-    where = ctx.command_path if ctx is not None else "tdvmcall"
+    where = ctx.command_path if ctx is not None and ctx.parent is not None else _command_path(_COMMAND, args)
     message = "missing command (the help above lists them)" if isinstance(e, NoArgsIsHelpError) else e.format_message()
     if isinstance(e, NoSuchOption) and e.option_name.lstrip("-").replace(".", "", 1).isdigit():
         message += " (a negative number is not an option; put it after --, e.g. 'tdvmcall decode -- -1')"
@@ -100,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with standard output closed (>&-): nowhere to print
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     sys.stdout = PipeGuard(sys.stdout)  # type: ignore[assignment]
-    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        status = command.main(args=argv, prog_name="tdvmcall", standalone_mode=False)
+        status = _COMMAND.main(args=args, prog_name="tdvmcall", standalone_mode=False)
     except UsageError as e:
-        sys.stderr.write(f"tdvmcall: error: {' '.join(_usage_line(e).split())}\n")
+        sys.stderr.write(f"tdvmcall: error: {' '.join(_usage_line(e, args).split())}\n")
         status = 2
     except ClickException as e:  # a bad parameter value click itself checks (files, choices)
         sys.stderr.write(f"tdvmcall: error: {' '.join(e.format_message().split())}\n")
@@ -113,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("tdvmcall: interrupted\n")
         status = 130
     status = status if isinstance(status, int) else 0
-    try:
+    with contextlib.suppress(OSError):
         sys.stdout.flush()
-    except OSError:
-        pass
     return status

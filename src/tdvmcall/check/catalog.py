@@ -319,7 +319,9 @@ def load_catalog(path: str | Path | None = None) -> tuple[list[Site], list[str]]
     sites: list[Site] = []
     errors: list[str] = []
     if unknown := [c for c in reader.fieldnames or [] if c not in CATALOG_COLUMNS]:
-        errors.append(f"{where}: unknown column(s) {', '.join(map(repr, unknown))}; expected: {','.join(CATALOG_COLUMNS)}")
+        errors.append(
+            f"{where}: unknown column(s) {', '.join(map(repr, unknown))}; expected: {','.join(CATALOG_COLUMNS)}"
+        )
     for row in reader:
         line = reader.line_num
         if extra := row.pop(None, None):  # type: ignore[call-overload]

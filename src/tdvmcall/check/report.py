@@ -609,7 +609,9 @@ _JS = """
   document.querySelectorAll('td.cell').forEach(function(c){
     c.addEventListener('click', function(){ show(c.dataset.id); history.replaceState(null,'','#show='+c.dataset.id); });
   });
-  var m = location.hash.match(/^#show=(\\d+)$/); if(m) show(m[1]);
+  var m = location.hash.match(/^#show=(\\d+)$/);
+  if(m){ show(m[1]); var sel = document.querySelector('td.cell[data-id="'+m[1]+'"]');
+    if(sel) sel.scrollIntoView({block: 'center', inline: 'center'}); }  // a cell below the fold: bring it in view
 })();
 """
 

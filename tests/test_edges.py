@@ -1,0 +1,381 @@
+"""Every command at its edges, as a real process: bad input of every kind (not UTF-8, empty, a
+directory, binary, closed standard input, deeply nested JSON, negative and non-finite numbers) gives
+exit 2 and one line ``tdvmcall: error: ...`` on stderr, never a traceback; output into a closed
+pipe is not a failure; ``--version``; help that reads as a user reads it.
+
+The processes run a few at a time (one per case), so that the sweep stays a few seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import tdvmcall
+
+NESTED = "[" * 3000 + "]" * 3000
+HEADER = "guest,snapshot,file,function,mask_hex,tdvmcalls,note\n"
+ENV = {**os.environ, "COLUMNS": "80", "PYTHONIOENCODING": "utf-8", "NO_COLOR": "1"}
+
+
+def tdvmcall_cmd(*args: str | bytes) -> list[str | bytes]:
+    return [sys.executable, "-m", "tdvmcall", *args]
+
+
+def run_case(args, stdin: bytes | None = None, closed_stdin: bool = False, cwd: Path | None = None):
+    cmd = tdvmcall_cmd(*args)
+    if closed_stdin:  # the shell closes fd 0 for real, as `tdvmcall run - <&-` does
+        cmd = ["sh", "-c", 'exec "$@" <&-', "sh", *cmd]
+    return subprocess.run(
+        cmd,
+        input=stdin if not closed_stdin else None,
+        stdin=subprocess.DEVNULL if stdin is None and not closed_stdin else None,
+        capture_output=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+FILE_NAMES = (
+    "nonutf8.json", "empty", "binary", "nested.json", "neg.json", "nan.json", "inf.json", "huge.json",
+    "maxphyaddr.json", "header-only.csv", "nonutf8.csv", "index-nested/index.json", "index-nonutf8/index.json",
+    "adir", "emptydir",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("edges")
+    made = {
+        "nonutf8.json": b'{"guest":{"rcx":"\xff"}}',
+        "empty": b"",
+        "binary": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe",
+        "nested.json": NESTED.encode(),
+        "neg.json": b'{"guest":{"rcx":-1}}',
+        "nan.json": b'{"guest":{"rcx":NaN}}',
+        "inf.json": b'{"guest":{"rcx":1e999}}',
+        "huge.json": b'{"guest":{"rcx":' + b"9" * 5000 + b"}}",
+        "maxphyaddr.json": b'{"guest":{"rcx":"0xFFCC"},"platform":{"maxphyaddr":-5}}',
+        "header-only.csv": HEADER.encode(),
+        "nonutf8.csv": HEADER.encode() + b"linux,x,f,g,0xFFCC,RDMSR,\xff\n",
+        "index-nested/index.json": NESTED.encode(),
+        "index-nonutf8/index.json": b'{"\xff": 1}',
+    }
+    assert set(made) | {"adir", "emptydir"} == set(FILE_NAMES)
+    for name, data in made.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data)
+    (d / "adir").mkdir()
+    (d / "emptydir").mkdir()
+    return {name: d / name for name in FILE_NAMES} | {"root": d}
+
+
+def cases(f: dict[str, Path]) -> dict[str, tuple]:
+    """name -> (args, stdin bytes or None, closed stdin, a word the error line must hold)."""
+    p = {k: str(f[k]) for k in FILE_NAMES}
+    c: dict[str, tuple] = {
+        # run: every kind of bad file, and standard input
+        "run-not-utf8": (["run", p["nonutf8.json"]], None, False, "not UTF-8"),
+        "run-not-utf8-stdin": (["run", "-"], b'{"guest":{"rcx":"\xff"}}', False, "not UTF-8"),
+        "run-empty": (["run", p["empty"]], None, False, "not valid JSON"),
+        "run-empty-stdin": (["run", "-"], b"", False, "not valid JSON"),
+        "run-directory": (["run", p["adir"]], None, False, "directory"),
+        "run-binary": (["run", p["binary"]], None, False, "not UTF-8"),
+        "run-closed-stdin": (["run", "-"], None, True, "standard input is closed"),
+        "run-nested": (["run", p["nested.json"]], None, False, "nested too deeply"),
+        "run-nested-stdin": (["run", "-"], NESTED.encode(), False, "nested too deeply"),
+        "run-negative": (["run", p["neg.json"]], None, False, "guest.rcx"),
+        "run-nan": (["run", p["nan.json"]], None, False, "guest.rcx"),
+        "run-inf": (["run", p["inf.json"]], None, False, "guest.rcx"),
+        "run-huge-integer": (["run", p["huge.json"]], None, False, "JSON"),
+        "run-missing": (["run", str(f["root"] / "nope.json")], None, False, "cannot read"),
+        "run-bad-policy": (["run", "-", "--policy", ""], b'{"guest":{}}', False, "kvm.policy"),
+        "run-no-argument": (["run"], None, False, "Missing argument"),
+        # decode: what a person writes in hex or decimal, nothing else
+        "decode-negative": (["decode", "-1"], None, False, "negative"),
+        "decode-nan": (["decode", "nan"], None, False, "not an integer"),
+        "decode-inf": (["decode", "inf"], None, False, "not an integer"),
+        "decode-empty": (["decode", ""], None, False, "not an integer"),
+        "decode-arabic-indic-digit": (["decode", "٣"], None, False, "not an integer"),
+        "decode-underscore": (["decode", "1_000"], None, False, "not an integer"),
+        "decode-hex-underscore": (["decode", "0x_FF"], None, False, "not an integer"),
+        "decode-plus": (["decode", "+5"], None, False, "not an integer"),
+        "decode-not-utf8-argv": (["decode", b"0x\xff"], None, False, "not an integer"),
+        "decode-too-wide": (["decode", "0x1" + "0" * 16], None, False, "64 bits"),
+        "decode-bad-as": (["decode", "1", "--as", "nope"], None, False, "--as"),
+        # leaves
+        "leaves-unknown": (["leaves", "Instruction.NOPE"], None, False, "NOPE"),
+        "leaves-empty-name": (["leaves", ""], None, False, ""),
+        # check: catalogs and options
+        "check-catalog-not-utf8": (["check", "--catalog", p["nonutf8.csv"]], None, False, "not UTF-8"),
+        "check-catalog-empty-file": (["check", "--catalog", p["empty"]], None, False, "missing column"),
+        "check-catalog-no-sites": (["check", "--catalog", p["header-only.csv"]], None, False, "no call sites"),
+        "check-catalog-directory": (["check", "--catalog", p["adir"]], None, False, "directory"),
+        "check-catalog-binary": (["check", "--catalog", p["binary"]], None, False, "not UTF-8"),
+        "check-catalog-missing": (["check", "--catalog", str(f["root"] / "no.csv")], None, False, "cannot read"),
+        "check-mask-negative": (["check", "--mask", "-1"], None, False, "negative"),
+        "check-mask-nan": (["check", "--mask", "nan"], None, False, "not an integer"),
+        "check-call-empty": (["check", "--mask", "0x1C00", "--call", ""], None, False, "--call"),
+        "check-html-directory": (["check", "--mask", "0x1C00", "--html", p["adir"]], None, False, "--html"),
+        "check-html-no-folder": (["check", "--mask", "0x1C00", "--html", "/nonexistent/r.html"], None, False, "--html"),
+        # sweep and vectors
+        "sweep-jobs-negative": (["sweep", "--jobs", "-1"], None, False, "--jobs"),
+        "sweep-call-empty": (["sweep", "--call", ""], None, False, "--call"),
+        "verify-missing": (["vectors", "verify", str(f["root"] / "nope")], None, False, "nope"),
+        "verify-a-file": (["vectors", "verify", p["empty"]], None, False, "not a directory"),
+        "verify-empty-dir": (["vectors", "verify", p["emptydir"]], None, False, "index.json"),
+        "verify-nested-index": (["vectors", "verify", str(f["index-nested/index.json"].parent)], None, False, "nested"),
+        "verify-index-not-utf8": (
+            ["vectors", "verify", str(f["index-nonutf8/index.json"].parent)],
+            None,
+            False,
+            "JSON",
+        ),
+        "verify-limit-negative": (["vectors", "verify", p["emptydir"], "--limit", "-1"], None, False, "--limit"),
+        "export-onto-a-file": (["vectors", "export", p["empty"]], None, False, ""),
+        # fuzz: option values (all refused before the campaign starts)
+        "fuzz-seconds-nan": (["fuzz", "--seconds", "nan"], None, False, "--seconds"),
+        "fuzz-seconds-inf": (["fuzz", "--seconds", "inf"], None, False, "--seconds"),
+        "fuzz-seconds-negative": (["fuzz", "--seconds", "-1"], None, False, "--seconds"),
+        "fuzz-examples-negative": (["fuzz", "--examples", "-5"], None, False, "--examples"),
+        "fuzz-out-directory": (["fuzz", "--examples", "1", "--out", p["adir"]], None, False, "--out"),
+        "fuzz-out-no-folder": (["fuzz", "--examples", "1", "--out", "/nonexistent/c.json"], None, False, "--out"),
+        # trace: only what fails before its scanner starts (the trace wing tests the rest)
+        "trace-no-file": (["trace"], None, False, "Missing argument"),
+        "trace-bad-format": (["trace", "-", "--format", "nope"], None, False, "--format"),
+        "trace-bad-top": (["trace", "-", "--top", "x"], None, False, "--top"),
+        # the app itself
+        "unknown-command": (["nope"], None, False, "No such command"),
+        "unknown-option": (["check", "--nope"], None, False, "--nope"),
+        "no-command": ([], None, False, "missing command"),
+    }
+    return c
+
+
+@pytest.fixture(scope="module")
+def results(files):
+    todo = cases(files)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {
+            name: pool.submit(run_case, args, stdin, closed, files["root"])
+            for name, (args, stdin, closed, _) in todo.items()
+        }
+        return {name: fut.result() for name, fut in futures.items()}
+
+
+CASE_NAMES = list(cases(defaultdict(lambda: Path("/x"))))
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_input_is_one_line_and_exit_2(name, files, results):
+    r = results[name]
+    needle = cases(files)[name][3]
+    err = r.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert r.returncode == 2, (r.returncode, err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tdvmcall: error: "), err
+    assert needle in lines[0], err
+
+
+def test_negative_maxphyaddr_is_out_of_range_not_twos_complement(files):
+    r = run_case(["run", str(files["maxphyaddr.json"])])
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "platform.maxphyaddr: -5 out of range; accepted: 32..52" in err
+    assert "two's complement" not in err
+
+
+# --- closed pipes -------------------------------------------------------------------------------
+def run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """Standard output is a pipe whose reader has already gone: the first write fails with EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            tdvmcall_cmd(*args),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=ENV,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    "args,status",
+    [
+        (("decode", "0xFFEC"), 0),
+        (("decode", "0xFFEC", "--json"), 0),
+        (("leaves",), 0),
+        (("run", "examples/cpuid-r12-unexposed.json"), 0),
+        # the what-if's own verdicts: 0x1C00 carries RDMSR's registers; 0xFFEC exposes RBP, which the
+        # module rejects under NO_RBP_MOD, so check says 1 (fails the policy) through the pipe too
+        (("check", "--mask", "0x1C00", "--call", "Instruction.RDMSR"), 0),
+        (("check", "--mask", "0xFFEC", "--call", "Instruction.RDMSR"), 1),
+    ],
+)
+def test_a_closed_pipe_keeps_the_commands_own_status(args, status):
+    repo = Path(__file__).resolve().parents[1]
+    args = tuple(str(repo / a) if a.startswith("examples/") else a for a in args)
+    r = run_into_closed_pipe(*args)
+    assert r.returncode == status, r.stderr.decode()
+    assert r.stderr == b"", r.stderr.decode()
+
+
+# --- the app ------------------------------------------------------------------------------------
+def test_version():
+    r = run_case(["--version"])
+    assert r.returncode == 0 and r.stdout.decode().strip() == f"tdvmcall {tdvmcall.__version__}"
+
+
+def test_help_shows_flags_without_a_type_and_paragraphs_reflowed():
+    for args in (["--help"], ["decode", "--help"], ["run", "--help"], ["check", "--help"]):
+        r = run_case(args)
+        text = r.stdout.decode()
+        assert r.returncode == 0 and "<bool>" not in text and "<str>" not in text, text
+    top = run_case(["--help"]).stdout.decode()
+    # the run line reads as one paragraph: the docstring's line break after "scenario" is not kept
+    assert "from a JSON scenario and show every" in " ".join(top.replace("│", " ").split())
+    assert "--version" in top
+
+
+def test_usage_error_is_one_line_naming_the_command():
+    r = run_case(["decode", "1", "--as"])
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and "--as" in err and "tdvmcall decode --help" in err
+
+
+def test_check_html_to_a_bad_path_prints_nothing_first(files):
+    r = run_case(["check", "--mask", "0x1C00", "--html", str(files["root"] / "missing" / "r.html")])
+    assert r.returncode == 2 and r.stdout == b""
+
+
+# --- catalogs (item 11): nothing ignored or dropped without a word ----------------------------------
+def _catalog(tmp_path: Path, body: bytes) -> Path:
+    p = tmp_path / "c.csv"
+    p.write_bytes(body)
+    return p
+
+
+def test_catalog_with_a_bom_reads_its_first_column(tmp_path):
+    from tdvmcall.check.catalog import load_catalog
+
+    sites, errors = load_catalog(_catalog(tmp_path, b"\xef\xbb\xbf" + HEADER.encode() + b"linux,s,f,g,0x1C00,RDMSR,\n"))
+    assert errors == [] and [(s.guest, s.mask) for s in sites] == [("linux", 0x1C00)]
+
+
+def test_catalog_extra_fields_empty_rows_and_unknown_columns_are_counted(tmp_path):
+    from tdvmcall.check.catalog import load_catalog
+
+    body = (
+        "guest,snapshot,file,function,mask_hex,tdvmcalls,note,owner\n"  # an unknown column
+        "linux,s,f,g,0x1C00,RDMSR,,me\n"  # fine (its owner is the unknown column's)
+        ",,,,,,,\n"  # row 3: every field empty
+        "linux,s,f,g,0x1C00,RDMSR,a note, with a comma,x\n"  # row 4: one field too many
+    )
+    sites, errors = load_catalog(_catalog(tmp_path, body.encode()))
+    assert [s.row for s in sites] == [2]
+    assert len(errors) == 3
+    assert "unknown column(s) 'owner'" in errors[0]
+    assert "row 3: every field is empty" in errors[1]
+    assert "row 4: 1 field(s) more than the header's 8" in errors[2]
+
+
+def test_check_cli_bom_catalog_passes_and_extra_field_is_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from tdvmcall.cli import app
+
+    good = _catalog(tmp_path, b"\xef\xbb\xbf" + HEADER.encode() + b"linux,s,f,g,0x1C00,RDMSR,\n")
+    r = CliRunner().invoke(app, ["check", "--catalog", str(good), "--json"])
+    assert r.exit_code == 0, r.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + "linux,s,f,g,0x1C00,RDMSR,n,extra\n" + "linux,s,f,g,0x1C00,RDMSR,\n")
+    r = CliRunner().invoke(app, ["check", "--catalog", str(bad), "--json"])
+    assert r.exit_code == 2 and "row 2: 1 field(s) more" in r.stderr
+    assert len(json.loads(r.stdout)["results"]) >= 1  # the good row was still checked
+
+
+# --- decode's grammar (item 12) ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text,value",
+    [("0xFFEC", 0xFFEC), ("0Xffec", 0xFFEC), ("65516", 65516), (" 0x10\n", 16), ("007", 7), (0x10, 16)],
+)
+def test_parse_int_accepts_plain_decimal_and_hex(text, value):
+    from tdvmcall.abi.regs import parse_int
+
+    assert parse_int(text) == value
+
+
+@pytest.mark.parametrize("text", ["٣", "1_000", "0x_FF", "+5", "1e3", "0x", "", "0b101", "0o7", "ff", "1 2", "--1"])
+def test_parse_int_refuses_what_a_person_does_not_write(text):
+    from tdvmcall.abi.regs import parse_int
+
+    with pytest.raises(ValueError, match="not an integer"):
+        parse_int(text)
+
+
+# --- output never cut (item 10, the non-trace part) --------------------------------------------------
+def test_sweep_table_headers_are_whole_at_80_and_120_columns():
+    from io import StringIO
+
+    from tdvmcall.console import _WideConsole
+    from tdvmcall.sweep.cli import _render_sweep
+    from tdvmcall.sweep.sweep import run_sweep
+
+    result = run_sweep(False, ["KVMHypercall.MAP_GPA_RANGE"], 1)
+    for width in (80, 120):
+        buf = StringIO()
+        _render_sweep(result, _WideConsole(width=width, file=buf, color_system=None))
+        text = buf.getvalue()
+        assert "…" not in text
+        for word in ("silent-ok", "hardened", "up-set", "agree", "KVMHypercall.MAP_GPA_RANGE"):
+            assert word in text, (width, word)
+
+
+def test_the_console_never_cuts_a_table_value():
+    from io import StringIO
+
+    from rich.table import Table
+
+    from tdvmcall.console import _WideConsole
+
+    t = Table()
+    for i in range(8):
+        t.add_column(f"column {i}", no_wrap=True)
+    t.add_row(*[f"0x{i:016x}" for i in range(8)])
+    buf = StringIO()
+    _WideConsole(width=80, file=buf, color_system=None).print(t)
+    assert "…" not in buf.getvalue() and "0x0000000000000007" in buf.getvalue()
+
+
+# --- smaller (item 14) ------------------------------------------------------------------------------
+def test_run_with_an_unknown_rax_gives_the_reason():
+    from typer.testing import CliRunner
+
+    from tdvmcall.cli import app
+
+    r = CliRunner().invoke(app, ["run", "-"], input='{"guest": {"rax": 5, "rcx": "0xFFCC"}}')
+    text = " ".join(r.stdout.split())
+    assert r.exit_code == 0
+    assert "; ." not in text  # the reason was empty
+    assert "is not TDG.VP.VMCALL" in text and "KVM never saw it" in text
+
+
+def test_html_report_scrolls_to_the_cell_named_in_the_address():
+    from tdvmcall.check.catalog import Host, check_sites, what_if
+    from tdvmcall.check.report import html_report
+
+    page = html_report(check_sites([what_if("0x1C00", None)], Host()), Host(), "hardened", "what-if", [])
+    script = page[page.index("#show=") :]
+    assert "scrollIntoView" in script[: script.index("</script>")]
