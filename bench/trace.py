@@ -3,7 +3,7 @@
     python bench/trace.py                     # 300 MB ftrace text in /tmp, kept for reruns
     python bench/trace.py --size-mb 100 --dir /var/tmp --format perf
 
-The generated trace is realistic in shape (ABI.md §7 line formats): several TDs whose guests use
+The generated trace is realistic in shape (docs/abi.md §7 line formats): several TDs whose guests use
 the masks of the shipped guest catalog (Linux 0xFFCC, older Linux and td-shim 0xFC00, COCONUT-SVSM
 and OpenVMM per-call masks, Hyper-V hypercalls 0x0D04), their non-TDVMCALL exits (EPT_VIOLATION,
 EXTERNAL_INTERRUPT, ...), a legacy VM, and the noise events a ``kvm`` + ``sched`` capture holds
@@ -154,7 +154,7 @@ def _line(fmt: str, comm: str, pid: int, tgid: int, cpu: int, ts: float, event: 
     return f"{comm:>16}-{pid:<7} [{cpu:03d}] {flags}{ts:.6f}: {event}: {body}\n"
 
 
-#: quirks that send a kvm_exit line to the reference parser (ABI.md §7; docs/trace.md): a non-ASCII
+#: quirks that send a kvm_exit line to the reference parser (docs/abi.md §7; docs/trace.md): a non-ASCII
 #: task name, or a counter clock's timestamp of 16 digits (``trace_clock=x86-tsc`` after some uptime)
 QUIRKS = ("comm", "tsc")
 _STAMP = re.compile(r" (\d+)\.(\d{6}): ")

@@ -1,8 +1,8 @@
 """`tdvmcall check`: real guests' masks against the TDX module, today's KVM and the hardened one.
 
-Every expected verdict below is derived by hand from ABI.md (§3 the module's control check, §4 the
+Every expected verdict below is derived by hand from docs/abi.md (§3 the module's control check, §4 the
 leaf table, §6 the guests) and written beside the assertion; none is copied from the program.
-Register names by mask bit (ABI.md §1): 2 rdx, 3 rbx, 5 rbp, 6 rsi, 7 rdi, 8..15 r8..r15.
+Register names by mask bit (docs/abi.md §1): 2 rdx, 3 rbx, 5 rbp, 6 rsi, 7 rdi, 8..15 r8..r15.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tdvmcall.cli import app
 from tdvmcall.kvm import leaves as L
 
 runner = CliRunner()
-TDX_OPERAND_INVALID_RCX = 0xC000010000000001  # ABI.md §3: TDX_OPERAND_INVALID | operand id RCX (1)
+TDX_OPERAND_INVALID_RCX = 0xC000010000000001  # docs/abi.md §3: TDX_OPERAND_INVALID | operand id RCX (1)
 KVM = Host()  # module 1.5, NO_RBP_MOD on: what Linux KVM creates
 
 
@@ -64,7 +64,7 @@ def one(mask: str, call: str, host: Host = KVM):
 def test_call_names_map_to_leaves():
     calls, remarks = parse_calls("all: HLT RDMSR MMIO KVM-hypercall(R10!=0) HyperV-hypercall")
     names = [c.name for c in calls]
-    # catalog names -> leaf names; KVM-hypercall -> the six KVM hypercalls of ABI.md §4
+    # catalog names -> leaf names; KVM-hypercall -> the six KVM hypercalls of docs/abi.md §4
     assert names[:3] == ["Instruction.HLT", "Instruction.RDMSR", "#VE.RequestMMIO"]
     assert names[3:9] == [
         f"KVMHypercall.{n}"
@@ -90,7 +90,7 @@ def test_family_words_qualifiers_and_remarks():
 
 
 def test_msr_index_pins_and_comments():
-    # `RDMSR 0x802 (x2APIC ID)` (OpenVMM's AP trampoline): RDMSR with R12, the MSR index (ABI.md §4),
+    # `RDMSR 0x802 (x2APIC ID)` (OpenVMM's AP trampoline): RDMSR with R12, the MSR index (docs/abi.md §4),
     # pinned to 0x802; the parenthesis is a comment, kept as a remark and changing no call
     (rdmsr,), remarks = parse_calls("RDMSR 0x802 (x2APIC ID)")
     assert rdmsr.name == "Instruction.RDMSR" and rdmsr.inputs == (("r12", 0x802),) and remarks == ["x2APIC ID"]
@@ -112,7 +112,7 @@ def test_all_followed_by_words_is_every_call():
 
 
 def test_direction_words_select_one_case():
-    # ABI.md §4: IO and MMIO direction is R13 (0 in/read, 1 out/write); R15 (the data) is read only
+    # docs/abi.md §4: IO and MMIO direction is R13 (0 in/read, 1 out/write); R15 (the data) is read only
     # for out/write, R11 (the data read) written only for in/read.
     for text, leaf, case, r13 in (
         ("IO in", "Instruction.IO", "in", 0),
@@ -146,10 +146,10 @@ def test_bad_call_field(text):
         parse_calls(text)
 
 
-# --- the shipped catalog: expectations from ABI.md ----------------------------------------------------
+# --- the shipped catalog: expectations from docs/abi.md ----------------------------------------------------
 def test_historical_rbp_rows_are_rejected_by_the_module(shipped):
     # 0xFFEC has bit 5 (RBP); a 1.5 module refuses it for a NO_RBP_MOD TD with TDX_OPERAND_INVALID
-    # + operand RCX = 0xC000010000000001, and the VMM never sees the call (ABI.md §3).
+    # + operand RCX = 0xC000010000000001, and the VMM never sees the call (docs/abi.md §3).
     for s in (site(shipped, "td-shim", "AP mailbox loop", 0xFFEC), site(shipped, "edk2", "TdVmCall", 0xFFEC)):
         checks = check_sites([s], KVM)
         assert checks and all(v == ("module-rejects", "module-rejects") for v in verdicts(checks).values())
@@ -169,7 +169,7 @@ def test_historical_rbp_rows_pass_without_the_rbp_check(shipped, host):
 
 
 def test_linux_0xffcc_passes_every_call_with_over_exposure_notes(shipped):
-    # 0xFFCC = rdx rbx rsi rdi r8..r15 (ABI.md §3: the widest legal mask under NO_RBP_MOD).
+    # 0xFFCC = rdx rbx rsi rdi r8..r15 (docs/abi.md §3: the widest legal mask under NO_RBP_MOD).
     s = site(shipped, "linux", "__tdx_hypercall", 0xFFCC)
     checks = {c.call.name: c for c in check_sites([s], KVM)}
     for name, c in checks.items():
@@ -207,7 +207,7 @@ def test_single_purpose_sites(shipped):
 
 def test_report_fatal_error_without_r13_fails_only_with_a_gpa(shipped):
     # coconut-svsm 0x1C00 = r10 r11 r12; ReportFatalError reads R13 only when R12 bit 63 is set
-    # (ABI.md §4): the with-gpa case is refused (hardened) and reads r13 as 0 (legacy); code-only is fine.
+    # (docs/abi.md §4): the with-gpa case is refused (hardened) and reads r13 as 0 (legacy); code-only is fine.
     (c,) = check_sites([site(shipped, "coconut-svsm", "tdvmcall_report_fatal_error", 0x1C00)], KVM)
     assert (c.verdict["legacy"], c.verdict["hardened"]) == ("legacy-silent", "hardened-refuses")
     assert [(r.case, r.missing_inputs, r.missing_outputs) for r in c.refusals()] == [("with-gpa", ["r13"], [])]
@@ -226,7 +226,7 @@ def test_unimplemented_and_migtd_calls(shipped):
 
 
 def test_rows_added_by_the_2026_11_29_catalog(shipped):
-    """The rows the corrected catalog added or changed, each derived from its CSV row and ABI.md."""
+    """The rows the corrected catalog added or changed, each derived from its CSV row and docs/abi.md."""
     # OpenVMM's AP trampoline, `RDMSR 0x802 (x2APIC ID)` at 0x1C00 = r10 r11 r12: RDMSR reads r12 and
     # writes r10 (failure) or r11 (success): all exposed, nothing unused
     (c,) = check_sites([site(shipped, "openvmm", "AP reset-vector trampoline (raw bytes)", 0x1C00)], KVM)
@@ -235,7 +235,7 @@ def test_rows_added_by_the_2026_11_29_catalog(shipped):
     # r10..r15, so rdx rbx rsi rdi r8 r9 are exposed for nothing (RBX: the mailbox address)
     (c,) = check_sites([site(shipped, "edk2", "AsmRelocateApMailBoxLoop", 0xFFCC)], KVM)
     assert c.verdict == {"legacy": "ok", "hardened": "ok"} and c.unused == ["rdx", "rbx", "rsi", "rdi", "r8", "r9"]
-    # ... and before 35f6a2780e, 0xFFEC: RBP, so TDX_OPERAND_INVALID(RCX) under NO_RBP_MOD (ABI.md §3)
+    # ... and before 35f6a2780e, 0xFFEC: RBP, so TDX_OPERAND_INVALID(RCX) under NO_RBP_MOD (docs/abi.md §3)
     (c,) = check_sites([site(shipped, "edk2", "AsmRelocateApMailBoxLoop", 0xFFEC)], KVM)
     assert c.verdict == {"legacy": "module-rejects", "hardened": "module-rejects"}
     assert c.module.status == TDX_OPERAND_INVALID_RCX
@@ -289,7 +289,7 @@ def test_package_data_equals_the_shared_reference_data():
 
 # --- what-ifs -------------------------------------------------------------------------------------------
 def test_cpuid_with_only_the_selectors():
-    # 0x0C00 = r10 r11. CPUID reads r12 r13 and writes r12..r15 (ABI.md §4): hardened refuses every
+    # 0x0C00 = r10 r11. CPUID reads r12 r13 and writes r12..r15 (docs/abi.md §4): hardened refuses every
     # case for all six; today's KVM reads r12 r13 as 0 and its four writes are dropped.
     c = one("0x0C00", "Instruction.CPUID")
     assert c.verdict == {"legacy": "legacy-silent", "hardened": "hardened-refuses"}
@@ -319,7 +319,7 @@ def test_unexposed_r10_is_refused_as_an_internal_error():
 
 @pytest.mark.parametrize("mask", ["0x1C01", "0x1C02", "0x1C10", "0x100001C00"])
 def test_forbidden_bits_are_rejected_whatever_the_attributes(mask):
-    # RAX, RCX, RSP bits and reserved bits 63:32 are refused by every module (ABI.md §3)
+    # RAX, RCX, RSP bits and reserved bits 63:32 are refused by every module (docs/abi.md §3)
     for host in (KVM, Host(no_rbp_mod=False), Host(module="1.0")):
         c = one(mask, "RDMSR", host)
         assert c.verdict == {"legacy": "module-rejects", "hardened": "module-rejects"}
@@ -327,7 +327,7 @@ def test_forbidden_bits_are_rejected_whatever_the_attributes(mask):
 
 
 def test_xmm_exposure_is_noted():
-    # bit 16 = xmm0 (ABI.md §3); no leaf uses XMMs
+    # bit 16 = xmm0 (docs/abi.md §3); no leaf uses XMMs
     c = one("0x11C00", "RDMSR")
     assert c.verdict == {"legacy": "ok", "hardened": "ok"}
     assert any("xmm0" in n for n in c.notes)
@@ -458,7 +458,7 @@ def test_check_call_matches_check_sites():
 def test_the_answer_comes_first():
     """The verdict, the counts and the findings come before the per-guest tables, so that the first
     40 lines answer: the findings of the shipped catalog are the three 0xFFEC rows the module
-    rejects (RBP under NO_RBP_MOD, ABI.md §3) and COCONUT-SVSM's ReportFatalError without R13."""
+    rejects (RBP under NO_RBP_MOD, docs/abi.md §3) and COCONUT-SVSM's ReportFatalError without R13."""
     r = invoke()
     lines = r.stdout.splitlines()
     assert lines[1].startswith("FAIL under --policy hardened: 4 of 41 sites, 20 of 148 calls do not pass (exit 1)")
@@ -481,7 +481,7 @@ def test_the_answer_comes_first():
 
 
 def test_per_call_details_only_with_verbose():
-    # COCONUT-SVSM's ReportFatalError: the case's input values (R12 with bit 63 set, ABI.md §4) and
+    # COCONUT-SVSM's ReportFatalError: the case's input values (R12 with bit 63 set, docs/abi.md §4) and
     # the catalog's remarks are per-call details
     gpa_case = "r12=0x8000000000010000"
     plain = invoke("--guest", "coconut-svsm").stdout

@@ -1,7 +1,7 @@
 """The HTML report of `tdvmcall check`, rendered by a real headless browser (Debian's chromium).
 
 The page is written by the CLI, loaded from a file:// URL, and the DOM chromium builds (after the
-page's own script ran) is checked for the matrix cells the facts imply (ABI.md §3, §4, §6):
+page's own script ran) is checked for the matrix cells the facts imply (docs/abi.md §3, §4, §6):
 the historical 0xFFEC rows rejected by the module, Linux's 0xFFCC passing, COCONUT-SVSM's
 ReportFatalError without R13 refused in its GPA case, Hyper-V hypercalls not KVM's.
 """
@@ -112,7 +112,7 @@ def test_matrix_renders_with_the_expected_cells(report):
         (c,) = [c for c in p.cells if c["data-id"] == str(i)]
         return c["data-legacy"], c["data-hardened"]
 
-    # 0xFFEC includes RBP: TDX_OPERAND_INVALID(RCX) under NO_RBP_MOD, whatever KVM does (ABI.md §3)
+    # 0xFFEC includes RBP: TDX_OPERAND_INVALID(RCX) under NO_RBP_MOD, whatever KVM does (docs/abi.md §3)
     assert cell("AP mailbox loop", "0xffec", "Instruction.CPUID") == ("module-rejects", "module-rejects")
     assert cell("TdVmCall", "0xffec", "Instruction.HLT") == ("module-rejects", "module-rejects")
     # 0xFFCC exposes every register any KVM leaf uses

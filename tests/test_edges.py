@@ -238,11 +238,18 @@ def test_version():
     assert r.returncode == 0 and r.stdout.decode().strip() == f"tdvmcall {tdvmcall.__version__}"
 
 
-def test_help_shows_flags_without_a_type_and_paragraphs_reflowed():
-    for args in (["--help"], ["decode", "--help"], ["run", "--help"], ["check", "--help"]):
-        r = run_case(args)
+HELP_PAGES = [[], ["run"], ["decode"], ["leaves"], ["check"], ["trace"], ["fuzz"], ["sweep"], ["vectors"]]
+HELP_PAGES += [["vectors", "export"], ["vectors", "verify"]]
+
+
+def test_help_shows_flags_without_a_type_cuts_nothing_and_reflows_paragraphs():
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pages = list(pool.map(lambda args: run_case([*args, "--help"]), HELP_PAGES))
+    for args, r in zip(HELP_PAGES, pages):
         text = r.stdout.decode()
-        assert r.returncode == 0 and "<bool>" not in text and "<str>" not in text, text
+        assert r.returncode == 0 and r.stderr == b"", (args, r.stderr)
+        assert "<bool>" not in text and "<str>" not in text, (args, text)  # typer 0.27+ renders flags so
+        assert "…" not in text, (args, text)  # nothing cut at 80 columns
     top = run_case(["--help"]).stdout.decode()
     # the run line reads as one paragraph: the docstring's line break after "scenario" is not kept
     assert "from a JSON scenario and show every" in " ".join(top.replace("│", " ").split())
@@ -379,3 +386,26 @@ def test_html_report_scrolls_to_the_cell_named_in_the_address():
     page = html_report(check_sites([what_if("0x1C00", None)], Host()), Host(), "hardened", "what-if", [])
     script = page[page.index("#show=") :]
     assert "scrollIntoView" in script[: script.index("</script>")]
+
+
+# --- the reference facts ship with the repository (item 15) -----------------------------------------
+def test_every_abi_citation_names_a_section_of_docs_abi_md():
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    abi = repo / "docs" / "abi.md"
+    assert abi.is_file()
+    sections = {int(n) for n in re.findall(r"^## (\d+)\. ", abi.read_text(), re.M)}
+    assert sections == set(range(1, 9))
+    cited: set[int] = set()
+    files = [*repo.glob("README.md"), *repo.glob("docs/*.md"), *repo.glob("src/**/*.py"), *repo.glob("tests/*.py")]
+    files += [*repo.glob("bench/*.py")]
+    for path in files:
+        text = path.read_text()
+        # the shared workspace's copy is not in the repository: nothing may point there
+        assert "shared/reference" not in text or path.name == "test_edges.py", path
+        for m in re.finditer(r"(\S*)ABI\.md", text):
+            assert path.name == "test_edges.py", (path, m.group(0))  # only the new name: docs/abi.md
+        for m in re.finditer(r"abi\.md(?:\]\(abi\.md\))? (§[\d§, -]+)", text):
+            cited |= {int(n) for n in re.findall(r"\d+", m.group(1))}
+    assert cited and cited <= sections, cited - sections

@@ -1,7 +1,7 @@
 """The fuzz campaign: its power is measured on planted bugs, its invariants are stated as hypothesis
 properties, and a short clean campaign runs on every change (CI).
 
-Expected values are derived by hand from ABI.md (the derivation is in the comments), never read
+Expected values are derived by hand from docs/abi.md (the derivation is in the comments), never read
 back from the program.
 """
 
@@ -29,11 +29,11 @@ from tdvmcall.scenario import parse
 U64 = (1 << 64) - 1
 FAST = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
-# ABI.md §3: the module refuses a bad RAX with TDX_OPERAND_INVALID (0xC000010000000000, operand id
+# docs/abi.md §3: the module refuses a bad RAX with TDX_OPERAND_INVALID (0xC000010000000000, operand id
 # RAX = 0) and a bad control with the same status plus operand id RCX = 1.
 BAD_RAX = 0xC000010000000000
 BAD_RCX = 0xC000010000000001
-# ABI.md §2: after a TD exit today's KVM keeps avail only for 0x0180FFEF; all 25 registers (bits
+# docs/abi.md §2: after a TD exit today's KVM keeps avail only for 0x0180FFEF; all 25 registers (bits
 # 0..24 = 0x1FFFFFF) are dirty from vCPU creation and dirty is never reset, so the invalid pair
 # (avail 0, dirty 1) is 0x1FFFFFF & ~0x0180FFEF = RSP (bit 4) + RIP..SEGMENTS (bits 16..22).
 LEGACY_INVALID_PAIRS = 1 << 4 | 0b1111111 << 16  # 0x007F0010

@@ -1,4 +1,4 @@
-"""The leaf table against ABI.md §4, and its consistency."""
+"""The leaf table against docs/abi.md §4, and its consistency."""
 
 from __future__ import annotations
 

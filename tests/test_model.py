@@ -1,4 +1,4 @@
-"""The round trip against facts from ABI.md (each test names the section it encodes).
+"""The round trip against facts from docs/abi.md (each test names the section it encodes).
 
 Expected values are written from the ABI facts and from the platform values the test itself
 supplies in its scenario, never read back from the model.

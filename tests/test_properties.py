@@ -1,4 +1,4 @@
-"""Hypothesis properties of the round trip (ABI.md §3, the hardened policy of issue 2)."""
+"""Hypothesis properties of the round trip (docs/abi.md §3, the hardened policy of issue 2)."""
 
 from __future__ import annotations
 

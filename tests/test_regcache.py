@@ -1,4 +1,4 @@
-"""KVM's register cache (ABI.md §2): accessors, per-vendor transitions, and the invalid pair."""
+"""KVM's register cache (docs/abi.md §2): accessors, per-vendor transitions, and the invalid pair."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The mask sweep: simulation and leaf table agree for every call and case; figures derived by hand
-from ABI.md; the fast (footprint) route equals running every mask; the loud paths work."""
+from docs/abi.md; the fast (footprint) route equals running every mask; the loud paths work."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tdvmcall.cli import app
 from tdvmcall.module import TdConfig
 from tdvmcall.sweep import sweep as S
 
-LINUX_TD = TdConfig("1.5", True)  # what KVM creates (ABI.md §3)
+LINUX_TD = TdConfig("1.5", True)  # what KVM creates (docs/abi.md §3)
 RBP_TD = TdConfig("1.5", False)
 ON, OFF = "1.5/no_rbp_mod", "1.5/rbp_mod"
 
@@ -66,19 +66,19 @@ def test_sweep_covers_every_call_and_case(swept):
     assert result["agree"]
 
 
-# --- figures derived by hand from ABI.md ----------------------------------------------------------
+# --- figures derived by hand from docs/abi.md ----------------------------------------------------------
 def test_module_gate_counts():
-    # ABI.md §3: bits 0 (RAX), 1 (RCX), 4 (RSP) always refused, bit 5 (RBP) too on 1.5 with NO_RBP_MOD.
+    # docs/abi.md §3: bits 0 (RAX), 1 (RCX), 4 (RSP) always refused, bit 5 (RBP) too on 1.5 with NO_RBP_MOD.
     # 16 - 4 = 12 free bits -> 2^12 = 4096 masks; without NO_RBP_MOD 13 free bits -> 8192.
     assert len(S.module_accepts("1.5", True)) == 4096
     assert len(S.module_accepts("1.5", False)) == 8192
-    # module 1.0 never checks RBP (ABI.md §3)
+    # module 1.0 never checks RBP (docs/abi.md §3)
     assert len(S.module_accepts("1.0", True)) == 8192
     assert S.passable(LINUX_TD) == 0xFFCC  # the widest legal mask under NO_RBP_MOD
 
 
 def test_io_figures(swept):
-    # ABI.md §4 Instruction.IO: selectors R10 R11; inputs R12 size, R13 direction, R14 port, R15 data
+    # docs/abi.md §4 Instruction.IO: selectors R10 R11; inputs R12 size, R13 direction, R14 port, R15 data
     # only for OUT; outputs R10 (error), R11 (data, IN only). IN: R10..R14 = 0x7C00; OUT: + R15 = 0xFC00.
     io_in, io_out = swept[("Instruction.IO", "in")]["td"], swept[("Instruction.IO", "out")]["td"]
     assert io_in[ON]["hardened_completes"]["minimal"] == f"{_mask('r10', 'r11', 'r12', 'r13', 'r14'):#06x}"
@@ -91,10 +91,10 @@ def test_io_figures(swept):
 
 def test_legacy_silent_ok_needs_what_kvm_consumed_and_wrote(swept):
     # Today's KVM is silent-ok when nothing it consumed or wrote was unexposed.  It consumes R10 and
-    # R11 to dispatch (ABI.md §4: "with R10/R11 unexposed KVM sees leaf 0"), then the handler's reads.
+    # R11 to dispatch (docs/abi.md §4: "with R10/R11 unexposed KVM sees leaf 0"), then the handler's reads.
     # CPUID: reads R12 R13, writes R12..R15 (never R10): R10..R15 = 0xFC00.
     assert swept[("Instruction.CPUID", "leaf1")]["td"][ON]["legacy_silent_ok"]["least"] == "0xfc00"
-    # MapGPA that succeeds: reads R12 R13 and writes nothing (ABI.md §4: R10/R11 only on error or
+    # MapGPA that succeeds: reads R12 R13 and writes nothing (docs/abi.md §4: R10/R11 only on error or
     # RETRY): R10 R11 R12 R13 = 0x3C00.
     mapgpa = swept[("MapGPA", "to-shared")]["td"][ON]["legacy_silent_ok"]
     assert mapgpa["least"] == f"{_mask('r10', 'r11', 'r12', 'r13'):#06x}"
@@ -105,7 +105,7 @@ def test_legacy_silent_ok_needs_what_kvm_consumed_and_wrote(swept):
 
 
 def test_unknown_hypercall_needs_only_r10(swept):
-    # ABI.md §4: any R10 != 0 is a hypercall number; an unknown one returns -KVM_ENOSYS in R10 and
+    # docs/abi.md §4: any R10 != 0 is a hypercall number; an unknown one returns -KVM_ENOSYS in R10 and
     # reads nothing: minimal mask R10 = 0x0400, so 2^(12 - 1) = 2048 masks under NO_RBP_MOD.
     row = swept[("KVMHypercall", "unknown-nr")]["td"][ON]
     assert row["hardened_completes"]["minimal"] == "0x0400"

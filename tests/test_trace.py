@@ -1,6 +1,6 @@
-"""``tdvmcall trace`` on fixtures this file writes, in the three formats (ABI.md §7).
+"""``tdvmcall trace`` on fixtures this file writes, in the three formats (docs/abi.md §7).
 
-Every expected number below is worked out by hand from ABI.md (§3 module check, §4 leaf table and
+Every expected number below is worked out by hand from docs/abi.md (§3 module check, §4 leaf table and
 reason mapping, §7 line format), not copied from the program's output.  The main fixture, one line
 per event, in file order (line numbers count the header lines):
 
@@ -77,7 +77,7 @@ def payload(vcpu: int, reason: str, info1: int, tail: str = "") -> str:
 
 
 def line(fmt: str, comm: str, pid: int, ts: float, event: str, body: str, tgid: int | None = None) -> str:
-    """One event line in the shape of ABI.md §7 (trace-cmd pads the event name)."""
+    """One event line in the shape of docs/abi.md §7 (trace-cmd pads the event name)."""
     if fmt == "perf":
         system = "sched" if event.startswith("sched") else "kvm"
         ids = f"{tgid}/{pid}" if tgid is not None else f"{pid}"

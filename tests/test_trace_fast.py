@@ -1,7 +1,7 @@
 """The fast path of ``tdvmcall trace`` (``trace_scan``, compiled) agrees with the reference parser
 (``parse_chunk_reference``, plain Python) on generated traces: same line counts, same unparsed lines (numbers and
 text), same aggregates and the same Parquet rows, whatever mix of well-formed lines, rare quirks
-(ABI.md §7: reason flags, hex reasons, trailing text, CRLF, padded perf event names, integer
+(docs/abi.md §7: reason flags, hex reasons, trailing text, CRLF, padded perf event names, integer
 timestamps, record-tgid) and damaged lines (truncated, a byte changed, NUL, non-ASCII) it holds.
 The expected values are the reference parser's, which test_trace.py checks against hand counts."""
 

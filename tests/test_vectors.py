@@ -1,6 +1,6 @@
 """Conformance vectors: export then verify round-trips, exports are deterministic, every file
 matches the schema, a hand-edited vector is reported at the right field, a malformed corpus is
-exit status 2; vector contents checked against ABI.md by hand."""
+exit status 2; vector contents checked against docs/abi.md by hand."""
 
 from __future__ import annotations
 
@@ -91,14 +91,14 @@ def test_corpus_is_modest_and_covers_every_call(corpus):
     }
 
 
-# --- contents, derived by hand from ABI.md ----------------------------------------------------------
+# --- contents, derived by hand from docs/abi.md ----------------------------------------------------------
 def test_io_in_vectors(corpus):
-    # ABI.md §4 Instruction.IO IN: R10 R11 selectors, R12 size, R13 direction, R14 port; writes R11
+    # docs/abi.md §4 Instruction.IO IN: R10 R11 selectors, R12 size, R13 direction, R14 port; writes R11
     # (data) or R10 (error): minimal 0x7C00.  Port 0x3FD goes to userspace (KVM_EXIT_IO).
     exact = _vector(corpus, IO_IN.format(label="exact", policy="hardened"))
     assert exact["mask"] == "0x0000000000007c00" and exact["verdict"] == "userspace"
     assert exact["expected"]["kvm"]["userspace_exit"]["reason"] == "KVM_EXIT_IO"
-    # the guest's unexposed registers come back unchanged (ABI.md §3), e.g. R15 keeps its value
+    # the guest's unexposed registers come back unchanged (docs/abi.md §3), e.g. R15 keeps its value
     assert exact["expected"]["guest"]["r15"] == exact["scenario"]["guest"]["r15"] != "0x0000000000000000"
     # and the VMM saw 0 for it
     assert exact["expected"]["vmm"]["r15"] == "0x0000000000000000"
@@ -113,7 +113,7 @@ def test_io_in_vectors(corpus):
 
 
 def test_invalid_bit_vectors(corpus):
-    # ABI.md §3: RSP in gpr_select or a reserved bit: TDX_OPERAND_INVALID + operand RCX
+    # docs/abi.md §3: RSP in gpr_select or a reserved bit: TDX_OPERAND_INVALID + operand RCX
     # (0xC000010000000001) in RAX, KVM never sees the call
     for label in ("rsp", "reserved"):
         v = _vector(corpus, IO_IN.format(label=label, policy="hardened"))

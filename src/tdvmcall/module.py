@@ -5,7 +5,7 @@ Sources: Intel tdx-module (MIT) ``src/td_dispatcher/tdx_td_dispatcher.c`` (``td_
 checks), ``src/td_dispatcher/vm_exits/tdg_vp_vmcall.c`` (control checks and the exit),
 ``src/td_transitions/td_exit.c`` (what the VMM's registers hold on a TD exit) and
 ``src/td_transitions/tdh_vp_enter.c`` (the selective copy-back, ``save_regs_after_tdvmcall()``);
-ABI.md §3.  TDCALL leaves other than TDG.VP.VMCALL are named, checked as the dispatcher checks RAX,
+docs/abi.md §3.  TDCALL leaves other than TDG.VP.VMCALL are named, checked as the dispatcher checks RAX,
 and otherwise not modelled.
 """
 

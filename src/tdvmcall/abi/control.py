@@ -1,7 +1,7 @@
 """The TDG.VP.VMCALL control value (guest RCX) and the exit qualification the VMM receives.
 
 Source: Intel tdx-module, ``src/td_dispatcher/vm_exits/tdg_vp_vmcall.c`` (control check) and
-``src/td_transitions/td_exit.c`` (exit qualification); summarised in ABI.md §3.
+``src/td_transitions/td_exit.c`` (exit qualification); summarised in docs/abi.md §3.
 
 RCX bits 15:0 select GPRs (bit i = GPR i), 31:16 select XMM0..15, 63:32 are reserved and must be 0.
 GPR bits 0 (RAX), 1 (RCX) and 4 (RSP) must be 0, and bit 5 (RBP) must be 0 when the TD has the

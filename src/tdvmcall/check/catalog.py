@@ -1,6 +1,6 @@
 """Real guests' TDVMCALL call sites (the shipped catalog) and the compatibility check.
 
-The catalog (``data/guest-masks.csv``, see ``data/NOTICE.md``; ABI.md §6) has one row per call
+The catalog (``data/guest-masks.csv``, see ``data/NOTICE.md``; docs/abi.md §6) has one row per call
 site: ``guest, snapshot, file, function, mask_hex, tdvmcalls, note``.  ``mask_hex`` is the control
 value the site puts in RCX (bits 15:0 GPRs, 31:16 XMMs, 63:32 reserved); ``tdvmcalls`` names, in
 free text, the calls made through it.  This module turns that text into rows of the leaf table
@@ -53,17 +53,17 @@ CALL_NAMES: dict[str, tuple[str, ...]] = {
     "MMIO": ("#VE.RequestMMIO",),
     "WBINVD": ("Instruction.WBINVD",),
     "PCONFIG": ("Instruction.PCONFIG",),
-    # Linux's kvm_hypercall*() on a TD: R10 = the KVM hypercall number (ABI.md §4)
+    # Linux's kvm_hypercall*() on a TD: R10 = the KVM hypercall number (docs/abi.md §4)
     "KVM-hypercall": tuple(leaf.name for leaf in L.KVM_HYPERCALLS),
 }
 
 _HYPERV = (
     "Hyper-V hypercall: R10 holds a Hyper-V control word for a Hyper-V host; KVM would take any "
-    "R10 != 0 as a KVM hypercall number, so KVM's leaf table does not describe it (ABI.md §4, §6)"
+    "R10 != 0 as a KVM hypercall number, so KVM's leaf table does not describe it (docs/abi.md §4, §6)"
 )
 _MIGTD = (
     "MigTD call (TD migration): served by the host's migration service, not a leaf of KVM's TDVMCALL "
-    "dispatch, which answers SUBFUNC_UNSUPPORTED to leaves it does not know (ABI.md §4)"
+    "dispatch, which answers SUBFUNC_UNSUPPORTED to leaves it does not know (docs/abi.md §4)"
 )
 
 #: Calls the catalog names that are not KVM calls, with the reason.  They are checked against the
@@ -90,14 +90,14 @@ INPUT_QUALIFIERS: dict[str, dict[str, str]] = {
 }
 
 #: A number right after these names pins that input: ``RDMSR 0x802`` is RDMSR with R12 (the MSR
-#: index, ABI.md §4) = 0x802, the x2APIC ID register.
+#: index, docs/abi.md §4) = 0x802, the x2APIC ID register.
 POSITIONAL_INPUTS: dict[str, str] = {
     "Instruction.RDMSR": "r12",
     "Instruction.WRMSR": "r12",
 }
 
 #: Direction words: ``IO in`` runs only the leaf-table case ``in`` of ``Instruction.IO`` (R13 = 0),
-#: ``MMIO write`` only ``write`` (R13 = 1): a site that only reads never needs R15 (ABI.md §4).
+#: ``MMIO write`` only ``write`` (R13 = 1): a site that only reads never needs R15 (docs/abi.md §4).
 CASE_WORDS: dict[str, dict[str, str]] = {
     "Instruction.IO": {"in": "in", "out": "out"},
     "#VE.RequestMMIO": {"read": "read", "write": "write"},

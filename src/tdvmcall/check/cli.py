@@ -38,7 +38,7 @@ def check(
         None,
         "--catalog",
         metavar="FILE.csv",
-        help="Your own call sites: CSV with columns guest,snapshot,file,function,mask_hex,tdvmcalls,note "
+        help="Your own call sites: CSV with columns guest, snapshot, file, function, mask_hex, tdvmcalls, note "
         "(tdvmcalls: names like 'RDMSR WRMSR', 'IO MMIO', 'all', 'CPUID leaf 0xB'; see docs/check.md).",
     ),
     mask: str | None = typer.Option(

@@ -1,6 +1,6 @@
 """The properties every fuzzed execution must satisfy, and the checks that enforce them.
 
-Properties (ABI.md §2-§5; each is a restatement of a documented fact, never a call into the code it
+Properties (docs/abi.md §2-§5; each is a restatement of a documented fact, never a call into the code it
 checks):
 
 ``gate``            an invalid RAX or control never reaches KVM and yields exactly the documented
@@ -130,7 +130,7 @@ VM_RD_REFUSED = "vm-rd-refused"
 
 
 def documented_gate(td: TdConfig, rax: int, rcx: int, long_mode: bool) -> str | int | None:
-    """What ABI.md §3 and §8 say the module does with this TDCALL: ``"fault"`` (#GP outside 64-bit
+    """What docs/abi.md §3 and §8 say the module does with this TDCALL: ``"fault"`` (#GP outside 64-bit
     mode), the status the guest gets for a bad RAX or control, ``"vm-rd-refused"`` (TDG.VM.RD with a
     version above 1), ``"not-modelled"`` (another leaf the module accepts), or ``None`` (the call
     exits to the VMM).  Restated from the ABI notes on purpose, not taken from ``control.py`` or

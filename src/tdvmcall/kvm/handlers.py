@@ -2,7 +2,7 @@
 
 One function per leaf, named after it, re-expressing Linux ``arch/x86/kvm/vmx/tdx.c`` (kvm-x86
 tree, 2026; "v6.16" where that release differs) and x86.c ``____kvm_emulate_hypercall()``, as
-curated in ABI.md §4.  Handlers never touch registers directly: they go through an :class:`Access`
+curated in docs/abi.md §4.  Handlers never touch registers directly: they go through an :class:`Access`
 that the policy (``tdx.py``) provides, so the same code runs under today's KVM and the hardened one.
 Which registers a handler may read and write is declared in ``leaves.py``, not here.
 """

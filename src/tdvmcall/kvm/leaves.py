@@ -6,7 +6,7 @@ sweep, the trace audit and ``tdvmcall leaves`` all read it.
 
 Register roles follow Linux ``arch/x86/kvm/vmx/tdx.c`` (kvm-x86 tree, 2026; ``handle_tdvmcall()``
 and one function per leaf, named in each row's ``source``) and x86.c ``____kvm_emulate_hypercall()``
-for the KVM hypercalls, as curated in ABI.md §4.  A fact known only second-hand says so.
+for the KVM hypercalls, as curated in docs/abi.md §4.  A fact known only second-hand says so.
 
 Conventions:
 - Every call needs R10 exposed (the selector, and where the status goes); a GHCI call (R10 = 0)

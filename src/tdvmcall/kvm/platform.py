@@ -4,7 +4,7 @@ vCPUs) and userspace (the VMM, e.g. QEMU) reached through ``kvm_run`` exits.
 Everything is deterministic so that every leaf does something visible.  Userspace exits are recorded
 as events with the fields KVM fills in ``struct kvm_run`` (Linux ``include/uapi/linux/kvm.h``);
 userspace's answer comes from :class:`Userspace`, configurable per scenario, and completes the call.
-Facts: ABI.md §4; default userspace behaviour follows QEMU ``target/i386/kvm/tdx.c`` where the ABI
+Facts: docs/abi.md §4; default userspace behaviour follows QEMU ``target/i386/kvm/tdx.c`` where the ABI
 notes say so, and is otherwise a plain deterministic fake (said where it is).
 """
 

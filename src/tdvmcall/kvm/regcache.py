@@ -3,7 +3,7 @@
 Source: Linux ``arch/x86/kvm/kvm_cache_regs.h`` (renamed ``regs.h`` in 2026) for the accessors,
 ``arch/x86/kvm/vmx/vmx.c`` (``vmx_vcpu_run``, ``vmx_cache_reg``), ``arch/x86/kvm/svm/svm.c``
 (``svm_vcpu_run``) and ``arch/x86/kvm/vmx/tdx.c`` (``tdx_vcpu_run``, ``tdx_cache_reg``) for the
-per-vendor transitions; summarised in ABI.md §2.
+per-vendor transitions; summarised in docs/abi.md §2.
 
 Meaning of the pair of bits per register:
 

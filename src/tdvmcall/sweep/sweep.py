@@ -3,14 +3,14 @@
 For every call of the leaf table (``kvm/leaves.py``: every leaf, every KVM hypercall and the unknown
 hypercall) under each of its cases (named input values, ``Leaf.cases``), over all 65,536 GPR masks
 (``gpr_select``, RCX bits 15:0; xmm_select and the reserved bits 0), for a TD with and without
-NO_RBP_MOD (module 1.5, which checks RBP; ABI.md §3):
+NO_RBP_MOD (module 1.5, which checks RBP; docs/abi.md §3):
 
 ``simulation``  runs the model.  The module layer is the real ``control.check_control`` over every
                 mask.  The KVM layer runs the real round trip (``guest.tdvmcall``: module, KVM's
                 ``handle_tdvmcall`` and its handlers, resume) under ``legacy`` and ``hardened``.
                 To take seconds rather than minutes it does not run the ~8,000 masks that reach KVM
                 one by one: it runs the model on a few masks, *observes* which registers each run
-                consulted (its footprint: the dispatch registers R10/R11 of ABI.md §4, and every
+                consulted (its footprint: the dispatch registers R10/R11 of docs/abi.md §4, and every
                 register the run read, wrote or reported as missing, unexposed, zero-read or
                 dropped) and grows that set to a fixed point; every mask then behaves as the mask
                 restricted to the footprint.  The claim is checked on every class by running both
@@ -47,7 +47,7 @@ from ..module import TdConfig, VcpuState
 NR_MASKS = 1 << NR_GPRS  # 65,536 GPR masks
 #: the TD settings swept: module 1.5 (which checks RBP) with and without NO_RBP_MOD
 TD_SETTINGS: tuple[TdConfig, ...] = (TdConfig("1.5", True), TdConfig("1.5", False))
-#: KVM dispatches on R10 (hypercall number, or 0) and R11 (GHCI leaf): ABI.md §4, tdx.c handle_tdvmcall()
+#: KVM dispatches on R10 (hypercall number, or 0) and R11 (GHCI leaf): docs/abi.md §4, tdx.c handle_tdvmcall()
 DISPATCH_MASK = mask_of(("r10", "r11"))
 #: a guest register the case leaves unset holds this (| its index): a value the VMM must never see
 FILLER = 0x5A5A5A5A00000000

@@ -4,7 +4,7 @@ A vector is one TDVMCALL: the input scenario (the ``tdvmcall run`` input contrac
 docs/scenario.md) and the result the model expects (``scenario.run_json``: module, VMM, KVM and
 guest).  ``export`` writes, for every call of the leaf table under each of its cases, the boundary
 masks: the exact minimal mask (``leaves.minimal_mask``), each mask one register short of it, Linux's
-over-exposed 0xFFCC (ABI.md §6), and masks with invalid bits (RBP, RSP, a reserved bit; ABI.md §3),
+over-exposed 0xFFCC (docs/abi.md §6), and masks with invalid bits (RBP, RSP, a reserved bit; docs/abi.md §3),
 under both KVM policies, with the module version and NO_RBP_MOD varied where they matter (the RBP
 bit).  ``verify`` replays a corpus, from this model or from another implementation writing the same
 format, and reports every difference field by field.  Layout of a corpus::
@@ -44,11 +44,11 @@ SCHEMA_FILE = "vector.schema.json"
 VECTOR_DIR = "vectors"
 TREE = "kvm-x86"
 
-#: Linux's mask for every TDVMCALL since v6.3 (ABI.md §6): every GPR the module allows under NO_RBP_MOD
+#: Linux's mask for every TDVMCALL since v6.3 (docs/abi.md §6): every GPR the module allows under NO_RBP_MOD
 LINUX_MASK = 0xFFCC
 RBP_BIT = mask_of(("rbp",))
 RSP_BIT = mask_of(("rsp",))
-RESERVED_BIT = 1 << 32  # RCX bits 63:32 are reserved (ABI.md §3)
+RESERVED_BIT = 1 << 32  # RCX bits 63:32 are reserved (docs/abi.md §3)
 
 #: The Linux TD (module 1.5, NO_RBP_MOD), used for every mask but the RBP one
 LINUX_TD = TdConfig("1.5", True)

@@ -1,6 +1,6 @@
 """Audit real hosts' ``kvm:kvm_exit`` traces: which TD exits would hardened KVM refuse.
 
-Facts used (ABI.md §4, §7): the ``kvm_exit`` tracepoint prints ``vcpu %u reason %s%s%s rip 0x%lx
+Facts used (docs/abi.md §4, §7): the ``kvm_exit`` tracepoint prints ``vcpu %u reason %s%s%s rip 0x%lx
 info1 0x%016llx info2 0x%016llx intr_info 0x%08x error_code 0x%08x``; parsers tolerate trailing
 text (a 2023 patch appending `` requests 0x%016llx`` was not merged, some trees carry it).  The
 reason is the name from VMX_EXIT_REASONS followed by `` FAILED_VMENTRY`` or a raw hex flag when

@@ -5,7 +5,7 @@ time where a word holds no newline and no ``k``, else byte by byte), and sorts e
 header/blank, other event, ``kvm_exit`` parsed here, or "slow": a line this scanner is not sure
 about, which the caller hands to the reference parser (``reference.py``)
 (so every quirk that parser knows stays handled, and nothing is dropped).  The shapes it accepts
-are exactly those of ABI.md §7, as ``trace.py`` reads them:
+are exactly those of docs/abi.md §7, as ``trace.py`` reads them:
 
 - the line ends at ``\\n``; one trailing ``\\r`` is not part of it (CRLF); a line that is empty or
   starts with ``#``, ``cpus=`` or ``version = `` is a header/blank line unless it is a kvm_exit;

@@ -1,4 +1,4 @@
-"""The reference parser of ``tdvmcall trace``, in plain Python: any line, every quirk (ABI.md §7).
+"""The reference parser of ``tdvmcall trace``, in plain Python: any line, every quirk (docs/abi.md §7).
 
 ``audit.parse_chunk`` (the compiled fast path) hands it the lines it is not sure about, and the
 tests check that the two agree on every line both can read.  Same contract as ``parse_chunk``: it
@@ -7,7 +7,7 @@ returns a :class:`~tdvmcall.trace.rows.ChunkResult` of numpy columns keyed by ta
 It is written for clarity first (it is the oracle the fast path is tested against): one loop over
 the lines in plain Python, one anchored regex per ``kvm_exit`` line, then numpy for the fields and
 a sort-based grouping for the two aggregates (not the fast path's compiled ``group``: the oracle
-shares no code with what it checks but the regexes of ABI.md §7).  It replaced a polars version
+shares no code with what it checks but the regexes of docs/abi.md §7).  It replaced a polars version
 of the same contract (measured: docs/trace.md, "The reference parser").
 """
 

@@ -1,7 +1,7 @@
 """The bottom of the trace wing: the line formats, the task and reason tables, the line counts and the
 aggregate columns that the parsers fill and the report, Parquet and the plot read.
 
-Facts used (ABI.md §4, §7): the ``kvm_exit`` tracepoint prints ``vcpu %u reason %s%s%s rip 0x%lx
+Facts used (docs/abi.md §4, §7): the ``kvm_exit`` tracepoint prints ``vcpu %u reason %s%s%s rip 0x%lx
 info1 0x%016llx info2 0x%016llx intr_info 0x%08x error_code 0x%08x``; parsers tolerate trailing
 text.  The reason is the name from VMX_EXIT_REASONS followed by `` FAILED_VMENTRY`` or a raw hex
 flag when flag bits are set.  The line formats: ftrace ``<comm>-<pid> [<cpu>] <flags>

@@ -1,7 +1,7 @@
 """Verdicts of ``tdvmcall trace``: what hardened KVM would do with one TDVMCALL exit of a TD, from
 its re-labelled reason and its mask (``info1``), and how the report classifies every exit.
 
-Facts used (ABI.md §3, §4):
+Facts used (docs/abi.md §3, §4):
 
 - For a TD, ``reason`` is the VMX reason KVM synthesises for a TDVMCALL (CPUID 10, HLT 12,
   IO_INSTRUCTION 30, MSR_READ 31, MSR_WRITE 32, EPT_MISCONFIG 49 for MMIO, VMCALL 18 when R10 != 0,
