@@ -128,13 +128,13 @@ def register(app: typer.Typer) -> None:
         written as a scenario that `tdvmcall run` replays; exit status 1.
         """
         from ..console import emit_json, fail, require_count, require_finite_positive, writable_file
-        from . import campaign as F
 
         if seconds is not None and examples is not None:
             fail("--seconds and --examples: give one of them, not both")
         require_finite_positive(seconds, "--seconds")  # nan would pass a `<= 0` test and run forever
         require_count(examples, "--examples", 1)
         writable_file(out_file, "--out")  # before the campaign: a counterexample must have a place
+        from . import campaign as F  # hypothesis: only once the options are known to be good
         if policy not in F.POLICY_CHOICES:
             fail(f"--policy: {policy!r} is not accepted; use one of {', '.join(F.POLICY_CHOICES)}")
         if seed is None:
