@@ -135,6 +135,7 @@ def register(app: typer.Typer) -> None:
         require_count(examples, "--examples", 1)
         writable_file(out_file, "--out")  # before the campaign: a counterexample must have a place
         from . import campaign as F  # hypothesis: only once the options are known to be good
+
         if policy not in F.POLICY_CHOICES:
             fail(f"--policy: {policy!r} is not accepted; use one of {', '.join(F.POLICY_CHOICES)}")
         if seed is None:
