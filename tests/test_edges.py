@@ -409,3 +409,16 @@ def test_every_abi_citation_names_a_section_of_docs_abi_md():
         for m in re.finditer(r"abi\.md(?:\]\(abi\.md\))? (§[\d§, -]+)", text):
             cited |= {int(n) for n in re.findall(r"\d+", m.group(1))}
     assert cited and cited <= sections, cited - sections
+
+
+def test_sweep_never_starts_more_workers_than_rows():
+    # --jobs 100000 forked 100,000 processes up front (the fork start method starts them all) for a
+    # sweep of one call; it now uses at most one worker per row
+    r = subprocess.run(
+        tdvmcall_cmd("sweep", "--call", "Instruction.HLT", "--jobs", "100000", "--json"),
+        capture_output=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    assert [row["call"] for row in json.loads(r.stdout)["rows"]] == ["Instruction.HLT"]

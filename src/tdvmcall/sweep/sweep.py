@@ -319,6 +319,7 @@ def run_sweep(exhaustive: bool = False, calls: list[str] | None = None, jobs: in
     """The whole sweep: one row per (call, case), with totals and the time it took."""
     chosen = [t for t in targets() if calls is None or t.call in calls]
     start = time.perf_counter()
+    jobs = min(jobs, len(chosen))  # never more workers than rows (--jobs 100000 would fork them all)
     if jobs > 1:
         for td in TD_SETTINGS:  # compute the gate once, before forking
             module_accepts(td.module, td.no_rbp_mod)
