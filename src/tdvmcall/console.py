@@ -88,27 +88,37 @@ def stdin_binary(what: str) -> io.BufferedIOBase:
     return stream.buffer
 
 
-def read_bytes_input(path: str | Path, what: str) -> bytes:
-    """The bytes of a file, or of standard input for ``-``; every failure is one line and exit 2."""
+#: the most a small input (a scenario, a catalog) may hold: /dev/zero or a stray log is refused
+#: instead of filling memory
+SMALL_INPUT = 64 << 20
+
+
+def read_bytes_input(path: str | Path, what: str, limit: int = SMALL_INPUT) -> bytes:
+    """The bytes of a file, or of standard input for ``-``, at most ``limit`` of them; every failure
+    is one line and exit 2."""
     name = str(path)
-    if name == "-":
-        try:
-            return stdin_binary(what).read()
-        except OSError as e:
-            fail(f"{what}: cannot read standard input ({e.strerror or e})")
-    p = Path(name)
-    if p.is_dir():
-        fail(f"{what}: {name} is a directory, not a file")
+    shown = "standard input" if name == "-" else name
     try:
-        return p.read_bytes()
+        if name == "-":
+            data = stdin_binary(what).read(limit + 1)
+        else:
+            p = Path(name)
+            if p.is_dir():
+                fail(f"{what}: {name} is a directory, not a file")
+            with p.open("rb") as f:
+                data = f.read(limit + 1)
     except OSError as e:
-        fail(f"{what}: cannot read {name} ({e.strerror or e})")
+        fail(f"{what}: cannot read {shown} ({e.strerror or e})")
+    if len(data) > limit:
+        fail(f"{what}: {shown} holds more than {limit >> 20} MiB; not a {what}")
+    return data
 
 
-def read_text_input(path: str | Path, what: str) -> str:
+def read_text_input(path: str | Path, what: str, limit: int = SMALL_INPUT) -> str:
     """The UTF-8 text of a file, or of standard input for ``-`` (a leading BOM is dropped).  A
-    missing file, a directory, a closed stdin or bytes that are not UTF-8: one line, exit 2."""
-    data = read_bytes_input(path, what)
+    missing file, a directory, a closed stdin, more than ``limit`` bytes or bytes that are not
+    UTF-8: one line, exit 2."""
+    data = read_bytes_input(path, what, limit)
     name = "standard input" if str(path) == "-" else str(path)
     try:
         return data.decode("utf-8-sig")

@@ -306,7 +306,10 @@ def load_catalog(path: str | Path | None = None) -> tuple[list[Site], list[str]]
         text, where = shipped_catalog_text(), "guest-masks.csv"
     else:
         try:
-            data, where = Path(path).read_bytes(), str(path)
+            with Path(path).open("rb") as f:  # at most 64 MiB: /dev/zero is not a catalog
+                data, where = f.read((64 << 20) + 1), str(path)
+            if len(data) > 64 << 20:
+                raise CatalogError(f"{path}: holds more than 64 MiB; not a catalog")
             text = data.decode("utf-8-sig")  # a spreadsheet's BOM is not part of the first column's name
         except OSError as e:
             raise CatalogError(f"{path}: cannot read the catalog ({e.strerror or e})") from None
