@@ -5,8 +5,8 @@ wings import this module; it imports nothing of the model or the tools.
 The shared helpers, for every wing:
 
 - :func:`fail` — one line ``tdvmcall: error: ...`` on stderr, exit 2;
-- :func:`read_text_input` — a file or ``-`` (stdin) as text: missing, directory, closed stdin, not
-  UTF-8 (a BOM is dropped), each one line;
+- :func:`read_text_input` (and :func:`read_bytes_input`) — a file or ``-`` (stdin) as text: missing,
+  directory, closed stdin, over 64 MiB, not UTF-8 (a BOM is dropped), each one line;
 - :func:`stdin_binary` — standard input as bytes, or one line if it is closed;
 - :func:`parse_json_text` — JSON text to a value: bad JSON, nesting too deep, huge numbers;
 - :func:`require_count` and :func:`require_finite_positive` — option values that must be counts
