@@ -424,3 +424,20 @@ def test_sweep_never_starts_more_workers_than_rows():
     )
     assert r.returncode == 0, r.stderr.decode()
     assert [row["call"] for row in json.loads(r.stdout)["rows"]] == ["Instruction.HLT"]
+
+
+def test_a_closed_stdin_read_anywhere_is_one_line(monkeypatch, capsys):
+    # main() puts this in sys.stdin when fd 0 is closed: a wing reading sys.stdin.buffer itself
+    # (as trace does) gets the one line and exit 2, not AttributeError on None
+    import typer
+
+    from tdvmcall.console import ClosedStdin
+
+    monkeypatch.setattr(sys, "stdin", ClosedStdin())
+    for read in (lambda: sys.stdin.buffer, lambda: sys.stdin.read(), lambda: sys.stdin.readline()):
+        with pytest.raises(typer.Exit) as e:
+            read()
+        assert e.value.exit_code == 2
+        assert (
+            capsys.readouterr().err == "tdvmcall: error: standard input is closed; give a file or pipe something in\n"
+        )

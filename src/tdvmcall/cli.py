@@ -104,13 +104,16 @@ def main(argv: list[str] | None = None) -> int:
 
     - usage errors (unknown option, missing argument, bad option value): one line
       ``tdvmcall: error: ...`` on stderr, exit 2, as every command's own bad-input errors;
+    - standard input closed (``<&-``): any read of it is one line, exit 2 (``console.ClosedStdin``);
     - standard output closed or its pipe closed by the reader: the rest of the output is discarded
       and the command runs on to its own exit status (``check | head -1`` still says 1 when a call
       fails the policy), never 1 for the pipe alone and never a traceback;
     - Ctrl-C: exit 130.
     """
-    from .console import PipeGuard
+    from .console import ClosedStdin, PipeGuard
 
+    if sys.stdin is None:  # started with standard input closed (<&-): a read is one line, exit 2
+        sys.stdin = ClosedStdin()
     if sys.stdout is None:  # started with standard output closed (>&-): nowhere to print
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     sys.stdout = PipeGuard(sys.stdout)  # type: ignore[assignment]

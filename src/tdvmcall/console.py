@@ -72,11 +72,39 @@ def emit_json(obj: object) -> None:
 
 
 # --- reading input --------------------------------------------------------------------------------
+CLOSED_STDIN = "standard input is closed; give a file or pipe something in"
+
+
+class ClosedStdin(io.TextIOBase):
+    """What ``main()`` puts in ``sys.stdin`` when the process started with it closed (``<&-``,
+    where Python leaves ``None``): any read is one line and exit 2, in every command, instead of an
+    ``AttributeError`` on ``None``."""
+
+    def _closed(self) -> NoReturn:
+        fail(CLOSED_STDIN)
+
+    @property
+    def buffer(self) -> NoReturn:
+        self._closed()
+
+    def read(self, size: int | None = -1) -> str:
+        self._closed()
+
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        self._closed()
+
+    def fileno(self) -> int:
+        self._closed()
+
+    def isatty(self) -> bool:
+        return False
+
+
 def stdin_binary(what: str) -> io.BufferedIOBase:
     """Standard input as a binary stream; one line and exit 2 when it is closed (``<&-``)."""
     stream = sys.stdin
-    if stream is None or getattr(stream, "buffer", None) is None:
-        fail(f"{what}: standard input is closed; give a file or pipe something in")
+    if stream is None or isinstance(stream, ClosedStdin) or getattr(stream, "buffer", None) is None:
+        fail(f"{what}: {CLOSED_STDIN}")
     try:
         fd = stream.fileno()
     except (OSError, ValueError):  # not an OS stream (a test harness's): nothing to check
@@ -221,6 +249,7 @@ class PipeGuard(io.TextIOBase):
 
 
 __all__ = [
+    "ClosedStdin",
     "PipeGuard",
     "emit_json",
     "fail",
