@@ -441,3 +441,12 @@ def test_a_closed_stdin_read_anywhere_is_one_line(monkeypatch, capsys):
         assert (
             capsys.readouterr().err == "tdvmcall: error: standard input is closed; give a file or pipe something in\n"
         )
+
+
+@pytest.mark.parametrize("closed,status", [(">&-", 0), ("2>&-", 2)])
+def test_closed_stdout_or_stderr_keeps_the_status(closed, status):
+    # decode 0xFFEC succeeds (0); decode nan is bad input (2) even when nobody can read the line
+    value = "0xFFEC" if status == 0 else "nan"
+    cmd = ["sh", "-c", f'exec "$@" {closed}', "sh", *tdvmcall_cmd("decode", value)]
+    r = subprocess.run(cmd, capture_output=True, env=ENV, timeout=60)
+    assert r.returncode == status, r.stderr.decode()

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if sys.stdin is None:  # started with standard input closed (<&-): a read is one line, exit 2
         sys.stdin = ClosedStdin()
+    if sys.stderr is None:  # started with 2>&-: errors go nowhere, but the exit status still says 2
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     if sys.stdout is None:  # started with standard output closed (>&-): nowhere to print
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     sys.stdout = PipeGuard(sys.stdout)  # type: ignore[assignment]
