@@ -1,7 +1,5 @@
 """``python -m tdvmcall``: the same as the ``tdvmcall`` command."""
 
-import sys
-
 from .cli import main
 
-sys.exit(main())
+main()

@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import os
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -99,8 +100,13 @@ def _usage_line(e: UsageError, args: list[str]) -> str:
     return f"{message.rstrip('.')} (see '{where} --help')"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns (and, as the console script, exits with) its status.
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The ``tdvmcall`` command: run one command (see :func:`run`) and exit with its status."""
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit status.
 
     - usage errors (unknown option, missing argument, bad option value): one line
       ``tdvmcall: error: ...`` on stderr, exit 2, as every command's own bad-input errors;

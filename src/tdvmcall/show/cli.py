@@ -65,13 +65,9 @@ def render_run(r: dict) -> None:
     elif m.get("not_modelled"):
         out.print(f"[yellow]{m['not_modelled']}[/]: the TDX module accepts it; the guest is shown unchanged.")
     elif not m["exited"]:
-        why = m["problems"] or [
-            f"RAX {r['guest_before']['rax']} is not TDG.VP.VMCALL (TDCALL leaf 0, version 0), "
-            "so the module rejects operand RAX"
-        ]
         out.print(
             f"[red]module refused the call:[/] guest RAX = {m['status']} ({m['status_name']}); "
-            f"{'; '.join(why)}. KVM never saw it.",
+            f"{'; '.join(m['problems'])}. KVM never saw it.",
             highlight=False,
         )
     if k:
