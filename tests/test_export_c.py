@@ -42,7 +42,7 @@ from tdvmcall.module import TdConfig, VcpuState, VmcallExit
 NR_MASKS = 1 << NR_GPRS
 R10_BIT = 1 << 10
 FILLER = 0x5A5A5A5A00000000  # a guest register no case sets: FILLER | its index
-#: the exit reason of a TDVMCALL exit after a bus lock was detected (bit 26; ABI.md §3)
+#: the exit reason of a TDVMCALL exit after a bus lock was detected (bit 26; docs/abi.md §3)
 BUS_LOCK_RAX = EXIT_REASON_TDCALL | 1 << 26
 #: whether the model dispatches such an exit apart (``leaves.lookup(..., bus_lock)``); if not, the
 #: model and the C both ignore RAX and the bus-lock vectors below are left out
@@ -274,7 +274,7 @@ def test_the_targets_cover_every_call_and_case():
     cases = {f"{leaf.name}/{case.name}" for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,) for case in leaf.cases}
     assert cases < names
     assert {"Instruction.IO/in", "Instruction.IO/out", "ReportFatalError/with-gpa", "unknown-ghci"} <= names
-    # MMIO reads its direction on 32 bits (ABI.md §4): 1 | 1 << 32 must count as a write
+    # MMIO reads its direction on 32 bits (docs/abi.md §4): 1 | 1 << 32 must count as a write
     assert "#VE.RequestMMIO/write/r13-high" in names
     # R10, R11, and the registers the conditions test (R12: fatal-error flag and info leaf; R13: IO
     # and MMIO direction), by hand from the leaf table's rows
@@ -408,7 +408,7 @@ def test_the_hardened_vectors_replay_against_the_c(lib):
     assert replayed > 200
 
 
-# --- hand-derived answers (ABI.md §4 register roles; contract values from the issue) -----------------
+# --- hand-derived answers (docs/abi.md §4 register roles; contract values from the issue) -----------------
 def vec(mask: int, **regs: int) -> list[int]:
     v = [0] * NR_GPRS
     v[RAX], v[RCX] = EXIT_REASON_TDCALL, mask
@@ -450,7 +450,7 @@ def test_hand_derived_answers(lib):
 
 @pytest.mark.skipif(not BUS_LOCK, reason="the model does not dispatch a bus-lock exit apart (no lookup(bus_lock))")
 def test_hand_derived_bus_lock_answers(lib):
-    """Bit 26 of the exit reason (a bus lock was detected, ABI.md §3) keeps KVM from re-labelling the
+    """Bit 26 of the exit reason (a bus lock was detected, docs/abi.md §3) keeps KVM from re-labelling the
     exit, and handle_tdvmcall() dispatches it on R11 alone (only the GHCI calls 0x10000..0x10004)."""
     r12, r13 = 1 << 12, 1 << 13
     # CPUID's leaf is not one handle_tdvmcall() knows: SUBFUNC_UNSUPPORTED, R10 and R11 suffice

@@ -2,7 +2,7 @@
 ld): an ELF with symbols, the same stripped, a PE32+ EFI application, a TE image made from it, and a
 UEFI firmware volume whose driver sits in an LZMA GUID-defined section.  Every expected value is
 read from the assembly by hand (the comments there), the verdicts from the leaf table's minimal
-masks and the module's control rules (ABI.md §2, §4), never from the scanner's output."""
+masks and the module's control rules (docs/abi.md §2, §4), never from the scanner's output."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ class Site:
 
     @property
     def tdcall_leaf(self) -> str:
-        """The TDCALL leaf's name (abi/codes.py ``TDCALL_LEAVES``, ABI.md §8), with its version if any."""
+        """The TDCALL leaf's name (abi/codes.py ``TDCALL_LEAVES``, docs/abi.md §8), with its version if any."""
         if self.rax is None:
             return "unresolved"
         r = TdcallRax(self.rax)
