@@ -153,6 +153,11 @@ def cases(f: dict[str, Path]) -> dict[str, tuple]:
         "trace-no-file": (["trace"], None, False, "Missing argument"),
         "trace-bad-format": (["trace", "-", "--format", "nope"], None, False, "--format"),
         "trace-bad-top": (["trace", "-", "--top", "x"], None, False, "--top"),
+        # scan: nothing to scan, and output paths checked before the scan
+        "scan-empty-dir": (["scan", p["emptydir"]], None, False, "no file to scan"),
+        "scan-missing": (["scan", str(f["root"] / "nope.bin")], None, False, "no such file"),
+        "scan-html-directory": (["scan", p["binary"], "--html", p["adir"]], None, False, "--html"),
+        "scan-catalog-no-folder": (["scan", p["binary"], "--to-catalog", "/nonexistent/c.csv"], None, False, "--to"),
         # the app itself
         "unknown-command": (["nope"], None, False, "No such command"),
         "unknown-option": (["check", "--nope"], None, False, "--nope"),
@@ -240,8 +245,8 @@ def test_version():
     assert r.returncode == 0 and r.stdout.decode().strip() == f"tdvmcall {tdvmcall.__version__}"
 
 
-HELP_PAGES = [[], ["run"], ["decode"], ["leaves"], ["check"], ["trace"], ["fuzz"], ["sweep"], ["vectors"]]
-HELP_PAGES += [["vectors", "export"], ["vectors", "verify"]]
+HELP_PAGES = [[], ["run"], ["decode"], ["leaves"], ["check"], ["scan"], ["trace"], ["fuzz"], ["sweep"], ["export-c"]]
+HELP_PAGES += [["vectors"], ["vectors", "export"], ["vectors", "verify"]]
 
 
 def test_help_shows_flags_without_a_type_cuts_nothing_and_reflows_paragraphs():

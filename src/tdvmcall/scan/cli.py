@@ -56,7 +56,7 @@ def scan(
         help="Also write the resolved sites as catalog rows that 'tdvmcall check --catalog' reads.",
     ),
 ) -> None:
-    from ..console import emit_json, fail, out
+    from ..console import emit_json, fail, out, writable_file
     from ..judge import Host
     from ..kvm.tdx import POLICIES
     from ..scenario import TREES
@@ -74,6 +74,9 @@ def scan(
         _ = host.td  # normalises the module version: raises for an unknown one
     except ValueError as e:
         fail(f"--module: {e}")
+    for option, target in (("--html", html_file), ("--to-catalog", catalog_file)):
+        if target is not None:  # before the scan: a bad path must not cost the report printed first
+            writable_file(target, option)
 
     # scan every input; a bad one is said and the others go on
     images = []
@@ -87,6 +90,8 @@ def scan(
         for name, found in open_input(path):
             images.append(analyze(name, found, host, cache))
 
+    if not images:  # e.g. an empty directory: a CI job must not pass on nothing scanned
+        fail(f"{', '.join(map(str, paths))}: no file to scan")
     failing = any(not s.passes(policy) for img in images for s in img.sites)
     for img in images:
         for line in img.problems:
