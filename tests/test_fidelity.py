@@ -57,7 +57,7 @@ def test_wrmsr_tpr_and_eoi_fail(index):
 
 @pytest.mark.parametrize(
     "index",
-    [0x802, 0x803, 0x80D, 0x80F, 0x828, 0x82F, 0x830, 0x832, 0x837, 0x838, 0x839, 0x83E, 0x6E0, 0x8B, 0x4B564D05],
+    [0x802, 0x803, 0x80D, 0x80F, 0x828, 0x830, 0x832, 0x837, 0x838, 0x839, 0x83E, 0x6E0, 0x8B, 0x4B564D05],
 )
 def test_rdmsr_of_an_emulated_msr_returns_its_value(index):
     r = run({"rcx": LINUX, "r11": 31, "r12": index}, platform={"msrs": {hex(index): "0x1234"}})
@@ -93,6 +93,85 @@ def test_v6_16_deny_list_caught_only_the_first_msr_of_each_bank():
     for index, ok in ((0x810, False), (0x811, True), (0x808, False), (0x819, True)):
         r = run({"rcx": LINUX, "r11": 31, "r12": index}, tree="v6.16")
         assert (r["kvm"]["status"] is None) == ok, hex(index)
+
+
+# --- 1b. KVM's lapic emulation behind the TDX filter (KT0511/linux-6.16.1 @30b97c8 arch/x86/kvm/lapic.c:
+#         kvm_x2apic_msr_read/write(), kvm_lapic_msr_read/write(), kvm_lapic_readable_reg_mask(),
+#         kvm_lapic_reg_write(), kvm_x2apic_icr_write(); x86.c kvm_get/set_msr_common() hand 0x800..0x8FF
+#         to them) -------------------------------------------------------------------------------------
+def wrmsr(index, value, tree="kvm-x86", platform=None):
+    return run({"rcx": LINUX, "r11": 32, "r12": index, "r13": hex(value)}, tree=tree, platform=platform)["kvm"]
+
+
+def rdmsr(index, tree="kvm-x86", platform=None):
+    return run({"rcx": LINUX, "r11": 31, "r12": index}, tree=tree, platform=platform)["kvm"]
+
+
+@pytest.mark.parametrize(
+    "index,value",
+    [
+        (0x839, 1),  # TMCCT: not in kvm_lapic_reg_write()'s switch, default: ret = 1
+        (0x828, 1),  # ESR: x2APIC mode and val != 0
+        (0x830, 1 << 20),  # ICR: X2APIC_ICR_RESERVED_BITS = 31:20, 17:16, 13
+        (0x830, 1 << 16),
+        (0x830, 1 << 13),
+        (0x838, 1 << 32),  # TMICT: kvm_lapic_msr_write(), bits 63:32 reserved in every register but ICR
+        (0x802, 0),  # ID, LDR: x2APIC mode, ret = 1; LVR: default
+        (0x80D, 0),
+        (0x803, 0),
+    ],
+    ids=hex,
+)
+def test_wrmsr_kvms_lapic_refuses_is_invalid_operand(index, value):
+    k = wrmsr(index, value)
+    assert k["status"] == H(INVALID_OPERAND), hex(index)
+
+
+@pytest.mark.parametrize(
+    "index,value",
+    [(0x828, 0), (0x830, 1 << 32 | 0x30), (0x830, 1 << 12 | 0x30), (0x838, 0xFFFF_FFFF), (0x83E, 0xB), (0x80F, 0x1FF)],
+    ids=hex,
+)
+def test_wrmsr_kvms_lapic_accepts_succeeds(index, value):
+    # ESR 0, an ICR with a destination in 63:32 (and BUSY, bit 12, which KVM clears), TMICT, TDCR, SPIV
+    k = wrmsr(index, value)
+    assert k["status"] is None and k["wrote"] == {}, hex(index)
+
+
+def test_lvtcmci_exists_only_with_mcg_cap_cmci_p():
+    # kvm_apic_calc_nr_lvt_entries(): one LVT fewer without MCG_CAP.CMCI_P (bit 10), and LVTCMCI is then
+    # neither in kvm_lapic_readable_reg_mask() nor kvm_lapic_lvt_supported() for kvm_lapic_reg_write()
+    assert rdmsr(0x82F)["status"] == H(INVALID_OPERAND)
+    assert wrmsr(0x82F, 0x10000)["status"] == H(INVALID_OPERAND)
+    cmci = {"msrs": {"0x179": hex(1 << 10), "0x82f": "0x10000"}}
+    assert rdmsr(0x82F, platform=cmci)["status"] is None
+    assert wrmsr(0x82F, 0x10000, platform=cmci)["status"] is None
+
+
+def test_x2apic_msrs_fail_outside_x2apic_mode():
+    # kvm_x2apic_msr_read(): !apic_x2apic_mode() -> 1; APICBASE 0xFEE00900: enabled, x2APIC bit 10 clear
+    assert rdmsr(0x802, platform={"msrs": {"0x1b": "0xFEE00900"}})["status"] == H(INVALID_OPERAND)
+    assert rdmsr(0x802)["status"] is None
+
+
+@pytest.mark.parametrize(
+    "index",
+    [0x83F, 0x840, 0x8FF, 0x800, 0x801, 0x804, 0x809, 0x80C, 0x80E, 0x829, 0x82E, 0x831, 0x83A, 0x83D],
+    ids=hex,
+)
+def test_v6_16_reads_of_what_lapic_cannot_read_fail(index):
+    # past the v6.16 deny-list, kvm_lapic_reg_read(): offset > 0x3F0 or not in kvm_lapic_readable_reg_mask()
+    # (reserved, SELF_IPI write-only, ARBPRI/DFR/ICR2 not valid in x2APIC mode)
+    assert rdmsr(index, tree="v6.16")["status"] == H(INVALID_OPERAND), hex(index)
+
+
+def test_v6_16_isr_reads_but_does_not_write_and_self_ipi_takes_a_vector():
+    assert rdmsr(0x811, tree="v6.16")["status"] is None  # ISR1: readable
+    for index in (0x811, 0x819, 0x821, 0x839):  # ISR, TMR, IRR, TMCCT: default, ret = 1
+        assert wrmsr(index, 0, tree="v6.16")["status"] == H(INVALID_OPERAND), hex(index)
+    assert wrmsr(0x83F, 0x30, tree="v6.16")["status"] is None  # SELF_IPI: bits 7:0, the vector
+    assert wrmsr(0x83F, 0x130, tree="v6.16")["status"] == H(INVALID_OPERAND)
+    assert wrmsr(0x83F, 0x30)["status"] == H(INVALID_OPERAND)  # kvm-x86: not on the allow-list
 
 
 def test_the_leaf_tables_msr_cases_use_msrs_kvm_emulates():

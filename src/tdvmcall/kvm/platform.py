@@ -127,15 +127,66 @@ TDX_EMULATED_X2APIC: dict[int, str] = {
 V6_16_X2APIC_DENIED = frozenset({0x808, 0x80A, 0x80B, 0x810, 0x818, 0x820})
 #: read-only for a TD (``tdx_is_read_only_msr()``): a guest write fails
 TDX_READ_ONLY_MSRS = frozenset({MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL})
-#: x2APIC registers on the list that a guest cannot write in x2APIC mode (KVM's lapic emulation,
-#: ``kvm_lapic_reg_write()``: ID, LDR and the version register; from memory of that code)
-X2APIC_READ_ONLY = frozenset({0x802, 0x803, 0x80D})
+
+# --- KVM's x2APIC emulation, which an x2APIC MSR that passed the TDX filter reaches ----------------
+# (x86.c kvm_get/set_msr_common() -> lapic.c kvm_x2apic_msr_read/write() -> kvm_lapic_msr_read/write()
+# -> kvm_lapic_reg_read/write(); read at KT0511/linux-6.16.1 @30b97c8, the same rules as kvm-x86
+# lapic.c @f729851)
+MCG_CMCI_P = 1 << 10  # MCG_CAP bit 10: without it KVM's APIC has no LVTCMCI (kvm_apic_calc_nr_lvt_entries())
+APICBASE_X2APIC_MODE = 0xC00  # APICBASE bits 11 (enable) and 10 (x2APIC): apic_x2apic_mode()
+X2APIC_ICR = 0x830
+X2APIC_ESR = 0x828
+X2APIC_SELF_IPI = 0x83F
+X2APIC_LVTCMCI = 0x82F
+#: ICR bits KVM refuses to see set in x2APIC mode: 31:20, 17:16 and 13 (``X2APIC_ICR_RESERVED_BITS``,
+#: ``kvm_x2apic_icr_write()``)
+X2APIC_ICR_RESERVED = 0xFFF0_0000 | 0x3_0000 | 1 << 13
+#: x2APIC MSRs a guest may read in x2APIC mode (``kvm_lapic_readable_reg_mask()``): ID, LVR, TPR, PPR,
+#: LDR, SPIV, ISR/TMR/IRR 0..7, ESR, ICR, LVTT, LVTTHMR, LVTPC, LVT0, LVT1, LVTERR, TMICT, TMCCT, TDCR,
+#: and LVTCMCI when MCG_CAP has CMCI_P; ARBPRI, DFR and ICR2 are not readable in x2APIC mode, EOI and
+#: SELF_IPI are write-only, anything past offset 0x3F0 (MSR 0x83F) does not exist
+X2APIC_READABLE = frozenset(
+    {0x802, 0x803, 0x808, 0x80A, 0x80D, 0x80F, *range(0x810, 0x828), 0x828, 0x830}
+    | {0x832, 0x833, 0x834, 0x835, 0x836, 0x837, 0x838, 0x839, 0x83E}
+)
+#: x2APIC MSRs ``kvm_lapic_reg_write()`` accepts in x2APIC mode (ESR, SELF_IPI, ICR and LVTCMCI with
+#: conditions, see :func:`x2apic_write_ok`); every other index, ID, LVR, LDR, DFR, ICR2, PPR, ARBPRI,
+#: ISR/TMR/IRR and TMCCT included, takes ``default: ret = 1``
+X2APIC_WRITABLE = frozenset({0x808, 0x80B, 0x80F, 0x832, 0x833, 0x834, 0x835, 0x836, 0x837, 0x838, 0x83E})
+
+
+def x2apic_read_ok(index: int, mcg_cap: int) -> bool:
+    """Whether KVM's lapic emulation lets a guest read this x2APIC MSR (lapic.c ``kvm_lapic_msr_read()``:
+    ICR always, any other register if ``kvm_lapic_readable_reg_mask()`` has it)."""
+    if index == X2APIC_LVTCMCI:
+        return bool(mcg_cap & MCG_CMCI_P)
+    return index in X2APIC_READABLE
+
+
+def x2apic_write_ok(index: int, value: int, mcg_cap: int) -> bool:
+    """Whether KVM's lapic emulation accepts this guest write to an x2APIC MSR (lapic.c
+    ``kvm_lapic_msr_write()``, ``kvm_x2apic_icr_write()``, ``kvm_lapic_reg_write()`` in x2APIC mode):
+    ICR takes 64 bits but no reserved bit; every other register refuses bits 63:32; ESR takes only 0,
+    SELF_IPI only a vector (bits 7:0), LVTCMCI needs MCG_CAP.CMCI_P; the registers in
+    :data:`X2APIC_WRITABLE` take any 32-bit value; everything else fails."""
+    if index == X2APIC_ICR:
+        return not value & X2APIC_ICR_RESERVED
+    if value >> 32:
+        return False
+    if index == X2APIC_ESR:
+        return value == 0
+    if index == X2APIC_SELF_IPI:
+        return not value & ~0xFF
+    if index == X2APIC_LVTCMCI:
+        return bool(mcg_cap & MCG_CMCI_P)
+    return index in X2APIC_WRITABLE
 
 
 def tdx_has_emulated_msr(index: int, tree: str = "kvm-x86") -> bool:
     """Whether KVM emulates this MSR for a TD (``tdx_has_emulated_msr()``): the kvm-x86 allow-list,
     or, for ``tree="v6.16"``, the same non-APIC list plus every x2APIC index but the six its
-    deny-list caught."""
+    deny-list caught.  Passing this filter is necessary, not sufficient: an x2APIC MSR then meets
+    KVM's lapic rules (:func:`x2apic_read_ok`, :func:`x2apic_write_ok`)."""
     if X2APIC_BASE <= index <= X2APIC_BASE + 0xFF:
         if tree == "v6.16":
             return index not in V6_16_X2APIC_DENIED
@@ -271,7 +322,8 @@ class Platform:
     def tdx_get_msr(self, index: int) -> tuple[bool, int]:
         """The vendor read hook for a TD (kvm-x86 tdx.c ``tdx_get_msr()``): IA32_FEAT_CTL is
         synthesised (LOCKED, plus LMCE_ENABLED when MCG_CAP has LMCE_P); MCG_EXT_CTL needs LMCE_P;
-        any other MSR must be on :func:`tdx_has_emulated_msr`'s list, then the common code's value."""
+        any other MSR must be on :func:`tdx_has_emulated_msr`'s list, and an x2APIC one must then be
+        readable for KVM's lapic emulation (:func:`x2apic_read_ok`); then the common code's value."""
         mcg_cap = self.msrs.get(MSR_IA32_MCG_CAP, 0)
         if index == MSR_IA32_FEAT_CTL:
             return True, FEAT_CTL_LOCKED | (FEAT_CTL_LMCE_ENABLED if mcg_cap & MCG_LMCE_P else 0)
@@ -279,17 +331,28 @@ class Platform:
             return False, 0
         if not tdx_has_emulated_msr(index, self.tree):
             return False, 0
+        if X2APIC_BASE <= index <= X2APIC_BASE + 0xFF and not (self._x2apic_mode() and x2apic_read_ok(index, mcg_cap)):
+            return False, 0  # lapic.c kvm_x2apic_msr_read()
         return True, self.msrs.get(index, 0)
+
+    def _x2apic_mode(self) -> bool:
+        """lapic.c ``apic_x2apic_mode()``: APICBASE has both the enable and the x2APIC bit."""
+        return self.msrs.get(MSR_IA32_APICBASE, 0) & APICBASE_X2APIC_MODE == APICBASE_X2APIC_MODE
 
     def tdx_set_msr(self, index: int, value: int) -> bool:
         """The vendor write hook for a TD (``tdx_set_msr()``): MCG_EXT_CTL needs LMCE_P and only
-        bit 0; APICBASE, EFER and FEAT_CTL are read-only; any other MSR must be on the list (and
-        the x2APIC ID, LDR and version registers are not writable)."""
+        bit 0; APICBASE, EFER and FEAT_CTL are read-only; any other MSR must be on the list, and an
+        x2APIC one must then pass KVM's lapic rules (:func:`x2apic_write_ok`)."""
+        mcg_cap = self.msrs.get(MSR_IA32_MCG_CAP, 0)
         if index == MSR_IA32_MCG_EXT_CTL:
-            if not self.msrs.get(MSR_IA32_MCG_CAP, 0) & MCG_LMCE_P or value & ~MCG_EXT_CTL_LMCE_EN:
+            if not mcg_cap & MCG_LMCE_P or value & ~MCG_EXT_CTL_LMCE_EN:
                 return False
-        elif index in TDX_READ_ONLY_MSRS or index in X2APIC_READ_ONLY or not tdx_has_emulated_msr(index, self.tree):
+        elif index in TDX_READ_ONLY_MSRS or not tdx_has_emulated_msr(index, self.tree):
             return False
+        elif X2APIC_BASE <= index <= X2APIC_BASE + 0xFF and not (
+            self._x2apic_mode() and x2apic_write_ok(index, value, mcg_cap)
+        ):
+            return False  # lapic.c kvm_x2apic_msr_write()
         self.msrs[index] = value
         self.effects.append(f"MSR {index:#x} <- {value:#x}")
         return True
