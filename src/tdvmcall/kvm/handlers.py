@@ -1,8 +1,9 @@
 """What each TDVMCALL does, over a :class:`~tdvmcall.kvm.platform.Platform`.
 
 One function per leaf, named after it, re-expressing Linux ``arch/x86/kvm/vmx/tdx.c`` (kvm-x86
-tree, 2026; "v6.16" where that release differs) and x86.c ``____kvm_emulate_hypercall()``, as
-curated in docs/abi.md §4.  Handlers never touch registers directly: they go through an :class:`Access`
+tree, 2026; "v6.16", the v6.16.1 release as read at KT0511/linux-6.16.1 @30b97c8, where it
+differs) and x86.c ``____kvm_emulate_hypercall()``, as curated in docs/abi.md §4.  Handlers never
+touch registers directly: they go through an :class:`Access`
 that the policy (``tdx.py``) provides, so the same code runs under today's KVM and the hardened one.
 Which registers a handler may read and write is declared in ``leaves.py``, not here.
 """
@@ -177,9 +178,8 @@ def report_fatal_error(io: Access, p: Platform) -> None:
 
 def setup_event_notify_interrupt(io: Access, p: Platform) -> None:
     """tdx_setup_event_notify_interrupt(): a vector in 32..255 goes to userspace (QEMU records it
-    with the calling vCPU's APIC id); v6.16 does not know the leaf."""
-    if p.tree == "v6.16":
-        return set_status(io, TDVMCALL_SUBFUNC_UNSUPPORTED)
+    with the calling vCPU's APIC id).  Both trees: v6.16.1 dispatches it too (KT0511/linux-6.16.1
+    @30b97c8 ``handle_tdvmcall()``)."""
     vector = io.read("r12")
     if not 32 <= vector <= 255:
         return set_status(io, TDVMCALL_INVALID_OPERAND)

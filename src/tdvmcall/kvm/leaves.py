@@ -340,8 +340,7 @@ GHCI_LEAVES: tuple[Leaf, ...] = (
         EXIT_REASON_TDCALL,
         inputs=(_in("r12", "interrupt vector (32..255)"),),
         outputs=(STATUS_ALWAYS,),
-        handling="INVALID_OPERAND unless 32 <= vector <= 255; else KVM_EXIT_TDX, R10 = userspace's ret "
-        "(v6.16: SUBFUNC_UNSUPPORTED)",
+        handling="INVALID_OPERAND unless 32 <= vector <= 255; else KVM_EXIT_TDX, R10 = userspace's ret",
         source=f"{TDX_C} tdx_setup_event_notify_interrupt()",
         userspace="KVM_EXIT_TDX",
         cases=(Case("vector-0x40", {"r12": 0x40}), Case("bad-vector", {"r12": 0x10})),

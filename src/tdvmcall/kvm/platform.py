@@ -239,7 +239,7 @@ class Platform:
     pending_event: bool = False  # an interrupt is pending between MapGPA chunks
     apic_ids: tuple[int, ...] = (0, 1, 2, 3)
     host_clock_suitable: bool = True  # CLOCK_PAIRING needs a TSC-based host clock
-    tree: str = "kvm-x86"  # "kvm-x86" (2026) or "v6.16"
+    tree: str = "kvm-x86"  # "kvm-x86" (2026) or "v6.16" (the v6.16.1 release, KT0511/linux-6.16.1 @30b97c8)
     userspace: Userspace = field(default_factory=Userspace)
     # recorded side effects
     exits: list[dict[str, Any]] = field(default_factory=list)
