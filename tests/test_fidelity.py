@@ -358,12 +358,38 @@ def test_decode_names_the_tdcall_leaf():
 
 # --- 5. RBP without NO_RBP_MOD (tdx-module tdh_vp_enter.c save_regs_after_tdvmcall(); Linux
 #        struct tdx_module_args has no RBP; tdx.c check_features(), setup_tdparams()) ----------------
-@pytest.mark.parametrize("module", ["1.5", "1.0"])
-def test_exposed_rbp_comes_back_as_a_host_value_with_a_warning(module):
-    r = run({"rcx": "0xFFEC", "r11": 10, "r12": 1, "rbp": "0x77"}, td={"module": module, "no_rbp_mod": False})
-    assert r["guest_unknown"] == ["rbp"]
-    assert len(r["warnings"]) == 1 and "Upstream KVM never runs such a TD" in r["warnings"][0]
-    assert "rbp" in r["vmm_after_unknown"]
+@pytest.mark.parametrize(
+    "td,cause",
+    [
+        ({"module": "1.5", "no_rbp_mod": False}, "the guest exposed RBP on a TD without NO_RBP_MOD: "),
+        ({"module": "1.0", "no_rbp_mod": False}, "the guest exposed RBP on TDX module 1.0, which does not check RBP"),
+        # module 1.0 lets RBP through whatever the TD's NO_RBP_MOD says (checks_rbp()): the warning
+        # must not claim the TD lacks it
+        ({"module": "1.0"}, "the guest exposed RBP on TDX module 1.0, which does not check RBP"),
+    ],
+)
+def test_exposed_rbp_comes_back_as_a_host_value_with_a_warning_naming_the_cause(td, cause):
+    r = run({"rcx": "0xFFEC", "r11": 10, "r12": 1, "rbp": "0x77"}, td=td)
+    assert r["module"]["exited"] is True
+    assert r["guest_unknown"] == ["rbp"] and r["guest"]["rbp"] == H(0)  # the placeholder, not 0x77
+    assert len(r["warnings"]) == 1 and r["warnings"][0].startswith(cause)
+    assert "Upstream KVM never runs such a TD" in r["warnings"][0]
+
+
+def test_module_1_5_with_no_rbp_mod_refuses_rbp_in_the_control():
+    # tdg_vp_vmcall(): with NO_RBP_MOD the GPR mask must not select bit 5, else TDX_OPERAND_INVALID with
+    # operand id RCX (1): RAX = 0xC000010000000001; nothing reaches KVM, RBP is left alone
+    r = run({"rcx": "0xFFEC", "r11": 10, "r12": 1, "rbp": "0x77"}, td={"module": "1.5", "no_rbp_mod": True})
+    assert r["module"]["status"] == H(0xC000010000000001) and r["kvm"] is None
+    assert r["guest"]["rax"] == H(0xC000010000000001) and r["guest"]["rbp"] == H(0x77)
+    assert r["guest_unknown"] == [] and r["warnings"] == []
+
+
+def test_no_rbp_mod_with_rbp_unexposed_gives_the_guest_its_own_rbp():
+    # the same RBP comes back: save_regs_after_tdvmcall() copies only selected GPRs
+    r = run({"rcx": LINUX, "r11": 10, "r12": 1, "rbp": "0x77"}, td={"module": "1.5", "no_rbp_mod": True})
+    assert r["kvm"]["status"] is None
+    assert r["guest"]["rbp"] == H(0x77) and r["guest_unknown"] == [] and r["warnings"] == []
 
 
 def test_unexposed_rbp_keeps_its_value_without_no_rbp_mod():
@@ -433,9 +459,12 @@ def test_trace_reads_the_bus_lock_flag():
 #     tdh_vp_enter.c: the guest's RCX is the saved control) ----------------------------------------------
 def test_vmm_after_says_rcx_is_the_tdvpr_address_not_the_exit_qualification():
     r = run({"rcx": LINUX, "r11": 10, "r12": 1})
-    assert "rcx" in r["vmm_after_unknown"] and "TDVPR" in r["vmm_after_notes"]["rcx"]
+    assert "TDVPR" in r["vmm_after_notes"]["rcx"]
     assert r["vmm_after"]["rax"] == H(0)  # TDH.VP.ENTER is SEAMCALL leaf 0
-    assert r["vmm"]["rcx"] == H(0xFFCC) and r["guest"]["rcx"] == H(0xFFCC)
+    # the exit qualification is not passed back (the placeholder 0 stands for the TDVPR address), yet
+    # the guest gets its control back in RCX
+    assert r["vmm"]["rcx"] == H(0xFFCC) and r["vmm_after"]["rcx"] == H(0)
+    assert r["guest"]["rcx"] == H(0xFFCC)
 
 
 # --- the four new examples: `tdvmcall run` shows each behaviour, its JSON fits the published schema ----

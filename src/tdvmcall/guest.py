@@ -20,13 +20,25 @@ from .module import (
     tdh_vp_enter,
 )
 
-#: said whenever the guest's RBP comes back as a host value
-RBP_HOST_WARNING = (
-    "the guest exposed RBP on a TD without NO_RBP_MOD: KVM passes no RBP to TDH.VP.ENTER, so the module "
-    "copies a host value the model cannot know into the guest's RBP. Upstream KVM never runs such a TD: "
-    "Linux refuses a TDX module without NO_RBP_MOD (check_features()) and KVM sets NO_RBP_MOD for every TD "
-    "(setup_tdparams())"
+#: said whenever the guest's RBP comes back as a host value, after the cause (:func:`rbp_host_warning`)
+RBP_HOST_CONSEQUENCE = (
+    "KVM passes no RBP to TDH.VP.ENTER, so the module copies a host value the model cannot know into the "
+    "guest's RBP. Upstream KVM never runs such a TD: Linux refuses a TDX module without NO_RBP_MOD "
+    "(check_features()) and KVM sets NO_RBP_MOD for every TD (setup_tdparams())"
 )
+
+
+def rbp_host_warning(td: TdConfig) -> str:
+    """The warning for a guest RBP that came back as a host value, worded by its cause: module 1.0
+    does not check RBP in the control whatever the TD's NO_RBP_MOD says (``checks_rbp()``), a 1.5
+    module lets RBP through on a TD without NO_RBP_MOD."""
+    if td.module == "1.0":
+        cause = "the guest exposed RBP on TDX module 1.0, which does not check RBP in the control"
+        if td.no_rbp_mod:
+            cause += " (the TD's NO_RBP_MOD has no effect there)"
+    else:
+        cause = "the guest exposed RBP on a TD without NO_RBP_MOD"
+    return f"{cause}: {RBP_HOST_CONSEQUENCE}"
 
 
 @dataclass
@@ -55,5 +67,5 @@ def tdvmcall(td: TdConfig, state: VcpuState, kvm: KvmVcpu, platform: Platform) -
         return RoundTrip(td, before, res, None, res.guest)
     k = handle_tdvmcall(kvm, res.exit, platform)
     after = tdh_vp_enter(td, res.exit, k.vmm_after, res.exit.vmm_xmm, k.vmm_after_host)
-    warnings = [RBP_HOST_WARNING] if RBP in after.host else []
+    warnings = [rbp_host_warning(td)] if RBP in after.host else []
     return RoundTrip(td, before, res, k, after, warnings=warnings)
