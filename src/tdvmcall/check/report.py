@@ -1,5 +1,5 @@
 """Renderers of ``tdvmcall check`` results: JSON objects, detail lines, a rich table, Markdown and a
-self-contained HTML page.  They only present :class:`~tdvmcall.catalog.CallCheck` values; every
+self-contained HTML page.  They only present :class:`~tdvmcall.check.catalog.CallCheck` values; every
 judgement was made in ``catalog.py``.
 """
 
@@ -339,7 +339,8 @@ def report_json(results: list[CallCheck], host: Host, policy: str, catalog: str,
 
 
 def summary_line(results: list[CallCheck]) -> str:
-    """``37 sites, 129 calls. hardened: 103 ok, 7 not-kvm, ... legacy: ...``"""
+    """``<n> sites, <n> calls. hardened: <n> ok, <n> not-kvm, ... legacy: ...`` (the counts of today's
+    catalog are in README.md and docs/check.md)."""
     s = summary(results)
     per = []
     for p in ("hardened", "legacy"):

@@ -5,7 +5,7 @@ info1 0x%016llx info2 0x%016llx intr_info 0x%08x error_code 0x%08x``; parsers to
 text (a 2023 patch appending `` requests 0x%016llx`` was not merged, some trees carry it).  The
 reason is the name from VMX_EXIT_REASONS followed by `` FAILED_VMENTRY`` or a raw hex flag when
 flag bits are set; for a TD it is the reason KVM synthesises for the TDVMCALL (what that says,
-and the verdicts: ``trace_verdict.py``).
+and the verdicts: ``verdict.py``).
 
 The line formats (§7): ftrace ``<comm>-<pid> [<cpu>] <flags> <secs.usecs>: kvm_exit: <payload>``
 (optionally ``(<tgid>)`` after the pid), ``trace-cmd report`` the same with the flags column
@@ -13,13 +13,13 @@ optional and the event name padded, ``perf script`` ``<comm> <pid>[/<tid>] [<cpu
 kvm:kvm_exit: <payload>``.
 
 Technique (chosen by measurement, see ``docs/trace.md``): each newline-aligned chunk is scanned
-once by a compiled kernel (``trace_kernels.py``, numba, without the GIL: two chunks at a time) that
+once by a compiled kernel (``kernels.py``, numba, without the GIL: two chunks at a time) that
 parses the kvm_exit lines of the usual shape into arrays and interns their task prefixes and
 reason texts, which are then parsed once each in Python; a second kernel aggregates, into numpy
 columns keyed by task and reason ids.  The lines the kernel is not sure about go to the reference
 parser (``reference.parse_chunk_reference``: plain Python, one anchored regex per line).  Only aggregates are kept;
-``trace_report`` turns them into the report (plain Python: they are few rows); ``trace_parquet``
-writes the rows (pyarrow) and ``trace_plot`` the plot (matplotlib).
+``report`` turns them into the report (plain Python: they are few rows); ``parquet``
+writes the rows (pyarrow) and ``plot`` the plot (matplotlib).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def parse_chunk(
     """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
     from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
 
-    :mod:`.trace_scan` scans the bytes once (compiled, without the GIL) and parses the kvm_exit
+    :mod:`.scan` scans the bytes once (compiled, without the GIL) and parses the kvm_exit
     lines of the usual shape into arrays; the lines it is not sure about go to the reference
     parser (``reference.parse_chunk_reference``), and the two results are merged.  The task
     prefixes and reason texts are parsed once per distinct value, here as there; a prefix that
@@ -186,7 +186,7 @@ class InputReport:
 
 class Audit:
     """Aggregates of every parsed exit, by (task, vCPU, reason, mask) and by time bucket, as
-    columns of numpy arrays (``trace_report`` turns them into the report)."""
+    columns of numpy arrays (``report`` turns them into the report)."""
 
     def __init__(self, td_pids: set[int] | None = None, parquet: str | None = None, keep_bad: int = 5):
         self.td_pids = td_pids

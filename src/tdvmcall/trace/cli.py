@@ -1,7 +1,8 @@
 """``tdvmcall trace``: audit kvm_exit traces for the TD exits hardened KVM would refuse.
 
-The command only composes: reading is ``trace.py``, verdicts ``trace_verdict.py``, the report
-``trace_report.py``, Parquet ``trace_parquet.py``, the plot ``trace_plot.py`` (facts: docs/abi.md §3, §4, §7).
+The command only composes: reading is ``io.py`` and ``audit.py`` (fast path ``scan.py`` and ``kernels.py``,
+reference parser ``reference.py``), verdicts ``verdict.py``, the report ``report.py``, Parquet
+``parquet.py``, the plot ``plot.py`` (facts: docs/abi.md §3, §4, §7).
 """
 
 from __future__ import annotations

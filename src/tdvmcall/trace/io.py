@@ -1,6 +1,6 @@
 """Reading trace text: files or standard input, plain, gzip or zstd, in newline-aligned chunks.
 
-Everything here is about bytes, not about what the lines mean (that is ``trace.py``).  A reader
+Everything here is about bytes, not about what the lines mean (that is ``audit.py`` and ``reference.py``).  A reader
 yields chunks that end on a line boundary, so that a chunk can be split into whole lines and parsed
 on its own, in constant memory whatever the size of the input; only the last chunk of an input may
 end without a newline (a truncated last line, as left by an interrupted ``cat trace_pipe``).

@@ -5,7 +5,7 @@ time where a word holds no newline and no ``k``, else byte by byte), and sorts e
 header/blank, other event, ``kvm_exit`` parsed here, or "slow": a line this scanner is not sure
 about, which the caller hands to the reference parser (``reference.py``)
 (so every quirk that parser knows stays handled, and nothing is dropped).  The shapes it accepts
-are exactly those of docs/abi.md §7, as ``trace.py`` reads them:
+are exactly those of docs/abi.md §7, as the reference parser (``reference.py``) reads them:
 
 - the line ends at ``\\n``; one trailing ``\\r`` is not part of it (CRLF); a line that is empty or
   starts with ``#``, ``cpus=`` or ``version = `` is a header/blank line unless it is a kvm_exit;
@@ -23,10 +23,10 @@ are exactly those of docs/abi.md §7, as ``trace.py`` reads them:
 The task prefix (``<comm>-<pid> [<cpu>] <flags>``) and the reason text take few distinct values:
 the scanner interns them (an open-addressing table keyed by FNV-1a hash, entries compared byte
 for byte, so no two strings are ever confused) and the caller parses each distinct one once, with
-``trace.py``'s regexes.  Timestamps are parsed exactly: the digits as an integer (< 2**53) divided
+``rows.py``'s regexes (``parse_prefix``, ``parse_reason``).  Timestamps are parsed exactly: the digits as an integer (< 2**53) divided
 by a power of ten (<= 10**15), both exact, so one IEEE rounding, as ``float()`` does.
 
-``trace_scan.py`` runs them.  Compiled with ``cache=True`` (into ``__pycache__`` next to this
+``scan.py`` runs them.  Compiled with ``cache=True`` (into ``__pycache__`` next to this
 file, or ``NUMBA_CACHE_DIR``, set below to a user cache directory when the package directory is
 not writable) and ``nogil=True``: two threads scan two chunks at once.
 """

@@ -1,6 +1,6 @@
 """``tdvmcall trace --to-parquet``: one row per parsed exit (schema: :data:`PARQUET_COLUMNS`,
 documented in docs/trace.md), written with pyarrow alone, a chunk's rows at a time, so that memory
-does not grow with the input.  Classification comes from ``trace_verdict``, as in the report and
+does not grow with the input.  Classification comes from ``verdict``, as in the report and
 the plot."""
 
 from __future__ import annotations

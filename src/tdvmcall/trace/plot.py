@@ -1,5 +1,5 @@
 """``tdvmcall trace --plot``: TDVMCALL exits of TDs over time, stacked by verdict, from the audit's
-time buckets (numpy and matplotlib; classification from ``trace_verdict``, as in the report and
+time buckets (numpy and matplotlib; classification from ``verdict``, as in the report and
 the Parquet file).
 
 The audit keeps up to 512 time buckets (``rows.MAX_BUCKETS``) of 2**s / 1024 s; a person reads

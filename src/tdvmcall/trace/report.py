@@ -1,6 +1,6 @@
 """The report of ``tdvmcall trace`` as plain data (what ``--json`` prints), from the audit's
 aggregates: few rows (one per task, vCPU, reason and mask), so plain Python; Parquet is
-``trace_parquet``, the plot ``trace_plot``.  Facts: docs/abi.md §4, verdicts from ``trace_verdict`` and
+``parquet``, the plot ``plot``.  Facts: docs/abi.md §4, verdicts from ``verdict`` and
 the leaf table."""
 
 from __future__ import annotations

@@ -257,7 +257,7 @@ Columns = dict[str, np.ndarray]
 
 def aggregate(cols: Columns, key: tuple[str, ...]) -> Columns:
     """Merge the rows of ``cols`` with equal ``key``: ``n`` summed, ``first`` the least and
-    ``last`` the greatest (when present); one compiled pass (``trace_kernels.group``)."""
+    ``last`` the greatest (when present); one compiled pass (``kernels.group``)."""
     lo = cols.get("first", np.zeros(len(cols["n"])))
     hi = cols.get("last", lo)
     keys = np.column_stack([cols[c].astype(np.int64) for c in key])

@@ -1,4 +1,4 @@
-"""Running the fast path's kernels (``trace_kernels.py``, numba) on one chunk.
+"""Running the fast path's kernels (``kernels.py``, numba) on one chunk.
 
 The kernels run under numba's JIT, compiled once and cached on disk (``cache=True``), and release
 the GIL, so that two threads scan two chunks at once.  (Compiling them ahead of time with numba's
