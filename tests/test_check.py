@@ -79,6 +79,9 @@ def test_family_words_qualifiers_and_remarks():
     calls, remarks = parse_calls("MigTD ReportStatus Send Receive (use RBX RDI)")
     assert [c.name for c in calls] == ["MigTD.ReportStatus", "MigTD.Send", "MigTD.Receive"]
     assert all(c.foreign for c in calls) and remarks == ["use RBX RDI"]
+    # names are matched case-insensitively (CALL_NAMES' docstring), family words too
+    calls, _ = parse_calls("migtd Send MIGTD receive")
+    assert [c.name for c in calls] == ["MigTD.Send", "MigTD.Receive"]
     (cpuid,), _ = parse_calls("CPUID leaf 0xB")
     assert cpuid.name == "Instruction.CPUID" and cpuid.inputs == (("r12", 0xB),)
     calls, remarks = parse_calls("IO MMIO and other C callers")

@@ -107,6 +107,16 @@ def test_tdcall_outside_long_mode_faults_without_status():
     assert r["guest"]["rip"] == H(0x1000)
 
 
+def test_gpr_names_of_a_control_and_an_exit_qualification():
+    # ABI.md §3: bit i of RCX 15:0 selects GPR i; 0xFFCC = RDX RBX RSI RDI R8..R15, XMM bits ignored
+    from tdvmcall.abi.control import Control, ExitQualification
+
+    want = {"rdx", "rbx", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"}
+    assert Control(0x1_0000_FFCC).gpr_names == want
+    assert ExitQualification(0x3_FFCC).gpr_names == want
+    assert Control(0x0400).gpr_names == {"r10"} and Control(0).gpr_names == frozenset()
+
+
 # --- §3 the exit and the resume: Linux's 0xFFCC CPUID --------------------------------------------
 @pytest.mark.parametrize("policy", ["legacy", "hardened"])
 def test_linux_cpuid_round_trip(policy):

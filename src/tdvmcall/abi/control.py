@@ -62,6 +62,11 @@ class _Selects:
     def xmm_select(self) -> int:
         return self.raw >> XMM_SELECT_SHIFT & 0xFFFF
 
+    @property
+    def gpr_names(self) -> frozenset[str]:
+        """The names of the GPRs ``gpr_select`` selects."""
+        return frozenset(names_in(self.gpr_select, 16))
+
 
 @dataclass(frozen=True)
 class Control(_Selects):

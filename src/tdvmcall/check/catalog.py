@@ -27,7 +27,7 @@ from ..abi.codes import (
     decode_status,
 )
 from ..abi.control import Control, module_family
-from ..abi.regs import GPR_NAMES, RCX, names_in, parse_int
+from ..abi.regs import GPR_NAMES, RCX, parse_int
 from ..kvm import leaves as L
 from ..kvm.regcache import ModelBug
 from ..kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
@@ -78,6 +78,7 @@ FOREIGN_CALLS: dict[str, str] = {
 
 #: Family words: ``MigTD ReportStatus Send`` means ``MigTD.ReportStatus MigTD.Send``.
 FAMILY_WORDS = ("MigTD",)
+_FAMILIES = {w.lower(): w for w in FAMILY_WORDS}  # matched case-insensitively, as call names are
 
 #: Qualifiers that pin a call's input values: ``CPUID leaf 0xB`` checks CPUID with R12 = 0xB only,
 #: ``ReportFatalError code 0x10000`` checks only a report without a GPA (R12 bit 63 clear),
@@ -178,7 +179,7 @@ _TOKEN = re.compile(r"[^\s()]+(?:\([^()]*\))?|\([^()]*\)")
 
 def _names_a_call(token: str) -> bool:
     word = token.partition("(")[0]
-    return word.lower() in _NAMES or word in FAMILY_WORDS
+    return word.lower() in _NAMES or word.lower() in _FAMILIES
 
 
 def parse_calls(text: str) -> tuple[list[CallRef], list[str]]:
@@ -227,8 +228,8 @@ def parse_calls(text: str) -> tuple[list[CallRef], list[str]]:
             break
         word, _, annotation = tok.partition("(")
         annotation = annotation[:-1].strip() if annotation else ""
-        if word in FAMILY_WORDS:
-            family = word
+        if word.lower() in _FAMILIES:
+            family = _FAMILIES[word.lower()]
             continue
         names = _NAMES.get(word.lower())
         if names is None and family is not None:
@@ -483,10 +484,6 @@ def cases_for(call: CallRef) -> list[L.Case]:
     return [L.Case(name, {**cases[0].regs, **pinned}, cases[0].platform)]
 
 
-def _exposed(mask: int) -> set[str]:
-    return set(names_in(Control(mask).gpr_select, 16))
-
-
 def run_case(site: Site, leaf: L.Leaf, case: L.Case, policy: str, host: Host) -> CaseRun:
     """One round trip through the model (scenario API), then what it means for this leaf: under
     ``hardened`` the registers KVM found missing, under ``legacy`` what it read as zero or dropped.
@@ -509,7 +506,7 @@ def run_case(site: Site, leaf: L.Leaf, case: L.Case, policy: str, host: Host) ->
     if k.leaf == leaf:
         missing_inputs, missing_outputs = list(k.missing), list(k.unexposed_outputs)
     else:
-        exposed = _exposed(site.mask)
+        exposed = Control(site.mask).gpr_names
         seen = {r: (v if r in exposed else 0) for r, v in inputs.items()}
         missing_inputs = [r for r in L.required_inputs(leaf, seen) if r not in exposed]
         missing_outputs = [r for r in L.possible_outputs(leaf, seen) if r not in exposed]
@@ -545,7 +542,7 @@ def _call_notes(site: Site, call: CallRef) -> list[str]:
     notes = []
     leaf = call.leaf
     if leaf is not None:
-        skipped = [r for r in L.optional_inputs(leaf) if r not in _exposed(site.mask)]
+        skipped = [r for r in L.optional_inputs(leaf) if r not in Control(site.mask).gpr_names]
         if skipped:
             notes.append(f"optional inputs not exposed: {' '.join(skipped)} (read as 0)")
         if leaf.name in L.UNSUPPORTED_GHCI:
@@ -576,7 +573,7 @@ def check_call(site: Site, call: CallRef, host: Host, module: ModuleOutcome | No
     any case reads an unexposed input as 0 or writes an unexposed output; otherwise ``ok``."""
     module = module or module_outcome(site, host)
     leaf = call.leaf
-    exposed = [r for r in GPR_NAMES if r in _exposed(site.mask)]
+    exposed = [r for r in GPR_NAMES if r in Control(site.mask).gpr_names]
     unused = [r for r in exposed if leaf is not None and r not in used_registers(leaf)]
     call_notes = _call_notes(site, call)
     out = CallCheck(

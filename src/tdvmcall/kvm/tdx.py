@@ -155,10 +155,6 @@ class KvmVcpu:
         self.cache = RegCache("tdx", strict=policy == "hardened")
 
 
-def _exposed_names(gpr_select: int) -> set[str]:
-    return {GPR_NAMES[i] for i in range(NR_GPRS) if gpr_select >> i & 1}
-
-
 def _check_against_table(leaf: L.Leaf, reads: list[str], wrote: dict[str, int], vals: dict[str, int]) -> None:
     """The handler did what its row says: it read only declared inputs, wrote only declared
     outputs, and wrote every output its row expects for the outcome.  Otherwise: a model bug."""
@@ -198,7 +194,7 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     under the vCPU's policy.  Returns what KVM did and the VMM registers it re-enters with."""
     vmm = list(exit.vmm)
     qual = ExitQualification(vmm[RCX])
-    exposed = _exposed_names(qual.gpr_select)
+    exposed = qual.gpr_names
     vals = {GPR_NAMES[i]: vmm[i] for i in range(NR_GPRS)}
 
     # re-label: tdx_to_vmx_exit_reason() compares the whole reason (low 32 bits) with TDCALL; a
