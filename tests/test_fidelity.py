@@ -430,6 +430,21 @@ def test_bus_lock_keeps_the_vendor_leaves_and_misdispatches_hypercalls():
     assert (mis["guest"]["r10"], mis["guest"]["r11"], mis["guest"]["r13"]) == (H(0), H(0), H(0))
 
 
+def test_only_bit_26_is_a_bus_lock_but_any_flag_bit_stops_the_relabelling():
+    # tdx_to_vmx_exit_reason() compares all 32 bits with TDCALL, tdx_handle_exit() switches on bits
+    # 15:0: a reason TDCALL | bit 27 (which the module never sets) is not re-labelled either, and goes
+    # to handle_tdvmcall() on R11 alone; but it is no bus lock (bit 26, vmcs_defs.h bus_lock_preempted)
+    from tdvmcall.kvm.platform import Platform
+    from tdvmcall.kvm.tdx import KvmVcpu, handle_tdvmcall
+    from tdvmcall.module import VcpuState, VmcallExit
+
+    vmm = [0] * 16
+    vmm[0], vmm[1], vmm[10], vmm[11], vmm[12] = 77 | 1 << 27, 0xFFCC, 0, 10, 1
+    k = handle_tdvmcall(KvmVcpu("hardened"), VmcallExit(0xFFCC, vmm, [0] * 16, VcpuState()), Platform())
+    assert k.status == SUBFUNC_UNSUPPORTED and k.exit_reason == 0x0800004D
+    assert k.bus_lock is False and not any("bit 26" in n for n in k.notes)
+
+
 def test_bus_lock_hlt_does_not_halt():
     r = run({"rcx": LINUX, "r11": 12, "r12": 0}, "legacy", td=BUS)
     assert r["kvm"]["status"] == H(SUBFUNC_UNSUPPORTED)

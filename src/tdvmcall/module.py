@@ -32,7 +32,6 @@ from .abi.control import (
 from .abi.regs import NR_GPRS, R8, RAX, RCX, RDX, U64, U128, u64
 
 TDCALL_INSN_LEN = 4  # 66 0F 01 CC
-TDG_VP_VMCALL_LEAF = TDCALL_VP_VMCALL
 #: TDG.VM.RD with a version its handler refuses: what it has already written (``tdg_vm_rd_wr.c``:
 #: RDX = MD_FIELD_ID_NA for a version above 0, R8 = 0) before it fails
 MD_FIELD_ID_NA = U64
@@ -122,7 +121,7 @@ def td_call(td: TdConfig, vcpu: VcpuState) -> VmcallResult:
             after.gprs[R8] = 0
         after.gprs[RAX] = status
         return VmcallResult(status, None, after)
-    if rax.leaf != TDG_VP_VMCALL_LEAF:
+    if rax.leaf != TDCALL_VP_VMCALL:
         return VmcallResult(
             None, None, vcpu.copy(), not_modelled=f"{tdcall_leaf_text(rax.raw)}: not a TDVMCALL, not modelled"
         )
@@ -131,7 +130,8 @@ def td_call(td: TdConfig, vcpu: VcpuState) -> VmcallResult:
 
 def tdg_vp_vmcall(td: TdConfig, vcpu: VcpuState) -> VmcallResult:
     """A guest's TDCALL meant as TDG.VP.VMCALL: the dispatcher's checks of RAX (:func:`td_call`),
-    then the leaf.  (Kept under the leaf's name for the tools that issue TDVMCALLs.)"""
+    then the leaf.  (The same as :func:`td_call`, under the leaf's name, for the fuzz wing's
+    properties and the tests that issue TDVMCALLs.)"""
     return td_call(td, vcpu)
 
 

@@ -131,7 +131,6 @@ EXIT_REASON_MSR_READ = 31
 EXIT_REASON_MSR_WRITE = 32
 EXIT_REASON_EPT_MISCONFIG = 49
 EXIT_REASON_TDCALL = 77
-EXIT_REASON_BUS_LOCK = 74  # synthetic, never a TDVMCALL: not in VMX_EXIT_REASON_NAMES
 #: bit 26 of the exit reason: a bus lock was detected (tdx-module ``vmcs_defs.h`` bus_lock_preempted;
 #: Linux ``union vmx_exit_reason`` bus_lock_detected)
 EXIT_REASON_BUS_LOCK_DETECTED = 1 << 26

@@ -31,7 +31,7 @@ from ..abi.regs import GPR_NAMES, RCX, parse_int
 from ..kvm import leaves as L
 from ..kvm.regcache import ModelBug
 from ..kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
-from ..module import TdConfig, VcpuState, tdg_vp_vmcall
+from ..module import TdConfig, VcpuState, td_call
 from ..scenario import parse as parse_scenario
 
 CATALOG_COLUMNS = ("guest", "snapshot", "file", "function", "mask_hex", "tdvmcalls", "note")
@@ -458,7 +458,7 @@ def module_outcome(site: Site, host: Host) -> ModuleOutcome:
     """Run the site's control value through the module's TDG.VP.VMCALL (RAX = 0, RCX = the mask)."""
     vcpu = VcpuState()
     vcpu.gprs[RCX] = site.mask
-    res = tdg_vp_vmcall(host.td, vcpu)
+    res = td_call(host.td, vcpu)
     if res.exited:
         return ModuleOutcome(True)
     return ModuleOutcome(

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..abi.codes import (
+    EXIT_REASON_BUS_LOCK_DETECTED,
     EXIT_REASON_TDCALL,
     TDVMCALL_INVALID_OPERAND,
     kvm_exit_reason_text,
@@ -197,27 +198,33 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     exposed = qual.gpr_names
     vals = {GPR_NAMES[i]: vmm[i] for i in range(NR_GPRS)}
 
-    # re-label: tdx_to_vmx_exit_reason() compares the whole reason (low 32 bits) with TDCALL; a
-    # reason with the bus-lock bit (0x0400004D) stays TDCALL and goes to handle_tdvmcall() by its
-    # basic reason, which dispatches on R11 alone
+    # re-label: tdx_to_vmx_exit_reason() compares the whole reason (low 32 bits) with TDCALL, so any
+    # reason whose basic part (15:0) is TDCALL but that carries a flag bit stays TDCALL and goes to
+    # handle_tdvmcall() by its basic reason, which dispatches on R11 alone.  The module's only such
+    # reason is bit 26, bus lock detected (0x0400004D); the rule is KVM's for any flag bit, as the
+    # generated C applies it to any RAX
     reason = vmm[RAX] & 0xFFFFFFFF
-    bus_lock = reason != EXIT_REASON_TDCALL and reason & 0xFFFF == EXIT_REASON_TDCALL
+    not_relabelled = reason != EXIT_REASON_TDCALL and reason & 0xFFFF == EXIT_REASON_TDCALL
+    bus_lock = bool(reason & EXIT_REASON_BUS_LOCK_DETECTED)
 
     # dispatch: R10 != 0 is a KVM hypercall number, else R11 is the GHCI leaf
-    leaf = L.lookup(vmm[reg_index("r10")], vmm[reg_index("r11")], bus_lock)
+    leaf = L.lookup(vmm[reg_index("r10")], vmm[reg_index("r11")], not_relabelled)
     missing = [r for r in L.required_inputs(leaf, vals) if r not in exposed]
     unexposed_outputs = [r for r in L.possible_outputs(leaf, vals) if r not in exposed]
     exits_before = len(platform.exits)
     result = KvmResult(
         vcpu.policy, leaf, VERDICT_COMPLETED, None, vmm, missing=missing, unexposed_outputs=unexposed_outputs
     )
-    result.exit_reason = reason if bus_lock else leaf.reason
+    result.exit_reason = reason if not_relabelled else leaf.reason
     result.bus_lock = bus_lock
-    if bus_lock:
+    if not_relabelled:
+        if reason == EXIT_REASON_TDCALL | EXIT_REASON_BUS_LOCK_DETECTED:
+            why = f"bus lock detected (exit reason {reason:#010x}, bit 26)"
+        else:
+            why = f"exit reason {reason:#010x}: TDCALL with flag bits {reason & ~0xFFFF:#x}"
         result.notes.append(
-            f"bus lock detected (exit reason {reason:#010x}, bit 26): KVM does not re-label the exit and "
-            f"dispatches on R11 alone ({leaf.name}); instruction leaves and KVM hypercalls get "
-            "SUBFUNC_UNSUPPORTED unless R11 is 0x10000..0x10004"
+            f"{why}: KVM does not re-label the exit and dispatches on R11 alone ({leaf.name}); instruction "
+            "leaves and KVM hypercalls get SUBFUNC_UNSUPPORTED unless R11 is 0x10000..0x10004"
         )
 
     if vcpu.policy == "legacy":
