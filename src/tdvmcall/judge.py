@@ -22,7 +22,7 @@ from typing import Any
 
 from .abi.codes import DEFAULT_TABLE_VERSION, MODULE_TABLE_VERSIONS, decode_status
 from .abi.control import Control, module_family
-from .abi.regs import GPR_NAMES, RCX, names_in
+from .abi.regs import GPR_NAMES, RCX
 from .kvm import leaves as L
 from .kvm.regcache import ModelBug
 from .kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
@@ -156,7 +156,7 @@ class Judgement:
 
 def exposed(mask: int) -> set[str]:
     """The GPR names a control value exposes."""
-    return set(names_in(Control(mask).gpr_select, 16))
+    return set(Control(mask).gpr_names)
 
 
 def cases_for(leaf: L.Leaf, pinned: dict[str, int] | None = None) -> list[L.Case]:
