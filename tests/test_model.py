@@ -108,7 +108,7 @@ def test_tdcall_outside_long_mode_faults_without_status():
 
 
 def test_gpr_names_of_a_control_and_an_exit_qualification():
-    # ABI.md §3: bit i of RCX 15:0 selects GPR i; 0xFFCC = RDX RBX RSI RDI R8..R15, XMM bits ignored
+    # docs/abi.md §3: bit i of RCX 15:0 selects GPR i; 0xFFCC = RDX RBX RSI RDI R8..R15, XMM bits ignored
     from tdvmcall.abi.control import Control, ExitQualification
 
     want = {"rdx", "rbx", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"}
