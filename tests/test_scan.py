@@ -447,9 +447,10 @@ def test_raw_code_immediates_are_recovered_exactly(tmp_path_factory, mask, leaf,
 
 
 def test_judge_agrees_with_check_on_the_shipped_catalog():
-    """judge.py (the floor scan uses) and check's own machinery give the same verdicts for every
-    call of every row of the shipped catalog that check reads: the same rules, not a second copy
-    that drifts."""
+    """Scan's way of choosing a call's cases (from the input values it pinned, ``judge.cases_for``)
+    and check's (from the catalog row's words, ``check.catalog.cases_for``) give the same verdicts
+    for every call of every row of the shipped catalog: a site scan writes with --to-catalog is
+    judged by check as scan judged it."""
     from tdvmcall.check import catalog as C
     from tdvmcall.judge import Host, judge
 

@@ -1,8 +1,8 @@
 """Judge one TDVMCALL as a host would: the TDX module's control check, then KVM under both policies.
 
 This is the floor the tools share when they hold a concrete call (a control value in RCX, the call
-R10/R11 select, perhaps some input values): ``scan`` judges the call sites it finds in binaries with
-it, and any tool that knows a mask and a leaf can.  It runs the model (``module.py``, ``kvm/``)
+R10/R11 select, perhaps some input values): ``check`` judges every call of a catalog row with it,
+``scan`` the call sites it finds in binaries, and any tool that knows a mask and a leaf can.  It runs the model (``module.py``, ``kvm/``)
 through the scenario API and reads the leaf table for what the call needs; it decides nothing of
 its own.
 
@@ -17,6 +17,7 @@ Verdicts per KVM policy, from best to worst (the same words as ``tdvmcall check`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,15 +116,18 @@ class CaseRun:
 @dataclass
 class Judgement:
     """One call made with one control value: the module's outcome, the verdict per policy, every
-    case run, and notes (registers exposed for nothing, XMMs, optional inputs skipped)."""
+    case run, and notes: first on the exposure (GPRs exposed for nothing, XMMs), then on the call
+    itself (``call_notes``: optional inputs left out, a leaf KVM does not implement).  ``leaf`` is
+    None for a call that is not KVM's (Hyper-V, MigTD)."""
 
     mask: int
-    leaf: L.Leaf
+    leaf: L.Leaf | None
     module: ModuleOutcome
     verdict: dict[str, str]
     runs: list[CaseRun] = field(default_factory=list)
-    unused: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)  # exposed GPRs the call neither reads nor writes
+    notes: list[str] = field(default_factory=list)  # the exposure notes, then call_notes
+    call_notes: list[str] = field(default_factory=list)  # the notes about the call, not the exposure
 
     def passes(self, policy: str) -> bool:
         return self.verdict[policy] in PASSING
@@ -135,7 +139,8 @@ class Judgement:
         return [r for r in self.runs if r.policy == "legacy" and r.silent]
 
     def details(self) -> list[str]:
-        """One line per finding, in words (what ``check`` and ``scan`` print under a site)."""
+        """One line per finding, in words (what ``scan`` prints under a site; ``check``'s reports word
+        the same findings in their own lines)."""
         lines: list[str] = []
         if not self.module.accepted:
             name = (self.module.decoded or {}).get("name") or f"{self.module.status:#x}"
@@ -157,6 +162,12 @@ class Judgement:
 def exposed(mask: int) -> set[str]:
     """The GPR names a control value exposes."""
     return set(Control(mask).gpr_names)
+
+
+def exposed_xmms(mask: int) -> list[str]:
+    """The XMM registers a control value exposes (``xmm0`` ...), in order."""
+    ctl = Control(mask)
+    return [f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1]
 
 
 def cases_for(leaf: L.Leaf, pinned: dict[str, int] | None = None) -> list[L.Case]:
@@ -219,14 +230,21 @@ def used_registers(leaf: L.Leaf) -> set[str]:
     return set(leaf.selectors) | {op.reg for op in leaf.inputs + leaf.outputs}
 
 
-def _notes(mask: int, leaf: L.Leaf, unused: list[str]) -> list[str]:
+def _exposure_notes(mask: int, unused: list[str]) -> list[str]:
+    """Registers the call is exposed for nothing: unused GPRs, and XMMs (no KVM call uses them)."""
     notes = []
     if unused:
         notes.append(f"exposed but unused: {' '.join(unused)} (the host can read and overwrite them)")
-    ctl = Control(mask)
-    if ctl.xmm_select:
-        xmms = " ".join(f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1)
-        notes.append(f"XMMs exposed: {xmms} (no KVM call uses them; the host can read and overwrite them)")
+    if xmms := exposed_xmms(mask):
+        notes.append(f"XMMs exposed: {' '.join(xmms)} (no KVM call uses them; the host can read and overwrite them)")
+    return notes
+
+
+def _call_notes(mask: int, leaf: L.Leaf | None) -> list[str]:
+    """Notes about the call itself: optional inputs the mask leaves out, a leaf KVM does not implement."""
+    notes: list[str] = []
+    if leaf is None:
+        return notes
     skipped = [r for r in L.optional_inputs(leaf) if r not in exposed(mask)]
     if skipped:
         notes.append(f"optional inputs not exposed: {' '.join(skipped)} (read as 0)")
@@ -237,24 +255,38 @@ def _notes(mask: int, leaf: L.Leaf, unused: list[str]) -> list[str]:
 
 def judge(
     mask: int,
-    leaf: L.Leaf,
+    leaf: L.Leaf | None,
     host: Host,
     pinned: dict[str, int] | None = None,
     module: ModuleOutcome | None = None,
+    cases: Sequence[L.Case] | None = None,
 ) -> Judgement:
-    """Judge the call ``leaf`` made with control value ``mask`` (and input values ``pinned``): the
-    module's control check, then every case of the leaf under both KVM policies.  Verdict per
-    policy: ``module-rejects`` if the module refuses the control, else under ``hardened``
-    ``hardened-refuses`` if any case is refused, under ``legacy`` ``legacy-silent`` if any case
-    reads an unexposed input as 0 or writes an unexposed output; otherwise ``ok``."""
+    """Judge the call ``leaf`` made with control value ``mask``: the module's control check, then
+    each case of the leaf under both KVM policies.  The cases are ``cases`` when given (a caller
+    that chose them, as ``check`` does from a catalog row's direction words and pins), else
+    :func:`cases_for` the input values ``pinned``.  ``module``: the module's outcome if already
+    known (it depends on the mask only).
+
+    Verdict per policy: ``module-rejects`` if the module refuses the control (the VMM never sees
+    the call), ``not-kvm`` for a call that is not KVM's (``leaf`` None: only the module's check
+    applies), else under ``hardened`` ``hardened-refuses`` if any case is refused, under ``legacy``
+    ``legacy-silent`` if any case reads an unexposed input as 0 or writes an unexposed output;
+    otherwise ``ok``."""
     module = module or module_outcome(mask, host)
     shown = exposed(mask)
-    unused = [r for r in GPR_NAMES if r in shown and r not in used_registers(leaf)]
-    out = Judgement(mask, leaf, module, {}, unused=unused, notes=_notes(mask, leaf, unused))
+    # a call that is not KVM's may use any register (KVM's table does not describe it): none unused
+    unused = [r for r in GPR_NAMES if r in shown and leaf is not None and r not in used_registers(leaf)]
+    call_notes = _call_notes(mask, leaf)
+    out = Judgement(
+        mask, leaf, module, {}, unused=unused, notes=_exposure_notes(mask, unused) + call_notes, call_notes=call_notes
+    )
     if not module.accepted:
         out.verdict = {p: MODULE_REJECTS for p in POLICIES}
         return out
-    for case in cases_for(leaf, pinned):
+    if leaf is None:
+        out.verdict = {p: NOT_KVM for p in POLICIES}
+        return out
+    for case in cases_for(leaf, pinned) if cases is None else cases:
         for policy in POLICIES:
             out.runs.append(run_case(mask, leaf, case, policy, host))
     out.verdict = {

@@ -4,11 +4,12 @@ The catalog (``data/guest-masks.csv``, see ``data/NOTICE.md``; docs/abi.md §6) 
 site: ``guest, snapshot, file, function, mask_hex, tdvmcalls, note``.  ``mask_hex`` is the control
 value the site puts in RCX (bits 15:0 GPRs, 31:16 XMMs, 63:32 reserved); ``tdvmcalls`` names, in
 free text, the calls made through it.  This module turns that text into rows of the leaf table
-(:data:`CALL_NAMES`, :data:`FOREIGN_CALLS`, the grammar in :func:`parse_calls`), then runs every
-(site, call, case) through the model -- the TDX module with the TD's attributes, then KVM under
-``legacy`` and ``hardened`` -- and classifies the outcome (:func:`check_call`).
+(:data:`CALL_NAMES`, :data:`FOREIGN_CALLS`, the grammar in :func:`parse_calls`) and the cases each
+call runs (:func:`cases_for`), then has every (site, call) judged by ``judge.py`` -- the TDX module
+with the TD's attributes, then KVM under ``legacy`` and ``hardened`` (:func:`check_call`).
 
-Nothing here says which registers a call needs: that is read from ``kvm/leaves.py``.
+Nothing here says which registers a call needs (``kvm/leaves.py``) or how a call is judged
+(``judge.py``): only the catalog's grammar, the sites and the counts.
 """
 
 from __future__ import annotations
@@ -17,22 +18,15 @@ import csv
 import io
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import data_file
-from ..abi.codes import (
-    DEFAULT_TABLE_VERSION,
-    MODULE_TABLE_VERSIONS,
-    decode_status,
-)
-from ..abi.control import Control, module_family
-from ..abi.regs import GPR_NAMES, RCX, parse_int
+from ..abi.regs import GPR_NAMES, parse_int
+from ..judge import VERDICTS, CaseRun, Host, Judgement, ModuleOutcome, judge, module_outcome
 from ..kvm import leaves as L
 from ..kvm.regcache import ModelBug
-from ..kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
-from ..module import TdConfig, VcpuState, td_call
-from ..scenario import parse as parse_scenario
+from ..kvm.tdx import POLICIES
 
 CATALOG_COLUMNS = ("guest", "snapshot", "file", "function", "mask_hex", "tdvmcalls", "note")
 
@@ -367,111 +361,53 @@ def what_if(mask: str, calls: Iterable[str] | None) -> Site:
 
 
 # --- the check -------------------------------------------------------------------------------------
-OK = "ok"
-NOT_KVM = "not-kvm"
-LEGACY_SILENT = "legacy-silent"
-HARDENED_REFUSES = "hardened-refuses"
-MODULE_REJECTS = "module-rejects"
-#: from best to worst
-VERDICTS = (OK, NOT_KVM, LEGACY_SILENT, HARDENED_REFUSES, MODULE_REJECTS)
-PASSING = frozenset({OK, NOT_KVM})
-
-
-@dataclass(frozen=True)
-class Host:
-    """The host the catalog is checked against: the TD's attributes and KVM's tree."""
-
-    module: str = "1.5"
-    no_rbp_mod: bool = True
-    tree: str = "kvm-x86"
-
-    @property
-    def td(self) -> TdConfig:
-        return TdConfig(self.module, self.no_rbp_mod)
-
-    @property
-    def status_table(self) -> str:
-        """The status table to decode with: the exact version if shipped, else the family's newest."""
-        if self.module in MODULE_TABLE_VERSIONS:
-            return self.module
-        return "1.0.3" if module_family(self.module) == "1.0" else DEFAULT_TABLE_VERSION
-
-
-@dataclass
-class ModuleOutcome:
-    """The TDX module's answer to the site's control value (the same for every call)."""
-
-    accepted: bool
-    status: int | None = None
-    decoded: dict | None = None
-    problems: list[str] = field(default_factory=list)
-
-
-@dataclass
-class CaseRun:
-    """One case of one call under one KVM policy."""
-
-    case: str
-    inputs: dict[str, int]  # the input values the guest set (selectors included)
-    policy: str
-    kvm_verdict: str  # the model's: completed | refused | userspace | internal_error
-    dispatched: str  # the leaf KVM dispatched to
-    status: int | None
-    missing_inputs: list[str] = field(default_factory=list)
-    missing_outputs: list[str] = field(default_factory=list)
-    zero_reads: list[str] = field(default_factory=list)
-    dropped_writes: list[str] = field(default_factory=list)
-
-    @property
-    def refused(self) -> bool:
-        return self.kvm_verdict in (VERDICT_REFUSED, VERDICT_INTERNAL_ERROR)
-
-    @property
-    def silent(self) -> bool:
-        return bool(self.zero_reads or self.dropped_writes)
-
-
 @dataclass
 class CallCheck:
-    """The check of one call at one site."""
+    """The check of one call at one site: the site, the call as the catalog names it, and its
+    :class:`~tdvmcall.judge.Judgement` (the module's outcome, the verdict per policy, the cases
+    run, the notes), whose parts it exposes under the same names."""
 
     site: Site
     call: CallRef
-    module: ModuleOutcome
-    verdict: dict[str, str]  # policy -> verdict
-    runs: list[CaseRun] = field(default_factory=list)
-    unused: list[str] = field(default_factory=list)  # exposed GPRs the call neither reads nor writes
-    notes: list[str] = field(default_factory=list)  # the exposure notes, then call_notes
-    call_notes: list[str] = field(default_factory=list)  # the notes about the call, not the exposure
+    judgement: Judgement
+
+    @property
+    def module(self) -> ModuleOutcome:
+        return self.judgement.module
+
+    @property
+    def verdict(self) -> dict[str, str]:  # policy -> verdict
+        return self.judgement.verdict
+
+    @property
+    def runs(self) -> list[CaseRun]:
+        return self.judgement.runs
+
+    @property
+    def unused(self) -> list[str]:  # exposed GPRs the call neither reads nor writes
+        return self.judgement.unused
+
+    @property
+    def notes(self) -> list[str]:  # the exposure notes, then call_notes
+        return self.judgement.notes
+
+    @property
+    def call_notes(self) -> list[str]:  # the notes about the call, not the exposure
+        return self.judgement.call_notes
 
     def passes(self, policy: str) -> bool:
-        return self.verdict[policy] in PASSING
+        return self.judgement.passes(policy)
 
     def refusals(self) -> list[CaseRun]:
-        return [r for r in self.runs if r.policy == "hardened" and r.refused]
+        return self.judgement.refusals()
 
     def silences(self) -> list[CaseRun]:
-        return [r for r in self.runs if r.policy == "legacy" and r.silent]
-
-
-def module_outcome(site: Site, host: Host) -> ModuleOutcome:
-    """Run the site's control value through the module's TDG.VP.VMCALL (RAX = 0, RCX = the mask)."""
-    vcpu = VcpuState()
-    vcpu.gprs[RCX] = site.mask
-    res = td_call(host.td, vcpu)
-    if res.exited:
-        return ModuleOutcome(True)
-    return ModuleOutcome(
-        False,
-        res.status,
-        decode_status(res.status, host.status_table),
-        Control(site.mask).problems(host.td.module, host.td.no_rbp_mod),
-    )
+        return self.judgement.silences()
 
 
 def cases_for(call: CallRef) -> list[L.Case]:
-    """The leaf's cases (one per condition; only those a direction word selects), or one case
-    with the inputs a qualifier pinned, over the first of them."""
+    """The cases a catalog call runs: the leaf's cases (one per condition; only those a direction
+    word selects), or one case with the inputs a qualifier pinned, over the first of them."""
     leaf = call.leaf
     assert leaf is not None
     cases = [c for c in leaf.cases if not call.cases or c.name in call.cases]
@@ -482,77 +418,6 @@ def cases_for(call: CallRef) -> list[L.Case]:
     pinned = dict(call.inputs)
     name = " ".join([*call.cases, *(f"{r}={v:#x}" for r, v in call.inputs)])
     return [L.Case(name, {**cases[0].regs, **pinned}, cases[0].platform)]
-
-
-def run_case(site: Site, leaf: L.Leaf, case: L.Case, policy: str, host: Host) -> CaseRun:
-    """One round trip through the model (scenario API), then what it means for this leaf: under
-    ``hardened`` the registers KVM found missing, under ``legacy`` what it read as zero or dropped.
-    When KVM dispatched the leaf the guest meant, the missing registers are KVM's own
-    (``KvmResult.missing`` and ``unexposed_outputs``).  When it dispatched another one (R10/R11 not
-    exposed, so KVM read 0 there), they are read from the leaf table over KVM's view of the inputs
-    (0 where the guest did not expose them), so the call is still explained in terms of the call
-    the guest meant."""
-    inputs = {**leaf.selector_values(), **case.regs}
-    scenario = {
-        "td": {"module": host.module, "no_rbp_mod": host.no_rbp_mod},
-        "kvm": {"policy": policy, "tree": host.tree},
-        "guest": {"rcx": site.mask, **inputs},
-        "platform": case.platform,
-    }
-    rt = parse_scenario(scenario).run()
-    k = rt.kvm
-    if k is None:
-        raise ModelBug(f"{site.label}: the module accepted the control but the call never reached KVM")
-    if k.leaf == leaf:
-        missing_inputs, missing_outputs = list(k.missing), list(k.unexposed_outputs)
-    else:
-        exposed = Control(site.mask).gpr_names
-        seen = {r: (v if r in exposed else 0) for r, v in inputs.items()}
-        missing_inputs = [r for r in L.required_inputs(leaf, seen) if r not in exposed]
-        missing_outputs = [r for r in L.possible_outputs(leaf, seen) if r not in exposed]
-    run = CaseRun(case.name, inputs, policy, k.verdict, k.leaf.name, k.status, missing_inputs, missing_outputs)
-    if policy == "legacy":
-        run.zero_reads = list(k.zero_reads)  # dispatch's own R10/R11 reads included
-        run.dropped_writes = list(k.dropped_writes)
-    elif run.refused != bool(run.missing_inputs or run.missing_outputs):
-        raise ModelBug(
-            f"{leaf.name} {case.name}: hardened KVM {k.verdict} but the table says "
-            f"missing inputs {run.missing_inputs}, outputs {run.missing_outputs}"
-        )
-    return run
-
-
-def used_registers(leaf: L.Leaf) -> set[str]:
-    """Every register the leaf may read or write, under any condition."""
-    return set(leaf.selectors) | {op.reg for op in leaf.inputs + leaf.outputs}
-
-
-def _exposure_notes(site: Site, unused: list[str]) -> list[str]:
-    """Registers the call is exposed for nothing: unused GPRs, and XMMs (no KVM call uses them)."""
-    notes = []
-    if unused:
-        notes.append(f"exposed but unused: {' '.join(unused)} (the host can read and overwrite them)")
-    if xmms := exposed_xmms(site.mask):
-        notes.append(f"XMMs exposed: {' '.join(xmms)} (no KVM call uses them; the host can read and overwrite them)")
-    return notes
-
-
-def _call_notes(site: Site, call: CallRef) -> list[str]:
-    """Notes about the call itself: optional inputs the mask leaves out, a leaf KVM does not implement."""
-    notes = []
-    leaf = call.leaf
-    if leaf is not None:
-        skipped = [r for r in L.optional_inputs(leaf) if r not in Control(site.mask).gpr_names]
-        if skipped:
-            notes.append(f"optional inputs not exposed: {' '.join(skipped)} (read as 0)")
-        if leaf.name in L.UNSUPPORTED_GHCI:
-            notes.append(f"KVM does not implement {leaf.name}: it answers SUBFUNC_UNSUPPORTED")
-    return notes
-
-
-def exposed_xmms(mask: int) -> list[str]:
-    ctl = Control(mask)
-    return [f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1]
 
 
 def site_unused(checks: Iterable[CallCheck]) -> list[str]:
@@ -566,40 +431,18 @@ def site_unused(checks: Iterable[CallCheck]) -> list[str]:
 
 
 def check_call(site: Site, call: CallRef, host: Host, module: ModuleOutcome | None = None) -> CallCheck:
-    """Check one call at one site: the module's control check, then every case of the leaf under
-    both KVM policies.  Verdict per policy: ``module-rejects`` if the module refuses the control
-    (the VMM never sees the call), ``not-kvm`` for a call that is not KVM's, else under
-    ``hardened`` ``hardened-refuses`` if any case is refused, under ``legacy`` ``legacy-silent`` if
-    any case reads an unexposed input as 0 or writes an unexposed output; otherwise ``ok``."""
-    module = module or module_outcome(site, host)
+    """Check one call at one site: :func:`tdvmcall.judge.judge` of the site's mask and the call's
+    leaf (None for a call that is not KVM's: ``not-kvm``), over the cases the row selects."""
     leaf = call.leaf
-    exposed = [r for r in GPR_NAMES if r in Control(site.mask).gpr_names]
-    unused = [r for r in exposed if leaf is not None and r not in used_registers(leaf)]
-    call_notes = _call_notes(site, call)
-    out = CallCheck(
-        site, call, module, {}, unused=unused, notes=_exposure_notes(site, unused) + call_notes, call_notes=call_notes
-    )
-    if not module.accepted:
-        out.verdict = {p: MODULE_REJECTS for p in POLICIES}
-        return out
-    if leaf is None:
-        out.verdict = {p: NOT_KVM for p in POLICIES}
-        return out
-    for case in cases_for(call):
-        for policy in POLICIES:
-            out.runs.append(run_case(site, leaf, case, policy, host))
-    out.verdict = {
-        "legacy": LEGACY_SILENT if out.silences() else OK,
-        "hardened": HARDENED_REFUSES if out.refusals() else OK,
-    }
-    return out
+    cases = cases_for(call) if leaf is not None else None
+    return CallCheck(site, call, judge(site.mask, leaf, host, module=module, cases=cases))
 
 
 def check_sites(sites: Iterable[Site], host: Host) -> list[CallCheck]:
-    """Check every call of every site."""
+    """Check every call of every site (the module's outcome once per site: it depends on the mask only)."""
     results = []
     for site in sites:
-        module = module_outcome(site, host)
+        module = module_outcome(site.mask, host)
         results += [check_call(site, call, host, module) for call in site.calls]
     return results
 

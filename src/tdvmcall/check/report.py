@@ -1,6 +1,6 @@
 """Renderers of ``tdvmcall check`` results: JSON objects, detail lines, a rich table, Markdown and a
-self-contained HTML page.  They only present :class:`~tdvmcall.check.catalog.CallCheck` values; every
-judgement was made in ``catalog.py``.
+self-contained HTML page.  They only present :class:`~tdvmcall.check.catalog.CallCheck` values;
+every judgement was made in ``judge.py``.
 """
 
 from __future__ import annotations
@@ -18,23 +18,25 @@ from rich.text import Text
 
 from ..abi.control import Control
 from ..abi.regs import hex64, names_in
-from ..kvm import leaves as L
-from ..kvm.leaves import LEAVES
-from ..kvm.tdx import POLICIES
-from .catalog import (
-    ALL_KVM_CALLS,
-    FOREIGN_CALLS,
+from ..judge import (
     HARDENED_REFUSES,
     LEGACY_SILENT,
     MODULE_REJECTS,
     NOT_KVM,
     OK,
     VERDICTS,
-    CallCheck,
     CaseRun,
     Host,
-    Site,
     exposed_xmms,
+)
+from ..kvm import leaves as L
+from ..kvm.leaves import LEAVES
+from ..kvm.tdx import POLICIES
+from .catalog import (
+    ALL_KVM_CALLS,
+    FOREIGN_CALLS,
+    CallCheck,
+    Site,
     failing,
     site_unused,
     summary,
