@@ -138,25 +138,30 @@ class Judgement:
     def silences(self) -> list[CaseRun]:
         return [r for r in self.runs if r.policy == "legacy" and r.silent]
 
-    def details(self) -> list[str]:
-        """One line per finding, in words (what ``scan`` prints under a site; ``check``'s reports word
-        the same findings in their own lines)."""
-        lines: list[str] = []
+    def reasons(self) -> list[str]:
+        """Why the verdicts are what they are, in words, one line per distinct finding with the
+        cases it holds for: the module's refusal, the hardened refusals, the legacy silences."""
         if not self.module.accepted:
             name = (self.module.decoded or {}).get("name") or f"{self.module.status:#x}"
-            lines.append(f"module fails the control with {name}: " + "; ".join(self.module.problems))
-            return lines + self.notes
+            return [f"module fails the control with {name}: " + "; ".join(self.module.problems)]
+        found: dict[tuple[str, str], list[str]] = {}
         for r in self.refusals():
-            regs = " ".join(r.missing_inputs + r.missing_outputs)
-            lines.append(f"hardened refuses case {r.case}: {regs} not exposed")
+            regs = [f"inputs {' '.join(r.missing_inputs)}"] if r.missing_inputs else []
+            regs += [f"outputs {' '.join(r.missing_outputs)}"] if r.missing_outputs else []
+            found.setdefault(("hardened refuses", " and ".join(regs) + " not exposed"), []).append(r.case)
         for r in self.silences():
-            parts = []
-            if r.zero_reads:
-                parts.append(f"reads {' '.join(r.zero_reads)} as 0")
-            if r.dropped_writes:
-                parts.append(f"drops {' '.join(r.dropped_writes)}")
-            lines.append(f"legacy case {r.case}: " + ", ".join(parts))
-        return lines + self.notes
+            parts = [f"reads {' '.join(r.zero_reads)} as 0"] if r.zero_reads else []
+            parts += [f"drops {' '.join(r.dropped_writes)}"] if r.dropped_writes else []
+            found.setdefault(("legacy", ", ".join(parts)), []).append(r.case)
+        return [
+            f"{who} (case{'s' if len(cases) > 1 else ''} {', '.join(cases)}): {what}"
+            for (who, what), cases in found.items()
+        ]
+
+    def details(self) -> list[str]:
+        """The reasons, then the notes, one line each (what ``scan`` prints under a site; ``check``'s
+        reports word the same findings in their own lines)."""
+        return self.reasons() + self.notes
 
 
 def exposed(mask: int) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import iced_x86 as ix
@@ -57,6 +58,9 @@ class Site:
     module: ModuleOutcome | None = None
     serves: list[str] = field(default_factory=list)
     fails: list[str] = field(default_factory=list)
+    #: a digest of the code bytes from the function's start to the TDCALL: the same stub linked
+    #: into many modules has the same one (what the report collapses); None when not known
+    code: bytes | None = None
 
     @property
     def symbol(self) -> str:
@@ -109,6 +113,17 @@ class Site:
 
     def passes(self, policy: str) -> bool:
         return self.verdict(policy) in PASSING | {"unresolved", "not-tdvmcall"}
+
+    def reasons(self) -> list[str]:
+        """Why the verdicts are what they are: :meth:`details` without the notes (registers exposed
+        for nothing, optional inputs left out)."""
+        notes = set(self.judgement.notes) if self.judgement is not None else set()
+        return [d for d in self.details() if d not in notes]
+
+    def unresolved(self) -> list[str]:
+        """For a call not judged: each register that decides it and was not recovered, and why."""
+        regs = ("rcx", "r10", "r11") if self.is_vmcall else ("rax",)
+        return [f"{r} unresolved: {self.regs[r].how}" for r in regs if not self.regs[r].known]
 
     def details(self) -> list[str]:
         out: list[str] = []
@@ -233,8 +248,11 @@ def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
             continue
         idx = len(fn.insns) - 1
         intra = {r: resolve(fn, idx, r, 0) for r in REGS}
+        body = hashlib.blake2b(code.data[fn.start - code.va : at + 4 - code.va], digest_size=16).digest()
         for regs, via in expand(region, fn, intra, 0, [MAX_CALLERS]):
-            out.append(Site(input_name, code.chain, at, fn.name, fn.start, regs, via=" ← ".join(via) or None))
+            out.append(
+                Site(input_name, code.chain, at, fn.name, fn.start, regs, via=" ← ".join(via) or None, code=body)
+            )
     return out, not_code
 
 

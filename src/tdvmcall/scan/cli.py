@@ -46,6 +46,12 @@ def scan(
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON document: inputs, sites, summary (schema in docs/scan.md)."
     ),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="One row per TDCALL instruction, with how each register was found and every finding and note.",
+    ),
     html_file: Path | None = typer.Option(
         None, "--html", metavar="FILE", help="Also write a self-contained HTML report (sites x policies)."
     ),
@@ -99,7 +105,7 @@ def scan(
     if as_json:
         emit_json(report_json(images, host, policy, failing))
     else:
-        out.print(rich_report(images, host, policy))
+        out.print(rich_report(images, host, policy, verbose))
     if html_file is not None:
         try:
             html_file.write_text(html_report(images, host, policy))

@@ -9,13 +9,15 @@ import html
 import io
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from ..abi.regs import fmt_mask
-from ..judge import HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, Host
+from ..judge import HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, Host, exposed_xmms
 from .analyze import Image, Site
 from .flow import Value
 
@@ -34,6 +36,8 @@ STYLE = {
     UNRESOLVED: ("magenta", "#e6d5f5"),
     NOT_TDVMCALL: ("cyan", "#d7eef5"),
 }
+#: the order verdict counts are listed in: best to worst, then what was not judged
+COUNT_ORDER = (OK, NOT_KVM, LEGACY_SILENT, HARDENED_REFUSES, MODULE_REJECTS, UNRESOLVED, NOT_TDVMCALL)
 SHOWN = ("rax", "rcx", "r10", "r11", "r12", "r13")
 
 
@@ -177,74 +181,358 @@ def _site_groups(img: Image, policy: str) -> list[list[Site]]:
     return out
 
 
-def image_renderable(img: Image, policy: str) -> Group:
-    sm = img.summary()
-    head = Text.assemble(
-        ("\n" + img.path, "bold"),
-        f"  {sm['tdcall_sites']} TDCALL sites, {sm['tdvmcall_sites']} TDVMCALL sites, "
-        f"{sm['distinct_masks']} distinct masks; of their {sm['resolved_calls']} calls (one per caller): "
-        f"module-rejects {sm['module_rejects']}, hardened-refuses {sm['hardened_refuses']}, "
-        f"legacy-silent {sm['legacy_silent']}, unresolved {sm['unresolved']}",
-    )
-    parts: list = [head]
-    for line in img.problems:
-        parts.append(Text(f"  error: {line}", style="bold red"))
-    for line in img.skipped:
-        parts.append(Text(f"  skipped: {line}", style="dim"))
-    if sm["not_code"]:
-        parts.append(Text(f"  {sm['not_code']} TDCALL byte match(es) not decoded as code: not reported", style="dim"))
-    if not img.sites:
-        return Group(*parts)
-    t = Table(show_lines=False, pad_edge=False, expand=False)
-    for col in ("module", "site", "calls (× callers)", "mask", "legacy", "hardened", "how found / findings"):
-        t.add_column(col, overflow="fold")
+def _masks(sites: list[Site]) -> list[str]:
+    return sorted({_val(s.regs["rcx"]) if s.is_vmcall else "-" for s in sites})
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def calls_text(sites: list[Site], limit: int = 0, total: bool = False) -> str:
+    """The calls made through some sites, with how many callers make each, the most frequent first
+    (a call's directions together): ``HLT ×248, IO in ×120, IO out ×91, MMIO read ×70``; past
+    ``limit`` (if any) the rest as ``… (3 more)``; ``total``: how many calls first (``626: HLT ×248, …``)."""
+    counts = Counter(_call_text(s) for s in sites).most_common()
+    family: Counter[str] = Counter()
+    for c, n in counts:
+        family[c.split()[0]] += n
+    counts.sort(key=lambda cn: -family[cn[0].split()[0]])  # stable: a family's calls together, most first
+    words = [f"{c} ×{n}" if n > 1 else c for c, n in counts]
+    if limit and len(words) > limit:
+        words = [*words[:limit], f"… ({len(words) - limit} more)"]
+    return (f"{len(sites)}: " if total and len(counts) > 1 else "") + ", ".join(words)
+
+
+@dataclass
+class Row:
+    """TDCALL instructions of one image that are the same code (byte for byte from the function's
+    start to the TDCALL, :attr:`Site.code`) with the same masks and worst verdicts: the same stub
+    linked into many modules is one row.  ``sites`` are every resolved call (one per caller)."""
+
+    sites: list[Site]
+
+    @property
+    def locations(self) -> list[Site]:
+        """One site per TDCALL instruction in the row."""
+        seen: dict[tuple, Site] = {}
+        for s in self.sites:
+            seen.setdefault((tuple(s.container), s.address), s)
+        return list(seen.values())
+
+    @property
+    def modules(self) -> list[str]:
+        return list(dict.fromkeys(module_of(s) for s in self.sites))
+
+    def verdict(self, policy: str) -> str:
+        return _worst(self.sites, policy)
+
+    def where(self, module: bool = True) -> str:
+        """``AtaBusDxe sub_3bf0+0x40``, or for identical code in several places ``36 modules (37 copies
+        of the same code, TDCALL at +0x40)`` (``module=False``: an image of one module, not named)."""
+        locs = self.locations
+        s0 = locs[0]
+        if len(locs) == 1:
+            return f"{module_of(s0)} {s0.symbol}" if module else s0.symbol
+        offset = f"TDCALL at +{s0.address - s0.function_start:#x}"
+        names = {s.function for s in locs}
+        what = f"{s0.function}+{s0.address - s0.function_start:#x}" if len(names) == 1 else offset
+        if len(self.modules) == 1:
+            return f"{self.modules[0] + ' ' if module else ''}{what} ×{len(locs)}"
+        copies = f"{len(locs)} copies of the same code" if len(locs) > len(self.modules) else "the same code"
+        return f"{_count(len(self.modules), 'module')} ({copies}, {what})"
+
+    def module_cell(self) -> str:
+        mods = self.modules
+        return mods[0] if len(mods) == 1 else _count(len(mods), "module")
+
+    def site_cell(self) -> str:
+        locs = self.locations
+        s0 = locs[0]
+        if len(locs) == 1:
+            return s0.symbol
+        if len({s.function for s in locs}) == 1:
+            return f"{s0.symbol} ×{len(locs)}"
+        return f"{len(locs)} copies, +{s0.address - s0.function_start:#x}"
+
+    def exposed_for_nothing(self) -> list[str]:
+        """The GPRs every judged call of the row is exposed for and none uses, then the XMMs."""
+        judged = [s.judgement for s in self.sites if s.judgement is not None]
+        if not judged:
+            return []
+        common = set.intersection(*(set(j.unused) for j in judged))
+        xmms = set.intersection(*(set(exposed_xmms(j.mask)) for j in judged))
+        order = [*judged[0].unused, *exposed_xmms(judged[0].mask)]
+        return [r for r in order if r in common or r in xmms]
+
+
+def regs_text(names: list[str]) -> str:
+    """Register names, runs of numbered ones shortened: ``rdx rbx r8 r9 r13-r15 xmm0-15``."""
+    out: list[str] = []
+    run: list[tuple[str, int]] = []
+
+    def flush() -> None:
+        if len(run) > 2:
+            out.append(f"{run[0][0]}{run[0][1]}-{run[-1][1] if run[0][0] == 'xmm' else run[-1][0] + str(run[-1][1])}")
+        else:
+            out.extend(f"{p}{n}" for p, n in run)
+        run.clear()
+
+    for name in names:
+        prefix, num = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")) :]
+        if num and run and run[-1][0] == prefix and run[-1][1] + 1 == int(num):
+            run.append((prefix, int(num)))
+            continue
+        flush()
+        if num:
+            run.append((prefix, int(num)))
+        else:
+            out.append(name)
+    flush()
+    return " ".join(out)
+
+
+def rows(img: Image, policy: str) -> list[Row]:
+    """The compact table's rows: TDCALL instructions collapsed when their code, masks and worst
+    verdicts are the same; the worst first, then the most widespread."""
+    groups: dict[tuple, list[Site]] = {}
     for g in _site_groups(img, policy):
         s0 = g[0]
-        counts = Counter(_call_text(s) for s in g)
-        calls = ", ".join(f"{c} ×{n}" if n > 1 else c for c, n in counts.items())
-        masks = sorted({_val(s.regs["rcx"]) for s in g}) if s0.is_vmcall else ["-"]
+        code = s0.code if s0.code is not None else (tuple(s0.container), s0.address)
+        key = (code, s0.address - s0.function_start, tuple(_masks(g)), _worst(g, "legacy"), _worst(g, "hardened"))
+        groups.setdefault(key, []).extend(g)
+    out = [Row(sites) for sites in groups.values()]
+    out.sort(key=lambda r: (min(severity(s, policy) for s in r.sites), -len(r.locations), r.where()))
+    return out
+
+
+def _judged(s: Site) -> bool:
+    return not s.passes("hardened") or not s.passes("legacy") or s.verdict("hardened") == UNRESOLVED
+
+
+@dataclass
+class Finding:
+    """Calls of one row that fail under some policy, or could not be judged, for the same reason."""
+
+    row: Row
+    sites: list[Site]
+    verdict: dict[str, str]
+    why: list[str]
+
+
+def findings(table: list[Row]) -> list[Finding]:
+    """Every call that does not pass under some policy, or whose mask or call was not recovered,
+    grouped per row by verdicts and reason, the worst first."""
+    out: list[Finding] = []
+    for row in table:
+        groups: dict[tuple, Finding] = {}
+        for s in row.sites:
+            if not _judged(s):
+                continue
+            why = list(dict.fromkeys(s.reasons() + (s.unresolved() if s.verdict("hardened") == UNRESOLVED else [])))
+            key = (s.verdict("legacy"), s.verdict("hardened"), tuple(why))
+            if key not in groups:
+                groups[key] = Finding(row, [], {p: s.verdict(p) for p in ("legacy", "hardened")}, why)
+            groups[key].sites.append(s)
+        out += groups.values()
+    return sorted(out, key=lambda f: min(ORDER.index(v) for v in f.verdict.values()))
+
+
+def _verdicts(verdict: dict[str, str]) -> Text:
+    """Both policies' verdicts, the hardened first; one word when they agree, ``ok`` left out."""
+    words = list(dict.fromkeys(verdict[p] for p in ("hardened", "legacy")))
+    if len(words) > 1 and OK in words:
+        words.remove(OK)
+    out = Text()
+    for i, v in enumerate(words):
+        out.append(("\n" if i else "") + v, style=STYLE[v][0])
+    return out
+
+
+def verdict_line(images: list[Image], policy: str) -> Text:
+    """The answer: ``FAIL under --policy hardened: 634 of 634 calls do not pass (exit 1)``; with a
+    broken input, ``ERROR: ...`` first (exit 2)."""
+    calls = [s for img in images for s in img.sites if s.is_vmcall]
+    bad = [s for s in calls if not s.passes(policy)]
+    unresolved = sum(1 for s in calls if s.verdict(policy) == UNRESOLVED)
+    if bad:
+        line = f"FAIL under --policy {policy}: {len(bad)} of {_count(len(calls), 'call')} do not pass"
+    elif calls:
+        line = f"PASS under --policy {policy}: {'the' if len(calls) == 1 else 'all'} {_count(len(calls), 'call')} pass"
+    else:
+        line = f"PASS under --policy {policy}: no TDVMCALL found"
+    if unresolved:
+        line += f" ({unresolved} unresolved: not judged)"
+    broken = sum(1 for img in images if img.problems)
+    if broken:
+        return Text(
+            f"ERROR: {_count(broken, 'input')} could not be read or broken (named on stderr); the others: {line} (exit 2)",
+            style="bold red",
+        )
+    return Text(f"{line} (exit {1 if bad else 0})", style="bold red" if bad else "bold green")
+
+
+def _image_summary(img: Image) -> list[Text]:
+    """What the image holds: TDCALL sites (in how many modules), the TDVMCALLs, their calls and
+    masks, the other TDCALLs; then the verdict counts over calls, per policy."""
+    vm = [s for s in img.sites if s.is_vmcall]
+    other = [s for s in img.sites if not s.is_vmcall]
+    locs = {(tuple(s.container), s.address) for s in img.sites}
+    vm_locs = {(tuple(s.container), s.address) for s in vm}
+    modules = list(dict.fromkeys(module_of(s) for s in img.sites))
+    where = f" in {len(modules)} modules" if len(modules) > 1 else ""
+    if len(modules) == 1 and modules[0] != img.path.rsplit("/", 1)[-1]:
+        where = f" in {modules[0]}"
+    n_other = len(locs) - len(vm_locs)
+    line = f"{_count(len(locs), 'TDCALL site')}{where}: {len(vm_locs)} TDVMCALL"
+    line += f" ({_count(len(vm), 'call')}, one per caller)" if vm else ""
+    lines = [Text(f"  {'sites:':<10}{line}{f', {n_other} other' if n_other else ''}")]
+    if vm:
+        masks = sorted({s.mask for s in vm if s.mask is not None})
+        lines.append(Text(f"  {'masks:':<10}{' '.join(f'{m:#x}' for m in masks) or 'none recovered'}"))
+    if other:
+        lines.append(Text(f"  {'other:':<10}{calls_text(other, limit=5)}"))
+    for p in ("hardened", "legacy"):
+        counts = Counter(s.verdict(p) for s in vm)
+        if not counts:
+            continue
+        text = Text(f"  {p + ':':<10}")
+        for k, v in enumerate(sorted(counts, key=COUNT_ORDER.index)):
+            text.append(", " if k else "")
+            text.append(f"{counts[v]} {v}", style=STYLE[v][0])
+        lines.append(text)
+    return lines
+
+
+def findings_table(found: list[Finding], module: bool = True) -> Table:
+    """One row per finding: the verdicts, where (module, site, or how many modules carry the same
+    code), the mask, the calls (how many callers make each), why."""
+    t = Table(box=None, header_style="bold", pad_edge=False, expand=True)
+    t.add_column("verdict", no_wrap=True)
+    t.add_column("where", ratio=4)
+    t.add_column("mask", no_wrap=True)
+    t.add_column("calls", ratio=4)
+    t.add_column("why", ratio=7)
+    for f in found:
+        t.add_row(
+            _verdicts(f.verdict),
+            f.row.where(module),
+            " ".join(_masks(f.sites)),
+            calls_text(f.sites, 4, total=True),
+            "\n".join(f.why),
+        )
+    return t
+
+
+def compact_table(table: list[Row], module: bool = True) -> Table:
+    """One row per site, identical sites collapsed (how many modules carry it): mask, calls, the
+    worst verdicts (hardened first; one word when both policies agree, ``ok`` only when both are),
+    and what the mask exposes for nothing (``module=False``: an image of one module)."""
+    exposure = any(r.exposed_for_nothing() for r in table)
+    t = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, expand=True, show_edge=False)
+    if module:
+        t.add_column("module", max_width=28, overflow="fold")
+    t.add_column("site", max_width=28, overflow="fold")
+    t.add_column("mask", no_wrap=True)
+    t.add_column("calls (× callers)", ratio=1, overflow="fold")
+    t.add_column("verdicts", no_wrap=True)
+    if exposure:
+        t.add_column("exposed for nothing", max_width=30)
+    for r in table:
+        cells = [Text(r.module_cell())] if module else []
+        cells += [
+            Text(r.site_cell()),
+            Text(" ".join(_masks(r.sites))),
+            Text(calls_text(r.sites)),
+            _verdicts({p: r.verdict(p) for p in ("legacy", "hardened")}),
+        ]
+        if exposure:
+            cells.append(Text(regs_text(r.exposed_for_nothing()), style="yellow"))
+        t.add_row(*cells)
+    return t
+
+
+def site_table(img: Image, policy: str, module: bool = True) -> Table:
+    """``--verbose``: one row per TDCALL instruction: its calls, masks and worst verdicts, how each
+    register was found, and the reasons and notes of its calls (each once), with the registers every
+    call there is exposed for and none uses."""
+    t = Table(box=box.HEAVY_HEAD, header_style="bold", show_lines=True, expand=True)
+    if module:
+        t.add_column("module", max_width=24, overflow="fold")
+    t.add_column("site", max_width=24, overflow="fold")
+    t.add_column("calls (× callers)", ratio=3, overflow="fold")
+    t.add_column("mask", no_wrap=True)
+    t.add_column("verdicts", no_wrap=True)
+    t.add_column("how found / findings", ratio=7)
+    for g in _site_groups(img, policy):
+        s0 = g[0]
         how = []
         for r in ("rax", "rcx", "r10", "r11") if s0.is_vmcall else ("rax",):
             hows = sorted({short_how(s.regs[r]) for s in g})
             how.append(f"{r}: {' | '.join(hows)}")
-        findings: list[str] = []
+        lines: list[str] = []
         for s in g:
-            if s.passes("hardened") and s.passes("legacy") and s.verdict("hardened") != "unresolved":
-                continue
-            for d in s.details():
-                if not d.startswith("exposed but unused") and d not in findings:
-                    findings.append(d)
-        if s0.is_vmcall and any(s.verdict("hardened") == "unresolved" for s in g):
-            for s in g:
-                for r in ("rcx", "r10", "r11"):
-                    if not s.regs[r].known:
-                        line = f"{r} unresolved: {s.regs[r].how}"
-                        if line not in findings:
-                            findings.append(line)
-        leg, hard = _worst(g, "legacy"), _worst(g, "hardened")
+            notes = s.judgement.call_notes if s.judgement is not None else []
+            for d in s.reasons() + (s.unresolved() if s.verdict("hardened") == UNRESOLVED else []) + notes:
+                if d not in lines:
+                    lines.append(d)
+        if nothing := Row(g).exposed_for_nothing():
+            lines.append(f"exposed for nothing: {regs_text(nothing)}")
+        cells = [Text(module_of(s0))] if module else []
         t.add_row(
-            Text(module_of(s0)),
+            *cells,
             Text(s0.symbol),
-            Text(calls),
-            Text(" ".join(masks)),
-            Text(leg, style=STYLE[leg][0]),
-            Text(hard, style=STYLE[hard][0]),
-            Text("; ".join(how) + ("\n" + "\n".join(findings[:6]) if findings else "")),
+            Text(calls_text(g)),
+            Text(" ".join(_masks(g))),
+            _verdicts({p: _worst(g, p) for p in ("legacy", "hardened")}),
+            Text("; ".join(how) + ("\n" + "\n".join(lines) if lines else "")),
         )
-    parts.append(t)
+    return t
+
+
+def image_renderable(img: Image, policy: str, verbose: bool = False) -> Group:
+    """One image: its summary, its findings, then the compact table (``verbose``: one row per
+    TDCALL instruction with how its registers were found instead)."""
+    parts: list = [Text("\n" + img.path, style="bold")]
+    for line in img.problems:
+        parts.append(Text(f"  error: {line}", style="bold red"))
+    for line in img.skipped:
+        parts.append(Text(f"  skipped: {line}", style="dim"))
+    if img.not_code:
+        parts.append(Text(f"  {img.not_code} TDCALL byte match(es) not decoded as code: not reported", style="dim"))
+    if not img.sites:
+        parts.append(Text("  no TDCALL found", style="dim"))
+        return Group(*parts)
+    parts += _image_summary(img)
+    table = rows(img, policy)
+    found = findings(table)
+    module = len({module_of(s) for s in img.sites}) > 1
+    if found:
+        n = len(found)
+        parts.append(Text(f"Findings ({n}): calls that do not pass under some policy, or not judged", style="bold"))
+        parts.append(findings_table(found, module))
+    else:
+        parts.append(Text("No findings: every TDVMCALL call passes under both policies.", style="bold"))
+    parts.append(site_table(img, policy, module) if verbose else compact_table(table, module))
     return Group(*parts)
 
 
-def rich_report(images: list[Image], host: Host, policy: str) -> Group:
-    tot = totals(images)
+def rich_report(images: list[Image], host: Host, policy: str, verbose: bool = False) -> Group:
+    """The default output, the answer first: the host, the verdict, then per image its summary,
+    its findings (one line each: what fails, where, why) and a compact table (identical sites
+    collapsed); ``verbose``: one row per TDCALL instruction with how each value was found."""
     rbp = "NO_RBP_MOD" if host.no_rbp_mod else "RBP_MOD allowed"
     head = Text(
-        f"tdvmcall scan: TDX module {host.module} ({rbp}), KVM {host.tree}; exit status follows --policy {policy}. "
-        f"{tot.get('inputs', 0)} input(s), {tot.get('tdcall_sites', 0)} TDCALL sites, "
-        f"{tot.get('tdvmcall_sites', 0)} TDVMCALL sites.",
-        style="bold",
+        f"tdvmcall scan: {_count(len(images), 'input')} against TDX module {host.module} ({rbp}), "
+        f"KVM {host.tree}; exit status follows --policy {policy}",
+        style="dim",
     )
-    return Group(head, *(image_renderable(i, policy) for i in images))
+    parts: list = [head, verdict_line(images, policy)]
+    if not verbose:
+        parts.append(
+            Text("How each register was found, per site: --verbose; every call: --json or --html FILE.", style="dim")
+        )
+    return Group(*parts, *(image_renderable(i, policy, verbose) for i in images))
 
 
 # --- catalog CSV ---------------------------------------------------------------------------------------
