@@ -16,8 +16,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from ..abi.regs import fmt_mask
+from ..abi.regs import fmt_mask, names_in
 from ..judge import HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, Host, exposed_xmms
+from ..kvm import leaves as L
 from .analyze import Image, Site
 from .flow import Value
 
@@ -45,13 +46,20 @@ def hx(v: int | None) -> str | None:
     return None if v is None else f"{v:#x}"
 
 
+#: chain parts that are FFS sections wrapping a file's image, not the file (containers.py)
+_SECTION_WRAPPERS = ("lzma", "tiano", "efi-compressed")
+
+
 def module_of(site: Site) -> str:
     """The module a site is in: the FFS file's name for firmware (the part before ``pe32``/``te``),
     else the container chain inside the input."""
     inner = site.container[1:]
     for i, part in enumerate(inner):
-        if part in ("pe32", "te") and i > 0:
-            return inner[i - 1]
+        if part in ("pe32", "te"):
+            # the file's name comes before its compression sections (``SitesDxe > lzma > pe32``)
+            names = [p for p in inner[:i] if p not in _SECTION_WRAPPERS]
+            if names:
+                return names[-1]
     parts = [p for p in inner[:-1] if p != "raw"]  # the last part is the section (or "raw")
     return " > ".join(parts) or site.container[0].rsplit("/", 1)[-1]
 
@@ -320,6 +328,26 @@ class Finding:
     why: list[str]
 
 
+def unresolved_why(s: Site) -> str:
+    """Why a call was not judged, in one line: the registers not recovered (the first step of how
+    each was looked for), and what is known without them."""
+    regs = ("rcx", "r10", "r11") if s.is_vmcall else ("rax",)
+    hows = "; ".join(f"{r}: {short_how(s.regs[r])}" for r in regs if not s.regs[r].known)
+    if not s.is_vmcall:
+        return f"TDCALL leaf not recovered ({hows})"
+    if s.mask is None and s.leaf is not None:
+        need = L.minimal_mask(s.leaf, s.pinned())
+        return (
+            f"mask not recovered ({hows}); {_call_text(s)} needs at least {need:#06x} ({regs_text(names_in(need, 16))})"
+        )
+    if s.mask is not None:
+        if not s.fails:
+            return f"call not recovered ({hows}); whichever KVM call it is, the mask passes under hardened"
+        of = f"{len(s.fails)} of KVM's {len(s.serves) + len(s.fails)} calls"
+        return f"call not recovered ({hows}); under hardened the mask fails {of}: {' '.join(s.fails)}"
+    return f"mask and call not recovered ({hows})"
+
+
 def findings(table: list[Row]) -> list[Finding]:
     """Every call that does not pass under some policy, or whose mask or call was not recovered,
     grouped per row by verdicts and reason, the worst first."""
@@ -329,7 +357,7 @@ def findings(table: list[Row]) -> list[Finding]:
         for s in row.sites:
             if not _judged(s):
                 continue
-            why = list(dict.fromkeys(s.reasons() + (s.unresolved() if s.verdict("hardened") == UNRESOLVED else [])))
+            why = [unresolved_why(s)] if s.verdict("hardened") == UNRESOLVED else list(dict.fromkeys(s.reasons()))
             key = (s.verdict("legacy"), s.verdict("hardened"), tuple(why))
             if key not in groups:
                 groups[key] = Finding(row, [], {p: s.verdict(p) for p in ("legacy", "hardened")}, why)
@@ -416,10 +444,10 @@ def findings_table(found: list[Finding], module: bool = True) -> Table:
     for f in found:
         t.add_row(
             _verdicts(f.verdict),
-            f.row.where(module),
-            " ".join(_masks(f.sites)),
-            calls_text(f.sites, 4, total=True),
-            "\n".join(f.why),
+            Text(f.row.where(module)),
+            Text(" ".join(_masks(f.sites))),
+            Text(calls_text(f.sites, 4, total=True)),
+            Text("\n".join(f.why)),
         )
     return t
 
@@ -434,7 +462,7 @@ def compact_table(table: list[Row], module: bool = True) -> Table:
         t.add_column("module", max_width=28, overflow="fold")
     t.add_column("site", max_width=28, overflow="fold")
     t.add_column("mask", no_wrap=True)
-    t.add_column("calls (× callers)", ratio=1, overflow="fold")
+    t.add_column("calls (× callers)", ratio=1, min_width=17, overflow="fold")
     t.add_column("verdicts", no_wrap=True)
     if exposure:
         t.add_column("exposed for nothing", max_width=30)
