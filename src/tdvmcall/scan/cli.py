@@ -25,6 +25,11 @@ SCAN_HELP = "\n\n".join(
     stack slots; a value from a parameter, or from a struct the caller filled, is followed to every
     direct caller (two levels; one row per caller).
     What cannot be known is said ('loaded from memory', 'from caller, unresolved'), never guessed.""",
+        """The report leads with the answer: the verdict under --policy, then per input its summary,
+    one line per finding (what fails or could not be judged, where, why), and a compact table in which
+    the same code linked into many modules is one row (how many modules, the calls through it, the
+    verdicts). --verbose shows one row per TDCALL with how each register was found; --json and --html
+    always give every call.""",
         """Exit status: 0 when every resolved call passes --policy, 1 when some do not, 2 when an input
     could not be read or is broken (one line each on stderr; the other inputs are still scanned).""",
         """Examples: 'tdvmcall scan OVMF.fd', 'tdvmcall scan /boot/vmlinuz --json',

@@ -394,7 +394,7 @@ def verdict_line(images: list[Image], policy: str) -> Text:
     broken = sum(1 for img in images if img.problems)
     if broken:
         return Text(
-            f"ERROR: {_count(broken, 'input')} could not be read or broken (named on stderr); the others: {line} (exit 2)",
+            f"ERROR: {_count(broken, 'input')} broken or unreadable (named on stderr); the rest: {line} (exit 2)",
             style="bold red",
         )
     return Text(f"{line} (exit {1 if bad else 0})", style="bold red" if bad else "bold green")
@@ -529,7 +529,7 @@ def image_renderable(img: Image, policy: str, verbose: bool = False) -> Group:
     if img.not_code:
         parts.append(Text(f"  {img.not_code} TDCALL byte match(es) not decoded as code: not reported", style="dim"))
     if not img.sites:
-        parts.append(Text("  no TDCALL found", style="dim"))
+        parts.append(Text("  no TDCALL found" + (" in what could be read" if img.problems else ""), style="dim"))
         return Group(*parts)
     parts += _image_summary(img)
     table = rows(img, policy)
@@ -540,7 +540,7 @@ def image_renderable(img: Image, policy: str, verbose: bool = False) -> Group:
         parts.append(Text(f"Findings ({n}): calls that do not pass under some policy, or not judged", style="bold"))
         parts.append(findings_table(found, module))
     else:
-        parts.append(Text("No findings: every TDVMCALL call passes under both policies.", style="bold"))
+        parts.append(Text("No findings: every call passes under both policies.", style="bold"))
     parts.append(site_table(img, policy, module) if verbose else compact_table(table, module))
     return Group(*parts)
 
@@ -556,7 +556,7 @@ def rich_report(images: list[Image], host: Host, policy: str, verbose: bool = Fa
         style="dim",
     )
     parts: list = [head, verdict_line(images, policy)]
-    if not verbose:
+    if not verbose and any(img.sites for img in images):
         parts.append(
             Text("How each register was found, per site: --verbose; every call: --json or --html FILE.", style="dim")
         )
