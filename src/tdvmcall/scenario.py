@@ -108,20 +108,29 @@ def parse(data: Any) -> Scenario:
 
     if "guest" not in top:
         raise ScenarioError('guest: missing; expected an object of registers like {"rcx": "0xFFCC", "r11": "0xA"}')
-    g_in = _obj(top["guest"], "guest")
-    _known(g_in, "guest", set(GPR_NAMES) | {"rip", "long_mode", "xmm"})
+    guest = parse_guest(top["guest"])
+    return Scenario(td, policy, guest, _platform(_obj(top.get("platform"), "platform"), tree))
+
+
+_GUEST_KEYS = set(GPR_NAMES) | {"rip", "long_mode", "xmm"}
+_XMM_KEYS = {f"xmm{i}" for i in range(16)}
+
+
+def parse_guest(data: Any) -> VcpuState:
+    """Validate and parse a scenario's ``guest`` object alone."""
+    g_in = _obj(data, "guest")
+    _known(g_in, "guest", _GUEST_KEYS)
     guest = VcpuState()
     for i, name in enumerate(GPR_NAMES):
         guest.gprs[i] = _int(g_in.get(name, 0), f"guest.{name}")
     guest.rip = _int(g_in.get("rip", guest.rip), "guest.rip")
     guest.long_mode = _bool(g_in.get("long_mode", True), "guest.long_mode")
     xmm_in = _obj(g_in.get("xmm"), "guest.xmm")
-    _known(xmm_in, "guest.xmm", {f"xmm{i}" for i in range(16)})
+    _known(xmm_in, "guest.xmm", _XMM_KEYS)
     for k, v in xmm_in.items():
         value = _int128(v, f"guest.xmm.{k}")
         guest.xmm[int(k[3:])] = value
-
-    return Scenario(td, policy, guest, _platform(_obj(top.get("platform"), "platform"), tree))
+    return guest
 
 
 def _int128(value: Any, field: str) -> int:

@@ -158,7 +158,8 @@ def controls(draw, regs: dict[str, int], module: str, no_rbp_mod: bool) -> int:
 
 #: how an RCX is built: one register short is the boundary that matters most, so it is as likely
 #: as the exact minimal mask (hypothesis favours the first entry, which is also where it shrinks to)
-_MASK_KINDS = pick(("minimal",) * 6 + ("minus",) * 6 + ("plus", "widest", "random") * 2 + ("any",))
+MASK_KIND_CHOICES = ("minimal",) * 6 + ("minus",) * 6 + ("plus", "widest", "random") * 2 + ("any",)
+_MASK_KINDS = pick(MASK_KIND_CHOICES)
 
 
 def names_to_ids(mask: int) -> list[int]:
@@ -219,7 +220,8 @@ _PLATFORM_PARTS = {
     "msrs": _maps(_MSR_INDEX, u64s()),
     "cpuid": st.one_of(st.just([]), st.lists(_CPUID_ENTRY, min_size=1, max_size=2)),
 }
-_TDX_RET = st.one_of(st.none(), st.sampled_from(tuple(TDVMCALL_STATUS_NAMES)), u64s())
+_STATUSES = tuple(TDVMCALL_STATUS_NAMES)
+_TDX_RET = st.one_of(st.none(), st.sampled_from(_STATUSES), u64s())
 _USERSPACE_PARTS = {
     "hypercall_ret": st.lists(st.one_of(st.sampled_from((0, EAGAIN, EINVAL)), u64s()), max_size=3),
     "tdvmcall_info": st.one_of(st.just([2, 0, 0, 0]), st.lists(u64s(), min_size=4, max_size=4)),
@@ -255,3 +257,180 @@ def examples(draw, max_calls: int = 3) -> dict:
         "platform": draw(platforms()),
         "calls": draw(st.lists(calls(module, no_rbp_mod), min_size=1, max_size=max_calls)),
     }
+
+
+# === the fast mode: the same examples, drawn directly with random.Random =========================
+class Draw:
+    """Examples drawn directly from a ``random.Random``, without hypothesis: the same structure and
+    the same choices, with the same odds, as the strategies above (each method names the strategy
+    it mirrors), at a small fraction of the cost.  Nothing is recorded for shrinking."""
+
+    def __init__(self, rnd: random.Random):
+        self.rnd = rnd
+        self.bits = rnd.getrandbits
+        self._random = rnd.random
+        self._masks: dict[tuple, tuple[int, int]] = {}
+
+    def below(self, n: int) -> int:
+        """Uniform in 0..n-1 (n <= 2**32; ``randrange`` costs five times as much)."""
+        return int(self._random() * n)
+
+    def masks(self, leaf: L.Leaf, regs: dict[str, int]) -> tuple[int, int]:
+        """The leaf table's ``minimal_mask`` and required-input mask for these registers, cached per
+        leaf and per outcome of its input conditions (all the table looks at)."""
+        conds = _CONDITIONS.get(leaf.name) if leaf.name in L.BY_NAME or leaf is L.UNKNOWN_HYPERCALL else None
+        if conds is None:
+            return L.minimal_mask(leaf, regs), mask_of(L.required_inputs(leaf, regs))
+        key = (leaf.name, tuple(c.holds(regs.get(c.reg, 0)) for c in conds))
+        got = self._masks.get(key)
+        if got is None:
+            got = self._masks[key] = L.minimal_mask(leaf, regs), mask_of(L.required_inputs(leaf, regs))
+        return got
+
+    def u64(self) -> int:
+        """``u64s()``: an interesting value, any 64-bit value or a small one, one in three each."""
+        k = self.below(3)
+        if k == 0:
+            return INTERESTING_U64[self.below(len(INTERESTING_U64))]
+        return self.bits(64) if k == 1 else self.below(0x10000)
+
+    def u128(self) -> int:
+        """``u128s()``."""
+        k = self.below(3)
+        return 0 if k == 0 else self.bits(128) if k == 1 else (1, U64, U128)[self.below(3)]
+
+    def pick(self, choices: Sequence[Any]) -> Any:
+        """``pick``/``choose``: uniform."""
+        return choices[self.below(len(choices))]
+
+    def weighted(self, default: Any, *others: Any, odds: int = 8) -> Any:
+        """``weighted``: ``default`` ``odds`` times in ``odds + len(others)``."""
+        k = self.below(odds + len(others))
+        return default if k < odds else others[k - odds]
+
+    def maps(self, key: Callable[[], int], value: Callable[[], int]) -> dict[int, int]:
+        """``_maps``: empty, or one or two entries."""
+        if self.below(2) == 0:
+            return {}
+        return {key(): value() for _ in range(1 + self.below(2))}
+
+    def unknown_r11(self) -> int:
+        """``_UNKNOWN_R11``."""
+        while True:
+            v = self.below(0x10011) if self.below(2) == 0 else self.u64()
+            if v not in _KNOWN_R11:
+                return v
+
+    def guest_registers(self, target: L.Leaf | None) -> dict[str, int]:
+        """``guest_registers``."""
+        bits = self.bits
+        regs = {name: bits(64) for name in _BACKGROUND}
+        if target is None:
+            regs["r10"] = 0
+            regs["r11"] = self.unknown_r11()
+            return regs
+        case = self.pick(target.cases)
+        regs.update(target.selector_values())
+        regs.update(case.regs)
+        for op in target.inputs:
+            if self.below(3) != 2 and op.reg in case.regs:  # weighted(True, False, odds=2)
+                continue
+            regs[op.reg] = self.u64()
+        if self.below(13) == 12:  # weighted(False, True, odds=12)
+            regs["r10"] = self.weighted(0, 1, 5, 9, 10, 11, 12, 0x77, U64)
+            regs["r11"] = self.u64()
+        return regs
+
+    def control(self, regs: dict[str, int], module: str, no_rbp_mod: bool) -> int:
+        """``controls``."""
+        need, inputs = self.masks(L.lookup(regs["r10"], regs["r11"]), regs)
+        kind = self.pick(MASK_KIND_CHOICES)
+        gpr = need
+        if kind == "minus" and need:
+            outputs_only = need & ~inputs
+            pool = outputs_only if outputs_only and self.below(2) else need
+            gpr = need & ~(1 << self.pick(names_to_ids(pool)))
+        elif kind == "plus":
+            gpr = need | 1 << self.pick(_VALID_GPRS)
+        elif kind == "widest":
+            gpr = 0xFFCC if no_rbp_mod and module == "1.5" else 0xFFEC
+        elif kind == "random":
+            gpr = self.below(0x10000) & ~0x13
+        if self.below(31) == 30:
+            gpr |= 1 << self.pick((RAX, RCX, RSP, RBP))
+        xmm = 0 if self.below(4) < 3 else 1 + self.below(0xFFFF)
+        reserved = (1 + self.below(U32)) << 32 if self.below(41) == 40 else 0
+        return self.bits(64) if kind == "any" else gpr | xmm << 16 | reserved
+
+    def call(self, module: str, no_rbp_mod: bool) -> dict:
+        """``calls``."""
+        regs = self.guest_registers(self.pick(TARGETS))
+        regs["rcx"] = self.control(regs, module, no_rbp_mod)
+        rax = self.weighted(0, None, 1 << 24, 1 << 16, 1, odds=60)
+        regs["rax"] = (self.bits(64) or 1) if rax is None else rax
+        guest: dict[str, Any] = {name: regs[name] for name in GPR_NAMES}
+        rip = self.weighted(0x1000, None, U64 - 1, odds=6)
+        guest["rip"] = self.bits(64) if rip is None else rip
+        guest["long_mode"] = self.below(41) < 40
+        guest["xmm"] = {f"xmm{self.below(16)}": self.u128() for _ in range(self.below(4))}
+        bits = self.bits  # host_writes, from this generator directly
+        return {
+            "guest": guest,
+            "host": {"vmm": [bits(64) for _ in range(NR_GPRS)], "xmm": [bits(128) for _ in range(16)]},
+        }
+
+    def msr_index(self) -> int:
+        return self.pick(INTERESTING_MSRS) if self.below(2) == 0 else self.bits(32)
+
+    def cpuid_entry(self) -> dict[str, int]:
+        leaf = self.pick((0, 1, 7, 0xD, 0x40000000, 0x80000000)) if self.below(2) == 0 else self.bits(32)
+        entry = {"leaf": leaf, "subleaf": self.below(4)}
+        entry |= {r: self.bits(32) for r in ("eax", "ebx", "ecx", "edx")}
+        return entry
+
+    def platform(self) -> dict:
+        """``platforms``."""
+        w, below, u64 = self.weighted, self.below, self.u64
+        p: dict[str, Any] = {
+            "msr_exits": w(False, True, odds=2),
+            "exit_hypercall_map_gpa": w(True, False, odds=4),
+            "pending_event": w(False, True, odds=4),
+            "host_clock_suitable": w(True, False, odds=4),
+            "gpaw": w(52, 48, odds=4),
+            "maxphyaddr": w(52, 48, 46, 39, odds=4),
+            "apic_ids": [0, 1, 2, 3] if below(2) == 0 else [below(301) for _ in range(below(5))],
+            "msrs": self.maps(self.msr_index, u64),
+            "cpuid": [] if below(2) == 0 else [self.cpuid_entry() for _ in range(1 + below(2))],
+        }
+        u: dict[str, Any] = {
+            "hypercall_ret": [self.pick((0, EAGAIN, EINVAL)) if below(2) == 0 else u64() for _ in range(below(4))],
+            "tdvmcall_info": [2, 0, 0, 0] if below(2) == 0 else [u64() for _ in range(4)],
+            "ports": self.maps(lambda: self.pick((0x3F8, 0x3FD, 0xCF8)) if below(2) == 0 else below(0x10000), u64),
+            "mmio": self.maps(lambda: 0xFEB0_0000 if below(2) == 0 else self.bits(52), u64),
+            "rdmsr": self.maps(self.msr_index, u64),
+            "msr_error": w(False, True, odds=4),
+        }
+        k = below(3)  # _TDX_RET: none, a status, or any value
+        if k:
+            u["tdx_ret"] = self.pick(_STATUSES) if k == 1 else u64()
+        p["userspace"] = u
+        return p
+
+    def example(self, max_calls: int = 3) -> dict:
+        """``examples``."""
+        module = self.pick(("1.5", "1.0"))
+        no_rbp_mod = self.below(3) < 2
+        return {
+            "td": {"module": module, "no_rbp_mod": no_rbp_mod},
+            "tree": self.weighted("kvm-x86", "v6.16", odds=4),
+            "platform": self.platform(),
+            "calls": [self.call(module, no_rbp_mod) for _ in range(1 + self.below(max_calls))],
+        }
+
+
+_BACKGROUND = GPR_NAMES[2:]
+#: the input conditions of each leaf of the table (what its masks depend on)
+_CONDITIONS = {
+    leaf.name: tuple(dict.fromkeys(op.when for op in leaf.inputs + leaf.outputs if op.when is not None))
+    for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,)
+}
