@@ -116,7 +116,30 @@ PLANTED = {
         1200,  # hypothesis draws constants from the source, so a change anywhere moves this (seed 0: ~1000)
         {"completeness"},
     ),
+    # RDMSR stops writing EDX:EAX to R11 on success, and its table row stops declaring R11: the
+    # model's own checks (handler vs table, hardened refusal, dirty registers) all read that row and
+    # stay silent, legacy and hardened agree, and the guest gets its own R11 back as for any exposed
+    # register KVM did not write.  Only completeness, restated from ABI §4 (RDMSR writes R11 on
+    # success), sees it.
+    "RDMSR forgets R11, and so does its table row": (
+        [
+            ("kvm/handlers.py", '    io.write("r11", value)\n', ""),
+            (
+                "kvm/leaves.py",
+                'outputs=(STATUS_ON_ERROR, _out("r11", "EDX:EAX", on="success")),',
+                "outputs=(STATUS_ON_ERROR,),",
+            ),
+        ],
+        200,
+        {"completeness"},
+    ),
 }
+#: the mutation that turns the completeness property off in a planted copy
+NO_COMPLETENESS = (
+    "fuzz/properties.py",
+    "    if k.verdict in (VERDICT_COMPLETED, VERDICT_USERSPACE):  # the handler ran\n        check_outputs(ex.vmm, k)",
+    "    if False:\n        check_outputs(ex.vmm, k)",
+)
 
 
 @pytest.mark.parametrize("bug", list(PLANTED))
@@ -145,6 +168,104 @@ def test_cli_writes_a_replayable_counterexample(tmp_path):
     assert report["violation"]["scenario_replays"] is True
     sc = parse(json.loads(out.read_text()))  # the real `tdvmcall run` reads it
     assert sc.td.module in ("1.0", "1.5")
+
+
+# --- the fast mode ---------------------------------------------------------------------------------
+#: fast-mode budgets (examples, seed 0): the fast mode draws the same examples without shrinking
+FAST_BUDGET = {
+    "handler reads an undeclared register": 400,
+    "module does not zero an unselected register": 20,
+    "resume copies back an unselected register": 20,
+    "hardened check forgets an output": 400,
+    "RDMSR forgets R11, and so does its table row": 200,
+}
+
+
+@pytest.mark.parametrize("bug", list(PLANTED))
+def test_fast_mode_finds_planted_bug(bug, tmp_path):
+    """The fast mode runs the same properties: it finds every planted bug, reports it under the same
+    property, and its counterexample is a scenario the real contract accepts that replays alone."""
+    mutations, _, props = PLANTED[bug]
+    fz = planted_copy(tmp_path, mutations)
+    result = fz.fast_campaign(examples=FAST_BUDGET[bug], seed=0, policy="both", workers=1)
+    assert result.failure is not None, f"{bug}: not found in {FAST_BUDGET[bug]} examples"
+    v = result.failure.violation
+    assert v.prop in props, f"{bug}: found as {v.prop}: {v.detail}"
+    sc = fz.counterexample(result.failure.example, v)
+    parse(json.loads(json.dumps(sc)))
+    if v.policy is not None:
+        assert fz.replays(sc, v.prop)
+
+
+def test_only_completeness_catches_the_rdmsr_bug(tmp_path):
+    """The same copy with the completeness property turned off runs clean over the budget in which
+    completeness finds the bug: no other property sees it."""
+    mutations, _, _ = PLANTED["RDMSR forgets R11, and so does its table row"]
+    fz = planted_copy(tmp_path, [*mutations, NO_COMPLETENESS])
+    result = fz.fast_campaign(examples=4 * FAST_BUDGET["RDMSR forgets R11, and so does its table row"], seed=0)
+    assert result.failure is None, result.failure and result.failure.violation
+    # and the budget did run successful RDMSRs under both policies
+    assert all(result.stats.coverage[(p, "Instruction.RDMSR", "completed")] > 0 for p in ("legacy", "hardened"))
+
+
+def test_fast_cli_counterexample_replays_with_run(tmp_path):
+    """`tdvmcall fuzz --mode fast` on a module that leaks RBX: exit 1, the counterexample file, and
+    `tdvmcall run` on that file shows the leak: ABI §3 says the VMM sees 0 for an unselected GPR,
+    the copy hands it the guest's RBX."""
+    fz = planted_copy(tmp_path, PLANTED["module does not zero an unselected register"][0])
+    cli = importlib.import_module(fz.__name__.replace(".fuzz.campaign", ".cli"))
+    out = tmp_path / "ce.json"
+    args = ["fuzz", "--mode", "fast", "--workers", "1", "--examples", "50", "--seed", "0", "--json", "--out", str(out)]
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 1, r.output
+    report = json.loads(r.stdout)
+    assert report["mode"] == "fast" and report["violation"]["property"] == "confidentiality"
+    assert report["violation"]["scenario_replays"] is True
+    run = CliRunner().invoke(cli.app, ["run", str(out), "--json"])
+    assert run.exit_code == 0, run.output
+    shown = json.loads(run.stdout)
+    rcx = int(shown["guest_before"]["rcx"], 16)
+    assert not rcx >> 3 & 1  # RBX not selected
+    assert shown["vmm"]["rbx"] == shown["guest_before"]["rbx"] != "0x" + "0" * 16
+
+
+def test_fast_mode_is_deterministic_whatever_the_workers():
+    """Batches are drawn from the seed and taken in order: one worker or two, the same figures."""
+    one = F.fast_campaign(examples=500, seed=7, workers=1, batch=100)
+    two = F.fast_campaign(examples=500, seed=7, workers=2, batch=100)
+    assert one.failure is None and two.failure is None
+    assert (one.examples, one.stats.executions, one.stats.coverage) == (
+        two.examples,
+        two.stats.executions,
+        two.stats.coverage,
+    )
+    assert one.examples == 500 and one.stats.executions >= 2 * 500  # at least one call, two policies
+
+
+def test_fast_mode_reaches_every_target_and_verdict():
+    """The direct draw covers what the strategies cover: every target of the campaign under both
+    policies, and every verdict (module gate, guest fault, KVM's four)."""
+    r = F.fast_campaign(examples=1500, seed=3, workers=1)
+    assert r.failure is None, r.failure and r.failure.violation
+    cov = r.coverage()
+    for pol in ("legacy", "hardened"):
+        assert set(F.target_labels()) <= set(cov[pol])
+    verdicts = {v for _, _, v in r.stats.coverage}
+    assert verdicts == {"completed", "userspace", "refused", "internal_error", "module-gate", "guest-fault"}
+    assert r.executions_by_policy()["legacy"] == r.executions_by_policy()["hardened"]
+
+
+def test_draw_gives_valid_scenarios():
+    """Every drawn example is in the scenario contract: its platform and guests parse."""
+    import random
+
+    from tdvmcall.fuzz.strategies import Draw
+
+    d = Draw(random.Random(11))
+    for _ in range(200):
+        ex = d.example()
+        for call in ex["calls"]:
+            parse(json.loads(json.dumps(F.hexed({"td": ex["td"], "guest": call["guest"], "platform": ex["platform"]}))))
 
 
 # --- the CI campaign: short, deterministic, clean ------------------------------------------------------
@@ -322,3 +443,59 @@ def test_documented_gate_by_hand():
     assert F.documented_gate(td15, 2 << 16 | 7, 0xFFCC, True) == "vm-rd-refused"  # refused by TDG.VM.RD itself
     assert F.documented_gate(td15, 1 << 24, 0xFFCC, True) == BAD_RAX  # a reserved bit
     assert F.documented_gate(td15, 0, 0xFFCC, False) == "fault"  # #GP outside 64-bit mode
+
+
+# --- the cheaper checks mean the same ---------------------------------------------------------------
+@FAST
+@given(td_and_call(), F.platforms())
+def test_clone_is_independent(case, platform):
+    """``clone`` (the campaign's copy of a host and a vCPU) behaves as ``copy.deepcopy``: a call run
+    on the clone leaves the original as it was and moves the clone exactly as a deep copy; and
+    ``state`` (the snapshot without copies) equals ``Platform.snapshot()``."""
+    import copy
+
+    from tdvmcall.fuzz.properties import clone, state
+
+    td, before, _ = case
+    for policy in ("legacy", "hardened"):
+        host, vcpu = parse({"guest": {}, "platform": platform}).platform, KvmVcpu(policy)
+        round_trip(td, before.copy(), vcpu, host)  # some state first (exits, MSRs, cache)
+        ref_host, ref_vcpu = copy.deepcopy(host), copy.deepcopy(vcpu)
+        c_host, c_vcpu = clone(host), clone(vcpu)
+        d_host, d_vcpu = copy.deepcopy(host), copy.deepcopy(vcpu)
+        a = round_trip(td, before.copy(), c_vcpu, c_host)
+        b = round_trip(td, before.copy(), d_vcpu, d_host)
+        assert host == ref_host and vars(vcpu.cache) == vars(ref_vcpu.cache)  # the original did not move
+        assert c_host == d_host and vars(c_vcpu.cache) == vars(d_vcpu.cache)  # the clone moved as a copy
+        assert (a.after.gprs, a.kvm and a.kvm.wrote) == (b.after.gprs, b.kvm and b.kvm.wrote)
+        assert state(c_host) == c_host.snapshot()
+
+
+def test_abi_writes_by_hand():
+    """The completeness table against ABI.md §4, case by case (R10 = 0: GHCI leaf in R11)."""
+    from tdvmcall.fuzz.properties import abi_writes
+
+    def vmm(r10=0, r11=0, r12=0, r13=0):
+        v = [0] * 16
+        v[10], v[11], v[12], v[13] = r10, r11, r12, r13
+        return v
+
+    def writes(v, failed):
+        return sorted(abi_writes(v, failed)[1])
+
+    assert writes(vmm(r11=0x10000, r12=0), False) == ["r10", "r11", "r12", "r13", "r14"]  # info leaf 0
+    assert writes(vmm(r11=0x10000, r12=1), True) == ["r10", "r11", "r12", "r13", "r14"]  # leaf 1, any ret
+    assert writes(vmm(r11=0x10000, r12=2), True) == ["r10"]  # other leaf: R11..R14 untouched
+    assert writes(vmm(r11=0x10001), False) == []  # MapGPA success: neither R10 nor R11
+    assert writes(vmm(r11=0x10001), True) == ["r10", "r11"]  # error or RETRY: status and resume GPA
+    assert writes(vmm(r11=0x10003), False) == []  # ReportFatalError: nothing
+    assert writes(vmm(r11=10), False) == ["r12", "r13", "r14", "r15"]  # CPUID, never R10
+    assert writes(vmm(r11=12), False) == []  # HLT
+    assert writes(vmm(r11=30, r13=0), False) == ["r11"]  # IO in
+    assert writes(vmm(r11=30, r13=1), False) == []  # IO out: R11 untouched
+    assert writes(vmm(r11=30, r13=0), True) == ["r10"]
+    assert writes(vmm(r11=31), False) == ["r11"] and writes(vmm(r11=31), True) == ["r10"]  # RDMSR
+    assert writes(vmm(r11=32), False) == []  # WRMSR success
+    assert writes(vmm(r11=48, r13=1 << 32), False) == ["r11"]  # MMIO read: direction's low 32 bits
+    assert writes(vmm(r11=0x10005), False) == ["r10"]  # Service: SUBFUNC_UNSUPPORTED
+    assert writes(vmm(r10=0x77, r11=31), False) == ["r10"]  # a hypercall, whatever R11

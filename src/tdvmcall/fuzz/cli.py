@@ -25,10 +25,13 @@ def summary(r: F.CampaignResult, written: dict | None) -> dict:
     cov = r.coverage()
     out: dict = {
         "clean": r.failure is None,
+        "mode": r.mode,
+        "workers": r.workers,
         "seed": r.seed,
         "policies": list(r.policies),
         "examples": r.examples,
         "executions": r.stats.executions,
+        "executions_by_policy": r.executions_by_policy(),
         "seconds": round(r.seconds, 3),
         "executions_per_second": round(r.executions_per_second, 1),
         "coverage": {
@@ -74,12 +77,18 @@ def render(r: F.CampaignResult, out: Console) -> None:
     from . import campaign as F
 
     cov = r.coverage()
-    out.print(f"fuzz: seed {r.seed}, policies {', '.join(r.policies)}", highlight=False)
+    out.print(
+        f"fuzz: {r.mode} mode{f', {r.workers} workers' if r.mode == 'fast' else ''}, seed {r.seed}, "
+        f"policies {', '.join(r.policies)}",
+        highlight=False,
+    )
     t = Table()
     t.add_column("figure")
     t.add_column("value", justify="right")
     t.add_row("examples", str(r.examples))
     t.add_row("executions", str(r.stats.executions))
+    for pol, n in r.executions_by_policy().items():
+        t.add_row(f"  {pol}", str(n))
     t.add_row("seconds", f"{r.seconds:.1f}")
     t.add_row("executions/s", f"{r.executions_per_second:.0f}")
     reached = {leaf for p in r.policies for leaf in cov.get(p, {})}
@@ -117,6 +126,16 @@ def register(app: typer.Typer) -> None:
             Path("fuzz-counterexample.json"), "--out", help="Where to write the counterexample scenario on a violation."
         ),
         as_json: bool = typer.Option(False, "--json", help="Print figures, coverage and any violation as JSON."),
+        mode: str = typer.Option(
+            "hypothesis",
+            "--mode",
+            help="hypothesis (draws and shrinks the examples) or fast (draws the same examples directly "
+            "with random.Random, over --workers processes, no shrinking; same properties, same "
+            "counterexample file).",
+        ),
+        workers: int | None = typer.Option(
+            None, "--workers", help="Fast mode: worker processes (default: the CPUs available)."
+        ),
     ) -> None:
         """Fuzz the model's promises with hypothesis: any RAX, RCX, register and XMM values, every leaf
         and hypercall, module 1.0/1.5, NO_RBP_MOD on/off, random platform and userspace answers, in
@@ -124,7 +143,10 @@ def register(app: typer.Typer) -> None:
         integrity, the module gate, the register cache, hardened refusals, completeness and (with
         --policy both) legacy/hardened agreement; see docs/fuzz.md.
 
-        Progress goes to stderr.  On a violation the shrunk counterexample is
+        --mode fast draws the same examples without hypothesis, over several processes, many times
+        faster (tens of thousands of executions in seconds); its counterexamples are not shrunk.
+
+        Progress goes to stderr.  On a violation the (hypothesis mode: shrunk) counterexample is
         written as a scenario that `tdvmcall run` replays; exit status 1.
         """
         from ..console import emit_json, fail, require_count, require_finite_positive, writable_file
@@ -138,6 +160,10 @@ def register(app: typer.Typer) -> None:
 
         if policy not in F.POLICY_CHOICES:
             fail(f"--policy: {policy!r} is not accepted; use one of {', '.join(F.POLICY_CHOICES)}")
+        if mode not in F.MODES:
+            fail(f"--mode: {mode!r} is not accepted; use one of {', '.join(F.MODES)}")
+        if workers is not None and (mode != "fast" or workers < 1):
+            fail(f"--workers: {workers} " + ("must be at least 1" if mode == "fast" else "is for --mode fast"))
         if seed is None:
             seed = random.SystemRandom().randrange(1 << 32)
         # hypothesis keeps a cache (the constants it mines from source) in ./.hypothesis unless told
@@ -145,7 +171,7 @@ def register(app: typer.Typer) -> None:
         cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(cache_home / "tdvmcall" / "hypothesis"))
         err = Console(stderr=True)
-        err.print(f"fuzz: seed {seed}, policy {policy}", highlight=False)
+        err.print(f"fuzz: seed {seed}, policy {policy}, mode {mode}", highlight=False)
 
         def progress(r: F.CampaignResult) -> None:
             err.print(
@@ -154,7 +180,17 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
             )
 
-        result = F.campaign(examples=examples, seconds=seconds, seed=seed, policy=policy, progress=progress)
+        if mode == "fast":
+            result = F.fast_campaign(
+                examples=examples,
+                seconds=seconds,
+                seed=seed,
+                policy=policy,
+                workers=workers or F.available_cpus(),
+                progress=progress,
+            )
+        else:
+            result = F.campaign(examples=examples, seconds=seconds, seed=seed, policy=policy, progress=progress)
         written = None
         if result.failure is not None:
             try:

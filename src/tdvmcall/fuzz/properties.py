@@ -209,12 +209,17 @@ def clone(obj: T) -> T:
     d = new.__dict__
     for k, v in obj.__dict__.items():
         t = type(v)
-        if t is list or t is dict or t is set:
+        if t in _ATOMIC:
+            pass
+        elif t is list or t is dict or t is set:
             v = v.copy()
-        elif hasattr(v, "__dict__") and not isinstance(v, type):
+        else:  # another object: copied the same way
             v = clone(v)
         d[k] = v
     return new
+
+
+_ATOMIC = frozenset((int, bool, str, bytes, float, tuple, frozenset, type(None)))
 
 
 #: the names of what ``Platform.snapshot()`` records: everything a call could change
