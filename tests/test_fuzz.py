@@ -229,6 +229,27 @@ def test_fast_cli_counterexample_replays_with_run(tmp_path):
     assert shown["vmm"]["rbx"] == shown["guest_before"]["rbx"] != "0x" + "0" * 16
 
 
+def test_a_call_of_too_many_exits_skips_its_example():
+    """MapGPA makes one KVM_EXIT_HYPERCALL per 2 MiB (ABI §4): a private range of 2**51 bytes at
+    GPA 0 is valid (below MAXPHYADDR 52, private at both ends, aligned) and would be 2**30 exits.
+    The campaign stops that example after 4096 exits and counts it as skipped; a range of 2**32 bytes
+    (2048 exits) still runs and is checked."""
+    from tdvmcall.fuzz.properties import MAX_EXITS_PER_CALL, Stats
+
+    assert MAX_EXITS_PER_CALL == 4096
+
+    def example(size):
+        guest = {"rcx": 0xFFCC, "r10": 0, "r11": 0x10001, "r12": 0, "r13": size}
+        return {"td": {}, "tree": "kvm-x86", "platform": {}, "calls": [{"guest": guest}]}
+
+    stats = Stats()
+    F.run_example(example(1 << 51), ("legacy", "hardened"), stats)
+    assert (stats.skipped, stats.executions) == (1, 0)
+    F.run_example(example(1 << 32), ("legacy", "hardened"), stats)
+    assert (stats.skipped, stats.executions) == (1, 2)
+    assert stats.coverage[("hardened", "MapGPA", "userspace")] == 1
+
+
 def test_fast_mode_is_deterministic_whatever_the_workers():
     """Batches are drawn from the seed and taken in order: one worker or two, the same figures."""
     one = F.fast_campaign(examples=500, seed=7, workers=1, batch=100)

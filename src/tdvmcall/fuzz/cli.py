@@ -32,6 +32,7 @@ def summary(r: F.CampaignResult, written: dict | None) -> dict:
         "examples": r.examples,
         "executions": r.stats.executions,
         "executions_by_policy": r.executions_by_policy(),
+        "skipped_examples": r.stats.skipped,
         "seconds": round(r.seconds, 3),
         "executions_per_second": round(r.executions_per_second, 1),
         "coverage": {
@@ -89,6 +90,8 @@ def render(r: F.CampaignResult, out: Console) -> None:
     t.add_row("executions", str(r.stats.executions))
     for pol, n in r.executions_by_policy().items():
         t.add_row(f"  {pol}", str(n))
+    if r.stats.skipped:
+        t.add_row("examples skipped (a call of too many exits)", str(r.stats.skipped))
     t.add_row("seconds", f"{r.seconds:.1f}")
     t.add_row("executions/s", f"{r.executions_per_second:.0f}")
     reached = {leaf for p in r.policies for leaf in cov.get(p, {})}

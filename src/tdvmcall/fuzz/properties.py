@@ -162,6 +162,37 @@ def documented_gate(td: TdConfig, rax: int, rcx: int, long_mode: bool) -> str | 
 
 
 # === running and checking one call ===============================================================
+#: the most KVM_EXIT_HYPERCALLs one fuzzed call may make.  MapGPA makes one per 2 MiB chunk, as KVM
+#: does, until userspace fails one or an event is pending: a valid private range of 2**51 bytes
+#: (a size the strategies draw among their boundary values) is 2**30 exits, more than any campaign
+#: can run.  4096 exits (8 GiB) keeps every size up to 2**33.
+MAX_EXITS_PER_CALL = 4096
+
+
+class TooManyExits(Exception):
+    """A call asked for more than ``MAX_EXITS_PER_CALL`` userspace exits: its example is skipped
+    (counted in ``Stats.skipped``), not checked and not a violation."""
+
+
+class BoundedPlatform(Platform):
+    """The model's host, unchanged but for a bound on the KVM_EXIT_HYPERCALLs a call may make: past
+    ``exit_limit`` exits in all, ``hypercall_exit`` raises :class:`TooManyExits` (``run_example``
+    sets the limit before each call; the copies made for the re-runs keep it)."""
+
+    exit_limit = 1 << 62
+
+    def hypercall_exit(self, nr: int, args: tuple[int, int, int]) -> int:
+        if len(self.exits) >= self.exit_limit:
+            raise TooManyExits(f"more than {MAX_EXITS_PER_CALL} KVM_EXIT_HYPERCALLs in one call")
+        return super().hypercall_exit(nr, args)
+
+
+def bounded(platform: Platform) -> BoundedPlatform:
+    """The same host (the same object, its class changed) with the bound."""
+    platform.__class__ = BoundedPlatform
+    return platform  # type: ignore[return-value]
+
+
 @dataclass
 class Lane:
     """One policy's KVM vCPU and host, kept across the calls of an example."""
@@ -175,6 +206,7 @@ class Lane:
 class Stats:
     executions: int = 0
     coverage: Counter = field(default_factory=Counter)  # (policy, leaf, verdict) -> executions
+    skipped: int = 0  # examples stopped by a call of more than MAX_EXITS_PER_CALL exits
 
     def record(self, policy: str, leaf: str, verdict: str) -> None:
         self.executions += 1
@@ -183,6 +215,7 @@ class Stats:
     def merge(self, other: Stats) -> None:
         self.executions += other.executions
         self.coverage.update(other.coverage)
+        self.skipped += other.skipped
 
 
 def leaf_label(leaf: L.Leaf) -> str:
@@ -205,6 +238,10 @@ def clone(obj: T) -> T:
     records the model appends and never changes afterwards (the userspace exits in
     ``Platform.exits``).  ``tests/test_fuzz.py::test_clone_is_independent`` checks this against
     ``copy.deepcopy``; ``deepcopy`` itself was most of the campaign's cost."""
+    return _clone(obj)
+
+
+def _clone(obj: T) -> T:
     new = object.__new__(type(obj))
     d = new.__dict__
     for k, v in obj.__dict__.items():
@@ -214,7 +251,7 @@ def clone(obj: T) -> T:
         elif t is list or t is dict or t is set:
             v = v.copy()
         else:  # another object: copied the same way
-            v = clone(v)
+            v = _clone(v)
         d[k] = v
     return new
 
@@ -236,6 +273,8 @@ def run_call(td: TdConfig, before: VcpuState, vcpu: KvmVcpu, platform: Platform)
     """One round trip; a model exception becomes a ``model-bug`` or ``crash`` violation."""
     try:
         return tdvmcall(td, before.copy(), vcpu, platform)
+    except TooManyExits:
+        raise
     except ModelBug as e:
         # the strict (hardened) register cache raises on a read of an unavailable register or an
         # invalid pair: that is the cache property; any other ModelBug is the model's own assertion
