@@ -265,14 +265,22 @@ def test_fast_mode_is_deterministic_whatever_the_workers():
 
 def test_fast_mode_reaches_every_target_and_verdict():
     """The direct draw covers what the strategies cover: every target of the campaign under both
-    policies, and every verdict (module gate, guest fault, KVM's four)."""
+    policies, and every verdict (module gate, guest fault, KVM's five: MapGPA's failed KVM_RUN too)."""
     r = F.fast_campaign(examples=1500, seed=3, workers=1)
     assert r.failure is None, r.failure and r.failure.violation
     cov = r.coverage()
     for pol in ("legacy", "hardened"):
         assert set(F.target_labels()) <= set(cov[pol])
     verdicts = {v for _, _, v in r.stats.coverage}
-    assert verdicts == {"completed", "userspace", "refused", "internal_error", "module-gate", "guest-fault"}
+    assert verdicts == {
+        "completed",
+        "userspace",
+        "refused",
+        "internal_error",
+        "run_failed",
+        "module-gate",
+        "guest-fault",
+    }
     assert r.executions_by_policy()["legacy"] == r.executions_by_policy()["hardened"]
 
 

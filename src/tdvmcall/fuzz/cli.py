@@ -15,7 +15,7 @@ from rich.console import Console
 if TYPE_CHECKING:  # the campaign (and hypothesis) load only when `tdvmcall fuzz` runs
     from . import campaign as F
 
-VERDICT_ORDER = ("completed", "userspace", "refused", "internal_error", "module-gate", "guest-fault")
+VERDICT_ORDER = ("completed", "userspace", "refused", "internal_error", "run_failed", "module-gate", "guest-fault")
 
 
 def summary(r: F.CampaignResult, written: dict | None) -> dict:
