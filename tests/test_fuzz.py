@@ -528,3 +528,10 @@ def test_abi_writes_by_hand():
     assert writes(vmm(r11=48, r13=1 << 32), False) == ["r11"]  # MMIO read: direction's low 32 bits
     assert writes(vmm(r11=0x10005), False) == ["r10"]  # Service: SUBFUNC_UNSUPPORTED
     assert writes(vmm(r10=0x77, r11=31), False) == ["r10"]  # a hypercall, whatever R11
+    # a bus-lock exit (reason 0x0400004D, bit 26): KVM switches on R11 alone (docs/model.md)
+    bus_lock = vmm(r10=5, r11=0x10000, r12=0)
+    bus_lock[0] = 0x0400004D
+    assert writes(bus_lock, False) == ["r10", "r11", "r12", "r13", "r14"]  # GetTdVmCallInfo, not KICK_CPU
+    assert writes(vmm(r10=5, r11=0x10000, r12=0), False) == ["r10"]  # without the bit: KICK_CPU
+    bus_lock[11] = 10
+    assert writes(bus_lock, False) == ["r10"]  # CPUID is not handle_tdvmcall()'s: SUBFUNC_UNSUPPORTED
