@@ -156,12 +156,13 @@ def _tdg_vp_vmcall(td: TdConfig, vcpu: VcpuState, after: VcpuState) -> VmcallRes
 
     # copy selected GPRs; everything not selected reads as 0 (RBP under NO_RBP_MOD: the VMM keeps
     # its own RBP, which holds no guest data: modelled as 0)
+    gpr_select, xmm_select = ctl.gpr_select, ctl.xmm_select
     for i in range(2, NR_GPRS):
-        if ctl.gpr_select >> i & 1:
+        if gpr_select >> i & 1:
             vmm[i] = vcpu.gprs[i]
 
     # copy selected XMMs (128-bit part)
-    vmm_xmm = [vcpu.xmm[i] & U128 if ctl.xmm_select >> i & 1 else 0 for i in range(16)]
+    vmm_xmm = [vcpu.xmm[i] & U128 if xmm_select >> i & 1 else 0 for i in range(16)]
     return VmcallResult(vmm[RAX], VmcallExit(rcx, vmm, vmm_xmm, after), after)
 
 
@@ -179,10 +180,11 @@ def tdh_vp_enter(
     hold a host value the model cannot know (KVM passes no RBP); a selected one makes the guest's
     register such a value too."""
     ctl = Control(exit.control)
+    gpr_select, xmm_select = ctl.gpr_select, ctl.xmm_select
     guest = exit.saved.copy()
     # copy selected GPRs back
     for i in range(2, NR_GPRS):
-        if ctl.gpr_select >> i & 1:
+        if gpr_select >> i & 1:
             guest.gprs[i] = u64(vmm[i], f"vmm r{i}")
             if i in vmm_host:
                 guest.host.add(i)
@@ -194,7 +196,7 @@ def tdh_vp_enter(
     # copy selected XMMs back
     if vmm_xmm is not None:
         for i in range(16):
-            if ctl.xmm_select >> i & 1:
+            if xmm_select >> i & 1:
                 guest.xmm[i] = vmm_xmm[i] & U128
     return guest
 
