@@ -80,8 +80,8 @@ PLANTED = {
         [
             (
                 "module.py",
-                "        if ctl.gpr_select >> i & 1:\n            vmm[i] = vcpu.gprs[i]",
-                "        if ctl.gpr_select >> i & 1 or i == 3:\n            vmm[i] = vcpu.gprs[i]",
+                "        if gpr_select >> i & 1:\n            vmm[i] = vcpu.gprs[i]",
+                "        if gpr_select >> i & 1 or i == 3:\n            vmm[i] = vcpu.gprs[i]",
             )
         ],
         50,
@@ -92,8 +92,8 @@ PLANTED = {
         [
             (
                 "module.py",
-                "        if ctl.gpr_select >> i & 1:\n            guest.gprs[i] = u64(vmm[i]",
-                "        if ctl.gpr_select >> i & 1 or i == 9:\n            guest.gprs[i] = u64(vmm[i]",
+                "        if gpr_select >> i & 1:\n            guest.gprs[i] = u64(vmm[i]",
+                "        if gpr_select >> i & 1 or i == 9:\n            guest.gprs[i] = u64(vmm[i]",
             )
         ],
         50,
