@@ -146,8 +146,8 @@ def register(app: typer.Typer) -> None:
         integrity, the module gate, the register cache, hardened refusals, completeness and (with
         --policy both) legacy/hardened agreement; see docs/fuzz.md.
 
-        --mode fast draws the same examples without hypothesis, over several processes, many times
-        faster (tens of thousands of executions in seconds); its counterexamples are not shrunk.
+        --mode fast draws the same examples without hypothesis, over several processes: thousands
+        of executions per second instead of hundreds; its counterexamples are not shrunk.
 
         Progress goes to stderr.  On a violation the (hypothesis mode: shrunk) counterexample is
         written as a scenario that `tdvmcall run` replays; exit status 1.
