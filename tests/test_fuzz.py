@@ -501,7 +501,7 @@ def test_clone_is_independent(case, platform):
 
 
 def test_abi_writes_by_hand():
-    """The completeness table against ABI.md §4, case by case (R10 = 0: GHCI leaf in R11)."""
+    """The completeness table against docs/abi.md §4, case by case (R10 = 0: GHCI leaf in R11)."""
     from tdvmcall.fuzz.properties import abi_writes
 
     def vmm(r10=0, r11=0, r12=0, r13=0):

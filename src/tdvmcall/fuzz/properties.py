@@ -517,7 +517,7 @@ def _mmio_read(vmm: list[int]) -> bool:
 
 Writes = tuple[tuple[str, str, Callable[[list[int]], bool] | None], ...]
 
-#: ABI.md §4, the "KVM writes" column and its details, restated for this property alone (never read
+#: docs/abi.md §4, the "KVM writes" column and its details, restated for this property alone (never read
 #: from ``kvm/leaves.py``, the table the model runs on): R11 of a GHCI call (R10 = 0) -> (name,
 #: writes).  Each write is (outcome, registers, condition on the VMM's input registers or None); the
 #: outcome is ``any``, ``failure`` (KVM wrote a non-zero status to R10, RETRY included) or
