@@ -251,12 +251,15 @@ def examples(draw, max_calls: int = 3) -> dict:
     """A whole example: TD, kernel tree, initial platform and a sequence of calls."""
     module = draw(st.sampled_from(("1.5", "1.0")))
     no_rbp_mod = draw(weighted(True, False, odds=2))
-    return {
+    ex = {
         "td": {"module": module, "no_rbp_mod": no_rbp_mod},
         "tree": draw(weighted("kvm-x86", "v6.16", odds=4)),
         "platform": draw(platforms()),
         "calls": draw(st.lists(calls(module, no_rbp_mod), min_size=1, max_size=max_calls)),
     }
+    # a bus lock since the TD's last exit (bit 26 of the exit reason): drawn last, rarely
+    ex["td"]["bus_lock"] = draw(weighted(False, True, odds=8))
+    return ex
 
 
 # === the fast mode: the same examples, drawn directly with random.Random =========================
@@ -420,12 +423,14 @@ class Draw:
         """``examples``."""
         module = self.pick(("1.5", "1.0"))
         no_rbp_mod = self.below(3) < 2
-        return {
+        ex = {
             "td": {"module": module, "no_rbp_mod": no_rbp_mod},
             "tree": self.weighted("kvm-x86", "v6.16", odds=4),
             "platform": self.platform(),
             "calls": [self.call(module, no_rbp_mod) for _ in range(1 + self.below(max_calls))],
         }
+        ex["td"]["bus_lock"] = self.weighted(False, True, odds=8)  # as ``examples``: drawn last
+        return ex
 
 
 _BACKGROUND = GPR_NAMES[2:]
