@@ -235,6 +235,93 @@ def test_broken_inputs_one_line_each_exit_2_and_the_others_scanned(built):
     assert doc["inputs"][1]["summary"]["tdcall_sites"] == 12
 
 
+def nested(leaf: bytes, levels: int, crc: bool) -> bytes:
+    """``leaf`` inside ``levels`` sections each wrapping the next: compression sections of type 0
+    (not compressed: 4-byte uncompressed length, 1-byte type, then the sections), or CRC32
+    GUID-defined sections (GUID, DataOffset 24, attributes 0: not processing-required)."""
+    crc32 = uuid.UUID("FC1BCDB0-7D31-49AA-936A-A4600D9DD083")
+    body = leaf
+    for _ in range(levels):
+        if crc:
+            body = section(0x02, crc32.bytes_le + struct.pack("<HH", 24, 0) + body)
+        else:
+            body = section(0x01, struct.pack("<IB", len(body), 0) + body)
+    return body
+
+
+def test_nested_sections_are_one_error_and_the_others_are_scanned(built, tmp_path):
+    """3,000 nested sections (a 36 KB file) once raised RecursionError out of the command; now the
+    nesting limit makes it that input's one-line error; a shallow nesting is still walked."""
+    pe = built["sites.efi"].read_bytes()
+    (tmp_path / "a.fv").write_bytes(volume(ffs_file(nested(section(0x10, pe), 3, crc=False))))
+    (tmp_path / "b.fv").write_bytes(volume(ffs_file(nested(b"", 3000, crc=False))))
+    (tmp_path / "c.fv").write_bytes(volume(ffs_file(nested(b"", 3000, crc=True))))
+    res = runner.invoke(app, ["scan", str(tmp_path), "--json"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and all("nested deeper" in line for line in lines)
+    assert "b.fv" in lines[0] and "c.fv" in lines[1]
+    a, b, c = json.loads(res.stdout)["inputs"]
+    assert a["summary"]["tdcall_sites"] == 12 and a["errors"] == []
+    assert len(b["errors"]) == len(c["errors"]) == 1
+
+
+def test_a_recursion_or_memory_error_in_one_input_is_its_one_line(built, tmp_path, monkeypatch):
+    """Whatever the walk of one input runs out of (stack, memory), that input gets one problem line
+    and the next input is still opened."""
+    from tdvmcall.scan import containers
+
+    real = containers.explore
+    errors = iter([RecursionError("deep"), MemoryError()])
+
+    def explode(data, chain, found, budget, depth=0):
+        if chain[0].endswith(".bad"):
+            raise next(errors)
+        return real(data, chain, found, budget, depth)
+
+    monkeypatch.setattr(containers, "explore", explode)
+    for name in ("1.bad", "2.bad"):
+        (tmp_path / name).write_bytes(b"x")
+    shutil.copy(built["sites.elf"], tmp_path / "3.elf")
+    got = list(containers.open_input(tmp_path))
+    assert [len(f.problems) for _, f in got] == [1, 1, 0]
+    assert "nested too deeply" in got[0][1].problems[0] and "too large" in got[1][1].problems[0]
+    assert len(got[2][1].codes) == 1
+
+
+def test_truncated_streams_are_errors(built, tmp_path):
+    """A bzip2, zstd, legacy-lz4 or LZMA-alone stream that ends early is an error naming the stream
+    (as gzip's already was), not scanned silently as far as it goes."""
+    import bz2
+
+    import lz4.block
+    import zstandard
+
+    elf = built["sites.elf"].read_bytes()
+    cut = {
+        "a.bz2": bz2.compress(elf),
+        "b.zst": zstandard.ZstdCompressor().compress(elf),
+        "c.lz4": b"\x02\x21\x4c\x18" + struct.pack("<I", len(blk := lz4.block.compress(elf, store_size=False))) + blk,
+    }
+    for name, blob in cut.items():
+        (tmp_path / name).write_bytes(blob[: len(blob) * 2 // 3])
+    payload = lzma.compress(section(0x10, built["sites.efi"].read_bytes()), format=lzma.FORMAT_ALONE)
+    assert payload[5:13] == b"\xff" * 8  # the size is unknown: only the end marker says it ended
+    short = LZMA_GUID.bytes_le + struct.pack("<HH", 24, 0x01) + payload[: len(payload) * 2 // 3]
+    (tmp_path / "d.fv").write_bytes(volume(ffs_file(section(0x02, short))))
+    res = runner.invoke(app, ["scan", str(tmp_path), "--json"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    kinds = ["bzip2", "zstd", "lz4", "LZMA"]
+    assert len(lines) == 4 and all(f"truncated {k} stream" in ln for k, ln in zip(kinds, lines, strict=True))
+    # whole, they are scanned
+    for name, blob in cut.items():
+        (tmp_path / name).write_bytes(blob)
+    (tmp_path / "d.fv").unlink()
+    code, doc = scan_json(tmp_path)
+    assert [i["summary"]["tdcall_sites"] for i in doc["inputs"]] == [12, 12, 12] and code == 1
+
+
 def test_compressed_inputs_and_directories(built, tmp_path):
     import gzip
 

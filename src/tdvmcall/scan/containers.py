@@ -124,9 +124,18 @@ def _lzma(data: bytes, fmt: int, budget: Budget, chain: list[str]) -> bytes:
     except lzma.LZMAError as e:
         raise ContainerError(f"{where(chain)}: corrupt LZMA data ({e})") from None
     budget.take(len(out), where(chain))
-    if not d.eof and fmt != lzma.FORMAT_ALONE:
-        raise ContainerError(f"{where(chain)}: truncated compressed stream")
+    if not d.eof and (fmt != lzma.FORMAT_ALONE or _alone_size(data) is None):
+        raise ContainerError(f"{where(chain)}: truncated LZMA stream")
     return out
+
+
+def _alone_size(data: bytes) -> int | None:
+    """The uncompressed size an LZMA "alone" header states (offset 5, u64), None when unknown
+    (all ones: then the stream must end with its end marker, so ``eof`` is required)."""
+    if len(data) < 13:
+        return None
+    (size,) = struct.unpack_from("<Q", data, 5)
+    return None if size == 0xFFFFFFFFFFFFFFFF else size
 
 
 def _zlib(data: bytes, budget: Budget, chain: list[str]) -> bytes:
@@ -142,17 +151,24 @@ def _zlib(data: bytes, budget: Budget, chain: list[str]) -> bytes:
 
 
 def _zstd(data: bytes, budget: Budget, chain: list[str]) -> bytes:
-    import io
-
     import zstandard
 
+    parts: list[bytes] = []
     try:
-        # the kernel's zstd frame has no content size; a stream reader stops at the frame's end
-        with zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(io.BytesIO(data)) as r:
-            out = r.read(budget.left + 1)
+        # the kernel's zstd frame has no content size; fed 4 KiB at a time so the cap stops a bomb
+        # early, and the object says whether the frame ended (``eof``)
+        d = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+        for at in range(0, len(data), 4096):
+            part = d.decompress(data[at : at + 4096])
+            budget.take(len(part), where(chain))
+            parts.append(part)
+            if d.eof:
+                break
     except zstandard.ZstdError as e:
         raise ContainerError(f"{where(chain)}: corrupt zstd data ({e})") from None
-    budget.take(len(out), where(chain))
+    out = b"".join(parts)
+    if not d.eof:
+        raise ContainerError(f"{where(chain)}: truncated zstd stream")
     return out
 
 
@@ -174,8 +190,10 @@ def _lz4(data: bytes, budget: Budget, chain: list[str]) -> bytes:
         parts, off = [], 4
         while off + 4 <= len(data):
             (n,) = struct.unpack_from("<I", data, off)
-            if n == 0x184C2102 or off + 4 + n > len(data):  # a following stream, or trailing size
-                break
+            if n == 0x184C2102 or off + 4 == len(data):
+                break  # a following stream, or the trailing size the kernel appends
+            if off + 4 + n > len(data):
+                raise ContainerError(f"{where(chain)}: truncated lz4 stream ({len(data) - off - 4} of {n} bytes)")
             part = lz4.block.decompress(data[off + 4 : off + 4 + n], uncompressed_size=8 << 20)
             budget.take(len(part), where(chain))
             parts.append(part)
@@ -192,6 +210,8 @@ def _bz2(data: bytes, budget: Budget, chain: list[str]) -> bytes:
     except OSError as e:
         raise ContainerError(f"{where(chain)}: corrupt bzip2 data ({e})") from None
     budget.take(len(out), where(chain))
+    if not d.eof and len(out) <= budget.left:
+        raise ContainerError(f"{where(chain)}: truncated bzip2 stream")
     return out
 
 
@@ -472,7 +492,10 @@ def sections(
     data: bytes, chain: list[str], leaves: list[tuple[list[str], bytes]], found: Found, budget: Budget, depth: int
 ) -> str | None:
     """Walk the sections of a file body; leaf images go to ``leaves`` (with their inner chain), nested
-    volumes are walked.  Returns the file's UI name if a UI section says it."""
+    volumes are walked.  Returns the file's UI name if a UI section says it.  Sections nested (in
+    compression or GUID-defined sections) deeper than :data:`MAX_DEPTH` are an error."""
+    if depth > MAX_DEPTH:
+        raise ContainerError(f"{where(chain)}: sections nested deeper than {MAX_DEPTH}")
     ui: str | None = None
     off = 0
     while off + 4 <= len(data):
@@ -502,12 +525,12 @@ def sections(
             (ctype,) = struct.unpack_from("<B", body, 4)
             sub: list[tuple[list[str], bytes]] = []
             if ctype == 0:
-                name = sections(body[5:], chain, sub, found, budget, depth)
+                name = sections(body[5:], chain, sub, found, budget, depth + 1)
                 ui = ui or name
                 leaves += sub
             elif (out := _tiano(body[5:], budget, chain + ["efi-compressed"], found, off)) is not None:
                 found.saw("efi-compressed")
-                name = sections(out, chain + ["efi-compressed"], sub, found, budget, depth)
+                name = sections(out, chain + ["efi-compressed"], sub, found, budget, depth + 1)
                 ui = ui or name
                 leaves += [(["efi-compressed", *p], b) for p, b in sub]
         elif typ == SECTION_GUID_DEFINED:
@@ -527,7 +550,7 @@ def sections(
                             f"{where(chain + [kind])}: LZMA stream ends after {len(out)} of {want} bytes"
                         )
                 sub = []
-                name = sections(out, chain + [kind], sub, found, budget, depth)
+                name = sections(out, chain + [kind], sub, found, budget, depth + 1)
                 ui = ui or name
                 leaves += [([kind, *p], b) for p, b in sub]
             elif g == TIANO_GUID:
@@ -535,12 +558,12 @@ def sections(
                 out = _tiano(payload, budget, chain + ["tiano"], found, off, tiano_first=True)
                 if out is not None:
                     found.saw("tiano")
-                    name = sections(out, chain + ["tiano"], sub, found, budget, depth)
+                    name = sections(out, chain + ["tiano"], sub, found, budget, depth + 1)
                     ui = ui or name
                     leaves += [(["tiano", *p], b) for p, b in sub]
             elif g == CRC32_GUID or not gattr & 0x01:  # not processing-required: the data is plain
                 sub = []
-                name = sections(payload, chain, sub, found, budget, depth)
+                name = sections(payload, chain, sub, found, budget, depth + 1)
                 ui = ui or name
                 leaves += sub
             else:
@@ -630,4 +653,8 @@ def open_input(path: Path) -> Iterator[tuple[str, Found]]:
             found.problems.append(str(e))
         except (struct.error, IndexError) as e:
             found.problems.append(f"{p}: truncated or corrupt container ({e})")
+        except RecursionError:
+            found.problems.append(f"{p}: containers nested too deeply to walk")
+        except (MemoryError, OverflowError) as e:
+            found.problems.append(f"{p}: container too large to unpack ({type(e).__name__})")
         yield str(p), found
