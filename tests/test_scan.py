@@ -322,6 +322,29 @@ def test_truncated_streams_are_errors(built, tmp_path):
     assert [i["summary"]["tdcall_sites"] for i in doc["inputs"]] == [12, 12, 12] and code == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_devices_fifos_and_oversized_files_are_refused_not_read(built, tmp_path, monkeypatch):
+    """A FIFO would block the read and /dev/zero never ends: neither is read, each is one line, and
+    the input after them is scanned; a file over the read cap is refused before it is read."""
+    from tdvmcall.scan import containers
+
+    os.mkfifo(tmp_path / "pipe")
+    args = [str(tmp_path / "pipe"), "/dev/zero", str(built["sites.elf"])]
+    res = runner.invoke(app, ["scan", *args, "--json"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and all("not a regular file" in line for line in lines)
+    assert json.loads(res.stdout)["inputs"][2]["summary"]["tdcall_sites"] == 12
+    # inside a directory too
+    shutil.copy(built["sites.elf"], tmp_path / "x.elf")
+    got = {Path(n).name: f.problems for n, f in containers.open_input(tmp_path)}
+    assert got["x.elf"] == [] and len(got["pipe"]) == 1
+    size = built["sites.elf"].stat().st_size
+    monkeypatch.setattr(containers, "READ_CAP", size - 1)
+    [(_, found)] = list(containers.open_input(built["sites.elf"]))
+    assert len(found.problems) == 1 and "read cap" in found.problems[0] and found.codes == []
+
+
 def test_compressed_inputs_and_directories(built, tmp_path):
     import gzip
 

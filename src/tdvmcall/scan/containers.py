@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import stat
 import struct
 import uuid
 import zlib
@@ -635,16 +636,40 @@ def explore(data: bytes, chain: list[str], found: Found, budget: Budget, depth: 
     return None
 
 
+#: the most bytes read from one input file (a firmware image, a kernel with debug info fit well
+#: under it); a larger file is refused before it is read
+READ_CAP = CAP
+
+
+def read_input(p: Path) -> bytes:
+    """The bytes of one input file, at most :data:`READ_CAP`.  Only a regular file is read: a FIFO
+    would block and a device (``/dev/zero``) never ends, so both are refused with one line."""
+    try:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ContainerError(f"{p}: not a regular file (a device, FIFO or socket); not scanned")
+        if st.st_size > READ_CAP:
+            raise ContainerError(f"{p}: {st.st_size >> 20} MiB is more than the {READ_CAP >> 20} MiB read cap")
+        with p.open("rb") as f:
+            data = f.read(READ_CAP + 1)
+    except OSError as e:
+        raise ContainerError(f"{p}: cannot read ({e.strerror or e})") from None
+    if len(data) > READ_CAP:  # grew while being read
+        raise ContainerError(f"{p}: more than the {READ_CAP >> 20} MiB read cap")
+    return data
+
+
 def open_input(path: Path) -> Iterator[tuple[str, Found]]:
     """Every file of an input (a file, or a directory recursively), with what it holds.  A broken
-    container ends that file's walk with one problem line; the other files go on."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    container ends that file's walk with one problem line; the other files go on.  In a directory,
+    entries that are neither directories nor regular files (FIFOs, devices) are refused too."""
+    files = sorted(p for p in path.rglob("*") if not p.is_dir()) if path.is_dir() else [path]
     for p in files:
         found = Found()
         try:
-            data = p.read_bytes()
-        except OSError as e:
-            found.problems.append(f"{p}: cannot read ({e.strerror})")
+            data = read_input(p)
+        except ContainerError as e:
+            found.problems.append(str(e))
             yield str(p), found
             continue
         try:
