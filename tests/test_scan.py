@@ -345,6 +345,60 @@ def test_devices_fifos_and_oversized_files_are_refused_not_read(built, tmp_path,
     assert len(found.problems) == 1 and "read cap" in found.problems[0] and found.codes == []
 
 
+def elf_from(asm: str, d: Path) -> Path:
+    """An ELF with symbols linked from Intel-syntax assembly (GNU as, ld)."""
+    (d / "t.s").write_text(".intel_syntax noprefix\n.text\n.globl _start\n_start:\n    ret\n" + asm)
+    subprocess.run(["as", "--64", "-o", str(d / "t.o"), str(d / "t.s")], check=True)
+    subprocess.run(["ld", "-o", str(d / "t.elf"), str(d / "t.o")], check=True)
+    return d / "t.elf"
+
+
+#: the end of every function below: RAX 0 (TDG.VP.VMCALL), R10 0, R11 0x1F (RDMSR), tdcall
+CALL = "    xor eax, eax\n    xor r10d, r10d\n    mov r11d, 0x1f\n    .byte 0x66, 0x0f, 0x01, 0xcc\n    ret\n"
+
+
+def test_memory_widths_and_paths_are_never_guessed(tmp_path):
+    """Values through memory, narrow registers and branches (Intel SDM: MOV, LEA, Jcc), each read by
+    hand from the instructions: a slot changed after its store is unknown; a load reads the low
+    bytes of what was stored, and a store narrower than the load leaves it unknown; ``lea ecx``
+    keeps 32 bits; a write that a jump can go past holds on one path only."""
+    asm = {
+        "or_after_store": "mov qword ptr [rsp-16], 0x1C00\n or qword ptr [rsp-16], 0x200\n mov rcx, [rsp-16]",
+        "byte_after_store": "mov qword ptr [rsp-16], 0x1C00\n mov byte ptr [rsp-15], 0xFF\n mov rcx, [rsp-16]",
+        "other_slot_after": "mov qword ptr [rsp-16], 0x1C00\n mov qword ptr [rsp-8], 0\n mov rcx, [rsp-16]",
+        "narrow_load": "mov rdx, 0xffffffff00001c00\n mov [rsp-16], rdx\n mov ecx, dword ptr [rsp-16]",
+        "short_store": "mov edx, 0x1c00\n mov dword ptr [rsp-16], edx\n mov rcx, qword ptr [rsp-16]",
+        "lea32": "mov rdx, 0xffffffff00001000\n lea ecx, [rdx+0xC00]",
+        "one_path": "mov ecx, 0xFFEC\n test edi, edi\n jz 1f\n mov ecx, 0x1C00\n1:",
+        "one_path_mem": "mov qword ptr [rsp-16], 0xFFEC\n test edi, edi\n jz 1f\n"
+        " mov qword ptr [rsp-16], 0x1C00\n1: mov rcx, [rsp-16]",
+        "both_paths": "mov ecx, 0x1C00\n test edi, edi\n jz 1f\n nop\n1:",
+    }
+    text = "".join(f".type {name}, @function\n{name}:\n {body}\n{CALL}" for name, body in asm.items())
+    _, doc = scan_json(elf_from(text, tmp_path))
+    got = {k: v[0] for k, v in by_symbol(doc).items()}
+    want = {
+        "or_after_store": None,  # 0x1C00 | 0x200 = 0x1E00 really: not the stored 0x1C00
+        "byte_after_store": None,
+        "other_slot_after": "0x1c00",
+        "narrow_load": "0x1c00",  # the low 4 bytes of 0xffffffff00001c00
+        "short_store": None,  # bytes 4..7 of the slot were never stored
+        "lea32": "0x1c00",  # 0xffffffff00001000 + 0xC00, cut to 32 bits
+        "one_path": None,  # 0xFFEC when edi == 0, 0x1C00 otherwise
+        "one_path_mem": None,
+        "both_paths": "0x1c00",  # the jump starts after the write: both paths have it
+    }
+    assert {k: got[k]["mask"] for k in want} == want
+    assert "changed after the store" in got["or_after_store"]["how"]["rcx"]
+    assert "changed after the store" in got["byte_after_store"]["how"]["rcx"]
+    assert "stored only in part" in got["short_store"]["how"]["rcx"]
+    assert "set on one path only" in got["one_path"]["how"]["rcx"]
+    assert "set on one path only" in got["one_path_mem"]["how"]["rcx"]
+    for k in ("or_after_store", "one_path", "short_store"):
+        assert got[k]["verdict"] == {"legacy": "unresolved", "hardened": "unresolved"}, k
+    assert got["narrow_load"]["verdict"] == got["lea32"]["verdict"] == {"legacy": "ok", "hardened": "ok"}
+
+
 def test_compressed_inputs_and_directories(built, tmp_path):
     import gzip
 

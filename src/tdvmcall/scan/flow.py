@@ -53,6 +53,8 @@ IMMEDIATES = frozenset(
     }
 )
 _INFO = ix.InstructionInfoFactory()
+_JUMPS = frozenset({ix.FlowControl.CONDITIONAL_BRANCH, ix.FlowControl.UNCONDITIONAL_BRANCH})
+_NEAR = frozenset({ix.OpKind.NEAR_BRANCH16, ix.OpKind.NEAR_BRANCH32, ix.OpKind.NEAR_BRANCH64})
 #: instructions after which straight-line code does not continue
 BOUNDARIES = frozenset(
     {
@@ -103,6 +105,24 @@ class Function:
     name: str
     insns: list[ix.Instruction]
     exact: bool  # the start is a function start (symbol or call target), not a window
+    _jumps: list[tuple[int, int]] | None = field(default=None, repr=False)
+
+    def jumps(self) -> list[tuple[int, int]]:
+        """(source, target) of the direct jumps (conditional or not) among the instructions."""
+        if self._jumps is None:
+            self._jumps = [
+                (i.ip, i.near_branch_target) for i in self.insns if i.flow_control in _JUMPS and i.op0_kind in _NEAR
+            ]
+        return self._jumps
+
+    def skipped(self, j: int, idx: int) -> int | None:
+        """The address of a jump before ``insns[j]`` whose target lies after it, up to ``insns[idx]``:
+        a path that reaches ``insns[idx]`` without running ``insns[j]``; None when there is none."""
+        lo, hi = self.insns[j].ip, self.insns[idx].ip
+        for src, tgt in self.jumps():
+            if src < lo < tgt <= hi:
+                return src
+        return None
 
 
 @dataclass
@@ -270,6 +290,24 @@ def _writes(ins: ix.Instruction, reg: str) -> bool:
     return any(u.access in WRITES and reg_name(u.register) == reg for u in _INFO.info(ins).used_registers())
 
 
+def _writes_over(ins: ix.Instruction, key: tuple[int, int], width: int) -> bool:
+    """Whether ``ins`` writes memory that overlaps the ``width`` bytes at ``[base+disp]`` (``key``):
+    the same base register and overlapping bytes, or a write through the same base whose address
+    is not a plain displacement (indexed: it may land anywhere)."""
+    for m in _INFO.info(ins).used_memory():
+        if m.access not in WRITES or m.base != key[0]:
+            continue
+        if m.index != ix.Register.NONE:
+            return True
+        lo = m.displacement & U64
+        size = max(ix.MemorySizeExt.size(m.memory_size), 1)
+        a = (lo - key[1]) & U64
+        b = (key[1] - lo) & U64
+        if a < width or b < size:  # the two byte ranges overlap (modulo 2**64)
+            return True
+    return False
+
+
 def _merge(width: int, low: int, older: Value, how: str) -> Value:
     if width >= 4:
         return Value(low & ((1 << (8 * width)) - 1), how)
@@ -293,6 +331,8 @@ def resolve(fn: Function, idx: int, reg: str, base: int) -> Value:
             return unknown(f"set by the call at {at}")
         if not _writes(ins, reg):
             continue
+        if (src := fn.skipped(j, idx)) is not None:
+            return unknown(f"set on one path only: the jump at {src - base:#x} goes past the write at {at}")
         m = ins.mnemonic
         op0 = ins.op0_register if ins.op0_kind == ix.OpKind.REGISTER else ix.Register.NONE
         width = ix.RegisterExt.size(op0) if op0 != ix.Register.NONE else 0
@@ -338,16 +378,17 @@ def resolve(fn: Function, idx: int, reg: str, base: int) -> Value:
             r = {"or": a | imm, "and": a & imm, "add": a + imm, "sub": a - imm}[name]
             return Value(r & ((1 << (8 * width)) - 1), f"{older.how}, {name} {imm:#x}")
         if m == ix.Mnemonic.LEA and reg_name(op0) == reg and width >= 4:
+            cut = (1 << (8 * width)) - 1  # lea ecx, [...] keeps the low 32 bits (and zeroes the rest)
             if ins.is_ip_rel_memory_operand:
-                return Value(ins.ip_rel_memory_address & U64, "lea of an address")
+                return Value(ins.ip_rel_memory_address & cut, "lea of an address")
             b = reg_name(ins.memory_base) if ins.memory_base != ix.Register.NONE else None
             if ins.memory_index == ix.Register.NONE:
                 disp = ins.memory_displacement & U64
                 if b is None:
-                    return Value(disp, "lea of a constant")
+                    return Value(disp & cut, "lea of a constant")
                 v = resolve(fn, j, b, base)
                 if v.known:
-                    return Value(((v.value or 0) + disp) & U64, f"{b} + {disp:#x} ({v.how})")
+                    return Value(((v.value or 0) + disp) & cut, f"{b} + {disp:#x} ({v.how})")
         return unknown(f"computed by {_fmt(ins)} at {at}")
     if fn.exact:
         return Value(None, "from caller", reg)
@@ -375,6 +416,10 @@ def _load(fn: Function, j: int, reg: str, width: int, base: int) -> Value:
             and st.mnemonic == ix.Mnemonic.MOV
         ):
             size = ix.MemorySizeExt.size(st.memory_size)
+            if (src_ip := fn.skipped(k, j)) is not None:
+                return unknown(
+                    f"loaded from {slot}, set on one path only: the jump at {src_ip - base:#x} goes past the store"
+                )
             if st.op1_kind in IMMEDIATES:
                 v = _imm(st, 1) & ((1 << (8 * size)) - 1) if size < 8 else _imm(st, 1)
                 if size < width:
@@ -386,10 +431,15 @@ def _load(fn: Function, j: int, reg: str, width: int, base: int) -> Value:
                     break
                 v = resolve(fn, k, src, base)
                 how = f"loaded from {slot}, stored from {src} ({v.how})"
+                if size < width:
+                    return unknown(f"loaded from {slot}, stored only in part at {st.ip - base:#x}")
                 if v.from_caller:
                     return Value(None, how, v.param, v.mem) if size == 8 and width == 8 else unknown(how)
-                return Value(v.value, how) if v.known else unknown(how)
+                # the load reads the low ``width`` bytes of what was stored
+                return Value((v.value or 0) & ((1 << (8 * width)) - 1), how) if v.known else unknown(how)
             break
+        if _writes_over(st, key, width):
+            return unknown(f"loaded from memory {slot} at {at}, changed after the store by {_fmt(st)}")
         if base_reg and _writes(st, base_reg):
             return unknown(f"loaded from memory {slot} at {at} ({base_reg} changes before)")
         calls = st.mnemonic == ix.Mnemonic.TDCALL or st.flow_control in (
