@@ -601,7 +601,7 @@ def test_the_kernel_branch_compiles(tmp_path, files):
 
 
 # --- the command -----------------------------------------------------------------------------------
-def test_the_command_writes_checks_and_refuses_a_bad_directory(tmp_path, files):
+def test_the_command_writes_checks_and_refuses_a_bad_directory(tmp_path, files, monkeypatch):
     runner = CliRunner()
     out = tmp_path / "kvm"
     r = runner.invoke(app, ["export-c", str(out)])
@@ -615,3 +615,11 @@ def test_the_command_writes_checks_and_refuses_a_bad_directory(tmp_path, files):
     r = runner.invoke(app, ["export-c", str(out / G.HEADER)])
     assert r.exit_code == 2
     assert r.output.strip().splitlines()[-1] == f"tdvmcall: error: {out / G.HEADER}: exists and is not a directory"
+    # an empty DIR is refused, not taken as the current directory (Path("") is ".")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    r = runner.invoke(app, ["export-c", ""])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        "tdvmcall: error: DIR: empty; give the directory to write into (. for this one)"
+    ]
+    assert list(Path.cwd().iterdir()) == []

@@ -28,7 +28,7 @@ EXPORT_C_HELP = "\n\n".join(
 
 
 def export_c(
-    directory: Path = typer.Argument(..., help="Directory to write tdvmcall_regs.h and tdvmcall_regs.c into."),
+    dir_arg: str = typer.Argument(..., metavar="DIR", help="Directory to write tdvmcall_regs.h and tdvmcall_regs.c into."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written (or checked) as JSON."),
     check: bool = typer.Option(
         False, "--check", help="Write nothing; exit 1 if DIR's files differ from what the model writes."
@@ -38,6 +38,9 @@ def export_c(
     from ..console import emit_json, fail, out
     from .generate import GeneratorError, build_table, generate, table_fingerprint
 
+    if not dir_arg.strip():  # Path("") is ".": an empty argument must not write here
+        fail("DIR: empty; give the directory to write into (. for this one)")
+    directory = Path(dir_arg)
     try:
         files = generate()
     except GeneratorError as e:
