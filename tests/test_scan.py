@@ -581,6 +581,7 @@ def test_broken_containers_are_reported_never_raised(built, data):
 
 
 REAL_FIRMWARE = os.environ.get("TDVMCALL_REAL_FIRMWARE")
+TDCALL_BYTES = b"\x66\x0f\x01\xcc"  # TDCALL (Intel TDX module ABI spec: 66 0F 01 CC)
 
 
 def test_real_tdx_firmware():
@@ -669,11 +670,11 @@ def test_efi_and_tiano_compressed_sections_and_an_unknown_wrapper(built, tmp_pat
 @settings(max_examples=40, deadline=None)
 @given(mask=st.integers(0, 2**32 - 1), leaf=st.integers(0, 2**32 - 1), wide=st.booleans())
 def test_raw_code_immediates_are_recovered_exactly(tmp_path_factory, mask, leaf, wide):
-    """Raw flat code `mov ecx/rcx, imm32; xor eax, eax; xor r10d, r10d; mov r11d, imm32; tdcall`:
-    the recovered mask is the immediate, zero-extended for `mov ecx` (B9 id) and sign-extended for
-    `mov rcx` (48 C7 C1 id), whatever the value (Intel SDM, MOV)."""
+    """Raw flat code `endbr64; mov ecx/rcx, imm32; xor eax, eax; xor r10d, r10d; mov r11d, imm32;
+    tdcall`: the recovered mask is the immediate, zero-extended for `mov ecx` (B9 id) and
+    sign-extended for `mov rcx` (48 C7 C1 id), whatever the value (Intel SDM, MOV)."""
     imm = struct.pack("<I", mask)
-    load = (b"\x48\xc7\xc1" if wide else b"\xb9") + imm
+    load = b"\xf3\x0f\x1e\xfa" + (b"\x48\xc7\xc1" if wide else b"\xb9") + imm
     code = load + b"\x31\xc0" + b"\x45\x31\xd2" + b"\x41\xbb" + struct.pack("<I", leaf) + b"\x66\x0f\x01\xcc\xc3"
     path = tmp_path_factory.mktemp("raw") / "blob.bin"
     path.write_bytes(code)
@@ -686,6 +687,37 @@ def test_raw_code_immediates_are_recovered_exactly(tmp_path_factory, mask, leaf,
     want = (mask | (0xFFFFFFFF00000000 if mask >> 31 else 0)) if wide else mask
     assert site.mask == want and site.regs["r11"].value == leaf and site.regs["r10"].value == 0
     assert site.regs["rcx"].how == "immediate"
+
+
+def test_raw_blobs_report_only_sites_from_a_function_start_they_can_show(tmp_path):
+    """In a raw blob nothing says where code is, and random bytes decode as x86: a TDCALL is reported
+    only when decoded from an endbr64 (F3 0F 1E FA), a ``push rbp; mov rbp, rsp`` (55 48 89 E5), or
+    the target of two calls; otherwise it is counted as not code, never dropped silently."""
+    import random
+
+    stub = (
+        b"\xb9\x00\x1c\x00\x00" + b"\x31\xc0" + b"\x45\x31\xd2" + b"\x41\xbb\x1f\x00\x00\x00" + TDCALL_BYTES + b"\xc3"
+    )
+    rng = random.Random(11)
+    noise = bytes(rng.randrange(256) for _ in range(1 << 16)).replace(TDCALL_BYTES, b"\x90" * 4)
+    pad = b"\xcc" * 16  # int3 padding: straight-line code does not run across it
+    blob = bytearray(noise + pad + stub)  # 1: after random bytes, no start shown
+    endbr = len(blob) + len(pad)
+    blob += pad + b"\xf3\x0f\x1e\xfa" + stub  # 2: endbr64
+    blob += pad + b"\x55\x48\x89\xe5" + stub[:-1] + b"\x5d\xc3"  # 3: push rbp; mov rbp, rsp ... pop rbp
+    called = len(blob) + len(pad)
+    blob += pad + stub  # 4: called from two places below
+    for _ in range(2):
+        at = len(blob) + len(pad)
+        blob += pad + b"\xe8" + struct.pack("<i", called - (at + 5)) + b"\xc3"
+    blob += pad + noise[:4096] + stub  # 5: inside random bytes again
+    (tmp_path / "blob.bin").write_bytes(bytes(blob))
+    code, doc = scan_json(tmp_path / "blob.bin")
+    summary = doc["inputs"][0]["summary"]
+    assert (summary["tdcall_sites"], summary["not_code"]) == (3, 2)
+    starts = sorted({int(s["symbol"].split("+")[0].removeprefix("sub_"), 16) for s in doc["sites"]})
+    assert starts == [endbr, endbr + len(stub) + 4 + len(pad), called]
+    assert {s["mask"] for s in doc["sites"]} == {"0x1c00"} and code == 0
 
 
 def test_judge_agrees_with_check_on_the_shipped_catalog():

@@ -237,7 +237,8 @@ def expand(
 
 def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
     """Every TDCALL decoded as code in the region (once per caller when values come from the caller),
-    and how many TDCALL byte matches are not code."""
+    and how many TDCALL byte matches are not code (in a raw blob: also those not decoded from a
+    function start it can show, :meth:`Region.justified`)."""
     code = region.code
     out: list[Site] = []
     not_code = 0
@@ -245,6 +246,9 @@ def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
         fn = region.function(at)
         if fn is None or fn.insns[-1].mnemonic != ix.Mnemonic.TDCALL:
             not_code += 1
+            continue
+        if code.raw and not region.justified(fn.start):
+            not_code += 1  # a raw blob: no function start shown before it, so not taken as code
             continue
         idx = len(fn.insns) - 1
         intra = {r: resolve(fn, idx, r, 0) for r in REGS}

@@ -67,6 +67,10 @@ BOUNDARIES = frozenset(
 )
 
 
+#: bytes that begin a function: endbr64 (CET builds), push rbp; mov rbp, rsp, and sub rsp, imm8/imm32
+PROLOGUES = (b"\xf3\x0f\x1e\xfa", b"\x55\x48\x89\xe5", b"\x48\x83\xec", b"\x48\x81\xec")
+
+
 def reg_name(reg: int) -> str | None:
     """The 64-bit GPR name of an iced register (``ecx`` -> ``rcx``), None for others."""
     return _REG.get(ix.RegisterExt.full_register(reg))
@@ -202,6 +206,17 @@ class Region:
         starts.update(t + va for t in targets[likely].tolist())
         starts.add(va)
         self.starts = sorted(starts)
+
+    def justified(self, start: int) -> bool:
+        """Whether ``start`` is a function start the scanner can show, not just one it assumes: a
+        symbol, the target of two or more direct calls, or bytes that begin a function (``endbr64``,
+        ``push rbp; mov rbp, rsp``, ``sub rsp, imm``).  Raw blobs report only sites decoded from
+        such a start (random bytes decode as x86 too)."""
+        if start in self.code.functions:
+            return True
+        off = start - self.code.va
+        head = self.code.data[off : off + 4]
+        return any(head.startswith(p) for p in PROLOGUES) or len(self.calls.get(start)) >= 2
 
     def name(self, start: int) -> str:
         return self.code.functions.get(start) or f"sub_{start:x}"

@@ -527,7 +527,13 @@ def image_renderable(img: Image, policy: str, verbose: bool = False) -> Group:
     for line in img.skipped:
         parts.append(Text(f"  skipped: {line}", style="dim"))
     if img.not_code:
-        parts.append(Text(f"  {img.not_code} TDCALL byte match(es) not decoded as code: not reported", style="dim"))
+        parts.append(
+            Text(
+                f"  {img.not_code} TDCALL byte match(es) not decoded as code (in a raw blob: from no function start "
+                "it can show): not reported",
+                style="dim",
+            )
+        )
     if not img.sites:
         parts.append(Text("  no TDCALL found" + (" in what could be read" if img.problems else ""), style="dim"))
         return Group(*parts)
