@@ -44,9 +44,6 @@ R10_BIT = 1 << 10
 FILLER = 0x5A5A5A5A00000000  # a guest register no case sets: FILLER | its index
 #: the exit reason of a TDVMCALL exit after a bus lock was detected (bit 26; docs/abi.md §3)
 BUS_LOCK_RAX = EXIT_REASON_TDCALL | 1 << 26
-#: whether the model dispatches such an exit apart (``leaves.lookup(..., bus_lock)``); if not, the
-#: model and the C both ignore RAX and the bus-lock vectors below are left out
-BUS_LOCK = G.model_has_bus_lock()
 # the issue's flags; the userspace build of the generated files must pass them unchanged
 CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared"]
 
@@ -165,8 +162,8 @@ def targets() -> list[tuple[str, dict[str, int], dict]]:
                 out.append((f"{leaf.name}/{case.name}/{reg}-flip", regs | {reg: regs[reg] ^ 1}, case.platform))
     regs = {name: FILLER | i for i, name in enumerate(GPR_NAMES) if i not in (RAX, RCX)}
     out.append(("unknown-ghci", regs | {"r10": 0, "r11": fallback_ghci()}, {}))
-    if BUS_LOCK:  # every vector again, as the exit of a TD in which a bus lock was detected
-        out += [(f"{name}/bus-lock", regs | {"rax": BUS_LOCK_RAX}, platform) for name, regs, platform in out]
+    # every vector again, as the exit of a TD in which a bus lock was detected
+    out += [(f"{name}/bus-lock", regs | {"rax": BUS_LOCK_RAX}, platform) for name, regs, platform in out]
     return out
 
 
@@ -293,8 +290,8 @@ def test_the_model_side_is_the_model(lib):
     rng = random.Random(12)
     checked = 0
     for name, regs, platform in TARGETS:
-        td = TdConfig("1.5", no_rbp_mod=False)
         base = base_vector(regs)
+        td = TdConfig("1.5", no_rbp_mod=False, bus_lock=base[RAX] != EXIT_REASON_TDCALL)
         want = model_masks(base)
         got = c_all_masks(lib, base)
         minimal = int(want[1][0] | want[2][0])  # everything the call needs at mask 0's values
@@ -302,10 +299,7 @@ def test_the_model_side_is_the_model(lib):
         for mask in sorted(masks):
             host = scenario.parse({"guest": {}, "platform": platform}).platform
             vcpu = KvmVcpu("hardened")
-            guest_path = base[RAX] == EXIT_REASON_TDCALL or "bus_lock" in TdConfig.__dataclass_fields__
-            if check_control(mask, td.module, td.no_rbp_mod) is None and guest_path:
-                if base[RAX] != EXIT_REASON_TDCALL:
-                    td = TdConfig("1.5", no_rbp_mod=False, bus_lock=True)  # type: ignore[call-arg]
+            if check_control(mask, td.module, td.no_rbp_mod) is None:
                 state = VcpuState()
                 state.gprs = [regs.get(n, 0) for n in GPR_NAMES]
                 state.gprs[RAX], state.gprs[RCX] = 0, mask
@@ -448,7 +442,6 @@ def test_hand_derived_answers(lib):
     assert c_check(lib, vec(0x3_0000_0000 | 0x0800, r11=0x10005)) == (2, r10, r10)
 
 
-@pytest.mark.skipif(not BUS_LOCK, reason="the model does not dispatch a bus-lock exit apart (no lookup(bus_lock))")
 def test_hand_derived_bus_lock_answers(lib):
     """Bit 26 of the exit reason (a bus lock was detected, docs/abi.md §3) keeps KVM from re-labelling the
     exit, and handle_tdvmcall() dispatches it on R11 alone (only the GHCI calls 0x10000..0x10004)."""

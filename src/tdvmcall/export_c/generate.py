@@ -24,7 +24,6 @@ The output is deterministic: the same model writes the same bytes (no date, no p
 from __future__ import annotations
 
 import hashlib
-import inspect
 import re
 from dataclasses import dataclass, fields
 
@@ -193,12 +192,11 @@ class Table:
     hypercalls: tuple[CLeaf, ...]
     unknown_ghci: CLeaf
     unknown_hypercall: CLeaf
-    unknown_bus_lock: CLeaf | None = None  # only when the model dispatches a bus-lock exit apart
+    unknown_bus_lock: CLeaf  # a bus-lock exit whose R11 no row takes
 
     @property
     def rows(self) -> tuple[CLeaf, ...]:
-        extra = (self.unknown_bus_lock,) if self.unknown_bus_lock is not None else ()
-        return self.ghci + self.hypercalls + (self.unknown_ghci, self.unknown_hypercall) + extra
+        return self.ghci + self.hypercalls + (self.unknown_ghci, self.unknown_hypercall, self.unknown_bus_lock)
 
     @property
     def max_values(self) -> int:
@@ -248,23 +246,16 @@ def build_table(leaves: tuple[L.Leaf, ...] | None = None) -> Table:
         )
     unknown_ghci = CLeaf(**{**fallbacks[0].__dict__, "name": "unknown GHCI leaf", "ident": "unknown_ghci"})
     unknown_hc = CLeaf(**{**fallbacks[1].__dict__, "name": "unknown hypercall", "ident": "unknown_hypercall"})
-    if not model_has_bus_lock():
-        return Table(tuple(ghci), tuple(hcs), unknown_ghci, unknown_hc)
     ghci_bl, unknown_bl = _bus_lock_rows(leaves, ghci, hcs)
     return Table(ghci_bl, tuple(hcs), unknown_ghci, unknown_hc, unknown_bl)
 
 
-# --- a bus-lock exit, when the model dispatches it apart ------------------------------------------
+# --- a bus-lock exit, which the model dispatches apart ------------------------------------------
 #: bit 26 of a TD exit's reason says a bus lock was detected.  The model (``kvm/tdx.py``) follows
 #: ``tdx_to_vmx_exit_reason()``, which compares the whole reason (low 32 bits) with TDCALL: a reason
 #: whose basic part (15:0) is TDCALL but which is not exactly TDCALL is not re-labelled, and goes to
 #: ``handle_tdvmcall()``, which dispatches on R11 alone (``leaves.lookup(..., bus_lock=True)``).
 BUS_LOCK_RULE = "low 32 bits of RAX != TDCALL (77) and bits 15:0 == TDCALL"
-
-
-def model_has_bus_lock() -> bool:
-    """Whether the model's ``lookup()`` dispatches a bus-lock exit apart (a ``bus_lock`` argument)."""
-    return "bus_lock" in inspect.signature(L.lookup).parameters
 
 
 def _bus_lock_rows(leaves: tuple[L.Leaf, ...], ghci: list[CLeaf], hcs: list[CLeaf]) -> tuple[tuple[CLeaf, ...], CLeaf]:
@@ -273,7 +264,7 @@ def _bus_lock_rows(leaves: tuple[L.Leaf, ...], ghci: list[CLeaf], hcs: list[CLea
     beyond one flag per row and one fallback row, and raises."""
 
     def pick(r10: int, r11: int) -> L.Leaf:
-        return L.lookup(r10, r11, bus_lock=True)  # type: ignore[call-arg]
+        return L.lookup(r10, r11, bus_lock=True)
 
     taken_r11 = {r.nr for r in ghci if r.nr is not None}
     taken_nr = {r.nr for r in hcs if r.nr is not None}
@@ -459,8 +450,8 @@ def render_source(table: Table) -> str:
     bl_field = "\tu8 bus_lock;\n"
     bl_define = f"#define TDVMCALL_EXIT_REASON_TDCALL\t{EXIT_REASON_TDCALL}\n"
     bl_rows = f"""
-/* {_comment(bl.name) if bl else ""}: a bus-lock exit whose R11 no row above takes */
-{_render_fallback(bl) if bl else ""}
+/* {_comment(bl.name)}: a bus-lock exit whose R11 no row above takes */
+{_render_fallback(bl)}
 
 /*
  * A TDVMCALL exit whose reason also says a bus lock was detected (bit 26) is not re-labelled
@@ -482,8 +473,6 @@ static int tdvmcall_bus_lock(u64 rax)
 \t\treturn &tdvmcall_unknown_bus_lock;
 \t}
 """
-    if bl is None:
-        bl_doc = bl_field = bl_define = bl_rows = bl_lookup = ""
     return f"""\
 // SPDX-License-Identifier: GPL-2.0-only OR MIT
 /*
