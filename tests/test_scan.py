@@ -720,6 +720,18 @@ def test_raw_blobs_report_only_sites_from_a_function_start_they_can_show(tmp_pat
     assert {s["mask"] for s in doc["sites"]} == {"0x1c00"} and code == 0
 
 
+def test_check_and_scan_draw_each_verdict_alike():
+    """One definition of the verdict colours (``judge.STYLE``): check's and scan's reports take theirs
+    from it, so a verdict cannot look one way in one report and another way in the other."""
+    from tdvmcall import judge
+    from tdvmcall.check import report as check_report
+    from tdvmcall.scan import report as scan_report
+
+    for v in judge.VERDICTS:
+        assert scan_report.STYLE[v] == check_report.STYLE[v] == judge.STYLE[v], v
+    assert set(judge.STYLE) == set(judge.VERDICTS)
+
+
 def test_judge_agrees_with_check_on_the_shipped_catalog():
     """Scan's way of choosing a call's cases (from the input values it pinned, ``judge.cases_for``)
     and check's (from the catalog row's words, ``check.catalog.cases_for``) give the same verdicts

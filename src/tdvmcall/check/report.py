@@ -19,16 +19,13 @@ from rich.text import Text
 from ..abi.control import Control
 from ..abi.regs import hex64, names_in
 from ..judge import (
-    HARDENED_REFUSES,
-    LEGACY_SILENT,
-    MODULE_REJECTS,
-    NOT_KVM,
     OK,
     VERDICTS,
     CaseRun,
     Host,
     exposed_xmms,
 )
+from ..judge import STYLE as VERDICT_STYLE
 from ..kvm import leaves as L
 from ..kvm.leaves import LEAVES
 from ..kvm.tdx import POLICIES
@@ -44,19 +41,9 @@ from .catalog import (
 
 JSON_SCHEMA = 1
 
-#: one style per verdict: rich style, HTML background, HTML text colour, what it means
-STYLE = {
-    OK: ("green", "#cdebd0", "#1b5e20", "every case completes; nothing read as zero or dropped"),
-    NOT_KVM: ("dim", "#e4e4e4", "#444444", "not a KVM call (Hyper-V, MigTD): only the module's check applies"),
-    LEGACY_SILENT: ("yellow", "#ffe38a", "#6d4c00", "today's KVM reads an unexposed input as 0 or drops an output"),
-    HARDENED_REFUSES: ("dark_orange", "#ffb380", "#7a2e00", "hardened KVM refuses the call (INVALID_OPERAND)"),
-    MODULE_REJECTS: (
-        "bold red",
-        "#d83b3b",
-        "#ffffff",
-        "the TDX module fails the call back to the guest; KVM never sees it",
-    ),
-}
+#: one style per verdict: rich style, HTML background, HTML text colour, what it means (the judge's,
+#: shared with scan)
+STYLE = VERDICT_STYLE
 
 
 # --- plain data ---------------------------------------------------------------------------------

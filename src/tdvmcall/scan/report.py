@@ -18,6 +18,7 @@ from rich.text import Text
 
 from ..abi.regs import fmt_mask, names_in
 from ..judge import HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, Host, exposed_xmms
+from ..judge import STYLE as VERDICT_STYLE
 from ..kvm import leaves as L
 from .analyze import Image, Site
 from .flow import Value
@@ -28,14 +29,11 @@ NOT_TDVMCALL = "not-tdvmcall"
 
 #: worst first: the order findings are listed in
 ORDER = (MODULE_REJECTS, HARDENED_REFUSES, LEGACY_SILENT, UNRESOLVED, NOT_KVM, OK, NOT_TDVMCALL)
+#: the judge's verdict styles (as check draws them), and scan's two states that are not verdicts
 STYLE = {
-    OK: ("green", "#cdebd0"),
-    NOT_KVM: ("dim", "#e4e4e4"),
-    LEGACY_SILENT: ("yellow", "#ffe38a"),
-    HARDENED_REFUSES: ("dark_orange", "#ffb380"),
-    MODULE_REJECTS: ("bold red", "#f08080"),
-    UNRESOLVED: ("magenta", "#e6d5f5"),
-    NOT_TDVMCALL: ("cyan", "#d7eef5"),
+    **VERDICT_STYLE,
+    UNRESOLVED: ("magenta", "#e6d5f5", "#4a148c", "a value the call is made with could not be recovered"),
+    NOT_TDVMCALL: ("cyan", "#d7eef5", "#004d5a", "a TDCALL leaf other than TDG.VP.VMCALL: not judged"),
 }
 #: the order verdict counts are listed in: best to worst, then what was not judged
 COUNT_ORDER = (OK, NOT_KVM, LEGACY_SILENT, HARDENED_REFUSES, MODULE_REJECTS, UNRESOLVED, NOT_TDVMCALL)
@@ -648,7 +646,10 @@ def html_report(images: list[Image], host: Host, policy: str) -> str:
         f"<h1>tdvmcall scan</h1><p>TDX module {e(host.module)}, NO_RBP_MOD {'on' if host.no_rbp_mod else 'off'}, "
         f"KVM {e(host.tree)}; exit status follows <b>{e(policy)}</b>.</p>",
         "<p>"
-        + " ".join(f"<span style='background:{c[1]};padding:1px 6px'>{e(v)}</span>" for v, c in STYLE.items())
+        + " ".join(
+            f"<span style='background:{c[1]};color:{c[2]};padding:1px 6px' title='{e(c[3])}'>{e(v)}</span>"
+            for v, c in STYLE.items()
+        )
         + "</p>",
     ]
     for img in images:
@@ -664,7 +665,7 @@ def html_report(images: list[Image], host: Host, policy: str) -> str:
             cells = []
             for p in ("legacy", "hardened"):
                 v = s.verdict(p)
-                cells.append(f"<td class='v' style='background:{STYLE[v][1]}'>{e(v)}</td>")
+                cells.append(f"<td class='v' style='background:{STYLE[v][1]};color:{STYLE[v][2]}'>{e(v)}</td>")
             how = "<br>".join(e(f"{r}: {s.regs[r].how}") for r in ("rax", "rcx", "r11"))
             det = "<br>".join(e(d) for d in s.details())
             mask = _val(s.regs["rcx"]) if s.is_vmcall else "-"
