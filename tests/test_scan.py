@@ -585,9 +585,17 @@ TDCALL_BYTES = b"\x66\x0f\x01\xcc"  # TDCALL (Intel TDX module ABI spec: 66 0F 0
 
 
 def test_real_tdx_firmware():
-    """Debian sid's ovmf-inteltdx (edk2 2026.08): .ci/run downloads it when it can.  Expected from
-    research on that image (docs/scan.md): 73 TDCALL sites, of which 42 TDVMCALLs, all with the mask
-    0xFFCC or 0xFFC4 (TdxDxe's inline CPUID without RBX), none rejected or refused."""
+    """Debian sid's ovmf-inteltdx (edk2 2026.08): .ci/run downloads it when it can.
+
+    73 TDCALL sites, of which 42 TDVMCALLs, all with the mask 0xFFCC or 0xFFC4 (TdxDxe's inline
+    CPUID without RBX), none rejected or refused: these counts are regression pins taken from the
+    scanner's first run on that image (docs/scan.md), not values derived independently; a change in
+    them means the scanner changed, to be explained.  One value is derived by hand, apart from the
+    scanner's data flow: DxeCore's copies of EDK2's TdVmCall stubs (``MdePkg/Library/BaseLib/X64/
+    TdVmcall.nasm``, TdVmCall and TdVmCallCpuid: ``mov eax, 0`` for TDG.VP.VMCALL, ``xor rcx, rcx``, then ``mov ecx`` with the
+    stub's register mask, then the zeroing of the other registers and ``tdcall``) are found by a byte
+    search in the decompressed module; their ``mov ecx, imm32`` (B9 id) bytes hold 0xFFCC (RDX RBX RSI
+    RDI R8-R15: bits 2, 3, 6..15; RBP, bit 5, not exposed), and that is the mask scan reports there."""
     if not REAL_FIRMWARE:
         pytest.skip("TDVMCALL_REAL_FIRMWARE is not set (.ci/run sets it when the ovmf-inteltdx download works)")
     path = Path(REAL_FIRMWARE)
@@ -599,6 +607,21 @@ def test_real_tdx_firmware():
     assert {x["mask"] for x in doc["sites"] if x["mask"]} == {"0xffcc", "0xffc4"}
     assert s["module_rejects"] == 0 and s["hardened_refuses"] == 0
     assert code == 0
+    # by hand: the stub's bytes in DxeCore (decompressed by the container layer only)
+    from tdvmcall.scan.containers import open_input
+
+    [(_, found)] = list(open_input(path))
+    [text] = [c for c in found.codes if c.chain[-3:] == ["DxeCore", "pe32", ".text"]]
+    head = b"\xb8\x00\x00\x00\x00" + b"\x48\x31\xc9" + b"\xb9"  # mov eax, 0; xor rcx, rcx; mov ecx, imm32
+    starts = [i for i in range(len(text.data)) if text.data.startswith(head, i)]
+    assert len(starts) == 2  # TdVmCall and TdVmCallCpuid, both in TdVmcall.nasm
+    for at in starts:
+        (mask,) = struct.unpack_from("<I", text.data, at + len(head))
+        assert mask == 0xFFCC == sum(1 << b for b in (2, 3, *range(6, 16)))
+        site = text.data.find(TDCALL_BYTES, at) + text.va  # the stub's tdcall, after the zeroing
+        assert site - (at + text.va) < 48
+        [reported] = {x["mask"] for x in doc["sites"] if "DxeCore" in x["container"] and x["offset"] == hex(site)}
+        assert reported == hex(mask)
 
 
 # --- more containers ----------------------------------------------------------------------------------
