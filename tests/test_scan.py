@@ -592,9 +592,9 @@ def test_real_tdx_firmware():
     scanner's first run on that image (docs/scan.md), not values derived independently; a change in
     them means the scanner changed, to be explained.  One value is derived by hand, apart from the
     scanner's data flow: DxeCore's copies of EDK2's TdVmCall stubs (``MdePkg/Library/BaseLib/X64/
-    TdVmcall.nasm``, TdVmCall and TdVmCallCpuid: ``mov eax, 0`` for TDG.VP.VMCALL, ``xor rcx, rcx``, then ``mov ecx`` with the
-    stub's register mask, then the zeroing of the other registers and ``tdcall``) are found by a byte
-    search in the decompressed module; their ``mov ecx, imm32`` (B9 id) bytes hold 0xFFCC (RDX RBX RSI
+    TdVmcall.nasm``, TdVmCall and TdVmCallCpuid: ``mov eax, 0`` for TDG.VP.VMCALL, ``xor rcx, rcx``,
+    then ``mov ecx`` with the stub's register mask, then the zeroing of the other registers and
+    ``tdcall``) are found by a byte search in the decompressed module; their ``mov ecx, imm32`` (B9 id) bytes hold 0xFFCC (RDX RBX RSI
     RDI R8-R15: bits 2, 3, 6..15; RBP, bit 5, not exposed), and that is the mask scan reports there."""
     if not REAL_FIRMWARE:
         pytest.skip("TDVMCALL_REAL_FIRMWARE is not set (.ci/run sets it when the ovmf-inteltdx download works)")
