@@ -5,16 +5,17 @@ instruction when it decodes the function around it from the function's start.  B
 decode so (inside an immediate, in data) are counted, not reported.
 
 Values are recovered by data flow inside the function, walking back from the use along the
-straight-line code from the function's start (branches are not followed; a value set on one path
-only would be taken as set): immediates, register copies, zeroing idioms (``xor ecx, ecx``), 32-bit
-writes (which zero the upper half), 8/16-bit writes (merged with the older value), ``or``/``and``/
-``add``/``sub`` with an immediate, ``lea`` of a constant, and loads from a stack slot or struct
-field (``[reg+disp]``) that the same function stored a value to earlier with the base register
-unchanged in between.  A value that reaches the function's start is the caller's (``param``), and a
-load through a register still holding the caller's value is the caller's memory (``mem``): the
-callers are followed (``analyze.expand``) and :func:`resolve` (registers) or :func:`memory_at_call`
-(a forward pass over the caller's stores) gives the value there.  Anything else is said, never
-guessed: ``loaded from memory``, ``set by the call at ...``, ``from caller, unresolved``.
+straight-line code from the function's start (branches are not followed; a write that a direct jump
+from before it goes past is "set on one path only", unknown): immediates, register copies, zeroing
+idioms (``xor ecx, ecx``), 32-bit writes (which zero the upper half), 8/16-bit writes (merged with
+the older value), ``or``/``and``/``add``/``sub`` with an immediate, ``lea`` of a constant, and
+loads from a stack slot or struct field (``[reg+disp]``) that the same function stored a value to
+earlier with the base register unchanged and the bytes not written again in between (cut to the
+load's width). A value that reaches the function's start is the caller's (``param``), and a load
+through a register still holding the caller's value is the caller's memory (``mem``): the callers
+are followed (``analyze.expand``) and :func:`resolve` (registers) or :func:`memory_at_call` (a
+forward pass over the caller's stores) gives the value there. Anything else is said, never guessed:
+``loaded from memory``, ``set by the call at ...``, ``from caller, unresolved``.
 
 iced reports no implicit registers for TDCALL: its reads and writes are modelled here (it reads RAX,
 and RCX and the exposed GPRs for TDG.VP.VMCALL; it writes RAX, RCX, R10, R11 and the exposed GPRs).
