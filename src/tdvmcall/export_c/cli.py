@@ -28,7 +28,9 @@ EXPORT_C_HELP = "\n\n".join(
 
 
 def export_c(
-    dir_arg: str = typer.Argument(..., metavar="DIR", help="Directory to write tdvmcall_regs.h and tdvmcall_regs.c into."),
+    dir_arg: str = typer.Argument(
+        ..., metavar="DIR", help="Directory to write tdvmcall_regs.h and tdvmcall_regs.c into."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print what was written (or checked) as JSON."),
     check: bool = typer.Option(
         False, "--check", help="Write nothing; exit 1 if DIR's files differ from what the model writes."
