@@ -17,6 +17,8 @@ The shared helpers, for every wing:
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import io
 import json
 import math
@@ -29,6 +31,10 @@ import typer
 from rich.console import Console, Group
 from rich.measure import Measurement
 from rich.table import Table
+
+# typer vendors click from 0.26 on; its exceptions are the ones the app raises (typer is pinned to
+# 0.26.x in pyproject.toml: 0.27 and later render a flag as `--json <bool>` in --help)
+from typer._click.exceptions import Abort, ClickException, NoArgsIsHelpError, NoSuchOption, UsageError
 
 
 class _WideConsole(Console):
@@ -262,3 +268,81 @@ __all__ = [
     "stdin_binary",
     "writable_file",
 ]
+
+
+# --- the process's edges, for every command (cli.main) ---------------------------------------
+
+
+def _paragraphs(text: str) -> str:
+    """Help text as paragraphs: the line breaks of a docstring are not the reader's line breaks."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        text = info.help or (inspect.getdoc(info.callback) if info.callback else None)
+        if text:
+            info.help = _paragraphs(text)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+def _command_path(command: typer.core.TyperGroup, args: list[str]) -> str:
+    """``tdvmcall vectors verify``: the commands named at the start of the arguments."""
+    path = ["tdvmcall"]
+    for word in args:
+        sub = getattr(command, "commands", {}).get(word)
+        if sub is None:
+            break
+        path.append(word)
+        command = sub
+    return " ".join(path)
+
+
+def _usage_line(e: UsageError, command: typer.core.TyperGroup, args: list[str]) -> str:
+    """A usage error as one line: what is wrong, then where help is."""
+    ctx = e.ctx
+    where = ctx.command_path if ctx is not None and ctx.parent is not None else _command_path(command, args)
+    message = "missing command (the help above lists them)" if isinstance(e, NoArgsIsHelpError) else e.format_message()
+    if isinstance(e, NoSuchOption) and e.option_name.lstrip("-").replace(".", "", 1).isdigit():
+        message += " (a negative number is not an option; put it after --, e.g. 'tdvmcall decode -- -1')"
+    return f"{message.rstrip('.')} (see '{where} --help')"
+
+
+def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
+    """Run one command of ``app`` and return its exit status (help reflowed as paragraphs first).
+
+    - usage errors (unknown option, missing argument, bad option value): one line
+      ``tdvmcall: error: ...`` on stderr, exit 2, as every command's own bad-input errors;
+    - standard input closed (``<&-``): any read of it is one line, exit 2 (``console.ClosedStdin``);
+    - standard output closed or its pipe closed by the reader: the rest of the output is discarded
+      and the command runs on to its own exit status (``check | head -1`` still says 1 when a call
+      fails the policy), never 1 for the pipe alone and never a traceback;
+    - Ctrl-C: exit 130.
+    """
+    _reflow_help(app)
+    command = typer.main.get_command(app)
+    if sys.stdin is None:  # started with standard input closed (<&-): a read is one line, exit 2
+        sys.stdin = ClosedStdin()
+    if sys.stderr is None:  # started with 2>&-: errors go nowhere, but the exit status still says 2
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    if sys.stdout is None:  # started with standard output closed (>&-): nowhere to print
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    sys.stdout = PipeGuard(sys.stdout)  # type: ignore[assignment]
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        status = command.main(args=args, prog_name="tdvmcall", standalone_mode=False)
+    except UsageError as e:
+        sys.stderr.write(f"tdvmcall: error: {' '.join(_usage_line(e, command, args).split())}\n")
+        status = 2
+    except ClickException as e:  # a bad parameter value click itself checks (files, choices)
+        sys.stderr.write(f"tdvmcall: error: {' '.join(e.format_message().split())}\n")
+        status = 2
+    except (Abort, KeyboardInterrupt):
+        sys.stderr.write("tdvmcall: interrupted\n")
+        status = 130
+    status = status if isinstance(status, int) else 0
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    return status
