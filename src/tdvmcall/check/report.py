@@ -5,8 +5,6 @@ every judgement was made in ``judge.py``.
 
 from __future__ import annotations
 
-import html
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import groupby
@@ -16,6 +14,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .. import html_matrix as M
 from ..abi.control import Control
 from ..abi.regs import hex64, names_in
 from ..judge import (
@@ -546,172 +545,59 @@ def markdown_report(results: list[CallCheck], host: Host, policy: str, catalog: 
 
 
 # --- HTML ---------------------------------------------------------------------------------------
-_CSS = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:16px 20px;color:#222}
-h1{font-size:20px;margin:0 0 4px}
-.host{color:#555;margin-bottom:8px}
-.summary{font-weight:600;margin:8px 0 12px}
-.legend span{display:inline-block;padding:2px 8px;margin:0 6px 4px 0;border-radius:3px}
-.wrap{display:flex;gap:16px;align-items:flex-start}
-table.matrix{border-collapse:collapse}
-.matrix th,.matrix td{border:1px solid #d0d0d0;padding:0}
-.matrix thead th{vertical-align:bottom;background:#fafafa;font-weight:600}
-.matrix thead th.call div{writing-mode:vertical-rl;transform:rotate(180deg);padding:6px 2px;white-space:nowrap;font-size:12px}
-.matrix thead th.group{font-size:12px;padding:3px 6px;text-align:center}
-.matrix tr.guest th{background:#eef2f7;text-align:left;padding:4px 8px;font-size:13px}
-.matrix th.site{text-align:left;font-weight:normal;padding:3px 8px;white-space:nowrap;background:#fff}
-.matrix th.site code{font-size:12px}
-.matrix th.site .mask{color:#555;font-family:ui-monospace,monospace;font-size:12px;margin-left:6px}
-.matrix td.none{background:#fbfbfb}
-.matrix td.cell{cursor:pointer;width:34px;height:24px}
-.matrix td.cell:hover,.matrix td.cell.sel{outline:2px solid #222;outline-offset:-2px}
-.pair{display:flex;height:24px}
-.pair span{flex:1;display:flex;align-items:center;justify-content:center;font:600 11px ui-monospace,monospace}
-#panel{position:sticky;top:12px;min-width:340px;max-width:460px;border:1px solid #ccc;border-radius:4px;padding:10px 12px;background:#fff}
-#panel h2{font-size:15px;margin:0 0 6px}
-#panel ul{padding-left:18px;margin:6px 0}
-.errors{color:#b00020}
-h2.findings{font-size:16px;margin:18px 0 6px}
-ul.findings{padding-left:18px;max-width:1200px}
-ul.findings li{margin-bottom:6px}
-.v{display:inline-block;padding:1px 6px;border-radius:3px;margin-left:4px;font-size:12px}
-"""
-
-_JS = """
-(function(){
-  var data = JSON.parse(document.getElementById('check-data').textContent);
-  var panel = document.getElementById('panel');
-  var styles = data.styles;
-  function esc(s){var d=document.createElement('div');d.textContent=s;return d.innerHTML;}
-  function badge(policy, v){var st=styles[v];return '<span class="v" style="background:'+st[0]+';color:'+st[1]+'">'+policy+': '+v+'</span>';}
-  function show(id){
-    var r = data.results[id]; if(!r) return;
-    document.querySelectorAll('td.cell.sel').forEach(function(c){c.classList.remove('sel');});
-    var cell = document.getElementById('c'+id); if(cell) cell.classList.add('sel');
-    var h = '<h2>'+esc(r.guest+' '+r.function)+'</h2>';
-    h += '<div><code>'+esc(r.mask)+'</code> '+esc(r.gprs.join(' '))+(r.xmms.length?' + '+esc(r.xmms.join(' ')):'')+'</div>';
-    h += '<div>'+esc(r.file)+(r.snapshot?' @ '+esc(r.snapshot):'')+'</div>';
-    h += '<p><b>'+esc(r.call)+'</b> (catalog: '+esc(r.written)+')<br>'+badge('legacy', r.verdict.legacy)+badge('hardened', r.verdict.hardened)+'</p>';
-    h += '<ul>'+r.details.map(function(d){return '<li>'+esc(d)+'</li>';}).join('')+'</ul>';
-    if(r.cases.length) h += '<div>cases checked: '+esc(r.cases.join(', '))+'</div>';
-    panel.innerHTML = h; panel.dataset.shown = id;
-  }
-  document.querySelectorAll('td.cell').forEach(function(c){
-    c.addEventListener('click', function(){ show(c.dataset.id); history.replaceState(null,'','#show='+c.dataset.id); });
-  });
-  var m = location.hash.match(/^#show=(\\d+)$/);
-  if(m){ show(m[1]); var sel = document.querySelector('td.cell[data-id="'+m[1]+'"]');
-    if(sel) sel.scrollIntoView({block: 'center', inline: 'center'}); }  // a cell below the fold: bring it in view
-})();
-"""
-
-
-def _cell(i: int, c: CallCheck) -> str:
-    halves = []
-    for p in POLICIES:
-        v = c.verdict[p]
-        _, bg, fg, _ = STYLE[v]
-        halves.append(f'<span class="{p} {v}" style="background:{bg};color:{fg}">{p[0].upper()}</span>')
-    tip = f"{c.site.label} · {c.call.name}\nlegacy: {c.verdict['legacy']}\nhardened: {c.verdict['hardened']}\n"
-    tip += "\n".join(detail_lines(c))
-    return (
-        f'<td class="cell" id="c{i}" data-id="{i}" data-row="{c.site.row}" data-call="{html.escape(c.call.name)}"'
-        f' data-legacy="{c.verdict["legacy"]}" data-hardened="{c.verdict["hardened"]}"'
-        f' title="{html.escape(tip)}"><div class="pair">{"".join(halves)}</div></td>'
-    )
-
-
-def _columns(results: list[CallCheck]) -> list[tuple[str, list[str]]]:
+def _columns(results: list[CallCheck]) -> list[tuple[str, list[tuple[str, str]]]]:
     """Column groups in leaf-table order: GHCI calls, KVM hypercalls, calls that are not KVM's."""
     present = {c.call.name for c in results}
     ghci = [lf.name for lf in LEAVES if lf.family == "ghci" and lf.name in present]
     hc = [lf.name for lf in LEAVES if lf.family == "kvm-hypercall" and lf.name in present]
     foreign = [n for n in FOREIGN_CALLS if n in present]
     return [
-        (label, cols) for label, cols in (("GHCI calls", ghci), ("KVM hypercalls", hc), ("not KVM", foreign)) if cols
+        (label, [(c, short_name(c)) for c in cols])
+        for label, cols in (("GHCI calls", ghci), ("KVM hypercalls", hc), ("not KVM", foreign))
+        if cols
     ]
 
 
-def _findings_html(results: list[CallCheck]) -> str:
-    """Below the matrix, the findings (:func:`findings`: the sites with a call that does not pass
-    under some policy, one line per distinct reason, worst first): readable without hovering."""
-    e = html.escape
-    items = []
-    for f in findings(results):
-        badges = "".join(
-            f'<span class="v" style="background:{STYLE[v][1]};color:{STYLE[v][2]}">{p}: {v}</span>'
-            for p, v in (("legacy", f.verdict["legacy"]), ("hardened", f.verdict["hardened"]))
-        )
-        calls = calls_text(f.checks)
-        items.append(
-            f'<li data-row="{f.site.row}"><b>{e(f.site.label)}</b> <code>{f.site.mask:#06x}</code> '
-            f"{e(calls)} {badges}<br>{'<br>'.join(e(w) for w in f.details)}</li>"
-        )
-    if not items:
-        return '<h2 class="findings">Findings</h2><p>Every call passes under both policies.</p>'
-    return f'<h2 class="findings">Findings</h2><ul class="findings" id="findings">{"".join(items)}</ul>'
+def _cell(i: int, c: CallCheck) -> M.Cell:
+    tip = f"{c.site.label} · {c.call.name}\nlegacy: {c.verdict['legacy']}\nhardened: {c.verdict['hardened']}\n"
+    tip += "\n".join(detail_lines(c))
+    return M.Cell(i, dict(c.verdict), tip, result_json(c), c.site.row)
+
+
+def html_matrix(results: list[CallCheck], host: Host, policy: str, catalog: str, errors: list[str]) -> M.Matrix:
+    """The matrix page's content: one group per guest, one row per site, one cell per (site, call)
+    (its id = the result's index in ``--json``), the findings (:func:`findings`) below."""
+    index = {id(c): i for i, c in enumerate(results)}
+    groups = []
+    for guest, checks in by_guest(results):
+        rows = []
+        for site, site_checks in by_site(checks):
+            where = site.file + (f" @ {site.snapshot}" if site.snapshot else "")
+            cells = {c.call.name: _cell(index[id(c)], c) for c in site_checks}
+            rows.append(M.Row(site.function, f"{site.mask:#06x}", where, site.row, cells))
+        groups.append(M.Group(guest, rows))
+    found = [
+        M.Finding(f.site.row, f.site.label, f"{f.site.mask:#06x}", calls_text(f.checks), f.verdict, f.details)
+        for f in findings(results)
+    ]
+    return M.Matrix(
+        title="tdvmcall check",
+        heading="tdvmcall check: guests' TDVMCALL masks against a host",
+        host=host_line(host, policy, catalog),
+        summary=summary_line(results),
+        styles=STYLE,
+        columns=_columns(results),
+        groups=groups,
+        findings=found,
+        errors=errors,
+    )
 
 
 def html_report(results: list[CallCheck], host: Host, policy: str, catalog: str, errors: list[str]) -> str:
-    """One self-contained page (no external resources): the matrix of call sites x calls, each cell
+    """One self-contained page (``html_matrix.py``): the matrix of call sites x calls, each cell
     split into the legacy and the hardened verdict; hover a cell for its details, click it to pin
     them in the side panel (or open ``page.html#show=<N>``, N = the result's index in ``--json``)."""
-    e = html.escape
-    groups = _columns(results)
-    cols = [c for _, cs in groups for c in cs]
-    head1 = (
-        '<tr><th rowspan="2"></th>'
-        + "".join(f'<th class="group" colspan="{len(cs)}">{e(label)}</th>' for label, cs in groups)
-        + "</tr>"
-    )
-    head2 = (
-        "<tr>" + "".join(f'<th class="call" title="{e(c)}"><div>{e(short_name(c))}</div></th>' for c in cols) + "</tr>"
-    )
-    index = {id(c): i for i, c in enumerate(results)}
-    body = []
-    for guest, checks in by_guest(results):
-        body.append(f'<tr class="guest"><th colspan="{len(cols) + 1}">{e(guest)}</th></tr>')
-        for site, site_checks in by_site(checks):
-            by_call = {c.call.name: c for c in site_checks}
-            label = (
-                f'<th class="site" title="{e(site.file)}{" @ " + e(site.snapshot) if site.snapshot else ""}">'
-                f'<code>{e(site.function)}</code><span class="mask">{site.mask:#06x}</span></th>'
-            )
-            cells = [
-                _cell(index[id(by_call[c])], by_call[c]) if c in by_call else '<td class="none"></td>' for c in cols
-            ]
-            body.append(f'<tr data-row="{site.row}">{label}{"".join(cells)}</tr>')
-    findings = _findings_html(results)
-    legend = "".join(
-        f'<span style="background:{bg};color:{fg}" title="{e(meaning)}">{v}</span>'
-        for v, (_, bg, fg, meaning) in STYLE.items()
-    )
-    data = {
-        "styles": {v: [bg, fg] for v, (_, bg, fg, _m) in STYLE.items()},
-        "results": {str(i): result_json(c) for i, c in enumerate(results)},
-    }
-    payload = json.dumps(data).replace("</", "<\\/")
-    errs = "".join(f"<li>{e(x)}</li>" for x in errors)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>tdvmcall check</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>{_CSS}</style></head><body>
-<h1>tdvmcall check: guests' TDVMCALL masks against a host</h1>
-<div class="host">{e(host_line(host, policy, catalog))}</div>
-<div class="summary" id="summary">{e(summary_line(results))}</div>
-<div class="legend">each cell: <b>L</b> = today's KVM (legacy), <b>H</b> = hardened KVM, coloured by verdict: {legend}</div>
-{f'<ul class="errors" id="errors">{errs}</ul>' if errors else ""}
-<div class="wrap">
-<table class="matrix" id="matrix"><thead>{head1}{head2}</thead><tbody>
-{chr(10).join(body)}
-</tbody></table>
-<div id="panel"><h2>Details</h2><p>Hover a cell for its details; click it to pin them here.</p></div>
-</div>
-{findings}
-<script type="application/json" id="check-data">{payload}</script>
-<script>{_JS}</script>
-</body></html>
-"""
+    return M.render(html_matrix(results, host, policy, catalog, errors))
 
 
 __all__ = [
