@@ -14,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import uuid
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -501,12 +502,94 @@ def test_register_runs_are_shortened():
     assert regs_text(["r10", "r12"]) == "r10 r12"
 
 
-def test_html_page(built, tmp_path):
+class MatrixCells(HTMLParser):
+    """The matrix of the HTML page: per row (its site label), the cells' column, verdicts, id, and
+    the verdict classes of their two halves; the findings' items; the page's JSON data."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[str, dict[str, dict]] = {}
+        self.row: str | None = None
+        self.cell: dict | None = None
+        self.stack: list[str] = []
+        self.findings: list[str] = []
+        self.data = ""
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag not in ("br", "meta"):  # void elements: no end tag
+            self.stack.append(a.get("class") or a.get("id") or tag)
+        if tag == "td" and a.get("class") == "cell":
+            self.cell = {"legacy": a["data-legacy"], "hardened": a["data-hardened"], "id": a["data-id"], "halves": []}
+            self.rows[self.row][a["data-call"]] = self.cell
+        elif tag == "span" and self.cell is not None:
+            self.cell["halves"].append(a["class"])
+        elif tag == "li" and "findings" in self.stack:
+            self.findings.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self.cell = None
+        if tag not in ("br", "meta"):
+            self.stack.pop()
+
+    def handle_data(self, data):
+        if self.stack[-1:] == ["code"] and "site" in self.stack:
+            self.row = data
+            self.rows[data] = {}
+        elif "findings" in self.stack and self.findings:
+            self.findings[-1] += data
+        elif self.stack[-1:] == ["check-data"]:
+            self.data += data
+
+
+def test_html_page_is_the_matrix_of_sites_by_calls(built, tmp_path):
+    """The page ``check --html`` writes (html_matrix.py), here sites x calls: each cell's legacy and
+    hardened verdict as read from sites.s by hand (docs/abi.md §2, §4: a mask with RBP or reserved
+    bits fails the module; a call passes when its mask covers what the leaf reads and writes)."""
     out = tmp_path / "scan.html"
     res = runner.invoke(app, ["scan", str(built["sites.elf"]), "--html", str(out)])
     assert res.exit_code == 1
     page = out.read_text()
-    assert page.startswith("<!doctype html>") and "copy_mask+0x14" in page and "module-rejects" in page
+    assert "<script src" not in page and "<link" not in page and "http" not in page.split("<script")[0]  # offline
+    p = MatrixCells()
+    p.feed(page)
+    rejects = ("module-rejects", "module-rejects")
+    ok = ("ok", "ok")
+    expected = {
+        "imm_mask+0x16": {"Instruction.RDMSR": ok},  # 0x1C00 = R10 R11 R12: RDMSR reads R12, writes R11
+        "copy_mask+0x14": {"Instruction.HLT": rejects},  # 0xFFEC has RBP (bit 5): NO_RBP_MOD
+        "zero_mask+0xd": {"Instruction.CPUID": ("legacy-silent", "hardened-refuses")},  # nothing exposed
+        "mov32+0x1a": {"Instruction.RDMSR": ok},  # 0xFC00 = R10..R15
+        "mov64+0x12": {"Instruction.RDMSR": rejects},  # reserved bits 63:32 set
+        "mov8+0x12": {"Instruction.HLT": ok},  # 0xFFCC: every GPR but RAX RCX RSP RBP
+        "wrapper+0xd": {"Instruction.HLT": ok, "Instruction.IO": ok},  # one row, a cell per caller's call
+        "mem_mask+0x12": {"Instruction.RDMSR": ("unresolved", "unresolved")},  # mask from memory
+        "stack_mask+0x1f": {"#VE.RequestMMIO": ok},  # MMIO write: R12..R15 within 0xFC00
+        "tdcall_stub+0x12": {"Instruction.HLT": ok, "Instruction.IO": ok},  # 0xFFCC, two callers' calls
+        "vp_info+0x5": {"TDG.VP.INFO": ("not-tdvmcall", "not-tdvmcall")},
+        "page_accept+0x8": {"TDG.MEM.PAGE.ACCEPT": ("not-tdvmcall", "not-tdvmcall")},
+    }
+    got = {row: {call: (c["legacy"], c["hardened"]) for call, c in cells.items()} for row, cells in p.rows.items()}
+    assert got == expected
+    for cells in p.rows.values():  # each half coloured by its own policy's verdict
+        for c in cells.values():
+            assert c["halves"] == [f"legacy {c['legacy']}", f"hardened {c['hardened']}"]
+    # a cell's id is its first call's index in --json's sites: #show=<id> pins the same call
+    _, doc = scan_json(built["sites.elf"])
+    io = p.rows["wrapper+0xd"]["Instruction.IO"]
+    assert doc["sites"][int(io["id"])]["symbol"] == "wrapper+0xd"
+    assert doc["sites"][int(io["id"])]["call"] == "Instruction.IO"
+    panel = json.loads(p.data)["results"][io["id"]]
+    assert panel["call"] == "Instruction.IO" and panel["written"] == "IO in" and panel["gprs"][0] == "r10"
+    # the findings below the matrix: the failing and the unresolved rows, the worst first
+    assert [f.split(":")[1].split()[0] for f in p.findings] == [
+        "copy_mask+0x14",
+        "mov64+0x12",
+        "zero_mask+0xd",
+        "mem_mask+0x12",
+    ]
+    assert "needs at least 0x1c00" in p.findings[-1]
 
 
 def test_to_catalog_rows_collapse_and_pin_directions(built, tmp_path):

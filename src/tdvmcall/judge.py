@@ -57,6 +57,20 @@ STYLE: dict[str, tuple[str, str, str, str]] = {
 KVM_CALLS: tuple[L.Leaf, ...] = L.GHCI_LEAVES + L.KVM_HYPERCALLS
 
 
+#: the prefixes of the leaf table's call names that a compact label leaves out
+_CALL_PREFIXES = ("Instruction.", "KVMHypercall.", "#VE.Request")
+
+
+def short_name(call: str) -> str:
+    """A compact label of a call of the leaf table (the catalog's word for it, docs/check.md):
+    ``Instruction.RDMSR`` -> ``RDMSR``, ``#VE.RequestMMIO`` -> ``MMIO``, ``KVMHypercall.SEND_IPI`` ->
+    ``SEND_IPI``; any other name unchanged."""
+    for prefix in _CALL_PREFIXES:
+        if call.startswith(prefix):
+            return call[len(prefix) :]
+    return call
+
+
 @dataclass(frozen=True)
 class Host:
     """The host a call is judged against: the TD's attributes and KVM's tree."""

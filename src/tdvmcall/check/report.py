@@ -23,6 +23,7 @@ from ..judge import (
     CaseRun,
     Host,
     exposed_xmms,
+    short_name,
 )
 from ..judge import STYLE as VERDICT_STYLE
 from ..kvm import leaves as L
@@ -46,14 +47,6 @@ STYLE = VERDICT_STYLE
 
 
 # --- plain data ---------------------------------------------------------------------------------
-def short_name(call: str) -> str:
-    """A compact column label: ``Instruction.RDMSR`` -> ``RDMSR``, ``#VE.RequestMMIO`` -> ``MMIO``."""
-    for prefix in ("Instruction.", "KVMHypercall.", "#VE.Request"):
-        if call.startswith(prefix):
-            return call[len(prefix) :]
-    return call
-
-
 def case_text(run: CaseRun, leaf: L.Leaf) -> str:
     """``in [r12=0x1 r13=0x0 r14=0x3fd]``: the case name and its input values, without the
     selectors of the leaf the guest meant (``Leaf.selectors``: R10, and R11 for a GHCI call)."""

@@ -1,11 +1,11 @@
 """Renderers of ``tdvmcall scan`` results: JSON (a public format, docs/scan.md), a rich table per
-image grouped by module with the findings first, catalog CSV rows, and a self-contained HTML page.
+image grouped by module with the findings first, catalog CSV rows, and the matrix page of
+``html_matrix.py`` (sites x calls, as ``check --html`` draws it).
 They only present :class:`~.analyze.Site` values; every judgement was made in ``judge.py``."""
 
 from __future__ import annotations
 
 import csv
-import html
 import io
 from collections import Counter
 from collections.abc import Iterable
@@ -16,8 +16,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .. import html_matrix as M
 from ..abi.regs import fmt_mask, names_in
-from ..judge import HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, Host, exposed_xmms
+from ..judge import HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, Host, exposed_xmms, short_name
 from ..judge import STYLE as VERDICT_STYLE
 from ..kvm import leaves as L
 from .analyze import Image, Site
@@ -130,31 +131,6 @@ def _val(v: Value | None) -> str:
     if v is None or v.value is None:
         return "?"
     return f"{v.value:#x}"
-
-
-def _rows(img: Image, policy: str) -> list[tuple[Site, int, list[str]]]:
-    """Sites collapsed: identical (module, function, values, verdicts) shown once, with the count
-    and the callers (the HTML page's rows)."""
-    groups: dict[tuple, tuple[Site, list[str]]] = {}
-    for s in img.sites:
-        key = (
-            module_of(s),
-            s.symbol,
-            s.call_name,
-            s.rax,
-            s.mask,
-            tuple(sorted(s.pinned().items())),
-            s.verdict("legacy"),
-            s.verdict("hardened"),
-            tuple(s.details()),
-        )
-        if key in groups:
-            groups[key][1].append(s.via or "")
-        else:
-            groups[key] = (s, [s.via or ""])
-    rows = [(s, len(v), v) for s, v in groups.values()]
-    rows.sort(key=lambda r: (severity(r[0], policy), module_of(r[0]), r[0].address))
-    return rows
 
 
 def _call_text(s: Site) -> str:
@@ -633,46 +609,119 @@ def catalog_csv(images: Iterable[Image]) -> tuple[str, int]:
 
 
 # --- HTML ------------------------------------------------------------------------------------------------
-def html_report(images: list[Image], host: Host, policy: str) -> str:
-    """A self-contained page: per image, a matrix of sites (rows) by policy (columns), coloured by
-    verdict, with the values and how they were found."""
-    e = html.escape
-    out = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>tdvmcall scan</title><style>",
-        "body{font-family:sans-serif;font-size:13px;margin:1.5em}table{border-collapse:collapse;margin:.5em 0 2em}",
-        "td,th{border:1px solid #bbb;padding:2px 6px;vertical-align:top}th{background:#f0f0f0}",
-        "td.v{font-weight:bold;text-align:center}small{color:#555}",
-        "</style></head><body>",
-        f"<h1>tdvmcall scan</h1><p>TDX module {e(host.module)}, NO_RBP_MOD {'on' if host.no_rbp_mod else 'off'}, "
-        f"KVM {e(host.tree)}; exit status follows <b>{e(policy)}</b>.</p>",
-        "<p>"
-        + " ".join(
-            f"<span style='background:{c[1]};color:{c[2]};padding:1px 6px' title='{e(c[3])}'>{e(v)}</span>"
-            for v, c in STYLE.items()
-        )
-        + "</p>",
-    ]
+UNRESOLVED_CALL = "call unresolved"
+UNRESOLVED_LEAF = "TDCALL leaf unresolved"
+
+
+def column_of(s: Site) -> str:
+    """The matrix column a site's call falls in: its leaf's name (``Instruction.IO``), ``call
+    unresolved``, or the TDCALL leaf of a site that is not a TDVMCALL."""
+    if not s.is_vmcall:
+        return s.tdcall_leaf if s.rax is not None else UNRESOLVED_LEAF
+    return s.leaf.name if s.leaf is not None else UNRESOLVED_CALL
+
+
+def _columns(sites: list[Site]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Column groups: GHCI calls and KVM hypercalls in leaf-table order, then the TDVMCALLs whose
+    call is unknown or unresolved, then the other TDCALL leaves (not judged)."""
+    present = list(dict.fromkeys(column_of(s) for s in sites))
+    ghci = [lf.name for lf in L.LEAVES if lf.family == "ghci" and lf.name in present]
+    hc = [lf.name for lf in L.LEAVES if lf.family == "kvm-hypercall" and lf.name in present]
+    vm = {column_of(s) for s in sites if s.is_vmcall}
+    other = sorted(c for c in present if c in vm and c not in ghci and c not in hc)
+    tdcall = sorted(c for c in present if c not in vm)
+    groups = (("GHCI calls", ghci), ("KVM hypercalls", hc), ("unknown call", other), ("other TDCALL", tdcall))
+    return [(label, [(c, short_name(c)) for c in cols]) for label, cols in groups if cols]
+
+
+def _why(s: Site) -> list[str]:
+    """A call's details, with why it was not judged when it was not."""
+    return [unresolved_why(s)] if s.verdict("hardened") == UNRESOLVED else s.details()
+
+
+def _cell(sites: list[Site], key: str, row: Row, where: str, ident: int, number: int, image: str) -> M.Cell:
+    verdict = {p: _worst(sites, p) for p in ("legacy", "hardened")}
+    details = list(dict.fromkeys(d for s in sites for d in _why(s)))
+    written = calls_text(sites)
+    tip = f"{where} · {written}\nlegacy: {verdict['legacy']}\nhardened: {verdict['hardened']}\n" + "\n".join(details)
+    masks = {s.mask for s in sites}
+    mask = masks.pop() if len(masks) == 1 else None
+    loc = row.locations[0]
+    more = len(row.locations) - 1
+    judged = [s.judgement for s in sites if s.judgement is not None]
+    panel = {
+        "guest": image,
+        "function": where,
+        "mask": " ".join(_masks(sites)),
+        "gprs": names_in(mask, 16) if mask is not None else [],
+        "xmms": exposed_xmms(mask) if mask is not None else [],
+        "file": " > ".join(loc.container) + (f" (and {_count(more, 'other copy')})" if more else ""),
+        "snapshot": "",
+        "call": key,
+        "written": written,
+        "verdict": verdict,
+        "details": details,
+        "cases": list(dict.fromkeys(r.case for j in judged for r in j.runs)),
+    }
+    return M.Cell(ident, verdict, tip, panel, number)
+
+
+def html_matrix(images: list[Image], host: Host, policy: str) -> M.Matrix:
+    """The matrix page's content: one group per input, one row per row of the compact table
+    (:func:`rows`: the same code in many places is one row), one column per call, a cell's verdicts
+    the worst of its calls (one per caller), its id the index in ``--json``'s ``sites`` of its first
+    call; the findings (:func:`findings`) below."""
+    index = {id(s): i for i, s in enumerate(s for img in images for s in img.sites)}
+    groups: list[M.Group] = []
+    found: list[M.Finding] = []
+    number = 0
     for img in images:
-        sm = img.summary()
-        out.append(f"<h2>{e(img.path)}</h2><p>" + ", ".join(f"{e(k)} {v}" for k, v in sm.items()) + "</p>")
-        for line in img.problems:
-            out.append(f"<p style='color:#b00'>error: {e(line)}</p>")
-        if not img.sites:
-            continue
-        out.append("<table><tr><th>module</th><th>site</th><th>n</th><th>call</th><th>mask</th>")
-        out.append("<th>legacy</th><th>hardened</th><th>how / details</th></tr>")
-        for s, n, _vias in _rows(img, policy):
-            cells = []
-            for p in ("legacy", "hardened"):
-                v = s.verdict(p)
-                cells.append(f"<td class='v' style='background:{STYLE[v][1]};color:{STYLE[v][2]}'>{e(v)}</td>")
-            how = "<br>".join(e(f"{r}: {s.regs[r].how}") for r in ("rax", "rcx", "r11"))
-            det = "<br>".join(e(d) for d in s.details())
-            mask = _val(s.regs["rcx"]) if s.is_vmcall else "-"
-            out.append(
-                f"<tr><td>{e(module_of(s))}</td><td>{e(s.symbol)}</td><td>{n}</td><td>{e(_call_text(s))}</td>"
-                f"<td>{e(mask)}</td>{''.join(cells)}<td><small>{how}</small>{'<br>' + det if det else ''}</td></tr>"
+        module = len({module_of(s) for s in img.sites}) > 1
+        table = rows(img, policy)
+        numbers: dict[int, int] = {}
+        matrix_rows = []
+        for r in table:
+            number += 1
+            numbers[id(r)] = number
+            where = r.where(module)
+            by_call: dict[str, list[Site]] = {}
+            for s in r.sites:
+                by_call.setdefault(column_of(s), []).append(s)
+            cells = {k: _cell(ss, k, r, where, index[id(ss[0])], number, img.path) for k, ss in by_call.items()}
+            loc = r.locations[0]
+            title = " > ".join(loc.container) + (
+                f" and {_count(len(r.locations) - 1, 'other copy')}" if len(r.locations) > 1 else ""
             )
-        out.append("</table>")
-    out.append("</body></html>")
-    return "\n".join(out)
+            matrix_rows.append(M.Row(where, " ".join(_masks(r.sites)), title, number, cells))
+        note = "no TDCALL found" + (" in what could be read" if img.problems else "")
+        groups.append(M.Group(img.path, matrix_rows, note))
+        for f in findings(table):
+            label = f"{img.path.rsplit('/', 1)[-1]}: {f.row.where(module)}"
+            found.append(
+                M.Finding(numbers[id(f.row)], label, " ".join(_masks(f.sites)), calls_text(f.sites), f.verdict, f.why)
+            )
+    found.sort(key=lambda f: min(ORDER.index(v) for v in f.verdict.values()))  # stable: input order within
+    rbp = "NO_RBP_MOD" if host.no_rbp_mod else "RBP_MOD allowed"
+    sm = totals(images)
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sm.items())
+    return M.Matrix(
+        title="tdvmcall scan",
+        heading="tdvmcall scan: the TDCALLs of binaries against a host",
+        host=f"{_count(len(images), 'input')} against TDX module {host.module} ({rbp}), KVM {host.tree}; "
+        f"exit status follows --policy {policy}",
+        summary=f"{verdict_line(images, policy).plain}. {counts}.",
+        styles=STYLE,
+        columns=_columns([s for img in images for s in img.sites]),
+        groups=groups,
+        findings=found,
+        errors=[line for img in images for line in img.problems],
+        no_findings="Every call passes under both policies, and every call was judged.",
+    )
+
+
+def html_report(images: list[Image], host: Host, policy: str) -> str:
+    """One self-contained page (``html_matrix.py``, the page ``check --html`` writes): the matrix of
+    sites x calls, each cell split into the legacy and the hardened verdict; hover a cell for its
+    details, click it to pin them in the side panel (or open ``page.html#show=<N>``, N = the index
+    of the cell's first call in ``--json``'s ``sites``)."""
+    return M.render(html_matrix(images, host, policy))
