@@ -58,7 +58,7 @@ def scan(
         help="One row per TDCALL instruction, with how each register was found and every finding and note.",
     ),
     html_file: Path | None = typer.Option(
-        None, "--html", metavar="FILE", help="Also write a self-contained HTML report (sites x policies)."
+        None, "--html", metavar="FILE", help="Also write a self-contained HTML page: the matrix check --html draws, sites x calls."
     ),
     catalog_file: Path | None = typer.Option(
         None,
