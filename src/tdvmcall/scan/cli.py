@@ -58,7 +58,10 @@ def scan(
         help="One row per TDCALL instruction, with how each register was found and every finding and note.",
     ),
     html_file: Path | None = typer.Option(
-        None, "--html", metavar="FILE", help="Also write a self-contained HTML page: the matrix check --html draws, sites x calls."
+        None,
+        "--html",
+        metavar="FILE",
+        help="Also write a self-contained HTML page: the matrix check --html draws, sites x calls.",
     ),
     catalog_file: Path | None = typer.Option(
         None,
