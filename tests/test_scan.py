@@ -855,3 +855,38 @@ def test_judge_agrees_with_check_on_the_shipped_catalog():
                 continue
             j = judge(r.site.mask, leaf, host, dict(r.call.inputs) or None)
             assert j.verdict == r.verdict, (r.site.label, leaf.name)
+
+
+@pytest.mark.parametrize(
+    ("leaf", "regs", "written", "pinned", "cases"),
+    [
+        ("Instruction.IO", {"r13": 0}, "IO in", (), ("in",)),
+        ("Instruction.IO", {"r13": 1}, "IO out", (), ("out",)),
+        ("#VE.RequestMMIO", {"r13": 0xFFFFFFFF00000001}, "MMIO write", (), ("write",)),  # low 32 bits
+        ("Instruction.RDMSR", {"r12": 0x1B}, "RDMSR 0x1b", (("r12", 0x1B),), ()),
+        ("Instruction.WRMSR", {"r12": 0x80B}, "WRMSR 0x80b", (("r12", 0x80B),), ()),
+        ("Instruction.CPUID", {"r12": 0xB}, "CPUID leaf 0xb", (("r12", 0xB),), ()),
+        ("ReportFatalError", {"r12": 0x10000}, "ReportFatalError code 0x10000", (("r12", 0x10000),), ()),
+        ("ReportFatalError", {"r12": 1 << 63}, "ReportFatalError", (), ()),  # with a GPA: not a code
+        ("Instruction.HLT", {}, "HLT", (), ()),
+        ("Instruction.WBINVD", {}, "WBINVD", (), ()),
+        ("MapGPA", {}, "MapGPA", (), ()),
+    ],
+)
+def test_catalog_rows_scan_writes_are_read_back_by_check(leaf, regs, written, pinned, cases):
+    """One vocabulary (judge.CALL_WORDS and the qualifier tables): the call scan writes for a site
+    is the call, pins and direction check reads back (docs/check.md's grammar)."""
+    from tdvmcall.check.catalog import parse_calls
+    from tdvmcall.kvm import leaves as L
+    from tdvmcall.scan.analyze import Site
+    from tdvmcall.scan.flow import Value
+    from tdvmcall.scan.report import catalog_call
+
+    values = {"rax": 0, "rcx": 0xFFCC, "r10": 0, **regs}
+    site = Site("in", ["in"], 0x10, "f", 0, {r: Value(values.get(r), "immediate") for r in GPRS}, leaf=L.BY_NAME[leaf])
+    assert catalog_call(site) == written
+    (ref,), _ = parse_calls(written)
+    assert (ref.name, ref.inputs, ref.cases) == (leaf, pinned, cases)
+
+
+GPRS = ("rax", "rcx", "rdx", "rbx", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")

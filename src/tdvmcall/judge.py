@@ -71,6 +71,46 @@ def short_name(call: str) -> str:
     return call
 
 
+# --- the catalog's words for calls (docs/check.md), shared by whoever reads or writes a catalog ----
+#: The catalog's word for a GHCI call: its leaf-table name without the ``Instruction.`` or
+#: ``#VE.Request`` prefix (``RDMSR`` -> ``Instruction.RDMSR``, ``MMIO`` -> ``#VE.RequestMMIO``);
+#: every other call goes by its leaf-table name.
+CALL_WORDS: dict[str, str] = {
+    short_name(lf.name): lf.name for lf in L.LEAVES if lf.family == "ghci" and short_name(lf.name) != lf.name
+}
+_WORD_OF = {name: word for word, name in CALL_WORDS.items()}
+
+
+def catalog_word(call: str) -> str:
+    """The word a catalog writes for a leaf-table call: ``Instruction.IO`` -> ``IO``, ``MapGPA`` -> ``MapGPA``."""
+    return _WORD_OF.get(call, call)
+
+
+#: Qualifiers that pin a call's input values: ``CPUID leaf 0xB`` checks CPUID with R12 = 0xB only,
+#: ``ReportFatalError code 0x10000`` checks only a report without a GPA (R12 bit 63 clear),
+#: ``RDMSR msr 0x802`` only that MSR index.
+INPUT_QUALIFIERS: dict[str, dict[str, str]] = {
+    "Instruction.CPUID": {"leaf": "r12", "subleaf": "r13"},
+    "ReportFatalError": {"code": "r12"},  # a code without bit 63: a site that never passes a GPA
+    "Instruction.RDMSR": {"msr": "r12"},
+    "Instruction.WRMSR": {"msr": "r12"},
+}
+
+#: A number right after these names pins that input: ``RDMSR 0x802`` is RDMSR with R12 (the MSR
+#: index, docs/abi.md §4) = 0x802, the x2APIC ID register.
+POSITIONAL_INPUTS: dict[str, str] = {
+    "Instruction.RDMSR": "r12",
+    "Instruction.WRMSR": "r12",
+}
+
+#: Direction words: ``IO in`` runs only the leaf-table case ``in`` of ``Instruction.IO`` (R13 = 0),
+#: ``MMIO write`` only ``write`` (R13 = 1): a site that only reads never needs R15 (docs/abi.md §4).
+CASE_WORDS: dict[str, dict[str, str]] = {
+    "Instruction.IO": {"in": "in", "out": "out"},
+    "#VE.RequestMMIO": {"read": "read", "write": "write"},
+}
+
+
 @dataclass(frozen=True)
 class Host:
     """The host a call is judged against: the TD's attributes and KVM's tree."""

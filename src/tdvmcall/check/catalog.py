@@ -23,7 +23,19 @@ from pathlib import Path
 
 from .. import data_file
 from ..abi.regs import GPR_NAMES, parse_int
-from ..judge import VERDICTS, CaseRun, Host, Judgement, ModuleOutcome, judge, module_outcome
+from ..judge import (
+    CALL_WORDS,
+    CASE_WORDS,
+    INPUT_QUALIFIERS,
+    POSITIONAL_INPUTS,
+    VERDICTS,
+    CaseRun,
+    Host,
+    Judgement,
+    ModuleOutcome,
+    judge,
+    module_outcome,
+)
 from ..kvm import leaves as L
 from ..kvm.regcache import ModelBug
 from ..kvm.tdx import POLICIES
@@ -39,14 +51,7 @@ ALL_KVM_CALLS: tuple[str, ...] = tuple(leaf.name for leaf in L.GHCI_LEAVES + L.K
 #: ``Instruction.RDMSR``, ``KVMHypercall.SEND_IPI``, ``Service`` ...) is accepted as well.
 #: Names are matched case-insensitively.
 CALL_NAMES: dict[str, tuple[str, ...]] = {
-    "CPUID": ("Instruction.CPUID",),
-    "HLT": ("Instruction.HLT",),
-    "IO": ("Instruction.IO",),
-    "RDMSR": ("Instruction.RDMSR",),
-    "WRMSR": ("Instruction.WRMSR",),
-    "MMIO": ("#VE.RequestMMIO",),
-    "WBINVD": ("Instruction.WBINVD",),
-    "PCONFIG": ("Instruction.PCONFIG",),
+    **{word: (name,) for word, name in CALL_WORDS.items()},  # CPUID HLT IO RDMSR WRMSR MMIO WBINVD PCONFIG
     # Linux's kvm_hypercall*() on a TD: R10 = the KVM hypercall number (docs/abi.md §4)
     "KVM-hypercall": tuple(leaf.name for leaf in L.KVM_HYPERCALLS),
 }
@@ -73,30 +78,6 @@ FOREIGN_CALLS: dict[str, str] = {
 #: Family words: ``MigTD ReportStatus Send`` means ``MigTD.ReportStatus MigTD.Send``.
 FAMILY_WORDS = ("MigTD",)
 _FAMILIES = {w.lower(): w for w in FAMILY_WORDS}  # matched case-insensitively, as call names are
-
-#: Qualifiers that pin a call's input values: ``CPUID leaf 0xB`` checks CPUID with R12 = 0xB only,
-#: ``ReportFatalError code 0x10000`` checks only a report without a GPA (R12 bit 63 clear),
-#: ``RDMSR msr 0x802`` only that MSR index.
-INPUT_QUALIFIERS: dict[str, dict[str, str]] = {
-    "Instruction.CPUID": {"leaf": "r12", "subleaf": "r13"},
-    "ReportFatalError": {"code": "r12"},  # a code without bit 63: a site that never passes a GPA
-    "Instruction.RDMSR": {"msr": "r12"},
-    "Instruction.WRMSR": {"msr": "r12"},
-}
-
-#: A number right after these names pins that input: ``RDMSR 0x802`` is RDMSR with R12 (the MSR
-#: index, docs/abi.md §4) = 0x802, the x2APIC ID register.
-POSITIONAL_INPUTS: dict[str, str] = {
-    "Instruction.RDMSR": "r12",
-    "Instruction.WRMSR": "r12",
-}
-
-#: Direction words: ``IO in`` runs only the leaf-table case ``in`` of ``Instruction.IO`` (R13 = 0),
-#: ``MMIO write`` only ``write`` (R13 = 1): a site that only reads never needs R15 (docs/abi.md §4).
-CASE_WORDS: dict[str, dict[str, str]] = {
-    "Instruction.IO": {"in": "in", "out": "out"},
-    "#VE.RequestMMIO": {"read": "read", "write": "write"},
-}
 
 #: Words that end the list of calls: the rest of the field is a remark (``... and other C callers``).
 REMARK_WORDS = ("and",)

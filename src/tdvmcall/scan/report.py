@@ -18,7 +18,20 @@ from rich.text import Text
 
 from .. import html_matrix as M
 from ..abi.regs import fmt_mask, names_in
-from ..judge import HARDENED_REFUSES, LEGACY_SILENT, MODULE_REJECTS, NOT_KVM, OK, Host, exposed_xmms, short_name
+from ..judge import (
+    CASE_WORDS,
+    HARDENED_REFUSES,
+    INPUT_QUALIFIERS,
+    LEGACY_SILENT,
+    MODULE_REJECTS,
+    NOT_KVM,
+    OK,
+    POSITIONAL_INPUTS,
+    Host,
+    catalog_word,
+    exposed_xmms,
+    short_name,
+)
 from ..judge import STYLE as VERDICT_STYLE
 from ..kvm import leaves as L
 from .analyze import Image, Site
@@ -545,37 +558,30 @@ def rich_report(images: list[Image], host: Host, policy: str, verbose: bool = Fa
 
 # --- catalog CSV ---------------------------------------------------------------------------------------
 CATALOG_COLUMNS = ("guest", "snapshot", "file", "function", "mask_hex", "tdvmcalls", "note")
-_SHORT = {
-    "Instruction.CPUID": "CPUID",
-    "Instruction.HLT": "HLT",
-    "Instruction.IO": "IO",
-    "Instruction.RDMSR": "RDMSR",
-    "Instruction.WRMSR": "WRMSR",
-    "#VE.RequestMMIO": "MMIO",
-    "Instruction.WBINVD": "WBINVD",
-    "Instruction.PCONFIG": "PCONFIG",
-}
 
 
 def catalog_call(site: Site) -> str | None:
-    """The site's call in the catalog grammar (docs/check.md), with the direction or input pinned
-    when the scan knows it: ``IO in``, ``MMIO write``, ``RDMSR 0x1b``, ``CPUID leaf 0xb``.  None for a call the
-    catalog cannot name (unknown GHCI leaf or hypercall number)."""
+    """The site's call in the catalog grammar (docs/check.md; its words are the model's,
+    ``judge.CALL_WORDS``, ``CASE_WORDS``, ``POSITIONAL_INPUTS``, ``INPUT_QUALIFIERS``), with the
+    direction or input pinned when the scan knows it: ``IO in``, ``MMIO write``, ``RDMSR 0x1b``,
+    ``CPUID leaf 0xb``.  None for a call the catalog cannot name (unknown GHCI leaf or hypercall number)."""
     leaf = site.leaf
     if leaf is None or leaf.name.startswith("unknown(") or leaf.name == "KVMHypercall":
         return None
-    name = _SHORT.get(leaf.name, leaf.name)
+    name = catalog_word(leaf.name)
     pins = site.pinned()
-    if leaf.name == "Instruction.IO" and pins.get("r13") in (0, 1):
-        return f"IO {'in' if pins['r13'] == 0 else 'out'}"
-    if leaf.name == "#VE.RequestMMIO" and "r13" in pins and pins["r13"] & 0xFFFFFFFF in (0, 1):
-        return f"MMIO {'read' if pins['r13'] & 0xFFFFFFFF == 0 else 'write'}"
-    if leaf.name in ("Instruction.RDMSR", "Instruction.WRMSR") and "r12" in pins:
-        return f"{name} {pins['r12']:#x}"
-    if leaf.name == "Instruction.CPUID" and "r12" in pins:
-        return f"CPUID leaf {pins['r12']:#x}"
-    if leaf.name == "ReportFatalError" and "r12" in pins and not pins["r12"] >> 63 & 1:
-        return f"ReportFatalError code {pins['r12']:#x}"
+    if leaf.name in CASE_WORDS and "r13" in pins:  # the direction: R13 = 0 the first case, 1 the second
+        direction = pins["r13"] & 0xFFFFFFFF if leaf.name == "#VE.RequestMMIO" else pins["r13"]
+        words = list(CASE_WORDS[leaf.name])
+        if direction in (0, 1):
+            return f"{name} {words[direction]}"
+    if (reg := POSITIONAL_INPUTS.get(leaf.name)) in pins:
+        return f"{name} {pins[reg]:#x}"
+    for word, reg in INPUT_QUALIFIERS.get(leaf.name, {}).items():
+        if reg == "r12" and reg in pins:
+            if leaf.name == "ReportFatalError" and pins[reg] >> 63 & 1:
+                break  # a report with a GPA: the qualifier means one without
+            return f"{name} {word} {pins[reg]:#x}"
     return name
 
 
