@@ -134,3 +134,11 @@ def test_the_face_only_gathers_wings():
     assert all(d.endswith(".cli") or d in (PKG, "tdvmcall.console") for d in GRAPH["tdvmcall.cli"])
     assert GRAPH["tdvmcall.console"] == set()
     assert GRAPH["tdvmcall.html_matrix"] == set()
+
+
+def test_every_verdict_has_one_style():
+    # the printing floor draws the model's verdicts by their words: one entry per verdict, no more
+    from tdvmcall.console import VERDICT_STYLE
+    from tdvmcall.judge import VERDICTS
+
+    assert set(VERDICT_STYLE) == set(VERDICTS)

@@ -827,15 +827,16 @@ def test_raw_blobs_report_only_sites_from_a_function_start_they_can_show(tmp_pat
 
 
 def test_check_and_scan_draw_each_verdict_alike():
-    """One definition of the verdict colours (``judge.STYLE``): check's and scan's reports take theirs
-    from it, so a verdict cannot look one way in one report and another way in the other."""
+    """One definition of the verdict colours (``console.VERDICT_STYLE``): check's and scan's reports
+    take theirs from it, so a verdict cannot look one way in one report and another way in the other."""
     from tdvmcall import judge
     from tdvmcall.check import report as check_report
+    from tdvmcall.console import VERDICT_STYLE
     from tdvmcall.scan import report as scan_report
 
     for v in judge.VERDICTS:
-        assert scan_report.STYLE[v] == check_report.STYLE[v] == judge.STYLE[v], v
-    assert set(judge.STYLE) == set(judge.VERDICTS)
+        assert scan_report.STYLE[v] == check_report.STYLE[v] == VERDICT_STYLE[v], v
+    assert set(VERDICT_STYLE) == set(judge.VERDICTS)
 
 
 def test_judge_agrees_with_check_on_the_shipped_catalog():

@@ -36,6 +36,22 @@ from rich.table import Table
 # 0.26.x in pyproject.toml: 0.27 and later render a flag as `--json <bool>` in --help)
 from typer._click.exceptions import Abort, ClickException, NoArgsIsHelpError, NoSuchOption, UsageError
 
+#: how every tool draws a verdict of ``judge.VERDICTS`` (the words themselves: this module imports
+#: nothing of the model; tests/test_architecture.py checks the keys): (rich style, HTML background, HTML text colour, what it means);
+#: check and scan both read it, so a verdict looks the same in each report
+VERDICT_STYLE: dict[str, tuple[str, str, str, str]] = {
+    "ok": ("green", "#cdebd0", "#1b5e20", "every case completes; nothing read as zero or dropped"),
+    "not-kvm": ("dim", "#e4e4e4", "#444444", "not a KVM call (Hyper-V, MigTD): only the module's check applies"),
+    "legacy-silent": ("yellow", "#ffe38a", "#6d4c00", "today's KVM reads an unexposed input as 0 or drops an output"),
+    "hardened-refuses": ("dark_orange", "#ffb380", "#7a2e00", "hardened KVM refuses the call (INVALID_OPERAND)"),
+    "module-rejects": (
+        "bold red",
+        "#d83b3b",
+        "#ffffff",
+        "the TDX module fails the call back to the guest; KVM never sees it",
+    ),
+}
+
 
 class _WideConsole(Console):
     """A console that never cuts a value: a table wider than the console is printed at its own

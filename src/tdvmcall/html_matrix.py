@@ -1,7 +1,7 @@
 """The matrix page both ``check --html`` and ``scan --html`` write: one self-contained HTML file (no
 external resources, readable offline) with a matrix of call sites (rows, grouped by guest or image)
 by calls (columns), each cell split into the legacy and the hardened verdict, coloured as
-``judge.STYLE`` draws them; hover a cell for its details, click it to pin them in the side panel;
+``console.VERDICT_STYLE`` draws them; hover a cell for its details, click it to pin them in the side panel;
 below the matrix the findings, readable without hovering.
 
 It renders from a neutral structure (:class:`Matrix`) that each wing fills from its own results, so
@@ -68,7 +68,7 @@ class Finding:
 class Matrix:
     """Everything on the page.  ``columns``: column groups, each (heading, [(column key, short
     label)]); ``styles``: verdict -> (rich style, background, text colour, meaning), the legend and
-    the colours (``judge.STYLE``, plus any state a tool adds)."""
+    the colours (``console.VERDICT_STYLE``, plus any state a tool adds)."""
 
     title: str
     heading: str

@@ -38,20 +38,6 @@ MODULE_REJECTS = "module-rejects"
 #: from best to worst
 VERDICTS = (OK, NOT_KVM, LEGACY_SILENT, HARDENED_REFUSES, MODULE_REJECTS)
 PASSING = frozenset({OK, NOT_KVM})
-#: how every tool draws a verdict: (rich style, HTML background, HTML text colour, what it means);
-#: check and scan both read it, so a verdict looks the same in each report
-STYLE: dict[str, tuple[str, str, str, str]] = {
-    OK: ("green", "#cdebd0", "#1b5e20", "every case completes; nothing read as zero or dropped"),
-    NOT_KVM: ("dim", "#e4e4e4", "#444444", "not a KVM call (Hyper-V, MigTD): only the module's check applies"),
-    LEGACY_SILENT: ("yellow", "#ffe38a", "#6d4c00", "today's KVM reads an unexposed input as 0 or drops an output"),
-    HARDENED_REFUSES: ("dark_orange", "#ffb380", "#7a2e00", "hardened KVM refuses the call (INVALID_OPERAND)"),
-    MODULE_REJECTS: (
-        "bold red",
-        "#d83b3b",
-        "#ffffff",
-        "the TDX module fails the call back to the guest; KVM never sees it",
-    ),
-}
 
 #: Every call KVM implements (GHCI leaves and KVM hypercalls): what an unresolved call may be.
 KVM_CALLS: tuple[L.Leaf, ...] = L.GHCI_LEAVES + L.KVM_HYPERCALLS

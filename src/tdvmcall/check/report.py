@@ -17,6 +17,7 @@ from rich.text import Text
 from .. import html_matrix as M
 from ..abi.control import Control
 from ..abi.regs import hex64, names_in
+from ..console import VERDICT_STYLE
 from ..judge import (
     OK,
     VERDICTS,
@@ -25,7 +26,6 @@ from ..judge import (
     exposed_xmms,
     short_name,
 )
-from ..judge import STYLE as VERDICT_STYLE
 from ..kvm import leaves as L
 from ..kvm.leaves import LEAVES
 from ..kvm.tdx import POLICIES

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from .. import html_matrix as M
 from ..abi.regs import fmt_mask, names_in
+from ..console import VERDICT_STYLE
 from ..judge import (
     CASE_WORDS,
     HARDENED_REFUSES,
@@ -32,7 +33,6 @@ from ..judge import (
     exposed_xmms,
     short_name,
 )
-from ..judge import STYLE as VERDICT_STYLE
 from ..kvm import leaves as L
 from .analyze import Image, Site
 from .flow import Value
