@@ -113,7 +113,7 @@ PLANTED = {
                 "                if False:\n                    raise ModelBug",
             ),
         ],
-        1200,  # hypothesis draws constants from the source, so a change anywhere moves this (seed 0: ~1000)
+        600,  # hypothesis draws constants from the source, so a change anywhere moves this
         {"completeness"},
     ),
     # RDMSR stops writing EDX:EAX to R11 on success, and its table row stops declaring R11: the
