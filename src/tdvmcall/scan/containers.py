@@ -388,12 +388,19 @@ def pe(data: bytes, chain: list[str], found: Found) -> None:
         (entry,) = struct.unpack_from("<I", data, pe_at + 24 + 16)
     except struct.error:
         raise ContainerError(f"{where(chain)}: PE header truncated") from None
+    _image(data, chain, found, "pe", machine, pe_at + 24 + opt_size, nsec, 0, entry)
+
+
+def _image(
+    data: bytes, chain: list[str], found: Found, kind: str, machine: int, table: int, nsec: int, adjust: int, entry: int
+) -> None:
+    """The executable sections of a PE or TE image whose headers were read, its entry point named."""
     bitness = 64 if machine == 0x8664 else 32 if machine == 0x14C else 0
     if not bitness:
-        raise ContainerError(f"{where(chain)}: PE machine {machine:#x} is not x86")
-    found.saw("pe")
+        raise ContainerError(f"{where(chain)}: {kind.upper()} machine {machine:#x} is not x86")
+    found.saw(kind)
     first = len(found.codes)
-    _sections(data, pe_at + 24 + opt_size, nsec, 0, bitness, chain, found)
+    _sections(data, table, nsec, adjust, bitness, chain, found)
     for c in found.codes[first:]:
         if c.va <= entry < c.va + len(c.data):
             c.functions.setdefault(entry, "entry point")
@@ -405,15 +412,7 @@ def te(data: bytes, chain: list[str], found: Found) -> None:
         _sig, machine, nsec, _sub, stripped, entry = struct.unpack_from("<HHBBHI", data, 0)
     except struct.error:
         raise ContainerError(f"{where(chain)}: TE header truncated") from None
-    bitness = 64 if machine == 0x8664 else 32 if machine == 0x14C else 0
-    if not bitness:
-        raise ContainerError(f"{where(chain)}: TE machine {machine:#x} is not x86")
-    found.saw("te")
-    first = len(found.codes)
-    _sections(data, 40, nsec, 40 - stripped, bitness, chain, found)
-    for c in found.codes[first:]:
-        if c.va <= entry < c.va + len(c.data):
-            c.functions.setdefault(entry, "entry point")
+    _image(data, chain, found, "te", machine, 40, nsec, 40 - stripped, entry)
 
 
 # --- UEFI firmware volumes ---------------------------------------------------------------------------
