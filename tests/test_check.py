@@ -534,3 +534,29 @@ def test_json_findings():
     for f in found:
         assert all(doc["results"][i]["function"] == f["function"] for i in f["results"])
     assert len(doc["sites"]) == 41 and sum(len(s["results"]) for s in doc["sites"]) == 148
+
+
+def test_catalog_from_standard_input():
+    # '-' reads the catalog from stdin: the same CSV columns, the same verdicts as from a file.
+    # RDMSR with 0x1C00 (r10 r11 r12) is ok under both (abi.md §4: RDMSR reads R12, writes R11);
+    # 0x0C00 (r10 r11) lacks R12, the index: hardened refuses, legacy reads it as 0.
+    csv_text = (
+        "guest,snapshot,file,function,mask_hex,tdvmcalls,note\n"
+        "fw,1,a.c,good,0x1C00,RDMSR,\n"
+        "fw,1,a.c,short,0x0C00,RDMSR,\n"
+    )
+    r = runner.invoke(app, ["check", "--catalog", "-", "--json"], input=csv_text)
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.stdout)
+    assert doc["catalog"] == "standard input"
+    verdicts = {x["function"]: x["verdict"] for x in doc["results"]}
+    assert verdicts == {
+        "good": {"legacy": "ok", "hardened": "ok"},
+        "short": {"legacy": "legacy-silent", "hardened": "hardened-refuses"},
+    }
+    # a bad row is named after standard input; empty or non-UTF-8 stdin is one line, exit 2
+    r = runner.invoke(app, ["check", "--catalog", "-"], input=csv_text + "fw,1,a.c,bad,0xZZ,RDMSR,\n")
+    assert r.exit_code == 2 and "standard input row 4, field mask_hex" in r.stderr
+    for data, needle in ((b"", "missing column"), (b"\xff", "not UTF-8")):
+        r = runner.invoke(app, ["check", "--catalog", "-"], input=data)
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr

@@ -274,11 +274,15 @@ def shipped_catalog_text() -> str:
     return data_file("guest-masks.csv").read_text()
 
 
-def load_catalog(path: str | Path | None = None) -> tuple[list[Site], list[str]]:
-    """Read a catalog (the shipped one if ``path`` is None).  Returns the good sites and one error
-    line per bad row (``<file> row <n>, field <name>: <why>``); a bad row does not stop the others.
-    An unreadable file or missing columns raise :class:`CatalogError`."""
-    if path is None:
+def load_catalog(path: str | Path | None = None, text: str | None = None) -> tuple[list[Site], list[str]]:
+    """Read a catalog (the shipped one if ``path`` and ``text`` are None; ``text`` is a catalog
+    already read, e.g. from standard input, named ``path`` or "standard input" in errors).  Returns
+    the good sites and one error line per bad row (``<file> row <n>, field <name>: <why>``); a bad
+    row does not stop the others.  An unreadable file or missing columns raise
+    :class:`CatalogError`."""
+    if text is not None:
+        where = str(path) if path is not None else "standard input"
+    elif path is None:
         text, where = shipped_catalog_text(), "guest-masks.csv"
     else:
         try:

@@ -39,7 +39,8 @@ def check(
         "--catalog",
         metavar="FILE.csv",
         help="Your own call sites: CSV with columns guest, snapshot, file, function, mask_hex, tdvmcalls, note "
-        "(tdvmcalls: names like 'RDMSR WRMSR', 'IO MMIO', 'all', 'CPUID leaf 0xB'; see docs/check.md).",
+        "(tdvmcalls: names like 'RDMSR WRMSR', 'IO MMIO', 'all', 'CPUID leaf 0xB'; see docs/check.md); "
+        "'-' reads it from standard input.",
     ),
     mask: str | None = typer.Option(
         None, "--mask", help="What-if: check this RCX control value (e.g. 0x1C00) instead of a catalog."
@@ -76,7 +77,7 @@ def check(
         None, "--html", metavar="FILE", help="Also write a self-contained HTML report (matrix of sites x calls)."
     ),
 ) -> None:
-    from ..console import emit_json, fail, out, writable_file
+    from ..console import emit_json, fail, out, read_text_input, writable_file
     from ..kvm.tdx import POLICIES
     from ..scenario import TREES
     from .catalog import (
@@ -123,8 +124,12 @@ def check(
         else:
             if call:
                 fail("--call needs --mask (the control value the call is made with)")
-            sites, errors = load_catalog(catalog)
-            source = str(catalog) if catalog else "the shipped catalog"
+            if catalog is not None and str(catalog) == "-":
+                sites, errors = load_catalog(None, read_text_input("-", "--catalog"))
+                source = "standard input"
+            else:
+                sites, errors = load_catalog(catalog)
+                source = str(catalog) if catalog else "the shipped catalog"
     except CatalogError as e:
         fail(f"--mask/--call: {e}" if mask is not None else str(e))
     if not sites and not errors:
