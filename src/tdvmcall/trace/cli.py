@@ -144,7 +144,13 @@ def register(app: typer.Typer) -> None:
 
         Reads ftrace, trace-cmd report or perf script text; for every TDVMCALL exit of a TD, the
         mask (info1) and the reason say whether the TDX module could have sent it and whether
-        hardened KVM completes it, refuses it, or it depends on inputs or on the leaf."""
+        hardened KVM completes it, refuses it, or it depends on inputs or on the leaf.
+
+        Exit status: 0 when the report is printed (exits hardened KVM would refuse are findings of
+        the report, not a failure of the command), 2 for bad input (one line on stderr).
+
+        Examples: 'tdvmcall trace exits.trace.zst', 'trace-cmd report | tdvmcall trace -',
+        'tdvmcall trace exits.txt --json --plot exits.png'. See docs/trace.md."""
         if top < 0:
             fail(f"--top {top}: a count cannot be negative")
         td_pids = _parse_td(td)
