@@ -66,6 +66,10 @@ def test_decode_status_depends_on_module_version():
     new = json.loads(invoke("decode", "0x6000000200000000", "--module", "1.5.05", "--json").stdout)
     assert old["name"] == new["name"] == "TDX_NON_RECOVERABLE_TD"
     assert new["fatal"] and not old["fatal"]
+    # --module 1.0 / 1.5, as check and scan take them, name the newest table of that line
+    for short, full, value in (("1.0", "1.0.3", "0x4000000200000000"), ("1.5", "1.5.05", "0x6000000200000000")):
+        d = json.loads(invoke("decode", value, "--module", short, "--json").stdout)
+        assert (d["module"], d["name"]) == (full, "TDX_NON_RECOVERABLE_TD")
 
 
 def test_decode_control_with_rbp():

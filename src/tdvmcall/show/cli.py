@@ -130,7 +130,10 @@ def decode(
         "Without it, one is picked and the output says which.",
     ),
     module: str = typer.Option(
-        "1.5.05", "--module", help="Module version of the status table: 1.0.3 | 1.5.01 | 1.5.05."
+        "1.5.05",
+        "--module",
+        help="Module version of the status table: 1.0.3 | 1.5.01 | 1.5.05 (1.0 and 1.5, as the other commands "
+        "take them, read 1.0.3 and 1.5.05).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the explanation as JSON."),
 ) -> None:
@@ -148,6 +151,7 @@ def decode(
         fail(str(e))
     if as_ is not None and as_ not in D.KINDS:
         fail(f"--as: {as_!r} is not a reading; accepted: {', '.join(D.KINDS)}")
+    module = {"1.0": "1.0.3", "1.5": "1.5.05"}.get(module, module)  # a line's newest table, as check's 1.0/1.5
     if module not in MODULE_TABLE_VERSIONS:
         fail(f"--module: {module!r} is not a module version; accepted: {', '.join(MODULE_TABLE_VERSIONS)}")
     info = D.decode(v, as_, module)
