@@ -124,6 +124,13 @@ def test_leaves_json_minimal_masks():
     assert all(row["source"] for row in rows.values())
 
 
+def test_leaves_takes_the_catalog_word_as_check_does():
+    # docs/check.md: the catalog's word drops the Instruction. / #VE.Request prefix
+    for word, name in (("RDMSR", "Instruction.RDMSR"), ("MMIO", "#VE.RequestMMIO"), ("MapGPA", "MapGPA")):
+        r = invoke("leaves", word, "--json")
+        assert r.exit_code == 0 and [row["name"] for row in json.loads(r.stdout)] == [name]
+
+
 def test_leaves_unknown_name_is_exit_2():
     r = invoke("leaves", "Instruction.NOPE")
     assert r.exit_code == 2 and "unknown call" in r.stderr

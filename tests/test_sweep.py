@@ -4,6 +4,7 @@ from docs/abi.md; the fast (footprint) route equals running every mask; the loud
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import given
@@ -171,5 +172,8 @@ def test_cli_json_and_bad_input():
     res = CliRunner().invoke(app, ["sweep", "--call", "Instruction.RDMSR", "--json", "--jobs", "1"])
     assert res.exit_code == 0
     assert '"agree": true' in res.output
+    # the catalog's word for a call, as check --call takes it: IO is Instruction.IO (docs/check.md)
+    short = CliRunner().invoke(app, ["sweep", "--call", "IO", "--json", "--jobs", "1"])
+    assert short.exit_code == 0 and {r["call"] for r in json.loads(short.stdout)["rows"]} == {"Instruction.IO"}
     bad = CliRunner().invoke(app, ["sweep", "--call", "Instruction.NOPE"])
     assert bad.exit_code == 2

@@ -219,19 +219,22 @@ def render_decode(d: dict) -> None:
 
 # --- leaves --------------------------------------------------------------------------------------
 def leaves(
-    name: str | None = typer.Argument(None, help="Show one call only (e.g. Instruction.IO)."),
+    name: str | None = typer.Argument(
+        None, help="Show one call only (e.g. Instruction.IO, or the catalog's short word: IO, RDMSR, MMIO)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Print the leaf table: what each TDVMCALL reads and writes, under which conditions, the minimal
     GPR mask hardened KVM needs, and where each fact was read."""
     from rich.table import Table
 
+    from ..judge import CALL_WORDS
     from ..kvm import leaves as L
 
     rows = L.LEAVES
     if name is not None:
         try:
-            rows = (L.by_name(name),)
+            rows = (L.by_name(CALL_WORDS.get(name, name)),)  # RDMSR as check --call and catalogs write it
         except KeyError as e:
             fail(str(e.args[0]))
     if as_json:

@@ -38,13 +38,18 @@ def sweep(
         help="Run the model on every mask the module accepts instead of one per "
         "observed class (the ground truth of the fast route; takes minutes).",
     ),
-    call: list[str] | None = typer.Option(None, "--call", help="Only this call (repeatable; e.g. Instruction.IO)."),
+    call: list[str] | None = typer.Option(
+        None, "--call", help="Only this call (repeatable; e.g. Instruction.IO, or the catalog's short word: IO)."
+    ),
     jobs: int = typer.Option(0, "--jobs", help="Worker processes (0: one per CPU, at most 4)."),
 ) -> None:
     from ..console import emit_json, fail, out, require_count
+    from ..judge import CALL_WORDS
     from ..kvm import leaves as L
     from .sweep import run_sweep
 
+    if call:
+        call = [CALL_WORDS.get(c, c) for c in call]  # RDMSR as check --call and catalogs write it
     known = [leaf.name for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,)]
     if call and (unknown := [c for c in call if c not in known]):
         fail(f"--call: {unknown[0]!r} is not a call of the leaf table; accepted: {', '.join(known)}")
