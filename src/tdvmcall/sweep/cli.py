@@ -145,8 +145,10 @@ vectors_app = typer.Typer(
 
 @vectors_app.command("export")
 def export(
-    directory: Path = typer.Argument(..., help="Directory to write (created; must be empty unless --force)."),
-    force: bool = typer.Option(False, "--force", help="Replace the corpus already in DIRECTORY."),
+    directory: Path = typer.Argument(
+        ..., metavar="DIR", help="Directory to write (created; must be empty unless --force)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace the corpus already in DIR."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Write the corpus: for every call and case of the leaf table, the boundary masks (exact minimal,
@@ -175,7 +177,9 @@ def export(
 
 @vectors_app.command("verify")
 def verify(
-    directory: Path = typer.Argument(..., help="A corpus: index.json, vector.schema.json, vectors/*.json."),
+    directory: Path = typer.Argument(
+        ..., metavar="DIR", help="A corpus: index.json, vector.schema.json, vectors/*.json."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (every difference)."),
     limit: int = typer.Option(50, "--limit", help="Print at most this many differences (0: all); --json prints all."),
 ) -> None:
