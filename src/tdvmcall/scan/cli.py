@@ -39,7 +39,7 @@ SCAN_HELP = "\n\n".join(
 
 
 def scan(
-    paths: list[Path] = typer.Argument(..., metavar="PATH", help="Files or directories to scan."),
+    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Files or directories to scan (one or more)."),
     module: str = typer.Option("1.5", "--module", help="TDX module version: 1.0, 1.5 (or 1.0.3, 1.5.01, 1.5.05)."),
     no_rbp_mod: bool = typer.Option(
         True, "--no-rbp-mod/--rbp-mod", help="The TD's NO_RBP_MOD attribute (on: as Linux KVM creates every TD)."
