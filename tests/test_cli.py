@@ -60,6 +60,15 @@ def test_decode_operand_invalid_rcx():
     assert d["error"] and d["non_recoverable"] and not d["fatal"]  # bits 63 and 62 set, 61 clear
 
 
+def test_decode_negative_value_says_what_to_write():
+    # -1 as 64-bit two's complement is 2**64 - 1; -2**63 is 0x8000000000000000 (bit 63 alone)
+    for value, hint in (("-1", "0xffffffffffffffff"), ("-9223372036854775808", "0x8000000000000000")):
+        r = invoke("decode", value)
+        assert r.exit_code == 2 and f"two's complement: {hint})" in r.stderr
+    r = invoke("decode", "-9223372036854775809")  # below -2**63: no 64-bit value to suggest
+    assert r.exit_code == 2 and "two's complement)" in r.stderr
+
+
 def test_decode_status_depends_on_module_version():
     # ABI §3: TDX_NON_RECOVERABLE_TD is 0x4000000200000000 in 1.0, 0x6000000200000000 in 1.5
     old = json.loads(invoke("decode", "0x4000000200000000", "--module", "1.0.3", "--json").stdout)

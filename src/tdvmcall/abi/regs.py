@@ -103,11 +103,10 @@ def u64(value: int, field: str = "value") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueWidthError(f"{field}: expected an integer, got {type(value).__name__}")
     if not 0 <= value <= U64:
-        raise ValueWidthError(
-            f"{field}: {value:#x} does not fit 64 bits unsigned"
-            if value >= 0
-            else f"{field}: negative value {value} (write it as 64-bit two's complement)"
-        )
+        if value >= 0:
+            raise ValueWidthError(f"{field}: {value:#x} does not fit 64 bits unsigned")
+        hint = f": {value & U64:#x}" if value >= -(1 << 63) else ""  # the value to write, when there is one
+        raise ValueWidthError(f"{field}: negative value {value} (write it as 64-bit two's complement{hint})")
     return value
 
 
