@@ -44,6 +44,12 @@ def test_run_bad_scenario_is_one_line_and_exit_2(text, needle):
     assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_run_bad_policy_option_is_named_as_given():
+    # the user typed --policy, not kvm.policy: the error names the option (as check's does)
+    r = invoke("run", "-", "--policy", "both", input='{"guest": {"rcx": "0xFFCC", "r11": "0xA"}}')
+    assert r.exit_code == 2 and r.stderr.startswith("tdvmcall: error: --policy: 'both' is not a policy")
+
+
 def test_run_missing_file_is_exit_2():
     r = invoke("run", "/nonexistent/scenario.json")
     assert r.exit_code == 2 and "cannot read" in r.stderr

@@ -97,7 +97,7 @@ def cases(f: dict[str, Path]) -> dict[str, tuple]:
         "run-huge-integer": (["run", p["huge.json"]], None, False, "JSON"),
         "run-dev-zero": (["run", "/dev/zero"], None, False, "more than 64 MiB"),
         "run-missing": (["run", str(f["root"] / "nope.json")], None, False, "cannot read"),
-        "run-bad-policy": (["run", "-", "--policy", ""], b'{"guest":{}}', False, "kvm.policy"),
+        "run-bad-policy": (["run", "-", "--policy", ""], b'{"guest":{}}', False, "--policy: '' is not a policy"),
         "run-no-argument": (["run"], None, False, "Missing argument"),
         # decode: what a person writes in hex or decimal, nothing else
         "decode-negative": (["decode", "-1"], None, False, "negative"),

@@ -25,8 +25,11 @@ def run(
     Scenario: {"td": {"module": "1.5", "no_rbp_mod": true}, "kvm": {"policy": "hardened"},
     "guest": {"rcx": "0xFFCC", "r11": "0xA", "r12": "0x1"}, "platform": {}}. See docs/scenario.md.
     """
+    from ..kvm.tdx import POLICIES
     from ..scenario import ScenarioError, parse, result_json
 
+    if policy is not None and policy not in POLICIES:  # named as given, before the scenario is read
+        fail(f"--policy: {policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
     data = parse_json_text(read_text_input(file, "scenario"), "scenario")
     if policy is not None:
         if not isinstance(data, dict):
