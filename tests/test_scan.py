@@ -641,6 +641,21 @@ def test_to_catalog_round_trip_through_check(built, tmp_path):
         pytest.skip("check's grammar does not read 'IO in'/'MMIO write' yet: rows without them round-trip")
 
 
+def test_to_catalog_on_standard_output_pipes_into_check(built, tmp_path):
+    """``scan --to-catalog -`` writes the catalog, and only it, on stdout (no file named '-'), the
+    bytes a file would hold; ``check --catalog -`` reads it back with no row error."""
+    out = tmp_path / "mine.csv"
+    runner.invoke(app, ["scan", str(built["sites.elf"]), "--to-catalog", str(out)])
+    res = runner.invoke(app, ["scan", str(built["sites.elf"]), "--to-catalog", "-"])
+    assert res.exit_code == 1  # the RBP and reserved-bit rows, as with a file
+    assert res.stdout == out.read_text() and res.stdout.startswith("guest,snapshot,file,function,mask_hex")
+    assert not (Path.cwd() / "-").exists()
+    back = runner.invoke(app, ["check", "--catalog", "-", "--json"], input=res.stdout)
+    assert back.exit_code == 1 and json.loads(back.stdout)["errors"] == []
+    both = runner.invoke(app, ["scan", str(built["sites.elf"]), "--to-catalog", "-", "--json"])
+    assert both.exit_code == 2 and "--json and --to-catalog -" in both.stderr
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_broken_containers_are_reported_never_raised(built, data):

@@ -67,7 +67,8 @@ def scan(
         None,
         "--to-catalog",
         metavar="FILE.csv",
-        help="Also write the resolved sites as catalog rows that 'tdvmcall check --catalog' reads.",
+        help="Also write the resolved sites as catalog rows that 'tdvmcall check --catalog' reads; '-' writes "
+        "them to standard output instead of the report ('... --to-catalog - | tdvmcall check --catalog -').",
     ),
 ) -> None:
     from ..console import emit_json, fail, out, writable_file
@@ -88,7 +89,10 @@ def scan(
         _ = host.td  # normalises the module version: raises for an unknown one
     except ValueError as e:
         fail(f"--module: {e}")
-    for option, target in (("--html", html_file), ("--to-catalog", catalog_file)):
+    to_stdout = catalog_file is not None and str(catalog_file) == "-"
+    if to_stdout and as_json:
+        fail("--json and --to-catalog -: both would go to standard output; name a file for one of them")
+    for option, target in (("--html", html_file), ("--to-catalog", None if to_stdout else catalog_file)):
         if target is not None:  # before the scan: a bad path must not cost the report printed first
             writable_file(target, option)
 
@@ -112,24 +116,29 @@ def scan(
             sys.stderr.write(f"tdvmcall: error: {line}\n")  # one line per broken input, as fail() writes
     if as_json:
         emit_json(report_json(images, host, policy, failing))
-    else:
+    elif not to_stdout:  # with --to-catalog -, standard output holds the catalog alone
         out.print(rich_report(images, host, policy, verbose))
     if html_file is not None:
         try:
             html_file.write_text(html_report(images, host, policy))
         except OSError as e:
             fail(f"--html: cannot write {html_file} ({e.strerror})")
-        if not as_json:
+        if not as_json and not to_stdout:
             out.print(f"wrote {html_file}", highlight=False)
     if catalog_file is not None:
         text, left_out = catalog_csv(images)
-        try:
-            catalog_file.write_text(text)
-        except OSError as e:
-            fail(f"--to-catalog: cannot write {catalog_file} ({e.strerror})")
-        if not as_json:
-            extra = f" ({left_out} call(s) with an unresolved mask or call left out)" if left_out else ""
-            out.print(f"wrote {catalog_file}{extra}", highlight=False)
+        extra = f" ({left_out} call(s) with an unresolved mask or call left out)" if left_out else ""
+        if to_stdout:
+            sys.stdout.write(text)
+            if extra:
+                sys.stderr.write(f"tdvmcall: warning: catalog on standard output{extra}\n")
+        else:
+            try:
+                catalog_file.write_text(text)
+            except OSError as e:
+                fail(f"--to-catalog: cannot write {catalog_file} ({e.strerror})")
+            if not as_json:
+                out.print(f"wrote {catalog_file}{extra}", highlight=False)
     if any(img.problems for img in images):
         raise typer.Exit(2)
     raise typer.Exit(1 if failing else 0)
