@@ -654,6 +654,9 @@ def test_to_catalog_on_standard_output_pipes_into_check(built, tmp_path):
     assert back.exit_code == 1 and json.loads(back.stdout)["errors"] == []
     both = runner.invoke(app, ["scan", str(built["sites.elf"]), "--to-catalog", "-", "--json"])
     assert both.exit_code == 2 and "--json and --to-catalog -" in both.stderr
+    # --html is a file only: '-' is refused, not written as ./- (docs/cli.md)
+    html = runner.invoke(app, ["scan", str(built["sites.elf"]), "--html", "-"])
+    assert html.exit_code == 2 and "'-' would write a file named '-'" in html.stderr
 
 
 @settings(max_examples=60, deadline=None)

@@ -206,6 +206,8 @@ def require_finite_positive(value: float | None, option: str) -> None:
 def writable_file(path: str | Path, option: str) -> Path:
     """A path an output file can be created at: not a directory, in a folder that exists and can be
     written.  Checked before the work starts, so that a result is never lost for want of a place."""
+    if str(path) == "-":  # elsewhere '-' is a standard stream: never silently a file named '-'
+        fail(f"{option}: '-' would write a file named '-', not standard output; give a file name (./- if meant)")
     p = Path(path)
     if p.is_dir():
         fail(f"{option}: {p} is a directory; give a file name")
