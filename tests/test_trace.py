@@ -617,6 +617,8 @@ def one_error_line(r, *needles: str) -> None:
         ("--plot", "nodir/x.png", ("nodir", "no such directory")),
         ("--to-parquet", "nodir/x.parquet", ("nodir", "no such directory")),
         ("--to-parquet", "", ("--to-parquet", "empty")),
+        ("--plot", "-", ("--plot", "file named '-'")),  # '-' is a stream elsewhere, never a file here
+        ("--to-parquet", "-", ("--to-parquet", "file named '-'")),
     ],
 )
 def test_bad_output_paths_are_refused_before_the_audit(write, tmp_path, monkeypatch, option, name, needles):
@@ -625,7 +627,7 @@ def test_bad_output_paths_are_refused_before_the_audit(write, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     no_audit(monkeypatch)
     one_error_line(runner.invoke(app, ["trace", path, option, name]), *needles)
-    assert not (tmp_path / "adir.png").exists()
+    assert not (tmp_path / "adir.png").exists() and not (tmp_path / "-").exists()
 
 
 @pytest.mark.parametrize("option", ["--to-parquet", "--plot"])

@@ -76,6 +76,8 @@ def _check_outputs(inputs: list[str], plot: str | None, parquet: str | None) -> 
     for opt, path in named:
         if not path:
             fail(f"{opt}: empty file name")
+        if path == "-":  # '-' is standard input among the inputs: never silently a file named '-'
+            fail(f"{opt}: '-' would write a file named '-', not standard output; give a file name (./- if meant)")
         if os.path.isdir(path):
             fail(f"{opt} {path}: is a directory; name a file, e.g. {os.path.join(path, 'exits')}")
         parent = os.path.dirname(path) or "."
