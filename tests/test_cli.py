@@ -183,3 +183,10 @@ def test_output_file_dash_is_refused_not_a_file_named_dash(args, tmp_path, monke
     r = invoke(*args)
     assert r.exit_code == 2 and "'-' would write a file named '-'" in r.stderr
     assert not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("args", [[], ["check"], ["vectors", "verify"], ["decode"]])
+def test_dash_h_is_help_as_in_most_tools(args):
+    # a newcomer types -h first: it prints the same help as --help, exit 0
+    short, long = invoke(*args, "-h"), invoke(*args, "--help")
+    assert short.exit_code == long.exit_code == 0 and short.stdout == long.stdout and "Usage:" in short.stdout
