@@ -28,6 +28,7 @@ from .kvm import leaves as L
 from .kvm.regcache import ModelBug
 from .kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
 from .module import TdConfig, VcpuState, tdg_vp_vmcall
+from .scenario import TREES
 from .scenario import parse as parse_scenario
 
 OK = "ok"
@@ -115,6 +116,28 @@ class Host:
         if self.module in MODULE_TABLE_VERSIONS:
             return self.module
         return "1.0.3" if module_family(self.module) == "1.0" else DEFAULT_TABLE_VERSION
+
+
+class HostError(ValueError):
+    """A host option a tool was given is not one the model knows; ``option`` names it."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+def host_for(module: str, no_rbp_mod: bool, tree: str, policy: str) -> Host:
+    """The host of a tool's options (check and scan take the same four), each one checked."""
+    if policy not in POLICIES:
+        raise HostError("policy", f"{policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+    if tree not in TREES:
+        raise HostError("tree", f"{tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
+    host = Host(module, no_rbp_mod, tree)
+    try:
+        _ = host.td  # normalises the module version: raises for an unknown one
+    except ValueError as e:
+        raise HostError("module", str(e)) from None
+    return host
 
 
 @dataclass

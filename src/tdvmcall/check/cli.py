@@ -78,11 +78,9 @@ def check(
     ),
 ) -> None:
     from ..console import emit_json, fail, out, read_text_input, writable_file
-    from ..kvm.tdx import POLICIES
-    from ..scenario import TREES
+    from ..judge import HostError, host_for
     from .catalog import (
         CatalogError,
-        Host,
         check_sites,
         load_catalog,
         what_if,
@@ -95,10 +93,10 @@ def check(
     )
 
     # validate options
-    if policy not in POLICIES:
-        fail(f"--policy: {policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
-    if tree not in TREES:
-        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
+    try:
+        host = host_for(module, no_rbp_mod, tree, policy)
+    except HostError as e:
+        fail(f"--{e.option}: {e}")
     if as_json and markdown:
         fail("--json and --markdown: choose one output format")
     if call and (blank := [c for c in call if not c.strip()]):
@@ -107,11 +105,6 @@ def check(
         fail(f"--guest: {blank[0]!r} names no guest")
     if html_file is not None:  # before the check: a bad path must not cost the report printed first
         writable_file(html_file, "--html")
-    try:
-        host = Host(module, no_rbp_mod, tree)
-        _ = host.td  # normalises the module version: raises for an unknown one
-    except ValueError as e:
-        fail(f"--module: {e}")
 
     # the sites: a what-if or a catalog
     errors: list[str] = []

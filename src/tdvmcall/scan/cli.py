@@ -72,23 +72,16 @@ def scan(
     ),
 ) -> None:
     from ..console import emit_json, fail, out, writable_file
-    from ..judge import Host
-    from ..kvm.tdx import POLICIES
-    from ..scenario import TREES
+    from ..judge import HostError, host_for
     from .analyze import analyze
     from .containers import open_input
     from .report import catalog_csv, html_report, report_json, rich_report
 
     # validate options
-    if policy not in POLICIES:
-        fail(f"--policy: {policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
-    if tree not in TREES:
-        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
     try:
-        host = Host(module, no_rbp_mod, tree)
-        _ = host.td  # normalises the module version: raises for an unknown one
-    except ValueError as e:
-        fail(f"--module: {e}")
+        host = host_for(module, no_rbp_mod, tree, policy)
+    except HostError as e:
+        fail(f"--{e.option}: {e}")
     to_stdout = catalog_file is not None and str(catalog_file) == "-"
     if to_stdout and as_json:
         fail("--json and --to-catalog -: both would go to standard output; name a file for one of them")
