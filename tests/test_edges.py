@@ -456,3 +456,93 @@ def test_closed_stdout_or_stderr_keeps_the_status(closed, status):
     cmd = ["sh", "-c", f'exec "$@" {closed}', "sh", *tdvmcall_cmd("decode", value)]
     r = subprocess.run(cmd, capture_output=True, env=ENV, timeout=60)
     assert r.returncode == status, r.stderr.decode()
+
+
+# --- a standard output that cannot be written (issue 18 item 7) -----------------------------------
+FTRACE_EXIT = (
+    "CPU 0/KVM-1001 [000] d..2. 100.000000: kvm_exit: vcpu 0 reason TDCALL rip 0x0 "
+    "info1 0x000000000000ffcc info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000\n"
+)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device every write to fails ENOSPC)")
+@pytest.mark.parametrize(
+    "args,stdin",
+    [
+        (("decode", "0xFFEC"), None),
+        (("decode", "0xFFEC", "--json"), None),
+        (("leaves",), None),
+        (("run", "examples/cpuid-r12-unexposed.json"), None),
+        (("check",), None),  # exit 1 on its own (the shipped catalog fails hardened): the write error wins
+        (("check", "--mask", "0x1C00", "--json"), None),
+        (("check", "--mask", "0x1C00", "--markdown"), None),
+        (("scan", "tests/data/scan/sites.s"), None),
+        (("trace", "-"), FTRACE_EXIT.encode()),
+        (("--version",), None),
+    ],
+)
+def test_a_full_standard_output_is_one_line_and_exit_2(args, stdin):
+    # /dev/full: every write fails with ENOSPC, as on a full disk; that is not a closed pipe (which
+    # is no error) and not a failed check (exit 1): one line, exit 2, no traceback
+    repo = Path(__file__).resolve().parents[1]
+    args = tuple(str(repo / a) if a.startswith(("examples/", "tests/")) else a for a in args)
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(
+            tdvmcall_cmd(*args),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            input=stdin,
+            stdin=subprocess.DEVNULL if stdin is None else None,
+            env=ENV,
+            timeout=120,
+        )
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "Traceback" not in err, err
+    # (trace may say first that it compiles its kernels, once per machine: a line of its own)
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "tdvmcall: error: cannot write standard output (No space left on device)"
+    ], err
+
+
+# --- an output over an input (issue 18 item 11) ------------------------------------------------------
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink", "dotted"])
+def test_check_html_over_its_own_catalog_is_refused_and_the_catalog_kept(tmp_path, link):
+    catalog = tmp_path / "mine.csv"
+    body = HEADER + "myfw,v1,f.S,io,0xFC00,IO,\n"
+    catalog.write_text(body)
+    html = {
+        "same": catalog,
+        "symlink": tmp_path / "link.html",
+        "hardlink": tmp_path / "hard.html",
+        "dotted": tmp_path / "." / "sub" / ".." / "mine.csv",
+    }[link]
+    if link == "symlink":
+        html.symlink_to(catalog)
+    elif link == "hardlink":
+        os.link(catalog, html)
+    elif link == "dotted":
+        (tmp_path / "sub").mkdir()
+    r = run_case(["check", "--catalog", str(catalog), "--html", str(html)])
+    err = r.stderr.decode()
+    assert r.returncode == 2 and r.stdout == b"", err
+    assert err.count("\n") == 1 and err.startswith("tdvmcall: error: --html: ") and "input" in err, err
+    assert catalog.read_text() == body  # the catalog is still the catalog
+
+
+def test_not_an_input_tells_a_new_file_and_other_files_from_an_input(tmp_path, capsys):
+    import typer
+
+    from tdvmcall.console import not_an_input
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("x")
+    b.write_text("x")  # the same bytes, another file: not the input
+    not_an_input(b, "--html", [a, "-", None])
+    not_an_input(tmp_path / "new.html", "--html", [a])  # does not exist yet
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a link loop is no input of anything
+    not_an_input(tmp_path / "loop", "--html", [a])
+    with pytest.raises(typer.Exit) as e:
+        not_an_input(tmp_path / "a.csv", "--to-catalog", [b, a])
+    assert e.value.exit_code == 2
+    assert "--to-catalog" in capsys.readouterr().err

@@ -12,7 +12,10 @@ The shared helpers, for every wing:
 - :func:`require_count` and :func:`require_finite_positive` — option values that must be counts
   (``>= minimum``) or finite positive numbers (``nan`` and ``inf`` are not);
 - :func:`writable_file` — a path an output file can be written to (not a directory, its folder
-  exists), checked before the work starts so nothing is lost at the end.
+  exists, not one of the command's inputs: :func:`not_an_input`), checked before the work starts
+  so nothing is lost at the end and no input is overwritten;
+- :func:`run_app` — the process's edges for every command: usage errors, closed pipes, a standard
+  output that cannot be written (:class:`StdoutError`), Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -203,9 +207,41 @@ def require_finite_positive(value: float | None, option: str) -> None:
         fail(f"{option}: {value} is not a finite positive number")
 
 
-def writable_file(path: str | Path, option: str) -> Path:
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same inode (through symbolic or hard links), or, for a
+    path that does not exist yet, the same place once every link is resolved."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        pass
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not a file anything is read from
+        return False
+
+
+def not_an_input(path: str | Path, option: str, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output path that is one of the command's input files (the same file, also through
+    a symbolic or hard link): ``check --catalog mine.csv --html mine.csv`` or ``scan FW.fd
+    --to-catalog FW.fd`` would replace the input with the report.  One line, exit 2, before any
+    work.  ``-`` (standard input) and ``None`` among ``inputs`` are skipped; a directory among
+    them only matches itself (a command that reads the files of a directory passes those files)."""
+    out_path = Path(path)
+    for given in inputs:
+        if given is None or str(given) == "-":
+            continue
+        if _same_file(out_path, Path(given)):
+            same = "" if str(given) == str(path) else f" (the same file as the input {given})"
+            fail(
+                f"{option}: {path} is an input of this command{same}; writing it would replace that input; "
+                "give another file name"
+            )
+
+
+def writable_file(path: str | Path, option: str, inputs: Iterable[str | Path | None] = ()) -> Path:
     """A path an output file can be created at: not a directory, in a folder that exists and can be
-    written.  Checked before the work starts, so that a result is never lost for want of a place."""
+    written, and none of the command's ``inputs`` (:func:`not_an_input`).  Checked before the work
+    starts, so that a result is never lost for want of a place and no input is overwritten."""
     if str(path) == "-":  # elsewhere '-' is a standard stream: never silently a file named '-'
         fail(f"{option}: '-' would write a file named '-', not standard output; give a file name (./- if meant)")
     p = Path(path)
@@ -216,40 +252,72 @@ def writable_file(path: str | Path, option: str) -> Path:
         fail(f"{option}: cannot write {p} (folder {parent} does not exist)")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         fail(f"{option}: cannot write {p} (permission denied)")
+    not_an_input(p, option, inputs)
     return p
 
 
-# --- the process: closed pipes ---------------------------------------------------------------------
+# --- the process: closed pipes and failing writes ----------------------------------------------------
+class StdoutError(Exception):
+    """Standard output could not be written for a reason other than its reader leaving (a full disk,
+    ``> /dev/full``, an I/O error): :func:`run_app` makes it one line and exit 2.  Not an
+    :class:`OSError`, so that a command's own ``except OSError`` around a file it writes never takes
+    it for a failure of that file."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(f"cannot write standard output ({error.strerror or error})")
+
+
 class PipeGuard(io.TextIOBase):
     """Standard output that survives its reader leaving (``tdvmcall check | head -1``): on a closed
     pipe the rest of the output goes to /dev/null and the command runs on to its own exit status,
-    so a closed pipe never looks like a failed check."""
+    so a closed pipe never looks like a failed check.  Any other write error (``> /dev/full``) is
+    a :class:`StdoutError`: one line and exit 2 (:func:`run_app`), never a traceback and never
+    the exit 1 of a failed check."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self.closed_pipe = False
+        self.failed: StdoutError | None = None
 
     def _discard(self) -> None:
-        self.closed_pipe = True
+        """From now on the output goes to /dev/null (what is still buffered too, so that the
+        interpreter's own flush at exit has nothing left to fail on)."""
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, self._stream.fileno())
         finally:
             os.close(devnull)
 
+    def _failed(self, error: OSError) -> NoReturn:
+        self.failed = StdoutError(error)
+        with contextlib.suppress(OSError, ValueError):
+            self._discard()
+        raise self.failed
+
     def write(self, s: str) -> int:
+        if self.failed is not None:  # already reported once: the rest is discarded
+            return len(s)
         try:
             return self._stream.write(s)
         except BrokenPipeError:
+            self.closed_pipe = True
             self._discard()
             return len(s)
+        except OSError as e:
+            self._failed(e)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except BrokenPipeError:
+            self.closed_pipe = True
             self._discard()
             self._stream.flush()
+        except OSError as e:
+            if self.failed is None:
+                self._failed(e)
+            with contextlib.suppress(OSError):
+                self._stream.flush()
 
     def fileno(self) -> int:
         return self._stream.fileno()
@@ -275,8 +343,10 @@ class PipeGuard(io.TextIOBase):
 __all__ = [
     "ClosedStdin",
     "PipeGuard",
+    "StdoutError",
     "emit_json",
     "fail",
+    "not_an_input",
     "out",
     "parse_json_text",
     "read_bytes_input",
@@ -337,6 +407,9 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
     - standard output closed or its pipe closed by the reader: the rest of the output is discarded
       and the command runs on to its own exit status (``check | head -1`` still says 1 when a call
       fails the policy), never 1 for the pipe alone and never a traceback;
+    - any other failure to write standard output (``> /dev/full``, an I/O error): one line
+      ``tdvmcall: error: cannot write standard output (...)``, exit 2, in every command
+      (:class:`StdoutError`);
     - Ctrl-C: exit 130.
     """
     _reflow_help(app)
@@ -357,10 +430,18 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
     except ClickException as e:  # a bad parameter value click itself checks (files, choices)
         sys.stderr.write(f"tdvmcall: error: {' '.join(e.format_message().split())}\n")
         status = 2
+    except StdoutError as e:  # a full disk under standard output: one line, never 1 (a failed check)
+        sys.stderr.write(f"tdvmcall: error: {e}\n")
+        status = 2
     except (Abort, KeyboardInterrupt):
         sys.stderr.write("tdvmcall: interrupted\n")
         status = 130
     status = status if isinstance(status, int) else 0
-    with contextlib.suppress(OSError):
+    try:  # the last of the output may only fail now, when the buffer is flushed
         sys.stdout.flush()
+    except StdoutError as e:
+        sys.stderr.write(f"tdvmcall: error: {e}\n")
+        status = 2
+    except OSError:
+        pass
     return status

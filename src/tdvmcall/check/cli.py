@@ -104,7 +104,7 @@ def check(
     if guest and (blank := [g for g in guest if not g.strip()]):
         fail(f"--guest: {blank[0]!r} names no guest")
     if html_file is not None:  # before the check: a bad path must not cost the report printed first
-        writable_file(html_file, "--html")
+        writable_file(html_file, "--html", inputs=[catalog])
 
     # the sites: a what-if or a catalog
     errors: list[str] = []
