@@ -909,3 +909,120 @@ def test_catalog_rows_scan_writes_are_read_back_by_check(leaf, regs, written, pi
 
 
 GPRS = ("rax", "rcx", "rdx", "rbx", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+# --- what was not judged is not a pass -------------------------------------------------------------------
+#: one TDVMCALL whose mask is loaded from memory nothing in the function stored (RDMSR: R11 = 0x1F)
+UNJUDGED = ".type from_mem, @function\nfrom_mem:\n    mov rcx, [rdi]\n" + CALL
+
+
+def test_a_call_not_judged_is_not_a_pass(tmp_path):
+    """A TDVMCALL whose mask was not recovered was not judged: exit 1 as for a failure (the answer,
+    JSON's passes and the HTML page say so, and where and why), unless --allow-unresolved."""
+    elf = elf_from(UNJUDGED, tmp_path)
+    res = scan_text(elf, width=400)
+    assert res.exit_code == 1, res.stdout
+    first = res.stdout.splitlines()[1]
+    assert first.startswith("FAIL under --policy hardened: 1 of 1 call not judged") and "PASS" not in first
+    where = res.stdout.splitlines()[2]
+    assert where.startswith("Not judged: 1 call") and "from_mem+0x" in where and "(rcx)" in where
+    assert "--allow-unresolved" in where
+    code, doc = scan_json(elf)
+    assert code == 1 and doc["passes"] is False and doc["not_judged"] == 1 and doc["exit_status"] == 1
+    assert doc["schema"] == 2  # passes changed meaning: a call not judged is not a pass
+    assert doc["sites"][0]["verdict"] == {"legacy": "unresolved", "hardened": "unresolved"}
+    page = tmp_path / "p.html"
+    assert runner.invoke(app, ["scan", str(elf), "--html", str(page)]).exit_code == 1
+    html = page.read_text()
+    assert "FAIL under --policy hardened: 1 of 1 call not judged" in html and "Not judged: 1 call" in html
+    # allowed: exit 0, said as such
+    res = scan_text(elf, "--allow-unresolved")
+    assert res.exit_code == 0
+    assert res.stdout.splitlines()[1].startswith("PASS under --policy hardened: 1 of 1 call not judged")
+    assert "(allowed by --allow-unresolved)" in res.stdout.splitlines()[1]
+    res = runner.invoke(app, ["scan", str(elf), "--json", "--allow-unresolved"])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 0 and doc["passes"] is True and doc["allow_unresolved"] is True
+    # a failure stays a failure with the option
+    assert scan_text(elf, ASM.parent, "--allow-unresolved").exit_code in (1, 2)
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff", b"\0" * 4096, b"not firmware at all\n"])
+def test_an_input_with_no_code_is_not_a_pass(tmp_path, content):
+    """An empty or 1-byte .fd (a failed download), or bytes no container holds: said, exit 2."""
+    fd = tmp_path / "OVMF.fd"
+    fd.write_bytes(content)
+    res = scan_text(fd)
+    assert res.exit_code == 2 and "PASS" not in res.stdout
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"tdvmcall: error: {fd}: ") and ("empty file" in line or "no code found" in line)
+    code, doc = scan_json(fd)
+    assert code == 2 and doc["passes"] is False and doc["inputs"][0]["errors"] == [line.split("error: ", 1)[1]]
+
+
+def test_a_directory_with_no_code_is_not_a_pass_but_a_text_file_beside_code_is_fine(built, tmp_path):
+    (tmp_path / "README").write_text("hello\n")
+    res = runner.invoke(app, ["scan", str(tmp_path)])
+    assert res.exit_code == 2 and "no code found in any of its 1 files" in res.stderr
+    shutil.copy(built["sites.elf"], tmp_path / "sites.elf")
+    code, doc = scan_json(tmp_path)
+    assert code == 1 and [i["errors"] for i in doc["inputs"]] == [[], []]
+    assert "no code found" in doc["inputs"][0]["skipped"][0]
+
+
+def test_one_broken_input_does_not_say_the_rest_pass(built, tmp_path):
+    good = elf_from(".type ok_call, @function\nok_call:\n    mov ecx, 0x1C00\n" + CALL, tmp_path)
+    assert scan_text(good).exit_code == 0
+    res = scan_text(built["truncated.fv"], good)
+    assert res.exit_code == 2
+    first = res.stdout.splitlines()[1]
+    assert first.startswith("ERROR: 1 of 2 inputs broken") and "the rest: PASS" not in first and "PASS" not in first
+    assert "in the 1 other: the 1 call pass" in first
+    res = scan_text(built["truncated.fv"])
+    assert "nothing judged" in res.stdout.splitlines()[1] and "PASS" not in res.stdout
+
+
+def test_a_symlink_loop_is_named_as_such(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    res = runner.invoke(app, ["scan", str(loop)])
+    assert res.exit_code == 2 and "symbolic link loop" in res.stderr and "no such file" not in res.stderr
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a").symlink_to(d / "b")
+    (d / "b").symlink_to(d / "a")
+    res = runner.invoke(app, ["scan", str(d)])
+    assert res.exit_code == 2 and res.stderr.count("symbolic link loop") == 2
+
+
+def test_a_file_reached_twice_through_links_is_scanned_once(built, tmp_path):
+    shutil.copy(built["sites.elf"], tmp_path / "a.elf")
+    (tmp_path / "b.elf").symlink_to(tmp_path / "a.elf")
+    os.link(tmp_path / "a.elf", tmp_path / "c.elf")
+    code, doc = scan_json(tmp_path, tmp_path / "a.elf")
+    assert code == 1
+    assert [Path(i["path"]).name for i in doc["inputs"]] == ["a.elf"]
+    assert doc["summary"]["tdcall_sites"] == 12 and len(doc["inputs"][0]["skipped"]) == 3
+    assert all("the same file as" in line for line in doc["inputs"][0]["skipped"])
+
+
+def test_the_html_summary_is_in_words(built, tmp_path):
+    """Not a dump of counter names; "copies"; an empty scan does not say every call was judged."""
+    pe = built["sites.efi"].read_bytes()
+    files = b""
+    for k, name in enumerate(("ADxe", "BDxe", "CDxe")):
+        ui = section(0x15, f"{name}\0".encode("utf-16-le"))
+        f = ffs_file(guided_lzma(section(0x10, pe) + ui), name=uuid.UUID(int=FILE_GUID.int + k))
+        files += f + b"\xff" * (-len(f) % 8)
+    (tmp_path / "three.fv").write_bytes(volume(files))
+    page = tmp_path / "p.html"
+    runner.invoke(app, ["scan", str(tmp_path / "three.fv"), "--html", str(page)])
+    html = page.read_text()
+    summary = html.split('id="summary">')[1].split("</ul>")[0]
+    assert "tdcall sites" not in summary and "resolved calls" not in summary and "_" not in summary
+    assert "36 TDCALL sites in 1 input" in summary and "Under the hardened policy:" in summary
+    assert "other copies" in html and "copys" not in html
+    nothing = elf_from("", tmp_path)  # code, but no TDCALL
+    assert runner.invoke(app, ["scan", str(nothing), "--html", str(page)]).exit_code == 0
+    html = page.read_text()
+    assert "every call was judged" not in html and "No TDVMCALL found: nothing to judge." in html

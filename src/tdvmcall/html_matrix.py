@@ -68,7 +68,8 @@ class Finding:
 class Matrix:
     """Everything on the page.  ``columns``: column groups, each (heading, [(column key, short
     label)]); ``styles``: verdict -> (rich style, background, text colour, meaning), the legend and
-    the colours (``console.VERDICT_STYLE``, plus any state a tool adds)."""
+    the colours (``console.VERDICT_STYLE``, plus any state a tool adds); ``facts``: short lines in
+    words under the summary (what was found, the verdict counts), one item each."""
 
     title: str
     heading: str
@@ -80,6 +81,7 @@ class Matrix:
     findings: list[Finding]
     errors: list[str] = field(default_factory=list)
     no_findings: str = "Every call passes under both policies."
+    facts: list[str] = field(default_factory=list)
 
 
 _CSS = """
@@ -87,6 +89,7 @@ body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-
 h1{font-size:20px;margin:0 0 4px}
 .host{color:#555;margin-bottom:8px}
 .summary{font-weight:600;margin:8px 0 12px}
+ul.facts{margin:-6px 0 12px;padding-left:20px;color:#333}
 .legend span{display:inline-block;padding:2px 8px;margin:0 6px 4px 0;border-radius:3px}
 .wrap{display:flex;gap:16px;align-items:flex-start}
 table.matrix{border-collapse:collapse}
@@ -212,6 +215,7 @@ def render(m: Matrix) -> str:
     }
     payload = json.dumps(data).replace("</", "<\\/")
     errs = "".join(f"<li>{e(x)}</li>" for x in m.errors)
+    facts = "".join(f"<li>{e(x)}</li>" for x in m.facts)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(m.title, quote=False)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -219,6 +223,7 @@ def render(m: Matrix) -> str:
 <h1>{e(m.heading, quote=False)}</h1>
 <div class="host">{e(m.host)}</div>
 <div class="summary" id="summary">{e(m.summary)}</div>
+{f'<ul class="facts" id="facts">{facts}</ul>' if m.facts else ""}
 <div class="legend">each cell: <b>L</b> = today's KVM (legacy), <b>H</b> = hardened KVM, coloured by verdict: {legend}</div>
 {f'<ul class="errors" id="errors">{errs}</ul>' if m.errors else ""}
 <div class="wrap">

@@ -112,7 +112,14 @@ class Site:
         return "unresolved"
 
     def passes(self, policy: str) -> bool:
-        return self.verdict(policy) in PASSING | {"unresolved", "not-tdvmcall"}
+        """Judged and passing (or a TDCALL leaf other than TDG.VP.VMCALL, which is not a call to
+        judge): a call whose mask or call was not recovered does not pass, since it was not judged."""
+        return self.verdict(policy) in PASSING | {"not-tdvmcall"}
+
+    @property
+    def counted(self) -> bool:
+        """A call the verdict counts: a TDVMCALL, or a TDCALL whose leaf was not recovered (it may be one)."""
+        return self.is_vmcall or self.rax is None
 
     def reasons(self) -> list[str]:
         """Why the verdicts are what they are: :meth:`details` without the notes (registers exposed

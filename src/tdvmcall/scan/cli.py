@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from ..judge import Host
+    from .analyze import Image
 
 SCAN_HELP = "\n\n".join(
     " ".join(paragraph.split())
@@ -30,8 +35,10 @@ SCAN_HELP = "\n\n".join(
     the same code linked into many modules is one row (how many modules, the calls through it, the
     verdicts). --verbose shows one row per TDCALL with how each register was found; --json and --html
     always give every call.""",
-        """Exit status: 0 when every resolved call passes --policy, 1 when some do not, 2 when an input
-    could not be read or is broken (one line each on stderr; the other inputs are still scanned).""",
+        """Exit status: 0 when every call was judged and passes --policy; 1 when some do not pass, or
+    could not be judged (a mask, call or TDCALL leaf not recovered: never a pass, unless
+    --allow-unresolved); 2 when an input could not be read, is broken or holds no code (one line each
+    on stderr; the other inputs are still scanned). A file reached twice through links is scanned once.""",
         """Examples: 'tdvmcall scan OVMF.fd', 'tdvmcall scan /boot/vmlinuz --json',
     'tdvmcall scan fw/ --to-catalog mine.csv && tdvmcall check --catalog mine.csv'. See docs/scan.md.""",
     )
@@ -63,6 +70,12 @@ def scan(
         metavar="FILE",
         help="Also write a self-contained HTML page: the matrix check --html draws, sites x calls.",
     ),
+    allow_unresolved: bool = typer.Option(
+        False,
+        "--allow-unresolved",
+        help="Exit 0 even when some calls could not be judged (their mask, call or TDCALL leaf not recovered); "
+        "without it such a call is not a pass (exit 1). They are still listed as 'unresolved'.",
+    ),
     catalog_file: Path | None = typer.Option(
         None,
         "--to-catalog",
@@ -73,9 +86,7 @@ def scan(
 ) -> None:
     from ..console import emit_json, fail, out, writable_file
     from ..judge import HostError, host_for
-    from .analyze import analyze
-    from .containers import open_input
-    from .report import catalog_csv, html_report, report_json, rich_report
+    from .report import catalog_csv, html_report, outcome, report_json, rich_report
 
     # validate options
     try:
@@ -90,30 +101,21 @@ def scan(
             writable_file(target, option)
 
     # scan every input; a bad one is said and the others go on
-    images = []
-    cache: dict = {}
-    for path in paths:
-        if not path.exists():
-            from .analyze import Image
-
-            images.append(Image(str(path), [], [f"{path}: no such file or directory"], [], {}, 0, 0))
-            continue
-        for name, found in open_input(path):
-            images.append(analyze(name, found, host, cache))
+    images = scan_inputs(paths, host)
 
     if not images:  # e.g. an empty directory: a CI job must not pass on nothing scanned
         fail(f"{', '.join(map(str, paths))}: no file to scan")
-    failing = any(not s.passes(policy) for img in images for s in img.sites)
+    result = outcome(images, policy, allow_unresolved)
     for img in images:
         for line in img.problems:
             sys.stderr.write(f"tdvmcall: error: {line}\n")  # one line per broken input, as fail() writes
     if as_json:
-        emit_json(report_json(images, host, policy, failing))
+        emit_json(report_json(images, host, policy, allow_unresolved))
     elif not to_stdout:  # with --to-catalog -, standard output holds the catalog alone
-        out.print(rich_report(images, host, policy, verbose))
+        out.print(rich_report(images, host, policy, verbose, allow_unresolved))
     if html_file is not None:
         try:
-            html_file.write_text(html_report(images, host, policy))
+            html_file.write_text(html_report(images, host, policy, allow_unresolved))
         except OSError as e:
             fail(f"--html: cannot write {html_file} ({e.strerror})")
         if not as_json and not to_stdout:
@@ -132,9 +134,51 @@ def scan(
                 fail(f"--to-catalog: cannot write {catalog_file} ({e.strerror})")
             if not as_json:
                 out.print(f"wrote {catalog_file}{extra}", highlight=False)
-    if any(img.problems for img in images):
-        raise typer.Exit(2)
-    raise typer.Exit(1 if failing else 0)
+    raise typer.Exit(result.exit_status)
+
+
+def scan_inputs(paths: list[Path], host: Host) -> list[Image]:
+    """Every file of every input, analysed once: a file reached again (the same file through a
+    symbolic or hard link, in a directory or on the command line) is not scanned twice, said on the
+    first one's image.  A path that cannot be read is its own image with one problem line; so is a
+    file holding no code (empty, or nothing scan recognises), and a directory none of whose files
+    holds code: nothing to judge is never a pass."""
+    from .analyze import Image, analyze
+    from .containers import input_files, no_code, open_file, unreadable
+
+    images: list[Image] = []
+    cache: dict = {}
+    seen: dict[tuple[int, int], Image] = {}
+    for path in paths:
+        try:
+            path.stat()
+        except OSError as e:
+            images.append(Image(str(path), [], [unreadable(path, e)], [], {}, 0, 0))
+            continue
+        mine: list[Image] = []
+        for p in input_files(path):
+            try:
+                st = p.stat()
+                key: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            except OSError:
+                key = None
+            if key is not None and key in seen:
+                first = seen[key]
+                first.skipped.append(f"{p}: the same file as {first.path} (a link); scanned once")
+                continue
+            found = open_file(p)
+            img = analyze(str(p), found, host, cache)
+            if key is not None:
+                seen[key] = img
+            if not found.codes and not found.problems and not path.is_dir():
+                img.problems.append(no_code(str(p), found))
+            elif not found.codes and not found.problems:
+                img.skipped.append(no_code(str(p), found))
+            mine.append(img)
+        if path.is_dir() and mine and not any(img.bytes_code or img.problems for img in mine):
+            mine[0].problems.append(f"{path}: no code found in any of its {len(mine)} files")
+        images += mine
+    return images
 
 
 def register(app: typer.Typer) -> None:

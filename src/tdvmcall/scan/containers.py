@@ -29,7 +29,9 @@ Decompression is capped per input (:data:`CAP`); past the cap the input is repor
 from __future__ import annotations
 
 import bz2
+import errno
 import lzma
+import os
 import stat
 import struct
 import uuid
@@ -108,6 +110,7 @@ class Found:
     problems: list[str] = field(default_factory=list)  # broken containers: exit status 2
     skipped: list[str] = field(default_factory=list)  # parts with no decoder: said, not an error
     kinds: dict[str, int] = field(default_factory=dict)
+    size: int = -1  # bytes of the input file, once read
 
     def saw(self, kind: str) -> None:
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
@@ -640,6 +643,18 @@ def explore(data: bytes, chain: list[str], found: Found, budget: Budget, depth: 
 READ_CAP = CAP
 
 
+def unreadable(p: Path, e: OSError) -> str:
+    """Why a path cannot be read, in one line: a symbolic link loop and a link to nothing are named
+    as such (``stat`` says only "too many levels" or "no such file")."""
+    if e.errno == errno.ELOOP:
+        return f"{p}: a symbolic link loop (too many levels of symbolic links); not scanned"
+    if e.errno == errno.ENOENT:
+        if p.is_symlink():
+            return f"{p}: a symbolic link to nothing ({os.readlink(p)} does not exist); not scanned"
+        return f"{p}: no such file or directory"
+    return f"{p}: cannot read ({e.strerror or e})"
+
+
 def read_input(p: Path) -> bytes:
     """The bytes of one input file, at most :data:`READ_CAP`.  Only a regular file is read: a FIFO
     would block and a device (``/dev/zero``) never ends, so both are refused with one line."""
@@ -652,33 +667,57 @@ def read_input(p: Path) -> bytes:
         with p.open("rb") as f:
             data = f.read(READ_CAP + 1)
     except OSError as e:
-        raise ContainerError(f"{p}: cannot read ({e.strerror or e})") from None
+        raise ContainerError(unreadable(p, e)) from None
     if len(data) > READ_CAP:  # grew while being read
         raise ContainerError(f"{p}: more than the {READ_CAP >> 20} MiB read cap")
     return data
+
+
+def input_files(path: Path) -> list[Path]:
+    """The files of one input: the file itself, or every entry of a directory (recursively, sorted)
+    that is not a directory; symbolic links to directories are not followed (pathlib's ``rglob``)."""
+    return sorted(p for p in path.rglob("*") if not p.is_dir()) if path.is_dir() else [path]
+
+
+def open_file(p: Path) -> Found:
+    """What one file holds.  A broken container ends its walk with one problem line."""
+    found = Found()
+    try:
+        data = read_input(p)
+    except ContainerError as e:
+        found.problems.append(str(e))
+        return found
+    try:
+        explore(data, [str(p)], found, Budget())
+    except ContainerError as e:
+        found.problems.append(str(e))
+    except (struct.error, IndexError) as e:
+        found.problems.append(f"{p}: truncated or corrupt container ({e})")
+    except RecursionError:
+        found.problems.append(f"{p}: containers nested too deeply to walk")
+    except (MemoryError, OverflowError) as e:
+        found.problems.append(f"{p}: container too large to unpack ({type(e).__name__})")
+    found.size = len(data)
+    return found
+
+
+def no_code(p: str, found: Found) -> str:
+    """Why an input holds nothing to scan, in one line: empty, or no container scan recognises
+    holds code (and, for bytes it does not recognise, no TDCALL bytes to read as raw code)."""
+    if found.size == 0:
+        return f"{p}: empty file (0 bytes): no code to scan"
+    seen = ", ".join(k for k in found.kinds if k != "raw")
+    if seen:
+        return f"{p}: no x86 code found in it ({seen}: no executable section or image inside)"
+    return (
+        f"{p}: no code found in {found.size} byte{'' if found.size == 1 else 's'}: no container scan recognises "
+        "(ELF, PE/TE, bzImage, UEFI image or volume, compressed stream) and no TDCALL bytes to read as raw code"
+    )
 
 
 def open_input(path: Path) -> Iterator[tuple[str, Found]]:
     """Every file of an input (a file, or a directory recursively), with what it holds.  A broken
     container ends that file's walk with one problem line; the other files go on.  In a directory,
     entries that are neither directories nor regular files (FIFOs, devices) are refused too."""
-    files = sorted(p for p in path.rglob("*") if not p.is_dir()) if path.is_dir() else [path]
-    for p in files:
-        found = Found()
-        try:
-            data = read_input(p)
-        except ContainerError as e:
-            found.problems.append(str(e))
-            yield str(p), found
-            continue
-        try:
-            explore(data, [str(p)], found, Budget())
-        except ContainerError as e:
-            found.problems.append(str(e))
-        except (struct.error, IndexError) as e:
-            found.problems.append(f"{p}: truncated or corrupt container ({e})")
-        except RecursionError:
-            found.problems.append(f"{p}: containers nested too deeply to walk")
-        except (MemoryError, OverflowError) as e:
-            found.problems.append(f"{p}: container too large to unpack ({type(e).__name__})")
-        yield str(p), found
+    for p in input_files(path):
+        yield str(p), open_file(p)

@@ -37,7 +37,9 @@ from ..kvm import leaves as L
 from .analyze import Image, Site
 from .flow import Value
 
-JSON_SCHEMA = 1
+#: 2: ``passes`` is false when a call was not judged (unless --allow-unresolved); ``allow_unresolved``,
+#: ``exit_status`` and ``not_judged`` added (docs/scan.md)
+JSON_SCHEMA = 2
 UNRESOLVED = "unresolved"
 NOT_TDVMCALL = "not-tdvmcall"
 
@@ -117,12 +119,16 @@ def totals(images: list[Image]) -> dict[str, int]:
     return dict(out)
 
 
-def report_json(images: list[Image], host: Host, policy: str, failing: bool) -> dict:
+def report_json(images: list[Image], host: Host, policy: str, allow_unresolved: bool = False) -> dict:
+    o = outcome(images, policy, allow_unresolved)
     return {
         "schema": JSON_SCHEMA,
         "host": {"module": host.module, "no_rbp_mod": host.no_rbp_mod, "tree": host.tree},
         "policy": policy,
-        "passes": not failing,
+        "allow_unresolved": allow_unresolved,
+        "passes": o.passes,
+        "exit_status": o.exit_status,
+        "not_judged": len(o.unresolved),
         "inputs": [
             {
                 "path": img.path,
@@ -180,8 +186,8 @@ def _masks(sites: list[Site]) -> list[str]:
     return sorted({_val(s.regs["rcx"]) if s.is_vmcall else "-" for s in sites})
 
 
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}{'' if n == 1 else 's'}"
+def _count(n: int, what: str, plural: str | None = None) -> str:
+    return f"{n} {what if n == 1 else plural or what + 's'}"
 
 
 def calls_text(sites: list[Site], limit: int = 0, total: bool = False) -> str:
@@ -364,27 +370,81 @@ def _verdicts(verdict: dict[str, str]) -> Text:
     return out
 
 
-def verdict_line(images: list[Image], policy: str) -> Text:
-    """The answer: ``FAIL under --policy hardened: 634 of 634 calls do not pass (exit 1)``; with a
-    broken input, ``ERROR: ...`` first (exit 2)."""
-    calls = [s for img in images for s in img.sites if s.is_vmcall]
-    bad = [s for s in calls if not s.passes(policy)]
-    unresolved = sum(1 for s in calls if s.verdict(policy) == UNRESOLVED)
-    if bad:
-        line = f"FAIL under --policy {policy}: {len(bad)} of {_count(len(calls), 'call')} do not pass"
-    elif calls:
-        line = f"PASS under --policy {policy}: {'the' if len(calls) == 1 else 'all'} {_count(len(calls), 'call')} pass"
-    else:
-        line = f"PASS under --policy {policy}: no TDVMCALL found"
-    if unresolved:
-        line += f" ({unresolved} unresolved: not judged)"
+@dataclass
+class Outcome:
+    """The answer of a scan under ``policy``, from which the exit status, the verdict line, JSON's
+    ``passes`` and the HTML summary are all drawn: a call whose mask or call was not recovered is
+    not a pass (exit 1, as a failure) unless ``allow_unresolved``; a broken input, or one holding no
+    code, is exit 2."""
+
+    policy: str
+    allow_unresolved: bool
+    inputs: int
+    broken: int  # inputs with a problem line (unreadable, broken, or no code)
+    calls: list[Site]  # TDVMCALLs, one per caller, and TDCALLs whose leaf was not recovered
+    bad: list[Site]  # judged and not passing under ``policy``
+    unresolved: list[Site]  # not judged: the mask, the call or the TDCALL leaf not recovered
+
+    @property
+    def exit_status(self) -> int:
+        if self.broken:
+            return 2
+        return 1 if self.bad or (self.unresolved and not self.allow_unresolved) else 0
+
+    @property
+    def passes(self) -> bool:
+        return self.exit_status == 0
+
+
+def outcome(images: list[Image], policy: str, allow_unresolved: bool = False) -> Outcome:
+    calls = [s for img in images for s in img.sites if s.counted]
+    unresolved = [s for s in calls if s.verdict(policy) == UNRESOLVED]
+    bad = [s for s in calls if not s.passes(policy) and s.verdict(policy) != UNRESOLVED]
     broken = sum(1 for img in images if img.problems)
-    if broken:
+    return Outcome(policy, allow_unresolved, len(images), broken, calls, bad, unresolved)
+
+
+def _answer(o: Outcome) -> str:
+    """The calls' part of the verdict: ``3 of 12 calls do not pass, 1 not judged``."""
+    n, bad, unres = len(o.calls), len(o.bad), len(o.unresolved)
+    good = n - bad - unres
+    if not n:
+        return "no TDVMCALL found"
+    parts = []
+    if bad:
+        parts.append(f"{bad} of {_count(n, 'call')} do not pass")
+    if unres:
+        parts.append(f"{unres}{'' if bad else ' of ' + _count(n, 'call')} not judged (a value not recovered)")
+    if not parts:
+        return f"{'the' if n == 1 else 'all'} {_count(n, 'call')} pass"
+    if good:
+        parts.append(f"{good} pass")
+    return ", ".join(parts)
+
+
+def verdict_line(images: list[Image], policy: str, allow_unresolved: bool = False) -> Text:
+    """The answer: ``FAIL under --policy hardened: 634 of 634 calls do not pass (exit 1)``; a call
+    not judged is not a pass (``FAIL …: 4 of 14 calls not judged …``) unless --allow-unresolved; with
+    a broken input, ``ERROR: ...`` first (exit 2), never a PASS for the others."""
+    o = outcome(images, policy, allow_unresolved)
+    answer = _answer(o)
+    if o.broken:
+        if o.broken == o.inputs:
+            what = "the input is" if o.inputs == 1 else f"all {o.inputs} inputs are"
+            return Text(
+                f"ERROR: {what} broken, unreadable or without code (named on stderr): nothing judged (exit 2)",
+                style="bold red",
+            )
+        others = o.inputs - o.broken
         return Text(
-            f"ERROR: {_count(broken, 'input')} broken or unreadable (named on stderr); the rest: {line} (exit 2)",
+            f"ERROR: {o.broken} of {o.inputs} inputs broken, unreadable or without code (named on stderr); "
+            f"in the {_count(others, 'other')}: {answer} (exit 2)",
             style="bold red",
         )
-    return Text(f"{line} (exit {1 if bad else 0})", style="bold red" if bad else "bold green")
+    if o.exit_status:
+        return Text(f"FAIL under --policy {policy}: {answer} (exit 1)", style="bold red")
+    allowed = " (allowed by --allow-unresolved)" if o.unresolved else ""
+    return Text(f"PASS under --policy {policy}: {answer}{allowed} (exit 0)", style="bold green")
 
 
 def _image_summary(img: Image) -> list[Text]:
@@ -538,7 +598,29 @@ def image_renderable(img: Image, policy: str, verbose: bool = False) -> Group:
     return Group(*parts)
 
 
-def rich_report(images: list[Image], host: Host, policy: str, verbose: bool = False) -> Group:
+def not_judged_line(unresolved: list[Site], allow_unresolved: bool) -> Text:
+    """How many calls were not judged, where (up to four places: the caller, else the site, and
+    the registers not recovered there) and what that means for the exit status."""
+    places: dict[str, set[str]] = {}
+    for s in unresolved:
+        regs = ("rcx", "r10", "r11") if s.is_vmcall else ("rax",)
+        place = s.via.split(" ← ")[0] if s.via else s.symbol
+        places.setdefault(place, set()).update(r for r in regs if not s.regs[r].known)
+    where = [f"{p} ({' '.join(sorted(r, key=SHOWN.index))})" for p, r in list(places.items())[:4]]
+    if len(places) > 4:
+        where.append(f"… ({len(places) - 4} more)")
+    n = len(unresolved)
+    then = "passed by --allow-unresolved" if allow_unresolved else "not a pass (exit 1) unless --allow-unresolved"
+    return Text(
+        f"Not judged: {_count(n, 'call')}, {then}; a register not recovered in {', '.join(where)} "
+        "(why: the 'unresolved' findings).",
+        style="magenta",
+    )
+
+
+def rich_report(
+    images: list[Image], host: Host, policy: str, verbose: bool = False, allow_unresolved: bool = False
+) -> Group:
     """The default output, the answer first: the host, the verdict, then per image its summary,
     its findings (one line each: what fails, where, why) and a compact table (identical sites
     collapsed); ``verbose``: one row per TDCALL instruction with how each value was found."""
@@ -548,7 +630,9 @@ def rich_report(images: list[Image], host: Host, policy: str, verbose: bool = Fa
         f"KVM {host.tree}; exit status follows --policy {policy}",
         style="dim",
     )
-    parts: list = [head, verdict_line(images, policy)]
+    parts: list = [head, verdict_line(images, policy, allow_unresolved)]
+    if unresolved := outcome(images, policy).unresolved:
+        parts.append(not_judged_line(unresolved, allow_unresolved))
     if not verbose and any(img.sites for img in images):
         parts.append(
             Text("How each register was found, per site: --verbose; every call: --json or --html FILE.", style="dim")
@@ -661,7 +745,7 @@ def _cell(sites: list[Site], key: str, row: Row, where: str, ident: int, number:
         "mask": " ".join(_masks(sites)),
         "gprs": names_in(mask, 16) if mask is not None else [],
         "xmms": exposed_xmms(mask) if mask is not None else [],
-        "file": " > ".join(loc.container) + (f" (and {_count(more, 'other copy')})" if more else ""),
+        "file": " > ".join(loc.container) + (f" (and {_count(more, 'other copy', 'other copies')})" if more else ""),
         "snapshot": "",
         "call": key,
         "written": written,
@@ -672,7 +756,40 @@ def _cell(sites: list[Site], key: str, row: Row, where: str, ident: int, number:
     return M.Cell(ident, verdict, tip, panel, number)
 
 
-def html_matrix(images: list[Image], host: Host, policy: str) -> M.Matrix:
+def summary_facts(images: list[Image], policy: str, allow_unresolved: bool = False) -> list[str]:
+    """The HTML summary in words, one line each: what was found, the verdicts per policy, what
+    was not judged, and what was not read."""
+    o = outcome(images, policy, allow_unresolved)
+    sites = [s for img in images for s in img.sites]
+    locs = {(tuple(s.container), s.address) for s in sites}
+    vm = {(tuple(s.container), s.address) for s in sites if s.is_vmcall}
+    line = f"{_count(len(locs), 'TDCALL site')} in {_count(len(images), 'input')}"
+    if locs:
+        line += f": {_count(len(vm), 'TDVMCALL site')}"
+        if vm:
+            line += f" ({_count(sum(1 for s in sites if s.is_vmcall), 'call')}, one per caller)"
+        if len(locs) > len(vm):
+            line += f", {_count(len(locs) - len(vm), 'other TDCALL')}"
+    out = [line + "."]
+    masks = sorted({s.mask for s in sites if s.mask is not None})
+    if vm:
+        out.append(f"Masks: {' '.join(f'{m:#x}' for m in masks) or 'none recovered'}.")
+    for p in ("hardened", "legacy"):
+        counts = Counter(s.verdict(p) for s in sites if s.counted)
+        if counts:
+            words = ", ".join(f"{counts[v]} {v}" for v in sorted(counts, key=COUNT_ORDER.index))
+            out.append(f"Under the {p} policy: {words}.")
+    if o.unresolved:
+        then = "passed by --allow-unresolved" if allow_unresolved else "not a pass"
+        out.append(f"Not judged: {_count(len(o.unresolved), 'call')} (a register not recovered): {then}.")
+    if nc := sum(img.not_code for img in images):
+        out.append(f"{nc} TDCALL byte match{'' if nc == 1 else 'es'} not decoded as code: not reported.")
+    if o.broken:
+        out.append(f"{o.broken} of {_count(o.inputs, 'input')} broken, unreadable or without code (below).")
+    return out
+
+
+def html_matrix(images: list[Image], host: Host, policy: str, allow_unresolved: bool = False) -> M.Matrix:
     """The matrix page's content: one group per input, one row per row of the compact table
     (:func:`rows`: the same code in many places is one row), one column per call, a cell's verdicts
     the worst of its calls (one per caller), its id the index in ``--json``'s ``sites`` of its first
@@ -696,7 +813,7 @@ def html_matrix(images: list[Image], host: Host, policy: str) -> M.Matrix:
             cells = {k: _cell(ss, k, r, where, index[id(ss[0])], number, img.path) for k, ss in by_call.items()}
             loc = r.locations[0]
             title = " > ".join(loc.container) + (
-                f" and {_count(len(r.locations) - 1, 'other copy')}" if len(r.locations) > 1 else ""
+                f" and {_count(len(r.locations) - 1, 'other copy', 'other copies')}" if len(r.locations) > 1 else ""
             )
             matrix_rows.append(M.Row(where, " ".join(_masks(r.sites)), title, number, cells))
         note = "no TDCALL found" + (" in what could be read" if img.problems else "")
@@ -708,26 +825,32 @@ def html_matrix(images: list[Image], host: Host, policy: str) -> M.Matrix:
             )
     found.sort(key=lambda f: min(ORDER.index(v) for v in f.verdict.values()))  # stable: input order within
     rbp = "NO_RBP_MOD" if host.no_rbp_mod else "RBP_MOD allowed"
-    sm = totals(images)
-    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sm.items())
+    o = outcome(images, policy, allow_unresolved)
+    if not o.calls:
+        no_findings = "No TDVMCALL found: nothing to judge."
+    elif o.unresolved:
+        no_findings = "Every judged call passes under both policies."
+    else:
+        no_findings = "Every call passes under both policies, and every call was judged."
     return M.Matrix(
         title="tdvmcall scan",
         heading="tdvmcall scan: the TDCALLs of binaries against a host",
         host=f"{_count(len(images), 'input')} against TDX module {host.module} ({rbp}), KVM {host.tree}; "
         f"exit status follows --policy {policy}",
-        summary=f"{verdict_line(images, policy).plain}. {counts}.",
+        summary=verdict_line(images, policy, allow_unresolved).plain,
+        facts=summary_facts(images, policy, allow_unresolved),
         styles=STYLE,
         columns=_columns([s for img in images for s in img.sites]),
         groups=groups,
         findings=found,
         errors=[line for img in images for line in img.problems],
-        no_findings="Every call passes under both policies, and every call was judged.",
+        no_findings=no_findings,
     )
 
 
-def html_report(images: list[Image], host: Host, policy: str) -> str:
+def html_report(images: list[Image], host: Host, policy: str, allow_unresolved: bool = False) -> str:
     """One self-contained page (``html_matrix.py``, the page ``check --html`` writes): the matrix of
     sites x calls, each cell split into the legacy and the hardened verdict; hover a cell for its
     details, click it to pin them in the side panel (or open ``page.html#show=<N>``, N = the index
     of the cell's first call in ``--json``'s ``sites``)."""
-    return M.render(html_matrix(images, host, policy))
+    return M.render(html_matrix(images, host, policy, allow_unresolved))
