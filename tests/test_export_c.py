@@ -567,27 +567,36 @@ def test_kernel_style(files):
         assert not re.search(r"\b(float|double|malloc|kmalloc|printf|memset|memcpy)\b", text)
     c = files[G.SOURCE]
     includes = re.findall(r"#include [<\"]([^>\"]+)", c)
-    assert includes == ["linux/bits.h", G.HEADER]  # no libc in the code
-    assert re.findall(r"#include <([^>]+)>", files[G.HEADER]) == ["linux/types.h", "stdint.h"]
+    # no libc in the code; the kernel's ARRAY_SIZE (with its __must_be_array check) in the kernel
+    assert includes == ["linux/array_size.h", "linux/bits.h", G.HEADER]
+    assert re.findall(r"#include <([^>]+)>", files[G.HEADER]) == ["linux/types.h"]
+    # checkpatch --strict prefers the kernel's types: no uint*_t, even in the userspace branch
+    assert not re.search(r"\bu?int\d+_t\b", files[G.HEADER] + c)
     tables = re.findall(r"^(.*)\[\] = \{$", c, re.M)
     assert tables and all(t.startswith("static const struct") for t in tables)
     assert "/**\n * tdvmcall_check_regs() - " in files[G.HEADER]  # kernel-doc
 
 
 def test_the_kernel_branch_compiles(tmp_path, files):
-    """With __KERNEL__ the files take u8/u64 from <linux/types.h> and BIT_ULL/GENMASK_ULL from
-    <linux/bits.h> (stand-ins here, shaped like the kernel's)."""
+    """With __KERNEL__ the files take u16/u32/u64 from <linux/types.h>, BIT_ULL/GENMASK_ULL from
+    <linux/bits.h> and ARRAY_SIZE from <linux/array_size.h> (stand-ins here, shaped like the
+    kernel's; the generated files define none of them in this branch, or the stand-in's marker
+    macro would clash)."""
     cc = compiler()
     inc = tmp_path / "include" / "linux"
     inc.mkdir(parents=True)
-    (inc / "types.h").write_text("typedef unsigned char u8;\ntypedef unsigned long long u64;\n")
+    (inc / "types.h").write_text(
+        "typedef unsigned short u16;\ntypedef unsigned int u32;\ntypedef unsigned long long u64;\n"
+    )
     (inc / "bits.h").write_text(
         "#define BIT_ULL(nr) (1ULL << (nr))\n#define GENMASK_ULL(h, l) ((~0ULL >> (63 - (h))) & (~0ULL << (l)))\n"
     )
+    (inc / "array_size.h").write_text("#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]) + KERNEL_ARRAY_SIZE)\n")
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     cmd = [*cc.split(), "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-Wmissing-prototypes"]
     cmd += ["-Wstrict-prototypes", "-Wdeclaration-after-statement", "-ffreestanding", "-nostdinc"]
+    cmd += ["-Wpadded", "-Wswitch-default", "-DKERNEL_ARRAY_SIZE=0"]  # W=3's two that once fired
     cmd += ["-D__KERNEL__", "-I", str(tmp_path / "include"), "-c", "-o", "k.o", G.SOURCE]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

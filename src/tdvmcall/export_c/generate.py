@@ -345,9 +345,9 @@ def render_header(table: Table) -> str:
 #ifdef __KERNEL__
 #include <linux/types.h>
 #else
-#include <stdint.h>
-typedef uint8_t u8;
-typedef uint64_t u64;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
 #endif
 
 /* GPR numbers: KVM's enum kvm_reg order, also the bit of each GPR in the TDX GPR-select mask */
@@ -447,7 +447,7 @@ def render_source(table: Table) -> str:
     hcs = "\n".join(_render_row(r) for r in table.hypercalls)
     bl = table.unknown_bus_lock
     bl_doc = " * @bus_lock: still selected, by R11 alone, when the exit reason says a bus lock was detected\n"
-    bl_field = "\tu8 bus_lock;\n"
+    bl_field = "\tu32 bus_lock;\n"
     bl_define = f"#define TDVMCALL_EXIT_REASON_TDCALL\t{EXIT_REASON_TDCALL}\n"
     bl_rows = f"""
 /* {_comment(bl.name)}: a bus-lock exit whose R11 no row above takes */
@@ -486,12 +486,11 @@ static int tdvmcall_bus_lock(u64 rax)
  * reads them. Register roles follow arch/x86/kvm/vmx/tdx.c (each row names its function).
  */
 #ifdef __KERNEL__
+#include <linux/array_size.h>
 #include <linux/bits.h>
 #else
 #define BIT_ULL(nr)		(1ULL << (nr))
 #define GENMASK_ULL(h, l)	((~0ULL >> (63 - (h))) & (~0ULL << (l)))
-#endif
-#ifndef ARRAY_SIZE
 #define ARRAY_SIZE(arr)		(sizeof(arr) / sizeof((arr)[0]))
 #endif
 
@@ -521,9 +520,9 @@ struct tdvmcall_cond {{
 \tu64 width_mask;
 \tu64 inputs;
 \tu64 outputs;
-\tu8 reg;
-\tu8 op;
-\tu8 nr_values;
+\tu32 reg;
+\tu16 op;
+\tu16 nr_values;
 }};
 
 /**
@@ -539,7 +538,7 @@ struct tdvmcall_leaf {{
 \tu64 inputs;
 \tu64 outputs;
 \tconst struct tdvmcall_cond *conds;
-\tunsigned int nr_conds;
+\tu32 nr_conds;
 {bl_field}}};
 
 {conds}/* GHCI leaves, selected by R11 when R10 is 0 */
@@ -591,8 +590,9 @@ static int tdvmcall_cond_holds(const struct tdvmcall_cond *c, const u64 regs[16]
 \t\treturn 0;
 \tcase TDVMCALL_COND_BIT:
 \t\treturn (v >> c->values[0]) & 1;
+\tdefault:
+\t\treturn 0;
 \t}}
-\treturn 0;
 }}
 
 int tdvmcall_check_regs(const u64 regs[16], u64 *missing, u64 *unexposed)
