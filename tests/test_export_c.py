@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import random
 import re
@@ -625,3 +626,35 @@ def test_the_command_writes_checks_and_refuses_a_bad_directory(tmp_path, files, 
         "tdvmcall: error: DIR: empty; give the directory to write into (. for this one)"
     ]
     assert list(Path.cwd().iterdir()) == []
+
+
+def test_check_says_which_file_is_missing_and_shows_the_diff(tmp_path, files):
+    """Issue 18 item 14: --check on a missing or empty DIR names each missing file (not "DIFFERS"),
+    and a copy that differs is shown as a unified diff, yours then the model's."""
+    runner = CliRunner()
+    for d in (tmp_path / "absent", tmp_path / "empty"):
+        if d.name == "empty":
+            d.mkdir()
+        r = runner.invoke(app, ["export-c", str(d), "--check"])
+        assert r.exit_code == 1
+        for name, text in files.items():
+            assert f"checked {d / name}: MISSING (the model writes {len(text.encode()):,} bytes)" in r.output
+        assert "DIFFERS" not in r.output
+    out = tmp_path / "kvm"
+    assert runner.invoke(app, ["export-c", str(out)]).exit_code == 0
+    (out / G.HEADER).unlink()
+    changed = files[G.SOURCE].replace("0x7c00", "0x3c00", 1)
+    (out / G.SOURCE).write_text(changed)
+    r = runner.invoke(app, ["export-c", str(out), "--check"])
+    assert r.exit_code == 1
+    assert f"checked {out / G.HEADER}: MISSING" in r.output
+    assert f"checked {out / G.SOURCE}: DIFFERS from the model" in r.output
+    removed = [ln for ln in r.output.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    added = [ln for ln in r.output.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    model_line = next(ln for ln in files[G.SOURCE].splitlines() if "0x7c00" in ln)
+    old_line = model_line.replace("0x7c00", "0x3c00", 1)
+    assert removed == ["-" + old_line] and added == ["+" + model_line]
+    r = runner.invoke(app, ["export-c", str(out), "--check", "--json"])
+    entries = {Path(e["file"]).name: e for e in json.loads(r.output)["files"]}
+    assert entries[G.HEADER]["state"] == "missing" and "diff" not in entries[G.HEADER]
+    assert entries[G.SOURCE]["state"] == "differs" and "+" + model_line in entries[G.SOURCE]["diff"]

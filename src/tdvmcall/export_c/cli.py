@@ -3,7 +3,9 @@ copy is still what the model writes."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import sys
 from pathlib import Path
 
 import typer
@@ -20,7 +22,8 @@ EXPORT_C_HELP = "\n\n".join(
     INVALID_OPERAND) or 2 (R10 not exposed: no status can reach the guest), exactly as the model's
     hardened policy decides; the tests prove it on every GPR mask and every case.""",
         """DIR is created if needed; the two files are overwritten. --check writes nothing and exits 1
-    when DIR's copies differ from what the model writes (for a kernel tree's CI). Exit status 2 for
+    when DIR's copies differ from what the model writes (for a kernel tree's CI): it says which file
+    is missing and shows a unified diff (yours, then the model's) of one that differs. Exit status 2 for
     a bad DIR; 1 if the leaf table holds a condition the generator cannot express (never dropped
     silently). See docs/kvm.md.""",
     )
@@ -52,19 +55,18 @@ def export_c(
 
     report = []
     differ = []
+    diffs: dict[str, str] = {}
     for name, text in files.items():
         path = directory / name
         data = text.encode()
-        entry = {"file": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        entry: dict[str, object] = {"file": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         if check:
-            try:
-                same = path.read_bytes() == data
-            except FileNotFoundError:
-                same = False
-            except OSError as e:
-                fail(f"{path}: cannot read ({e.strerror})")
-            entry["up_to_date"] = same
-            if not same:
+            state, diff = _compare(path, data)
+            entry["up_to_date"] = state == "up to date"
+            entry["state"] = state
+            if diff is not None:
+                entry["diff"] = diffs[str(path)] = diff
+            if state != "up to date":
                 differ.append(str(path))
         report.append(entry)
 
@@ -92,8 +94,18 @@ def export_c(
     else:
         verb = "checked" if check else "wrote"
         for e in report:
-            state = "" if not check else ("  up to date" if e["up_to_date"] else "  DIFFERS from the model")
-            out.print(f"{verb} {e['file']} ({e['bytes']:,} bytes){state}", highlight=False)
+            if not check:
+                out.print(f"{verb} {e['file']} ({e['bytes']:,} bytes)", highlight=False, soft_wrap=True)
+                continue
+            state = {
+                "up to date": "up to date",
+                "missing": f"MISSING (the model writes {e['bytes']:,} bytes)",
+                "differs": "DIFFERS from the model (diff below: your copy, then the model's)",
+                "not a file": "is not a regular file",
+            }[str(e["state"])]
+            out.print(f"{verb} {e['file']}: {state}", highlight=False, soft_wrap=True)
+            if e["file"] in diffs:
+                _print_diff(diffs[str(e["file"])])
         out.print(
             f"table {summary['table']}: {summary['rows']} rows, {summary['conditions']} conditions "
             f"(tdvmcall {__version__})",
@@ -101,6 +113,43 @@ def export_c(
         )
     if differ:
         raise typer.Exit(1)
+
+
+#: a diff longer than this is cut on screen, saying how many lines were left out (--json has it all)
+DIFF_LINES_SHOWN = 200
+
+
+def _compare(path: Path, data: bytes) -> tuple[str, str | None]:
+    """``up to date``, ``missing``, ``not a file`` or ``differs`` (with a unified diff from DIR's copy
+    to the model's)."""
+    from ..console import fail
+
+    if not path.exists() and not path.is_symlink():
+        return "missing", None
+    if not path.is_file():
+        return "not a file", None
+    try:
+        have = path.read_bytes()
+    except OSError as e:
+        fail(f"{path}: cannot read ({e.strerror})")
+    if have == data:
+        return "up to date", None
+    mine = have.decode("utf-8", errors="replace").splitlines(keepends=True)
+    model = data.decode().splitlines(keepends=True)
+    diff = "".join(
+        line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+        for line in difflib.unified_diff(mine, model, f"{path} (yours)", f"{path.name} (the model)")
+    )
+    return "differs", diff
+
+
+def _print_diff(diff: str) -> None:
+    """A diff as plain text (no markup read from it), cut at DIFF_LINES_SHOWN with a count."""
+    lines = diff.splitlines(keepends=True)
+    sys.stdout.write("".join(lines[:DIFF_LINES_SHOWN]))
+    if len(lines) > DIFF_LINES_SHOWN:
+        sys.stdout.write(f"... {len(lines) - DIFF_LINES_SHOWN:,} more diff lines not shown (--json has them all)\n")
+    sys.stdout.flush()
 
 
 def register(app: typer.Typer) -> None:
