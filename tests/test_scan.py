@@ -1026,3 +1026,24 @@ def test_the_html_summary_is_in_words(built, tmp_path):
     assert runner.invoke(app, ["scan", str(nothing), "--html", str(page)]).exit_code == 0
     html = page.read_text()
     assert "every call was judged" not in html and "No TDVMCALL found: nothing to judge." in html
+
+
+def test_an_output_over_an_input_is_refused(built, tmp_path):
+    """``scan FW.fd --to-catalog FW.fd`` (or --html, or through a link, or a file of a scanned
+    directory) would replace the firmware: one line, exit 2, the input untouched."""
+    fd = tmp_path / "FW.fd"
+    shutil.copy(built["flash.fd"], fd)
+    (tmp_path / "link.csv").symlink_to(fd)
+    before = fd.read_bytes()
+    for option, target, scanned in (
+        ("--to-catalog", fd, fd),
+        ("--html", fd, fd),
+        ("--to-catalog", tmp_path / "link.csv", fd),
+        ("--html", fd, tmp_path),
+    ):
+        res = runner.invoke(app, ["scan", str(scanned), option, str(target)])
+        assert res.exit_code == 2 and res.stderr.count("\n") == 1, (option, target, res.stderr)
+        assert res.stderr.startswith(f"tdvmcall: error: {option}: ") and "input" in res.stderr
+        assert fd.read_bytes() == before
+    res = runner.invoke(app, ["scan", str(fd), "--html", str(tmp_path / "x"), "--to-catalog", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "both name" in res.stderr

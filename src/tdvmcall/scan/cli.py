@@ -96,9 +96,18 @@ def scan(
     to_stdout = catalog_file is not None and str(catalog_file) == "-"
     if to_stdout and as_json:
         fail("--json and --to-catalog -: both would go to standard output; name a file for one of them")
-    for option, target in (("--html", html_file), ("--to-catalog", None if to_stdout else catalog_file)):
-        if target is not None:  # before the scan: a bad path must not cost the report printed first
-            writable_file(target, option)
+    outputs = (("--html", html_file), ("--to-catalog", None if to_stdout else catalog_file))
+    if any(target is not None for _, target in outputs):
+        from .containers import input_files
+
+        # the files read (a directory's too): an output over one of them would replace it
+        inputs = [f for p in paths if p.exists() for f in input_files(p)]
+        for option, target in outputs:
+            if target is not None:  # before the scan: a bad path must not cost the report printed first
+                writable_file(target, option, inputs)
+        both = html_file is not None and catalog_file is not None and not to_stdout
+        if both and html_file.resolve() == catalog_file.resolve():  # type: ignore[union-attr]  # one would be lost
+            fail(f"--html and --to-catalog both name {catalog_file}; give each its own file")
 
     # scan every input; a bad one is said and the others go on
     images = scan_inputs(paths, host)
