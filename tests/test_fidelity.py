@@ -507,3 +507,63 @@ def test_examples_show_the_behaviours_and_fit_the_schema(name, check):
     jsonschema.validate(result, {"$ref": "#/$defs/result", "$defs": schema["$defs"]})
     table = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and table.stdout.strip()
+
+
+# =====================================================================================================
+# Issue 16, the second review.  Sources read: kvm-x86 @09c6f74e and Debian's linux-source-7.3 7.3.4
+# (arch/x86/kvm/vmx/tdx.c, x86.c, msrs.c, regs.h), KT0511/linux-6.16.1 @30b97c8, QEMU @05caf269
+# (target/i386/kvm/tdx.c, tdx-quote-generator.h, kvm.c), tdx-module 1.5.01 (td_exit.c, tdh_vp_enter.c).
+# =====================================================================================================
+KVM_EFAULT = 14
+FATAL = 0x10003
+SHARED_BIT = 1 << 51  # gpaw 52, the platform's default
+
+
+def _fatal_exit(r):
+    (ev,) = [e for e in r["kvm"]["userspace_exits"] if e["reason"] == "KVM_EXIT_SYSTEM_EVENT"]
+    return ev
+
+
+# --- 2. ReportFatalError data[0] (tdx_report_fatal_error(): regs[VCPU_REGS_RAX] = tdx->vp_enter_ret) -
+@pytest.mark.parametrize("bus_lock,want", [(False, 0x4D), (True, 0x0400004D)])
+def test_report_fatal_error_data0_is_the_whole_exit_value(bus_lock, want):
+    r = run({"rcx": LINUX, "r11": FATAL, "r12": 0x10000}, td={"bus_lock": bus_lock})
+    assert _fatal_exit(r)["data"][0] == H(want)
+    assert _fatal_exit(r)["data"][1] == H(0xFFCC)  # the RCX slot: the exit qualification
+
+
+# --- 3. ReportFatalError's message as QEMU builds it (tdx_handle_report_fatal_error(), COPY_REG:
+#        R14 R15 RBX RDI RSI R8 R9 RDX, only the registers the mask (data[1]) has, packed) ------------
+def _le(text):
+    return H(int.from_bytes(text.encode(), "little"))
+
+
+def test_report_fatal_error_message_packs_only_exposed_registers_in_qemus_order():
+    # R15 (bit 15) and RDI (bit 7) not exposed: QEMU copies R14, RBX, RSI, R8 one after the other
+    mask = 0xFFCC & ~(1 << 15) & ~(1 << 7)  # Linux's mask without R15 and RDI
+    guest = {"rcx": hex(mask), "r11": FATAL, "r12": 0x10000, "r14": _le("R14-abcd"), "r15": _le("R15-efgh")}
+    guest |= {"rbx": _le("RBX-ijkl"), "rdi": _le("RDI-mnop"), "rsi": _le("RSI-qrst"), "r8": _le("R8--uvwx")}
+    r = run(guest, "legacy")
+    assert _fatal_exit(r)["message"] == "R14-abcdRBX-ijklRSI-qrstR8--uvwx"
+
+
+def test_report_fatal_error_message_ends_at_the_first_nul():
+    guest = {"rcx": LINUX, "r11": FATAL, "r12": 0x10000, "r14": _le("ab"), "r15": _le("cdefghij")}
+    # R14's upper six bytes are NUL: QEMU's buffer is a C string, R15 is never read
+    assert _fatal_exit(run(guest))["message"] == "ab"
+
+
+# --- 4. GetQuote: QEMU refuses a buffer larger than TDX_GET_QUOTE_MAX_BUF_LEN (128 * 1024) -----------
+@pytest.mark.parametrize("size,want", [(128 * 1024, 0), (128 * 1024 + 0x1000, INVALID_OPERAND), (0x2000, 0)])
+def test_get_quote_larger_than_128_kib_is_invalid_operand(size, want):
+    r = run({"rcx": LINUX, "r11": 0x10002, "r12": hex(SHARED_BIT | 0x9000), "r13": hex(size)})
+    assert r["kvm"]["status"] == H(want)
+    assert r["kvm"]["userspace_exit"]["reason"] == "KVM_EXIT_TDX"  # KVM itself checks only the shared bit
+
+
+# --- 6. CLOCK_PAIRING to a shared-bit GPA (kvm_pv_clock_pairing(): kvm_write_guest() finds no memslot
+#        for it, ret = -KVM_EFAULT) ----------------------------------------------------------------------
+@pytest.mark.parametrize("gpa,want", [(0x9000, 0), (SHARED_BIT | 0x9000, -KVM_EFAULT & (2**64 - 1))])
+def test_clock_pairing_to_a_shared_gpa_is_efault(gpa, want):
+    r = run({"rcx": LINUX, "r10": 9, "r11": hex(gpa), "r12": 0})
+    assert r["kvm"]["status"] == H(want) and r["guest"]["r10"] == H(want)

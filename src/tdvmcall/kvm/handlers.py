@@ -16,7 +16,6 @@ from typing import Protocol
 from ..abi.codes import (
     EAGAIN,
     EINVAL,
-    EXIT_REASON_TDCALL,
     KVM_EFAULT,
     KVM_EINVAL,
     KVM_ENOSYS,
@@ -62,6 +61,9 @@ class Access(Protocol):
 
     @property
     def exit_qualification(self) -> int: ...
+
+    @property
+    def vp_enter_ret(self) -> int: ...
 
 
 def set_status(io: Access, status: int) -> None:
@@ -143,18 +145,23 @@ def get_quote(io: Access, p: Platform) -> None:
     gpa, size = io.read("r12"), io.read("r13")
     if not p.is_shared(gpa):
         return set_status(io, TDVMCALL_INVALID_OPERAND)
+    # the size is not checked here: QEMU's answer (Platform.qemu_get_quote) refuses a buffer larger than 128 KiB
     plain = gpa & ~p.shared_bit
     ret = p.tdx_exit(0x10002, {"gpa": plain, "size": size}, p.qemu_get_quote(plain, size))
     set_status(io, ret)
 
 
 def report_fatal_error(io: Access, p: Platform) -> None:
-    """tdx_report_fatal_error(): a KVM_EXIT_SYSTEM_EVENT (TDX_FATAL) whose data[] holds every GPR
-    slot; KVM writes no status and sets no completion."""
+    """tdx_report_fatal_error() (kvm-x86 @09c6f74e, v6.16.1 and 7.3.4 ``arch/x86/kvm/vmx/tdx.c``): a
+    KVM_EXIT_SYSTEM_EVENT (TDX_FATAL) whose 16 ``data[]`` words are the GPR slots in ascending order:
+    slot 0 (RAX) is ``tdx->vp_enter_ret``, the whole exit value the module returned (0x4D, or
+    0x0400004D with the bus-lock bit 26), slot 1 (RCX) the exit qualification, RSP and RBP 0, the
+    others ``vp_enter_args`` (0 where the guest exposed nothing).  KVM writes no status and sets no
+    completion.  The message is QEMU's (:func:`qemu_fatal_message`)."""
     code = io.read("r12")
     gpa = io.read("r13") if FATAL_GPA.holds(code) else None
     data = [0] * 16
-    data[0] = EXIT_REASON_TDCALL  # the RAX slot carries the exit reason
+    data[0] = io.vp_enter_ret & U64  # the RAX slot carries the exit value, flag bits included
     data[1] = io.exit_qualification  # the RCX slot carries the mask
     for i, reg in enumerate(GPR_NAMES):
         if i in (0, 1, 4, 5):  # RAX, RCX (above), RSP and RBP (never passed): 0
@@ -165,15 +172,28 @@ def report_fatal_error(io: Access, p: Platform) -> None:
             data[i] = gpa
         else:
             data[i] = io.read_optional(reg)
-    message = b"".join(data[GPR_NAMES.index(r)].to_bytes(8, "little") for r in FATAL_MESSAGE_REGS)
     p.system_event(
         KVM_SYSTEM_EVENT_TDX_FATAL,
         data,
         error_code=code,
         gpa=gpa,
-        message=message.rstrip(b"\0").decode("latin-1"),
+        message=qemu_fatal_message(data),
         qemu_accepts=code & 0xFFFF == 0,
     )
+
+
+def qemu_fatal_message(data: list[int]) -> str:
+    """The message QEMU builds from the system event (QEMU 05caf269 ``target/i386/kvm/tdx.c``,
+    ``tdx_handle_report_fatal_error()``, ``COPY_REG``): the mask is ``data[1]`` (the RCX slot); for
+    each message register in QEMU's order (R14, R15, RBX, RDI, RSI, R8, R9, RDX) whose bit the mask
+    has, its 8 bytes are appended, one after the other, so an unexposed register moves the later
+    bytes up; the buffer is then read as a C string (it ends at the first NUL).  ``""`` when no
+    message register is exposed."""
+    mask = data[1]
+    raw = b"".join(
+        data[GPR_NAMES.index(r)].to_bytes(8, "little") for r in FATAL_MESSAGE_REGS if mask >> GPR_NAMES.index(r) & 1
+    )
+    return raw.split(b"\0", 1)[0].decode("latin-1")
 
 
 def setup_event_notify_interrupt(io: Access, p: Platform) -> None:
@@ -269,12 +289,15 @@ def hc_kick_cpu(io: Access, p: Platform) -> None:
 
 
 def hc_clock_pairing(io: Access, p: Platform) -> None:
-    """kvm_pv_clock_pairing(): clock type a1 must be 0 (wall clock) and the host clock TSC-based;
-    the result is written at GPA a0 (the model: -KVM_EFAULT for an illegal GPA)."""
+    """kvm_pv_clock_pairing() (x86.c, kvm-x86 and 7.3.4 alike): clock type a1 must be 0 (wall clock)
+    and the host clock TSC-based, else -KVM_EOPNOTSUPP; the result is written at GPA a0 with
+    ``kvm_write_guest()``, which fails (-KVM_EFAULT) when no memslot holds the address: a GPA above
+    MAXPHYADDR, and for a TD any GPA with the shared bit, since KVM's memslots are at the GPAs
+    without it (the shared alias is the bit, not a slot).  Otherwise 0."""
     gpa, clock = io.read("r11"), io.read("r12")
     if clock != 0 or not p.host_clock_suitable:
         return hc_result(io, neg(KVM_EOPNOTSUPP))
-    if not p.is_legal_gpa(gpa):
+    if not p.is_legal_gpa(gpa) or p.is_shared(gpa):
         return hc_result(io, neg(KVM_EFAULT))
     p.effects.append(f"clock pairing written at {gpa:#x}")
     hc_result(io, 0)

@@ -35,6 +35,8 @@ KVM_EXIT_HYPERCALL_LONG_MODE = 1
 KVM_MAP_GPA_RANGE_ENCRYPTED = 0x10
 KVM_MAP_GPA_RANGE_DECRYPTED = 0
 PAGE_SIZE = 0x1000
+#: QEMU 05caf269 ``target/i386/kvm/tdx-quote-generator.h``: the largest GetQuote buffer QEMU takes (128 KiB)
+TDX_GET_QUOTE_MAX_BUF_LEN = 128 * 1024
 #: CPUID leaves whose sub-leaf (ECX) selects the entry
 INDEXED_CPUID_LEAVES = frozenset({0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1F, 0x24})
 
@@ -434,13 +436,20 @@ class Platform:
     def internal_error(self, why: str) -> None:
         self.exits.append({"reason": KVM_EXIT_INTERNAL_ERROR, "why": why})
 
-    # --- QEMU's answers (target/i386/kvm/tdx.c, second-hand through the ABI notes) ------------
+    # --- QEMU's answers (QEMU 05caf269 target/i386/kvm/tdx.c) --------------------------------
     @staticmethod
     def qemu_get_quote(gpa: int, size: int) -> int:
+        """QEMU's ``tdx_handle_get_quote()``, in its order: size 0 is INVALID_OPERAND; a GPA or size
+        not 4 KiB aligned ALIGN_ERROR; (a header it cannot read or of another version
+        INVALID_OPERAND: the fake's buffer always holds a good one); a buffer larger than
+        ``TDX_GET_QUOTE_MAX_BUF_LEN`` (128 KiB) INVALID_OPERAND; else SUCCESS (the quote, or
+        QGS_UNAVAILABLE in the buffer's header, comes later)."""
         if size == 0:
             return TDVMCALL_INVALID_OPERAND
         if gpa % PAGE_SIZE or size % PAGE_SIZE:
             return TDVMCALL_ALIGN_ERROR
+        if size > TDX_GET_QUOTE_MAX_BUF_LEN:
+            return TDVMCALL_INVALID_OPERAND
         return TDVMCALL_SUCCESS
 
 

@@ -103,11 +103,13 @@ class KvmResult:
 
 
 class LegacyAccess:
-    """Today's KVM: handlers use ``vp_enter_args`` as the module filled it (0 where unexposed)."""
+    """Today's KVM: handlers use ``vp_enter_args`` as the module filled it (0 where unexposed).
+    ``vp_enter_ret`` is the exit value TDH.VP.ENTER returned (``tdx->vp_enter_ret``)."""
 
-    def __init__(self, args: list[int], qualification: int):
+    def __init__(self, args: list[int], qualification: int, vp_enter_ret: int):
         self.args = args
         self.exit_qualification = qualification
+        self.vp_enter_ret = vp_enter_ret
         self.reads: list[str] = []
         self.wrote: dict[str, int] = {}
 
@@ -126,9 +128,10 @@ class LegacyAccess:
 class HardenedAccess:
     """Hardened KVM: handlers go through the register cache, which holds only exposed registers."""
 
-    def __init__(self, cache: RegCache, qualification: int):
+    def __init__(self, cache: RegCache, qualification: int, vp_enter_ret: int):
         self.cache = cache
         self.exit_qualification = qualification
+        self.vp_enter_ret = vp_enter_ret
         self.reads: list[str] = []
         self.wrote: dict[str, int] = {}
 
@@ -230,7 +233,7 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     if vcpu.policy == "legacy":
         # mark registers: the fixed set, whatever the mask
         vcpu.cache.tdx_after_exit_legacy()
-        io: LegacyAccess | HardenedAccess = LegacyAccess(vmm, qual.raw)
+        io: LegacyAccess | HardenedAccess = LegacyAccess(vmm, qual.raw, exit.vmm[RAX])
         _run_handler(leaf, io, platform, vals, result)
         # dispatch itself consumed R10 (and R11 for a GHCI call)
         consumed = dict.fromkeys([*leaf.selectors, *io.reads])
@@ -240,7 +243,7 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
         # (a) load exactly the exposed GPRs, plus RCX, into the cache
         cache = vcpu.cache
         cache.tdx_after_exit_hardened({i: vmm[i] for i in range(NR_GPRS) if qual.gpr_select >> i & 1 or i == RCX})
-        io = HardenedAccess(cache, qual.raw)
+        io = HardenedAccess(cache, qual.raw, exit.vmm[RAX])
         # (b) validate before dispatch
         if "r10" not in exposed:
             platform.internal_error(
