@@ -1047,3 +1047,26 @@ def test_an_output_over_an_input_is_refused(built, tmp_path):
         assert fd.read_bytes() == before
     res = runner.invoke(app, ["scan", str(fd), "--html", str(tmp_path / "x"), "--to-catalog", str(tmp_path / "x")])
     assert res.exit_code == 2 and "both name" in res.stderr
+
+
+def test_vmware_hypercall_is_named_and_not_judged_as_kvm(tmp_path):
+    """Linux's vmware_tdx_hypercall() (arch/x86/kernel/cpu/vmware.c; arch/x86/include/asm/vmware.h):
+    R10 = VMWARE_TDX_VENDOR_LEAF 0x1AF7E4909, R11 = VMWARE_TDX_HCALL_FUNC 1, R12 = the magic
+    0x564D5868, R13 = the command, through __tdx_hypercall's mask 0xFFCC.  It is VMware's, made
+    only on a VMware host; KVM would answer it -KVM_ENOSYS (an unknown hypercall number): named
+    VMware-hypercall and judged not-kvm (the module's check only), not a KVM hypercall that is ok."""
+    body = (
+        ".type vmw, @function\nvmw:\n    xor eax, eax\n    mov ecx, 0xFFCC\n    movabs r10, 0x1AF7E4909\n"
+        "    mov r11d, 1\n    mov r12d, 0x564D5868\n    mov r13d, 10\n    .byte 0x66, 0x0f, 0x01, 0xcc\n    ret\n"
+    )
+    code, doc = scan_json(elf_from(body, tmp_path))
+    [site] = doc["sites"]
+    assert code == 0 and site["r10"] == "0x1af7e4909"
+    assert site["call"] == "VMware-hypercall" and site["verdict"] == {"legacy": "not-kvm", "hardened": "not-kvm"}
+    assert any("VMware" in d and "-KVM_ENOSYS" in d for d in site["details"])
+    # the same mask with RBP exposed: the module's check still applies
+    code, doc = scan_json(elf_from(body.replace("0xFFCC", "0xFFEC"), tmp_path))
+    assert code == 1 and doc["sites"][0]["verdict"]["hardened"] == "module-rejects"
+    page = tmp_path / "p.html"
+    runner.invoke(app, ["scan", str(tmp_path / "t.elf"), "--html", str(page)])
+    assert "not KVM&#x27;s" in page.read_text() or "not KVM's" in page.read_text()

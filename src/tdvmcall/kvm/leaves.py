@@ -550,6 +550,21 @@ UNKNOWN_HYPERCALL = Leaf(
     cases=(Case("unknown-nr", {"r10": 0x77}),),
 )
 
+#: Hypercall numbers (R10) of other hypervisors' TDX guest interfaces: name, and what it is.  KVM
+#: takes any R10 != 0 as a KVM hypercall number (``tdx_emulate_vmcall()``), so on KVM each is
+#: :data:`UNKNOWN_HYPERCALL`, answered -KVM_ENOSYS (``____kvm_emulate_hypercall()``'s default); a
+#: guest makes them only on that vendor's host, so a scanner names them and judges them as a call
+#: that is not KVM's (the module's check only), as ``check`` does Hyper-V's.
+VENDOR_HYPERCALLS: dict[int, tuple[str, str]] = {
+    0x1_AF7E_4909: (
+        "VMware-hypercall",
+        "VMware's hypercall (linux arch/x86/include/asm/vmware.h VMWARE_TDX_VENDOR_LEAF; made by "
+        "arch/x86/kernel/cpu/vmware.c vmware_tdx_hypercall() only on a VMware host, with R11 = "
+        "VMWARE_TDX_HCALL_FUNC 1, R12 = VMWARE_HYPERVISOR_MAGIC, R13 = the command): not a KVM call; "
+        "KVM would take R10 as an unknown hypercall number and answer -KVM_ENOSYS",
+    ),
+}
+
 LEAVES: tuple[Leaf, ...] = GHCI_LEAVES + tuple(_unsupported(n, v) for n, v in UNSUPPORTED_GHCI.items()) + KVM_HYPERCALLS
 BY_NAME: dict[str, Leaf] = {leaf.name: leaf for leaf in LEAVES}
 _GHCI_BY_R11 = {leaf.r11: leaf for leaf in LEAVES if leaf.family == "ghci"}

@@ -61,6 +61,9 @@ class Site:
     #: a digest of the code bytes from the function's start to the TDCALL: the same stub linked
     #: into many modules has the same one (what the report collapses); None when not known
     code: bytes | None = None
+    #: a call of another hypervisor's interface (``kvm.leaves.VENDOR_HYPERCALLS``): its name and
+    #: what it is; judged as a call that is not KVM's (the module's check only: ``not-kvm``)
+    foreign: tuple[str, str] | None = None
 
     @property
     def symbol(self) -> str:
@@ -93,6 +96,8 @@ class Site:
             return self.tdcall_leaf
         if self.leaf is not None:
             return self.leaf.name
+        if self.foreign is not None:
+            return self.foreign[0]
         return "unresolved"
 
     def pinned(self) -> dict[str, int]:
@@ -136,6 +141,8 @@ class Site:
         out: list[str] = []
         if self.rax is not None and self.rax != 0 and (why := tdcall_rax_problems(self.rax)):
             out.append("the TDX module fails this TDCALL (TDX_OPERAND_INVALID, RAX): " + "; ".join(why))
+        if self.foreign is not None:
+            out.append(self.foreign[1])
         if self.judgement is not None:
             out += self.judgement.details()
         elif self.module is not None:
@@ -273,6 +280,8 @@ def judge_site(site: Site, host: Host, cache: dict[tuple[object, ...], object]) 
     if not site.is_vmcall:
         return
     site.leaf = _call(site.regs)
+    if site.leaf is L.UNKNOWN_HYPERCALL and (r10 := site.regs["r10"].value) in L.VENDOR_HYPERCALLS:
+        site.leaf, site.foreign = None, L.VENDOR_HYPERCALLS[r10]  # type: ignore[index]
     mask = site.mask
     if mask is None:
         return
@@ -280,6 +289,12 @@ def judge_site(site: Site, host: Host, cache: dict[tuple[object, ...], object]) 
     if key not in cache:
         cache[key] = module_outcome(mask, host)
     site.module = cache[key]  # type: ignore[assignment]
+    if site.foreign is not None:  # not KVM's: the module's check only
+        key = ("f", mask)
+        if key not in cache:
+            cache[key] = judge(mask, None, host, module=site.module)
+        site.judgement = cache[key]  # type: ignore[assignment]
+        return
     if site.leaf is None:
         key = ("s", Control(mask).gpr_select)
         if key not in cache:

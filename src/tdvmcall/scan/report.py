@@ -328,6 +328,8 @@ def unresolved_why(s: Site) -> str:
     hows = "; ".join(f"{r}: {short_how(s.regs[r])}" for r in regs if not s.regs[r].known)
     if not s.is_vmcall:
         return f"TDCALL leaf not recovered ({hows})"
+    if s.foreign is not None:
+        return f"mask not recovered ({hows}); {s.foreign[0]}: not KVM's, only the module's check applies"
     if s.mask is None and s.leaf is not None:
         need = L.minimal_mask(s.leaf, s.pinned())
         return (
@@ -708,6 +710,8 @@ def column_of(s: Site) -> str:
     unresolved``, or the TDCALL leaf of a site that is not a TDVMCALL."""
     if not s.is_vmcall:
         return s.tdcall_leaf if s.rax is not None else UNRESOLVED_LEAF
+    if s.foreign is not None:
+        return s.foreign[0]
     return s.leaf.name if s.leaf is not None else UNRESOLVED_CALL
 
 
@@ -718,9 +722,16 @@ def _columns(sites: list[Site]) -> list[tuple[str, list[tuple[str, str]]]]:
     ghci = [lf.name for lf in L.LEAVES if lf.family == "ghci" and lf.name in present]
     hc = [lf.name for lf in L.LEAVES if lf.family == "kvm-hypercall" and lf.name in present]
     vm = {column_of(s) for s in sites if s.is_vmcall}
-    other = sorted(c for c in present if c in vm and c not in ghci and c not in hc)
+    foreign = sorted({s.foreign[0] for s in sites if s.foreign is not None})
+    other = sorted(c for c in present if c in vm and c not in ghci and c not in hc and c not in foreign)
     tdcall = sorted(c for c in present if c not in vm)
-    groups = (("GHCI calls", ghci), ("KVM hypercalls", hc), ("unknown call", other), ("other TDCALL", tdcall))
+    groups = (
+        ("GHCI calls", ghci),
+        ("KVM hypercalls", hc),
+        ("not KVM's", foreign),
+        ("unknown call", other),
+        ("other TDCALL", tdcall),
+    )
     return [(label, [(c, short_name(c)) for c in cols]) for label, cols in groups if cols]
 
 
