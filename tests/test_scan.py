@@ -1070,3 +1070,39 @@ def test_vmware_hypercall_is_named_and_not_judged_as_kvm(tmp_path):
     page = tmp_path / "p.html"
     runner.invoke(app, ["scan", str(tmp_path / "t.elf"), "--html", str(page)])
     assert "not KVM&#x27;s" in page.read_text() or "not KVM's" in page.read_text()
+
+
+# --- names: relocatable objects and labels without a type --------------------------------------------
+def test_relocatable_object_sites_are_named_by_their_symbols(built):
+    """In a ``.o`` (ET_REL) symbol values are offsets in their section (gABI): every site is named by
+    its function as in the linked ELF (not ``sub_0``), with the same values where the function
+    sets them itself.  Its calls are not relocated yet (``call wrapper`` is E8 00000000 and a
+    relocation): never read as a call to the next instruction, so a value from a caller stays
+    unresolved here (the linked ELF follows it)."""
+    _, linked = scan_json(built["sites.elf"])
+    code, obj = scan_json(built["sites.o"])
+    assert code == 1
+    want = {s["symbol"]: s for s in linked["sites"]}
+    got = {s["symbol"]: s for s in obj["sites"]}
+    assert set(got) == set(want) and not any(name.startswith("sub_") for name in got)
+    for name in ("imm_mask+0x16", "copy_mask+0x14", "mov32+0x1a", "mov8+0x12", "stack_mask+0x1f"):
+        assert (got[name]["mask"], got[name]["call"]) == (want[name]["mask"], want[name]["call"]), name
+    # wrapper takes R11 from its callers: followed in the ELF, not through an unrelocated call
+    assert want["wrapper+0xd"]["via"] is not None and got["wrapper+0xd"]["via"] is None
+    assert got["wrapper+0xd"]["verdict"]["hardened"] == "unresolved"
+    assert "no direct caller found" in got["wrapper+0xd"]["how"]["r11"]
+    assert "caller at" not in json.dumps(obj["sites"])
+
+
+def test_labels_without_a_type_name_their_code(tmp_path):
+    """An assembly label with no ``.type`` (STT_NOTYPE) after a sized function starts its own code
+    (not ``before+0x..``); a label inside a sized function stays part of it."""
+    body = (
+        ".type before, @function\nbefore:\n    nop\n    ret\n.size before, .-before\n"
+        ".globl untyped\nuntyped:\n    mov ecx, 0x1C00\n" + CALL + ".type sized, @function\nsized:\n"
+        "    mov ecx, 0x1C00\ninner:\n" + CALL + ".size sized, .-sized\n"
+    )
+    _, doc = scan_json(elf_from(body, tmp_path))
+    names = sorted(s["symbol"].split("+")[0] for s in doc["sites"])
+    assert names == ["sized", "untyped"]
+    assert {s["mask"] for s in doc["sites"]} == {"0x1c00"}

@@ -87,6 +87,8 @@ class Code:
     functions: dict[int, str] = field(default_factory=dict)  # start address -> name
     sizes: dict[int, int] = field(default_factory=dict)  # start address -> size (when the symbol says)
     raw: bool = False  # a flat blob: no sections or symbols say where the code is
+    #: in a relocatable object: address -> what fills the byte at link time (its relocation)
+    relocs: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # limits met while analysing it
 
 
@@ -304,7 +306,7 @@ def elf(data: bytes, chain: list[str], found: Found) -> None:
                 name, typ, flags, addr, off, size, link, _info, _al, entsize = struct.unpack_from(
                     "<IIIIIIIIII", data, o
                 )
-            sections.append((name, typ, flags, addr, off, size, link, entsize))
+            sections.append((name, typ, flags, addr, off, size, link, entsize, _info))
     except struct.error:
         raise ContainerError(f"{where(chain)}: ELF section headers truncated") from None
     strtab = b""
@@ -316,49 +318,125 @@ def elf(data: bytes, chain: list[str], found: Found) -> None:
         end = strtab.find(b"\0", i)
         return strtab[i:end].decode(errors="replace") if i < len(strtab) else f"#{i}"
 
-    # function symbols (.symtab, else .dynsym)
-    funcs: dict[int, str] = {}
-    sizes: dict[int, int] = {}
-    for want in (SHT_SYMTAB, SHT_DYNSYM):
-        for s in sections:
-            if s[1] != want or s[6] >= len(sections):
-                continue
-            st = sections[s[6]]
-            names = data[st[4] : st[4] + st[5]]
-            table = data[s[4] : s[4] + s[5]]
-            if is64:
-                ent = 24
-                rows = struct.iter_unpack("<IBBHQQ", table[: len(table) // ent * ent])
-                for nm, info, _o, shndx, value, size in rows:
-                    if info & 0xF == STT_FUNC and shndx and value and not funcs.get(value):
-                        funcs[value] = names[nm : names.find(b"\0", nm)].decode(errors="replace")
-                        sizes[value] = size
-            else:
-                ent = 16
-                rows32 = struct.iter_unpack("<IIIBBH", table[: len(table) // ent * ent])
-                for nm, value, size, info, _o, shndx in rows32:
-                    if info & 0xF == STT_FUNC and shndx and value:
-                        funcs.setdefault(value, names[nm : names.find(b"\0", nm)].decode(errors="replace"))
-                        sizes.setdefault(value, size)
-        if funcs:
-            break
+    rel = struct.unpack_from("<H", data, 0x10)[0] == ET_REL
+    funcs, sizes = _symbols(data, sections, is64, rel)
+    relocs = _relocations(data, sections, is64) if rel else {}
     found.saw("elf")
-    for name, typ, flags, addr, off, size, *_ in sections:
+    for k, (name, typ, flags, addr, off, size, *_) in enumerate(sections):
         if typ == SHT_PROGBITS and flags & SHF_EXECINSTR and size:
             if off + size > len(data):
                 raise ContainerError(f"{where(chain)}: section {sname(name)} runs past the end of the file")
-            lo, hi = addr, addr + size
-            fn = {a: n for a, n in funcs.items() if lo <= a < hi}
-            found.codes.append(
-                Code(
-                    chain + [sname(name)],
-                    data[off : off + size],
-                    addr,
-                    bitness,
-                    fn,
-                    {a: sizes[a] for a in fn},
-                )
-            )
+            if rel:  # a relocatable object: every section at 0, its symbols by section index
+                fn = funcs.get(k, {})
+                sz = sizes.get(k, {})
+            else:
+                lo, hi = addr, addr + size
+                fn = {a: n for a, n in funcs.get(-1, {}).items() if lo <= a < hi}
+                sz = {a: sizes[-1][a] for a in fn if a in sizes.get(-1, {})}
+            code = Code(chain + [sname(name)], data[off : off + size], addr, bitness, fn, sz)
+            code.relocs = relocs.get(k, {})
+            found.codes.append(code)
+
+
+#: ELF ``e_type`` of a relocatable object (``.o``): symbol values are offsets in their section, and
+#: the bytes a relocation names are not yet filled in (System V gABI, "Relocation")
+ET_REL = 1
+SHT_RELA, SHT_REL = 4, 9
+STT_NOTYPE = 0
+#: bytes a relocation fills, per x86-64 type (psABI "Relocation Types"; others are 4 bytes):
+#: R_X86_64_64, DTPMOD64, DTPOFF64, TPOFF64, PC64, GOTOFF64, GOT64, GOTPCREL64, GOTPC64, GOTPLT64,
+#: PLTOFF64, SIZE64: 8; R_X86_64_16, PC16: 2; R_X86_64_8, PC8: 1
+_RELOC_SIZE64 = {1: 8, 16: 8, 17: 8, 18: 8, 24: 8, 25: 8, 27: 8, 28: 8, 29: 8, 30: 8, 31: 8, 33: 8, 12: 2, 13: 2}
+_RELOC_SIZE64 |= {14: 1, 15: 1}
+#: i386 (SysV i386 psABI): R_386_16, PC16: 2; R_386_8, PC8: 1; others 4
+_RELOC_SIZE32 = {20: 2, 21: 2, 22: 1, 23: 1}
+
+
+def _symbol_rows(data: bytes, sections: list, s: tuple, is64: bool) -> Iterator[tuple[str, int, int, int, int]]:
+    """(name, type, section index, value, size) of the symbols of one symbol table."""
+    if s[6] >= len(sections):
+        return
+    st = sections[s[6]]
+    names = data[st[4] : st[4] + st[5]]
+    table = data[s[4] : s[4] + s[5]]
+
+    def name_at(i: int) -> str:
+        return names[i : names.find(b"\0", i)].decode(errors="replace") if i < len(names) else ""
+
+    if is64:
+        for nm, info, _o, shndx, value, size in struct.iter_unpack("<IBBHQQ", table[: len(table) // 24 * 24]):
+            yield name_at(nm), info & 0xF, shndx, value, size
+    else:
+        for nm, value, size, info, _o, shndx in struct.iter_unpack("<IIIBBH", table[: len(table) // 16 * 16]):
+            yield name_at(nm), info & 0xF, shndx, value, size
+
+
+def _symbols(
+    data: bytes, sections: list, is64: bool, rel: bool
+) -> tuple[dict[int, dict[int, str]], dict[int, dict[int, int]]]:
+    """Function names and sizes from ``.symtab`` (else ``.dynsym``), keyed by section index in a
+    relocatable object (values are offsets in their section) and by -1 otherwise (addresses).
+    ``STT_FUNC`` symbols first; then labels without a type (``STT_NOTYPE``: an assembly label with
+    no ``.type``) in an executable section, unless a sized function covers them (a label inside a
+    function, ``retry:``, is not a function of its own) or they are local (``.L``) or mapping
+    symbols; such a label names its code and starts a function with no known size."""
+    execs = {k for k, sec in enumerate(sections) if sec[1] == SHT_PROGBITS and sec[2] & SHF_EXECINSTR}
+    funcs: dict[int, dict[int, str]] = {}
+    sizes: dict[int, dict[int, int]] = {}
+    for want in (SHT_SYMTAB, SHT_DYNSYM):
+        labels: list[tuple[int, int, str]] = []
+        for s in sections:
+            if s[1] != want:
+                continue
+            for name, typ, shndx, value, size in _symbol_rows(data, sections, s, is64):
+                if not shndx or shndx >= 0xFF00 or not name or (not value and not rel):
+                    continue
+                key = shndx if rel else -1
+                if typ == STT_FUNC:
+                    if value not in funcs.setdefault(key, {}):
+                        funcs[key][value] = name
+                        if size:
+                            sizes.setdefault(key, {})[value] = size
+                elif typ == STT_NOTYPE and shndx in execs and not name.startswith((".L", "$")):
+                    labels.append((key, value, name))
+        for key, value, name in labels:
+            mine = funcs.setdefault(key, {})
+            if value in mine:
+                continue
+            if any(a < value < a + n for a, n in sizes.get(key, {}).items()):
+                continue  # inside a sized function: a label of its own code
+            mine[value] = name
+        if any(funcs.values()):
+            break
+    return funcs, sizes
+
+
+def _relocations(data: bytes, sections: list, is64: bool) -> dict[int, dict[int, str]]:
+    """Per section index, the offsets of the bytes relocations fill in a relocatable object, each
+    with what fills it (``R_X86_64_PLT32 memcpy``): those bytes are zeros or an addend until the
+    link, so an instruction holding them (``call rel32``, ``mov ecx, offset sym``, ``lea rdi,
+    [rip+x]``) has no known target or value."""
+    out: dict[int, dict[int, str]] = {}
+    for s in sections:
+        if s[1] not in (SHT_RELA, SHT_REL) or s[4] + s[5] > len(data):
+            continue
+        target = s[8]  # sh_info: the section the relocations apply to
+        linked = s[6] < len(sections) and sections[s[6]][1] in (SHT_SYMTAB, SHT_DYNSYM)
+        names = [n for n, *_ in _symbol_rows(data, sections, sections[s[6]], is64)] if linked else []
+        if is64:
+            fmt, ent = ("<QQq", 24) if s[1] == SHT_RELA else ("<QQ", 16)
+        else:
+            fmt, ent = ("<IIi", 12) if s[1] == SHT_RELA else ("<II", 8)
+        table = data[s[4] : s[4] + s[5]]
+        mine = out.setdefault(target, {})
+        for row in struct.iter_unpack(fmt, table[: len(table) // ent * ent]):
+            offset, info = row[0], row[1]
+            typ, sym = (info & 0xFFFFFFFF, info >> 32) if is64 else (info & 0xFF, info >> 8)
+            size = (_RELOC_SIZE64 if is64 else _RELOC_SIZE32).get(typ, 4)
+            what = names[sym] if 0 < sym < len(names) and names[sym] else f"symbol #{sym}"
+            for b in range(size):
+                mine[offset + b] = f"type {typ} to {what}"
+    return out
 
 
 # --- PE/COFF and TE ----------------------------------------------------------------------------------

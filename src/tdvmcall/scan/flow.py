@@ -111,6 +111,19 @@ class Function:
     insns: list[ix.Instruction]
     exact: bool  # the start is a function start (symbol or call target), not a window
     _jumps: list[tuple[int, int]] | None = field(default=None, repr=False)
+    #: a relocatable object's relocations (address -> what fills the byte at link time), ``Code.relocs``
+    relocs: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def relocated(self, ins: ix.Instruction) -> str | None:
+        """What a relocation fills in ``ins``'s bytes (``type 4 to memcpy``), None when nothing:
+        in a ``.o`` those bytes are zeros or an addend until the link, so a call's target, an
+        immediate or a ``rip``-relative address read from them would be wrong."""
+        if not self.relocs:
+            return None
+        for a in range(ins.ip, ins.ip + ins.len):
+            if a in self.relocs:
+                return self.relocs[a]
+        return None
 
     def jumps(self) -> list[tuple[int, int]]:
         """(source, target) of the direct jumps (conditional or not) among the instructions."""
@@ -190,6 +203,8 @@ class Region:
             rel = np.where(rel >= 1 << 31, rel - (1 << 32), rel)
             tgt = pos + 5 + rel
             ok = (tgt >= 0) & (tgt < n)
+            if self.code.relocs:  # a .o's unrelocated call or jump: its target is not known before the link
+                ok &= np.array([int(p) + va + 1 not in self.code.relocs for p in pos], dtype=bool)
             branches = Branches.of(tgt[ok], pos[ok], va)
             if opcode == 0xE8:
                 self.calls = branches
@@ -241,6 +256,12 @@ class Region:
         """The function containing the instruction at ``at``: the nearest start before it from
         which the decoding lands on ``at`` (a few are tried), else a window; None if no decoding
         lands on ``at``."""
+        fn = self._function(at)
+        if fn is not None:
+            fn.relocs = self.code.relocs
+        return fn
+
+    def _function(self, at: int) -> Function | None:
         i = bisect.bisect_right(self.starts, at)
         tried = 0
         while i > 0 and tried < 4:
@@ -344,11 +365,14 @@ def resolve(fn: Function, idx: int, reg: str, base: int) -> Value:
         if ins.mnemonic == ix.Mnemonic.TDCALL:
             return unknown(f"output of the TDCALL at {at}")
         if fc in (ix.FlowControl.CALL, ix.FlowControl.INDIRECT_CALL) and reg in VOLATILE:
-            return unknown(f"set by the call at {at}")
+            target = f" (relocated: {r})" if (r := fn.relocated(ins)) else ""
+            return unknown(f"set by the call at {at}{target}")
         if not _writes(ins, reg):
             continue
         if (src := fn.skipped(j, idx)) is not None:
             return unknown(f"set on one path only: the jump at {src - base:#x} goes past the write at {at}")
+        if (r := fn.relocated(ins)) is not None:
+            return unknown(f"filled in at link time by {_fmt(ins)} at {at} (relocation {r})")
         m = ins.mnemonic
         op0 = ins.op0_register if ins.op0_kind == ix.OpKind.REGISTER else ix.Register.NONE
         width = ix.RegisterExt.size(op0) if op0 != ix.Register.NONE else 0
@@ -436,6 +460,8 @@ def _load(fn: Function, j: int, reg: str, width: int, base: int) -> Value:
                 return unknown(
                     f"loaded from {slot}, set on one path only: the jump at {src_ip - base:#x} goes past the store"
                 )
+            if (r := fn.relocated(st)) is not None:
+                return unknown(f"loaded from {slot}, stored at {st.ip - base:#x} with a relocation ({r})")
             if st.op1_kind in IMMEDIATES:
                 v = _imm(st, 1) & ((1 << (8 * size)) - 1) if size < 8 else _imm(st, 1)
                 if size < width:
@@ -565,6 +591,8 @@ def forward(fn: Function, upto: int) -> State:
         if m == ix.Mnemonic.PUSH:
             st.regs["rsp"] = _sym_add(st.regs["rsp"], -8)
             val = st.regs.get(r0) if r0 else (("const", _imm(ins, 0)) if ins.op0_kind in IMMEDIATES else None)
+            if fn.relocated(ins) is not None:  # push offset sym in a .o: the value comes at link time
+                val = None
             st.store(st.regs["rsp"], 0, 8, val, ins.ip)
             continue
         if m == ix.Mnemonic.POP and r0:
@@ -578,6 +606,8 @@ def forward(fn: Function, upto: int) -> State:
             st.mem.clear()
             st.zero_xmm.clear()
             continue
+        if fn.relocated(ins) is not None:
+            m = ix.Mnemonic.INVALID  # filled in at link time: only what it writes is known, forgotten below
         if m == ix.Mnemonic.STOSQ and ins.has_rep_prefix:
             count, fill = st.regs.get("rcx"), st.regs.get("rax")
             if count and count[0] == "const" and fill == ("const", 0):
