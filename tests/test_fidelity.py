@@ -567,3 +567,55 @@ def test_get_quote_larger_than_128_kib_is_invalid_operand(size, want):
 def test_clock_pairing_to_a_shared_gpa_is_efault(gpa, want):
     r = run({"rcx": LINUX, "r10": 9, "r11": hex(gpa), "r12": 0})
     assert r["kvm"]["status"] == H(want) and r["guest"]["r10"] == H(want)
+
+
+# --- 5. MSR filters and the order of checks (msrs.c kvm_emulate_msr_read()/_write(): kvm_msr_allowed()
+#        before the vendor hook; kvm_msr_user_space(): exit only for a reason userspace enabled;
+#        kvm_msr_reason(): FILTER for a filtered access, INVAL for tdx_get_msr()'s plain failure.
+#        QEMU kvm.c kvm_vm_enable_userspace_msr(): KVM_MSR_EXIT_REASON_FILTER only, and a read filter
+#        on MSR_CORE_THREAD_COUNT 0x35 answered by kvm_rdmsr_core_thread_count(): threads per package
+#        in 15:0, cores per package in 31:16) ------------------------------------------------------------
+def _msr_exits(r):
+    return [e for e in r["kvm"]["userspace_exits"] if e["reason"].startswith("KVM_EXIT_X86_")]
+
+
+@pytest.mark.parametrize("policy", ["legacy", "hardened"])
+def test_rdmsr_core_thread_count_exits_to_qemu_which_answers_it(policy):
+    r = run({"rcx": LINUX, "r11": 31, "r12": 0x35}, policy)
+    (ev,) = _msr_exits(r)
+    assert (ev["reason"], ev["msr_reason"], ev["index"]) == ("KVM_EXIT_X86_RDMSR", "FILTER", H(0x35))
+    assert r["kvm"]["status"] is None and r["guest"]["r10"] == H(0)  # SUCCESS: KVM writes no status
+    assert r["guest"]["r11"] == H(4 | 4 << 16)  # -smp 4: one package, 4 cores, 1 thread each
+    two_by_two = run(
+        {"rcx": LINUX, "r11": 31, "r12": 0x35}, policy, platform={"topology": {"cores": 2, "threads_per_core": 2}}
+    )
+    assert two_by_two["guest"]["r11"] == H(4 | 2 << 16)
+
+
+def test_unfiltered_unknown_msr_is_invalid_operand_without_an_exit():
+    for guest in ({"r11": 31, "r12": 0x10}, {"r11": 32, "r12": 0x10, "r13": 1}, {"r11": 32, "r12": 0x35, "r13": 1}):
+        r = run({"rcx": LINUX, **guest})  # QEMU enables FILTER only; WRMSR 0x35 is not filtered
+        assert r["kvm"]["status"] == H(INVALID_OPERAND) and _msr_exits(r) == [], guest
+
+
+def test_the_filter_comes_before_the_tdx_allow_list():
+    # IA32_TSC_DEADLINE is emulated for a TD, yet a filter on it wins: exit, or fail without an exit
+    tsc = {"rcx": LINUX, "r11": 31, "r12": 0x6E0}
+    r = run(tsc, platform={"msr_filter": {"read": [0x6E0]}, "userspace": {"rdmsr": {"0x6e0": "0x77"}}})
+    assert [e["msr_reason"] for e in _msr_exits(r)] == ["FILTER"] and r["guest"]["r11"] == H(0x77)
+    r = run(tsc, platform={"msr_filter": {"read": [0x6E0]}, "msr_exit_reasons": []})
+    assert r["kvm"]["status"] == H(INVALID_OPERAND) and _msr_exits(r) == []
+    # x2APIC MSRs cannot be filtered
+    r = run({"rcx": LINUX, "r11": 31, "r12": 0x803}, platform={"msr_filter": {"read": [0x803]}})
+    assert r["kvm"]["status"] is None and _msr_exits(r) == []
+
+
+def test_the_inval_reason_exits_for_an_msr_kvm_does_not_emulate():
+    r = run(
+        {"rcx": LINUX, "r11": 31, "r12": 0x10},
+        platform={"msr_exit_reasons": ["inval"], "userspace": {"rdmsr": {"0x10": "0x5"}}},
+    )
+    assert [e["msr_reason"] for e in _msr_exits(r)] == ["INVAL"] and r["guest"]["r11"] == H(5)
+    # the older msr_exits: true enables every reason
+    r = run({"rcx": LINUX, "r11": 32, "r12": 0x10, "r13": 1}, platform={"msr_exits": True})
+    assert [e["reason"] for e in _msr_exits(r)] == ["KVM_EXIT_X86_WRMSR"] and r["kvm"]["status"] is None

@@ -21,7 +21,7 @@ from .abi.codes import TDVMCALL_STATUS_NAMES, TdcallRax, status_name, tdcall_rax
 from .abi.control import Control
 from .abi.regs import GPR_NAMES, INT_TEXT, hex64, mask_of, names_in, parse_int
 from .guest import RoundTrip, tdvmcall
-from .kvm.platform import Platform, Userspace
+from .kvm.platform import MSR_EXIT_REASONS, Platform, Userspace
 from .kvm.tdx import POLICIES, VMM_AFTER_NOTES, KvmVcpu
 from .module import TdConfig, VcpuState
 
@@ -152,6 +152,9 @@ def _int128(value: Any, field: str) -> int:
 def _platform(p_in: dict[str, Any], tree: str) -> Platform:
     keys = {
         "msr_exits",
+        "msr_exit_reasons",
+        "msr_filter",
+        "topology",
         "exit_hypercall_map_gpa",
         "gpaw",
         "maxphyaddr",
@@ -164,7 +167,8 @@ def _platform(p_in: dict[str, Any], tree: str) -> Platform:
     }
     _known(p_in, "platform", keys)
     p = Platform(tree=tree)
-    for key in ("msr_exits", "exit_hypercall_map_gpa", "pending_event", "host_clock_suitable"):
+    _msr_platform(p, p_in)
+    for key in ("exit_hypercall_map_gpa", "pending_event", "host_clock_suitable"):
         if key in p_in:
             setattr(p, key, _bool(p_in[key], f"platform.{key}"))
     for key in ("gpaw", "maxphyaddr"):
@@ -214,6 +218,37 @@ def _platform(p_in: dict[str, Any], tree: str) -> Platform:
         u.msr_error = _bool(u_in["msr_error"], "platform.userspace.msr_error")
     p.userspace = u
     return p
+
+
+def _msr_platform(p: Platform, p_in: dict[str, Any]) -> None:
+    """The MSR side of userspace: which failure reasons exit (``msr_exit_reasons``, or the older
+    ``msr_exits``: true for every reason, false for none), the MSR filter, and the topology QEMU
+    answers MSR_CORE_THREAD_COUNT from.  Defaults: QEMU's (docs/scenario.md)."""
+    if "msr_exits" in p_in and "msr_exit_reasons" in p_in:
+        raise ScenarioError("platform.msr_exits: give msr_exits or msr_exit_reasons, not both")
+    if "msr_exits" in p_in:
+        every = sum(MSR_EXIT_REASONS.values())
+        p.msr_exit_reasons = every if _bool(p_in["msr_exits"], "platform.msr_exits") else 0
+    if "msr_exit_reasons" in p_in:
+        names = p_in["msr_exit_reasons"]
+        accepted = ", ".join(MSR_EXIT_REASONS)
+        if not isinstance(names, list) or any(n not in MSR_EXIT_REASONS for n in names):
+            raise ScenarioError(f"platform.msr_exit_reasons: expected a list of {accepted}")
+        p.msr_exit_reasons = sum({MSR_EXIT_REASONS[n] for n in names})
+    f_in = _obj(p_in.get("msr_filter"), "platform.msr_filter")
+    _known(f_in, "platform.msr_filter", {"read", "write"})
+    for key in ("read", "write"):
+        if key in f_in:
+            indices = frozenset(_int_list(f_in[key], f"platform.msr_filter.{key}"))
+            setattr(p, f"msr_filter_{key}", indices)
+    t_in = _obj(p_in.get("topology"), "platform.topology")
+    _known(t_in, "platform.topology", {"cores", "threads_per_core"})
+    for key, attr in (("cores", "cores_per_package"), ("threads_per_core", "threads_per_core")):
+        if key in t_in:
+            v = _int(t_in[key], f"platform.topology.{key}")
+            if not 1 <= v <= 0xFFFF:
+                raise ScenarioError(f"platform.topology.{key}: {v} out of range; accepted: 1..65535")
+            setattr(p, attr, v)
 
 
 # --- output -------------------------------------------------------------------------------------

@@ -127,6 +127,12 @@ TDX_EMULATED_X2APIC: dict[int, str] = {
 #: v6.16's deny-list in the x2APIC range: meant to exclude TPR, PPR, EOI and the ISR, TMR and IRR
 #: banks, it excluded only these six (a range bug: KT0511/linux-6.16.1 ``tdx_has_emulated_msr()``)
 V6_16_X2APIC_DENIED = frozenset({0x808, 0x80A, 0x80B, 0x810, 0x818, 0x820})
+#: MSR_CORE_THREAD_COUNT: QEMU filters guest reads of it and answers them itself
+MSR_CORE_THREAD_COUNT = 0x35
+#: the reasons userspace may enable with KVM_CAP_X86_USER_SPACE_MSR (Linux
+#: ``include/uapi/linux/kvm.h`` ``KVM_MSR_EXIT_REASON_*``), by the names the scenario uses
+MSR_EXIT_REASONS = {"inval": 1 << 0, "unknown": 1 << 1, "filter": 1 << 2}
+MSR_EXIT_INVAL, MSR_EXIT_UNKNOWN, MSR_EXIT_FILTER = 1 << 0, 1 << 1, 1 << 2
 #: read-only for a TD (``tdx_is_read_only_msr()``): a guest write fails
 TDX_READ_ONLY_MSRS = frozenset({MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL})
 
@@ -234,7 +240,15 @@ class Platform:
 
     cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = field(default_factory=_vendor_cpuid)
     msrs: dict[int, int] = field(default_factory=_emulated_msrs)
-    msr_exits: bool = False  # userspace asked for KVM_EXIT_X86_RDMSR/WRMSR on unhandled MSRs
+    #: KVM_CAP_X86_USER_SPACE_MSR: the failure reasons userspace asked to exit for (QEMU's
+    #: ``kvm_vm_enable_userspace_msr()``: KVM_MSR_EXIT_REASON_FILTER only)
+    msr_exit_reasons: int = MSR_EXIT_FILTER
+    #: KVM_X86_SET_MSR_FILTER, default allow: the MSRs whose reads / writes userspace denies (QEMU:
+    #: reads of MSR_CORE_THREAD_COUNT, ``kvm_filter_msr()`` with a read handler only)
+    msr_filter_read: frozenset[int] = frozenset({MSR_CORE_THREAD_COUNT})
+    msr_filter_write: frozenset[int] = frozenset()
+    cores_per_package: int = 4  # the guest's topology as QEMU knows it (-smp 4: one package of 4 cores)
+    threads_per_core: int = 1
     exit_hypercall_map_gpa: bool = True  # KVM_CAP_EXIT_HYPERCALL bit 12 (QEMU enables it)
     gpaw: int = 52  # the TD's guest physical address width: shared bit = bit gpaw - 1
     maxphyaddr: int = 52
@@ -359,26 +373,69 @@ class Platform:
         self.effects.append(f"MSR {index:#x} <- {value:#x}")
         return True
 
+    def msr_allowed(self, index: int, write: bool) -> bool:
+        """``kvm_msr_allowed()`` (msrs.c in 7.3.4, x86.c in v6.16.1 and kvm-x86): x2APIC MSRs
+        (0x800..0x8FF) cannot be filtered; any other MSR is denied when userspace's filter
+        (KVM_X86_SET_MSR_FILTER) lists it for this access; the filter's default is allow."""
+        if X2APIC_BASE <= index <= X2APIC_BASE + 0xFF:
+            return True
+        return index not in (self.msr_filter_write if write else self.msr_filter_read)
+
+    def _msr_exit(self, index: int, filtered: bool) -> str | None:
+        """``kvm_msr_user_space()``: the reason of the failure (``kvm_msr_reason()``: FILTER for a
+        filtered access; INVAL for the vendor hook's plain failure, the only one ``tdx_get_msr()``
+        and ``tdx_set_msr()`` return) if userspace enabled it, else None (no exit)."""
+        reason = MSR_EXIT_FILTER if filtered else MSR_EXIT_INVAL
+        if not self.msr_exit_reasons & reason:
+            return None
+        return "FILTER" if filtered else "INVAL"
+
     def msr_read(self, index: int) -> tuple[bool, int]:
-        """``kvm_emulate_rdmsr()`` for a TD: the vendor hook; on failure a KVM_EXIT_X86_RDMSR when
-        userspace asked for MSR exits (its answer completes the read), else the failure."""
-        ok, value = self.tdx_get_msr(index)
-        if ok:
-            return True, value
-        if self.msr_exits:
-            self.exits.append({"reason": KVM_EXIT_X86_RDMSR, "index": index})
-            ok = not self.userspace.msr_error and index in self.userspace.rdmsr
-            return ok, self.userspace.rdmsr.get(index, 0)
+        """``kvm_emulate_rdmsr()`` for a TD, in KVM's order (``kvm_emulate_msr_read()`` /
+        ``kvm_get_msr_with_filter()``): the MSR filter first (:meth:`msr_allowed`), then the vendor
+        hook (:meth:`tdx_get_msr`).  On failure, a KVM_EXIT_X86_RDMSR when userspace enabled that
+        failure's reason (its answer completes the read, :meth:`userspace_rdmsr`), else the
+        failure."""
+        filtered = not self.msr_allowed(index, False)
+        if not filtered:
+            ok, value = self.tdx_get_msr(index)
+            if ok:
+                return True, value
+        reason = self._msr_exit(index, filtered)
+        if reason is None:
+            return False, 0
+        ok, value = self.userspace_rdmsr(index)
+        self.exits.append({"reason": KVM_EXIT_X86_RDMSR, "msr_reason": reason, "index": index, "error": not ok})
+        return ok, value
+
+    def userspace_rdmsr(self, index: int) -> tuple[bool, int]:
+        """Userspace's answer to a KVM_EXIT_X86_RDMSR: the scenario's ``rdmsr`` value if it has one
+        (unless ``msr_error``); else QEMU's (``kvm_handle_rdmsr()``): MSR_CORE_THREAD_COUNT gets
+        ``kvm_rdmsr_core_thread_count()`` (``cpu_x86_get_msr_core_thread_count()``: threads per
+        package in bits 15:0, cores per package in 31:16), anything else an error."""
+        if self.userspace.msr_error:
+            return False, 0
+        if index in self.userspace.rdmsr:
+            return True, self.userspace.rdmsr[index]
+        if index == MSR_CORE_THREAD_COUNT:
+            cores = self.cores_per_package
+            return True, (cores * self.threads_per_core & 0xFFFF) | (cores & 0xFFFF) << 16
         return False, 0
 
     def msr_write(self, index: int, value: int) -> bool:
-        """``kvm_emulate_wrmsr()`` for a TD, likewise."""
-        if self.tdx_set_msr(index, value):
+        """``kvm_emulate_wrmsr()`` for a TD, likewise: the filter, then :meth:`tdx_set_msr`, then
+        KVM_EXIT_X86_WRMSR if userspace enabled the failure's reason."""
+        filtered = not self.msr_allowed(index, True)
+        if not filtered and self.tdx_set_msr(index, value):
             return True
-        if self.msr_exits:
-            self.exits.append({"reason": KVM_EXIT_X86_WRMSR, "index": index, "data": value})
-            return not self.userspace.msr_error
-        return False
+        reason = self._msr_exit(index, filtered)
+        if reason is None:
+            return False
+        ok = not self.userspace.msr_error
+        self.exits.append(
+            {"reason": KVM_EXIT_X86_WRMSR, "msr_reason": reason, "index": index, "data": value, "error": not ok}
+        )
+        return ok
 
     # --- userspace exits ----------------------------------------------------------------------
     def io(self, port: int, size: int, write: bool, data: int) -> int:
