@@ -726,18 +726,126 @@ def test_real_tdx_firmware():
 
 
 # --- more containers ----------------------------------------------------------------------------------
-def fake_bzimage(payload: bytes) -> bytes:
+def fake_bzimage(payload: bytes, decompressor: bytes = b"") -> bytes:
     """A bzImage as the boot protocol lays it out (Documentation/arch/x86/boot.rst): setup_sects at
     0x1F1, "HdrS" at 0x202, version 2.15 at 0x206, payload_offset/length at 0x248/0x24C relative to
-    the protected-mode code at (setup_sects + 1) * 512."""
+    the protected-mode code at (setup_sects + 1) * 512, which starts with the decompressor's code
+    (``decompressor``, then zeros up to 0x200) and holds the payload."""
     setup_sects = 3
     head = bytearray((setup_sects + 1) * 512)
     head[0x1F1] = setup_sects
     head[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", head, 0x206, 0x020F)
-    pm = bytearray(0x200)  # the decompressor's code, then the payload
+    pm = bytearray(max(0x200, len(decompressor)))  # the decompressor's code, then the payload
+    pm[: len(decompressor)] = decompressor
     struct.pack_into("<II", head, 0x248, len(pm), len(payload))
     return bytes(head) + bytes(pm) + payload + struct.pack("<I", 0)
+
+
+def flat_code(asm: str, d: Path) -> bytes:
+    """Flat x86-64 code assembled from Intel-syntax assembly (GNU as, objcopy -O binary)."""
+    (d / "flat.s").write_text(".intel_syntax noprefix\n.text\n" + asm)
+    subprocess.run(["as", "--64", "-o", str(d / "flat.o"), str(d / "flat.s")], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(d / "flat.o"), str(d / "flat.bin")], check=True)
+    return (d / "flat.bin").read_bytes()
+
+
+#: the decompressor's early console in the style of arch/x86/boot/compressed/tdx.c's tdx_io_out():
+#: mask 0xFC00 (R10-R15), R11 = 30 (Instruction.IO), R12 = 1 byte, R13 = 1 (out), R14 = port 0x3F8
+DECOMPRESSOR_IO = (
+    "io_out:\n    xor eax, eax\n    mov ecx, 0xFC00\n    xor r10d, r10d\n    mov r11d, 30\n    mov r12d, 1\n"
+    "    mov r13d, 1\n    mov r14d, 0x3F8\n    .byte 0x66, 0x0f, 0x01, 0xcc\n    ret\n"
+)
+
+
+def test_bzimage_decompressor_and_payload_are_both_scanned(built, tmp_path):
+    """The whole boot chain: the decompressor's code before (and around) the payload is scanned as
+    well as the kernel inside, each site labelled with where it lives."""
+    import gzip
+
+    if not shutil.which("objcopy"):
+        pytest.skip("objcopy (binutils) is needed to build the flat decompressor code")
+    image = fake_bzimage(gzip.compress(built["sites.elf"].read_bytes()), flat_code(DECOMPRESSOR_IO, tmp_path))
+    (tmp_path / "vmlinuz").write_bytes(image)
+    _, doc = scan_json(tmp_path / "vmlinuz")
+    where = {tuple(s["container"][1:]) for s in doc["sites"]}
+    assert where == {("decompressor", "code"), ("vmlinux (gzip)", ".text")}
+    [io] = [s for s in doc["sites"] if s["container"][1] == "decompressor"]
+    assert (io["mask"], io["call"], io["inputs"]) == ("0xfc00", "Instruction.IO", {"r13": "0x1"})
+    assert io["verdict"] == {"legacy": "ok", "hardened": "ok"}
+    assert doc["inputs"][0]["summary"]["tdcall_sites"] == 13
+    text = scan_text(tmp_path / "vmlinuz", width=200).stdout
+    assert "decompressor" in text and "vmlinux (gzip)" in text
+
+
+def test_unified_kernel_image_scans_the_stub_and_the_kernel_inside(built, tmp_path):
+    """A unified kernel image (systemd's stub with .linux, .cmdline, .osrel, .initrd sections added
+    by objcopy, as ukify lays it out), built here from the project's own objects: the stub is
+    sites.efi, the kernel a bzImage of sites.elf with a decompressor.  Every code section is
+    scanned: the stub's .text, the bzImage's decompressor and its vmlinux; the initramfs is said."""
+    import gzip
+
+    if not shutil.which("objcopy"):
+        pytest.skip("objcopy (binutils) is needed to add the UKI's sections")
+    bz = tmp_path / "vmlinuz"
+    bz.write_bytes(fake_bzimage(gzip.compress(built["sites.elf"].read_bytes()), flat_code(DECOMPRESSOR_IO, tmp_path)))
+    (tmp_path / "cmdline").write_text("console=ttyS0")
+    (tmp_path / "osrel").write_text("NAME=test\n")
+    (tmp_path / "initrd").write_bytes(b"070701" + bytes(200))
+    args = []
+    for k, (name, path) in enumerate(
+        ((".osrel", "osrel"), (".cmdline", "cmdline"), (".initrd", "initrd"), (".linux", "vmlinuz"))
+    ):
+        args += [
+            "--add-section",
+            f"{name}={tmp_path / path}",
+            "--change-section-vma",
+            f"{name}={0x140100000 + k * 0x100000:#x}",
+        ]
+    uki = tmp_path / "uki.efi"
+    subprocess.run(["objcopy", *args, str(built["sites.efi"]), str(uki)], check=True)
+    code, doc = scan_json(uki)
+    inner = {tuple(s["container"][1:]) for s in doc["sites"]}
+    assert inner == {(".text",), (".linux", "decompressor", "code"), (".linux", "vmlinux (gzip)", ".text")}
+    assert doc["inputs"][0]["summary"]["tdcall_sites"] == 12 + 1 + 12
+    assert any(".initrd" in line and "not scanned" in line for line in doc["inputs"][0]["skipped"])
+    assert code == 1  # sites.s holds failing calls, in the stub and in the kernel alike
+
+
+REAL_KERNEL = os.environ.get("TDVMCALL_REAL_KERNEL")
+UKI_STUB = os.environ.get("TDVMCALL_UKI_STUB")
+
+
+def test_real_kernel_and_a_uki_around_it(tmp_path):
+    """Debian's 6.12 bzImage (``apt-get download linux-image-6.12…-amd64-unsigned``) and a UKI built
+    around it with systemd-boot-efi's linuxx64.efi.stub: the decompressor's TDCALLs are found
+    (arch/x86/boot/compressed: __tdx_hypercall for the early console's IO, __tdcall for
+    TDG.MEM.PAGE.ACCEPT), and the UKI gives the same sites as the bzImage.  Not run in CI (the
+    kernel package is about 100 MB): set TDVMCALL_REAL_KERNEL (and TDVMCALL_UKI_STUB)."""
+    if not REAL_KERNEL or not Path(REAL_KERNEL).is_file():
+        pytest.skip("TDVMCALL_REAL_KERNEL is not set to a bzImage (Debian's 6.12 vmlinuz; ~100 MB, not in CI)")
+    _, doc = scan_json(REAL_KERNEL)
+    dec = [s for s in doc["sites"] if s["container"][1] == "decompressor"]
+    assert {s["tdcall_leaf"] for s in dec} >= {"TDG.VP.VMCALL", "TDG.MEM.PAGE.ACCEPT"}
+    assert {s["call"] for s in dec if s["tdcall_leaf"] == "TDG.VP.VMCALL"} == {"Instruction.IO"}
+    if not UKI_STUB or not shutil.which("objcopy"):
+        pytest.skip("TDVMCALL_UKI_STUB (systemd-boot-efi's linuxx64.efi.stub) or objcopy not available")
+    uki = tmp_path / "uki.efi"
+    subprocess.run(
+        [
+            "objcopy",
+            "--add-section",
+            f".linux={REAL_KERNEL}",
+            "--change-section-vma",
+            ".linux=0x2000000",
+            UKI_STUB,
+            uki,
+        ],
+        check=True,
+    )
+    _, udoc = scan_json(uki)
+    strip = {(tuple(s["container"][2:]), s["offset"], s["call"]) for s in udoc["sites"]}
+    assert strip == {(tuple(s["container"][1:]), s["offset"], s["call"]) for s in doc["sites"]}
 
 
 def test_bzimage_and_lz4(built, tmp_path):

@@ -21,8 +21,9 @@ SCAN_HELP = "\n\n".join(
     kernels and binaries, recover the registers it is made with, and judge each TDVMCALL against the
     TDX module and both KVM policies, as 'tdvmcall check' judges a catalog row.""",
         """Containers, recursively (each site named by its chain, outer to inner): directories; gzip, xz,
-    zstd, lz4, bzip2; bzImage (the compressed kernel); ELF (sites named by function when a symbol table
-    exists); PE/COFF and TE (EFI drivers and applications); UEFI flash images and volumes (.fd, .fv):
+    zstd, lz4, bzip2; bzImage (its setup code, its decompressor and the kernel inside); unified kernel
+    images (the stub's code and the bzImage in .linux); ELF, relocatable objects too (sites named by
+    function or label when a symbol table exists); PE/COFF and TE (EFI drivers and applications); UEFI flash images and volumes (.fd, .fv):
     volumes, FFS files named by their UI section, sections, EDK2's LZMA section, nested volumes;
     anything else as raw x86-64 code. Decompression is capped at 1 GiB per input.""",
         """Values (RAX = the TDCALL leaf, RCX = the mask, R10/R11 = the call, the inputs that decide its

@@ -444,7 +444,18 @@ SCN_MEM_EXECUTE = 0x20000000
 SCN_CNT_CODE = 0x20
 
 
-def _sections(data: bytes, at: int, n: int, adjust: int, bitness: int, chain: list[str], found: Found) -> None:
+#: sections of a unified kernel image (systemd's stub, ``ukify``; the UAPI group's "Unified Kernel
+#: Image" specification) that hold no code: not scanned, not said
+UKI_DATA = (".cmdline", ".osrel", ".uname", ".splash", ".dtb", ".pcrsig", ".pcrpkey", ".sbat", ".sdmagic", ".profile")
+
+
+def _sections(
+    data: bytes, at: int, n: int, adjust: int, bitness: int, chain: list[str], found: Found
+) -> list[tuple[str, bytes]]:
+    """The code sections of a PE/TE image into ``found``; returns the data sections that hold an
+    image of their own, to be explored: a unified kernel image's ``.linux`` (a bzImage), and any
+    section holding an ELF or PE/COFF image.  A UKI's ``.initrd`` is said, not scanned."""
+    embedded: list[tuple[str, bytes]] = []
     for k in range(n):
         o = at + 40 * k
         if o + 40 > len(data):
@@ -458,9 +469,20 @@ def _sections(data: bytes, at: int, n: int, adjust: int, bitness: int, chain: li
                 raise ContainerError(f"{where(chain)}: section {label} truncated")
             size = min(rsize, vsize) if vsize else rsize
             found.codes.append(Code(chain + [label], data[fo : fo + size], va, bitness))
+        elif rsize and label not in UKI_DATA:
+            fo = rptr + adjust
+            size = min(rsize, vsize) if vsize else rsize
+            body = data[fo : fo + size] if fo >= 0 else b""
+            if label == ".initrd":
+                found.skipped.append(f"{where(chain + [label])}: the initramfs ({size} bytes) not scanned")
+            elif label == ".linux" or body[:4] == b"\x7fELF" or body[:2] == b"MZ":
+                if fo < 0 or fo + size > len(data):
+                    raise ContainerError(f"{where(chain)}: section {label} truncated")
+                embedded.append((label, body))
+    return embedded
 
 
-def pe(data: bytes, chain: list[str], found: Found) -> None:
+def pe(data: bytes, chain: list[str], found: Found, budget: Budget | None = None, depth: int = 0) -> None:
     """Executable sections of a PE/COFF image (addresses are RVAs)."""
     try:
         (pe_at,) = struct.unpack_from("<I", data, 0x3C)
@@ -469,31 +491,47 @@ def pe(data: bytes, chain: list[str], found: Found) -> None:
         (entry,) = struct.unpack_from("<I", data, pe_at + 24 + 16)
     except struct.error:
         raise ContainerError(f"{where(chain)}: PE header truncated") from None
-    _image(data, chain, found, "pe", machine, pe_at + 24 + opt_size, nsec, 0, entry)
+    _image(data, chain, found, "pe", machine, pe_at + 24 + opt_size, nsec, 0, entry, budget, depth)
 
 
 def _image(
-    data: bytes, chain: list[str], found: Found, kind: str, machine: int, table: int, nsec: int, adjust: int, entry: int
+    data: bytes,
+    chain: list[str],
+    found: Found,
+    kind: str,
+    machine: int,
+    table: int,
+    nsec: int,
+    adjust: int,
+    entry: int,
+    budget: Budget | None = None,
+    depth: int = 0,
 ) -> None:
-    """The executable sections of a PE or TE image whose headers were read, its entry point named."""
+    """The executable sections of a PE or TE image whose headers were read, its entry point named;
+    then the images its data sections hold (a unified kernel image's ``.linux``), each explored
+    under the section's name."""
     bitness = 64 if machine == 0x8664 else 32 if machine == 0x14C else 0
     if not bitness:
         raise ContainerError(f"{where(chain)}: {kind.upper()} machine {machine:#x} is not x86")
     found.saw(kind)
     first = len(found.codes)
-    _sections(data, table, nsec, adjust, bitness, chain, found)
+    embedded = _sections(data, table, nsec, adjust, bitness, chain, found)
     for c in found.codes[first:]:
         if c.va <= entry < c.va + len(c.data):
             c.functions.setdefault(entry, "entry point")
+    if embedded and any(label == ".linux" for label, _ in embedded):
+        found.saw("uki")
+    for label, body in embedded:
+        explore(body, chain + [label], found, budget or Budget(), depth + 1)
 
 
-def te(data: bytes, chain: list[str], found: Found) -> None:
+def te(data: bytes, chain: list[str], found: Found, budget: Budget | None = None, depth: int = 0) -> None:
     """Executable sections of a TE image (addresses are RVAs)."""
     try:
         _sig, machine, nsec, _sub, stripped, entry = struct.unpack_from("<HHBBHI", data, 0)
     except struct.error:
         raise ContainerError(f"{where(chain)}: TE header truncated") from None
-    _image(data, chain, found, "te", machine, 40, nsec, 40 - stripped, entry)
+    _image(data, chain, found, "te", machine, 40, nsec, 40 - stripped, entry, budget, depth)
 
 
 # --- UEFI firmware volumes ---------------------------------------------------------------------------
@@ -657,16 +695,30 @@ def sections(
 
 # --- bzImage -----------------------------------------------------------------------------------------
 def bzimage(data: bytes, chain: list[str], found: Found, budget: Budget, depth: int) -> None:
-    """The compressed kernel inside a bzImage (boot protocol 2.08+: payload offset and length)."""
+    """The whole boot chain of a bzImage (boot protocol 2.08+): the real-mode setup code (sectors 1
+    to ``setup_sects``, 16-bit), the protected-mode code that runs before the kernel (the
+    decompressor, ``arch/x86/boot/compressed``: its early console IO and memory acceptance make
+    TDCALLs), and the compressed kernel inside it (payload offset and length)."""
     setup_sects = data[0x1F1] or 4
     (version,) = struct.unpack_from("<H", data, 0x206)
     if version < 0x208:
         raise ContainerError(f"{where(chain)}: bzImage boot protocol {version:#x} has no payload fields (2.08+)")
     off, length = struct.unpack_from("<II", data, 0x248)
-    start = (setup_sects + 1) * 512 + off
+    pm = (setup_sects + 1) * 512
+    start = pm + off
     if start + length > len(data):
         raise ContainerError(f"{where(chain)}: bzImage payload runs past the end of the file")
     found.saw("bzimage")
+    # the setup code (16-bit; a TDX guest boots through the 64-bit entry, so no TDCALL is expected)
+    found.codes.append(Code(chain + ["setup", "code"], data[512:pm], 0, 16))
+    # the decompressor: linked at 0 from the start of the protected-mode code, ``syssize`` 16-byte
+    # paragraphs long; the payload inside it is blanked, so only code is decoded there
+    (syssize,) = struct.unpack_from("<I", data, 0x1F4)
+    end = min(len(data), pm + syssize * 16) if syssize else len(data)
+    if end > pm:
+        blank = bytes(length)
+        body = data[pm:start] + blank + data[start + length : end]
+        found.codes.append(Code(chain + ["decompressor", "code"], body, 0, 64))
     payload = data[start : start + length]
     got = decompress(payload, budget, chain + ["bzImage payload"])
     if got is None:
@@ -688,9 +740,9 @@ def explore(data: bytes, chain: list[str], found: Found, budget: Budget, depth: 
         if data[pe_at : pe_at + 4] == b"PE\0\0":
             if len(data) > 0x206 and data[0x202:0x206] == b"HdrS":
                 return bzimage(data, chain, found, budget, depth)  # an EFI-stub kernel is a bzImage too
-            return pe(data, chain, found)
+            return pe(data, chain, found, budget, depth)
     if data[:2] == b"VZ" and len(data) >= 40:
-        return te(data, chain, found)
+        return te(data, chain, found, budget, depth)
     if len(data) > 0x250 and data[0x202:0x206] == b"HdrS":
         return bzimage(data, chain, found, budget, depth)
     if is_volume(data) and struct.unpack_from("<Q", data, 32)[0] >= len(data):

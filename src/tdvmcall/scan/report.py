@@ -601,12 +601,13 @@ def image_renderable(img: Image, policy: str, verbose: bool = False) -> Group:
 
 
 def not_judged_line(unresolved: list[Site], allow_unresolved: bool) -> Text:
-    """How many calls were not judged, where (up to four places: the caller, else the site, and
+    """How many calls were not judged, where (up to four places: the outermost caller followed,
+    else the site, and
     the registers not recovered there) and what that means for the exit status."""
     places: dict[str, set[str]] = {}
     for s in unresolved:
         regs = ("rcx", "r10", "r11") if s.is_vmcall else ("rax",)
-        place = s.via.split(" ← ")[0] if s.via else s.symbol
+        place = s.via.split(" ← ")[-1] if s.via else s.symbol  # the outermost caller followed
         places.setdefault(place, set()).update(r for r in regs if not s.regs[r].known)
     where = [f"{p} ({' '.join(sorted(r, key=SHOWN.index))})" for p, r in list(places.items())[:4]]
     if len(places) > 4:
