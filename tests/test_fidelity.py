@@ -619,3 +619,49 @@ def test_the_inval_reason_exits_for_an_msr_kvm_does_not_emulate():
     # the older msr_exits: true enables every reason
     r = run({"rcx": LINUX, "r11": 32, "r12": 0x10, "r13": 1}, platform={"msr_exits": True})
     assert [e["reason"] for e in _msr_exits(r)] == ["KVM_EXIT_X86_WRMSR"] and r["kvm"]["status"] is None
+
+
+# --- 1. Exposed XMMs after a userspace round trip (tdx-module td_exit.c loads the exposed XMMs into the
+#        CPU at the exit, tdh_vp_enter.c save_xmms_by_mask() copies the CPU's XMMs back at re-entry;
+#        Linux tdx_vcpu_create() fpstate_set_confidential(), arch/x86/kernel/fpu/core.c
+#        fpu_swap_kvm_fpstate() neither saves nor loads a confidential fpstate: after a return to
+#        userspace the CPU holds the VMM thread's XMMs) ------------------------------------------------
+XMM0 = 0x0123456789ABCDEF_FEDCBA9876543210
+XMM1 = 0x1111111111111111_2222222222222222
+XMM0_EXPOSED = hex(0xFFCC | 1 << 16)
+
+
+def _xmm_guest(**regs):
+    return {"rcx": XMM0_EXPOSED, "xmm": {"xmm0": hex(XMM0), "xmm1": hex(XMM1)}, **regs}
+
+
+@pytest.mark.parametrize("policy", ["legacy", "hardened"])
+@pytest.mark.parametrize(
+    "regs,exit_reason",
+    [
+        ({"r11": 30, "r12": 1, "r13": 0, "r14": 0x3FD}, "KVM_EXIT_IO"),  # IO IN, answered by userspace
+        ({"r11": 0x10002, "r12": hex(SHARED_BIT | 0x9000), "r13": 0x1000}, "KVM_EXIT_TDX"),  # GetQuote
+        ({"r11": 0x10003, "r12": 0x10000}, "KVM_EXIT_SYSTEM_EVENT"),  # ReportFatalError
+    ],
+)
+def test_exposed_xmms_come_back_as_the_vmm_threads_after_a_userspace_exit(policy, regs, exit_reason):
+    r = run(_xmm_guest(**regs), policy)
+    assert r["kvm"]["userspace_exit"]["reason"] == exit_reason
+    assert r["guest_xmm_unknown"] == ["xmm0"]
+    assert r["guest_xmm"]["xmm1"] == f"0x{XMM1:032x}"  # not exposed: the module keeps the guest's
+    assert any("xmm0" in w and "userspace" in w for w in r["warnings"])
+
+
+@pytest.mark.parametrize("regs", [{"r11": 10, "r12": 1, "r13": 0}, {"r10": 1}])  # CPUID, a KVM hypercall
+def test_exposed_xmms_keep_the_guests_value_when_kvm_finishes_the_call(regs):
+    r = run(_xmm_guest(**regs))
+    assert r["kvm"]["userspace_exits"] == []
+    assert r["guest_xmm_unknown"] == [] and r["guest_xmm"]["xmm0"] == f"0x{XMM0:032x}"
+    assert r["warnings"] == []
+
+
+def test_a_hardened_internal_error_goes_to_userspace_too():
+    # R10 not exposed: hardened KVM reports KVM_EXIT_INTERNAL_ERROR; if userspace runs the vCPU again,
+    # the exposed XMM holds the VMM thread's value
+    r = run({"rcx": hex(0xFBCC | 1 << 16), "r11": 10, "xmm": {"xmm0": hex(XMM0)}})
+    assert r["kvm"]["verdict"] == "internal_error" and r["guest_xmm_unknown"] == ["xmm0"]

@@ -62,9 +62,11 @@ class VcpuState:
     long_mode: bool = True
     #: GPRs whose value is a host value the model cannot know (the value held is a placeholder, 0)
     host: set[int] = field(default_factory=set)
+    #: XMMs whose value is a host value the model cannot know (likewise)
+    xmm_host: set[int] = field(default_factory=set)
 
     def copy(self) -> VcpuState:
-        return VcpuState(list(self.gprs), list(self.xmm), self.rip, self.long_mode, set(self.host))
+        return VcpuState(list(self.gprs), list(self.xmm), self.rip, self.long_mode, set(self.host), set(self.xmm_host))
 
 
 class GuestFault(Exception):
@@ -172,13 +174,16 @@ def tdh_vp_enter(
     vmm: list[int],
     vmm_xmm: list[int] | None = None,
     vmm_host: frozenset[int] | set[int] = frozenset(),
+    vmm_xmm_host: frozenset[int] | set[int] = frozenset(),
 ) -> VcpuState:
     """The resume on the next TDH.VP.ENTER (``save_regs_after_tdvmcall()``): for each selected GPR i
     in 2..15 the guest gets the VMM's value; unselected GPRs keep their values; guest RAX =
     TDX_SUCCESS and RCX = the control saved at the call (the VMM's RCX, which holds the TDVPR address
     on entry, is never copied); selected XMMs are copied back likewise.  ``vmm_host``: VMM GPRs that
     hold a host value the model cannot know (KVM passes no RBP); a selected one makes the guest's
-    register such a value too."""
+    register such a value too.  ``vmm_xmm_host`` likewise for XMMs: the module copies whatever the
+    CPU's XMM registers hold at TDH.VP.ENTER (``tdh_vp_enter.c``, ``save_xmms_by_mask()``), which is
+    a host value when the host has used them since the exit."""
     ctl = Control(exit.control)
     gpr_select, xmm_select = ctl.gpr_select, ctl.xmm_select
     guest = exit.saved.copy()
@@ -198,6 +203,10 @@ def tdh_vp_enter(
         for i in range(16):
             if xmm_select >> i & 1:
                 guest.xmm[i] = vmm_xmm[i] & U128
+                if i in vmm_xmm_host:
+                    guest.xmm_host.add(i)
+                else:
+                    guest.xmm_host.discard(i)
     return guest
 
 

@@ -312,6 +312,7 @@ def result_json(rt: RoundTrip) -> dict[str, Any]:
         "guest": _regs(rt.after.gprs) | {"rip": hex64(rt.after.rip)},
         "guest_xmm": {f"xmm{i}": f"0x{x:032x}" for i, x in enumerate(rt.after.xmm)},
         "guest_unknown": names_in(mask_of(GPR_NAMES[i] for i in rt.after.host), 16),
+        "guest_xmm_unknown": [f"xmm{i}" for i in sorted(rt.after.xmm_host)],
         "warnings": list(rt.warnings),
     }
     if rt.kvm:

@@ -440,13 +440,22 @@ def check_integrity(
     host_xmm: list[int],
     written: set[int] | None,
     kvm_rbp: bool = False,
+    xmm_from_host: bool = False,
 ) -> None:
     """After resume: unexposed registers unchanged; exposed ones hold what the host wrote (all of
     them when ``written`` is None, the arbitrary-VMM case; else only those KVM wrote, the others
     unchanged); RAX 0, RCX the control, RIP advanced.  Exposed and written mismatches are reported as
     ``completeness``.  ``kvm_rbp``: the VMM was KVM, which passes no RBP, so an exposed RBP comes back
-    as a host value (and is the only one)."""
+    as a host value (and is the only one).  ``xmm_from_host``: KVM_RUN went to userspace in between,
+    so every exposed XMM comes back as a host value, the VMM thread's (KVM never saves or restores a
+    TD's FPU state: docs/model.md, "Second review"); unexposed XMMs are unchanged either way."""
     gpr, xmm = _exposed(control)
+    want_xmm_host = {i for i in range(16) if xmm >> i & 1} if xmm_from_host else set()
+    require(
+        after.xmm_host == want_xmm_host,
+        "integrity",
+        lambda: f"host values in xmm {sorted(after.xmm_host)}, expected {sorted(want_xmm_host)}",
+    )
     want_host = {RBP} if kvm_rbp and gpr >> RBP & 1 else set()
     require(
         after.host == want_host,
@@ -460,6 +469,7 @@ def check_integrity(
         and a[RAX] == 0
         and a[RCX] == control
         and after.rip == (before.rip + 4) & U64
+        and not want_xmm_host
         and after.xmm == [host_xmm[i] if xmm >> i & 1 else before.xmm[i] for i in range(16)]
     ):
         return  # the common case at once; otherwise find the first difference and say it
@@ -485,6 +495,8 @@ def check_integrity(
     )
     require(after.rip == (before.rip + 4) & U64, "integrity", "RIP not advanced past TDCALL")
     for i in range(16):
+        if i in want_xmm_host:
+            continue
         want = host_xmm[i] if xmm >> i & 1 else before.xmm[i]
         require(after.xmm[i] == want, "integrity", lambda: f"xmm{i} came back {after.xmm[i]:#x}, expected {want:#x}")
 
@@ -709,7 +721,9 @@ def check_call(td: TdConfig, before: VcpuState, lane: Lane, pre_platform: Platfo
     for reg, value in k.wrote.items():
         host[GPR_NAMES.index(reg)] = value
     written = {GPR_NAMES.index(r) for r in k.wrote}
-    check_integrity(before, rt.after, ex.control, host, ex.vmm_xmm, written, kvm_rbp=True)
+    # a return to userspace (any exit KVM reports) hands the guest the VMM thread's XMMs
+    from_host = bool(k.userspace_exits)
+    check_integrity(before, rt.after, ex.control, host, ex.vmm_xmm, written, kvm_rbp=True, xmm_from_host=from_host)
     if k.verdict in (VERDICT_COMPLETED, VERDICT_USERSPACE):  # the handler ran
         check_outputs(ex.vmm, k)
     elif k.verdict == VERDICT_RUN_FAILED:  # MapGPA: KVM_RUN fails before anything is written

@@ -490,6 +490,17 @@ class Platform:
             {"reason": KVM_EXIT_SYSTEM_EVENT, "type": event_type, "ndata": len(data), "data": list(data), **fields}
         )
 
+    def returned_to_userspace(self, since: int) -> bool:
+        """Whether KVM_RUN went back to userspace since exit number ``since`` (any exit recorded:
+        the call's userspace exit, a system event, an internal error).  For a TD that changes the
+        guest's XMM registers: KVM never saves or restores a TD's FPU state (``tdx_vcpu_create()``
+        calls ``fpstate_set_confidential()``, and ``fpu_swap_kvm_fpstate()`` in
+        ``arch/x86/kernel/fpu/core.c`` neither saves nor loads a confidential fpstate), so on the
+        way out the VMM thread's own FPU state is loaded into the CPU, and on the way back in
+        nothing replaces it: the TDX module copies the VMM thread's XMMs into the guest's exposed
+        ones at the next TDH.VP.ENTER (tdx-module ``tdh_vp_enter.c``)."""
+        return len(self.exits) > since
+
     def internal_error(self, why: str) -> None:
         self.exits.append({"reason": KVM_EXIT_INTERNAL_ERROR, "why": why})
 

@@ -90,6 +90,9 @@ class KvmResult:
     run_error: int | None = None  # KVM_RUN's error (negative errno) when it failed; no resume
     notes: list[str] = field(default_factory=list)  # what the model wants a reader to know
     vmm_after_host: frozenset[int] = VMM_AFTER_HOST  # VMM GPRs at re-entry that hold host values
+    #: the CPU's XMMs at re-entry are the VMM thread's, not the guest's (KVM_RUN went to userspace
+    #: in between: Platform.returned_to_userspace); False: they still hold what the module loaded
+    vmm_after_xmm_host: bool = False
 
     @property
     def trace_reason(self) -> str:
@@ -271,6 +274,7 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     result.wrote = dict(io.wrote)
     result.status = io.wrote.get("r10")
     result.userspace_exits = platform.exits[exits_before:]
+    result.vmm_after_xmm_host = platform.returned_to_userspace(exits_before)
     if result.verdict == VERDICT_COMPLETED and result.userspace_exits:
         result.verdict = VERDICT_USERSPACE
     result.regs_avail, result.regs_dirty = vcpu.cache.avail, vcpu.cache.dirty
