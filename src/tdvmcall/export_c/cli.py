@@ -31,24 +31,67 @@ EXPORT_C_HELP = "\n\n".join(
 
 
 def export_c(
-    dir_arg: str = typer.Argument(
-        ..., metavar="DIR", help="Directory to write tdvmcall_regs.h and tdvmcall_regs.c into."
+    dir_arg: str | None = typer.Argument(
+        None, metavar="[DIR]", help="Directory to write tdvmcall_regs.h and tdvmcall_regs.c into."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print what was written (or checked) as JSON."),
     check: bool = typer.Option(
         False, "--check", help="Write nothing; exit 1 if DIR's files differ from what the model writes."
     ),
+    tree: str = typer.Option(
+        None,
+        "--tree",
+        metavar="TREE",
+        help="The model's kernel tree the C is for (how KVM there dispatches a bus-lock exit); "
+        "default the model's default tree. Required with --series.",
+    ),
+    series: str | None = typer.Option(
+        None,
+        "--series",
+        metavar="SERIES_DIR",
+        help="Instead of DIR: write a git format-patch series for the kernel tree --kernel "
+        "(the files, the call in KVM's TDVMCALL exit path, a KUnit suite); see docs/kvm.md.",
+    ),
+    kernel: str = typer.Option(
+        ".", "--kernel", metavar="SRC", help="With --series: the pristine kernel tree the series is for (default .)."
+    ),
+    vectors: str | None = typer.Option(
+        None,
+        "--vectors",
+        metavar="CORPUS",
+        help="With --series: a conformance corpus (tdvmcall vectors export CORPUS); its hardened "
+        "vectors become the KUnit cases.",
+    ),
+    author: str | None = typer.Option(
+        None,
+        "--author",
+        metavar="'NAME <EMAIL>'",
+        help="With --series: From: and Signed-off-by: of the patches (default: git config user.name/email).",
+    ),
 ) -> None:
     from .. import __version__
     from ..console import emit_json, fail, out
-    from .generate import GeneratorError, build_table, generate, table_fingerprint
+    from .generate import DEFAULT_TREE, GeneratorError, build_table, generate, table_fingerprint
 
+    if series is not None:
+        if dir_arg is not None or check:
+            fail("--series writes a patch series: give no DIR and no --check with it")
+        _export_series(series, tree, kernel, vectors, author, as_json)
+        return
+    for opt, val in (("--vectors", vectors), ("--author", author)):
+        if val is not None:
+            fail(f"{opt} goes with --series")
+    if dir_arg is None:
+        fail("DIR: missing; give the directory to write into (. for this one), or --series SERIES_DIR")
     if not dir_arg.strip():  # Path("") is ".": an empty argument must not write here
         fail("DIR: empty; give the directory to write into (. for this one)")
     directory = Path(dir_arg)
+    tree = DEFAULT_TREE if tree is None else tree
     try:
-        files = generate()
+        files = generate(tree=tree)
     except GeneratorError as e:
+        if str(e).startswith("tree "):
+            fail(f"--tree: {e}")
         fail(f"the leaf table cannot be exported as C: {e}", code=1)
     if directory.exists() and not directory.is_dir():
         fail(f"{directory}: exists and is not a directory")
@@ -78,9 +121,10 @@ def export_c(
         except OSError as e:
             fail(f"{e.filename or directory}: cannot write ({e.strerror})")
 
-    table = build_table()
+    table = build_table(tree=tree)
     summary = {
         "generator": f"tdvmcall {__version__}",
+        "tree": tree,
         "table": table_fingerprint(table),
         "rows": len(table.rows),
         "conditions": sum(len(r.conds) for r in table.rows),
@@ -113,6 +157,59 @@ def export_c(
         )
     if differ:
         raise typer.Exit(1)
+
+
+def _git_author() -> str | None:
+    import subprocess
+
+    try:
+        name, email = (
+            subprocess.run(["git", "config", key], capture_output=True, text=True, check=False).stdout.strip()
+            for key in ("user.name", "user.email")
+        )
+    except OSError:
+        return None
+    return f"{name} <{email}>" if name and email else None
+
+
+def _export_series(
+    series: str, tree: str | None, kernel: str, vectors: str | None, author: str | None, as_json: bool
+) -> None:
+    from ..console import emit_json, fail, out
+    from .generate import GeneratorError
+    from .series import SeriesError, write_series
+
+    if not series.strip():
+        fail("--series: empty; give the directory to write the patches into")
+    if tree is None:
+        fail("--tree: required with --series (the model's tree the kernel source is, e.g. v7.3)")
+    if vectors is None:
+        fail("--vectors: required with --series (write a corpus first: tdvmcall vectors export CORPUS)")
+    author = author or _git_author()
+    if author is None:
+        fail("--author: not given and git config has no user.name/user.email; give --author 'Name <email>'")
+    directory = Path(series)
+    if directory.exists() and not directory.is_dir():
+        fail(f"{directory}: exists and is not a directory")
+    try:
+        info = write_series(directory, Path(kernel), tree, Path(vectors), author)
+    except (SeriesError, GeneratorError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename or directory}: cannot write ({e.strerror})")
+    if as_json:
+        emit_json(info)
+        return
+    for p in info["patches"]:
+        out.print(f"wrote {p['file']}", highlight=False, soft_wrap=True)
+    k = info["kunit_cases"]
+    out.print(
+        f"{len(info['patches'])} patches for Linux {info['release']} (model tree {tree}; the check is called in "
+        f"{info['dispatcher']}()); KUnit: {k['vectors']} vector cases, {k['bus_lock']} bus-lock cases. "
+        f"Apply with: git -C {kernel} am {directory}/*.patch",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 #: a diff longer than this is cut on screen, saying how many lines were left out (--json has it all)

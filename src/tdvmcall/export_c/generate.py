@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from .. import __version__
+from .. import __version__, scenario
 from ..abi.codes import EXIT_REASON_TDCALL
 from ..abi.regs import GPR_NAMES, NR_GPRS, mask_of, reg_index
 from ..kvm import leaves as L
@@ -45,6 +46,8 @@ KNOWN_COND_FIELDS = {"reg", "op", "value", "text", "width"}
 KNOWN_OPERAND_FIELDS = {"reg", "role", "when", "required", "on"}
 FAMILIES = ("ghci", "kvm-hypercall")
 U64_MAX = (1 << 64) - 1
+#: the tree the C is generated for unless one is named: the model's default
+DEFAULT_TREE = scenario.TREES[0]
 
 
 class GeneratorError(Exception):
@@ -192,11 +195,13 @@ class Table:
     hypercalls: tuple[CLeaf, ...]
     unknown_ghci: CLeaf
     unknown_hypercall: CLeaf
-    unknown_bus_lock: CLeaf  # a bus-lock exit whose R11 no row takes
+    unknown_bus_lock: CLeaf | None  # a bus-lock exit whose R11 no row takes; None: the tree re-labels it
+    tree: str = DEFAULT_TREE
 
     @property
     def rows(self) -> tuple[CLeaf, ...]:
-        return self.ghci + self.hypercalls + (self.unknown_ghci, self.unknown_hypercall, self.unknown_bus_lock)
+        bl = () if self.unknown_bus_lock is None else (self.unknown_bus_lock,)
+        return self.ghci + self.hypercalls + (self.unknown_ghci, self.unknown_hypercall, *bl)
 
     @property
     def max_values(self) -> int:
@@ -213,7 +218,23 @@ def _same_operands(a: L.Leaf, b: L.Leaf) -> bool:
     return (a.family, a.inputs, a.outputs) == (b.family, b.inputs, b.outputs)
 
 
-def build_table(leaves: tuple[L.Leaf, ...] | None = None) -> Table:
+def check_tree(tree: str) -> str:
+    """A tree of the model (``scenario.TREES``), else :class:`GeneratorError`."""
+    if tree not in scenario.TREES:
+        raise GeneratorError(f"tree {tree!r} is not a tree of the model; accepted: {', '.join(scenario.TREES)}")
+    return tree
+
+
+def model_lookup(tree: str) -> Callable[[int, int, bool], L.Leaf]:
+    """The model's dispatch of a TDVMCALL exit in ``tree``: (R10, R11, bus lock) -> the call KVM runs.
+    The generator never decides how a tree differs; it asks the model.  (The model's per-tree rule
+    for bus-lock exits lands in kvm/; until it does, every tree of ``scenario.TREES`` dispatches them
+    as ``leaves.lookup()`` does.)"""
+    check_tree(tree)
+    return lambda r10, r11, bus_lock: L.lookup(r10, r11, bus_lock)
+
+
+def build_table(leaves: tuple[L.Leaf, ...] | None = None, tree: str = DEFAULT_TREE) -> Table:
     """The C table from the leaf table, with the dispatch checked against ``leaves.lookup()``: every
     row must be what ``lookup()`` selects for its number, and the fallback rows are what it answers
     for numbers no row takes (the same for two different ones, else the fallback depends on the
@@ -246,8 +267,8 @@ def build_table(leaves: tuple[L.Leaf, ...] | None = None) -> Table:
         )
     unknown_ghci = CLeaf(**{**fallbacks[0].__dict__, "name": "unknown GHCI leaf", "ident": "unknown_ghci"})
     unknown_hc = CLeaf(**{**fallbacks[1].__dict__, "name": "unknown hypercall", "ident": "unknown_hypercall"})
-    ghci_bl, unknown_bl = _bus_lock_rows(leaves, ghci, hcs)
-    return Table(ghci_bl, tuple(hcs), unknown_ghci, unknown_hc, unknown_bl)
+    ghci_bl, unknown_bl = _bus_lock_rows(leaves, ghci, hcs, model_lookup(tree))
+    return Table(ghci_bl, tuple(hcs), unknown_ghci, unknown_hc, unknown_bl, tree)
 
 
 # --- a bus-lock exit, which the model dispatches apart ------------------------------------------
@@ -258,18 +279,26 @@ def build_table(leaves: tuple[L.Leaf, ...] | None = None) -> Table:
 BUS_LOCK_RULE = "low 32 bits of RAX != TDCALL (77) and bits 15:0 == TDCALL"
 
 
-def _bus_lock_rows(leaves: tuple[L.Leaf, ...], ghci: list[CLeaf], hcs: list[CLeaf]) -> tuple[tuple[CLeaf, ...], CLeaf]:
-    """Which GHCI rows ``lookup(..., bus_lock=True)`` still selects (by R11, whatever R10 holds), and
-    its fallback for the others; anything else (a hypercall row, an answer that depends on R10) is
-    beyond one flag per row and one fallback row, and raises."""
+def _bus_lock_rows(
+    leaves: tuple[L.Leaf, ...], ghci: list[CLeaf], hcs: list[CLeaf], lookup: Callable[[int, int, bool], L.Leaf]
+) -> tuple[tuple[CLeaf, ...], CLeaf | None]:
+    """Which GHCI rows the tree's dispatch of a bus-lock exit still selects (by R11, whatever R10
+    holds), and its fallback for the others; anything else (a hypercall row, an answer that depends
+    on R10) is beyond one flag per row and one fallback row, and raises.  If the tree dispatches a
+    bus-lock exit exactly as any other (it re-labels it by its leaf), there is nothing apart: the
+    rows are returned as they are and the fallback is None (the C then never reads RAX)."""
 
     def pick(r10: int, r11: int) -> L.Leaf:
-        return L.lookup(r10, r11, bus_lock=True)
+        return lookup(r10, r11, True)
 
     taken_r11 = {r.nr for r in ghci if r.nr is not None}
     taken_nr = {r.nr for r in hcs if r.nr is not None}
     other_r11 = _unused(taken_r11)
     r10s = (0, _unused(taken_nr)[0], *sorted(taken_nr)[:1])
+    probes = [(r10, r.nr or 0) for r in ghci for r10 in r10s] + [(r.nr or 0, r11) for r in hcs for r11 in other_r11]
+    probes += [(0, n) for n in other_r11] + [(r10s[1], n) for n in other_r11]
+    if all(lookup(r10, r11, True) is lookup(r10, r11, False) for r10, r11 in probes):
+        return tuple(ghci), None
     fallback = pick(0, other_r11[0])
     if fallback.family != "ghci" or not _same_operands(fallback, pick(r10s[1], other_r11[1])):
         raise GeneratorError("leaves.lookup(bus_lock=True): the fallback is not one fixed GHCI row")
@@ -447,9 +476,14 @@ def render_source(table: Table) -> str:
     hcs = "\n".join(_render_row(r) for r in table.hypercalls)
     bl = table.unknown_bus_lock
     bl_doc = " * @bus_lock: still selected, by R11 alone, when the exit reason says a bus lock was detected\n"
+    if bl is None:
+        bl_doc = f" * @bus_lock: never set: in {table.tree} KVM re-labels a bus-lock exit by its leaf like any other\n"
     bl_field = "\tu32 bus_lock;\n"
     bl_define = f"#define TDVMCALL_EXIT_REASON_TDCALL\t{EXIT_REASON_TDCALL}\n"
-    bl_rows = f"""
+    bl_rows = (
+        ""
+        if bl is None
+        else f"""
 /* {_comment(bl.name)}: a bus-lock exit whose R11 no row above takes */
 {_render_fallback(bl)}
 
@@ -466,13 +500,20 @@ static int tdvmcall_bus_lock(u64 rax)
 \t       (reason & GENMASK_ULL(15, 0)) == TDVMCALL_EXIT_REASON_TDCALL;
 }}
 """
-    bl_lookup = """\tif (tdvmcall_bus_lock(regs[TDVMCALL_RAX])) {
+    )
+    if bl is None:
+        bl_define = ""
+    bl_lookup = (
+        ""
+        if bl is None
+        else """\tif (tdvmcall_bus_lock(regs[TDVMCALL_RAX])) {
 \t\tfor (i = 0; i < ARRAY_SIZE(tdvmcall_ghci_leaves); i++)
 \t\t\tif (tdvmcall_ghci_leaves[i].bus_lock && tdvmcall_ghci_leaves[i].nr == r11)
 \t\t\t\treturn &tdvmcall_ghci_leaves[i];
 \t\treturn &tdvmcall_unknown_bus_lock;
 \t}
 """
+    )
     return f"""\
 // SPDX-License-Identifier: GPL-2.0-only OR MIT
 /*
@@ -620,7 +661,8 @@ int tdvmcall_check_regs(const u64 regs[16], u64 *missing, u64 *unexposed)
 """
 
 
-def generate(leaves: tuple[L.Leaf, ...] | None = None) -> dict[str, str]:
-    """The two files, by name, from the leaf table (``leaves.LEAVES`` unless given)."""
-    table = build_table(leaves)
+def generate(leaves: tuple[L.Leaf, ...] | None = None, tree: str = DEFAULT_TREE) -> dict[str, str]:
+    """The two files, by name, from the leaf table (``leaves.LEAVES`` unless given), for a tree of
+    the model."""
+    table = build_table(leaves, tree)
     return {HEADER: render_header(table), SOURCE: render_source(table)}
