@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass, field
 
 import iced_x86 as ix
@@ -23,7 +24,9 @@ from ..judge import (
     serves,
 )
 from ..kvm import leaves as L
-from .containers import Code, Found
+from . import deep as deep_engine
+from .containers import Code, Found, where
+from .deep import Engine as Deep
 from .flow import Function, Region, Value, memory_at_call, resolve, unknown
 
 #: The inputs that decide a call's case (which registers it reads or writes), per leaf: recovered
@@ -209,16 +212,17 @@ def _at_caller(cfn: Function, v: Value) -> Value:
 
 def expand(
     region: Region, fn: Function, values: dict[str, Value], level: int, budget: list[int]
-) -> list[tuple[dict[str, Value], list[str]]]:
+) -> list[tuple[dict[str, Value], list[str], list[int]]]:
     """The site's values once per caller (recursively, up to :data:`MAX_LEVELS`) where some come
-    from the caller, with the callers as ``via``.  ``budget`` caps the resolved calls per site."""
+    from the caller, with the callers as ``via`` (labels, and the call instructions' addresses,
+    innermost first).  ``budget`` caps the resolved calls per site."""
     pending = {r: v for r, v in values.items() if v.from_caller}
     params = {r: v for r, v in pending.items() if r in _relevant(values)}
     if not params:
         done = {
             r: unknown(f"{v.how}; from caller, not followed (it does not decide this call)") for r, v in pending.items()
         }
-        return [({**values, **done}, [])]
+        return [({**values, **done}, [], [])]
     params = pending
     callers = _callers(region, fn) if fn.exact and level < MAX_LEVELS else []
     if not callers:
@@ -229,7 +233,11 @@ def expand(
         else:
             why = "no direct caller found"
         return [
-            ({**values, **{r: unknown(f"{v.how}; from caller, unresolved ({why})") for r, v in params.items()}}, [])
+            (
+                {**values, **{r: unknown(f"{v.how}; from caller, unresolved ({why})") for r, v in params.items()}},
+                [],
+                [],
+            )
         ]
     if len(callers) > budget[0]:
         region.code.notes.append(
@@ -244,15 +252,66 @@ def expand(
         for r, v in params.items():
             cv = _at_caller(cfn, v)
             new[r] = Value(cv.value, f"{v.how}; {where}: {cv.how}", cv.param, cv.mem)
-        for vals, via in expand(region, cfn, new, level + 1, budget):
-            out.append((vals, [f"{cfn.name}+{c - cfn.start:#x}", *via]))
+        for vals, via, at in expand(region, cfn, new, level + 1, budget):
+            out.append((vals, [f"{cfn.name}+{c - cfn.start:#x}", *via], [c, *at]))
     return out
 
 
-def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
+def _pending(regs: dict[str, Value]) -> set[str]:
+    """The registers that decide the call and were not recovered (what the deep engine is asked for)."""
+    rax = regs["rax"].value
+    want = {"rax"} if rax is not None and rax != 0 else {"rax", "rcx", "r10", "r11"}
+    return {r for r in want if not regs[r].known}
+
+
+def deepen(
+    engine: Deep | None,
+    region: Region,
+    fn: Function,
+    at: int,
+    entries: list[tuple[dict[str, Value], list[str], list[int]]],
+) -> list[tuple[dict[str, Value], list[str], list[int]]]:
+    """The fast path's calls of one site, with what the deep engine's runs pin where the fast path
+    left a deciding register unresolved (a call path may split into its callers' paths)."""
+    if engine is None:
+        return entries
+    out: list[tuple[dict[str, Value], list[str], list[int]]] = []
+    d = engine.delta
+    for regs, via, addrs in entries:
+        if not _pending(regs):
+            out.append((regs, via, addrs))
+            continue
+        want = {"rax", "rcx", "r10", "r11"}
+        calls = engine.calls(at + d, fn.start + d, tuple(a + d for a in addrs), want, len(addrs), fn.exact)
+        if not calls:
+            out.append((regs, via, addrs))
+            continue
+        for c in calls:
+            new = dict(regs)
+            start = engine.image.function_of(c.start)
+            sname = start[1] if start else f"sub_{c.start - d:x}"
+            for r in REGS:
+                if r not in c.regs:
+                    continue
+                got = c.regs[r]
+                old = regs[r]
+                if old.known and old.value != got:
+                    new[r] = unknown(f"{old.how}; but a run from {sname} gives {got:#x}: not trusted")
+                elif not old.known:
+                    new[r] = Value(got, f"run from {sname} (the same under two random fillings; was: {old.how})")
+            labels = list(via)
+            for a in c.chain[len(addrs) :]:
+                f = engine.image.function_of(a)
+                labels.append(f"{f[1]}+{a - f[0]:#x}" if f else f"{a - d:#x}")
+            out.append((new, labels, [a - d for a in c.chain]))
+    return out
+
+
+def sites_in(region: Region, input_name: str, engine: Deep | None = None) -> tuple[list[Site], int]:
     """Every TDCALL decoded as code in the region (once per caller when values come from the caller),
     and how many TDCALL byte matches are not code (in a raw blob: also those not decoded from a
-    function start it can show, :meth:`Region.justified`)."""
+    function start it can show, :meth:`Region.justified`).  With ``engine``, what the fast path
+    left unresolved is run (:mod:`.deep`)."""
     code = region.code
     out: list[Site] = []
     not_code = 0
@@ -267,7 +326,10 @@ def sites_in(region: Region, input_name: str) -> tuple[list[Site], int]:
         idx = len(fn.insns) - 1
         intra = {r: resolve(fn, idx, r, 0) for r in REGS}
         body = hashlib.blake2b(code.data[fn.start - code.va : at + 4 - code.va], digest_size=16).digest()
-        for regs, via in expand(region, fn, intra, 0, [MAX_CALLERS]):
+        entries = expand(region, fn, intra, 0, [MAX_CALLERS])
+        if engine is not None and any(_pending(e[0]) for e in entries):
+            entries = deepen(engine, region, fn, at, entries)
+        for regs, via, _at in entries:
             out.append(
                 Site(input_name, code.chain, at, fn.name, fn.start, regs, via=" ← ".join(via) or None, code=body)
             )
@@ -336,15 +398,40 @@ class Image:
         }
 
 
-def analyze(path: str, found: Found, host: Host, cache: dict[tuple[object, ...], object]) -> Image:
+def _engine(code: Code, engines: dict[int, Deep | None]) -> Deep | None:
+    """The deep engine of the image a code region belongs to (one per image, made when first
+    needed), None when it cannot run it (the reason is noted once)."""
+    key = id(code.image) if code.image is not None else id(code)
+    if key not in engines:
+        engines[key] = None
+        if not deep_engine.available():
+            code.notes.append("deep engine not run: the unicorn package is not installed")
+        else:
+            try:
+                engines[key] = Deep(code)
+            except (deep_engine.Unsupported, struct.error, IndexError, ValueError) as e:
+                code.notes.append(f"{where(code.chain)}: deep engine not run ({e})")
+    eng = engines[key]
+    if eng is not None and key != id(code):
+        try:
+            eng.delta = deep_engine.load_delta(eng.image, code)
+        except deep_engine.Unsupported:
+            return None
+    return eng
+
+
+def analyze(
+    path: str, found: Found, host: Host, cache: dict[tuple[object, ...], object], deep: bool = True
+) -> Image:
     sites: list[Site] = []
     not_code = 0
     size = 0
+    engines: dict[int, Deep | None] = {}
     for code in found.codes:
         size += len(code.data)
         if b"\x66\x0f\x01\xcc" not in code.data:
             continue
-        got, nc = sites_in(Region.of(code), path)
+        got, nc = sites_in(Region.of(code), path, _engine(code, engines) if deep else None)
         sites += got
         not_code += nc
     for s in sites:

@@ -90,6 +90,10 @@ class Code:
     #: in a relocatable object: address -> what fills the byte at link time (its relocation)
     relocs: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # limits met while analysing it
+    #: the whole file the region is a section of (ELF, PE, TE), for the deep engine (scan/deep.py),
+    #: which maps the image to run it; None for a raw blob
+    image: bytes | None = field(default=None, repr=False)
+    image_kind: str = "raw"
 
 
 @dataclass
@@ -335,6 +339,7 @@ def elf(data: bytes, chain: list[str], found: Found) -> None:
                 sz = {a: sizes[-1][a] for a in fn if a in sizes.get(-1, {})}
             code = Code(chain + [sname(name)], data[off : off + size], addr, bitness, fn, sz)
             code.relocs = relocs.get(k, {})
+            code.image, code.image_kind = data, "elf"
             found.codes.append(code)
 
 
@@ -517,6 +522,7 @@ def _image(
     first = len(found.codes)
     embedded = _sections(data, table, nsec, adjust, bitness, chain, found)
     for c in found.codes[first:]:
+        c.image, c.image_kind = data, kind
         if c.va <= entry < c.va + len(c.data):
             c.functions.setdefault(entry, "entry point")
     if embedded and any(label == ".linux" for label, _ in embedded):
