@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from ..judge import (
 )
 from ..kvm import leaves as L
 from . import deep as deep_engine
-from .containers import Code, Found, where
+from .containers import Code, Found
 from .deep import Engine as Deep
 from .flow import Function, Region, Value, memory_at_call, resolve, unknown
 
@@ -407,10 +408,9 @@ def _engine(code: Code, engines: dict[int, Deep | None]) -> Deep | None:
         if not deep_engine.available():
             code.notes.append("deep engine not run: the unicorn package is not installed")
         else:
-            try:
+            # an image the engine does not load: the fast path's answer stands
+            with contextlib.suppress(deep_engine.Unsupported, struct.error, IndexError, ValueError):
                 engines[key] = Deep(code)
-            except (deep_engine.Unsupported, struct.error, IndexError, ValueError) as e:
-                code.notes.append(f"{where(code.chain)}: deep engine not run ({e})")
     eng = engines[key]
     if eng is not None and key != id(code):
         try:
@@ -420,9 +420,7 @@ def _engine(code: Code, engines: dict[int, Deep | None]) -> Deep | None:
     return eng
 
 
-def analyze(
-    path: str, found: Found, host: Host, cache: dict[tuple[object, ...], object], deep: bool = True
-) -> Image:
+def analyze(path: str, found: Found, host: Host, cache: dict[tuple[object, ...], object], deep: bool = True) -> Image:
     sites: list[Site] = []
     not_code = 0
     size = 0

@@ -74,6 +74,8 @@ def phys(a: int) -> int:
 
 def virt(p: int) -> int:
     return p | (U64 & ~PHYS) if p >> 51 & 1 else p
+
+
 #: caller levels the runs may start from (0: the function holding the TDCALL itself)
 MAX_DEPTH = 4
 #: instructions one run may execute (per resume after a TDCALL), TDCALLs it may hit, seconds it may take
@@ -85,12 +87,13 @@ MAX_STARTS = 400
 #: the fresh stack, the return address of the start, and the stubs standing for code outside the image
 STACK_TOP = 0x7FFF_FF00_0000
 SENTINEL = 0x7D00_0000_0000
-STUBS = 0x7E00_0000_0000
-SYNTH = 0x7C00_0000_0000  # a relocatable object's GOT and COMMON symbols
 REGS = ("rax", "rcx", "r10", "r11", "r12", "r13")
 #: runs per start and status, each with its own random filling; a call path must be reached by two
 #: of them at least, with the same value in every run that reached it
 FILLS = 4
+#: the fillings: bytes at random (seeded), and two that make comparisons with 0 and -1 go the other
+#: way (``test edi, edi; jz``, a sign test) so a value that holds on one path only differs
+PATTERNS = (None, 0x00, 0xFF, None)
 #: registers a call may change (the union of the System V and Microsoft x64 volatile registers)
 VOLATILE = ("rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
 #: imports carried out rather than stubbed
@@ -246,6 +249,21 @@ class Loaded:
                 start = t
         return start
 
+    def merges(self, start: int, addr: int) -> bool:
+        """Whether two paths from ``start`` can meet before ``addr``: a jump in between whose target
+        lies after the instruction that follows it, up to ``addr`` (a value may then hold on one
+        path only, whatever the runs saw), or an indirect jump."""
+        r = self.region(addr)
+        insns = r.decode(start, addr) if r is not None else None
+        if not insns:
+            return True
+        for ins in insns[:-1]:
+            if ins.flow_control == ix.FlowControl.INDIRECT_BRANCH:
+                return True
+            if ins.flow_control in _BRANCHES and ins.next_ip < ins.near_branch_target <= addr:
+                return True
+        return False
+
     def is_call(self, addr: int) -> bool:
         """Whether the branch at ``addr`` is a ``call`` (not a tail-call ``jmp``: no return address)."""
         s = self.section_at(addr)
@@ -291,6 +309,10 @@ def load_elf(data: bytes) -> Loaded:
         images[i] = bytearray(b"" if typ == SHT_NOBITS else data[off : off + size])
     out = Loaded([])
     stubs: dict[str, int] = {}
+    # import stubs, a .o's GOT and COMMON symbols: just past the image (a rel32 must reach them)
+    end = max((addrs[i] + hdrs[i][5] for i in addrs), default=0x40_0000)
+    STUBS = (end + 0x20_0000) & ~0xF_FFFF
+    SYNTH = STUBS + 0x10_0000
 
     def stub(name: str) -> int:
         if name not in stubs:
@@ -315,7 +337,7 @@ def load_elf(data: bytes) -> Loaded:
 
     def sym_value(k: int, idx: int) -> tuple[int, str]:
         nonlocal common
-        name, info, shndx, value, size = syms[k][idx]
+        name, _info, shndx, value, size = syms[k][idx]
         if shndx == SHN_UNDEF:
             return stub(name or f"#{idx}"), name
         if shndx == SHN_ABS:
@@ -351,7 +373,7 @@ def load_elf(data: bytes) -> Loaded:
     got: dict[int, int] = {}
     got_bytes = bytearray()
     skipped: dict[int, int] = {}
-    for k, h in enumerate(hdrs):
+    for h in hdrs:
         if h[1] != SHT_RELA or h[6] not in syms:
             continue
         target = h[7]
@@ -417,7 +439,7 @@ def load_elf(data: bytes) -> Loaded:
             for ins in ix.Decoder(64, s.data, ip=s.addr):
                 if ins.mnemonic == ix.Mnemonic.JMP and ins.is_ip_rel_memory_operand:
                     tgt = slots.get(ins.ip_rel_memory_address)
-                    if tgt is not None and not tgt >= STUBS:
+                    if tgt is not None and tgt not in out.stubs:
                         out.aliases[ins.ip & ~0xF] = tgt
     return out
 
@@ -466,12 +488,23 @@ def load(code: Code) -> Loaded:
 def load_delta(image: Loaded, code: Code) -> int:
     """The offset from a code region's addresses to its run addresses (its section, by name and size)."""
     for s in image.sections:
-        if s.name == code.chain[-1] and s.exec and s.size == len(code.data):
+        if s.name == code.chain[-1] and s.exec and (s.size == len(code.data) or s.addr == code.va):
             return s.addr - code.va
     raise Unsupported("the code region is not a section of its image")
 
 
 # --- running ------------------------------------------------------------------------------------------
+class _Const(random.Random):
+    """A "random" source that gives one byte over and over (the 0x00 and 0xFF fillings)."""
+
+    def __init__(self, byte: int) -> None:
+        super().__init__(0)
+        self.byte = byte
+
+    def randbytes(self, n: int) -> bytes:
+        return bytes([self.byte]) * n
+
+
 @dataclass
 class Hit:
     """A TDCALL reached in a run: where, through which calls (innermost first), the registers."""
@@ -521,11 +554,17 @@ class Runner:
         m = uc.Uc(uc.UC_ARCH_X86, uc.UC_MODE_64)
         image = self.image
         seed = fill * 0x9E3779B97F4A7C15
+        fetched = [-1]  # the address of code outside the image the run went to (unicorn's RIP is not it)
+        pattern = PATTERNS[(fill - 1) % len(PATTERNS)]
+
+        def filler(b: int) -> random.Random:
+            return random.Random(seed ^ b) if pattern is None else _Const(pattern)
 
         def mapped(mu: uc.Uc, access: int, address: int, size: int, value: int, data: object) -> bool:
             address = phys(address)
             base = address & ~(PAGE - 1)
             if access == uc.UC_MEM_FETCH_UNMAPPED and not image.in_image(virt(address)):
+                fetched[0] = virt(address)
                 return False  # code outside the image: handled by the caller of emu_start
             try:
                 for b in range(base, (address + max(size, 1) + PAGE - 1) & ~(PAGE - 1), PAGE):
@@ -533,7 +572,7 @@ class Runner:
                         mu.mem_map(b, PAGE)
                     except uc.UcError:
                         continue
-                    mu.mem_write(b, image.page(virt(b), random.Random(seed ^ b)))
+                    mu.mem_write(b, image.page(virt(b), filler(b)))
             except uc.UcError:
                 return False
             return True
@@ -574,7 +613,9 @@ class Runner:
         m.hook_add(uc.UC_HOOK_BLOCK, block)
         rng = random.Random(seed ^ start)
         for r in _GPRS:
-            m.reg_write(_REG[r], rng.getrandbits(64))
+            m.reg_write(
+                _REG[r], rng.getrandbits(64) if pattern is None else int.from_bytes(bytes([pattern]) * 8, "little")
+            )
         rsp = STACK_TOP - 0x1000 - 8 * rng.randrange(16)
         m.mem_map(SENTINEL, PAGE)  # fetching from it ends the run (its bytes are hlt)
         m.mem_write(SENTINEL, b"\xf4" * PAGE)
@@ -594,6 +635,8 @@ class Runner:
                 break
             except uc.UcError as e:
                 pc = m.reg_read(_REG["rip"])
+                if e.errno == uc.UC_ERR_FETCH_UNMAPPED and fetched[0] >= 0:
+                    pc, fetched[0] = fetched[0], -1
                 self.ended = f"{e} at {pc:#x}"
             if pc >= SENTINEL and pc < SENTINEL + PAGE:
                 break
@@ -725,17 +768,27 @@ class Engine:
         outermost function of the chain and climbing callers while a register of ``need`` is not
         pinned."""
         outer, exact = fn_start, fn_exact
+        if not chain and (own := self.image.function_of(site)) is not None and own[2]:
+            outer, exact = own[0], True  # the image's own symbols (a .o's, assembly labels) say better
         if chain:
             f = self.image.function_of(chain[-1])
             if f is None:
                 return []
             outer, _name, exact = f
+        point = chain[-1] if chain else site
+        if self.image.merges(outer, point):
+            # paths meet before the call: run only the straight-line code that makes it, and climb
+            # no further (a run through this function from its entry may pin a one-path value)
+            block = self.image.block_start(point)
+            if block is None:
+                return []
+            outer, exact = block, False
         calls = tuple(c for c in chain if self.image.is_call(c))
         got: list[dict[str, int]] = []
         for (s, ch, _n), regs in self.trusted(outer):
             if s == site and ch == calls:
                 got.append(regs)
-        if not got and chain and (block := self.image.block_start(chain[-1])) not in (None, outer):
+        if not got and chain and exact and (block := self.image.block_start(chain[-1])) not in (None, outer):
             # the runs from the function's entry did not get to this call (a path through code that
             # random data does not pass): run the straight-line code that makes it
             for (s, ch, _n), regs in self.trusted(block):

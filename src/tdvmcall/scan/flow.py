@@ -221,6 +221,17 @@ class Region:
         likely = (counts >= 2) | np.isin(before, (0xC3, 0xCC, 0x90, 0x00)) | (targets == 0)
         starts.update(t + va for t in targets[likely].tolist())
         starts.add(va)
+        if self.code.sizes:
+            # a symbol with a size says where its function ends: a byte pattern inside it that looks
+            # like a call target (an immediate's bytes) is not a function start
+            spans = sorted((a, a + n) for a, n in self.code.sizes.items() if n)
+            los = [a for a, _ in spans]
+
+            def inside(t: int) -> bool:
+                i = bisect.bisect_right(los, t) - 1
+                return i >= 0 and spans[i][0] < t < spans[i][1]
+
+            starts = {t for t in starts if t in self.code.functions or not inside(t)}
         self.starts = sorted(starts)
 
     def justified(self, start: int) -> bool:

@@ -1,0 +1,118 @@
+"""The deep engine (scan/deep.py) on guests this project builds from its own sources.
+
+tests/data/deep/guest.c is a small guest in the style of Linux's and td-shim's: an out-of-line stub
+loads R10..R13 from a struct passed by pointer, filled one, two or three levels up (a memset, a
+memcpy of a template, a wrapper that passes its own constants on).  It is built here with gcc at -O0
+and -O2, as an executable, a relocatable object (-ffunction-sections: every call is a relocation) and
+a shared object (calls through the PLT).  The expected call, leaf and inputs of each caller are the
+constants written in guest.c (GHCI 1.5 leaf numbers), never the scanner's output.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tdvmcall.judge import Host
+from tdvmcall.scan import deep
+from tdvmcall.scan.analyze import analyze
+from tdvmcall.scan.containers import open_input
+
+DATA = Path(__file__).parent / "data" / "deep"
+
+#: per calling function in guest.c: the call (leaf-table name), R11, and the inputs the source fixes
+EXPECTED = {
+    "guest_halt": ("Instruction.HLT", 12, {}),
+    "guest_outb": ("Instruction.IO", 30, {"r13": 1}),  # guest_hypercall(30, 1, 1): a write
+    "guest_rdmsr": ("Instruction.RDMSR", 31, {"r12": 0x1B}),
+    "guest_mapgpa_inner": ("MapGPA", 0x10001, {}),
+    "guest_fatal": ("ReportFatalError", 0x10003, {"r12": 0}),
+}
+MASK = 0xFC00
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed: the guests cannot be built")
+needs_unicorn = pytest.mark.skipif(not deep.available(), reason="the unicorn package is not installed")
+
+
+def build(tmp: Path, kind: str, opt: str) -> Path:
+    flags = [f"-{opt}", "-fno-optimize-sibling-calls"]
+    src = [str(DATA / "guest.c")]
+    if kind == "exe":
+        out, extra = tmp / f"guest-{opt}", [*src, str(DATA / "main.c")]
+    elif kind == "obj":
+        out, extra = tmp / f"guest-{opt}.o", ["-c", "-ffunction-sections", *src]
+    else:
+        out, extra = tmp / f"guest-{opt}.so", ["-fPIC", "-shared", *src]
+    subprocess.run(["gcc", *flags, "-o", str(out), *extra], check=True, capture_output=True)
+    return out
+
+
+def scan(path: Path, use_deep: bool = True) -> list:
+    (_name, found), *_ = list(open_input(path))
+    image = analyze(str(path), found, Host(), {}, deep=use_deep)
+    return [s for s in image.sites if s.is_vmcall]
+
+
+def caller(site) -> str:
+    """The outermost calling function of a resolved call (its ``via`` chain's last link)."""
+    return site.via.split(" ← ")[-1].rsplit("+", 1)[0] if site.via else site.function
+
+
+@needs_gcc
+@needs_unicorn
+@pytest.mark.parametrize("kind", ["exe", "obj", "so"])
+@pytest.mark.parametrize("opt", ["O0", "O2"])
+def test_every_call_of_the_guest_is_resolved_as_its_source_says(tmp_path: Path, kind: str, opt: str) -> None:
+    sites = scan(build(tmp_path, kind, opt))
+    got = {caller(s): s for s in sites}
+    for fn, (call, r11, inputs) in EXPECTED.items():
+        assert fn in got, f"{fn}'s call not found ({sorted(got)})"
+        s = got[fn]
+        assert s.mask == MASK, fn
+        assert s.regs["r10"].value == 0, fn
+        assert s.regs["r11"].value == r11, (fn, s.regs["r11"].how)
+        assert s.leaf is not None and s.leaf.name == call, fn
+        for r, v in inputs.items():
+            assert s.regs[r].value == v, (fn, r, s.regs[r].how)
+
+
+@needs_gcc
+@needs_unicorn
+@pytest.mark.parametrize("kind", ["exe", "obj", "so"])
+@pytest.mark.parametrize("opt", ["O0", "O2"])
+def test_a_leaf_known_only_at_run_time_stays_unresolved(tmp_path: Path, kind: str, opt: str) -> None:
+    """guest_unknown passes a global's run-time value as the leaf: no run may pin it (precision)."""
+    sites = scan(build(tmp_path, kind, opt))
+    (s,) = [s for s in sites if caller(s) == "guest_unknown"]
+    assert s.regs["r11"].value is None
+    assert s.leaf is None and s.verdict("hardened") == "unresolved"
+
+
+@needs_gcc
+@needs_unicorn
+def test_at_O0_the_calls_need_the_deep_engine(tmp_path: Path) -> None:
+    """At -O0 the struct goes through stack slots the fast path cannot follow to the callers: without
+    the engine no call of the executable is resolved; with it, all but guest_unknown's."""
+    exe = build(tmp_path, "exe", "O0")
+    fast = [s for s in scan(exe, use_deep=False) if s.leaf is not None]
+    full = [s for s in scan(exe) if s.leaf is not None]
+    assert len(fast) < len(EXPECTED)
+    assert {caller(s) for s in full} == set(EXPECTED)
+
+
+@needs_gcc
+@needs_unicorn
+def test_relocatable_object_calls_are_found_through_relocations(tmp_path: Path) -> None:
+    """In a .o every call is ``e8 00 00 00 00`` plus a relocation: the engine's loader applies them
+    (R_X86_64_PLT32 to the other sections, and to memset, which it carries out)."""
+    obj = build(tmp_path, "obj", "O0")
+    image = deep.load_elf(obj.read_bytes())
+    names = set(image.functions.values())
+    assert {"guest_vmcall", "guest_hypercall", "guest_halt"} <= names
+    start = next(a for a, n in image.functions.items() if n == "guest_hypercall")
+    callers = image.callers(start)
+    assert {image.function_of(c)[1] for c in callers} >= {"guest_halt", "guest_outb", "guest_rdmsr"}
+    assert "memset" in set(image.stubs.values())
