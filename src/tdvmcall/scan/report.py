@@ -469,8 +469,8 @@ def _image_summary(img: Image) -> list[Text]:
         lines.append(Text(f"  {'masks:':<10}{' '.join(f'{m:#x}' for m in masks) or 'none recovered'}"))
     if other:
         lines.append(Text(f"  {'other:':<10}{calls_text(other, limit=5)}"))
-    for p in ("hardened", "legacy"):
-        counts = Counter(s.verdict(p) for s in vm)
+    for p in ("hardened", "legacy"):  # the calls the answer counts: TDVMCALLs and TDCALLs of unknown leaf
+        counts = Counter(s.verdict(p) for s in img.sites if s.counted)
         if not counts:
             continue
         text = Text(f"  {p + ':':<10}")
