@@ -87,7 +87,7 @@ def scan(
 ) -> None:
     from ..console import emit_json, fail, out, writable_file
     from ..judge import HostError, host_for
-    from .report import catalog_csv, html_report, outcome, report_json, rich_report
+    from .report import catalog_csv, html_report, left_out_text, outcome, report_json, rich_report
 
     # validate options
     try:
@@ -132,7 +132,7 @@ def scan(
             out.print(f"wrote {html_file}", highlight=False)
     if catalog_file is not None:
         text, left_out = catalog_csv(images)
-        extra = f" ({left_out} call(s) with an unresolved mask or call left out)" if left_out else ""
+        extra = f" ({left_out_text(left_out)})" if left_out else ""
         if to_stdout:
             sys.stdout.write(text)
             if extra:

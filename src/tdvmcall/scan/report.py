@@ -672,19 +672,24 @@ def catalog_call(site: Site) -> str | None:
     return name
 
 
-def catalog_csv(images: Iterable[Image]) -> tuple[str, int]:
+def catalog_csv(images: Iterable[Image]) -> tuple[str, Counter[str]]:
     """Catalog rows for every site whose mask and call are both known: identical sites (same image,
     module, function, mask and call) collapse into one row, the count in the note.  Returns the CSV
-    text and how many resolved TDVMCALLs could not be written (mask or call unknown)."""
+    text and the TDVMCALLs that could not be written, counted by why: ``unresolved`` (mask or call
+    not recovered), else the call the catalog grammar has no word for (``VMware-hypercall``,
+    ``KVMHypercall``: an unknown hypercall number, ``unknown(0x…)``)."""
     rows: dict[tuple[str, str, str, int, str], list[Site]] = {}
-    left_out = 0
+    left_out: Counter[str] = Counter()
     for img in images:
         for s in img.sites:
             if not s.is_vmcall:
                 continue
             call = catalog_call(s)
-            if s.mask is None or call is None:
-                left_out += 1
+            if s.mask is None or (call is None and s.leaf is None and s.foreign is None):
+                left_out[UNRESOLVED] += 1
+                continue
+            if call is None:
+                left_out[s.call_name] += 1
                 continue
             key = (img.path, module_of(s), s.symbol, s.mask, call)
             rows.setdefault(key, []).append(s)
@@ -699,6 +704,20 @@ def catalog_csv(images: Iterable[Image]) -> tuple[str, int]:
             note += f" (callers {', '.join(vias[:6])}{', ...' if len(vias) > 6 else ''})"
         w.writerow((path.rsplit("/", 1)[-1], "scan", module, function, f"0x{mask:X}", call, note))
     return buf.getvalue(), left_out
+
+
+def left_out_text(left_out: Counter[str]) -> str:
+    """``5 calls left out: 4 with an unresolved mask or call, 1 the catalog has no word for
+    (VMware-hypercall)``; empty when none."""
+    if not left_out:
+        return ""
+    parts = []
+    if n := left_out.get(UNRESOLVED, 0):
+        parts.append(f"{n} with an unresolved mask or call")
+    named = {k: v for k, v in left_out.items() if k != UNRESOLVED}
+    if named:
+        parts.append(f"{sum(named.values())} the catalog has no word for ({', '.join(sorted(named))})")
+    return f"{_count(sum(left_out.values()), 'call')} left out: {', '.join(parts)}"
 
 
 # --- HTML ------------------------------------------------------------------------------------------------
