@@ -547,3 +547,88 @@ def test_not_an_input_tells_a_new_file_and_other_files_from_an_input(tmp_path, c
         not_an_input(tmp_path / "a.csv", "--to-catalog", [b, a])
     assert e.value.exit_code == 2
     assert "--to-catalog" in capsys.readouterr().err
+
+
+# --- catalogs that lose rows (issue 18 items 12, 16) ---------------------------------------------------
+def test_an_unterminated_quote_is_an_error_naming_its_line_not_a_long_note(tmp_path):
+    from tdvmcall.check.catalog import load_catalog
+
+    body = (
+        HEADER
+        + "fw,1,a.c,first,0x1C00,RDMSR,fine\n"  # line 2
+        + 'fw,1,a.c,second,0x1C00,RDMSR,"a note whose quote is never closed\n'  # line 3
+        + "fw,1,a.c,third,0xFC00,IO,\n"  # line 4: swallowed into line 3's note by a CSV reader
+        + "fw,1,a.c,fourth,0xFC00,IO,\n"  # line 5
+    )
+    sites, errors = load_catalog(_catalog(tmp_path, body.encode()))
+    assert [s.function for s in sites] == ["first"]
+    assert len(errors) == 1 and "row 3" in errors[0] and "line 5" in errors[0] and "quote" in errors[0], errors
+    r = run_case(["check", "--catalog", str(tmp_path / "c.csv")])
+    assert r.returncode == 2 and "row 3" in r.stderr.decode()
+
+
+def test_a_quoted_field_on_one_line_is_fine(tmp_path):
+    from tdvmcall.check.catalog import load_catalog
+
+    body = HEADER + 'fw,1,a.c,f,0x1C00,RDMSR,"a note, with a comma and ""quotes"""\n'
+    sites, errors = load_catalog(_catalog(tmp_path, body.encode()))
+    assert errors == [] and sites[0].note == 'a note, with a comma and "quotes"'
+
+
+def test_a_header_naming_a_column_twice_is_an_error_naming_line_1(tmp_path):
+    body = HEADER.strip() + "," + HEADER  # every column twice
+    body += "fw,1,a.c,f,0xFFEC,RDMSR,,fw,1,a.c,f,0x1C00,RDMSR,\n"  # the first mask is the failing one
+    path = _catalog(tmp_path, body.encode())
+    r = run_case(["check", "--catalog", str(path)])
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1, err
+    assert "line 1" in err and "'guest'" in err and "more than once" in err, err
+
+
+def test_a_row_with_too_few_fields_names_the_missing_ones_and_its_line(tmp_path):
+    from tdvmcall.check.catalog import load_catalog
+
+    body = HEADER + "fw,1,a.c,f\n" + "fw,1,a.c,g,0x1C00,RDMSR\n"  # line 2: 4 fields; line 3: no note, fine
+    sites, errors = load_catalog(_catalog(tmp_path, body.encode()))
+    assert [s.function for s in sites] == ["g"]
+    assert len(errors) == 1 and "row 2" in errors[0] and "mask_hex, tdvmcalls" in errors[0], errors
+    assert "not an integer" not in errors[0]
+
+
+# --- a large catalog (issue 18 item 10): one judgement per distinct call, output streamed ----------------
+def test_a_catalog_judges_each_distinct_mask_and_call_once(tmp_path, monkeypatch):
+    from tdvmcall.check import catalog as C
+
+    judged = []
+    real = C.judge
+    monkeypatch.setattr(
+        C, "judge", lambda mask, leaf, *a, **k: judged.append((mask, leaf)) or real(mask, leaf, *a, **k)
+    )
+    rows = [
+        f"fw,1,a.c,f{i},{mask},{calls},\n"
+        for i in range(40)
+        for mask, calls in (("0x1C00", "RDMSR"), ("0xFC00", "IO in"))
+    ]
+    rows += ["fw,1,a.c,g,0xFC00,IO out,\n", "fw,1,a.c,h,0xFC00,IO,\n"]  # other conditions: judged apart
+    sites, errors = C.load_catalog(_catalog(tmp_path, (HEADER + "".join(rows)).encode()))
+    results = C.check_sites(sites, C.Host())
+    assert errors == [] and len(results) == 82
+    assert len(judged) == 4  # RDMSR at 0x1C00, IO in, IO out and IO (both cases) at 0xFC00
+    rdmsr = [r for r in results if r.call.name == "Instruction.RDMSR"]
+    assert all(r.judgement is rdmsr[0].judgement for r in rdmsr)
+    assert [r.site.function for r in rdmsr] == [f"f{i}" for i in range(40)]  # each site still its own
+
+
+def test_the_streamed_json_is_the_document_json_dumps_writes(tmp_path):
+    import io
+
+    from tdvmcall.check import catalog as C
+    from tdvmcall.check.report import report_json, write_report_json
+
+    text = C.shipped_catalog_text() + "fw,1,a.c,f,0xFFFF0FFCC,RDMSR 0x802 (x2APIC) and more,a note\n"
+    sites, _ = C.load_catalog("mine.csv", text)
+    results = C.check_sites(sites, C.Host())
+    for res, errors in ((results, ["mine.csv row 3: bad"]), ([], [])):
+        buf = io.StringIO()
+        write_report_json(buf.write, res, C.Host(), "hardened", "mine.csv", errors)
+        assert buf.getvalue() == json.dumps(report_json(res, C.Host(), "hardened", "mine.csv", errors), indent=2) + "\n"

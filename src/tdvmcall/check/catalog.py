@@ -15,9 +15,11 @@ Nothing here says which registers a call needs (``kvm/leaves.py``) or how a call
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +131,7 @@ class CallRef:
         return None if self.foreign else L.BY_NAME[self.name]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Site:
     """One call site: where it was read, the control value it passes and the calls it makes."""
 
@@ -158,6 +160,19 @@ def _names_a_call(token: str) -> bool:
 
 
 def parse_calls(text: str) -> tuple[list[CallRef], list[str]]:
+    """:func:`_parse_calls`, once per distinct text (a large catalog repeats a few ``tdvmcalls``
+    fields over and over: its rows then share their frozen :class:`CallRef` values)."""
+    calls, remarks = _parse_calls_once(text)
+    return list(calls), list(remarks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_calls_once(text: str) -> tuple[tuple[CallRef, ...], tuple[str, ...]]:
+    calls, remarks = _parse_calls(text)
+    return tuple(calls), tuple(remarks)
+
+
+def _parse_calls(text: str) -> tuple[list[CallRef], list[str]]:
     """Parse a ``tdvmcalls`` field into calls and remarks.  The grammar, in order of the tokens:
 
     - ``all`` alone, or followed by words that do not start with a call name (``all selftest
@@ -274,66 +289,146 @@ def shipped_catalog_text() -> str:
     return data_file("guest-masks.csv").read_text()
 
 
+def _read_catalog_file(path: str | Path) -> str:
+    try:
+        with Path(path).open("rb") as f:  # at most 64 MiB: /dev/zero is not a catalog
+            data = f.read((64 << 20) + 1)
+    except OSError as e:
+        raise CatalogError(f"{path}: cannot read the catalog ({e.strerror or e})") from None
+    if len(data) > 64 << 20:
+        raise CatalogError(f"{path}: holds more than 64 MiB; not a catalog")
+    try:
+        return data.decode("utf-8-sig")  # a spreadsheet's BOM is not part of the first column's name
+    except UnicodeDecodeError as e:
+        raise CatalogError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` with their ends, one at a time (``io.StringIO`` would copy the whole
+    text at four bytes a character)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """A catalog's text, read once (at most 64 MiB), and the name errors give it.  :meth:`rows`
+    parses it row by row each time it is iterated: a report can go over a large catalog more than
+    once without holding every row."""
+
+    text: str
+    where: str
+
+    @classmethod
+    def read(cls, path: str | Path | None = None, text: str | None = None) -> Catalog:
+        """The shipped catalog (``path`` and ``text`` None), a file, or ``text`` already read (from
+        standard input: named ``path``, or "standard input")."""
+        if text is not None:
+            return cls(text, str(path) if path is not None else "standard input")
+        if path is None:
+            return cls(shipped_catalog_text(), "guest-masks.csv")
+        return cls(_read_catalog_file(path), str(path))
+
+    def header(self) -> tuple[list[str], list[str]]:
+        """The columns and the header's errors (unknown columns).  A missing column or a column
+        named twice raise :class:`CatalogError` (no row could be read right)."""
+        first = next(csv.reader(io.StringIO(self.text.partition("\n")[0])), [])
+        columns = [c.strip() for c in first]
+        missing = [c for c in CATALOG_COLUMNS if c not in columns and c != "note"]
+        if missing:
+            raise CatalogError(
+                f"{self.where}: missing column(s) {', '.join(missing)}; expected: {','.join(CATALOG_COLUMNS)}"
+            )
+        if twice := list(dict.fromkeys(c for c in columns if columns.count(c) > 1 and c)):
+            raise CatalogError(
+                f"{self.where} line 1: the header names column(s) {', '.join(map(repr, twice))} more than once; "
+                "which field is which cannot be told"
+            )
+        errors = []
+        if unknown := [c for c in columns if c not in CATALOG_COLUMNS]:
+            errors.append(
+                f"{self.where}: unknown column(s) {', '.join(map(repr, unknown))}; expected: {','.join(CATALOG_COLUMNS)}"
+            )
+        return columns, errors
+
+    def rows(self) -> Iterator[Site | str]:
+        """Every row after the header, in order: a :class:`Site`, or one error line for a bad row
+        (``<file> row <n>: <why>``, ``<file> row <n>, field <name>: <why>``; ``<n>`` is the line
+        number in the file, the header being line 1)."""
+        columns, _ = self.header()
+        where = self.where
+        reader = csv.reader(_lines(self.text))
+        next(reader, None)
+        end = reader.line_num  # the line the previous record ended on
+        while True:
+            try:
+                fields = next(reader, None)
+            except csv.Error as e:  # e.g. a line break inside a field that is not quoted (a lone CR)
+                raise CatalogError(f"{where} row {reader.line_num}: not CSV ({e})") from None
+            if fields is None:
+                break
+            line, end = end + 1, reader.line_num
+            if not fields:  # a blank line
+                continue
+            if end > line:  # a quoted field ran over line ends: an unterminated quote swallows rows
+                yield (
+                    f"{where} row {line}: a quoted field opened on line {line} runs on to line {end} (a quote "
+                    f"not closed on its line?); lines {line}-{end} not checked"
+                )
+                continue
+            if len(fields) > len(columns):
+                yield (
+                    f"{where} row {line}: {len(fields) - len(columns)} field(s) more than the header's "
+                    f"{len(columns)} (a comma in an unquoted field?); row not checked"
+                )
+                continue
+            row = dict(zip(columns, fields))
+            if not any(v.strip() for v in fields):
+                yield f"{where} row {line}: every field is empty; row not checked"
+                continue
+            if lacking := [c for c in columns[len(fields) :] if c in CATALOG_COLUMNS and c != "note"]:
+                yield (
+                    f"{where} row {line}: {len(fields)} field(s) of the header's {len(columns)}, no "
+                    f"{', '.join(lacking)} (a missing comma?); row not checked"
+                )
+                continue
+            field_name = "mask_hex"
+            try:
+                mask = parse_mask(row["mask_hex"])
+                field_name = "tdvmcalls"
+                calls, remarks = _parse_calls_once(row["tdvmcalls"])
+            except CatalogError as e:
+                yield f"{where} row {line}, field {field_name}: {e}"
+                continue
+            yield Site(
+                line,
+                *(sys.intern(row[c].strip()) for c in ("guest", "snapshot", "file")),
+                row["function"].strip(),
+                mask,
+                calls,
+                remarks,
+                row.get("note", "").strip(),
+            )
+
+
 def load_catalog(path: str | Path | None = None, text: str | None = None) -> tuple[list[Site], list[str]]:
     """Read a catalog (the shipped one if ``path`` and ``text`` are None; ``text`` is a catalog
     already read, e.g. from standard input, named ``path`` or "standard input" in errors).  Returns
     the good sites and one error line per bad row (``<file> row <n>, field <name>: <why>``); a bad
-    row does not stop the others.  An unreadable file or missing columns raise
-    :class:`CatalogError`."""
-    if text is not None:
-        where = str(path) if path is not None else "standard input"
-    elif path is None:
-        text, where = shipped_catalog_text(), "guest-masks.csv"
-    else:
-        try:
-            with Path(path).open("rb") as f:  # at most 64 MiB: /dev/zero is not a catalog
-                data, where = f.read((64 << 20) + 1), str(path)
-            if len(data) > 64 << 20:
-                raise CatalogError(f"{path}: holds more than 64 MiB; not a catalog")
-            text = data.decode("utf-8-sig")  # a spreadsheet's BOM is not part of the first column's name
-        except OSError as e:
-            raise CatalogError(f"{path}: cannot read the catalog ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise CatalogError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in CATALOG_COLUMNS if c not in (reader.fieldnames or []) and c != "note"]
-    if missing:
-        raise CatalogError(f"{where}: missing column(s) {', '.join(missing)}; expected: {','.join(CATALOG_COLUMNS)}")
+    row does not stop the others.  An unreadable file, missing columns or a column named twice
+    raise :class:`CatalogError`.  (:class:`Catalog` reads the rows one at a time.)"""
+    catalog = Catalog.read(path, text)
+    _, errors = catalog.header()
     sites: list[Site] = []
-    errors: list[str] = []
-    if unknown := [c for c in reader.fieldnames or [] if c not in CATALOG_COLUMNS]:
-        errors.append(
-            f"{where}: unknown column(s) {', '.join(map(repr, unknown))}; expected: {','.join(CATALOG_COLUMNS)}"
-        )
-    for row in reader:
-        line = reader.line_num
-        if extra := row.pop(None, None):  # type: ignore[call-overload]
-            errors.append(
-                f"{where} row {line}: {len(extra)} field(s) more than the header's {len(reader.fieldnames or [])} "
-                "(a comma in an unquoted field?); row not checked"
-            )
-            continue
-        if not any((v or "").strip() for v in row.values()):
-            errors.append(f"{where} row {line}: every field is empty; row not checked")
-            continue
-        field_name = "mask_hex"
-        try:
-            mask = parse_mask(row["mask_hex"] or "")
-            field_name = "tdvmcalls"
-            calls, remarks = parse_calls(row["tdvmcalls"] or "")
-        except CatalogError as e:
-            errors.append(f"{where} row {line}, field {field_name}: {e}")
-            continue
-        sites.append(
-            Site(
-                line,
-                *(str(row[c] or "").strip() for c in ("guest", "snapshot", "file", "function")),
-                mask,
-                tuple(calls),
-                tuple(remarks),
-                (row.get("note") or "").strip(),
-            )
-        )
+    for row in catalog.rows():
+        if isinstance(row, Site):
+            sites.append(row)
+        else:
+            errors.append(row)
     return sites, errors
 
 
@@ -346,7 +441,7 @@ def what_if(mask: str, calls: Iterable[str] | None) -> Site:
 
 
 # --- the check -------------------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class CallCheck:
     """The check of one call at one site: the site, the call as the catalog names it, and its
     :class:`~tdvmcall.judge.Judgement` (the module's outcome, the verdict per policy, the cases
@@ -423,12 +518,38 @@ def check_call(site: Site, call: CallRef, host: Host, module: ModuleOutcome | No
     return CallCheck(site, call, judge(site.mask, leaf, host, module=module, cases=cases))
 
 
+class Checker:
+    """Checks calls against one host, judging each distinct (mask, call, cases, pinned inputs) once:
+    a large catalog repeats the same few masks and calls, and a judgement depends on nothing else
+    (the site's name, file and note are only shown).  The checks of equal calls share one
+    :class:`~tdvmcall.judge.Judgement`, which nothing changes after it is made."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self._modules: dict[int, ModuleOutcome] = {}
+        self._judged: dict[tuple, Judgement] = {}
+
+    def check(self, site: Site) -> list[CallCheck]:
+        """Every call of one site."""
+        module = self._modules.get(site.mask)
+        if module is None:
+            module = self._modules[site.mask] = module_outcome(site.mask, self.host)
+        out = []
+        for call in site.calls:
+            key = (site.mask, call.name, call.cases, call.inputs)
+            judgement = self._judged.get(key)
+            if judgement is None:
+                judgement = self._judged[key] = check_call(site, call, self.host, module).judgement
+            out.append(CallCheck(site, call, judgement))
+        return out
+
+
 def check_sites(sites: Iterable[Site], host: Host) -> list[CallCheck]:
-    """Check every call of every site (the module's outcome once per site: it depends on the mask only)."""
+    """Check every call of every site (each distinct call and mask judged once: :class:`Checker`)."""
+    checker = Checker(host)
     results = []
     for site in sites:
-        module = module_outcome(site.mask, host)
-        results += [check_call(site, call, host, module) for call in site.calls]
+        results += checker.check(site)
     return results
 
 

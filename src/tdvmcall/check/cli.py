@@ -77,7 +77,7 @@ def check(
         None, "--html", metavar="FILE", help="Also write a self-contained HTML report (matrix of sites x calls)."
     ),
 ) -> None:
-    from ..console import emit_json, fail, out, read_text_input, writable_file
+    from ..console import fail, out, read_text_input, writable_file
     from ..judge import HostError, host_for
     from .catalog import (
         CatalogError,
@@ -87,9 +87,9 @@ def check(
     )
     from .report import (
         html_report,
-        markdown_report,
-        report_json,
-        rich_report,
+        markdown_parts,
+        rich_report_parts,
+        write_report_json,
     )
 
     # validate options
@@ -138,11 +138,13 @@ def check(
     for line in errors:
         sys.stderr.write(f"tdvmcall: error: {line}\n")  # one line per bad row, as fail() writes
     if as_json:
-        emit_json(report_json(results, host, policy, source, errors))
+        write_report_json(sys.stdout.write, results, host, policy, source, errors)
     elif markdown:
-        sys.stdout.write(markdown_report(results, host, policy, source, len(errors)))
+        for text in markdown_parts(results, host, policy, source, len(errors)):
+            sys.stdout.write(text)
     else:
-        out.print(rich_report(results, host, policy, source, verbose, len(errors)))
+        for part in rich_report_parts(results, host, policy, source, verbose, len(errors)):
+            out.print(part)
     if html_file is not None:
         try:
             html_file.write_text(html_report(results, host, policy, source, errors))

@@ -5,9 +5,11 @@ every judgement was made in ``judge.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
+from typing import Any
 
 from rich import box
 from rich.console import Group
@@ -248,16 +250,35 @@ def _site_json(site: Site, checks: list[CallCheck], index: dict[int, int]) -> di
     }
 
 
-def result_json(check: CallCheck) -> dict:
-    """One (site, call) object of ``tdvmcall check --json``."""
-    s, m = check.site, check.module
-    ctl = Control(s.mask)
+def result_json(check: CallCheck, memo: dict | None = None) -> dict:
+    """One (site, call) object of ``tdvmcall check --json``.  ``memo``: a dict kept across calls,
+    so that the part of the object that depends on the judgement and the call only (everything
+    but where the site is) is built once per distinct judgement and call."""
+    s = check.site
+    key = (id(check.judgement), check.call)
+    common: tuple[dict, list[str]] | None = memo.get(key) if memo is not None else None
+    if common is None:
+        common = _judged_json(check)
+        if memo is not None:
+            memo[key] = common
     return {
         "guest": s.guest,
         "snapshot": s.snapshot,
         "file": s.file,
         "function": s.function,
         "row": s.row,
+        **common[0],
+        "remarks": list(s.remarks) + ([check.call.annotation] if check.call.annotation else []),
+        "details": common[1],
+    }
+
+
+def _judged_json(check: CallCheck) -> tuple[dict, list[str]]:
+    """The fields of a result that depend on the mask, the call and its judgement only (``details``
+    apart: it comes after the site's remarks)."""
+    s, m = check.site, check.module
+    ctl = Control(s.mask)
+    return {
         "mask": f"{s.mask:#06x}",
         "gprs": names_in(ctl.gpr_select, 16),
         "xmms": [f"xmm{i}" for i in range(16) if ctl.xmm_select >> i & 1],
@@ -297,26 +318,90 @@ def result_json(check: CallCheck) -> dict:
         "cases": list(dict.fromkeys(r.case for r in check.runs)),
         "unused": check.unused,
         "notes": check.notes,
-        "remarks": list(s.remarks) + ([check.call.annotation] if check.call.annotation else []),
-        "details": detail_lines(check),
-    }
+    }, detail_lines(check)
 
 
 def report_json(results: list[CallCheck], host: Host, policy: str, catalog: str, errors: list[str]) -> dict:
     """The whole ``--json`` document."""
-    index = {id(c): i for i, c in enumerate(results)}
     return {
-        "schema": JSON_SCHEMA,
-        "host": {"module": host.module, "no_rbp_mod": host.no_rbp_mod, "tree": host.tree},
-        "policy": policy,
-        "catalog": catalog,
-        "summary": summary(results),
-        "errors": errors,
-        "passed": all(r.passes(policy) for r in results) and not errors,
-        "results": [result_json(r) for r in results],
-        "findings": [_finding_json(f, index) for f in findings(results)],
-        "sites": [_site_json(site, checks, index) for site, checks in by_site(results)],
+        key: list(value) if isinstance(value, Iterator) else value
+        for key, value in _report_json_parts(results, host, policy, catalog, errors)
     }
+
+
+def _report_json_parts(
+    results: list[CallCheck], host: Host, policy: str, catalog: str, errors: list[str]
+) -> Iterator[tuple[str, Any]]:
+    """The ``--json`` document's keys and values in order; ``results``, ``findings`` and ``sites``
+    as generators, so that :func:`write_report_json` holds one object of them at a time."""
+    index = {id(c): i for i, c in enumerate(results)}
+    memo: dict = {}
+    yield "schema", JSON_SCHEMA
+    yield "host", {"module": host.module, "no_rbp_mod": host.no_rbp_mod, "tree": host.tree}
+    yield "policy", policy
+    yield "catalog", catalog
+    yield "summary", summary(results)
+    yield "errors", errors
+    yield "passed", all(r.passes(policy) for r in results) and not errors
+    yield "results", (result_json(r, memo) for r in results)
+    yield "findings", (_finding_json(f, index) for f in findings(results))
+    yield "sites", (_site_json(site, checks, index) for site, checks in by_site(results))
+
+
+def _indented(value: Any) -> str:
+    """``json.dumps(value, indent=2)``; quicker for an object whose members are scalars or lists of
+    scalars (json's indenting encoder is pure Python)."""
+    if isinstance(value, dict) and value:
+        return "{\n" + _fields(value) + "\n}"
+    return json.dumps(value, indent=2)
+
+
+def _member(key: str, value: Any) -> str:
+    if isinstance(value, list) and value and not any(isinstance(v, (list, dict)) for v in value):
+        return f"  {json.dumps(key)}: [\n    " + ",\n    ".join(map(json.dumps, value)) + "\n  ]"
+    if isinstance(value, (list, dict)) and value:
+        return f"  {json.dumps(key)}: " + json.dumps(value, indent=2).replace("\n", "\n  ")
+    return f"  {json.dumps(key)}: {json.dumps(value)}"
+
+
+def _fields(obj: dict) -> str:
+    """The members of a JSON object as ``json.dumps(obj, indent=2)`` writes them, without the braces."""
+    return ",\n".join(_member(k, v) for k, v in obj.items())
+
+
+def _result_text(check: CallCheck, memo: dict) -> str:
+    """``json.dumps(result_json(check), indent=2)``, the same text, with the members that depend on
+    the judgement and the call only encoded once per distinct one (``memo``)."""
+    s = check.site
+    key = ("text", id(check.judgement), check.call)
+    common = memo.get(key)
+    if common is None:
+        fields, details = _judged_json(check)
+        common = memo[key] = (_fields(fields), _fields({"details": details}))
+    where = {"guest": s.guest, "snapshot": s.snapshot, "file": s.file, "function": s.function, "row": s.row}
+    remarks = list(s.remarks) + ([check.call.annotation] if check.call.annotation else [])
+    return "{\n" + ",\n".join((_fields(where), common[0], _fields({"remarks": remarks}), common[1])) + "\n}"
+
+
+def write_report_json(
+    write: Callable[[str], Any], results: list[CallCheck], host: Host, policy: str, catalog: str, errors: list[str]
+) -> None:
+    """The ``--json`` document, written piece by piece: the same text as ``json.dumps(report_json(...),
+    indent=2)``, without ever holding the whole document or its text (a catalog of 100,000 rows)."""
+    write("{")
+    memo: dict = {}
+    for n, (key, value) in enumerate(_report_json_parts(results, host, policy, catalog, errors)):
+        write(("," if n else "") + f"\n  {json.dumps(key)}: ")
+        if not isinstance(value, Iterator):
+            write(json.dumps(value, indent=2).replace("\n", "\n  "))
+            continue
+        empty = True
+        items = (_result_text(c, memo) for c in results) if key == "results" else map(_indented, value)
+        for text in items:  # JSON strings hold no raw line break: every one is the indent's
+            write(("[" if empty else ",") + "\n    " + text.replace("\n", "\n    "))
+            empty = False
+        write("[]" if empty else "\n  ]")
+    write("\n}\n")
 
 
 def summary_line(results: list[CallCheck]) -> str:
@@ -423,20 +508,39 @@ def _verdict_groups(checks: list[CallCheck]) -> Text:
     return out
 
 
-def guest_table(guest: str, checks: list[CallCheck], verbose: bool = False) -> Table:
+#: the sites of one printed table: a guest with more is printed as several tables of the same
+#: columns, one after the other, so that a large catalog is never rendered all at once
+TABLE_CHUNK = 200
+
+
+def guest_tables(guest: str, checks: list[CallCheck], verbose: bool = False) -> Iterator[Table]:
+    """:func:`guest_table` of at most :data:`TABLE_CHUNK` sites at a time, the columns of the same
+    widths (the title and the header on the first only)."""
+    sites = by_site(checks)
+    mask_width = max((len(f"{site.mask:#06x}") for site, _ in sites), default=4)
+    for start in range(0, len(sites), TABLE_CHUNK):
+        chunk = [c for _, site_checks in sites[start : start + TABLE_CHUNK] for c in site_checks]
+        yield guest_table(guest, chunk, verbose, first=start == 0, mask_width=mask_width)
+
+
+def guest_table(
+    guest: str, checks: list[CallCheck], verbose: bool = False, first: bool = True, mask_width: int | None = None
+) -> Table:
     """One guest: one row per site (mask, its calls grouped by verdict, what it exposes for
-    nothing), or with ``verbose`` one row per call with the details of every case."""
+    nothing), or with ``verbose`` one row per call with the details of every case (``first``
+    False: a continuation, without the title and the header)."""
     t = Table(
-        title=guest,
+        title=guest if first else None,
         title_justify="left",
         title_style="bold",
         header_style="bold",
+        show_header=first,
         expand=True,
         box=box.HEAVY_HEAD if verbose else box.SIMPLE_HEAD,
         show_edge=verbose,
     )
     t.add_column("site", ratio=4 if not verbose else 3, overflow="fold")
-    t.add_column("mask", no_wrap=True)
+    t.add_column("mask", no_wrap=True, min_width=mask_width)
     if verbose:
         t.show_lines = True
         t.add_column("call", no_wrap=True)
@@ -470,6 +574,14 @@ def rich_report(
     """The default output, the answer first: the host, the verdict and the summary, the findings
     (one line each: what fails, where, why), then one compact table per guest (one row per site);
     ``verbose``: one row per call with every case's details instead."""
+    return Group(*rich_report_parts(results, host, policy, catalog, verbose, errors))
+
+
+def rich_report_parts(
+    results: list[CallCheck], host: Host, policy: str, catalog: str, verbose: bool = False, errors: int = 0
+) -> Iterator[Any]:
+    """:func:`rich_report` one part at a time, for a console to print each as it comes (a large
+    catalog's tables are never rendered all at once: :func:`guest_tables`)."""
     bad = failing(results, policy)
     parts: list = [
         Text(host_line(host, policy, catalog), style="dim"),
@@ -485,10 +597,11 @@ def rich_report(
     if not verbose:
         parts.append(Text("Details of every call and case: --verbose, --json, --markdown or --html FILE.", style="dim"))
     parts.append(Text(""))
+    yield Group(*parts)
     for i, (guest, checks) in enumerate(by_guest(results)):
-        parts += [Text("")] if i else []
-        parts.append(guest_table(guest, checks, verbose))
-    return Group(*parts)
+        if i:
+            yield Text("")
+        yield from guest_tables(guest, checks, verbose)
 
 
 # --- markdown -----------------------------------------------------------------------------------
@@ -499,6 +612,11 @@ def _md(text: str) -> str:
 def markdown_report(results: list[CallCheck], host: Host, policy: str, catalog: str, errors: int = 0) -> str:
     """The summary and the findings first, then one table per guest with every call and its details
     (what the terminal shows with ``--verbose``), over-exposure once per site."""
+    return "".join(markdown_parts(results, host, policy, catalog, errors))
+
+
+def markdown_parts(results: list[CallCheck], host: Host, policy: str, catalog: str, errors: int = 0) -> Iterator[str]:
+    """:func:`markdown_report` a few lines at a time (a large catalog's report is never held whole)."""
     out = [
         "# tdvmcall check",
         "",
@@ -520,6 +638,8 @@ def markdown_report(results: list[CallCheck], host: Host, policy: str, catalog: 
     for guest, checks in by_guest(results):
         out += [f"## {guest}", "", "| site | mask | call | legacy | hardened | details |", "|---|---|---|---|---|---|"]
         for site, site_checks in by_site(checks):
+            yield "".join(line + "\n" for line in out)
+            out = []
             where = f"`{site.function}`" + (
                 f" ({site.file}{' @ ' + site.snapshot if site.snapshot else ''})" if site.file else ""
             )
@@ -534,7 +654,7 @@ def markdown_report(results: list[CallCheck], host: Host, policy: str, catalog: 
                     f"{_md('; '.join(detail_lines(c, exposure=False)))} |"
                 )
         out.append("")
-    return "\n".join(out) + "\n"
+    yield "".join(line + "\n" for line in out)
 
 
 # --- HTML ---------------------------------------------------------------------------------------
@@ -606,4 +726,5 @@ __all__ = [
     "rich_report",
     "short_name",
     "summary_line",
+    "write_report_json",
 ]
