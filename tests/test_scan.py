@@ -1225,3 +1225,40 @@ def test_labels_without_a_type_name_their_code(tmp_path):
     names = sorted(s["symbol"].split("+")[0] for s in doc["sites"])
     assert names == ["sized", "untyped"]
     assert {s["mask"] for s in doc["sites"]} == {"0x1c00"}
+
+
+# a register either recovered (an immediate) or not; the values drawn include the leaf table's calls
+_maybe = st.one_of(st.none(), st.sampled_from([0, 1, 0x1C00, 0xFC00, 0xFFCC, 0xFFEC, 0x1E, 0x1F, 0x0C, 0x1AF7E4909]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([0, 0, 1, None]), _maybe, _maybe, _maybe), min_size=1, max_size=6),
+    st.sampled_from(["hardened", "legacy"]),
+    st.booleans(),
+)
+def test_never_a_pass_for_what_was_not_judged(regs, policy, allow):
+    """Whatever the sites, the exit status is 0 only when every call (a TDVMCALL, or a TDCALL whose
+    leaf was not recovered) was judged and passes, or what was not judged is allowed; a call that
+    fails is exit 1 whatever --allow-unresolved says."""
+    from tdvmcall.judge import Host
+    from tdvmcall.scan.analyze import Image, Site, judge_site
+    from tdvmcall.scan.flow import Value
+    from tdvmcall.scan.report import outcome
+
+    sites = []
+    for k, (rax, rcx, r10, r11) in enumerate(regs):
+        values = {"rax": rax, "rcx": rcx, "r10": r10, "r11": r11, "r12": None, "r13": None}
+        vals = {r: Value(v, "immediate" if v is not None else "not known") for r, v in values.items()}
+        site = Site("x", ["x", ".text"], 0x10 * k, "f", 0, vals)
+        judge_site(site, Host(), {})
+        sites.append(site)
+    o = outcome([Image("x", sites, [], [], {}, 0, 100)], policy, allow)
+    verdicts = [s.verdict(policy) for s in sites if s.rax is None or s.rax == 0]
+    failing = [v for v in verdicts if v not in ("ok", "not-kvm", "unresolved")]
+    unjudged = [v for v in verdicts if v == "unresolved"]
+    assert o.exit_status == (1 if failing or (unjudged and not allow) else 0)
+    assert len(o.unresolved) == len(unjudged)
+    for s in sites:  # a TDVMCALL whose mask or call was not recovered is never judged a pass
+        if s.rax is None or (s.rax == 0 and (s.mask is None or (s.leaf is None and s.foreign is None))):
+            assert s.verdict(policy) in ("unresolved", "module-rejects")
