@@ -14,21 +14,34 @@ The shared helpers, for every wing:
 - :func:`writable_file` — a path an output file can be written to (not a directory, its folder
   exists, not one of the command's inputs: :func:`not_an_input`), checked before the work starts
   so nothing is lost at the end and no input is overwritten;
+- :func:`output_file` — an output written under a temporary name and renamed when complete, so the
+  final name never holds a partial file (an interrupt removes the temporary one);
+- :func:`worker_pool` — worker processes that end with the command: Ctrl-C, SIGTERM or the parent's
+  death (``PR_SET_PDEATHSIG``) never leaves one behind; :func:`worker_count` caps their number;
+- :func:`check_interrupt` — for long loops: raise the pending interrupt, if an earlier one was
+  swallowed where Python ignores exceptions (a garbage-collector callback, a ``__del__``);
 - :func:`run_app` — the process's edges for every command: usage errors, closed pipes, a standard
-  output that cannot be written (:class:`StdoutError`), Ctrl-C.
+  output that cannot be written (:class:`StdoutError`), Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import inspect
 import io
 import json
 import math
+import multiprocessing
 import os
+import signal
 import sys
-from collections.abc import Iterable
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 import typer
@@ -410,7 +423,11 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
     - any other failure to write standard output (``> /dev/full``, an I/O error): one line
       ``tdvmcall: error: cannot write standard output (...)``, exit 2, in every command
       (:class:`StdoutError`);
-    - Ctrl-C: exit 130.
+    - Ctrl-C, SIGTERM, SIGHUP (:data:`ENDING_SIGNALS`): one line ``tdvmcall: interrupted`` (or
+      ``terminated``, ``hung up``) and exit 128 + the signal's number (Ctrl-C: 130), no traceback;
+      the command's worker processes end with it (:func:`worker_pool`) and its partial files are
+      removed (:func:`output_file`); a command still running :data:`GRACE_SECONDS` after the signal
+      is ended by force, with the same line, status and clean-up.
     """
     _reflow_help(app)
     command = typer.main.get_command(app)
@@ -422,26 +439,271 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     sys.stdout = PipeGuard(sys.stdout)  # type: ignore[assignment]
     args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        status = command.main(args=args, prog_name="tdvmcall", standalone_mode=False)
-    except UsageError as e:
-        sys.stderr.write(f"tdvmcall: error: {' '.join(_usage_line(e, command, args).split())}\n")
-        status = 2
-    except ClickException as e:  # a bad parameter value click itself checks (files, choices)
-        sys.stderr.write(f"tdvmcall: error: {' '.join(e.format_message().split())}\n")
-        status = 2
-    except StdoutError as e:  # a full disk under standard output: one line, never 1 (a failed check)
-        sys.stderr.write(f"tdvmcall: error: {e}\n")
-        status = 2
-    except (Abort, KeyboardInterrupt):
-        sys.stderr.write("tdvmcall: interrupted\n")
-        status = 130
-    status = status if isinstance(status, int) else 0
+    with _ending_signals():
+        try:
+            status = command.main(args=args, prog_name="tdvmcall", standalone_mode=False)
+        except UsageError as e:
+            sys.stderr.write(f"tdvmcall: error: {' '.join(_usage_line(e, command, args).split())}\n")
+            status = 2
+        except ClickException as e:  # a bad parameter value click itself checks (files, choices)
+            sys.stderr.write(f"tdvmcall: error: {' '.join(e.format_message().split())}\n")
+            status = 2
+        except StdoutError as e:  # a full disk under standard output: one line, never 1 (a failed check)
+            sys.stderr.write(f"tdvmcall: error: {e}\n")
+            status = 2
+        except (Abort, KeyboardInterrupt):  # click turns Ctrl-C into Exit(130), seen below
+            status = 130
+        status = status if isinstance(status, int) else 0
+        if status == 130 or _ending.signum is not None:  # typer returns Ctrl-C as status 130
+            if _ending.signum is None:
+                _ending.signum = signal.SIGINT
+            _remove_partial()
+            _say_ending()
+            status = 128 + _ending.signum
     try:  # the last of the output may only fail now, when the buffer is flushed
         sys.stdout.flush()
     except StdoutError as e:
-        sys.stderr.write(f"tdvmcall: error: {e}\n")
-        status = 2
+        if _ending.signum is None:  # an interrupted command keeps its status and its one line
+            sys.stderr.write(f"tdvmcall: error: {e}\n")
+            status = 2
     except OSError:
         pass
     return status
+
+
+# --- the process: interrupts, termination, worker processes, partial files ------------------------
+#: the signals that end a command, and what it then says; the exit status is 128 + the signal's
+#: number, as a shell reports a process the signal ended (Ctrl-C 130, SIGTERM 143, SIGHUP 129)
+ENDING_SIGNALS: dict[int, str] = {
+    signal.SIGINT: "interrupted",
+    signal.SIGTERM: "terminated",
+    signal.SIGHUP: "hung up",
+}
+#: seconds between the first ending signal and a forced exit, for a command stuck where the
+#: interrupt cannot reach it (compiled code, a lock, an exception the interpreter swallowed): its
+#: workers are killed, its partial files removed, the line said, and the process exits
+GRACE_SECONDS = 2.0
+#: prctl(2) option: the signal a process gets when the thread that forked it ends (Linux)
+PR_SET_PDEATHSIG = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """An ending signal (:data:`ENDING_SIGNALS`), raised in the main thread by :func:`run_app`'s
+    handler.  A :class:`KeyboardInterrupt`, so that whatever already lets Ctrl-C through (click,
+    hypothesis, ``except Exception``) lets SIGTERM through too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Ending:
+    """The process's state for :func:`run_app`: the first ending signal, the watchdog, the partial
+    files and the worker pools to clean up."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.said = False
+        self.watchdog: threading.Timer | None = None
+        self.partial: set[str] = set()
+        self.pools: list[ProcessPoolExecutor] = []
+
+
+_ending = _Ending()
+
+
+def check_interrupt() -> None:
+    """Raise the pending ending signal again.  For long loops: Python swallows an exception raised
+    in a garbage-collector callback or a ``__del__`` ("Exception ignored in: ..."), so a Ctrl-C that
+    lands there would otherwise be lost (hypothesis's ``gc_callback``, issue 18.4)."""
+    if _ending.signum is not None:
+        raise Interrupted(_ending.signum)
+
+
+def _say_ending() -> None:
+    if _ending.signum is None or _ending.said:
+        return
+    _ending.said = True
+    with contextlib.suppress(OSError, ValueError):  # a hung-up terminal: nowhere to say it
+        sys.stderr.write(f"tdvmcall: {ENDING_SIGNALS[_ending.signum]}\n")
+        sys.stderr.flush()
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    for pid in list(getattr(pool, "_processes", None) or ()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _remove_partial() -> None:
+    for name in list(_ending.partial):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        _ending.partial.discard(name)
+
+
+def _forced_exit() -> None:
+    """The watchdog: the command did not end within :data:`GRACE_SECONDS` of the signal."""
+    for pool in list(_ending.pools):
+        _kill_workers(pool)
+    _remove_partial()
+    _say_ending()
+    os._exit(128 + (_ending.signum or signal.SIGINT))
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _ending.signum is not None:  # the first one is being handled: let its clean-up run
+        return
+    _ending.signum = signum
+    _ending.watchdog = threading.Timer(GRACE_SECONDS, _forced_exit)
+    _ending.watchdog.daemon = True
+    _ending.watchdog.start()
+    raise Interrupted(signum)
+
+
+def _unraisable(hook: Callable[[Any], object]) -> Callable[[Any], object]:
+    def quiet(unraisable: Any) -> object:
+        if isinstance(unraisable.exc_value, Interrupted):  # swallowed; check_interrupt raises it again
+            return None
+        return hook(unraisable)
+
+    return quiet
+
+
+@contextlib.contextmanager
+def _ending_signals() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread for the length of a
+    command.  A signal the process started with ignored (``nohup``, ``cmd &`` in a script) stays
+    ignored.  Only from the main thread (a test harness may run the app in another)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _ending.__init__()  # type: ignore[misc]  # a fresh state for this command
+    saved = {s: signal.getsignal(s) for s in ENDING_SIGNALS}
+    hook = sys.unraisablehook
+    for s, handler in saved.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, _on_signal)
+    sys.unraisablehook = _unraisable(hook)
+    try:
+        yield
+    finally:
+        if _ending.signum is None:  # else: keep ignoring repeats until the process has exited
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+            sys.unraisablehook = hook
+
+
+# workers ------------------------------------------------------------------------------------------
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(value: int | None, option: str, default: int, work: int | None = None) -> int:
+    """How many worker processes ``option`` starts: ``value`` (``None`` or 0: ``default``), a whole
+    number of 0 or more, lowered to one per CPU available and to ``work`` (the units of work there
+    are, when known).  A value lowered is said on stderr (one line); ``--workers 2**64`` or
+    ``--jobs 100000`` never fork more processes than can run at once."""
+    require_count(value, option, 0, "0: the default")
+    cap = min(available_cpus(), work if work is not None else available_cpus())
+    n = max(1, min(value or default, cap))
+    if value and value > n:
+        why = "one per CPU available" + (", and no more than there is work for" if work is not None else "")
+        sys.stderr.write(f"tdvmcall: {option} {value} lowered to {n} (at most {why})\n")
+    return n
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a worker: end when the parent ends, even by SIGKILL (which it cannot catch).  Linux:
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a thread that checks the parent every second."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if os.getppid() != parent:  # the parent ended before the worker got here
+        os._exit(1)
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                threading.Event().wait(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker_start(parent: int) -> None:
+    """Each worker's first act.  Ctrl-C is the parent's to handle (the terminal sends it to the
+    whole process group; the parent then ends its workers); SIGTERM and SIGHUP end a worker at once;
+    a worker dies with its parent.  The signals were held since the fork; any that came is
+    delivered on release, under these rules."""
+    _ending.__init__()  # type: ignore[misc]  # nothing of the parent's state
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    _die_with_parent(parent)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(ENDING_SIGNALS))
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A pool of ``workers`` forked processes that end with the command.  Every worker is forked at
+    once, with the ending signals held, so that none runs the parent's handlers.  When the block
+    ends by an exception (an interrupt, SIGTERM, an error) the workers are killed rather than
+    awaited: a worker blocked on a pipe or a lock can never hang the parent.  Workers die with the
+    parent even when it is killed (:func:`_die_with_parent`)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, set(ENDING_SIGNALS))
+    try:
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_worker_start,
+            initargs=(os.getpid(),),
+        )
+        _ending.pools.append(pool)
+        pool.submit(int).result()  # forks every worker now (the fork start method starts them all)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    try:
+        yield pool
+    except BaseException:
+        _kill_workers(pool)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        with contextlib.suppress(ValueError):
+            _ending.pools.remove(pool)
+
+
+# partial files ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def output_file(path: str | Path) -> Iterator[Path]:
+    """Write an output under a temporary name beside ``path`` (unique: two runs never share it) and
+    give it the final name by one rename when the block completes; on an error or an interrupt the
+    temporary file is removed (by the forced exit too).  So ``path`` only ever holds a complete
+    file, and nothing partial stays."""
+    final = Path(path)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, set(ENDING_SIGNALS))
+    try:  # no signal between creating the temporary file and recording it
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+        _ending.partial.add(name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the mode a plain open() gives, not mkstemp's 0600
+        os.close(fd)
+        yield Path(name)
+        os.replace(name, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # renamed: nothing left
+            os.unlink(name)
+        _ending.partial.discard(name)

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import multiprocessing
-import os
 import random
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +38,7 @@ from ..abi.regs import (
     U64,
     hex64,
 )
+from ..console import available_cpus, check_interrupt, worker_pool
 from ..guest import RoundTrip
 from ..kvm.platform import Platform
 from ..kvm.tdx import (
@@ -283,6 +282,7 @@ def _batch(seed: int, n: int, policies: tuple[str, ...], stats: Stats, failures:
     @given(examples(max_calls))
     def campaign_property(ex: dict) -> None:
         nonlocal ran
+        check_interrupt()  # a Ctrl-C that landed in hypothesis's gc callback was swallowed there
         ran += 1
         try:
             run_example(ex, policies, stats)
@@ -346,6 +346,7 @@ def fast_batch(seed: int, n: int, policies: tuple[str, ...], max_calls: int) -> 
     draw = Draw(random.Random(seed))
     stats = Stats()
     for i in range(n):
+        check_interrupt()  # one worker runs its batches in this process
         ex = draw.example(max_calls)
         try:
             run_example(ex, policies, stats)
@@ -364,13 +365,6 @@ class _Inline(Executor):
         except BaseException as e:
             f.set_exception(e)
         return f
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def fast_campaign(
@@ -405,12 +399,12 @@ def fast_campaign(
             return min(batch, examples - planned)
         return batch if time.perf_counter() - start < (seconds or 0) else 0
 
-    pool: Executor = (
-        _Inline() if workers == 1 else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-    )
-    with pool:
+    # forked workers that end with the command (Ctrl-C, SIGTERM, the parent killed): console.worker_pool
+    pools: contextlib.AbstractContextManager[Executor] = _Inline() if workers == 1 else worker_pool(workers)
+    with pools as pool:
         pending: deque[Future] = deque()
         while True:
+            check_interrupt()
             while len(pending) < 2 * workers and (n := next_size()) > 0:
                 pending.append(pool.submit(fast_batch, seeds.getrandbits(64), n, policies, max_calls))
                 planned += n
@@ -446,6 +440,7 @@ __all__ = [
     "VIOLATION",
     "CampaignResult",
     "Violation",
+    "available_cpus",
     "calls",
     "campaign",
     "controls",

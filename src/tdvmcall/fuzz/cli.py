@@ -59,20 +59,56 @@ def summary(r: F.CampaignResult, written: dict | None) -> dict:
 
 def write_counterexample(r: F.CampaignResult, path: Path) -> dict:
     """Write the scenario of the failing call (and, for a sequence, the whole example beside it)."""
+    from ..console import output_file
     from . import campaign as F
 
     assert r.failure is not None
     sc = F.counterexample(r.failure.example, r.failure.violation)
-    path.write_text(json.dumps(sc, indent=2) + "\n")
+    # each file under a temporary name, renamed when whole: an interrupt or a kill never leaves a
+    # partial counterexample under the name a user (or CI) reads
+    with output_file(path) as tmp:
+        tmp.write_text(json.dumps(sc, indent=2) + "\n")
     info = {"scenario": str(path), "scenario_replays": F.replays(sc, r.failure.violation.prop)}
     if len(r.failure.example["calls"]) > 1:
         seq = path.with_suffix(".sequence.json")
-        seq.write_text(json.dumps(F.hexed(r.failure.example), indent=2) + "\n")
+        with output_file(seq) as tmp:
+            tmp.write_text(json.dumps(F.hexed(r.failure.example), indent=2) + "\n")
         info["sequence"] = str(seq)
     return info
 
 
+def render_verdict(r: F.CampaignResult, written: dict | None, out: Console) -> None:
+    """The answer, first: clean, or the violation and where its counterexample is."""
+    if r.failure is None:
+        out.print(
+            f"[green]clean[/green]: every property held on every execution ({r.stats.executions} executions, "
+            f"{r.examples} examples)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    v = r.failure.violation
+    out.print(
+        f"[red]VIOLATION[/red] of {v.prop} ({v.policy or 'module alone'}, call {v.call}): {v.detail}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    assert written is not None
+    alone = "reproduces" if written["scenario_replays"] else "does NOT reproduce"
+    out.print(
+        f"counterexample: {written['scenario']} (replay: tdvmcall run {written['scenario']}"
+        f"{' --policy ' + v.policy if v.policy else ''}); it {alone} the violation alone",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for note in v.expressible:
+        out.print(f"not in the scenario: {note}", highlight=False, soft_wrap=True)
+    if "sequence" in written:
+        out.print(f"whole example: {written['sequence']}", highlight=False, soft_wrap=True)
+
+
 def render(r: F.CampaignResult, out: Console) -> None:
+    """The figures and the coverage, after the verdict."""
     from rich.table import Table
 
     from . import campaign as F
@@ -82,6 +118,7 @@ def render(r: F.CampaignResult, out: Console) -> None:
         f"fuzz: {r.mode} mode{f', {r.workers} workers' if r.mode == 'fast' else ''}, seed {r.seed}, "
         f"policies {', '.join(r.policies)}",
         highlight=False,
+        soft_wrap=True,
     )
     t = Table()
     t.add_column("figure")
@@ -152,7 +189,15 @@ def register(app: typer.Typer) -> None:
         Progress goes to stderr.  On a violation the (hypothesis mode: shrunk) counterexample is
         written as a scenario that `tdvmcall run` replays; exit status 1.
         """
-        from ..console import emit_json, fail, require_count, require_finite_positive, writable_file
+        from ..console import (
+            available_cpus,
+            emit_json,
+            fail,
+            require_count,
+            require_finite_positive,
+            worker_count,
+            writable_file,
+        )
 
         if seconds is not None and examples is not None:
             fail("--seconds and --examples: give one of them, not both")
@@ -165,22 +210,28 @@ def register(app: typer.Typer) -> None:
             fail(f"--policy: {policy!r} is not accepted; use one of {', '.join(F.POLICY_CHOICES)}")
         if mode not in F.MODES:
             fail(f"--mode: {mode!r} is not accepted; use one of {', '.join(F.MODES)}")
-        if workers is not None and (mode != "fast" or workers < 1):
-            fail(f"--workers: {workers} " + ("must be at least 1" if mode == "fast" else "is for --mode fast"))
+        if workers is not None and mode != "fast":
+            fail(f"--workers: {workers} is for --mode fast")
+        if mode == "fast":  # as sweep --jobs: at most one per CPU and per batch; 0 is the default
+            batches = None if examples is None and seconds is not None else -(-(examples or 1000) // F.FAST_BATCH)
+            workers = worker_count(workers, "--workers", available_cpus(), batches)
         if seed is None:
             seed = random.SystemRandom().randrange(1 << 32)
         # hypothesis keeps a cache (the constants it mines from source) in ./.hypothesis unless told
         # otherwise: keep it out of the user's working directory
         cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(cache_home / "tdvmcall" / "hypothesis"))
-        err = Console(stderr=True)
-        err.print(f"fuzz: seed {seed}, policy {policy}, mode {mode}", highlight=False)
+
+        def note(line: str) -> None:  # progress: plain lines, never wrapped (terminals and logs)
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+        note(f"fuzz: seed {seed}, policy {policy}, mode {mode}" + (f", {workers} workers" if mode == "fast" else ""))
 
         def progress(r: F.CampaignResult) -> None:
-            err.print(
-                f"fuzz: {r.examples} examples, {r.stats.executions} executions, {r.seconds:.1f} s, "
-                f"{r.executions_per_second:.0f}/s, {len(r.stats.coverage)} leaf x verdict x policy",
-                highlight=False,
+            note(
+                f"fuzz: {r.examples} examples, {r.stats.executions} executions in {r.seconds:.0f} s "
+                f"({r.executions_per_second:.0f}/s), {len(r.stats.coverage)} leaf/verdict/policy"
             )
 
         if mode == "fast":
@@ -189,7 +240,7 @@ def register(app: typer.Typer) -> None:
                 seconds=seconds,
                 seed=seed,
                 policy=policy,
-                workers=workers or F.available_cpus(),
+                workers=workers or 1,
                 progress=progress,
             )
         else:
@@ -205,27 +256,10 @@ def register(app: typer.Typer) -> None:
         if as_json:
             emit_json(summary(result, written))
         else:
-            out = Console(width=max(Console().width, 140))  # verdict counts must not wrap
+            from ..console import out  # tables at their natural width: verdict counts never cut
+
+            render_verdict(result, written, out)  # the answer first, as check and scan do
             render(result, out)
-            if result.failure is None:
-                out.print("[green]clean[/green]: every property held on every execution")
-            else:
-                v = result.failure.violation
-                out.print(
-                    f"[red]violation[/red] of {v.prop} ({v.policy or 'module alone'}, call {v.call}): {v.detail}",
-                    highlight=False,
-                )
-                assert written is not None
-                alone = "reproduces" if written["scenario_replays"] else "does NOT reproduce"
-                out.print(
-                    f"counterexample: {written['scenario']} (replay: tdvmcall run {written['scenario']}"
-                    f"{' --policy ' + v.policy if v.policy else ''}); it {alone} the violation alone",
-                    highlight=False,
-                )
-                for note in v.expressible:
-                    out.print(f"not in the scenario: {note}", highlight=False)
-                if "sequence" in written:
-                    out.print(f"whole example: {written['sequence']}", highlight=False)
         sys.stdout.flush()
         if result.failure is not None:
             raise typer.Exit(1)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -15,10 +14,12 @@ SWEEP_HELP = "\n\n".join(
         """Answer exhaustively which GPR masks each call accepts. For every call of the leaf table under
     each of its cases (IO in and out, MMIO read and write, MapGPA RETRY, ...), all 65,536 masks go
     through the TDX module (1.5, with and without NO_RBP_MOD) and KVM (legacy and hardened).""",
-        """Per call and case it prints: the minimal mask hardened KVM needs; how many masks each layer
-    accepts (module; legacy 'silent-ok': KVM ran the call the guest made and read no unexposed
-    register and wrote none; hardened 'completes'); whether the hardened set is exactly the masks
-    that contain the minimal one; and whether the simulation agrees with the leaf table.""",
+        """It prints the verdict first (do the two routes agree?), then per call and case: the minimal
+    mask hardened KVM needs; how many masks each layer accepts (module; legacy 'silent-ok': today's
+    KVM handles the mask silently correctly, it ran the call the guest made and read no unexposed
+    register and wrote none; hardened: completes); 'up-set': yes when the hardened set is exactly
+    the module-accepted masks that contain the minimal one; and whether the simulation agrees with
+    the leaf table ('agree'). The same words are explained under the table.""",
         """Two routes, marked in the output. Simulation (sim): the module's real control check over every
     mask, and the real round trip (module, KVM handlers, resume) on one mask per class of masks that
     the model was observed to treat alike (registers it read, wrote or reported; checked at both ends
@@ -41,9 +42,14 @@ def sweep(
     call: list[str] | None = typer.Option(
         None, "--call", help="Only this call (repeatable; e.g. Instruction.IO, or the catalog's short word: IO)."
     ),
-    jobs: int = typer.Option(0, "--jobs", help="Worker processes (0: one per CPU, at most 4)."),
+    jobs: int = typer.Option(
+        0,
+        "--jobs",
+        help="Worker processes (0: one per CPU, at most 4); a larger number is lowered to one per CPU "
+        "available and per row.",
+    ),
 ) -> None:
-    from ..console import emit_json, fail, out, require_count
+    from ..console import available_cpus, emit_json, fail, out, worker_count
     from ..judge import CALL_WORDS
     from ..kvm import leaves as L
     from .sweep import run_sweep
@@ -53,13 +59,26 @@ def sweep(
     known = [leaf.name for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,)]
     if call and (unknown := [c for c in call if c not in known]):
         fail(f"--call: {unknown[0]!r} is not a call of the leaf table; accepted: {', '.join(known)}")
-    require_count(jobs, "--jobs", 0, "0: one per CPU, at most 4")
-    result = run_sweep(exhaustive, call, jobs or min(os.cpu_count() or 1, 4))
+    rows = sum(1 for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,) if not call or leaf.name in call for _ in leaf.cases)
+    # as fuzz --workers: 0 is the default (one per CPU, at most 4), never more than CPUs or rows
+    jobs = worker_count(jobs, "--jobs", min(available_cpus(), 4), rows)
+    result = run_sweep(exhaustive, call, jobs)
     if as_json:
         emit_json(result)
     else:
         _render_sweep(result, out)
     raise typer.Exit(0 if result["agree"] else 1)
+
+
+#: what the table's shorter headers mean, printed under it (and in --help)
+SWEEP_LEGEND = (
+    "module (sim): masks the TDX module accepts (its real control check on each of the 65,536)",
+    "legacy silent-ok: masks today's KVM handles silently correctly: it runs the call the guest made, "
+    "reads no register the guest did not expose and writes none",
+    "hardened (sim): masks hardened KVM completes; (table): what the leaf table predicts",
+    "up-set (sim): yes when the masks hardened KVM completes are exactly the module-accepted masks "
+    "that contain the minimal one (it must be yes)",
+)
 
 
 def _render_sweep(result: dict, out) -> None:
@@ -68,6 +87,32 @@ def _render_sweep(result: dict, out) -> None:
 
     from .sweep import NR_MASKS
 
+    # the answer first, as check and scan do: the verdict, then each disagreement, then the table
+    verdict = (
+        "[bold green]simulation and leaf table agree for every call and case[/]"
+        if result["agree"]
+        else "[bold red]SIMULATION AND LEAF TABLE DISAGREE (listed below)[/]"
+    )
+    out.print(
+        f"{verdict}: {len(result['rows'])} calls x cases, {result['round_trips']:,} model round trips "
+        f"({result['route']} route), {result['seconds']:.2f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for r in result["rows"]:
+        for p in r["problems"]:
+            out.print(f"[bold red]DISAGREEMENT[/] {r['call']} / {r['case']}: {p}", highlight=False, soft_wrap=True)
+    fallbacks = sorted(
+        {
+            f"{r['call']} / {r['case']}"
+            for r in result["rows"]
+            for e in r["td"].values()
+            for p in e["routes"].values()
+            if p["disagreeing_classes"]
+        }
+    )
+    if fallbacks:
+        out.print(f"[yellow]footprint check failed, every mask run instead:[/] {', '.join(fallbacks)}", soft_wrap=True)
     t = Table(
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -108,30 +153,8 @@ def _render_sweep(result: dict, out) -> None:
                 end_section=i == len(r["td"]) - 1,
             )
     out.print(t)
-    for r in result["rows"]:
-        for p in r["problems"]:
-            out.print(f"[bold red]DISAGREEMENT[/] {r['call']} / {r['case']}: {p}", highlight=False)
-    fallbacks = sorted(
-        {
-            f"{r['call']} / {r['case']}"
-            for r in result["rows"]
-            for e in r["td"].values()
-            for p in e["routes"].values()
-            if p["disagreeing_classes"]
-        }
-    )
-    if fallbacks:
-        out.print(f"[yellow]footprint check failed, every mask run instead:[/] {', '.join(fallbacks)}")
-    verdict = (
-        "[bold green]simulation and leaf table agree for every call and case[/]"
-        if result["agree"]
-        else "[bold red]SIMULATION AND LEAF TABLE DISAGREE (see above)[/]"
-    )
-    out.print(
-        f"{verdict}: {len(result['rows'])} calls x cases, {result['round_trips']:,} model round trips "
-        f"({result['route']} route), {result['seconds']:.2f} s",
-        highlight=False,
-    )
+    for line in SWEEP_LEGEND:
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 # --- vectors -------------------------------------------------------------------------------------

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 
 from .. import scenario
 from ..abi.control import check_control, forbidden_gprs
 from ..abi.regs import GPR_NAMES, NR_GPRS, RAX, RCX, mask_of, names_in
+from ..console import worker_pool
 from ..guest import RoundTrip, tdvmcall
 from ..kvm import leaves as L
 from ..kvm.tdx import POLICIES, VERDICT_COMPLETED, VERDICT_USERSPACE, KvmVcpu
@@ -323,7 +323,8 @@ def run_sweep(exhaustive: bool = False, calls: list[str] | None = None, jobs: in
     if jobs > 1:
         for td in TD_SETTINGS:  # compute the gate once, before forking
             module_accepts(td.module, td.no_rbp_mod)
-        with ProcessPoolExecutor(jobs) as pool:
+        # workers that end with the command: Ctrl-C, SIGTERM or the parent killed leave none behind
+        with worker_pool(jobs) as pool:
             rows = list(pool.map(sweep_target, chosen, [exhaustive] * len(chosen)))
     else:
         rows = [sweep_target(t, exhaustive) for t in chosen]
