@@ -42,7 +42,7 @@ def _root(
 ) -> None:
     """Executable model of the TDX TDVMCALL register path: guest, TDX module and KVM, today's KVM ('legacy') and the hardened one side by side.
 
-    Exit status: 0 success; 1 a check that fails (check, scan, sweep, vectors verify, fuzz, export-c --check); 2 bad input, said in one line on stderr. Output into a closed pipe is not an error."""
+    Exit status: 0 success; 1 a check that fails (check, scan, sweep, vectors verify, fuzz, export-c --check); 2 bad input, said in one line on stderr; 130 interrupted (Ctrl-C; 143 SIGTERM), said in one line too. Output into a closed pipe is not an error."""
 
 
 # one line per wing, in the order of `tdvmcall --help`

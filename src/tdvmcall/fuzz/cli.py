@@ -230,7 +230,7 @@ def register(app: typer.Typer) -> None:
 
         def progress(r: F.CampaignResult) -> None:
             note(
-                f"fuzz: {r.examples} examples, {r.stats.executions} executions in {r.seconds:.0f} s "
+                f"fuzz: {r.examples} examples, {r.stats.executions} executions in {r.seconds:.1f} s "
                 f"({r.executions_per_second:.0f}/s), {len(r.stats.coverage)} leaf/verdict/policy"
             )
 
