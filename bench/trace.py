@@ -168,10 +168,18 @@ def quirky(line: str, quirk: str) -> str:
 
 
 def generate(
-    path: str, size_mb: int, fmt: str = "ftrace", seed: int = 1, slow_share: float = 0.0, quirk: str = "comm"
+    path: str,
+    size_mb: int,
+    fmt: str = "ftrace",
+    seed: int = 1,
+    slow_share: float = 0.0,
+    quirk: str = "comm",
+    noise: bool = True,
 ) -> int:
     """Write a trace of about ``size_mb`` MB; returns its number of lines.  ``slow_share`` of the
-    kvm_exit lines (0 to 1) carry ``quirk`` (:data:`QUIRKS`), so that they take the slow path."""
+    kvm_exit lines (0 to 1) carry ``quirk`` (:data:`QUIRKS`), so that they take the slow path.
+    Without ``noise``, every line is a ``kvm_exit`` (after the header): the worst case for the parser
+    and the best for ``grep -c``."""
     rnd = random.Random(seed)
     odd = random.Random(seed + 1)  # its own stream: the trace is the same whatever the share
     tds = []
@@ -193,7 +201,7 @@ def generate(
             for _ in range(2000):
                 ts += rnd.random() * 0.0001
                 cpu = rnd.randrange(2)
-                r = rnd.random()
+                r = rnd.random() * (1.0 if noise else 0.55)
                 if r < 0.40:  # a TDVMCALL exit of a TD
                     comm, pid, tgid, v, masks, reasons, weights = rnd.choice(tds)
                     reason = rnd.choices(reasons, weights)[0]

@@ -721,15 +721,28 @@ def test_closed_standard_input_is_one_line_and_exit_2():
     assert "standard input" in r.stderr
 
 
-def test_the_first_compilation_is_announced_on_stderr(write, monkeypatch):
-    from tdvmcall.trace import scan as trace_scan
+def test_a_missing_compiled_scanner_is_one_line_and_exit_2(write):
+    # a source tree used without `pip install`: the C extension is not there; the command says so
+    import subprocess
+    import sys
 
-    monkeypatch.setattr(trace_scan, "compiled_on_disk", lambda: False)
-    r = runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--json"])
-    assert r.exit_code == 0 and "compiling" in r.stderr and json.loads(r.stdout)["totals"]["exits"] == 17
-    monkeypatch.setattr(trace_scan, "compiled_on_disk", lambda: True)
-    r = runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--json"])
-    assert r.exit_code == 0 and "compiling" not in r.stderr
+    blocked = (
+        "import sys\n"
+        "class NoScanner:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tdvmcall.trace._scan':\n"
+        "            raise ImportError('No module named tdvmcall.trace._scan')\n"
+        "sys.meta_path.insert(0, NoScanner())\n"
+        "from tdvmcall.cli import main; main()\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", blocked, "trace", write("t", fixture("ftrace")), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.startswith("tdvmcall: error: ") and r.stderr.count("\n") == 1 and "pip install" in r.stderr
 
 
 def wide_trace() -> bytes:

@@ -45,13 +45,14 @@ from .rows import (
     ReasonTable,
     TaskTable,
     aggregate,
-    bucket_of,
+    bucket_width,
     coarser,
     concat,
     detect_format,
     empty_key,
     empty_time,
     is_tdvmcall_reason,
+    parse_prefix,
     parse_reason,
     span_shift,
     union_span,
@@ -86,22 +87,16 @@ def parse_chunk(
 
     # the distinct prefixes -> (task, cpu); the distinct reasons -> ids, TDVMCALL or not
     looked = [tasks.lookup(source, fmt, p.decode("ascii")) for p in sc.prefixes]
-    ptask = np.array([t[0] if t else -1 for t in looked], np.int64)[sc.task]
+    task_of = np.array([t[0] if t else -1 for t in looked], np.int64)
     rids = reasons.ids(r.decode("ascii") for r in sc.reasons)
-    good = ptask >= 0
-    task, vcpu, ts, info1 = ptask[good].astype(np.uint32), sc.vcpu[good], sc.ts[good], sc.info1[good]
-    rid = rids[sc.reason[good]]
-    mask = np.where(reasons.tdvmcall(rids)[sc.reason[good]], info1, np.uint64(0))
-    bad_lines = [
-        (int(n), _line_text(chunk.data, int(s)))
-        for n, s in zip(sc.line_of[~good][:keep_bad], sc.start_of[~good][:keep_bad])
-    ]
-    if len(sc.ts):  # the span of every well-formed line, as the reference parser does
-        span = union_span(span, (float(sc.ts.min()), float(sc.ts.max())))
+    tdvmcall = reasons.tdvmcall(rids)
+    if sc.span is not None:  # the span of every well-formed line, as the reference parser does
+        span = union_span(span, sc.span)
         shift = span_shift(span, shift)
 
     # the slow lines, through the reference parser (its line numbers mapped back)
     slow = None
+    bad_lines: list[tuple[int, str]] = []
     if len(sc.slow):
         from .reference import parse_chunk_reference
 
@@ -111,32 +106,38 @@ def parse_chunk(
         line_map = sc.slow[:, 0].astype(np.uint64)
         bad_lines += [(int(line_map[n - 1]), t) for n, t in slow.counts.bad]
 
-    # one pass over the exits, by key and time bucket; both aggregates from its (few) groups
-    fine = aggregate(
-        {
-            "task": task,
-            "vcpu": vcpu,
-            "rid": rid,
-            "mask": mask,
-            "bucket": bucket_of(ts, shift),
-            "n": np.ones(len(ts), np.int64),
-            "first": ts,
-            "last": ts,
-        },
-        KEY + ("bucket",),
-    )
-    by_key = aggregate({c: v for c, v in fine.items() if c != "bucket"}, KEY)
-    by_time = aggregate({c: fine[c] for c in TIME_KEY + ("n",)}, TIME_KEY)
+    # one compiled pass over the exits, by key and by time bucket (a prefix that does not parse
+    # makes its lines unparsed)
+    keyed, timed, unparsed, bad_at = sc.fold(task_of, rids, tdvmcall, bucket_width(shift), keep_bad)
+    bad_lines += [(line, _line_text(chunk.data, start)) for line, start in bad_at]
+    by_key = {
+        "task": keyed["task"].astype(np.uint32),
+        "vcpu": keyed["vcpu"].astype(np.uint32),
+        "rid": keyed["rid"].astype(np.uint32),
+        "mask": keyed["mask"].copy(),
+        "n": keyed["n"].copy(),
+        "first": keyed["first"].copy(),
+        "last": keyed["last"].copy(),
+    }
+    by_time = {
+        "task": timed["task"].astype(np.uint32),
+        "rid": timed["rid"].astype(np.uint32),
+        "mask": timed["mask"].copy(),
+        "bucket": timed["bucket"].copy(),
+        "n": timed["n"].copy(),
+    }
     row_cols = None
     if rows:
+        ptask = task_of[sc.task]
+        good = ptask >= 0
         row_cols = {
             "line": sc.line_of[good].astype(np.uint64),
-            "ts": ts,
-            "task": task,
+            "ts": sc.ts[good],
+            "task": ptask[good].astype(np.uint32),
             "cpu": np.array([t[1] if t else 0 for t in looked], np.uint32)[sc.task][good],
-            "vcpu": vcpu,
-            "rid": rid,
-            "info1": info1,
+            "vcpu": sc.vcpu[good],
+            "rid": rids[sc.reason[good]],
+            "info1": sc.info1[good],
         }
 
     counts = Counts(
@@ -144,7 +145,7 @@ def parse_chunk(
         comments=sc.headers,
         other_events=sc.others,
         kvm_exit_lines=len(sc.ts),
-        parsed=len(ts),
+        parsed=len(sc.ts) - unparsed,
         truncated_last_line=chunk.truncated,
     )
     if slow is not None:
@@ -163,10 +164,18 @@ def parse_chunk(
     return ChunkResult(counts, by_key, by_time, shift, row_cols)
 
 
-def _line_text(data: bytes, start: int) -> str:
+def _line_text(data: bytes | bytearray | memoryview, start: int) -> str:
     """The line of ``data`` that starts at ``start``, as the reference parser shows it."""
-    end = data.find(b"\n", start)
-    text = bytes(data[start : end if end >= 0 else len(data)])
+    view = memoryview(data)
+    end = start
+    while end < len(view):  # a view has no find(): look for the newline a block at a time
+        block = bytes(view[end : end + 4096])
+        at = block.find(b"\n")
+        if at >= 0:
+            end += at
+            break
+        end += len(block)
+    text = bytes(view[start:end])
     return text[:-1].decode("utf-8", "replace") if text.endswith(b"\r") else text.decode("utf-8", "replace")
 
 
@@ -195,7 +204,10 @@ class Audit:
         self.inputs: list[InputReport] = []
         self.keep_bad = keep_bad
         self._by_key: list[Columns] = []
-        self._by_time: list[Columns] = []
+        # each chunk's time aggregate at its own bucket shift, coarsened when compacted (not each
+        # time the shift grows); compacted when the rows added since outgrow the compacted ones
+        self._by_time: list[tuple[Columns, int]] = []
+        self._time_rows = self._compacted_rows = 0
         self._shift = 0  # bucket width = BUCKET_BASE * 2**shift; only grows
         self._span: tuple[float, float] | None = None
         self.parquet = None
@@ -214,24 +226,33 @@ class Audit:
             return
         self._by_key.append(key)
         self._widen(float(key["first"].min()), float(key["last"].max()), result.shift)
-        self._by_time.append(dict(result.by_time, bucket=coarser(result.by_time["bucket"], self._shift - result.shift)))
+        self._by_time.append((result.by_time, result.shift))
+        self._time_rows += len(result.by_time["n"])
         if self.parquet is not None and result.rows is not None:
             self.parquet.write(result.rows, source)
-        if len(self._by_key) >= 32:
+        if len(self._by_key) >= 32 or self._time_rows > max(1 << 16, 2 * self._compacted_rows):
             self._compact()
 
     def _widen(self, lo: float, hi: float, at_least: int) -> None:
         """Widen the time buckets (doubling) so that the span seen fits :data:`MAX_BUCKETS` and is
         at least as wide as a chunk's."""
         self._span = union_span(self._span, (lo, hi))
-        shift = span_shift(self._span, max(self._shift, at_least))
-        if shift != self._shift:
-            self._by_time = [dict(t, bucket=coarser(t["bucket"], shift - self._shift)) for t in self._by_time]
-            self._shift = shift
+        self._shift = span_shift(self._span, max(self._shift, at_least))
+
+    def expect(self, span: tuple[float, float] | None) -> None:
+        """Start the time buckets as wide as this span needs: timestamps of lines that will be
+        parsed (their prefix parses), so the buckets would widen this far anyway.  The aggregates do
+        not change (a bucket number at a wider shift is the narrower one shifted right: widths are
+        powers of two), only the work: narrow buckets first, then merged, cost more."""
+        if span is not None:
+            self._shift = span_shift(span, self._shift)
 
     def _compact(self) -> None:
         self._by_key = [aggregate(concat(self._by_key), KEY)]
-        self._by_time = [aggregate(concat(self._by_time), TIME_KEY)]
+        at = [dict(t, bucket=coarser(t["bucket"], self._shift - shift)) for t, shift in self._by_time]
+        time = aggregate(concat(at), TIME_KEY)
+        self._by_time = [(time, self._shift)]
+        self._time_rows = self._compacted_rows = len(time["n"])
 
     @property
     def shift(self) -> int:
@@ -253,12 +274,34 @@ class Audit:
         if not self._by_time:
             return empty_time()
         self._compact()
-        return self._by_time[0]
+        return self._by_time[0][0]
 
 
 # ---------------------------------------------------------------------------------------------
 # reading inputs
 # ---------------------------------------------------------------------------------------------
+
+#: how much of each end of a mapped file :func:`_ends_span` reads
+ENDS = 64 << 10
+
+
+def _ends_span(mm, fmt: str) -> tuple[float, float] | None:
+    """The time span of the well-formed kvm_exit lines (prefix included) in the first and the last
+    :data:`ENDS` bytes of a mapped file: a part of the span the audit will see, known before the
+    first chunk is parsed (so the time buckets start about as wide as they will end)."""
+    n = len(mm)
+    stamps: list[float] = []
+    for a, b in ((0, min(n, ENDS)), (max(0, n - ENDS), n)):
+        if a > 0:
+            a = mm.find(b"\n", a, b) + 1
+            if a == 0:
+                continue
+        b = mm.rfind(b"\n", a, b) + 1 if b < n else b
+        sc = trace_scan.Scanned(mm[a:b], fmt == "perf")
+        good = [parse_prefix(fmt, p.decode("ascii")) is not None for p in sc.prefixes]
+        stamps += [t for t, p in zip(sc.ts.tolist(), sc.task.tolist()) if good[p]]
+    return (min(stamps), max(stamps)) if stamps else None
+
 
 Progress = Callable[[int, int], None]  # (bytes of the input read so far, lines so far)
 
@@ -271,7 +314,7 @@ def audit_input(
         it = chunks(src)
         first = next(it)
         if fmt == "auto":
-            sample = first.data[: 1 << 20].decode("utf-8", "replace")
+            sample = bytes(first.data[: 1 << 20]).decode("utf-8", "replace")
             found = detect_format(sample)
             if found is None:
                 if any(s.strip() and not s.lstrip().startswith("#") for s in sample.splitlines()):
@@ -283,11 +326,15 @@ def audit_input(
             fmt = found
             del sample
         report = InputReport(src.name, fmt, src.compression, 0, Counts())
-        pending: deque[Future] = deque()
+        if src.mapped is not None:
+            audit.expect(_ends_span(src.mapped, fmt))
+        pending: deque[tuple[Future, int]] = deque()
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
-                result = pending.popleft().result()
+                future, end = pending.popleft()
+                result = future.result()
+                src.release(0, end)  # a mapped file's parsed bytes leave this process's memory
                 result.renumber(report.counts.lines)
                 report.counts.add(result.counts, audit.keep_bad)
                 audit.add(result, src.name)
@@ -300,17 +347,20 @@ def audit_input(
             for chunk in stream:
                 report.bytes += len(chunk.data)
                 pending.append(
-                    pool.submit(
-                        parse_chunk,
-                        chunk,
-                        fmt,
-                        src.name,
-                        audit.tasks,
-                        audit.reasons,
-                        audit.shift,
-                        audit.span,
-                        audit.keep_bad,
-                        audit.parquet is not None,
+                    (
+                        pool.submit(
+                            parse_chunk,
+                            chunk,
+                            fmt,
+                            src.name,
+                            audit.tasks,
+                            audit.reasons,
+                            audit.shift,
+                            audit.span,
+                            audit.keep_bad,
+                            audit.parquet is not None,
+                        ),
+                        chunk.end,
                     )
                 )
                 drain(threads)

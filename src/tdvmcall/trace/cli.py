@@ -69,8 +69,6 @@ def _check_td(audit, given: set[int] | None) -> None:
 def _check_outputs(inputs: list[str], plot: str | None, parquet: str | None) -> str:
     """Refuse, before any work, an output that cannot be written or would overwrite an input; the
     plot's format (from its extension; none: PNG)."""
-    from .plot import PLOT_FORMATS
-
     fmt = "png"
     named = [(opt, path) for opt, path in (("--plot", plot), ("--to-parquet", parquet)) if path is not None]
     for opt, path in named:
@@ -89,6 +87,8 @@ def _check_outputs(inputs: list[str], plot: str | None, parquet: str | None) -> 
             if i != "-" and os.path.exists(i) and os.path.exists(path) and os.path.samefile(i, path):
                 fail(f"{opt} {path}: is an input file; it would be overwritten (name another file)")
     if plot:
+        from .plot import PLOT_FORMATS  # numpy and the audit: only for --plot
+
         ext = os.path.splitext(plot)[1][1:].lower()
         if ext and ext not in PLOT_FORMATS:
             fail(f"--plot {plot}: cannot write .{ext} files; use {', '.join(PLOT_FORMATS)} (no extension: PNG)")
@@ -98,18 +98,18 @@ def _check_outputs(inputs: list[str], plot: str | None, parquet: str | None) -> 
     return fmt
 
 
-def _warm_up(err: Console) -> None:
-    """Load the kernels (numba); say so first when they must be compiled (the first run ever)."""
-    from . import scan as trace_scan
-
-    if not trace_scan.compiled_on_disk():
-        err.print(
-            "tdvmcall: compiling the trace kernels (numba), once: about 10 s; later runs load them from the cache",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
-    trace_scan.warm_up()
+def _load() -> tuple:
+    """The audit and the report (numpy and the compiled scanner); one line and exit 2 when the
+    scanner was not built (a source tree used without ``pip install``)."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads: unused here, 0.05 s to start
+    try:
+        from . import audit as trace
+        from . import report as trace_report
+    except ImportError as e:
+        if "_scan" not in str(e):
+            raise
+        fail(f"trace: the compiled scanner (tdvmcall.trace._scan) is not built ({e}); install with pip install -e .")
+    return trace, trace_report
 
 
 def register(app: typer.Typer) -> None:
@@ -160,17 +160,8 @@ def register(app: typer.Typer) -> None:
         if parquet_file:  # pyarrow's default allocator (mimalloc) keeps what Parquet batches free:
             os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # 265 MB peak instead of 323
         err = Console(stderr=True)
-        gc.disable()  # the imports and numba's start-up create about a million objects: see below
-        try:
-            from . import audit as trace
-            from . import report as trace_report
-
-            _warm_up(err)
-            # those objects would be walked by the cyclic garbage collector again and again, and
-            # once more at exit (0.4 s): exempt them
-            gc.freeze()
-        finally:
-            gc.enable()
+        trace, trace_report = _load()
+        gc.freeze()  # what the imports created is not walked by the collector again (nor at exit)
         audit = trace.Audit(td_pids=td_pids, parquet=parquet_file)
         try:
             for path in files:
@@ -200,7 +191,6 @@ def register(app: typer.Typer) -> None:
         for what, path in (("plot", plot_file), ("parquet", parquet_file)):
             if path:
                 err.print(f"wrote {what} {path}", markup=False, highlight=False, soft_wrap=True)
-        gc.freeze()  # and what the run created: not walked again at exit
 
 
 def report_console() -> Console:

@@ -12,8 +12,10 @@ stream that does not decompress.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import mmap
 import os
 import sys
 import zlib
@@ -41,8 +43,10 @@ class Chunk:
     """Whole lines of one input; ``truncated`` is set on the last chunk when the input does not
     end with a newline.  (Lines are not counted here: the parser counts them for free.)"""
 
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
     truncated: bool = False
+    #: where the chunk ends in a mapped file (:meth:`Source.release`)
+    end: int = 0
 
 
 class Source:
@@ -56,15 +60,36 @@ class Source:
         self.name = "<stdin>" if path == "-" else path
         self._raw: BinaryIO = _open_raw(path)
         self.size: int | None = _size_of(self._raw)
-        head = self._raw.peek(4)[:4] if hasattr(self._raw, "peek") else b""
+        #: a plain file, mapped: its chunks are views of the page cache, never copied
+        self.mapped: mmap.mmap | None = None
+        self._mapped_at = 0
+        try:
+            head = self._raw.peek(4)[:4] if hasattr(self._raw, "peek") else b""
+        except OSError as e:  # a file that cannot be read (/proc/self/mem): one line
+            self.close()
+            raise TraceInputError(f"{self.name}: cannot read: {e.strerror or e}") from None
         self.compression = "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head.startswith(ZSTD_MAGIC) else "none"
         self._stream: BinaryIO = _decompressing(self._raw, self.compression)
+        if self.compression == "none" and path != "-" and self.size:
+            self.mapped = _map(self._raw)
 
     def position(self) -> int:
+        if self.mapped is not None:
+            return self._mapped_at
         try:
             return self._raw.tell()
         except (OSError, ValueError):
             return 0
+
+    def release(self, start: int, end: int) -> None:
+        """The mapped bytes ``start:end`` were parsed: drop them from this process's memory (the
+        page cache keeps them), so that memory does not grow with the input."""
+        if self.mapped is None:
+            return
+        page = mmap.PAGESIZE
+        a, b = -(-start // page) * page, end // page * page
+        if b > a:
+            self.mapped.madvise(mmap.MADV_DONTNEED, a, b - a)
 
     def readinto(self, buf: memoryview) -> int:
         """Fill ``buf`` as far as the input goes (a pipe or a decompressor may return less per
@@ -87,6 +112,10 @@ class Source:
             raise
 
     def close(self) -> None:
+        if self.mapped is not None:
+            with contextlib.suppress(BufferError):  # a view of it is still alive: freed with the last one
+                self.mapped.close()
+            self.mapped = None
         if sys.stdin is None or self._raw is not sys.stdin.buffer:
             self._raw.close()
 
@@ -110,6 +139,19 @@ def _open_raw(path: str) -> BinaryIO:
         raise TraceInputError(f"{path}: no such file") from None
     except OSError as e:
         raise TraceInputError(f"{path}: cannot open: {e.strerror}") from None
+
+
+def _map(f: BinaryIO) -> mmap.mmap | None:
+    """The file mapped for reading, or None when it cannot be (a special file: read it)."""
+    try:
+        if not os.path.isfile(getattr(f, "name", "")):
+            return None
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    if hasattr(mmap, "MADV_SEQUENTIAL"):
+        m.madvise(mmap.MADV_SEQUENTIAL)
+    return m
 
 
 def _size_of(f: BinaryIO) -> int | None:
@@ -179,7 +221,11 @@ def chunks(src: Source, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
     lines run on for megabytes is not a trace; a long line that ends within a chunk is parsed).
 
     Each chunk is its own ``bytearray``: the previous chunk's partial line, then the input read
-    straight into it (``readinto``: a plain file's bytes are copied once, from the kernel)."""
+    straight into it (``readinto``: a compressed file's or a pipe's bytes are copied once, from the
+    kernel); a plain file's chunks are views of its mapping (:func:`_mapped_chunks`)."""
+    if src.mapped is not None:
+        yield from _mapped_chunks(src, src.mapped, size)
+        return
     rest = b""
     first = True
     while True:
@@ -205,6 +251,29 @@ def chunks(src: Source, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
         yield Chunk(buf)
     if rest:
         yield Chunk(rest, truncated=True)
+
+
+def _mapped_chunks(src: Source, mm: mmap.mmap, size: int) -> Iterator[Chunk]:
+    """:func:`chunks` over a mapped file: the same cuts (``size`` bytes after the previous cut's
+    partial line, cut at the last newline), each chunk a view of the mapping."""
+    view = memoryview(mm)
+    n = len(mm)
+    at = end = 0  # the current chunk starts at `at`; bytes up to `end` were "read"
+    _check_start(src, mm[: min(n, BINARY_PROBE)])
+    while end < n:
+        new_end = min(end + size, n)
+        cut = mm.rfind(b"\n", end, new_end) + 1
+        end = src._mapped_at = new_end
+        if cut == 0:
+            if end - at > MAX_LINE:
+                raise TraceInputError(f"{src.name}: a line longer than {MAX_LINE >> 20} MiB: not trace text")
+            continue
+        if end - cut > MAX_LINE:
+            raise TraceInputError(f"{src.name}: a line longer than {MAX_LINE >> 20} MiB: not trace text")
+        yield Chunk(view[at:cut], end=cut)
+        at = cut
+    if at < n:
+        yield Chunk(view[at:n], truncated=True, end=n)
 
 
 def _check_start(src: Source, data: bytes) -> None:

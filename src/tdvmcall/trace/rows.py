@@ -257,11 +257,11 @@ Columns = dict[str, np.ndarray]
 
 def aggregate(cols: Columns, key: tuple[str, ...]) -> Columns:
     """Merge the rows of ``cols`` with equal ``key``: ``n`` summed, ``first`` the least and
-    ``last`` the greatest (when present); one compiled pass (``kernels.group``)."""
+    ``last`` the greatest (when present); one compiled pass (``scan.group``)."""
     lo = cols.get("first", np.zeros(len(cols["n"])))
     hi = cols.get("last", lo)
     keys = np.column_stack([cols[c].astype(np.int64) for c in key])
-    row, n, least, greatest, _ = trace_scan.kernels().group(keys, cols["n"], lo, hi)
+    row, n, least, greatest, _ = trace_scan.group(keys, cols["n"], lo, hi)
     out = {c: cols[c][row] for c in key}
     out["n"] = n
     if "first" in cols:

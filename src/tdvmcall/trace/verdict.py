@@ -203,9 +203,7 @@ def classify_rows(
     is not a TDVMCALL reason): each distinct (TD, reason, mask) is classified once.  Returns the
     distinct classifications and, per row, the index of its own."""
     keys = np.column_stack([td, rid, mask]).astype(np.int64)
-    first, *_, of_row = trace_scan.kernels().group(
-        keys, np.ones(len(keys), np.int64), np.zeros(len(keys)), np.zeros(len(keys))
-    )
+    first, *_, of_row = trace_scan.group(keys, np.ones(len(keys), np.int64), np.zeros(len(keys)), np.zeros(len(keys)))
     classes = [
         classify_exit(reasons[r], m, bool(d))
         for d, r, m in zip(td[first].tolist(), rid[first].tolist(), mask[first].tolist())
