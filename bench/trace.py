@@ -276,28 +276,47 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=300)
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--format", choices=("ftrace", "trace-cmd", "perf"), default="ftrace")
+    ap.add_argument("--exits-only", action="store_true", help="every line a kvm_exit (issue 19's worst case for us)")
     ap.add_argument("--regenerate", action="store_true")
     ap.add_argument("--slow-share", type=float, default=0.0, help="share of kvm_exit lines with --quirk (0 to 1)")
     ap.add_argument("--quirk", choices=QUIRKS, default="comm", help="what takes those lines off the fast path")
     ap.add_argument("--repeat", type=int, default=3, help="rounds (each runs every contender once); medians are shown")
+    ap.add_argument("--no-regex", action="store_true", help="leave the regex loop out (it takes 10 s a round)")
+    ap.add_argument("--small-lines", type=int, default=100, help="lines of the small trace timed too (0: none)")
     args = ap.parse_args()
 
     odd = f"-{args.quirk}{args.slow_share:g}" if args.slow_share else ""
-    path = os.path.join(args.dir, f"tdvmcall-bench-{args.format}-{args.size_mb}MB{odd}.trace")
+    only = "-exits" if args.exits_only else ""
+    path = os.path.join(args.dir, f"tdvmcall-bench-{args.format}-{args.size_mb}MB{odd}{only}.trace")
     if args.regenerate or not os.path.exists(path):
         t = time.perf_counter()
-        nlines = generate(path, args.size_mb, args.format, slow_share=args.slow_share, quirk=args.quirk)
+        nlines = generate(
+            path,
+            args.size_mb,
+            args.format,
+            slow_share=args.slow_share,
+            quirk=args.quirk,
+            noise=not args.exits_only,
+        )
         print(f"generated {path} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     else:
         with open(path, "rb") as f:
             nlines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
     size = os.path.getsize(path)
-    tdvmcall = [sys.executable, "-c", "from tdvmcall.cli import main; main()", "trace", path, "--json", "--no-progress"]
-    baseline = [sys.executable, "-c", PERF_BASELINE if args.format == "perf" else BASELINE, path]
-    runs = {"tdvmcall trace": tdvmcall, "regex loop": baseline, "grep -c kvm_exit": ["grep", "-c", "kvm_exit", path]}
+    ours = [sys.executable, "-c", "from tdvmcall.cli import main; main()", "trace"]
+    runs = {"tdvmcall trace": ours + [path, "--json", "--no-progress"]}
+    if not args.no_regex:
+        runs["regex loop"] = [sys.executable, "-c", PERF_BASELINE if args.format == "perf" else BASELINE, path]
+    runs["grep -c kvm_exit"] = ["grep", "-c", "kvm_exit", path]
+    if args.small_lines:
+        small = path + f".head{args.small_lines}"
+        with open(path, "rb") as f, open(small, "wb") as out:
+            out.writelines(line for _, line in zip(range(args.small_lines), f))
+        runs[f"tdvmcall, {args.small_lines} lines"] = ours + [small, "--json"]
     print(
-        f"input: {size / 1e6:.0f} MB, {nlines:,} lines, {args.format}; {os.cpu_count()} CPUs; "
-        f"{args.repeat} round(s), each contender once per round, medians below"
+        f"input: {size / 1e6:.0f} MB, {nlines:,} lines, {args.format}"
+        f"{', every line kvm_exit' if args.exits_only else ''}; {os.cpu_count()} CPUs; "
+        f"{args.repeat} round(s), each contender once per round in turn, medians below"
     )
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
     for _ in range(args.repeat):
@@ -311,15 +330,30 @@ def main() -> None:
         secs, cpu = statistics.median(r[0] for r in runs_), statistics.median(r[1] for r in runs_)
         med[name] = (secs, cpu)
         spread = f" (min {min(r[0] for r in runs_):.2f}, max {max(r[0] for r in runs_):.2f})" if len(runs_) > 1 else ""
+        cpus = f" (min {min(r[1] for r in runs_):.3f})" if len(runs_) > 1 else ""
+        rate = "" if "lines" in name else f"  {size / secs / 1e6:8.1f} MB/s  {nlines / secs / 1e6:6.2f} M lines/s"
         print(
-            f"{name:18s} {secs:7.2f} s wall{spread} {cpu:7.2f} s CPU  {size / secs / 1e6:8.1f} MB/s  "
-            f"{nlines / secs / 1e6:6.2f} M lines/s  peak RSS {max(r[2] for r in runs_):5.0f} MB"
+            f"{name:22s} {secs:7.3f} s wall{spread} {cpu:7.3f} s CPU{cpus}{rate}"
+            f"  peak RSS {max(r[2] for r in runs_):5.0f} MB"
         )
-    (base, base_cpu), (ours, ours_cpu), (floor, _) = med["regex loop"], med["tdvmcall trace"], med["grep -c kvm_exit"]
+    (ours_wall, ours_cpu), (grep_wall, grep_cpu) = med["tdvmcall trace"], med["grep -c kvm_exit"]
+    cores = ours_cpu / ours_wall
     print(
-        f"tdvmcall trace: {base / ours:.1f}x the regex loop's throughput (wall), "
-        f"{base_cpu / ours_cpu:.1f}x per CPU second; grep -c is {ours / floor:.1f}x faster than tdvmcall trace"
+        f"tdvmcall trace vs grep -c: {ours_cpu / grep_cpu:.2f}x its CPU time (goal: at most 4), "
+        f"{ours_wall / grep_wall:.2f}x its wall time on {cores:.2f} cores used, "
+        f"{ours_wall / grep_wall / max(cores, 1):.2f}x per core used (goal: at most 1.5)"
     )
+    print(f"per line: {ours_cpu / nlines * 1e9:.0f} ns of CPU, start-up included")
+    if "regex loop" in med:
+        base_wall, base_cpu = med["regex loop"]
+        print(
+            f"tdvmcall trace: {base_wall / ours_wall:.1f}x the regex loop's throughput (wall), "
+            f"{base_cpu / ours_cpu:.1f}x per CPU second"
+        )
+    if args.small_lines:
+        print(
+            f"{args.small_lines}-line trace: {med[f'tdvmcall, {args.small_lines} lines'][1]:.3f} s CPU (goal: at most 0.25)"
+        )
     print(f"load average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 

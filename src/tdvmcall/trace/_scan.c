@@ -561,12 +561,11 @@ static int grouping_init(grouping *t) {
 }
 
 static inline uint64_t group_hash(int64_t task, int64_t vcpu, int64_t rid, uint64_t mask, int64_t bucket) {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    h = (h ^ (uint64_t)task) * 0x100000001b3ULL;
-    h = (h ^ (uint64_t)vcpu) * 0x100000001b3ULL;
-    h = (h ^ (uint64_t)rid) * 0x100000001b3ULL;
-    h = (h ^ mask) * 0x100000001b3ULL;
-    return mix((h ^ (uint64_t)bucket) * 0x100000001b3ULL);
+    /* three independent products (no chain of multiplications), then mixed */
+    uint64_t h = ((uint64_t)task << 32 ^ (uint64_t)rid) * 0x9e3779b97f4a7c15ULL;
+    h ^= mask * 0xc2b2ae3d27d4eb4fULL;
+    h ^= ((uint64_t)vcpu << 40 ^ (uint64_t)bucket) * 0x165667b19e3779f9ULL;
+    return h ^ (h >> 29);
 }
 
 /* twice the slots and the room; 0 when out of memory */
