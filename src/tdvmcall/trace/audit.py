@@ -13,10 +13,10 @@ optional and the event name padded, ``perf script`` ``<comm> <pid>[/<tid>] [<cpu
 kvm:kvm_exit: <payload>``.
 
 Technique (chosen by measurement, see ``docs/trace.md``): each newline-aligned chunk is scanned
-once by a compiled kernel (``kernels.py``, numba, without the GIL: two chunks at a time) that
-parses the kvm_exit lines of the usual shape into arrays and interns their task prefixes and
-reason texts, which are then parsed once each in Python; a second kernel aggregates, into numpy
-columns keyed by task and reason ids.  The lines the kernel is not sure about go to the reference
+once by compiled code (``_scan.c``, a C extension, without the GIL: two chunks at a time) that
+parses the kvm_exit lines of the usual shape into records and interns their task prefixes and
+reason texts, which are then parsed once each in Python; a second compiled pass aggregates the
+records into numpy columns keyed by task and reason ids.  The lines the scanner is not sure about go to the reference
 parser (``reference.parse_chunk_reference``: plain Python, one anchored regex per line).  Only aggregates are kept;
 ``report`` turns them into the report (plain Python: they are few rows); ``parquet``
 writes the rows (pyarrow) and ``plot`` the plot (matplotlib).

@@ -1,6 +1,6 @@
 """``tdvmcall trace``: audit kvm_exit traces for the TD exits hardened KVM would refuse.
 
-The command only composes: reading is ``io.py`` and ``audit.py`` (fast path ``scan.py`` and ``kernels.py``,
+The command only composes: reading is ``io.py`` and ``audit.py`` (fast path ``scan.py`` and ``_scan.c``,
 reference parser ``reference.py``), verdicts ``verdict.py``, the report ``report.py``, Parquet
 ``parquet.py``, the plot ``plot.py`` (facts: docs/abi.md §3, §4, §7).
 """
