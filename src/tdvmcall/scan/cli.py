@@ -174,7 +174,8 @@ def scan_inputs(paths: list[Path], host: Host) -> list[Image]:
                 key = None
             if key is not None and key in seen:
                 first = seen[key]
-                first.skipped.append(f"{p}: the same file as {first.path} (a link); scanned once")
+                how = "named again" if str(p) == first.path else f"the same file as {first.path} (a link)"
+                first.skipped.append(f"{p}: {how}; scanned once")
                 continue
             found = open_file(p)
             img = analyze(str(p), found, host, cache)
