@@ -43,6 +43,7 @@ TDG.VP.VMCALL's register use and R10's return codes) and the TDX module ABI (TDG
 
 from __future__ import annotations
 
+import bisect
 import random
 import struct
 import time
@@ -52,7 +53,7 @@ import iced_x86 as ix
 import numpy as np
 
 from .containers import TDCALL, Code
-from .flow import Region
+from .flow import Region, reg_name
 
 try:  # optional: without unicorn the fast path's answer stands (said once per image)
     import unicorn as uc
@@ -91,6 +92,8 @@ REGS = ("rax", "rcx", "r10", "r11", "r12", "r13")
 #: runs per start and status, each with its own random filling; a call path must be reached by two
 #: of them at least, with the same value in every run that reached it
 FILLS = 4
+#: conditional jumps per call path that are forced each way (more: the path is not run whole)
+MAX_FORKS = 6
 #: the fillings: bytes at random (seeded), and two that make comparisons with 0 and -1 go the other
 #: way (``test edi, edi; jz``, a sign test) so a value that holds on one path only differs
 PATTERNS = (None, 0x00, 0xFF, None)
@@ -204,6 +207,22 @@ class Loaded:
                     rel = np.where(rel >= 1 << 31, rel - (1 << 32), rel)
                     tg.append(pos + 5 + rel + (s.addr - base))
                     src.append(pos + (s.addr - base))
+                # call/jmp qword [rip+disp] through a GOT slot the loader filled (Rust's -Z plt=no,
+                # gcc's -fno-plt, a static PIE's relocated GOT)
+                slots = self.got_slots()
+                if slots:
+                    pos = np.flatnonzero((arr[: max(n - 5, 0)] == 0xFF) & np.isin(arr[1 : max(n - 4, 1)], (0x15, 0x25)))
+                    disp = (
+                        arr[pos + 2].astype(np.int64)
+                        | arr[pos + 3].astype(np.int64) << 8
+                        | arr[pos + 4].astype(np.int64) << 16
+                        | arr[pos + 5].astype(np.int64) << 24
+                    )
+                    disp = np.where(disp >= 1 << 31, disp - (1 << 32), disp)
+                    for p_, sl in zip(pos.tolist(), (pos + 6 + disp + s.addr).tolist()):
+                        if (tgt := slots.get(sl)) is not None:
+                            tg.append(np.array([tgt - base], np.int64))
+                            src.append(np.array([p_ + s.addr - base], np.int64))
             t = np.concatenate(tg) if tg else np.zeros(0, np.int64)
             s_ = np.concatenate(src) if src else np.zeros(0, np.int64)
             order = np.argsort(t, kind="stable")
@@ -216,6 +235,17 @@ class Loaded:
             out += [int(x) + base for x in s_[lo:hi]]
         return out
 
+    def got_slots(self) -> dict[int, int]:
+        """Relocated 8-byte slots (a GOT) that hold an address in the image's code."""
+        out = {}
+        for a, b in self.fixed_slots.items():
+            if len(b) == 8:
+                v = int.from_bytes(b, "little")
+                sec = self.section_at(v)
+                if sec is not None and sec.exec:
+                    out[a] = v
+        return out
+
     def function_of(self, addr: int) -> tuple[int, str, bool] | None:
         """The start and name of the function holding the instruction at ``addr`` (decoded from that
         start), and whether it is a function's start (else the first instruction after the last
@@ -223,6 +253,17 @@ class Loaded:
         r = self.region(addr)
         if r is None:
             return None
+        if self.functions:
+            # a symbol before it, with no other between, from which the decoding lands on it: its
+            # function (an assembly label with no size may hold a jmp before the site)
+            if not self._starts:
+                self._starts = sorted(self.functions)
+            i = bisect.bisect_right(self._starts, addr) - 1
+            if i >= 0:
+                s = self._starts[i]
+                size = self.sizes.get(s)
+                if addr - s < 1 << 16 and (not size or addr < s + size) and r.decode(s, addr) is not None:
+                    return s, self.functions[s], True
         fn = r.function(addr)
         if fn is None:
             return None
@@ -249,25 +290,51 @@ class Loaded:
                 start = t
         return start
 
-    def merges(self, start: int, addr: int) -> bool:
-        """Whether two paths from ``start`` can meet before ``addr``: a jump in between whose target
-        lies after the instruction that follows it, up to ``addr`` (a value may then hold on one
-        path only, whatever the runs saw), or an indirect jump."""
+    def merges(self, start: int, addr: int) -> frozenset[str] | None:
+        """The registers two paths from ``start`` may leave different where they meet before
+        ``addr``: those written by the instructions a forward jump goes past (up to ``addr``); None
+        when it cannot be told (memory written or a call on a skipped path, an indirect jump).  A run
+        sees one path: a value of such a register may hold on that path only, whatever the runs saw.
+        (A jump over an ``sti`` or a ``nop`` changes nothing.)"""
         r = self.region(addr)
         insns = r.decode(start, addr) if r is not None else None
         if not insns:
-            return True
+            return None
+        out: set[str] = set()
         for ins in insns[:-1]:
             if ins.flow_control == ix.FlowControl.INDIRECT_BRANCH:
-                return True
+                return None
             if ins.flow_control in _BRANCHES and ins.next_ip < ins.near_branch_target <= addr:
-                return True
-        return False
+                for i in insns:
+                    if ins.next_ip <= i.ip < ins.near_branch_target:
+                        w = _written(i)
+                        if w is None:
+                            return None
+                        out |= w
+        return frozenset(out)
+
+    def forks(self, start: int, addr: int) -> tuple[int, ...] | None:
+        """The conditional jumps from ``start`` to ``addr`` whose two ways may meet again before
+        ``addr`` (a forward jump landing at or before it); None past :data:`MAX_FORKS` or when the
+        code cannot be decoded.  The runs are made again with each forced each way."""
+        r = self.region(addr)
+        insns = r.decode(start, addr) if r is not None else None
+        if not insns:
+            return None
+        out = [
+            i.ip
+            for i in insns[:-1]
+            if i.flow_control == ix.FlowControl.CONDITIONAL_BRANCH and i.next_ip < i.near_branch_target <= addr
+        ]
+        if any(i.flow_control == ix.FlowControl.INDIRECT_BRANCH for i in insns[:-1]) or len(out) > MAX_FORKS:
+            return None
+        return tuple(out)
 
     def is_call(self, addr: int) -> bool:
         """Whether the branch at ``addr`` is a ``call`` (not a tail-call ``jmp``: no return address)."""
         s = self.section_at(addr)
-        return s is not None and s.data[addr - s.addr : addr - s.addr + 1] == b"\xe8"
+        head = s.data[addr - s.addr : addr - s.addr + 2] if s is not None else b""
+        return head[:1] == b"\xe8" or head == b"\xff\x15"
 
 
 def _cstr(b: bytes, i: int) -> str:
@@ -493,6 +560,27 @@ def load_delta(image: Loaded, code: Code) -> int:
     raise Unsupported("the code region is not a section of its image")
 
 
+_INFO = ix.InstructionInfoFactory()
+_WRITES = frozenset({ix.OpAccess.WRITE, ix.OpAccess.READ_WRITE, ix.OpAccess.COND_WRITE, ix.OpAccess.READ_COND_WRITE})
+
+
+def _written(ins: ix.Instruction) -> set[str] | None:
+    """The general registers an instruction writes; None when it writes memory or leaves the straight
+    line (a call, a TDCALL, a branch)."""
+    if ins.flow_control not in (ix.FlowControl.NEXT, ix.FlowControl.UNCONDITIONAL_BRANCH):
+        return None
+    if ins.mnemonic == ix.Mnemonic.TDCALL:
+        return None
+    info = _INFO.info(ins)
+    if any(m.access in _WRITES for m in info.used_memory()):
+        return None
+    out = set()
+    for u in info.used_registers():
+        if u.access in _WRITES and (name := reg_name(u.register)) is not None and name != "rsp":
+            out.add(name)
+    return out
+
+
 # --- running ------------------------------------------------------------------------------------------
 class _Const(random.Random):
     """A "random" source that gives one byte over and over (the 0x00 and 0xFF fillings)."""
@@ -546,8 +634,9 @@ class Runner:
         self.seconds = 0.0
         self.ended = ""  # why the last run ended (for --verbose and debugging)
 
-    def run(self, start: int, fill: int, status: int) -> list[Hit]:
-        """One run from ``start``: the TDCALLs reached, in order."""
+    def run(self, start: int, fill: int, status: int, force: tuple[int, bool] | None = None) -> list[Hit]:
+        """One run from ``start``: the TDCALLs reached, in order.  ``force``: a conditional jump made
+        to go one way (True: taken) each time it is reached."""
         assert uc is not None
         t0 = time.process_time()
         self.runs += 1
@@ -611,6 +700,17 @@ class Runner:
                 pending.append(info)
 
         m.hook_add(uc.UC_HOOK_BLOCK, block)
+        if force is not None:
+            at, taken = force
+            r = image.region(at)
+            fi = next(iter(r.decode(at, at) or [])) if r is not None else None
+            if fi is not None:
+                way = fi.near_branch_target if taken else fi.next_ip
+
+                def forced(mu: uc.Uc, address: int, size: int, data: object) -> None:
+                    mu.reg_write(X.UC_X86_REG_RIP, way)
+
+                m.hook_add(uc.UC_HOOK_CODE, forced, begin=at, end=at)
         rng = random.Random(seed ^ start)
         for r in _GPRS:
             m.reg_write(
@@ -730,15 +830,21 @@ class Engine:
         self.image = load(code)
         self.delta = load_delta(self.image, code)
         self.runner = Runner(self.image)
-        self.cache: dict[int, list[tuple[tuple[int, tuple[int, ...], int], dict[str, int]]]] = {}
+        self.cache: dict[
+            tuple[int, tuple[int, ...]], list[tuple[tuple[int, tuple[int, ...], int], dict[str, int]]]
+        ] = {}
         self.starts = 0
         self.capped = False
 
-    def trusted(self, start: int) -> list[tuple[tuple[int, tuple[int, ...], int], dict[str, int]]]:
-        """From one start: per (site, chain, occurrence), the registers equal under both fillings,
-        for both statuses (each status's runs compared with each other)."""
-        if start in self.cache:
-            return self.cache[start]
+    def trusted(
+        self, start: int, forks: tuple[int, ...] = ()
+    ) -> list[tuple[tuple[int, tuple[int, ...], int], dict[str, int]]]:
+        """From one start: per (site, chain, occurrence), the registers equal in every run that got
+        there (two at least: the fillings), for both statuses; and with ``forks``, equal too when
+        each of those jumps is forced either way (a value that holds on one path only differs)."""
+        key = (start, forks)
+        if key in self.cache:
+            return self.cache[key]
         if self.starts >= MAX_STARTS:
             self.capped = True
             return []
@@ -747,21 +853,42 @@ class Engine:
         for status in (0, 1):
             reached: dict[tuple[int, tuple[int, ...], int], list[dict[str, int]]] = {}
             for fill in range(1, FILLS + 1):
-                seen: dict[tuple[int, tuple[int, ...]], int] = {}
-                for h in self.runner.run(start, fill, status):
-                    n = seen.get((h.site, h.chain), 0)
-                    seen[(h.site, h.chain)] = n + 1
-                    reached.setdefault((h.site, h.chain, n), []).append(h.regs)
-            for key, regs in reached.items():
+                for k, regs in self._keyed(self.runner.run(start, fill, status)):
+                    reached.setdefault(k, []).append(regs)
+            other: dict[tuple[int, tuple[int, ...], int], list[dict[str, int]]] = {}
+            for at in forks:
+                for taken in (True, False):
+                    for k, regs in self._keyed(self.runner.run(start, 1, status, (at, taken))):
+                        other.setdefault(k, []).append(regs)
+            for k, regs in reached.items():
                 if len(regs) < 2:
                     continue
-                first = regs[0]
-                out.append((key, {r: v for r, v in first.items() if all(o.get(r) == v for o in regs[1:])}))
-        self.cache[start] = out
+                runs = regs + other.get(k, [])
+                first = runs[0]
+                out.append((k, {r: v for r, v in first.items() if all(o.get(r) == v for o in runs[1:])}))
+        self.cache[key] = out
+        return out
+
+    @staticmethod
+    def _keyed(hits: list[Hit]) -> list[tuple[tuple[int, tuple[int, ...], int], dict[str, int]]]:
+        seen: dict[tuple[int, tuple[int, ...]], int] = {}
+        out = []
+        for h in hits:
+            n = seen.get((h.site, h.chain), 0)
+            seen[(h.site, h.chain)] = n + 1
+            out.append(((h.site, h.chain, n), h.regs))
         return out
 
     def calls(
-        self, site: int, fn_start: int, chain: tuple[int, ...], need: set[str], depth: int, fn_exact: bool = True
+        self,
+        site: int,
+        fn_start: int,
+        chain: tuple[int, ...],
+        need: set[str],
+        depth: int,
+        fn_exact: bool = True,
+        tainted: frozenset[str] = frozenset(),
+        forks: tuple[int, ...] = (),
     ) -> list[Call]:
         """The call paths to ``site`` (run addresses) that extend ``chain`` (call instructions from
         the site's function outwards), each with the registers pinned, starting the runs at the
@@ -776,22 +903,29 @@ class Engine:
                 return []
             outer, _name, exact = f
         point = chain[-1] if chain else site
-        if self.image.merges(outer, point):
-            # paths meet before the call: run only the straight-line code that makes it, and climb
-            # no further (a run through this function from its entry may pin a one-path value)
-            block = self.image.block_start(point)
-            if block is None:
-                return []
-            outer, exact = block, False
+        mine = self.image.forks(outer, point)
+        if mine is not None and len(forks) + len(mine) <= MAX_FORKS:
+            forks = forks + mine  # where paths meet before the call, the runs go both ways
+        else:
+            merged = self.image.merges(outer, point)
+            if merged is None:
+                # paths meet before the call and what differs is not known: run only the
+                # straight-line code that makes it, and climb no further
+                block = self.image.block_start(point)
+                if block is None:
+                    return []
+                outer, exact = block, False
+            else:
+                tainted = tainted | merged  # registers that may hold a one-path value: never taken
         calls = tuple(c for c in chain if self.image.is_call(c))
         got: list[dict[str, int]] = []
-        for (s, ch, _n), regs in self.trusted(outer):
+        for (s, ch, _n), regs in self.trusted(outer, forks):
             if s == site and ch == calls:
                 got.append(regs)
         if not got and chain and exact and (block := self.image.block_start(chain[-1])) not in (None, outer):
             # the runs from the function's entry did not get to this call (a path through code that
             # random data does not pass): run the straight-line code that makes it
-            for (s, ch, _n), regs in self.trusted(block):
+            for (s, ch, _n), regs in self.trusted(block, forks):
                 if s == site and ch == calls:
                     got.append(regs)
         found: list[Call] = []
@@ -803,6 +937,7 @@ class Engine:
             for t in tuples:
                 d = dict(t)
                 common = {r: v for r, v in common.items() if d.get(r) == v}
+            common = {r: v for r, v in common.items() if r not in tainted}
             found.append(Call(chain, common, outer))
             if need <= common.keys():
                 return found
@@ -813,7 +948,7 @@ class Engine:
         for c in self.image.callers(outer):
             if c in chain:
                 continue
-            got_c = self.calls(site, fn_start, (*chain, c), need, depth + 1, fn_exact)
+            got_c = self.calls(site, fn_start, (*chain, c), need, depth + 1, fn_exact, tainted, forks)
             # what this level pinned holds on every path through it: the deeper paths add to it; a
             # caller whose runs did not reach the site is still a call path, with what is known
             deeper += [Call(d.chain, {**base, **d.regs}, d.start) for d in got_c] or [Call((*chain, c), base, outer)]
