@@ -133,7 +133,7 @@ def render(r: F.CampaignResult, out: Console) -> None:
     t.add_row("executions/s", f"{r.executions_per_second:.0f}")
     reached = {leaf for p in r.policies for leaf in cov.get(p, {})}
     t.add_row("leaves reached", f"{len(reached & set(F.target_labels()))} of {len(F.target_labels())}")
-    t.add_row("leaf x verdict x policy", str(len(r.stats.coverage)))
+    t.add_row("(leaf, verdict, policy) combinations reached", str(len(r.stats.coverage)))
     out.print(t)
     c = Table(title="coverage: executions per leaf and verdict")
     c.add_column("leaf")
