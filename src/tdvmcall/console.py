@@ -504,7 +504,8 @@ class _Ending:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.said = False
-        self.watchdog: threading.Timer | None = None
+        self.signalled = threading.Event()  # set by the handler: the watchdog's cue
+        self.finished = threading.Event()  # set when a command ends with no signal: the watchdog leaves
         self.partial: set[str] = set()
         self.pools: list[ProcessPoolExecutor] = []
 
@@ -542,8 +543,20 @@ def _remove_partial() -> None:
         _ending.partial.discard(name)
 
 
+def _watchdog(signalled: threading.Event, finished: threading.Event) -> None:
+    """A thread started with the command, idle until the first ending signal: then, unless the
+    process has exited within :data:`GRACE_SECONDS`, :func:`_forced_exit`.  Started beforehand, so
+    that the signal handler only sets an event (starting a thread there could wait forever on a
+    lock the interrupted code holds)."""
+    signalled.wait()
+    if finished.is_set():
+        return
+    threading.Event().wait(GRACE_SECONDS)
+    _forced_exit()
+
+
 def _forced_exit() -> None:
-    """The watchdog: the command did not end within :data:`GRACE_SECONDS` of the signal."""
+    """The command did not end within :data:`GRACE_SECONDS` of the signal."""
     for pool in list(_ending.pools):
         _kill_workers(pool)
     _remove_partial()
@@ -555,9 +568,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _ending.signum is not None:  # the first one is being handled: let its clean-up run
         return
     _ending.signum = signum
-    _ending.watchdog = threading.Timer(GRACE_SECONDS, _forced_exit)
-    _ending.watchdog.daemon = True
-    _ending.watchdog.start()
+    _ending.signalled.set()
     raise Interrupted(signum)
 
 
@@ -581,6 +592,9 @@ def _ending_signals() -> Iterator[None]:
     _ending.__init__()  # type: ignore[misc]  # a fresh state for this command
     saved = {s: signal.getsignal(s) for s in ENDING_SIGNALS}
     hook = sys.unraisablehook
+    threading.Thread(
+        target=_watchdog, args=(_ending.signalled, _ending.finished), name="tdvmcall-watchdog", daemon=True
+    ).start()
     for s, handler in saved.items():
         if handler is not signal.SIG_IGN:
             signal.signal(s, _on_signal)
@@ -592,6 +606,8 @@ def _ending_signals() -> Iterator[None]:
             for s, handler in saved.items():
                 signal.signal(s, handler)
             sys.unraisablehook = hook
+            _ending.finished.set()
+            _ending.signalled.set()  # the watchdog wakes, sees the command finished, and leaves
 
 
 # workers ------------------------------------------------------------------------------------------
