@@ -1266,3 +1266,21 @@ def test_never_a_pass_for_what_was_not_judged(regs, policy, allow):
     for s in sites:  # a TDVMCALL whose mask or call was not recovered is never judged a pass
         if s.rax is None or (s.rax == 0 and (s.mask is None or (s.leaf is None and s.foreign is None))):
             assert s.verdict(policy) in ("unresolved", "module-rejects")
+
+
+def test_directory_links_are_followed_once(built, tmp_path):
+    """A directory scan follows a link to a directory (nothing under it is dropped unsaid), walks
+    each directory once (a link back to an ancestor ends there) and scans each file once."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(built["sites.elf"], outside / "b.elf")
+    top = tmp_path / "top"
+    (top / "sub").mkdir(parents=True)
+    shutil.copy(built["sites.elf"], top / "sub" / "a.elf")
+    (top / "to-sub").symlink_to(top / "sub")  # the same directory again
+    (top / "to-outside").symlink_to(outside)  # files only reachable through the link
+    (top / "sub" / "up").symlink_to(top)  # a loop back to the top
+    code, doc = scan_json(top)
+    assert code == 1
+    assert sorted(Path(i["path"]).name for i in doc["inputs"]) == ["a.elf", "b.elf"]
+    assert doc["summary"]["tdcall_sites"] == 24

@@ -796,6 +796,9 @@ def read_input(p: Path) -> bytes:
     would block and a device (``/dev/zero``) never ends, so both are refused with one line."""
     try:
         st = p.stat()
+        if stat.S_ISDIR(st.st_mode):
+            os.listdir(p)  # a directory returned by input_files because it cannot be listed: say why
+            raise ContainerError(f"{p}: a directory that could not be walked")
         if not stat.S_ISREG(st.st_mode):
             raise ContainerError(f"{p}: not a regular file (a device, FIFO or socket); not scanned")
         if st.st_size > READ_CAP:
@@ -810,9 +813,30 @@ def read_input(p: Path) -> bytes:
 
 
 def input_files(path: Path) -> list[Path]:
-    """The files of one input: the file itself, or every entry of a directory (recursively, sorted)
-    that is not a directory; symbolic links to directories are not followed (pathlib's ``rglob``)."""
-    return sorted(p for p in path.rglob("*") if not p.is_dir()) if path.is_dir() else [path]
+    """The files of one input: the file itself, or every entry of a directory, recursively, sorted,
+    that is not a directory.  Symbolic links to directories are followed, each directory walked
+    once (by device and inode: a link back to an ancestor ends there, and files reached twice are
+    scanned once by the caller); a directory that cannot be listed is returned as an entry, so that
+    reading it gives its one error line."""
+    if not path.is_dir():
+        return [path]
+    out: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    todo = [path]
+    while todo:
+        d = todo.pop()  # depth first
+        try:
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(d.iterdir())
+        except OSError:
+            out.append(d)
+            continue
+        out += [e for e in entries if not e.is_dir()]
+        todo += reversed([e for e in entries if e.is_dir()])  # walked in name order: the same paths every run
+    return sorted(out)
 
 
 def open_file(p: Path) -> Found:
