@@ -116,3 +116,41 @@ def test_relocatable_object_calls_are_found_through_relocations(tmp_path: Path) 
     callers = image.callers(start)
     assert {image.function_of(c)[1] for c in callers} >= {"guest_halt", "guest_outb", "guest_rdmsr"}
     assert "memset" in set(image.stubs.values())
+
+
+# --- a Rust guest: registers by pointer to an assembly stub, bitflags-style masks, a retry loop -------
+#: per function of guest.rs: the call, R11 and the mask its ``Regs::…union(…)`` chain builds
+RUST_EXPECTED = {
+    "rs_halt": ("Instruction.HLT", 12, 0x1C00),
+    "rs_io_write": ("Instruction.IO", 30, 0x3C00),
+    "rs_wrmsr": ("Instruction.WRMSR", 32, 0x1C00),
+    "rs_map_gpa": ("MapGPA", 0x10001, 0x3C00),
+}
+needs_rustc = pytest.mark.skipif(
+    shutil.which("rustc") is None, reason="rustc is not installed: the Rust guest cannot be built"
+)
+
+
+@needs_rustc
+@needs_unicorn
+@pytest.mark.parametrize("opt", ["0", "3"])
+def test_rust_guest_calls_and_masks_are_its_source(tmp_path: Path, opt: str) -> None:
+    """At opt-level 0 the mask is the return value of real ``union`` calls and the struct goes through
+    stack slots (the deep engine runs them); at 3 the retry loop is unrolled into several call sites,
+    each the same call.  WRMSR's mask leaves R13 (the value) out, as Oak's msr_write does: the
+    hardened policy refuses it."""
+    exe = tmp_path / f"guest-rs-O{opt}"
+    subprocess.run(
+        ["rustc", "-C", f"opt-level={opt}", "-o", str(exe), str(DATA / "guest.rs")], check=True, capture_output=True
+    )
+    sites = scan(exe)
+    seen = set()
+    for s in sites:
+        fn = caller(s)
+        assert fn in RUST_EXPECTED, fn
+        call, r11, mask = RUST_EXPECTED[fn]
+        assert (s.leaf.name if s.leaf else None, s.regs["r11"].value, s.mask) == (call, r11, mask), fn
+        seen.add(fn)
+    assert seen == set(RUST_EXPECTED)
+    (wrmsr,) = {s.verdict("hardened") for s in sites if caller(s) == "rs_wrmsr"}
+    assert wrmsr == "hardened-refuses"
