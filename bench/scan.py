@@ -13,6 +13,19 @@ Each input is scanned by ``tdvmcall scan PATH --json`` as its own process (the w
 Python's start and the imports, about 1.3 s here), ``--repeat`` times; the median, fastest and
 slowest are shown, with the peak RSS, the sites found, and the in-process split between opening the
 containers (decompression included) and the analysis.
+
+Recall of real guests (docs/scan.md says how to build them):
+
+    python bench/scan.py --guest tdshim-calls --expect tdshim.csv --guest vmlinuz-6.12 --no-synthetic
+
+``--guest PATH`` (repeatable) scans a guest and reports its TDVMCALL and TDCALL calls, how many are
+resolved (the call and, for a TDVMCALL, the mask known), the CPU time (user + sys of the scan
+process, less noisy than the wall time on a busy machine) and the wall time, and the calls the fast
+path alone resolves (the deep engine off, in process).  ``--expect FILE.csv`` (one per ``--guest``,
+in order) gives what the guest's source says: rows ``function,call,mask`` (``function`` names,
+``|``-separated, one of which occurs in the call's caller chain or site, ``call`` the leaf-table or TDCALL leaf name, ``mask``
+hex or empty); each row counts as resolved right when some call of that function has that call
+(and mask), wrong when one has a different known value.
 """
 
 from __future__ import annotations
@@ -144,12 +157,63 @@ def run(path: Path, repeat: int) -> None:
     )
 
 
+def guest(path: Path, expect: Path | None) -> None:
+    """Recall and time of the scan on one real guest (see the module's docstring)."""
+    t = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(
+        [sys.executable, "-c", "from tdvmcall.cli import main; main()", "scan", str(path), "--json"],
+        capture_output=True,
+    )
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    doc = json.loads(p.stdout)
+    calls = doc["sites"]
+
+    def resolved(s: dict) -> bool:
+        return s["call"] not in ("unresolved", None) and (s["rax"] != "0x0" or s["mask"] is not None)
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from tdvmcall.judge import Host
+    from tdvmcall.scan.analyze import analyze
+    from tdvmcall.scan.containers import open_input
+
+    fast = 0
+    for _, f in open_input(path):
+        img = analyze(str(path), f, Host(), {}, deep=False)
+        fast += sum(1 for s in img.sites if s.rax is not None and (s.rax != 0 or (s.mask is not None and s.leaf)))
+    line = (
+        f"{path.name}: {len(calls)} calls, {sum(map(resolved, calls))} resolved ({fast} by the fast path alone); "
+        f"CPU {cpu:.2f} s, wall {wall:.2f} s"
+    )
+    if expect is not None:
+        right = wrong = 0
+        rows = [r.split(",") for r in expect.read_text().splitlines() if r.strip() and not r.startswith("#")]
+        for fn, call, mask in rows:
+            alts = fn.split("|")
+            mine = [s for s in calls if any(x in (s["via"] or "") or x in s["symbol"] for x in alts)]
+            ok = [s for s in mine if s["call"] == call and (not mask or s["mask"] == mask.lower())]
+            bad = [s for s in mine if resolved(s) and s not in ok]
+            right += bool(ok)
+            wrong += bool(bad and not ok)
+        line += f"; source: {len(rows)} calls, {right} resolved right, {wrong} wrong"
+    print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--firmware", type=Path, default=os.environ.get("TDVMCALL_REAL_FIRMWARE"))
     ap.add_argument("--vmlinux", type=Path)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--guest", type=Path, action="append", default=[], help="a real guest: recall and time")
+    ap.add_argument("--expect", type=Path, action="append", default=[], help="FILE.csv per --guest")
+    ap.add_argument("--no-synthetic", action="store_true", help="only the --guest inputs")
     a = ap.parse_args()
+    for i, g in enumerate(a.guest):
+        guest(g, a.expect[i] if i < len(a.expect) else None)
+    if a.no_synthetic:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         fw = a.firmware if a.firmware and Path(a.firmware).is_file() else synthetic_firmware(d)
