@@ -352,7 +352,7 @@ def test_parquet_rows_and_plot(write, tmp_path):
     assert by_line[7]["reason_flags"] == "0x4000000"
     assert by_line[13]["kind"] == "td-other" and by_line[13]["reason_flags"] == "FAILED_VMENTRY"
     assert by_line[17]["kind"] == "non-td" and by_line[17]["verdict"] is None and by_line[17]["mask"] == 0x3F80008
-    assert not os.path.exists(pq_path + ".partial")
+    assert not [n for n in os.listdir(os.path.dirname(pq_path)) if n.startswith(".") or "partial" in n]
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -771,7 +771,9 @@ def test_the_table_report_cuts_no_value_when_not_a_terminal(write):
     assert any(rep["top_offending"][0]["detail"] in s for s in lines_)  # the detail, whole, on one line
 
 
-def test_a_narrow_terminal_folds_values_but_never_cuts_them(write):
+@pytest.mark.parametrize("width", [80, 60, 40])
+def test_a_narrow_terminal_never_cuts_a_value(write, width):
+    # issue 18.17: at 80 columns rich folded "15,345" into "15,3" / "45" and "0x1c00" into "0x1c0" / "0"
     from rich.console import Console
 
     from tdvmcall.trace import audit as trace
@@ -781,13 +783,26 @@ def test_a_narrow_terminal_folds_values_but_never_cuts_them(write):
     a = trace.Audit()
     trace.audit_input(a, write("wide", wide_trace()))
     rep = trace_report.finish(a, trace_report.td_tasks(a))
-    console = Console(width=60, force_terminal=True, record=True, color_system=None)
+    console = Console(width=width, force_terminal=True, record=True, color_system=None)
     with console.capture() as cap:
         show(rep, console)
     text = cap.get()
     assert "…" not in text
-    joined = "".join(text.split())  # a folded value continues on the next line of its cell
-    assert "15,345" in text or "15,345" in joined
+    tables = text[text.index("per process") :].splitlines()  # the summary lines above hold counts too
+    assert all(len(s) <= width for s in tables), text
+
+    def whole(value: str) -> int:
+        return sum(s.count(value) for s in tables)
+
+    # how often each value stands in the tables (3,000 TDCALL 0x1c00 exits, 12,345 HLT 0x1c00, one task):
+    # exits and TDVMCALL per process, per vCPU, per mask; HLT's exits, TDVMCALL, completes per reason ...
+    assert whole("15,345") == 6, text
+    assert whole("12,345") == 6, text
+    assert whole("3,000") == 7, text
+    assert whole("0x1c00") == 2, text
+    assert whole("CPU 0/KVM-1001") == 1, text
+    for word in rep["top_offending"][0]["detail"].split():  # a long text folds at its spaces only
+        assert whole(word) >= 1, (word, text)
 
 
 # --- the plot: bins a reader can see -------------------------------------------------------------
@@ -856,3 +871,141 @@ def test_a_long_trace_gets_tens_of_bins(write):
     b = plotted(write("t", td_trace([float(t) for t in range(3600)])))
     assert b.width == 64.0 and b.start == 0.0 and b.counts.shape[0] == 57
     assert b.counts.sum() == 3600 and b.counts[:-1].sum(axis=1).tolist() == [64] * 56
+
+
+# --- interrupts, failing reads and writes (issue 18) ----------------------------------------------
+def _trace_process(*args: str, cwd: str | None = None):
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-c", "from tdvmcall.cli import main; main()", "trace", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+    )
+
+
+def _exits_block() -> bytes:
+    """About 1 MiB of well-formed TDVMCALL exits of TD 1001."""
+    one = line("ftrace", *TD, 1.0, "kvm_exit", payload(0, "TDCALL", 0x1C00)) + "\n"
+    return ("# tracer: nop\n" + one * ((1 << 20) // len(one) + 1)).encode()[: 1 << 20].rsplit(b"\n", 1)[0] + b"\n"
+
+
+def _feed(proc, megabytes: int, header: bool = True) -> int:
+    """Write this much trace into the process's standard input: a write returns once the process
+    has read all but a pipe's worth, so the process is then parsing chunks (compiled, on threads).
+    The number of kvm_exit lines written."""
+    block = _exits_block()
+    first, block = (block, block.split(b"\n", 1)[1]) if header else (block.split(b"\n", 1)[1],) * 2
+    exits = 0
+    for data in [first] + [block] * (megabytes - 1):
+        proc.stdin.write(data)
+        exits += data.count(b" kvm_exit: ")
+    proc.stdin.flush()
+    return exits
+
+
+def _ended(proc, timeout: float = 60) -> tuple[int, str, str]:
+    """End of input (communicate closes it), then the process's status and output."""
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("signum, status, said", [(2, 130, "interrupted"), (15, 143, "terminated")])
+def test_an_interrupted_trace_is_one_line_and_128_plus_the_signal(signum, status, said):
+    # issue 18.3: Ctrl-C during the compiled parsing ended in "SystemError: CPUDispatcher(<function group>)
+    # returned a result with an exception set", exit 1
+    proc = _trace_process("-", "--json")
+    try:
+        _feed(proc, 24)
+        proc.send_signal(signum)
+        rc, out, err = _ended(proc)
+    finally:
+        proc.kill()
+    assert (rc, out, err) == (status, "", f"tdvmcall: {said}\n")
+
+
+@pytest.mark.parametrize("signum", [2, 15])
+def test_an_interrupted_parquet_run_leaves_nothing_partial_and_the_old_file_whole(tmp_path, signum):
+    # issue 18.1: Ctrl-C left a truncated Parquet file under the final name, or FILE.partial behind
+    out_path = tmp_path / "exits.parquet"
+    proc = _trace_process(str(tmp_path / "first.txt"), "--to-parquet", str(out_path), "--json")
+    _ended(proc)  # the first run fails (no such input) and writes nothing
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "small.txt").write_bytes(fixture("ftrace"))
+    r = runner.invoke(app, ["trace", str(tmp_path / "small.txt"), "--to-parquet", str(out_path)])
+    assert r.exit_code == 0, r.stderr
+    before = out_path.read_bytes()
+    proc = _trace_process("-", "--to-parquet", str(out_path), "--json")
+    try:
+        _feed(proc, 24)
+        proc.send_signal(signum)
+        rc, _, err = _ended(proc)
+    finally:
+        proc.kill()
+    assert rc == 128 + signum and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["exits.parquet", "small.txt"]  # nothing partial, named or hidden
+    assert out_path.read_bytes() == before  # the complete file of the earlier run, untouched
+
+
+def test_two_runs_writing_one_parquet_file_share_no_temporary_file(tmp_path):
+    # issue 18.9: both runs wrote FILE.partial; one reported success with 0 rows
+    out_path = tmp_path / "exits.parquet"
+    procs = [_trace_process("-", "--to-parquet", str(out_path), "--json") for _ in range(2)]
+    try:
+        # both in the middle of their audit at once, rows of 4 MiB chunks written (three are in flight)
+        rows = [_feed(p, 20) for p in procs]
+        assert os.listdir(tmp_path) == []  # the rows wait in anonymous files: no name to share (or leave)
+        rows = [n + _feed(p, more, header=False) for n, p, more in zip(rows, procs, (4, 8))]  # different files
+        results = [_ended(p) for p in procs]  # the first ends, then the second
+    finally:
+        for p in procs:
+            p.kill()
+    assert 100_000 < rows[0] < rows[1]
+    for (rc, out, err), n in zip(results, rows):
+        assert rc == 0, err
+        assert json.loads(out)["totals"]["exits"] == n
+    table = pq.read_table(out_path)  # the complete file of the run that ended last
+    assert table.num_rows == rows[1] and table["line"].to_pylist() == list(range(2, rows[1] + 2))
+    assert os.listdir(tmp_path) == ["exits.parquet"]
+
+
+def test_an_input_that_fails_on_read_is_one_line_and_exit_2():
+    # issue 18.8: /proc/self/mem opens but cannot be read at offset 0 (EIO): an OSError traceback;
+    # from standard input it was called "empty input"
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "from tdvmcall.cli import main; main()", "trace"]
+    r = subprocess.run([*cmd, "/proc/self/mem"], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr.startswith("tdvmcall: error: /proc/self/mem: cannot read") and r.stderr.count("\n") == 1
+    with open("/proc/self/mem", "rb") as mem:
+        r = subprocess.run([*cmd, "-"], stdin=mem, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr.startswith("tdvmcall: error: <stdin>: cannot read") and r.stderr.count("\n") == 1
+    assert "empty" not in r.stderr
+
+
+def test_standard_input_named_twice_is_refused(write):
+    # issue 18.16: `trace - -` read standard input, then found it empty: "empty input"
+    one_error_line(runner.invoke(app, ["trace", "-", "-"], input=fixture("ftrace")), "'-'", "2 times", "once")
+    path = write("t", fixture("ftrace"))
+    one_error_line(runner.invoke(app, ["trace", "-", path, "-"], input=fixture("ftrace")), "only once")
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_full_standard_output_is_one_line_and_exit_2(write, as_json):
+    # issue 18.7: `tdvmcall trace ... > /dev/full` was an OSError traceback, exit 1 (a finding, to CI)
+    import subprocess
+    import sys
+
+    path = write("wide", wide_trace())
+    cmd = [sys.executable, "-c", "from tdvmcall.cli import main; main()", "trace", path]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cmd + (["--json"] if as_json else []), stdout=full, stderr=subprocess.PIPE, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith("tdvmcall: error: cannot write standard output (No space left on device)"), err

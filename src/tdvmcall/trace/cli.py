@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import sys
+import textwrap
 import time
 from enum import Enum
 from typing import Annotated
@@ -18,10 +19,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from ..console import fail
+from ..console import fail, output_file
 from .io import TraceInputError
 
 #: inputs at least this large (on disk) get a progress display when stderr is a terminal
@@ -156,6 +158,8 @@ def register(app: typer.Typer) -> None:
         if top < 0:
             fail(f"--top {top}: a count cannot be negative")
         td_pids = _parse_td(td)
+        if files.count("-") > 1:  # the second reading would find it empty: say so instead
+            fail(f"'-' (standard input) is given {files.count('-')} times; it can be read only once")
         plot_format = _check_outputs(files, plot_file, parquet_file)
         if parquet_file:  # pyarrow's default allocator (mimalloc) keeps what Parquet batches free:
             os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # 265 MB peak instead of 323
@@ -181,7 +185,8 @@ def register(app: typer.Typer) -> None:
             from .plot import plot  # matplotlib: only for the plot
 
             try:
-                plot(audit, td_tasks, plot_file, plot_format)
+                with output_file(plot_file) as partial:  # the final name only ever holds a whole plot
+                    plot(audit, td_tasks, str(partial), plot_format)
             except OSError as e:
                 fail(f"--plot {plot_file}: cannot write: {e.strerror or e}")
         if as_json:
@@ -296,25 +301,56 @@ def show(r: dict, console: Console) -> None:
     def counts_table(title: str, rows: list[dict], keys: list[tuple[str, str]]) -> None:
         if not rows:
             return
-        tab = Table(title=title, title_justify="left")
-        for _, head in keys:
-            tab.add_column(head, overflow="fold")
-        for head in ("exits", *(h for _, h in verdict_cols), "refused %"):
-            tab.add_column(head, justify="right", overflow="fold")
-        for row in rows:
-            cells = [("yes" if row[k] else "no") if k == "td" else str(row[k]) for k, _ in keys]
-            nums = [f"{row['exits']:,}", *[f"{row[c]:,}" for c, _ in verdict_cols], _pct(row["refused_share"])]
-            tab.add_row(*(Text(c) for c in cells + nums))  # Text: a "[...]" in a value is not markup
-        console.print(tab)
+        heads = [(head, False) for _, head in keys]
+        heads += [(head, True) for head in ("exits", *(h for _, h in verdict_cols), "refused %")]
+        cells = [
+            [("yes" if row[k] else "no") if k == "td" else str(row[k]) for k, _ in keys]
+            + [f"{row['exits']:,}", *[f"{row[c]:,}" for c, _ in verdict_cols], _pct(row["refused_share"])]
+            for row in rows
+        ]
+        table_or_records(console, title, heads, cells)
 
     counts_table("per process", r["per_process"], [("process", "process"), ("comm", "comm"), ("td", "TD")])
     counts_table("per vCPU", r["per_vcpu"], [("task_label", "task"), ("vcpu", "vCPU"), ("td", "TD")])
     counts_table("TDVMCALL exits of TDs, per reason", r["per_reason"], [("reason_name", "reason")])
     counts_table("TDVMCALL exits of TDs, per mask", r["per_mask"], [("mask", "mask"), ("registers", "registers")])
     if r["top_offending"]:
-        tab = Table(title="top offending (reason, mask)", title_justify="left")
-        for col in ("reason", "mask", "exits", "verdict", "detail"):
-            tab.add_column(col, justify="right" if col == "exits" else "left", overflow="fold")
-        for p in r["top_offending"]:
-            tab.add_row(*(Text(c) for c in (p["reason"], p["mask"], f"{p['exits']:,}", p["verdict"], p["detail"])))
+        table_or_records(
+            console,
+            "top offending (reason, mask)",
+            [("reason", False), ("mask", False), ("exits", True), ("verdict", False), ("detail", False)],
+            [[p["reason"], p["mask"], f"{p['exits']:,}", p["verdict"], p["detail"]] for p in r["top_offending"]],
+            wrap=("detail",),
+        )
+
+
+def table_or_records(
+    console: Console, title: str, heads: list[tuple[str, bool]], rows: list[list[str]], wrap: tuple[str, ...] = ()
+) -> None:
+    """A table whose values are never cut: every cell but those of the ``wrap`` columns (long
+    text, folded at its spaces) keeps its whole value on one line.  When such a table is wider than
+    the console (a narrow terminal), each row is printed as ``head value`` items instead, as many
+    to a line as fit, a line broken only between items (or at the spaces of a long text)."""
+    tab = Table(title=title, title_justify="left")
+    for head, right in heads:
+        folds = head in wrap
+        tab.add_column(head, justify="right" if right else "left", no_wrap=not folds, overflow="fold")
+    for cells in rows:
+        tab.add_row(*(Text(c) for c in cells))  # Text: a "[...]" in a value is not markup
+    if Measurement.get(console, console.options.update_width(1 << 16), tab).minimum <= console.width:
         console.print(tab)
+        return
+    console.print(Text(title, style="italic"))
+    width = max(console.width - 4, 20)
+    for cells in rows:
+        lines: list[str] = []
+        for (head, _), value in zip(heads, cells):
+            item = f"{head} {value}"
+            if len(item) > width:  # a long text: folded at its spaces, never inside a word
+                lines += textwrap.wrap(item, width, break_long_words=False, break_on_hyphens=False)
+            elif lines and len(lines[-1]) + 2 + len(item) <= width:
+                lines[-1] += f"; {item}"
+            else:
+                lines.append(item)
+        for k, text in enumerate(lines):
+            console.print(("- " if k == 0 else "  ") + text, markup=False, highlight=False, soft_wrap=True)

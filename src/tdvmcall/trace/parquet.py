@@ -6,12 +6,14 @@ the plot."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..console import output_file
 from .rows import Columns, ReasonTable, TaskTable, is_tdvmcall_reason
 from .verdict import classify_rows
 
@@ -44,27 +46,36 @@ class ParquetSink:
     """Writes parsed exits to ``path``.  Whether a task is a TD is known only at the end (when it
     is inferred), so rows go to a temporary file first (task and reason ids) and are rewritten,
     batch by batch, with tasks and reasons named and the ``td``, ``kind``, ``verdict`` and
-    ``missing`` columns added."""
+    ``missing`` columns added.
+
+    Nothing partial is ever left under a name: the rows' file has no name at all (an anonymous
+    temporary file in the output's folder, gone when closed or when the process ends, however it
+    ends), and the output is written under a unique temporary name and renamed to ``path`` only when
+    complete (``console.output_file``: an interrupt removes it).  Two runs writing the same file
+    share nothing; the last to finish leaves its complete file."""
 
     def __init__(self, path: str, tasks: TaskTable, reasons: ReasonTable):
         self.path = path
-        self.tmp = path + ".partial"
         self.tasks, self.reasons = tasks, reasons
+        self._rows = None  # the anonymous temporary file, opened with the first rows
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, rows: Columns, source: str) -> None:
         t = pa.table({**rows, "source": pa.array([source] * len(rows["line"]), pa.string())})
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, t.schema, compression="zstd", write_statistics=False)
+            folder = os.path.dirname(os.path.abspath(self.path))
+            self._rows = tempfile.TemporaryFile(prefix=".tdvmcall-rows.", dir=folder)  # noqa: SIM115 - closed by discard()
+            self._writer = pq.ParquetWriter(self._rows, t.schema, compression="zstd", write_statistics=False)
         self._writer.write_table(t)
 
     def discard(self) -> None:
-        """Stop without writing (the audit failed): remove the temporary file."""
+        """Stop without writing (the audit failed): drop the rows."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        if self._rows is not None:
+            self._rows.close()
+            self._rows = None
 
     def close(self, td: set[int]) -> None:
         tasks, reasons = self.tasks.tasks, self.reasons.reasons
@@ -77,11 +88,18 @@ class ParquetSink:
         flags = pa.array([r.flags for r in reasons], pa.string())
         has_mask = np.array([is_tdvmcall_reason(r) for r in reasons], bool)
         schema = parquet_schema()
-        out = pq.ParquetWriter(self.path, schema, compression="zstd")
+        with output_file(self.path) as partial:
+            self._rewrite(partial, schema, comm, pid, tgid, is_td, name, flags, has_mask, reasons)
+
+    def _rewrite(self, partial, schema, comm, pid, tgid, is_td, name, flags, has_mask, reasons) -> None:
+        out = pq.ParquetWriter(str(partial), schema, compression="zstd")
         try:
             if self._writer is not None:
                 self._writer.close()
-                rows = pq.ParquetFile(self.tmp)
+                self._writer = None
+                assert self._rows is not None
+                self._rows.seek(0)
+                rows = pq.ParquetFile(self._rows)
                 for group in range(rows.num_row_groups):  # a chunk's rows (iter_batches reads far ahead)
                     batch = rows.read_row_group(group)
                     task = batch["task"]
@@ -112,8 +130,7 @@ class ParquetSink:
                     )
         finally:
             out.close()
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            self.discard()
 
 
 def _classes(reasons: list, td: np.ndarray, rid: np.ndarray, mask: np.ndarray) -> tuple[pa.Array, ...]:
