@@ -199,7 +199,7 @@ def register(app: typer.Typer) -> None:
 
 
 def report_console() -> Console:
-    """Where the table report goes: the terminal at its width (cells fold, never cut), or, when
+    """Where the table report goes: the terminal at its width (a table too wide: one entry per row), or, when
     standard output is a file or a pipe, wide enough that no row is wrapped or cut."""
     console = Console()
     return console if console.is_terminal else Console(width=1 << 16)
