@@ -30,7 +30,11 @@ EXPECTED = {
     "guest_rdmsr": ("Instruction.RDMSR", 31, {"r12": 0x1B}),
     "guest_mapgpa_inner": ("MapGPA", 0x10001, {}),
     "guest_fatal": ("ReportFatalError", 0x10003, {"r12": 0}),
+    "guest_map_retry": ("MapGPA", 0x10001, {}),
 }
+#: hoisted.s (linked into the shared objects): guest_hypercall(32, 0x1b, 0) through a register loaded
+#: from the GOT before a loop
+HOISTED = ("Instruction.WRMSR", 32, {"r12": 0x1B})
 MASK = 0xFC00
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed: the guests cannot be built")
@@ -44,8 +48,9 @@ def build(tmp: Path, kind: str, opt: str) -> Path:
         out, extra = tmp / f"guest-{opt}", [*src, str(DATA / "main.c")]
     elif kind == "obj":
         out, extra = tmp / f"guest-{opt}.o", ["-c", "-ffunction-sections", *src]
-    else:
-        out, extra = tmp / f"guest-{opt}.so", ["-fPIC", "-shared", *src]
+    else:  # a shared object: calls through the PLT, or (-fno-plt) through GOT slots
+        noplt = ["-fno-plt"] if kind == "so-noplt" else []
+        out, extra = tmp / f"guest-{kind}-{opt}.so", ["-fPIC", "-shared", *noplt, *src, str(DATA / "hoisted.s")]
     subprocess.run(["gcc", *flags, "-o", str(out), *extra], check=True, capture_output=True)
     return out
 
@@ -63,12 +68,14 @@ def caller(site) -> str:
 
 @needs_gcc
 @needs_unicorn
-@pytest.mark.parametrize("kind", ["exe", "obj", "so"])
+@pytest.mark.parametrize("kind", ["exe", "obj", "so", "so-noplt"])
 @pytest.mark.parametrize("opt", ["O0", "O2"])
 def test_every_call_of_the_guest_is_resolved_as_its_source_says(tmp_path: Path, kind: str, opt: str) -> None:
     sites = scan(build(tmp_path, kind, opt))
     got = {caller(s): s for s in sites}
-    for fn, (call, r11, inputs) in EXPECTED.items():
+    expected = {**EXPECTED, "guest_hoisted": HOISTED} if kind.startswith("so") else EXPECTED
+    assert set(got) <= {*expected, "guest_unknown"}, "a call path the source does not have"
+    for fn, (call, r11, inputs) in expected.items():
         assert fn in got, f"{fn}'s call not found ({sorted(got)})"
         s = got[fn]
         assert s.mask == MASK, fn
@@ -81,7 +88,7 @@ def test_every_call_of_the_guest_is_resolved_as_its_source_says(tmp_path: Path, 
 
 @needs_gcc
 @needs_unicorn
-@pytest.mark.parametrize("kind", ["exe", "obj", "so"])
+@pytest.mark.parametrize("kind", ["exe", "obj", "so", "so-noplt"])
 @pytest.mark.parametrize("opt", ["O0", "O2"])
 def test_a_leaf_known_only_at_run_time_stays_unresolved(tmp_path: Path, kind: str, opt: str) -> None:
     """guest_unknown passes a global's run-time value as the leaf: no run may pin it (precision)."""
@@ -116,6 +123,29 @@ def test_relocatable_object_calls_are_found_through_relocations(tmp_path: Path) 
     callers = image.callers(start)
     assert {image.function_of(c)[1] for c in callers} >= {"guest_halt", "guest_outb", "guest_rdmsr"}
     assert "memset" in set(image.stubs.values())
+
+
+@needs_gcc
+@needs_unicorn
+def test_callers_through_got_slots_and_a_register_loaded_from_one(tmp_path: Path) -> None:
+    """With -fno-plt every call to guest_hypercall is ``call [rip+slot]`` (its GOT slot, filled by a
+    GLOB_DAT relocation); hoisted.s loads the slot into RBX once and calls RBX in a loop: both are
+    callers, and the PLT entries of the PLT build are aliases of their targets, not callers."""
+    image = deep.load_elf(build(tmp_path, "so-noplt", "O2").read_bytes())
+    start = next(a for a, n in image.functions.items() if n == "guest_hypercall")
+    names = {image.function_of(c)[1] for c in image.callers(start)}
+    assert {"guest_halt", "guest_outb", "guest_hoisted", "guest_map_retry"} <= names
+    plt = deep.load_elf(build(tmp_path, "so", "O2").read_bytes())
+    start = next(a for a, n in plt.functions.items() if n == "guest_hypercall")
+    assert {plt.function_of(c)[1] for c in plt.callers(start)} == {
+        "guest_halt",
+        "guest_outb",
+        "guest_rdmsr",
+        "guest_unknown",
+        "guest_mapgpa_inner",
+        "guest_map_retry",
+        "guest_hoisted",
+    }
 
 
 # --- a Rust guest: registers by pointer to an assembly stub, bitflags-style masks, a retry loop -------

@@ -106,6 +106,7 @@ MEMSET = frozenset({"memset", "__memset_chk"})
 FIXED_WRITABLE = (".got", ".got.plt", ".data.rel.ro", ".init_array", ".fini_array", ".dynamic", ".idata")
 
 SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 0x1, 0x2, 0x4
+ENDBR64 = b"\xf3\x0f\x1e\xfa"
 SHT_PROGBITS, SHT_SYMTAB, SHT_RELA, SHT_NOBITS, SHT_DYNSYM = 1, 2, 4, 8, 11
 STT_NOTYPE, STT_FUNC, STT_SECTION = 0, 2, 3
 SHN_UNDEF, SHN_ABS, SHN_COMMON = 0, 0xFFF1, 0xFFF2
@@ -210,7 +211,7 @@ class Loaded:
                 # call/jmp qword [rip+disp] through a GOT slot the loader filled (Rust's -Z plt=no,
                 # gcc's -fno-plt, a static PIE's relocated GOT)
                 slots = self.got_slots()
-                if slots:
+                if slots and not s.name.startswith(".plt"):  # a PLT entry's jump is an alias, not a caller
                     pos = np.flatnonzero((arr[: max(n - 5, 0)] == 0xFF) & np.isin(arr[1 : max(n - 4, 1)], (0x15, 0x25)))
                     disp = (
                         arr[pos + 2].astype(np.int64)
@@ -223,6 +224,26 @@ class Loaded:
                         if (tgt := slots.get(sl)) is not None:
                             tg.append(np.array([tgt - base], np.int64))
                             src.append(np.array([p_ + s.addr - base], np.int64))
+                    # mov reg, [rip+slot] then call reg (the compiler hoisted the GOT load out of a loop)
+                    keys = np.array(sorted(slots), dtype=np.uint64)
+                    pos = np.flatnonzero(
+                        np.isin(arr[: max(n - 6, 0)], (0x48, 0x4C))
+                        & (arr[1 : max(n - 5, 1)] == 0x8B)
+                        & ((arr[2 : max(n - 4, 2)] & 0xC7) == 0x05)
+                    )
+                    disp = (
+                        arr[pos + 3].astype(np.int64)
+                        | arr[pos + 4].astype(np.int64) << 8
+                        | arr[pos + 5].astype(np.int64) << 16
+                        | arr[pos + 6].astype(np.int64) << 24
+                    )
+                    disp = np.where(disp >= 1 << 31, disp - (1 << 32), disp)
+                    sl = (pos + 7 + disp + s.addr).astype(np.uint64)
+                    hit = np.isin(sl, keys)
+                    for p_, slot in zip(pos[hit].tolist(), sl[hit].tolist()):
+                        for c in self._register_calls(s, p_):
+                            tg.append(np.array([slots[int(slot)] - base], np.int64))
+                            src.append(np.array([c - base], np.int64))
             t = np.concatenate(tg) if tg else np.zeros(0, np.int64)
             s_ = np.concatenate(src) if src else np.zeros(0, np.int64)
             order = np.argsort(t, kind="stable")
@@ -233,6 +254,28 @@ class Loaded:
             lo = int(np.searchsorted(t, want - base, "left"))
             hi = int(np.searchsorted(t, want - base, "right"))
             out += [int(x) + base for x in s_[lo:hi]]
+        return out
+
+    def _register_calls(self, s: Section, at: int) -> list[int]:
+        """The ``call reg`` instructions that follow the ``mov reg, [rip+slot]`` at offset ``at`` of
+        section ``s`` (up to 512 bytes on, in address order, until the register is written again or
+        a ``ret``).  A wrong guess costs runs, never a value: a run's call path must go through it."""
+        out: list[int] = []
+        dec = ix.Decoder(64, s.data[at : at + 512], ip=s.addr + at)
+        first = next(iter(dec), None)
+        if first is None:
+            return out
+        reg = reg_name(first.op0_register)
+        for ins in dec:
+            if ins.flow_control == ix.FlowControl.INDIRECT_CALL and ins.op0_kind == ix.OpKind.REGISTER:
+                if reg_name(ins.op0_register) == reg:
+                    out.append(ins.ip)
+                continue
+            if ins.flow_control in (ix.FlowControl.RETURN, ix.FlowControl.INTERRUPT, ix.FlowControl.EXCEPTION):
+                break
+            w = _written(ins) if ins.flow_control == ix.FlowControl.NEXT else set()
+            if w is not None and reg in w:
+                break
         return out
 
     def got_slots(self) -> dict[int, int]:
@@ -333,8 +376,10 @@ class Loaded:
     def is_call(self, addr: int) -> bool:
         """Whether the branch at ``addr`` is a ``call`` (not a tail-call ``jmp``: no return address)."""
         s = self.section_at(addr)
-        head = s.data[addr - s.addr : addr - s.addr + 2] if s is not None else b""
-        return head[:1] == b"\xe8" or head == b"\xff\x15"
+        if s is None:
+            return False
+        ins = next(iter(ix.Decoder(64, s.data[addr - s.addr : addr - s.addr + 15], ip=addr)), None)
+        return ins is not None and ins.flow_control in _CALLS
 
 
 def _cstr(b: bytes, i: int) -> str:
@@ -476,6 +521,7 @@ def load_elf(data: bytes) -> Loaded:
                 if s not in got:
                     got[s] = SYNTH + len(got_bytes)
                     got_bytes += struct.pack("<Q", s & U64)
+                    out.fixed_slots[got[s]] = struct.pack("<Q", s & U64)
                 val, n = got[s] + addend - p, 4
             else:
                 skipped[typ] = skipped.get(typ, 0) + 1
@@ -507,7 +553,9 @@ def load_elf(data: bytes) -> Loaded:
                 if ins.mnemonic == ix.Mnemonic.JMP and ins.is_ip_rel_memory_operand:
                     tgt = slots.get(ins.ip_rel_memory_address)
                     if tgt is not None and tgt not in out.stubs:
-                        out.aliases[ins.ip & ~0xF] = tgt
+                        # the entry starts at the jump, or at the endbr64 just before it (.plt.sec)
+                        at = ins.ip - 4 if s.data[ins.ip - s.addr - 4 : ins.ip - s.addr] == ENDBR64 else ins.ip
+                        out.aliases[at] = tgt
     return out
 
 

@@ -59,3 +59,13 @@ __attribute__((noinline)) void guest_unknown(void) { guest_hypercall(guest_leaf_
 /* level 3: through one more wrapper */
 __attribute__((noinline)) uint64_t guest_mapgpa_inner(uint64_t gpa) { return guest_hypercall(0x10001, gpa, 0x1000); }
 __attribute__((noinline)) uint64_t guest_mapgpa(void) { return guest_mapgpa_inner(0x8000); }
+
+/* a retry loop: with -fno-plt at -O2 the address of guest_hypercall is loaded from the GOT once,
+ * before the loop, and called through a register */
+__attribute__((noinline)) int guest_map_retry(uint64_t gpa)
+{
+    for (int i = 0; i < 3; i++)
+        if (guest_hypercall(0x10001, gpa, 0x2000) == 0)
+            return 1;
+    return 0;
+}
