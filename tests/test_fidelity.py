@@ -7,6 +7,7 @@ function), or off the platform values the test supplies itself; none is read bac
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -665,3 +666,127 @@ def test_a_hardened_internal_error_goes_to_userspace_too():
     # the exposed XMM holds the VMM thread's value
     r = run({"rcx": hex(0xFBCC | 1 << 16), "r11": 10, "xmm": {"xmm0": hex(XMM0)}})
     assert r["kvm"]["verdict"] == "internal_error" and r["guest_xmm_unknown"] == ["xmm0"]
+
+
+# =====================================================================================================
+# Issue 17 item 1: trees.  kvm/trees.py holds one rule per tree; every expected value below was read in
+# that tree's arch/x86/kvm/vmx/tdx.c: v6.16.1 (KT0511/linux-6.16.1 @30b97c8) tdx_to_vmx_exit_reason()
+# line 900, `switch (exit_reason)` on the u32 at 918, tdx_handle_exit() 2041; 7.3.4 (Debian
+# linux-source-7.3 7.3.4-1~bpo13+1) tdx_to_vmx_exit_reason() 938, `switch (exit_reason.basic)` at 955,
+# __tdx_handle_exit() 2053, tdx_handle_exit() 2165 (bus_lock_detected -> KVM_EXIT_X86_BUS_LOCK when the
+# handler returned > 0, KVM_RUN_X86_BUS_LOCK in run->flags always).
+# =====================================================================================================
+from tdvmcall.kvm.trees import TREES  # noqa: E402
+
+R10_R11 = "0xC00"
+
+
+@pytest.mark.parametrize("tree", ["kvm-x86", "v6.16"])
+def test_bus_lock_cpuid_with_r10_r11_only_is_subfunc_unsupported_where_the_whole_reason_is_compared(tree):
+    r = run({"rcx": R10_R11, "r11": 10, "r12": 1}, "hardened", td={"bus_lock": True}, tree=tree)
+    assert r["kvm"]["verdict"] == "completed" and r["kvm"]["status"] == H(SUBFUNC_UNSUPPORTED)
+    assert r["kvm"]["exit_reason"] == H(0x0400004D) and r["kvm"]["userspace_exits"] == []
+
+
+def test_v7_3_relabels_a_bus_lock_cpuid_so_hardened_refuses_r10_r11_only():
+    # 7.3 dispatches it as CPUID, which writes R12-R15: the hardened check must refuse the mask
+    r = run({"rcx": R10_R11, "r11": 10, "r12": 1}, "hardened", td={"bus_lock": True}, tree="v7.3")
+    assert r["kvm"]["leaf"] == "Instruction.CPUID" and r["kvm"]["verdict"] == "refused"
+    assert r["kvm"]["status"] == H(INVALID_OPERAND)
+    assert r["kvm"]["unexposed_outputs"] == ["r12", "r13", "r14", "r15"]
+    assert r["kvm"]["exit_reason"] == H(0x0400000A) and r["kvm"]["trace_reason"] == "CPUID 0x4000000"
+    # legacy KVM writes R12-R15 the guest did not expose: dropped by the module
+    legacy = run({"rcx": R10_R11, "r11": 10, "r12": 1}, "legacy", td={"bus_lock": True}, tree="v7.3")
+    assert legacy["kvm"]["dropped_writes"] == ["r12", "r13", "r14", "r15"]
+
+
+def test_v7_3_a_bus_lock_call_finished_in_the_kernel_exits_with_kvm_exit_x86_bus_lock():
+    r = run({"rcx": LINUX, "r11": 10, "r12": 0}, td={"bus_lock": True}, tree="v7.3")
+    assert r["kvm"]["userspace_exits"] == [{"reason": "KVM_EXIT_X86_BUS_LOCK", "run_flags": ["KVM_RUN_X86_BUS_LOCK"]}]
+    assert r["kvm"]["verdict"] == "userspace" and r["guest"]["r13"] == H(0x756E6547)  # CPUID 0 ran: "Genu"
+    without = run({"rcx": LINUX, "r11": 10, "r12": 0}, tree="v7.3")
+    assert without["kvm"]["userspace_exits"] == [] and without["kvm"]["exit_reason"] == H(10)
+
+
+def test_v7_3_a_bus_lock_call_that_exits_anyway_carries_the_flag():
+    r = run({"rcx": LINUX, "r11": 30, "r12": 1, "r13": 0, "r14": 0x3FD}, td={"bus_lock": True}, tree="v7.3")
+    (ev,) = r["kvm"]["userspace_exits"]
+    assert ev["reason"] == "KVM_EXIT_IO" and ev["run_flags"] == ["KVM_RUN_X86_BUS_LOCK"]
+    assert r["kvm"]["exit_reason"] == H(0x0400001E)  # IO_INSTRUCTION (30) with bit 26
+
+
+def test_v7_3_bus_lock_report_fatal_error_keeps_vp_enter_ret_and_flags_the_system_event():
+    r = run({"rcx": LINUX, "r11": FATAL, "r12": 0x10000}, td={"bus_lock": True}, tree="v7.3")
+    ev = _fatal_exit(r)
+    assert ev["data"][0] == H(0x0400004D) and ev["run_flags"] == ["KVM_RUN_X86_BUS_LOCK"]
+
+
+def test_v7_3_bus_lock_exit_to_userspace_hands_exposed_xmms_the_vmm_threads():
+    r = run(_xmm_guest(r11=10, r12=1), td={"bus_lock": True}, tree="v7.3")
+    assert r["guest_xmm_unknown"] == ["xmm0"]
+    assert run(_xmm_guest(r11=10, r12=1), td={"bus_lock": True})["guest_xmm_unknown"] == []  # kvm-x86
+
+
+def test_v7_3_shares_kvm_x86s_map_gpa_completion_and_msr_allow_list():
+    gpa = {"rcx": LINUX, "r11": 0x10001, "r12": hex(SHARED_BIT), "r13": 0x1000}
+    eagain = {"userspace": {"hypercall_ret": [11]}}
+    assert run(gpa, platform=eagain, tree="v7.3")["kvm"]["status"] == H(0x0000000000000001)  # RETRY
+    assert run(gpa, platform=eagain, tree="v6.16")["kvm"]["status"] == H(INVALID_OPERAND)
+    # ISR1 (0x811): not on the 7.3 allow-list; the v6.16 deny-list let it through
+    assert rdmsr(0x811, tree="v7.3")["status"] == H(INVALID_OPERAND)
+    assert rdmsr(0x811, tree="v6.16")["status"] is None
+
+
+def test_the_tree_rules_name_each_trees_functions():
+    assert [TREES[t].exit_dispatcher for t in ("kvm-x86", "v6.16", "v7.3")] == [
+        "tdx_handle_exit",
+        "tdx_handle_exit",
+        "__tdx_handle_exit",
+    ]
+    assert [TREES[t].relabel for t in ("kvm-x86", "v6.16", "v7.3")] == ["whole-reason", "whole-reason", "basic"]
+
+
+LINUX_73_TDX_C = Path("/work/scratch/linux-7.3/linux-source-7.3/arch/x86/kvm/vmx/tdx.c")
+
+
+@pytest.mark.skipif(
+    not LINUX_73_TDX_C.exists(),
+    reason="needs Debian's linux-source-7.3 7.3.4-1~bpo13+1 unpacked at /work/scratch/linux-7.3 (the lines of the "
+    "v7.3 rule are checked against it)",
+)
+def test_the_v7_3_rule_cites_the_lines_of_its_source():
+    lines = LINUX_73_TDX_C.read_text().splitlines()
+    for function, line in TREES["v7.3"].lines.items():
+        assert function + "(" in lines[line - 1], (function, line, lines[line - 1])
+    assert "switch (exit_reason.basic)" in lines[955 - 1]
+
+
+def test_the_published_schema_lists_every_tree():
+    from importlib import resources
+
+    schema = json.loads(resources.files("tdvmcall").joinpath("data/vector.schema.json").read_text())
+    assert schema["$defs"]["scenario"]["properties"]["kvm"]["properties"]["tree"]["enum"] == list(TREES)
+
+
+def test_run_sweep_and_vectors_take_the_tree(tmp_path):
+    scenario = tmp_path / "s.json"
+    scenario.write_text(json.dumps({"td": {"bus_lock": True}, "guest": {"rcx": R10_R11, "r11": 10, "r12": 1}}))
+    r = runner.invoke(app, ["run", str(scenario), "--json", "--tree", "v7.3"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["kvm"]["verdict"] == "refused"
+    r = runner.invoke(app, ["run", str(scenario), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["kvm"]["verdict"] == "completed"  # kvm-x86
+    for args in (
+        ["run", str(scenario), "--tree", "v9"],
+        ["sweep", "--tree", "v9"],
+        ["vectors", "export", str(tmp_path / "v"), "--tree", "v9"],
+    ):
+        bad = runner.invoke(app, args)
+        assert bad.exit_code == 2 and "--tree" in bad.output, args
+    r = runner.invoke(app, ["sweep", "--tree", "v7.3", "--call", "CPUID", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["tree"] == "v7.3"
+    r = runner.invoke(app, ["vectors", "export", str(tmp_path / "c"), "--tree", "v7.3"])
+    assert r.exit_code == 0
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert index["tree"] == "v7.3"
+    first = json.loads((tmp_path / "c" / index["files"][0]["file"]).read_text())
+    assert first["scenario"]["kvm"]["tree"] == "v7.3"

@@ -58,7 +58,9 @@ def check(
     no_rbp_mod: bool = typer.Option(
         True, "--no-rbp-mod/--rbp-mod", help="The TD's NO_RBP_MOD attribute (on: as Linux KVM creates every TD)."
     ),
-    tree: str = typer.Option("kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026) or v6.16."),
+    tree: str = typer.Option(
+        "kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026), v6.16 (v6.16.1) or v7.3 (7.3.4); docs/model.md, Fidelity."
+    ),
     guest: list[str] | None = typer.Option(None, "--guest", help="Only these guests of the catalog (repeatable)."),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON document: summary, errors and one object per site and call."

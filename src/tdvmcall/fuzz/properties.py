@@ -86,6 +86,7 @@ from ..kvm.tdx import (
     KvmResult,
     KvmVcpu,
 )
+from ..kvm.trees import DEFAULT_TREE, KVM_EXIT_X86_BUS_LOCK, RELABEL_WHOLE_REASON, TREES
 from ..module import TdConfig, VcpuState, tdg_vp_vmcall, tdh_vp_enter
 
 PROPERTIES = (
@@ -564,20 +565,22 @@ ABI_HYPERCALL: tuple[str, Writes] = ("a KVM hypercall", (("any", "r10", None),))
 _HANDLE_TDVMCALL_R11 = range(0x10000, 0x10005)
 
 
-def ghci_leaf(vmm: list[int]) -> int | None:
+def ghci_leaf(vmm: list[int], tree: str = DEFAULT_TREE) -> int | None:
     """The R11 KVM's GHCI switch acts on for these VMM registers, or None for a KVM hypercall.
-    R10 != 0 is a hypercall (ABI §4), except on a bus-lock exit (exit reason bit 26, ABI §3): KVM
-    does not re-label that reason and ``handle_tdvmcall()`` switches on R11 alone, so only its own
-    leaves 0x10000..0x10004 run and anything else is an unhandled GHCI leaf (kvm-x86 ``tdx.c``
-    ``tdx_to_vmx_exit_reason()``, ``handle_tdvmcall()``; docs/model.md, "Bus-lock exits")."""
-    if vmm[RAX] >> 26 & 1:
+    R10 != 0 is a hypercall (ABI §4), except on a bus-lock exit (exit reason bit 26, ABI §3) in a
+    tree that compares the whole reason (kvm-x86, v6.16: ``TreeRule.relabel``): KVM does not
+    re-label that reason and ``handle_tdvmcall()`` switches on R11 alone, so only its own leaves
+    0x10000..0x10004 run and anything else is an unhandled GHCI leaf (kvm-x86 ``tdx.c``
+    ``tdx_to_vmx_exit_reason()``, ``handle_tdvmcall()``; docs/model.md, "Bus-lock exits").  7.3
+    switches on the basic reason and dispatches a bus-lock exit like any other."""
+    if vmm[RAX] >> 26 & 1 and TREES[tree].relabel == RELABEL_WHOLE_REASON:
         return vmm[R11] if vmm[R11] in _HANDLE_TDVMCALL_R11 else -1
     return None if vmm[R10] != 0 else vmm[R11]
 
 
-def abi_writes(vmm: list[int], failed: bool) -> tuple[str, list[str]]:
+def abi_writes(vmm: list[int], failed: bool, tree: str = DEFAULT_TREE) -> tuple[str, list[str]]:
     """What ABI §4 says a call with these VMM registers writes, given whether it failed."""
-    r11 = ghci_leaf(vmm)
+    r11 = ghci_leaf(vmm, tree)
     name, rows = ABI_HYPERCALL if r11 is None else ABI_WRITES.get(r11, ABI_OTHER_GHCI)
     want = ("any", "failure" if failed else "success")
     out: list[str] = []
@@ -587,9 +590,9 @@ def abi_writes(vmm: list[int], failed: bool) -> tuple[str, list[str]]:
     return name, out
 
 
-def abi_values(vmm: list[int], wrote: dict[str, int]) -> list[str]:
+def abi_values(vmm: list[int], wrote: dict[str, int], tree: str = DEFAULT_TREE) -> list[str]:
     """The values ABI §4 fixes, as (register, wrote, expected) lines for those that differ."""
-    r11 = ghci_leaf(vmm)
+    r11 = ghci_leaf(vmm, tree)
     want: dict[str, int] = {}
     if r11 == 0x10000:
         if vmm[R12] == 0:
@@ -610,13 +613,13 @@ def check_outputs(vmm: list[int], k: KvmResult) -> None:
     """Completeness, under either policy, for a call whose handler ran: KVM wrote exactly the
     registers ``ABI_WRITES`` lists for the call's inputs and outcome, with the values the ABI fixes."""
     failed = k.wrote.get("r10", 0) != 0
-    name, want = abi_writes(vmm, failed)
+    name, want = abi_writes(vmm, failed, k.tree)
     outcome = "failure" if failed else "success"
     missing = [r for r in want if r not in k.wrote]
     require(not missing, "completeness", lambda: f"{name} ({outcome}) did not write {missing} (ABI §4)")
     extra = [r for r in k.wrote if r not in want]
     require(not extra, "completeness", lambda: f"{name} ({outcome}) wrote {extra}, which ABI §4 leaves untouched")
-    bad = abi_values(vmm, k.wrote)
+    bad = abi_values(vmm, k.wrote, k.tree)
     require(not bad, "completeness", lambda: f"{name}: {'; '.join(bad)} (ABI §4)")
 
 
@@ -633,6 +636,9 @@ def check_hardened(before: VcpuState, rt: RoundTrip, pre: Platform, platform: Pl
     gpr, _ = _exposed(ex.control)
     exposed = set(names_in(gpr, 16))
     unmet = [r for r in table_need(k.leaf, ex.vmm) if r not in exposed]
+    # a tree whose tdx_handle_exit() exits to userspace after a bus lock (7.3: TreeRule.bus_lock_user_exit)
+    # does so for a refused call too: that exit is the bus lock's, not the call's
+    bus_lock_exit = TREES[k.tree].bus_lock_user_exit and bool(ex.vmm[RAX] >> 26 & 1)
     # R10 unexposed: no status can reach the guest, an internal error and nothing else
     if "r10" not in exposed:
         require(k.verdict == VERDICT_INTERNAL_ERROR, "refusal", f"R10 not exposed but verdict {k.verdict}")
@@ -646,8 +652,13 @@ def check_hardened(before: VcpuState, rt: RoundTrip, pre: Platform, platform: Pl
         return
     if k.verdict == VERDICT_REFUSED:
         require(bool(unmet), "refusal", f"{k.leaf.name} refused although every register it needs is exposed")
-        require(state(platform) == state(pre), "refusal", "a refused call changed the platform")
-        require(not k.userspace_exits, "refusal", "a refused call exited to userspace")
+        now = state(platform)
+        if bus_lock_exit:
+            old, new = platform.exits[: len(pre.exits)], platform.exits[len(pre.exits) :]
+            now["exits"] = old + [e for e in new if e["reason"] != KVM_EXIT_X86_BUS_LOCK]
+        require(now == state(pre), "refusal", "a refused call changed the platform")
+        calls_exits = [e for e in k.userspace_exits if not (bus_lock_exit and e["reason"] == KVM_EXIT_X86_BUS_LOCK)]
+        require(not calls_exits, "refusal", "a refused call exited to userspace")
         require(
             k.wrote == {"r10": TDVMCALL_INVALID_OPERAND},
             "refusal",

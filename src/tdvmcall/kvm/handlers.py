@@ -36,6 +36,7 @@ from .platform import (
     PAGE_SIZE,
     Platform,
 )
+from .trees import MAP_GPA_ANY_INVALID
 
 MAP_GPA_MAX_LEN = 2 * 1024 * 1024  # TDX_MAP_GPA_MAX_LEN: one userspace exit per 2 MiB
 
@@ -99,7 +100,8 @@ def map_gpa(io: Access, p: Platform) -> None:
     """tdx_map_gpa() and its completion tdx_complete_vmcall_map_gpa(): check the range, then one
     KVM_EXIT_HYPERCALL (MAP_GPA_RANGE) per chunk of at most 2 MiB.  Userspace's ret: 0 goes on,
     EAGAIN is RETRY, EINVAL INVALID_OPERAND (R11 = the refused chunk); any other value makes KVM_RUN
-    fail with -EINVAL (:class:`RunFailed`; v6.16: INVALID_OPERAND for every non-zero ret)."""
+    fail with -EINVAL (:class:`RunFailed`; the tree's rule ``map_gpa_userspace_errors``: v6.16 answers
+    INVALID_OPERAND for every non-zero ret)."""
     gpa, size = io.read("r12"), io.read("r13")
     end = (gpa + size) & U64
 
@@ -121,7 +123,7 @@ def map_gpa(io: Access, p: Platform) -> None:
     while True:
         chunk = min(MAP_GPA_MAX_LEN, end - nxt)
         ret = p.hypercall_exit(12, (nxt & ~p.shared_bit, chunk // PAGE_SIZE, attrs))
-        if ret != 0 and p.tree == "v6.16":
+        if ret != 0 and p.rule.map_gpa_userspace_errors == MAP_GPA_ANY_INVALID:
             # v6.16: any non-zero ret is INVALID_OPERAND
             return fail(TDVMCALL_INVALID_OPERAND, nxt)
         if ret == EAGAIN:

@@ -20,6 +20,7 @@ from ..abi.codes import (
     TDVMCALL_SUCCESS,
 )
 from ..abi.regs import U64
+from .trees import DEFAULT_TREE, KVM_EXIT_X86_BUS_LOCK, KVM_RUN_X86_BUS_LOCK, X2APIC_DENY_LIST, TreeRule, tree_rule
 
 KVM_EXIT_HYPERCALL = "KVM_EXIT_HYPERCALL"
 KVM_EXIT_TDX = "KVM_EXIT_TDX"
@@ -190,13 +191,14 @@ def x2apic_write_ok(index: int, value: int, mcg_cap: int) -> bool:
     return index in X2APIC_WRITABLE
 
 
-def tdx_has_emulated_msr(index: int, tree: str = "kvm-x86") -> bool:
-    """Whether KVM emulates this MSR for a TD (``tdx_has_emulated_msr()``): the kvm-x86 allow-list,
-    or, for ``tree="v6.16"``, the same non-APIC list plus every x2APIC index but the six its
-    deny-list caught.  Passing this filter is necessary, not sufficient: an x2APIC MSR then meets
-    KVM's lapic rules (:func:`x2apic_read_ok`, :func:`x2apic_write_ok`)."""
+def tdx_has_emulated_msr(index: int, tree: str = DEFAULT_TREE) -> bool:
+    """Whether KVM emulates this MSR for a TD (``tdx_has_emulated_msr()``), by the tree's rule
+    (``TreeRule.x2apic_msrs``): the allow-list (kvm-x86, v7.3), or the same non-APIC list plus every
+    x2APIC index but the six the v6.16 deny-list caught.  Passing this filter is necessary, not
+    sufficient: an x2APIC MSR then meets KVM's lapic rules (:func:`x2apic_read_ok`,
+    :func:`x2apic_write_ok`)."""
     if X2APIC_BASE <= index <= X2APIC_BASE + 0xFF:
-        if tree == "v6.16":
+        if tree_rule(tree).x2apic_msrs == X2APIC_DENY_LIST:
             return index not in V6_16_X2APIC_DENIED
         return index in TDX_EMULATED_X2APIC
     return any(lo <= index <= hi for lo, hi, _ in TDX_EMULATED_MSRS)
@@ -255,12 +257,17 @@ class Platform:
     pending_event: bool = False  # an interrupt is pending between MapGPA chunks
     apic_ids: tuple[int, ...] = (0, 1, 2, 3)
     host_clock_suitable: bool = True  # CLOCK_PAIRING needs a TSC-based host clock
-    tree: str = "kvm-x86"  # "kvm-x86" (2026) or "v6.16" (the v6.16.1 release, KT0511/linux-6.16.1 @30b97c8)
+    tree: str = DEFAULT_TREE  # a name of trees.TREES: "kvm-x86" (2026), "v6.16" (v6.16.1), "v7.3" (7.3.4)
     userspace: Userspace = field(default_factory=Userspace)
     # recorded side effects
     exits: list[dict[str, Any]] = field(default_factory=list)
     effects: list[str] = field(default_factory=list)
     memory: dict[int, int] = field(default_factory=dict)  # 8-byte words userspace devices hold (MMIO writes)
+
+    @property
+    def rule(self) -> TreeRule:
+        """The tree's rule (``trees.TREES``): how its KVM re-labels, dispatches and completes."""
+        return tree_rule(self.tree)
 
     # --- address helpers ----------------------------------------------------------------------
     @property
@@ -500,6 +507,12 @@ class Platform:
         nothing replaces it: the TDX module copies the VMM thread's XMMs into the guest's exposed
         ones at the next TDH.VP.ENTER (tdx-module ``tdh_vp_enter.c``)."""
         return len(self.exits) > since
+
+    def bus_lock_exit(self) -> None:
+        """7.3's ``tdx_handle_exit()`` after a bus lock when the call finished in the kernel:
+        KVM_RUN returns to userspace with KVM_EXIT_X86_BUS_LOCK and KVM_RUN_X86_BUS_LOCK in
+        ``run->flags``; userspace runs the vCPU again (nothing to complete)."""
+        self.exits.append({"reason": KVM_EXIT_X86_BUS_LOCK, "run_flags": [KVM_RUN_X86_BUS_LOCK]})
 
     def internal_error(self, why: str) -> None:
         self.exits.append({"reason": KVM_EXIT_INTERNAL_ERROR, "why": why})

@@ -41,6 +41,7 @@ from . import leaves as L
 from .handlers import RunFailed, handler_for
 from .platform import Platform
 from .regcache import ModelBug, RegCache
+from .trees import DEFAULT_TREE, KVM_RUN_X86_BUS_LOCK, RELABEL_BASIC
 
 POLICIES = ("legacy", "hardened")
 
@@ -86,13 +87,14 @@ class KvmResult:
     userspace_exits: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     exit_reason: int = EXIT_REASON_TDCALL  # the VMX exit reason KVM reports (kvm_exit, exit handlers)
-    bus_lock: bool = False  # the exit reason had bit 26 set: not re-labelled, dispatched on R11 only
+    bus_lock: bool = False  # the exit reason had bit 26 set (kvm-x86, v6.16: not re-labelled, R11 alone)
     run_error: int | None = None  # KVM_RUN's error (negative errno) when it failed; no resume
     notes: list[str] = field(default_factory=list)  # what the model wants a reader to know
     vmm_after_host: frozenset[int] = VMM_AFTER_HOST  # VMM GPRs at re-entry that hold host values
     #: the CPU's XMMs at re-entry are the VMM thread's, not the guest's (KVM_RUN went to userspace
     #: in between: Platform.returned_to_userspace); False: they still hold what the module loaded
     vmm_after_xmm_host: bool = False
+    tree: str = DEFAULT_TREE  # the kernel tree whose rules KVM followed (trees.TREES)
 
     @property
     def trace_reason(self) -> str:
@@ -204,13 +206,15 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     exposed = qual.gpr_names
     vals = {GPR_NAMES[i]: vmm[i] for i in range(NR_GPRS)}
 
-    # re-label: tdx_to_vmx_exit_reason() compares the whole reason (low 32 bits) with TDCALL, so any
-    # reason whose basic part (15:0) is TDCALL but that carries a flag bit stays TDCALL and goes to
-    # handle_tdvmcall() by its basic reason, which dispatches on R11 alone.  The module's only such
-    # reason is bit 26, bus lock detected (0x0400004D); the rule is KVM's for any flag bit, as the
-    # generated C applies it to any RAX
+    # re-label, by the tree's rule (trees.TreeRule): tdx_to_vmx_exit_reason() in kvm-x86 and v6.16
+    # compares the whole reason (low 32 bits) with TDCALL, so a reason whose basic part (15:0) is
+    # TDCALL but that carries a flag bit stays TDCALL and goes to handle_tdvmcall() by its basic
+    # reason, which dispatches on R11 alone; 7.3's switches on exit_reason.basic and re-labels it by
+    # its leaf like any other, flag kept.  The module's only such flag is bit 26, bus lock detected
+    # (0x0400004D); the rule is KVM's for any flag bit, as the generated C applies it to any RAX
+    rule = platform.rule
     reason = vmm[RAX] & 0xFFFFFFFF
-    not_relabelled = reason != EXIT_REASON_TDCALL and reason & 0xFFFF == EXIT_REASON_TDCALL
+    not_relabelled = rule.dispatches_on_r11_alone(reason)
     bus_lock = bool(reason & EXIT_REASON_BUS_LOCK_DETECTED)
 
     # dispatch: R10 != 0 is a KVM hypercall number, else R11 is the GHCI leaf
@@ -221,7 +225,8 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
     result = KvmResult(
         vcpu.policy, leaf, VERDICT_COMPLETED, None, vmm, missing=missing, unexposed_outputs=unexposed_outputs
     )
-    result.exit_reason = reason if not_relabelled else leaf.reason
+    result.exit_reason = rule.vmx_exit_reason(reason, leaf.reason)
+    result.tree = rule.name
     result.bus_lock = bus_lock
     if not_relabelled:
         if reason == EXIT_REASON_TDCALL | EXIT_REASON_BUS_LOCK_DETECTED:
@@ -229,8 +234,14 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
         else:
             why = f"exit reason {reason:#010x}: TDCALL with flag bits {reason & ~0xFFFF:#x}"
         result.notes.append(
-            f"{why}: KVM does not re-label the exit and dispatches on R11 alone ({leaf.name}); instruction "
-            "leaves and KVM hypercalls get SUBFUNC_UNSUPPORTED unless R11 is 0x10000..0x10004"
+            f"{why}: KVM ({rule.name}) does not re-label the exit and dispatches on R11 alone ({leaf.name}); "
+            "instruction leaves and KVM hypercalls get SUBFUNC_UNSUPPORTED unless R11 is 0x10000..0x10004"
+        )
+    elif bus_lock and rule.relabel == RELABEL_BASIC:
+        result.notes.append(
+            f"bus lock detected (exit reason {reason:#010x}, bit 26): KVM ({rule.name}) re-labels the exit by its "
+            f"leaf all the same ({leaf.name}, reason {result.exit_reason:#010x}: tdx_to_vmx_exit_reason() switches "
+            "on exit_reason.basic)"
         )
 
     if vcpu.policy == "legacy":
@@ -273,6 +284,19 @@ def handle_tdvmcall(vcpu: KvmVcpu, exit: VmcallExit, platform: Platform) -> KvmR
 
     result.wrote = dict(io.wrote)
     result.status = io.wrote.get("r10")
+    # 7.3's tdx_handle_exit() after a bus lock: a call handled in the kernel (ret > 0) becomes a
+    # KVM_EXIT_X86_BUS_LOCK exit to userspace; an exit already on its way gets KVM_RUN_X86_BUS_LOCK
+    if rule.bus_lock_exits_to_userspace(reason):
+        if len(platform.exits) == exits_before:
+            platform.bus_lock_exit()
+        else:
+            first = platform.exits[exits_before]
+            first["run_flags"] = [*first.get("run_flags", []), KVM_RUN_X86_BUS_LOCK]
+        result.notes.append(
+            f"bus lock detected: tdx_handle_exit() ({rule.name}) returns to userspace "
+            f"({platform.exits[exits_before]['reason']}, KVM_RUN_X86_BUS_LOCK in run->flags); the guest resumes "
+            "when userspace runs the vCPU again"
+        )
     result.userspace_exits = platform.exits[exits_before:]
     result.vmm_after_xmm_host = platform.returned_to_userspace(exits_before)
     if result.verdict == VERDICT_COMPLETED and result.userspace_exits:

@@ -55,7 +55,9 @@ def scan(
     policy: str = typer.Option(
         "hardened", "--policy", help="The KVM policy the exit status follows: hardened or legacy."
     ),
-    tree: str = typer.Option("kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026) or v6.16."),
+    tree: str = typer.Option(
+        "kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026), v6.16 (v6.16.1) or v7.3 (7.3.4); docs/model.md, Fidelity."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON document: inputs, sites, summary (schema in docs/scan.md)."
     ),

@@ -18,6 +18,9 @@ def run(
     file: str = typer.Argument(..., help="Scenario JSON file, or - for standard input."),
     as_json: bool = typer.Option(False, "--json", help="Print the result object (the documented JSON contract)."),
     policy: str | None = typer.Option(None, "--policy", help="Override kvm.policy: legacy or hardened."),
+    tree: str | None = typer.Option(
+        None, "--tree", help="Override kvm.tree: kvm-x86 (2026), v6.16 (v6.16.1) or v7.3 (7.3.4); docs/model.md."
+    ),
 ) -> None:
     """Run one TDVMCALL round trip (guest -> TDX module -> KVM -> module -> guest) from a JSON scenario
     and show every register at every step.
@@ -26,17 +29,21 @@ def run(
     "guest": {"rcx": "0xFFCC", "r11": "0xA", "r12": "0x1"}, "platform": {}}. See docs/scenario.md.
     """
     from ..kvm.tdx import POLICIES
+    from ..kvm.trees import TREES
     from ..scenario import ScenarioError, parse, result_json
 
     if policy is not None and policy not in POLICIES:  # named as given, before the scenario is read
         fail(f"--policy: {policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+    if tree is not None and tree not in TREES:
+        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
     data = parse_json_text(read_text_input(file, "scenario"), "scenario")
-    if policy is not None:
-        if not isinstance(data, dict):
-            fail("scenario: expected a JSON object")
-        data.setdefault("kvm", {})
-        if isinstance(data["kvm"], dict):
-            data["kvm"]["policy"] = policy
+    for key, value in (("policy", policy), ("tree", tree)):
+        if value is not None:
+            if not isinstance(data, dict):
+                fail("scenario: expected a JSON object")
+            data.setdefault("kvm", {})
+            if isinstance(data["kvm"], dict):
+                data["kvm"][key] = value
     try:
         sc = parse(data)
     except ScenarioError as e:

@@ -48,11 +48,20 @@ def sweep(
         help="Worker processes (0: one per CPU, at most 4); a larger number is lowered to one per CPU "
         "available and per row.",
     ),
+    tree: str = typer.Option(
+        "kvm-x86",
+        "--tree",
+        help="KVM tree whose rules the model follows: kvm-x86 (2026, the default), v6.16 (v6.16.1) or v7.3 (7.3.4). See docs/model.md, Fidelity.",
+    ),
 ) -> None:
     from ..console import available_cpus, emit_json, fail, out, worker_count
     from ..judge import CALL_WORDS
     from ..kvm import leaves as L
+    from ..kvm.trees import TREES
     from .sweep import run_sweep
+
+    if tree not in TREES:
+        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
 
     if call:
         call = [CALL_WORDS.get(c, c) for c in call]  # RDMSR as check --call and catalogs write it
@@ -62,7 +71,7 @@ def sweep(
     rows = sum(1 for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,) if not call or leaf.name in call for _ in leaf.cases)
     # as fuzz --workers: 0 is the default (one per CPU, at most 4), never more than CPUs or rows
     jobs = worker_count(jobs, "--jobs", min(available_cpus(), 4), rows)
-    result = run_sweep(exhaustive, call, jobs)
+    result = run_sweep(exhaustive, call, jobs, tree)
     if as_json:
         emit_json(result)
     else:
@@ -173,17 +182,25 @@ def export(
     ),
     force: bool = typer.Option(False, "--force", help="Replace the corpus already in DIR."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+    tree: str = typer.Option(
+        "kvm-x86",
+        "--tree",
+        help="KVM tree whose rules the model follows: kvm-x86 (2026, the default), v6.16 (v6.16.1) or v7.3 (7.3.4). See docs/model.md, Fidelity.",
+    ),
 ) -> None:
     """Write the corpus: for every call and case of the leaf table, the boundary masks (exact minimal,
     each one register short, Linux's 0xFFCC, RBP, RSP and a reserved bit) under both KVM policies,
     module 1.0 and 1.5, with and without NO_RBP_MOD; plus index.json and vector.schema.json.
     The same model writes the same bytes."""
     from ..console import emit_json, fail, out
+    from ..kvm.trees import TREES
     from .vectors import CorpusError
     from .vectors import export as do_export
 
+    if tree not in TREES:
+        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
     try:
-        summary = do_export(directory, force)
+        summary = do_export(directory, force, tree)
     except CorpusError as e:
         fail(str(e))
     except OSError as e:

@@ -42,6 +42,7 @@ from ..console import worker_pool
 from ..guest import RoundTrip, tdvmcall
 from ..kvm import leaves as L
 from ..kvm.tdx import POLICIES, VERDICT_COMPLETED, VERDICT_USERSPACE, KvmVcpu
+from ..kvm.trees import DEFAULT_TREE
 from ..module import TdConfig, VcpuState
 
 NR_MASKS = 1 << NR_GPRS  # 65,536 GPR masks
@@ -113,7 +114,7 @@ class Outcome:
     record: tuple  # what two masks of one class must agree on
 
 
-def round_trip(td: TdConfig, policy: str, t: Target, mask: int) -> tuple[RoundTrip, KvmVcpu]:
+def round_trip(td: TdConfig, policy: str, t: Target, mask: int, tree: str = DEFAULT_TREE) -> tuple[RoundTrip, KvmVcpu]:
     """The real model: the guest issues TDG.VP.VMCALL with RCX = ``mask``, through a fresh KVM vCPU
     and a fresh platform (the case's); the vCPU is returned too, for its cache's read log."""
     regs = t.regs()
@@ -121,16 +122,16 @@ def round_trip(td: TdConfig, policy: str, t: Target, mask: int) -> tuple[RoundTr
     state.gprs = [regs.get(name, 0) for name in GPR_NAMES]
     state.gprs[RAX], state.gprs[RCX] = 0, mask
     vcpu = KvmVcpu(policy)
-    host = scenario.parse({"guest": {}, "platform": t.case.platform}).platform
+    host = scenario.parse({"guest": {}, "kvm": {"tree": tree}, "platform": t.case.platform}).platform
     return tdvmcall(td, state, vcpu, host), vcpu
 
 
-def observe(td: TdConfig, policy: str, t: Target, mask: int) -> Outcome:
+def observe(td: TdConfig, policy: str, t: Target, mask: int, tree: str = DEFAULT_TREE) -> Outcome:
     """Run the model on one mask and reduce the round trip.  The footprint is what the run shows it
     consulted: the dispatch registers, every register KVM wrote, every register it reported as
     missing, as an unexposed output, as zero-read or as a dropped write, and (hardened) every
     register the handler read through the register cache."""
-    rt, vcpu = round_trip(td, policy, t, mask)
+    rt, vcpu = round_trip(td, policy, t, mask, tree)
     k = rt.kvm
     if k is None:
         return Outcome(False, False, False, 0, ("module-refused",))
@@ -177,17 +178,17 @@ def _policy_ok(policy: str, o: Outcome) -> bool:
     return o.exited and (o.silent_ok if policy == "legacy" else o.completes)
 
 
-def simulate(t: Target, td: TdConfig, policy: str, exhaustive: bool = False) -> Simulated:
+def simulate(t: Target, td: TdConfig, policy: str, exhaustive: bool = False, tree: str = DEFAULT_TREE) -> Simulated:
     """The simulation route for one (call, case, TD, policy); see the module docstring."""
     gate = module_accepts(td.module, td.no_rbp_mod)
     if exhaustive:
-        return _exhaustive(t, td, policy, gate, 0, [])
+        return _exhaustive(t, td, policy, gate, 0, [], tree)
     visible = passable(td)
     runs: dict[int, Outcome] = {}
 
     def run(mask: int) -> Outcome:
         if mask not in runs:
-            runs[mask] = observe(td, policy, t, mask)
+            runs[mask] = observe(td, policy, t, mask, tree)
         return runs[mask]
 
     # grow the footprint to a fixed point, running each class at both ends
@@ -203,13 +204,15 @@ def simulate(t: Target, td: TdConfig, policy: str, exhaustive: bool = False) -> 
     # check: both ends of every class agree, or fall back to every mask
     disagree = [low for low in submasks(fp) if run(low).record != run(low | (visible & ~fp)).record]
     if disagree:
-        return _exhaustive(t, td, policy, gate, fp, disagree)
+        return _exhaustive(t, td, policy, gate, fp, disagree, tree)
     ok = {low for low in submasks(fp) if _policy_ok(policy, run(low))}
     return Simulated("footprint", fp, len(runs), [m for m in gate if (m & fp) in ok])
 
 
-def _exhaustive(t: Target, td: TdConfig, policy: str, gate: tuple[int, ...], fp: int, disagree: list[int]) -> Simulated:
-    accepted = [m for m in gate if _policy_ok(policy, observe(td, policy, t, m))]
+def _exhaustive(
+    t: Target, td: TdConfig, policy: str, gate: tuple[int, ...], fp: int, disagree: list[int], tree: str = DEFAULT_TREE
+) -> Simulated:
+    accepted = [m for m in gate if _policy_ok(policy, observe(td, policy, t, m, tree))]
     return Simulated("exhaustive", fp, len(gate), accepted, disagree)
 
 
@@ -250,14 +253,14 @@ def table_answer(t: Target, td: TdConfig) -> dict:
 
 
 # --- one row of the sweep -----------------------------------------------------------------------
-def sweep_target(t: Target, exhaustive: bool = False) -> dict:
+def sweep_target(t: Target, exhaustive: bool = False, tree: str = DEFAULT_TREE) -> dict:
     """Both routes for one (call, case), every TD setting and policy, and whether they agree."""
     row: dict = {"call": t.call, "case": t.case.name, "td": {}, "problems": []}
     for td in TD_SETTINGS:
         label = td_label(td)
         gate = module_accepts(td.module, td.no_rbp_mod)
         table = table_answer(t, td)
-        sim = {p: simulate(t, td, p, exhaustive) for p in POLICIES}
+        sim = {p: simulate(t, td, p, exhaustive, tree) for p in POLICIES}
         hard, leg = sim["hardened"].accepted, sim["legacy"].accepted
         entry = {
             "module_accepts": len(gate),
@@ -315,7 +318,9 @@ def _compare(table: dict, hard: list[int], leg: list[int], gate: tuple[int, ...]
     return out
 
 
-def run_sweep(exhaustive: bool = False, calls: list[str] | None = None, jobs: int = 1) -> dict:
+def run_sweep(
+    exhaustive: bool = False, calls: list[str] | None = None, jobs: int = 1, tree: str = DEFAULT_TREE
+) -> dict:
     """The whole sweep: one row per (call, case), with totals and the time it took."""
     chosen = [t for t in targets() if calls is None or t.call in calls]
     start = time.perf_counter()
@@ -325,13 +330,14 @@ def run_sweep(exhaustive: bool = False, calls: list[str] | None = None, jobs: in
             module_accepts(td.module, td.no_rbp_mod)
         # workers that end with the command: Ctrl-C, SIGTERM or the parent killed leave none behind
         with worker_pool(jobs) as pool:
-            rows = list(pool.map(sweep_target, chosen, [exhaustive] * len(chosen)))
+            rows = list(pool.map(sweep_target, chosen, [exhaustive] * len(chosen), [tree] * len(chosen)))
     else:
-        rows = [sweep_target(t, exhaustive) for t in chosen]
+        rows = [sweep_target(t, exhaustive, tree) for t in chosen]
     seconds = time.perf_counter() - start
     runs = sum(r["td"][td]["routes"][p]["runs"] for r in rows for td in r["td"] for p in POLICIES)
     return {
         "masks": NR_MASKS,
+        "tree": tree,
         "td_settings": [td_label(td) for td in TD_SETTINGS],
         "policies": list(POLICIES),
         "rows": rows,

@@ -33,6 +33,7 @@ from .. import data_file, scenario
 from ..abi.regs import GPR_NAMES, hex64, mask_of, names_in
 from ..kvm import leaves as L
 from ..kvm.tdx import POLICIES
+from ..kvm.trees import DEFAULT_TREE
 from ..module import TdConfig
 from .sweep import Target, targets
 
@@ -42,7 +43,7 @@ VERSION_1 = 1
 INDEX = "index.json"
 SCHEMA_FILE = "vector.schema.json"
 VECTOR_DIR = "vectors"
-TREE = "kvm-x86"
+TREE = DEFAULT_TREE  # the default corpus's kernel tree (export --tree picks another: kvm/trees.py)
 
 #: Linux's mask for every TDVMCALL since v6.3 (docs/abi.md §6): every GPR the module allows under NO_RBP_MOD
 LINUX_MASK = 0xFFCC
@@ -68,6 +69,7 @@ class Spec:
     mask: int  # the guest's whole RCX
     policy: str
     td: TdConfig
+    tree: str = TREE
 
     @property
     def id(self) -> str:
@@ -107,7 +109,7 @@ def invalid_masks(t: Target) -> list[tuple[str, int, TdConfig, tuple[str, ...]]]
     ]
 
 
-def specs() -> list[Spec]:
+def specs(tree: str = TREE) -> list[Spec]:
     """The corpus, in a fixed order: every call and case with its boundary masks under the Linux TD
     and both policies; then, for the first case of every call, its invalid-bit masks."""
     out: list[Spec] = []
@@ -118,7 +120,7 @@ def specs() -> list[Spec]:
             first_case.add(t.call)
             rows += invalid_masks(t)
         for label, mask, td, policies in rows:
-            out += [Spec(t, label, mask, policy, td) for policy in policies]
+            out += [Spec(t, label, mask, policy, td, tree) for policy in policies]
     return out
 
 
@@ -128,7 +130,7 @@ def scenario_of(s: Spec) -> dict:
     return {
         "name": s.id,
         "td": {"module": s.td.module, "no_rbp_mod": s.td.no_rbp_mod},
-        "kvm": {"policy": s.policy, "tree": TREE},
+        "kvm": {"policy": s.policy, "tree": s.tree},
         "guest": {name: hex64(regs[name]) for name in GPR_NAMES},
         "platform": dict(s.target.case.platform),
     }
@@ -174,14 +176,15 @@ def dumps(obj: Any) -> bytes:
 HEADER = ("id", "call", "case", "label", "mask", "policy", "td", "verdict")
 
 
-def export(directory: Path, force: bool = False) -> dict:
+def export(directory: Path, force: bool = False, tree: str = TREE) -> dict:
     """Write the corpus into ``directory`` (created; if it holds anything, it must be a corpus and
-    ``force`` given: its index, schema and vectors are replaced).  Returns the file count and bytes."""
+    ``force`` given: its index, schema and vectors are replaced), every scenario on the kernel tree
+    ``tree``.  Returns the file count and bytes."""
     _prepare(directory, force)
     (directory / VECTOR_DIR).mkdir(parents=True, exist_ok=True)
     entries = []
     total = 0
-    for s in specs():
+    for s in specs(tree):
         vec = vector_of(s)
         data = dumps(vec)
         rel = f"{VECTOR_DIR}/{s.id}.json"
@@ -193,6 +196,7 @@ def export(directory: Path, force: bool = False) -> dict:
         "version": VERSION_1,
         "generator": f"tdvmcall {VERSION} (the model)",
         "schema": SCHEMA_FILE,
+        "tree": tree,
         "count": len(entries),
         "files": entries,
     }

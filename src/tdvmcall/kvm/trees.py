@@ -1,0 +1,205 @@
+"""The kernel trees the model knows, and the rules by which each one handles a TDVMCALL exit.
+
+Where trees differ (how an exit is re-labelled, which function dispatches it, what a bus lock does,
+which MSRs KVM emulates, how MapGPA reads userspace's answer) the difference is a named rule here,
+one :class:`TreeRule` per tree in :data:`TREES`, read by the model (``tdx.py``, ``handlers.py``,
+``platform.py``) and by the C generator; no tool branches on a tree's name.  Each rule cites the
+function and the line of that tree's ``arch/x86/kvm/vmx/tdx.c`` it was read at.
+
+Trees, and where they were read:
+
+``kvm-x86``  the kvm-x86 tree of 2026 (kvm-x86/linux @09c6f74e; the model's default)
+``v6.16``    the v6.16.1 release (KT0511/linux-6.16.1 @30b97c8, a copy of the release whose local
+             changes add printk lines and touch none of the functions cited here)
+``v7.3``     Debian's ``linux-source-7.3`` 7.3.4-1~bpo13+1 (trixie-backports), the 7.x rule
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..abi.codes import EXIT_REASON_BUS_LOCK_DETECTED, EXIT_REASON_TDCALL
+
+#: ``tdx_to_vmx_exit_reason()`` switches on the whole 32-bit exit reason: a TDCALL exit that carries a
+#: flag bit (bit 26, bus lock detected) matches no case, is not re-labelled by its leaf, reaches
+#: ``handle_tdvmcall()`` by its basic reason and is dispatched there on R11 alone
+RELABEL_WHOLE_REASON = "whole-reason"
+#: ``tdx_to_vmx_exit_reason()`` switches on ``exit_reason.basic`` (bits 15:0): a flagged TDCALL exit is
+#: re-labelled by its leaf like any other, and keeps its flag bits
+RELABEL_BASIC = "basic"
+
+#: MapGPA's completion: EAGAIN is RETRY, EINVAL INVALID_OPERAND, any other non-zero ret fails KVM_RUN
+MAP_GPA_EAGAIN_EINVAL = "eagain-einval"
+#: MapGPA's completion: any non-zero ret is INVALID_OPERAND
+MAP_GPA_ANY_INVALID = "any-invalid-operand"
+
+#: ``tdx_has_emulated_msr()``: an allow-list of 16 x2APIC registers
+X2APIC_ALLOW_LIST = "allow-list"
+#: ``tdx_has_emulated_msr()``: every x2APIC index but a deny-list, which through a range bug caught
+#: only 0x808, 0x80A, 0x80B, 0x810, 0x818 and 0x820
+X2APIC_DENY_LIST = "deny-list"
+
+#: ``run->exit_reason`` and the ``run->flags`` bit 7.3's ``tdx_handle_exit()`` uses after a bus lock
+#: (Linux ``include/uapi/linux/kvm.h`` KVM_EXIT_X86_BUS_LOCK 33, ``asm/kvm.h`` KVM_RUN_X86_BUS_LOCK)
+KVM_EXIT_X86_BUS_LOCK = "KVM_EXIT_X86_BUS_LOCK"
+KVM_RUN_X86_BUS_LOCK = "KVM_RUN_X86_BUS_LOCK"
+
+_BASIC = 0xFFFF
+
+
+@dataclass(frozen=True)
+class TreeRule:
+    """How one kernel tree handles a TDVMCALL exit.
+
+    ``relabel``: :data:`RELABEL_WHOLE_REASON` or :data:`RELABEL_BASIC` (``tdx_to_vmx_exit_reason()``).
+    ``exit_dispatcher``: the ``tdx.c`` function that switches on the (re-labelled) exit reason and
+    calls ``handle_tdvmcall()``, ``tdx_emulate_cpuid()`` ..., where a check of the exposed registers
+    belongs; ``exit_handler``: the vendor op KVM calls (``vt_handle_exit()`` -> it).
+    ``bus_lock_user_exit``: after a bus-lock exit, ``tdx_handle_exit()`` turns a call finished in the
+    kernel into a KVM_EXIT_X86_BUS_LOCK exit to userspace and sets KVM_RUN_X86_BUS_LOCK in
+    ``run->flags`` in any case.  ``map_gpa_userspace_errors``, ``x2apic_msrs``: see the constants.
+    ``lines``: the function -> line of this tree's ``tdx.c`` the rule was read at (None where the
+    tree was read through a file viewer without line numbers)."""
+
+    name: str
+    release: str
+    source: str
+    relabel: str
+    exit_dispatcher: str
+    exit_handler: str
+    bus_lock_user_exit: bool
+    map_gpa_userspace_errors: str
+    x2apic_msrs: str
+    lines: Mapping[str, int | None] = field(default_factory=dict)
+
+    # --- the exit reason ---------------------------------------------------------------------
+    def dispatches_on_r11_alone(self, reason: int) -> bool:
+        """Whether an exit with this reason (TDH.VP.ENTER's RAX, low 32 bits) reaches
+        ``handle_tdvmcall()`` without being re-labelled, to be dispatched on R11 alone: a TDCALL exit
+        whose reason carries a flag bit, under :data:`RELABEL_WHOLE_REASON`; never under
+        :data:`RELABEL_BASIC`."""
+        reason &= 0xFFFFFFFF
+        if self.relabel == RELABEL_BASIC:
+            return False
+        return reason != EXIT_REASON_TDCALL and reason & _BASIC == EXIT_REASON_TDCALL
+
+    def vmx_exit_reason(self, reason: int, leaf_reason: int) -> int:
+        """The VMX exit reason KVM reports (``vt->exit_reason.full``, the ``kvm_exit`` trace) for a
+        TDCALL exit with this reason whose call the leaf table says is reported as ``leaf_reason``:
+        under :data:`RELABEL_WHOLE_REASON` the leaf's reason, or the reason untouched when it
+        carries a flag; under :data:`RELABEL_BASIC` the leaf's basic reason with the exit's flag
+        bits kept (0x0400000A for a bus-lock CPUID)."""
+        reason &= 0xFFFFFFFF
+        if self.relabel == RELABEL_BASIC:
+            return reason & ~_BASIC | leaf_reason & _BASIC
+        return reason if self.dispatches_on_r11_alone(reason) else leaf_reason
+
+    def bus_lock_exits_to_userspace(self, reason: int) -> bool:
+        """Whether ``tdx_handle_exit()`` sends this exit to userspace because of a bus lock (bit 26),
+        once the call is handled (KVM_EXIT_X86_BUS_LOCK if it finished in the kernel, else the
+        call's own exit with KVM_RUN_X86_BUS_LOCK in ``run->flags``)."""
+        return self.bus_lock_user_exit and bool(reason & EXIT_REASON_BUS_LOCK_DETECTED)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The rule as plain data (for the C generator and ``--json`` readers)."""
+        return {
+            "name": self.name,
+            "release": self.release,
+            "source": self.source,
+            "relabel": self.relabel,
+            "exit_dispatcher": self.exit_dispatcher,
+            "exit_handler": self.exit_handler,
+            "bus_lock_user_exit": self.bus_lock_user_exit,
+            "map_gpa_userspace_errors": self.map_gpa_userspace_errors,
+            "x2apic_msrs": self.x2apic_msrs,
+            "lines": dict(self.lines),
+        }
+
+
+#: every tree the model knows, by the name scenarios and ``--tree`` use; the first is the default
+TREES: dict[str, TreeRule] = {
+    "kvm-x86": TreeRule(
+        "kvm-x86",
+        "the kvm-x86 tree of 2026",
+        "kvm-x86/linux @09c6f74e arch/x86/kvm/vmx/tdx.c",
+        relabel=RELABEL_WHOLE_REASON,
+        exit_dispatcher="tdx_handle_exit",
+        exit_handler="tdx_handle_exit",
+        bus_lock_user_exit=False,
+        map_gpa_userspace_errors=MAP_GPA_EAGAIN_EINVAL,
+        x2apic_msrs=X2APIC_ALLOW_LIST,
+        lines={
+            "tdx_to_vmx_exit_reason": None,
+            "handle_tdvmcall": None,
+            "tdx_handle_exit": None,
+            "tdx_complete_vmcall_map_gpa": None,
+            "tdx_has_emulated_msr": None,
+        },
+    ),
+    "v6.16": TreeRule(
+        "v6.16",
+        "Linux v6.16.1",
+        "KT0511/linux-6.16.1 @30b97c8 arch/x86/kvm/vmx/tdx.c",
+        relabel=RELABEL_WHOLE_REASON,
+        exit_dispatcher="tdx_handle_exit",
+        exit_handler="tdx_handle_exit",
+        bus_lock_user_exit=False,
+        map_gpa_userspace_errors=MAP_GPA_ANY_INVALID,
+        x2apic_msrs=X2APIC_DENY_LIST,
+        lines={
+            "tdx_to_vmx_exit_reason": 900,  # switch (exit_reason) at 918
+            "tdx_complete_vmcall_map_gpa": 1156,
+            "handle_tdvmcall": 1561,
+            "tdx_handle_exit": 2041,
+            "tdx_has_emulated_msr": 2171,
+        },
+    ),
+    "v7.3": TreeRule(
+        "v7.3",
+        "Linux 7.3.4 (Debian linux-source-7.3 7.3.4-1~bpo13+1)",
+        "linux-source-7.3 7.3.4-1~bpo13+1 arch/x86/kvm/vmx/tdx.c",
+        relabel=RELABEL_BASIC,
+        exit_dispatcher="__tdx_handle_exit",
+        exit_handler="tdx_handle_exit",
+        bus_lock_user_exit=True,
+        map_gpa_userspace_errors=MAP_GPA_EAGAIN_EINVAL,
+        x2apic_msrs=X2APIC_ALLOW_LIST,
+        lines={
+            "tdx_to_vmx_exit_reason": 938,  # switch (exit_reason.basic) at 955
+            "tdx_complete_vmcall_map_gpa": 1198,
+            "handle_tdvmcall": 1611,
+            "__tdx_handle_exit": 2053,
+            "tdx_handle_exit": 2165,  # the bus-lock exit to userspace at 2170
+            "tdx_has_emulated_msr": 2200,
+        },
+    ),
+}
+DEFAULT_TREE = "kvm-x86"
+TREE_NAMES: tuple[str, ...] = tuple(TREES)
+
+
+def tree_rule(name: str) -> TreeRule:
+    """The rule of a tree by name; ``KeyError`` naming the accepted ones otherwise."""
+    try:
+        return TREES[name]
+    except KeyError:
+        raise KeyError(f"unknown kernel tree {name!r}; accepted: {', '.join(TREES)}") from None
+
+
+__all__ = [
+    "DEFAULT_TREE",
+    "KVM_EXIT_X86_BUS_LOCK",
+    "KVM_RUN_X86_BUS_LOCK",
+    "MAP_GPA_ANY_INVALID",
+    "MAP_GPA_EAGAIN_EINVAL",
+    "RELABEL_BASIC",
+    "RELABEL_WHOLE_REASON",
+    "TREES",
+    "TREE_NAMES",
+    "X2APIC_ALLOW_LIST",
+    "X2APIC_DENY_LIST",
+    "TreeRule",
+    "tree_rule",
+]
