@@ -129,8 +129,8 @@ def test_footprint_check_falls_back_when_a_class_disagrees(monkeypatch):
     # plant a dependence the footprint cannot see: exposing RDI changes the record of every run
     real = S.observe
 
-    def planted(td, policy, t, mask):
-        o = real(td, policy, t, mask)
+    def planted(td, policy, t, mask, tree="kvm-x86"):
+        o = real(td, policy, t, mask, tree)
         return dataclasses.replace(o, record=o.record + (bool(mask & _mask("rdi")),)) if o.exited else o
 
     monkeypatch.setattr(S, "observe", planted)
