@@ -491,6 +491,10 @@ def test_vmm_after_says_rcx_is_the_tdvpr_address_not_the_exit_qualification():
         ("map-gpa-run-failed", lambda r: r["kvm"]["verdict"] == "run_failed" and not r["kvm"]["resumed"]),
         ("tdg-vp-info", lambda r: r["module"]["not_modelled"].startswith("TDCALL leaf 1, TDG.VP.INFO")),
         ("rbp-without-no-rbp-mod", lambda r: r["guest_unknown"] == ["rbp"] and r["warnings"]),
+        (
+            "bus-lock-cpuid-v7.3",
+            lambda r: r["kvm"]["verdict"] == "refused" and r["kvm"]["trace_reason"] == "CPUID 0x4000000",
+        ),
     ],
 )
 def test_examples_show_the_behaviours_and_fit_the_schema(name, check):
