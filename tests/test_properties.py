@@ -107,3 +107,39 @@ def test_hardened_refusal_has_no_side_effect_and_cache_stays_valid(call, answers
         assert p.memory == {} and all(e["reason"] == "KVM_EXIT_INTERNAL_ERROR" for e in p.exits)
     if rt.kvm.verdict == "refused":
         assert rt.after.gprs[10] == 0x8000000000000000
+
+
+# --- the fuzz wing's properties on every tree, bus locks included (issue 17 item 1: the campaign's
+#     strategies draw kvm-x86 and v6.16; the v7.3 rule must keep every property too) ---------------
+@settings(max_examples=150, deadline=None)
+@given(st.data(), st.sampled_from(["kvm-x86", "v6.16", "v7.3"]), st.booleans())
+def test_fuzz_properties_hold_on_every_tree(data, tree, bus_lock):
+    from tdvmcall.fuzz import strategies as S
+    from tdvmcall.fuzz.campaign import run_example
+
+    ex = data.draw(S.examples())
+    ex["tree"] = tree
+    ex["td"]["bus_lock"] = bus_lock
+    run_example(ex)  # raises a property violation if one fails
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.sampled_from(list(L.LEAVES)))
+def test_v7_3_dispatches_a_bus_lock_exit_as_the_call_without_it(gpr_select, xmm_select, leaf):
+    """7.3 switches on exit_reason.basic: with or without bit 26 KVM picks the same leaf and, hardened,
+    the same verdict (refused or not) for any mask; only the exit to userspace is added."""
+    from tdvmcall.scenario import run_json
+
+    mask = gpr_select & ~(FORBIDDEN_ALWAYS | 0x20) | xmm_select << 16
+    guest = {"rcx": hex(mask), **{k: hex(v) for k, v in {**leaf.selector_values(), **leaf.cases[0].regs}.items()}}
+    runs = [
+        run_json(
+            {"td": {"bus_lock": b}, "kvm": {"tree": "v7.3"}, "guest": guest, "platform": dict(leaf.cases[0].platform)}
+        )
+        for b in (False, True)
+    ]
+    plain, locked = (r["kvm"] for r in runs)
+    assert plain["leaf"] == locked["leaf"] and plain["status"] == locked["status"]
+    assert (plain["verdict"] == "refused") == (locked["verdict"] == "refused")
+    assert int(locked["exit_reason"], 16) == int(plain["exit_reason"], 16) | 1 << 26
+    assert locked["userspace_exits"], "a bus lock always ends in userspace on 7.3"

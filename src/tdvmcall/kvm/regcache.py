@@ -217,7 +217,9 @@ class RegCache:
         """tdx_vcpu_run(): ``regs_avail &= TDX_REGS_AVAIL_SET`` after every TD exit.  Nothing fills
         ``regs`` from the guest and dirty is never reset, so registers outside the set that were
         dirty (all of them, from creation) end up in the invalid pair (avail 0, dirty 1): a fact of
-        today's KVM that the model reproduces, bypassing :meth:`clear_available` as tdx.c does."""
+        today's KVM that the model reproduces, bypassing :meth:`clear_available` as tdx.c does
+        (v6.16.1: a bare ``&=``; kvm-x86 and 7.3.4: ``kvm_clear_available_registers()``, the same
+        ``&=`` with no check of dirtiness)."""
         self.avail &= TDX_REGS_AVAIL_SET
 
     def tdx_after_exit_hardened(self, exposed: dict[int, int]) -> None:
