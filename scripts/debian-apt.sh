@@ -78,6 +78,7 @@ opts=(
   -o "Dir::Cache::archives=$state/archives"
   -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache="
   -o "APT::Get::List-Cleanup=0"
+  -o "APT::Sandbox::User=root"  # downloads land in the caller's directory, which _apt may not reach
 )
 # the lists are fetched once per STATE_DIR and hour (apt sends If-Modified-Since anyway)
 stamp="$state/lists/.updated"

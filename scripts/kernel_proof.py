@@ -356,6 +356,13 @@ def main() -> int:
     report: dict = {"tree": args.tree, "package": f"{package} {version}", "steps": {}, "ok": False}
     t0 = time.monotonic()
     try:
+        model_tree = args.model_tree or args.tree
+        try:
+            from tdvmcall import scenario
+        except ImportError:
+            raise Skip("tdvmcall is not importable here: install it (pip install -e .) first") from None
+        if model_tree not in scenario.TREES:
+            raise Skip(f"the model has no tree {model_tree!r} (it knows {', '.join(scenario.TREES)})")
         need_tools()
         cache = cache_dir(args.cache)
         report["cache"] = str(cache)
@@ -370,7 +377,7 @@ def main() -> int:
                 "version": run([str(sparse_bin), "--version"], check=False).stdout.strip(),
             }
         with tempfile.TemporaryDirectory(prefix="tdvmcall-kernel-") as work, Step(report, "series"):
-            patches, info = write_series(Path(work), tree, args.model_tree or args.tree)
+            patches, info = write_series(Path(work), tree, model_tree)
             env = system_env()
             run(
                 [
