@@ -135,6 +135,12 @@ def need_tools() -> None:
         missing.append("libssl-dev")
     if missing:
         raise Skip(f"the kernel build needs {', '.join(missing)} (apt-get install {' '.join(missing)}; .ci/run does)")
+    py = run(["python3", "-c", "import ply, git"], env=system_env(), check=False)
+    if py.returncode != 0:
+        raise Skip(
+            "checkpatch's scripts/spdxcheck.py needs the system python3 with ply and git "
+            "(apt-get install python3-ply python3-git; .ci/run does): " + py.stderr.strip().splitlines()[-1]
+        )
     if shutil.which("dpkg-deb") is None or shutil.which("apt-get") is None:
         raise Skip("no dpkg-deb/apt-get: the kernel source comes as a Debian package")
 
@@ -257,7 +263,8 @@ def checkpatch(tree: Path, patches: list[Path]) -> dict:
         proc = run(
             ["perl", "scripts/checkpatch.pl", "--strict", "--no-color", "--showfile", str(p)], tree, env, check=False
         )
-        findings = [ln for ln in proc.stdout.splitlines() if re.match(r"^(ERROR|WARNING|CHECK):", ln)]
+        # with --showfile a finding reads "path:line: WARNING: text"
+        findings = [ln for ln in proc.stdout.splitlines() if re.match(r"^(?:\S+:\d+: )?(ERROR|WARNING|CHECK):", ln)]
         problems = []
         if "Traceback" in proc.stderr or "not found" in proc.stderr:
             problems.append(f"checkpatch could not run all its checks: {proc.stderr.strip().splitlines()[-1]}")
@@ -317,7 +324,7 @@ def build_x86(tree: Path, build: Path, sparse_bin: Path, touched: list[str]) -> 
         "warnings_in_series_files": mine,
         "warnings_elsewhere": len(warnings) - len(mine),
         "sparse_checked": [c for c in checked if any(t in c for t in touched)],
-        "compiled": [c for c in compiled if any(t in c for t in touched)],
+        "compiled": [c for c in compiled if any(t.rsplit(".", 1)[0] + ".o" in c for t in touched)],
         "log_tail": log.strip().splitlines()[-10:] if proc.returncode else [],
     }
 
