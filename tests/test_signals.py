@@ -225,6 +225,14 @@ def main(kind: str, path: str) -> None:
         while True:
             console.check_interrupt()
             time.sleep(0.01)
+    if kind == "masked":
+        # the interrupt turns into another error on its way out (as hypothesis's engine, or
+        # compiled code returning with the exception set, did)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise SystemError("returned a result with an exception set")
     if kind == "stuck":
         # a command that swallows KeyboardInterrupt itself and never ends
         with console.output_file(path + ".out") as tmp:
@@ -259,6 +267,15 @@ def test_an_interrupt_swallowed_by_the_interpreter_is_raised_again(tmp_path):
     assert "ran on" in text  # it was swallowed, silently, ...
     assert text.splitlines()[-1] == "tdvmcall: interrupted"  # ... and raised at the next check
     assert "Exception ignored" not in text and "Traceback" not in text
+
+
+def test_an_interrupt_that_surfaces_as_another_error_is_still_an_interrupt(tmp_path):
+    # hypothesis: "assert state._runner is not None" failed when Ctrl-C came early in its engine
+    proc = run_script(tmp_path, "masked")
+    _, err = proc.communicate(timeout=HANG)
+    text = err.decode()
+    assert proc.returncode == 130, text
+    assert text == "tdvmcall: interrupted\n"
 
 
 def test_a_command_stuck_after_ctrl_c_is_ended_with_its_partial_file(tmp_path):

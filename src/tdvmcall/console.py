@@ -424,7 +424,8 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
       ``tdvmcall: error: cannot write standard output (...)``, exit 2, in every command
       (:class:`StdoutError`);
     - Ctrl-C, SIGTERM, SIGHUP (:data:`ENDING_SIGNALS`): one line ``tdvmcall: interrupted`` (or
-      ``terminated``, ``hung up``) and exit 128 + the signal's number (Ctrl-C: 130), no traceback;
+      ``terminated``, ``hung up``) and exit 128 + the signal's number (Ctrl-C: 130), no traceback,
+      also when the interrupt surfaces as another exception (a library's own error on the way out);
       the command's worker processes end with it (:func:`worker_pool`) and its partial files are
       removed (:func:`output_file`); a command still running :data:`GRACE_SECONDS` after the signal
       is ended by force, with the same line, status and clean-up.
@@ -452,6 +453,13 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
             sys.stderr.write(f"tdvmcall: error: {e}\n")
             status = 2
         except (Abort, KeyboardInterrupt):  # click turns Ctrl-C into Exit(130), seen below
+            status = 130
+        except Exception:
+            if _ending.signum is None:
+                raise
+            # the interrupt surfaced as another error: a library's own check failing on the way out
+            # (hypothesis's engine interrupted before it was set up), or compiled code returning
+            # with the exception set (SystemError): an interrupted command, not a traceback
             status = 130
         status = status if isinstance(status, int) else 0
         if status == 130 or _ending.signum is not None:  # typer returns Ctrl-C as status 130
