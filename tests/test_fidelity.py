@@ -794,3 +794,27 @@ def test_run_sweep_and_vectors_take_the_tree(tmp_path):
     assert index["tree"] == "v7.3"
     first = json.loads((tmp_path / "c" / index["files"][0]["file"]).read_text())
     assert first["scenario"]["kvm"]["tree"] == "v7.3"
+
+
+def test_the_c_generated_for_v7_3_follows_its_rule_on_bus_lock_exits(tmp_path):
+    """The C generator asks the tree's rule (kvm.trees.TreeRule.lookup): for v7.3 a bus-lock exit is
+    the same call as without the flag, so the generated check refuses a bus-lock CPUID that exposes
+    only R10 and R11 (7.3.4 would write R12-R15); for kvm-x86 it passes (SUBFUNC_UNSUPPORTED).  And on
+    every mask of a bus-lock CPUID and MapGPA, the v7.3 C and the v7.3 model agree."""
+    import test_export_c as X
+    from tdvmcall.export_c import generate as G
+    from tdvmcall.kvm.platform import Platform
+
+    lib73 = X.build(tmp_path / "v73", G.generate(tree="v7.3"))
+    r12_15 = 0xF << 12
+    assert X.c_check(lib73, X.vec(0x0C00, rax=X.BUS_LOCK_RAX, r11=10, r12=1)) == (1, 0x3 << 12, r12_15)
+    libx86 = X.build(tmp_path / "x86", G.generate(tree="kvm-x86"))
+    assert X.c_check(libx86, X.vec(0x0C00, rax=X.BUS_LOCK_RAX, r11=10, r12=1)) == (0, 0, 0)
+    for regs in ({"r11": 10, "r12": 1}, {"r11": 0x10001, "r12": SHARED_BIT, "r13": 0x1000}, {"r10": 5, "r12": 1}):
+        base = X.base_vector(regs)
+        base[0] = X.BUS_LOCK_RAX
+        got, _, _ = X.c_all_masks(lib73, base)
+        for mask in range(0, 1 << 16, 97):  # a spread of masks; the model runs one at a time
+            vmm = X.vmm_for(base, mask)
+            k = X.hardened(vmm, Platform(tree="v7.3"))
+            assert got[mask] == X.verdict_code(k.verdict), (regs, hex(mask), k.verdict)

@@ -32,6 +32,7 @@ from .. import __version__, scenario
 from ..abi.codes import EXIT_REASON_TDCALL
 from ..abi.regs import GPR_NAMES, NR_GPRS, mask_of, reg_index
 from ..kvm import leaves as L
+from ..kvm.trees import tree_rule
 
 HEADER = "tdvmcall_regs.h"
 SOURCE = "tdvmcall_regs.c"
@@ -227,11 +228,11 @@ def check_tree(tree: str) -> str:
 
 def model_lookup(tree: str) -> Callable[[int, int, bool], L.Leaf]:
     """The model's dispatch of a TDVMCALL exit in ``tree``: (R10, R11, bus lock) -> the call KVM runs.
-    The generator never decides how a tree differs; it asks the model.  (The model's per-tree rule
-    for bus-lock exits lands in kvm/; until it does, every tree of ``scenario.TREES`` dispatches them
-    as ``leaves.lookup()`` does.)"""
+    The generator never decides how a tree differs; it asks the model: the tree's rule,
+    ``kvm.trees.TREES[tree].lookup`` (a bus-lock exit dispatched on R11 alone in kvm-x86 and v6.16,
+    re-labelled by its leaf in v7.3)."""
     check_tree(tree)
-    return lambda r10, r11, bus_lock: L.lookup(r10, r11, bus_lock)
+    return tree_rule(tree).lookup
 
 
 def build_table(leaves: tuple[L.Leaf, ...] | None = None, tree: str = DEFAULT_TREE) -> Table:
@@ -297,7 +298,7 @@ def _bus_lock_rows(
     r10s = (0, _unused(taken_nr)[0], *sorted(taken_nr)[:1])
     probes = [(r10, r.nr or 0) for r in ghci for r10 in r10s] + [(r.nr or 0, r11) for r in hcs for r11 in other_r11]
     probes += [(0, n) for n in other_r11] + [(r10s[1], n) for n in other_r11]
-    if all(lookup(r10, r11, True) is lookup(r10, r11, False) for r10, r11 in probes):
+    if all(lookup(r10, r11, True) == lookup(r10, r11, False) for r10, r11 in probes):
         return tuple(ghci), None
     fallback = pick(0, other_r11[0])
     if fallback.family != "ghci" or not _same_operands(fallback, pick(r10s[1], other_r11[1])):

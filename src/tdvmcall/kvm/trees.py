@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..abi.codes import EXIT_REASON_BUS_LOCK_DETECTED, EXIT_REASON_TDCALL
+from . import leaves as L
 
 #: ``tdx_to_vmx_exit_reason()`` switches on the whole 32-bit exit reason: a TDCALL exit that carries a
 #: flag bit (bit 26, bus lock detected) matches no case, is not re-labelled by its leaf, reaches
@@ -84,6 +85,14 @@ class TreeRule:
         if self.relabel == RELABEL_BASIC:
             return False
         return reason != EXIT_REASON_TDCALL and reason & _BASIC == EXIT_REASON_TDCALL
+
+    def lookup(self, r10: int, r11: int, bus_lock: bool) -> L.Leaf:
+        """The call KVM runs for a TDVMCALL exit with these R10 and R11, ``bus_lock`` telling whether
+        the exit reason carries bit 26: under :data:`RELABEL_WHOLE_REASON` a bus-lock exit is
+        dispatched on R11 alone (``leaves.lookup(..., bus_lock=True)``), under :data:`RELABEL_BASIC`
+        as the same call without the flag.  (For any other flag bit ask
+        :meth:`dispatches_on_r11_alone` with the whole reason.)  The C generator's dispatch."""
+        return L.lookup(r10, r11, bus_lock and self.relabel == RELABEL_WHOLE_REASON)
 
     def vmx_exit_reason(self, reason: int, leaf_reason: int) -> int:
         """The VMX exit reason KVM reports (``vt->exit_reason.full``, the ``kvm_exit`` trace) for a
