@@ -1080,6 +1080,9 @@ def test_a_directory_with_no_code_is_not_a_pass_but_a_text_file_beside_code_is_f
     code, doc = scan_json(tmp_path)
     assert code == 1 and [i["errors"] for i in doc["inputs"]] == [[], []]
     assert "no code found" in doc["inputs"][0]["skipped"][0]
+    text = scan_text(tmp_path, width=200).stdout  # one line for the codeless files, not a block each
+    assert "1 file of the directories scanned holds no code scan recognises, not scanned: README" in text
+    assert f"\n{tmp_path / 'README'}\n" not in text
 
 
 def test_one_broken_input_does_not_say_the_rest_pass(built, tmp_path):

@@ -640,7 +640,24 @@ def rich_report(
         parts.append(
             Text("How each register was found, per site: --verbose; every call: --json or --html FILE.", style="dim")
         )
-    return Group(*parts, *(image_renderable(i, policy, verbose) for i in images))
+    # files of a directory that hold no code (documentation, data): one line, not a block each
+    codeless = [i for i in images if not i.bytes_code and not i.sites and not i.problems]
+    if codeless and len(codeless) < len(images):
+        names = [i.path.rsplit("/", 1)[-1] for i in codeless]
+        listed = ", ".join(names[:5]) + (f", … ({len(names) - 5} more)" if len(names) > 5 else "")
+        parts.append(
+            Text(
+                f"{_count(len(codeless), 'file')} of the directories scanned "
+                f"{'holds' if len(codeless) == 1 else 'hold'} no code scan recognises, "
+                f"not scanned: {listed} (each said in --json's inputs[].skipped).",
+                style="dim",
+            )
+        )
+    else:
+        codeless = []
+    hidden = {id(i) for i in codeless}
+    shown = [i for i in images if id(i) not in hidden]
+    return Group(*parts, *(image_renderable(i, policy, verbose) for i in shown))
 
 
 # --- catalog CSV ---------------------------------------------------------------------------------------
