@@ -36,6 +36,7 @@ from typing import Any
 from .. import __version__, scenario
 from ..abi.regs import GPR_NAMES, hex64, mask_of
 from ..kvm import leaves as L
+from ..kvm.trees import tree_rule
 from . import generate as G
 
 TDX_C = "arch/x86/kvm/vmx/tdx.c"
@@ -96,10 +97,10 @@ def read_tree(root: Path) -> KernelTree:
     return KernelTree(root, (version[0], version[1], version[2]), files)
 
 
-#: the model's trees and the kernel release each describes (docs/model.md "Fidelity"); kvm-x86 is
-#: the KVM maintainers' development tree, so any release is taken for it
 def tree_release(tree: str) -> tuple[int, int] | None:
-    m = re.fullmatch(r"v(\d+)\.(\d+)(?:\.\d+)?", tree)
+    """The kernel release (major, minor) the model's tree describes, read from its rule
+    (``kvm.trees``); None for a development tree such as kvm-x86, which names no release."""
+    m = re.search(r"\bLinux v?(\d+)\.(\d+)", tree_rule(tree).release)
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
@@ -460,6 +461,12 @@ def build_series(kernel: KernelTree, tree: str, corpus: Path, author: str) -> li
     """The three patches, each a list of (path, old text or None for a new file, new text)."""
     check_tree(tree, kernel)
     anchors = find_anchors(kernel.files[TDX_C])
+    rule = tree_rule(tree)
+    if anchors.dispatcher != rule.exit_dispatcher:
+        raise SeriesError(
+            f"{kernel.root / TDX_C} dispatches TDCALL exits in {anchors.dispatcher}(), but in the model's tree "
+            f"{tree} that is {rule.exit_dispatcher}() ({rule.source}): is the source that tree?"
+        )
     table = G.build_table(tree=tree)
     files = G.generate(tree=tree)
     cur = dict(kernel.files)
