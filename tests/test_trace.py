@@ -756,6 +756,23 @@ def wide_trace() -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
+def test_an_audit_without_time_buckets_gives_the_same_report(write):
+    # the report never reads the time buckets (only --plot does): without --plot they are not kept
+    from tdvmcall.trace import audit as trace
+    from tdvmcall.trace import report as trace_report
+
+    path = write("wide", wide_trace() + fixture("ftrace"))
+    reports = []
+    for times in (True, False):
+        a = trace.Audit(times=times)
+        trace.audit_input(a, path)
+        reports.append(trace_report.finish(a, trace_report.td_tasks(a)))
+        assert a.key_columns()["n"].sum() == 15_345 + 17
+    assert reports[0] == reports[1]
+    with pytest.raises(ValueError, match="no time buckets"):
+        a.time_columns()
+
+
 def test_the_table_report_cuts_no_value_when_not_a_terminal(write):
     # CliRunner's stdout is not a terminal (rich would take 80 columns)
     path = write("wide", wide_trace())

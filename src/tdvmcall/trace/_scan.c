@@ -532,14 +532,15 @@ static Py_ssize_t capacity_for(Py_ssize_t rows) {
     return cap;
 }
 
-PyDoc_STRVAR(fold_doc, "fold(exits, task_of, rid_of, tdvmcall, width, keep_bad) -> (by_key, by_time, bad, bad_lines)\n\n"
+PyDoc_STRVAR(fold_doc, "fold(exits, task_of, rid_of, tdvmcall, width, keep_bad, times=True) -> (by_key, by_time, bad,\n"
+                       "bad_lines)\n\n"
                        "Aggregate a chunk's exit records (scan's): task_of (int64 per prefix id, -1: the prefix does\n"
                        "not parse), rid_of (uint32 per reason id) and tdvmcall (uint8 per reason id: info1 is the\n"
                        "mask, else the mask is 0) name them; bucket = floor(ts / width).  `by_key`: per (task, vCPU,\n"
                        "reason id, mask), `by_time`: per (task, reason id, mask, bucket), as 64-byte records (int64\n"
                        "task, vcpu, rid, uint64 mask, int64 bucket, n, float64 first, last; vcpu 0 in by_time,\n"
                        "bucket 0 in by_key); `bad`: the records whose prefix does not parse; `bad_lines`: the\n"
-                       "first keep_bad of them as (line, start).");
+                       "first keep_bad of them as (line, start).  Without `times`, by_time is left empty.");
 
 typedef struct {
     int32_t *slots;
@@ -631,7 +632,8 @@ static PyObject *py_fold(PyObject *self, PyObject *args) {
     Py_buffer ex, tk, rd, tv;
     double width;
     Py_ssize_t keep_bad;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*dn", &ex, &tk, &rd, &tv, &width, &keep_bad))
+    int times = 1;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*dn|p", &ex, &tk, &rd, &tv, &width, &keep_bad, &times))
         return NULL;
     PyObject *out = NULL;
     const exit_rec *rec = ex.buf;
@@ -674,7 +676,7 @@ static PyObject *py_fold(PyObject *self, PyObject *args) {
         int64_t rid = rid_of[x->reason];
         uint64_t mask = tdv[x->reason] ? x->info1 : 0;
         if (!grouping_add(&by_key, task, x->vcpu, rid, mask, 0, x->ts) ||
-            !grouping_add(&by_time, task, 0, rid, mask, (int64_t)floor(x->ts / width), x->ts)) {
+            (times && !grouping_add(&by_time, task, 0, rid, mask, (int64_t)floor(x->ts / width), x->ts))) {
             ok = 0;
             break;
         }

@@ -73,9 +73,11 @@ def parse_chunk(
     span: tuple[float, float] | None = None,
     keep_bad: int = 5,
     rows: bool = False,
+    times: bool = True,
 ) -> ChunkResult:
     """Count the lines of a chunk and parse and aggregate its kvm_exit lines.  Line numbers count
-    from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).
+    from 1 at the chunk's first line (:meth:`ChunkResult.renumber` makes them absolute).  Without
+    ``times`` the aggregate by time bucket is left empty (only the plot reads it).
 
     :mod:`.scan` scans the bytes once (compiled, without the GIL) and parses the kvm_exit
     lines of the usual shape into arrays; the lines it is not sure about go to the reference
@@ -108,7 +110,7 @@ def parse_chunk(
 
     # one compiled pass over the exits, by key and by time bucket (a prefix that does not parse
     # makes its lines unparsed)
-    keyed, timed, unparsed, bad_at = sc.fold(task_of, rids, tdvmcall, bucket_width(shift), keep_bad)
+    keyed, timed, unparsed, bad_at = sc.fold(task_of, rids, tdvmcall, bucket_width(shift), keep_bad, times)
     bad_lines += [(line, _line_text(chunk.data, start)) for line, start in bad_at]
     by_key = {
         "task": keyed["task"].astype(np.uint32),
@@ -154,7 +156,8 @@ def parse_chunk(
         counts.kvm_exit_lines += slow.counts.kvm_exit_lines
         counts.parsed += slow.counts.parsed
         by_key = aggregate(concat([by_key, slow.by_key]), KEY)
-        by_time = aggregate(concat([by_time, slow.by_time]), TIME_KEY)
+        if times:
+            by_time = aggregate(concat([by_time, slow.by_time]), TIME_KEY)
         if rows:
             assert slow.rows is not None and row_cols is not None
             both = concat([row_cols, dict(slow.rows, line=line_map[slow.rows["line"].astype(np.int64) - 1])])
@@ -197,12 +200,16 @@ class Audit:
     """Aggregates of every parsed exit, by (task, vCPU, reason, mask) and by time bucket, as
     columns of numpy arrays (``report`` turns them into the report)."""
 
-    def __init__(self, td_pids: set[int] | None = None, parquet: str | None = None, keep_bad: int = 5):
+    def __init__(
+        self, td_pids: set[int] | None = None, parquet: str | None = None, keep_bad: int = 5, times: bool = True
+    ):
         self.td_pids = td_pids
         self.tasks = TaskTable()
         self.reasons = ReasonTable()
         self.inputs: list[InputReport] = []
         self.keep_bad = keep_bad
+        #: whether exits are also aggregated by time bucket (for the plot; the report does not read them)
+        self.times = times
         self._by_key: list[Columns] = []
         # each chunk's time aggregate at its own bucket shift, coarsened when compacted (not each
         # time the shift grows); compacted when the rows added since outgrow the compacted ones
@@ -226,8 +233,9 @@ class Audit:
             return
         self._by_key.append(key)
         self._widen(float(key["first"].min()), float(key["last"].max()), result.shift)
-        self._by_time.append((result.by_time, result.shift))
-        self._time_rows += len(result.by_time["n"])
+        if self.times:
+            self._by_time.append((result.by_time, result.shift))
+            self._time_rows += len(result.by_time["n"])
         if self.parquet is not None and result.rows is not None:
             self.parquet.write(result.rows, source)
         if len(self._by_key) >= 32 or self._time_rows > max(1 << 16, 2 * self._compacted_rows):
@@ -249,6 +257,8 @@ class Audit:
 
     def _compact(self) -> None:
         self._by_key = [aggregate(concat(self._by_key), KEY)]
+        if not self._by_time:
+            return
         at = [dict(t, bucket=coarser(t["bucket"], self._shift - shift)) for t, shift in self._by_time]
         time = aggregate(concat(at), TIME_KEY)
         self._by_time = [(time, self._shift)]
@@ -271,6 +281,8 @@ class Audit:
 
     def time_columns(self) -> Columns:
         """Every parsed exit so far, aggregated by :data:`TIME_KEY` at :attr:`shift`."""
+        if not self.times:
+            raise ValueError("this audit keeps no time buckets (Audit(times=False))")
         if not self._by_time:
             return empty_time()
         self._compact()
@@ -326,7 +338,7 @@ def audit_input(
             fmt = found
             del sample
         report = InputReport(src.name, fmt, src.compression, 0, Counts())
-        if src.mapped is not None:
+        if src.mapped is not None and audit.times:
             audit.expect(_ends_span(src.mapped, fmt))
         pending: deque[tuple[Future, int]] = deque()
 
@@ -359,6 +371,7 @@ def audit_input(
                             audit.span,
                             audit.keep_bad,
                             audit.parquet is not None,
+                            audit.times,
                         ),
                         chunk.end,
                     )

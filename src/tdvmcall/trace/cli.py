@@ -166,7 +166,7 @@ def register(app: typer.Typer) -> None:
         err = Console(stderr=True)
         trace, trace_report = _load()
         gc.freeze()  # what the imports created is not walked by the collector again (nor at exit)
-        audit = trace.Audit(td_pids=td_pids, parquet=parquet_file)
+        audit = trace.Audit(td_pids=td_pids, parquet=parquet_file, times=bool(plot_file))
         try:
             for path in files:
                 with _progress(err, path, progress) as report:

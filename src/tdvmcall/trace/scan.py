@@ -119,13 +119,19 @@ class Scanned:
         return self._field("reason")
 
     def fold(
-        self, task_of: np.ndarray, rid_of: np.ndarray, tdvmcall: np.ndarray, width: float, keep_bad: int
+        self,
+        task_of: np.ndarray,
+        rid_of: np.ndarray,
+        tdvmcall: np.ndarray,
+        width: float,
+        keep_bad: int,
+        times: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[int, int]]]:
         """The exits aggregated by (task, vCPU, reason id, mask) and by (task, reason id, mask, time
         bucket) (:data:`GROUP_RECORD` each): ``task_of`` per prefix (-1: it does not parse: those lines
         are unparsed), ``rid_of`` per reason, ``tdvmcall`` per reason (info1 is the mask, else 0),
         buckets of ``width`` seconds; the number of unparsed lines and the first ``keep_bad`` of them
-        as (line, start)."""
+        as (line, start).  Without ``times`` the time aggregate is left empty (only the plot reads it)."""
         by_key, by_time, bad, bad_lines = _scan.fold(
             self.exits,
             np.ascontiguousarray(task_of, np.int64),
@@ -133,6 +139,7 @@ class Scanned:
             np.ascontiguousarray(tdvmcall, np.uint8),
             width,
             keep_bad,
+            times,
         )
         return np.frombuffer(by_key, GROUP_RECORD), np.frombuffer(by_time, GROUP_RECORD), bad, bad_lines
 
