@@ -381,3 +381,55 @@ def test_fuzz_and_sweep_answer_first(tmp_path):
     # the words of the table's headers are explained on the screen
     assert "legacy silent-ok: masks today's KVM handles silently correctly" in text
     assert "up-set (sim): yes when the masks hardened KVM completes are exactly" in text
+
+
+# --- vectors export: never part of a corpus, never a user's file (item 15) ------------------------------
+def _export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tdvmcall", "vectors", "export", *args], capture_output=True, env=ENV, timeout=HANG * 4
+    )
+
+
+def test_vectors_export_force_never_deletes_a_file_not_of_the_corpus(tmp_path):
+    d = tmp_path / "corpus"
+    assert _export(str(d)).returncode == 0
+    mine = d / "vectors" / "mine.json"
+    mine.write_text("my own vector\n")
+    before = sorted(p.name for p in (d / "vectors").iterdir())
+    r = _export(str(d), "--force")
+    assert r.returncode == 2
+    assert r.stderr.decode() == (
+        f"tdvmcall: error: {d}: holds {mine}, which is not part of the corpus; replacing the corpus would "
+        "delete it: move it away, or choose another directory\n"
+    )
+    assert mine.read_text() == "my own vector\n"
+    assert sorted(p.name for p in (d / "vectors").iterdir()) == before  # nothing of the old corpus went
+
+
+def test_vectors_export_replaces_what_an_interrupted_export_left(tmp_path):
+    # an older export cut short left vectors/ without index.json: "not a corpus", and --force refused
+    d = tmp_path / "corpus"
+    assert _export(str(d)).returncode == 0
+    (d / "index.json").unlink()
+    r = _export(str(d))
+    assert r.returncode == 2 and "an incomplete corpus (no index.json: an interrupted export)" in r.stderr.decode()
+    assert _export(str(d), "--force").returncode == 0
+    verify = subprocess.run(
+        [sys.executable, "-m", "tdvmcall", "vectors", "verify", str(d)], capture_output=True, env=ENV, timeout=HANG * 4
+    )
+    assert verify.returncode == 0, verify.stdout.decode()
+
+
+def test_ctrl_c_during_vectors_export_leaves_the_old_corpus_or_nothing(tmp_path):
+    fresh, old = tmp_path / "fresh", tmp_path / "old"
+    assert _export(str(old)).returncode == 0
+    index = (old / "index.json").read_bytes()
+    for d, extra in ((fresh, ()), (old, ("--force",))):
+        proc = start("vectors", "export", str(d), *extra)
+        # interrupted while it writes: its temporary directory exists
+        assert wait_for(lambda d=d: any(p.name.startswith(f".{d.name}.") for p in tmp_path.iterdir()), HANG)
+        status, _, err, left = end_with(proc, signal.SIGINT, whole_group=True)
+        assert_clean_end(status, err, left, 130, "tdvmcall: interrupted")
+    assert not fresh.exists()  # nothing under the name
+    assert (old / "index.json").read_bytes() == index  # the old corpus, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # nothing partial

@@ -16,6 +16,7 @@ The shared helpers, for every wing:
   so nothing is lost at the end and no input is overwritten;
 - :func:`output_file` — an output written under a temporary name and renamed when complete, so the
   final name never holds a partial file (an interrupt removes the temporary one);
+- :func:`output_dir` — the same for a directory of outputs (``vectors export``);
 - :func:`worker_pool` — worker processes that end with the command: Ctrl-C, SIGTERM or the parent's
   death (``PR_SET_PDEATHSIG``) never leaves one behind; :func:`worker_count` caps their number;
 - :func:`check_interrupt` — for long loops: raise the pending interrupt, if an earlier one was
@@ -34,6 +35,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -547,7 +549,10 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
 def _remove_partial() -> None:
     for name in list(_ending.partial):
         with contextlib.suppress(OSError):
-            os.unlink(name)
+            if os.path.isdir(name) and not os.path.islink(name):
+                shutil.rmtree(name)
+            else:
+                os.unlink(name)
         _ending.partial.discard(name)
 
 
@@ -731,3 +736,45 @@ def output_file(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):  # renamed: nothing left
             os.unlink(name)
         _ending.partial.discard(name)
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path) -> Iterator[Path]:
+    """A directory of outputs, as :func:`output_file` writes one file: the block fills a temporary
+    directory beside ``path``, which takes the name ``path`` when the block completes.  A ``path``
+    that exists (empty, or holding what the caller has checked may be replaced) is moved aside by
+    one rename first and removed after; on an error or an interrupt the temporary directory is
+    removed and ``path`` is as it was.  (Between the two renames ``path`` is briefly absent: a kill
+    just then leaves the old directory as ``.NAME.XXXXXX.old``, never a partial one under
+    ``path``.)"""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, set(ENDING_SIGNALS))
+    try:
+        name = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+        _ending.partial.add(name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    aside: list[str] = []
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(name, 0o777 & ~umask)  # the mode a plain mkdir gives, not mkdtemp's 0700
+        yield Path(name)
+        if final.exists():
+            # not recorded for the forced exit: the old directory is never removed before the new
+            # one has its name
+            aside.append(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, aside[0])  # onto the empty directory just made: one rename
+            try:
+                os.replace(name, final)
+            except BaseException:
+                os.replace(aside[0], final)  # the old one back under its name
+                raise
+        else:
+            os.replace(name, final)
+    finally:
+        for left in (name, *aside):
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(left)
+            _ending.partial.discard(left)

@@ -31,6 +31,7 @@ import jsonschema
 from .. import __version__ as VERSION
 from .. import data_file, scenario
 from ..abi.regs import GPR_NAMES, hex64, mask_of, names_in
+from ..console import output_dir
 from ..kvm import leaves as L
 from ..kvm.tdx import POLICIES
 from ..kvm.trees import DEFAULT_TREE
@@ -177,20 +178,41 @@ HEADER = ("id", "call", "case", "label", "mask", "policy", "td", "verdict")
 
 
 def export(directory: Path, force: bool = False, tree: str = TREE) -> dict:
-    """Write the corpus into ``directory`` (created; if it holds anything, it must be a corpus and
-    ``force`` given: its index, schema and vectors are replaced), every scenario on the kernel tree
-    ``tree``.  Returns the file count and bytes."""
-    _prepare(directory, force)
-    (directory / VECTOR_DIR).mkdir(parents=True, exist_ok=True)
+    """Write the corpus into ``directory`` (created; if it holds anything, it must be a corpus, or
+    what an interrupted export left, and ``force`` given; a file that is not the corpus's is never
+    deleted: the export is refused, naming it), every scenario on the kernel tree ``tree``.  The
+    corpus is written into a temporary directory beside ``directory`` and takes its name when
+    complete (``console.output_dir``): an interrupt leaves the old corpus, or nothing, never part of
+    one.  Returns the file count and bytes."""
+    chosen = specs(tree)
+    _prepare(directory, force, {f"{s.id}.json" for s in chosen})
+    with output_dir(directory) as tmp:
+        entries, total = _write_vectors(tmp, chosen)
+        _, index_bytes, schema_bytes = _write_index(tmp, tree, entries)
+    return {
+        "directory": str(directory),
+        "vectors": len(entries),
+        "vector_bytes": total,
+        "files": len(entries) + 2,
+        "bytes": total + len(index_bytes) + len(schema_bytes),
+    }
+
+
+def _write_vectors(directory: Path, chosen: list[Spec]) -> tuple[list[dict], int]:
+    (directory / VECTOR_DIR).mkdir()
     entries = []
     total = 0
-    for s in specs(tree):
+    for s in chosen:
         vec = vector_of(s)
         data = dumps(vec)
         rel = f"{VECTOR_DIR}/{s.id}.json"
         (directory / rel).write_bytes(data)
         total += len(data)
         entries.append({"file": rel} | {k: vec[k] for k in HEADER} | {"sha256": hashlib.sha256(data).hexdigest()})
+    return entries, total
+
+
+def _write_index(directory: Path, tree: str, entries: list[dict]) -> tuple[dict, bytes, bytes]:
     index = {
         "format": FORMAT,
         "version": VERSION_1,
@@ -204,28 +226,47 @@ def export(directory: Path, force: bool = False, tree: str = TREE) -> dict:
     schema_bytes = _schema_bytes()
     (directory / INDEX).write_bytes(index_bytes)
     (directory / SCHEMA_FILE).write_bytes(schema_bytes)
-    return {
-        "directory": str(directory),
-        "vectors": len(entries),
-        "vector_bytes": total,
-        "files": len(entries) + 2,
-        "bytes": total + len(index_bytes) + len(schema_bytes),
-    }
+    return index, index_bytes, schema_bytes
 
 
-def _prepare(directory: Path, force: bool) -> None:
+def _listed(directory: Path) -> set[str]:
+    """The vector files an existing index lists (none when it is missing or unreadable)."""
+    try:
+        index = json.loads((directory / INDEX).read_bytes())
+        return {Path(e["file"]).name for e in index["files"] if isinstance(e, dict) and "file" in e}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _prepare(directory: Path, force: bool, names: set[str]) -> None:
+    """Whether ``directory`` may receive the corpus: absent or empty; or, with ``force``, a corpus
+    (or what an interrupted export left: vectors without an index) and nothing else.  A file that
+    is none of the corpus's (not ``index.json``, the schema, or a vector file the old index lists
+    or this export writes) is never deleted: the export is refused, naming it."""
     if directory.exists() and not directory.is_dir():
         raise CorpusError(f"{directory}: exists and is not a directory")
     if not directory.exists() or not any(directory.iterdir()):
         return
-    if not (directory / INDEX).is_file():
+    if not {INDEX, VECTOR_DIR} & {p.name for p in directory.iterdir()}:
         raise CorpusError(f"{directory}: not empty and not a corpus (no {INDEX}); choose an empty directory")
+    ours = names | _listed(directory)
+    foreign = sorted(
+        str(p)
+        for p in directory.iterdir()
+        if p.name not in (INDEX, SCHEMA_FILE, VECTOR_DIR) or (p.name == VECTOR_DIR and not p.is_dir())
+    )
+    if (directory / VECTOR_DIR).is_dir():
+        foreign += sorted(str(p) for p in (directory / VECTOR_DIR).iterdir() if p.name not in ours or not p.is_file())
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise CorpusError(
+            f"{directory}: holds {foreign[0]}{more}, which is not part of the corpus; replacing the corpus "
+            "would delete it: move it away, or choose another directory"
+        )
     if not force:
-        raise CorpusError(f"{directory}: already holds a corpus; pass --force to replace it")
-    for old in (directory / VECTOR_DIR).glob("*.json"):
-        old.unlink()
-    for name in (INDEX, SCHEMA_FILE):
-        (directory / name).unlink(missing_ok=True)
+        complete = (directory / INDEX).is_file()
+        what = "a corpus" if complete else f"an incomplete corpus (no {INDEX}: an interrupted export)"
+        raise CorpusError(f"{directory}: already holds {what}; pass --force to replace it")
 
 
 # --- the schema -----------------------------------------------------------------------------------
