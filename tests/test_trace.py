@@ -558,6 +558,24 @@ def test_chunk_boundaries_do_not_change_the_audit(write, tmp_path, monkeypatch, 
     assert whole[1] > 0  # the buckets were widened
 
 
+def test_a_mapped_file_and_the_same_bytes_on_standard_input_give_one_report(write):
+    # a plain file is mapped (its chunks are views of the page cache), standard input is read into
+    # buffers: the same cuts, the same report (CRLF, a truncated last line, TD and non-TD exits)
+    data = wide_trace() + fixture("ftrace", all_crlf=True)
+    mapped = audit(write("t", data))
+    read = audit("-", input=data)
+    assert mapped["inputs"][0].pop("name") != read["inputs"][0].pop("name")
+    for rep in (mapped, read):
+        rep["td"]["tasks"] = [t.split(":", 1)[1] for t in rep["td"]["tasks"]]
+        rep["td"]["non_td_tasks"] = [t.split(":", 1)[1] for t in rep["td"]["non_td_tasks"]]
+        for row in rep["per_process"] + rep["per_vcpu"]:
+            row.pop("source")
+        for ex in rep["unparsed_examples"]:
+            ex.pop("input")
+    assert mapped == read
+    assert mapped["inputs"][0]["truncated_last_line"] and mapped["totals"]["exits"] > 15_345
+
+
 def test_a_line_longer_than_max_line_or_a_file_without_newline(write):
     from tdvmcall.trace.io import MAX_LINE
 
