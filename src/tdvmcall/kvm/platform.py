@@ -419,7 +419,8 @@ class Platform:
         """Userspace's answer to a KVM_EXIT_X86_RDMSR: the scenario's ``rdmsr`` value if it has one
         (unless ``msr_error``); else QEMU's (``kvm_handle_rdmsr()``): MSR_CORE_THREAD_COUNT gets
         ``kvm_rdmsr_core_thread_count()`` (``cpu_x86_get_msr_core_thread_count()``: threads per
-        package in bits 15:0, cores per package in 31:16), anything else an error."""
+        package in bits 15:0, cores per package in 31:16), anything else an error.  (QEMU's kvm.c and
+        cpu-system.c second-hand, through the qemu-devel patches that made these functions.)"""
         if self.userspace.msr_error:
             return False, 0
         if index in self.userspace.rdmsr:
