@@ -214,3 +214,34 @@ def test_chunks_of_short_slow_lines_are_counted_again():
     assert s.slow[:, 0].tolist() == list(range(301, 601))
     assert s.line_of.tolist() == [601, 602, 603]
     assert s.info1.tolist() == [0xFC00] * 3
+
+
+def test_memory_does_not_grow_with_the_number_of_inputs(tmp_path):
+    # each input is parsed by fresh threads; the scanner's intern tables (about 1 MB each) are pooled,
+    # not kept per thread: 60 inputs more must not cost 60 x 2 threads x their tables
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.txt"
+    exit_ = (
+        b"  CPU 0/KVM-1001    [000] d..2. 1.000000: kvm_exit: vcpu 0 reason TDCALL rip 0x0 info1 "
+        b"0x000000000000fc00 info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000\n"
+    )
+    path.write_bytes(b"# tracer: nop\n" + exit_ * 1000)
+    script = (
+        "import resource, sys\n"
+        "from tdvmcall.trace import audit\n"
+        "a = audit.Audit(times=False)\n"
+        "def peak():\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "for _ in range(10):\n"
+        "    audit.audit_input(a, sys.argv[1])\n"
+        "before = peak()\n"
+        "for _ in range(60):\n"
+        "    audit.audit_input(a, sys.argv[1])\n"
+        "print(before, peak())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before, after = map(float, r.stdout.split())
+    assert after - before < 16, (before, after)  # MB

@@ -84,36 +84,53 @@ typedef struct {
     Py_ssize_t last; /* the id found last: lines of one task often follow each other */
 } table;
 
-/* each thread keeps its two tables from chunk to chunk (allocated once, cleared by the strings
- * they hold): a chunk's scan allocates nothing but its results */
-static _Thread_local table tls_tables[2];
+static void table_free(table *t) {
+    free(t->slots);
+    free(t->reps);
+    free(t->hash);
+    free(t->slot_of);
+    free(t);
+}
 
-static table *table_get(int which) {
-    table *t = &tls_tables[which];
-    if (t->slots == NULL) {
-        t->slots = malloc(sizeof(int32_t) * INTERN_SLOTS);
-        t->reps = malloc(sizeof(int64_t[2]) * (INTERN_SLOTS / 2));
-        t->hash = malloc(sizeof(uint64_t) * (INTERN_SLOTS / 2));
-        t->slot_of = malloc(sizeof(int32_t) * (INTERN_SLOTS / 2));
-        if (!t->slots || !t->reps || !t->hash || !t->slot_of) {
-            free(t->slots);
-            free(t->reps);
-            free(t->hash);
-            free(t->slot_of);
-            t->slots = NULL;
-            return NULL;
-        }
-        memset(t->slots, 0xff, sizeof(int32_t) * INTERN_SLOTS);
+/* tables are kept from chunk to chunk (allocated once, cleared by the strings they hold, not
+ * whole), in a small pool guarded by the GIL: a chunk's scan allocates nothing but its results,
+ * and the pool never holds more than POOL tables, however many threads come and go */
+#define POOL 8
+static table *pool[POOL];
+static int pool_n;
+
+/* a cleared table (called with the GIL held); NULL when out of memory */
+static table *table_take(void) {
+    if (pool_n > 0)
+        return pool[--pool_n];
+    table *t = calloc(1, sizeof(table));
+    if (t == NULL)
+        return NULL;
+    t->slots = malloc(sizeof(int32_t) * INTERN_SLOTS);
+    t->reps = malloc(sizeof(int64_t[2]) * (INTERN_SLOTS / 2));
+    t->hash = malloc(sizeof(uint64_t) * (INTERN_SLOTS / 2));
+    t->slot_of = malloc(sizeof(int32_t) * (INTERN_SLOTS / 2));
+    if (!t->slots || !t->reps || !t->hash || !t->slot_of) {
+        table_free(t);
+        return NULL;
     }
-    t->count = 0;
+    memset(t->slots, 0xff, sizeof(int32_t) * INTERN_SLOTS);
     t->last = -1;
     return t;
 }
 
-static void table_clear(table *t) {
+/* clear a table and put it back in the pool (called with the GIL held) */
+static void table_give(table *t) {
+    if (t == NULL)
+        return;
     for (Py_ssize_t k = 0; k < t->count; k++)
         t->slots[t->slot_of[k]] = -1;
     t->count = 0;
+    t->last = -1;
+    if (pool_n < POOL)
+        pool[pool_n++] = t;
+    else
+        table_free(t);
 }
 
 static inline uint64_t load8(const uint8_t *p) {
@@ -326,7 +343,7 @@ typedef struct {
     int64_t lines, headers, others;
     double tmin, tmax;
     exit_rec *exits; /* room for every line the chunk can hold */
-    Py_ssize_t nexits;
+    Py_ssize_t nexits, cap;
     vec slow;
     table *prefixes, *reasons;
 } scanned;
@@ -415,7 +432,7 @@ static int scan_chunk(const uint8_t *buf, int64_t n, int perf, int nul, scanned 
                         fields_end = pe;
                         Py_ssize_t tid = intern(r->prefixes, buf, start, t);
                         Py_ssize_t rid = intern(r->reasons, buf, rs, re);
-                        if (tid >= 0 && rid >= 0) {
+                        if (tid >= 0 && rid >= 0 && r->nexits < r->cap) { /* (the room always suffices) */
                             exit_rec *x = &r->exits[r->nexits++];
                             x->ts = stamp;
                             x->info1 = info1;
@@ -489,8 +506,9 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
     memset(&r, 0, sizeof r);
     PyObject *exits = PyBytes_FromStringAndSize(NULL, (n / MIN_EXIT_LINE + 1) * (Py_ssize_t)sizeof(exit_rec));
     r.exits = exits ? (exit_rec *)PyBytes_AS_STRING(exits) : NULL;
-    r.prefixes = table_get(0);
-    r.reasons = table_get(1);
+    r.prefixes = table_take();
+    r.reasons = table_take();
+    r.cap = n / MIN_EXIT_LINE + 1;
     int ok = exits && r.prefixes && r.reasons && vec_init(&r.slow, sizeof(slow_rec), slow_guess);
     if (ok) {
         Py_BEGIN_ALLOW_THREADS;
@@ -514,10 +532,8 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
     }
     Py_XDECREF(exits);
     free(r.slow.data);
-    if (r.prefixes)
-        table_clear(r.prefixes);
-    if (r.reasons)
-        table_clear(r.reasons);
+    table_give(r.prefixes);
+    table_give(r.reasons);
     PyBuffer_Release(&b);
     return out;
 }
