@@ -64,14 +64,13 @@ def main() -> None:
     if args.alt:
         mod, _, fn = args.alt.partition(":")
         alt = getattr(importlib.import_module(mod), fn)
-    trace_scan.warm_up()
-    gc.freeze()  # as the command does: numba's objects are not walked by every collection
+    gc.freeze()  # as the command does: the imports' objects are not walked by every collection
     for share in (float(x) for x in args.shares.split(",")):
         path = os.path.join(args.dir, f"tdvmcall-bench-ref-{args.size_mb}MB-{args.quirk}{share:g}.trace")
         if not os.path.exists(path):
             generate(path, args.size_mb, "ftrace", slow_share=share, quirk=args.quirk)
-        with Source(path) as src:
-            data = list(chunks(src))
+        with Source(path) as src:  # copies: the chunks of a mapped file are views of the mapping
+            data = [Chunk(bytes(c.data), c.truncated) for c in chunks(src)]
         slow = [Chunk(s) for s in (slow_bytes(c) for c in data) if s]
         nslow = sum(bytes(c.data).count(b"\n") for c in slow)
 
