@@ -229,6 +229,24 @@ def test_fast_cli_counterexample_replays_with_run(tmp_path):
     assert shown["vmm"]["rbx"] == shown["guest_before"]["rbx"] != "0x" + "0" * 16
 
 
+def test_fast_cli_says_the_violation_first(tmp_path):
+    """Issue 18 item 20: the first line answers (as check and scan do), and the counterexample file
+    is written whole, nothing partial beside it."""
+    fz = planted_copy(tmp_path, PLANTED["module does not zero an unselected register"][0])
+    cli = importlib.import_module(fz.__name__.replace(".fuzz.campaign", ".cli"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "ce.json"
+    args = ["fuzz", "--mode", "fast", "--workers", "1", "--examples", "50", "--seed", "0", "--out", str(out)]
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 1, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("VIOLATION of confidentiality ("), lines[:3]
+    assert lines[1].startswith(f"counterexample: {out} (replay: tdvmcall run {out}")
+    assert {p.name for p in out_dir.iterdir()} <= {"ce.json", "ce.sequence.json"}
+    parse(json.loads(out.read_text()))
+
+
 def test_a_call_of_too_many_exits_skips_its_example():
     """MapGPA makes one KVM_EXIT_HYPERCALL per 2 MiB (ABI §4): a private range of 2**51 bytes at
     GPA 0 is valid (below MAXPHYADDR 52, private at both ends, aligned) and would be 2**30 exits.
