@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from ..scenario import TREES
+
 EXPORT_C_HELP = "\n\n".join(
     " ".join(paragraph.split())
     for paragraph in (
@@ -42,8 +44,8 @@ def export_c(
         None,
         "--tree",
         metavar="TREE",
-        help="The model's kernel tree the C is for (how KVM there dispatches a bus-lock exit); "
-        "default the model's default tree. Required with --series.",
+        help="The model's kernel tree the C is for (how KVM there dispatches a bus-lock exit): "
+        f"{', '.join(TREES)}; default {TREES[0]}. Required with --series.",
     ),
     series: str | None = typer.Option(
         None,
