@@ -77,6 +77,10 @@ def write_counterexample(r: F.CampaignResult, path: Path) -> dict:
     return info
 
 
+def _workers(n: int | None) -> str:
+    return "1 worker" if n == 1 else f"{n} workers"
+
+
 def render_verdict(r: F.CampaignResult, written: dict | None, out: Console) -> None:
     """The answer, first: clean, or the violation and where its counterexample is."""
     if r.failure is None:
@@ -115,7 +119,7 @@ def render(r: F.CampaignResult, out: Console) -> None:
 
     cov = r.coverage()
     out.print(
-        f"fuzz: {r.mode} mode{f', {r.workers} workers' if r.mode == 'fast' else ''}, seed {r.seed}, "
+        f"fuzz: {r.mode} mode{f', {_workers(r.workers)}' if r.mode == 'fast' else ''}, seed {r.seed}, "
         f"policies {', '.join(r.policies)}",
         highlight=False,
         soft_wrap=True,
@@ -226,7 +230,7 @@ def register(app: typer.Typer) -> None:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
 
-        note(f"fuzz: seed {seed}, policy {policy}, mode {mode}" + (f", {workers} workers" if mode == "fast" else ""))
+        note(f"fuzz: seed {seed}, policy {policy}, mode {mode}" + (f", {_workers(workers)}" if mode == "fast" else ""))
 
         def progress(r: F.CampaignResult) -> None:
             note(
