@@ -80,9 +80,14 @@ def virt(p: int) -> int:
 #: caller levels the runs may start from (0: the function holding the TDCALL itself)
 MAX_DEPTH = 4
 #: instructions one run may execute (per resume after a TDCALL), TDCALLs it may hit, seconds it may take
-MAX_INSNS = 50_000
+MAX_INSNS = 20_000
+#: basic blocks one run may enter, over all its resumes (about as many instructions again ×5)
+MAX_BLOCKS = 6_000
 MAX_HITS = 24
-RUN_SECONDS = 0.25
+#: pages one run may map (the image's, the stack's, random ones): past it the run ends, so a string
+#: instruction whose count came from random bytes stops at the same point whatever the machine's load
+MAX_PAGES = 256
+RUN_SECONDS = 0.5
 #: runs one image may make in all (each start is run 4 times: two fillings, two statuses)
 MAX_STARTS = 400
 #: the fresh stack, the return address of the start, and the stubs standing for code outside the image
@@ -165,6 +170,22 @@ class Loaded:
                     n = min(len(b), base + PAGE - a)
                     buf[a - base : a - base + n] = b[:n]
         return bytes(buf)
+
+    def page_fixed(self, base: int) -> bool:
+        """Whether every byte of the page at ``base`` is in a fixed section (and no relocated slot
+        of writable data is in it): the same in every run."""
+        covered = 0
+        for s in self.sections:
+            lo, hi = max(s.addr, base), min(s.addr + s.size, base + PAGE)
+            if lo < hi:
+                if not s.fixed:
+                    return False
+                covered += hi - lo
+        return covered >= PAGE
+
+    def page_code(self, base: int) -> bool:
+        """Whether the page at ``base`` holds some of the image's code."""
+        return any(s.exec and s.addr < base + PAGE and base < s.addr + s.size for s in self.sections)
 
     def in_image(self, addr: int) -> bool:
         return self.section_at(addr) is not None
@@ -672,6 +693,26 @@ _BRANCHES = frozenset(
 )
 
 
+class _RunState:
+    """What one run keeps while it goes: its filling, pages, shadow stack and budget."""
+
+    def __init__(self) -> None:
+        self.reset(0, None)
+
+    def reset(self, seed: int, pattern: int | None) -> None:
+        self.seed, self.pattern = seed, pattern
+        self.pages = 0
+        self.fetched = -1  # the address of code outside the image the run went to (not unicorn's RIP)
+        self.mapped: list[int] = []
+        self.shadow: list[tuple[int, int, int]] = []  # (call address, return address, rsp before it)
+        self.pending: list[tuple[int, int]] = []  # (call address, return address) of the last block
+        self.count = 0
+        self.stopped = False
+
+    def filler(self, b: int) -> random.Random:
+        return random.Random(self.seed ^ b) if self.pattern is None else _Const(self.pattern)
+
+
 class Runner:
     """Runs of one image from function entries."""
 
@@ -681,56 +722,73 @@ class Runner:
         self.runs = 0
         self.seconds = 0.0
         self.ended = ""  # why the last run ended (for --verbose and debugging)
+        self._m: uc.Uc | None = None
+        self._kept: set[int] = set()
+        self._st = _RunState()
 
-    def run(self, start: int, fill: int, status: int, force: tuple[int, bool] | None = None) -> list[Hit]:
-        """One run from ``start``: the TDCALLs reached, in order.  ``force``: a conditional jump made
-        to go one way (True: taken) each time it is reached."""
-        assert uc is not None
-        t0 = time.process_time()
-        self.runs += 1
+    def _machine(self) -> uc.Uc:
+        """The emulator, made once per image and kept between runs: the code it has translated is
+        kept too (translating is most of a run's cost).  Pages wholly inside the image's fixed
+        sections stay mapped, read-only; every other page is unmapped after each run."""
+        if self._m is not None:
+            return self._m
         m = uc.Uc(uc.UC_ARCH_X86, uc.UC_MODE_64)
         image = self.image
-        seed = fill * 0x9E3779B97F4A7C15
-        fetched = [-1]  # the address of code outside the image the run went to (unicorn's RIP is not it)
-        pattern = PATTERNS[(fill - 1) % len(PATTERNS)]
-
-        def filler(b: int) -> random.Random:
-            return random.Random(seed ^ b) if pattern is None else _Const(pattern)
+        st = self._st
 
         def mapped(mu: uc.Uc, access: int, address: int, size: int, value: int, data: object) -> bool:
             address = phys(address)
             base = address & ~(PAGE - 1)
-            if access == uc.UC_MEM_FETCH_UNMAPPED and not image.in_image(virt(address)):
-                fetched[0] = virt(address)
+            if access == uc.UC_MEM_FETCH_UNMAPPED and not image.page_code(virt(base)):
+                st.fetched = virt(address)
                 return False  # code outside the image: handled by the caller of emu_start
+            st.pages += 1
+            if st.pages > MAX_PAGES:
+                return False  # a loop over memory without end (a count read from random bytes)
             try:
                 for b in range(base, (address + max(size, 1) + PAGE - 1) & ~(PAGE - 1), PAGE):
-                    try:
-                        mu.mem_map(b, PAGE)
-                    except uc.UcError:
+                    if b in self._kept:
                         continue
-                    mu.mem_write(b, image.page(virt(b), filler(b)))
+                    code = image.page_code(virt(b))
+                    if image.page_fixed(virt(b)):
+                        # the image's fixed pages stay mapped, read-only, in runs of up to 16 (fewer
+                        # regions: unicorn maps and looks regions up by a list)
+                        n = 1
+                        while n < 16 and (b + n * PAGE) not in self._kept and image.page_fixed(virt(b + n * PAGE)):
+                            n += 1
+                        mu.mem_map(b, n * PAGE, uc.UC_PROT_READ | (uc.UC_PROT_EXEC if code else 0))
+                        for k in range(n):
+                            mu.mem_write(b + k * PAGE, image.page(virt(b + k * PAGE), _Const(0)))
+                            self._kept.add(b + k * PAGE)
+                        continue
+                    # anything else is data: executing it is a call outside the image
+                    mu.mem_map(b, PAGE, uc.UC_PROT_READ | uc.UC_PROT_WRITE | (uc.UC_PROT_EXEC if code else 0))
+                    mu.mem_write(b, image.page(virt(b), st.filler(b)))
+                    st.mapped.append(b)
             except uc.UcError:
                 return False
             return True
 
-        m.hook_add(uc.UC_HOOK_MEM_UNMAPPED, mapped)
-        shadow: list[tuple[int, int]] = []  # (call address, rsp before the call)
-        pending: list[tuple[int, int]] = []  # (call address, return address) of the block just run
-        count = [0]
-
         def block(mu: uc.Uc, address: int, size: int, data: object) -> None:
-            count[0] += 1
-            rsp = mu.reg_read(X.UC_X86_REG_RSP)
+            st.count += 1
+            if st.count > MAX_BLOCKS:
+                mu.emu_stop()  # the run's budget, over all its resumes after TDCALLs
+                st.stopped = True
+                return
+            shadow, pending = st.shadow, st.pending
+            # (RSP is read only after a call: reading a register costs more than the block)
             if pending:
                 call_ip, ret = pending.pop()
+                rsp = mu.reg_read(X.UC_X86_REG_RSP)
+                while shadow and rsp >= shadow[-1][2]:
+                    shadow.pop()  # frames left without returning (a longjmp): not on the path
                 try:
                     if int.from_bytes(mu.mem_read(phys(rsp), 8), "little") == ret:
-                        shadow.append((call_ip, rsp + 8))
+                        shadow.append((call_ip, ret, rsp + 8))
                 except uc.UcError:
                     pass
-            while shadow and rsp >= shadow[-1][1]:
-                shadow.pop()
+            elif shadow and address == shadow[-1][1]:
+                shadow.pop()  # returned to the instruction after the call
             info = self.blocks.get(address, -1)
             if info == -1:
                 info = None
@@ -747,7 +805,28 @@ class Runner:
             if info is not None:
                 pending.append(info)
 
+        m.hook_add(uc.UC_HOOK_MEM_UNMAPPED, mapped)
         m.hook_add(uc.UC_HOOK_BLOCK, block)
+        m.mem_map(SENTINEL, PAGE, uc.UC_PROT_READ | uc.UC_PROT_EXEC)  # fetching from it ends the run
+        m.mem_write(SENTINEL, b"\xf4" * PAGE)
+        self._m = m
+        return m
+
+    def run(self, start: int, fill: int, status: int, force: tuple[int, bool] | None = None) -> list[Hit]:
+        """One run from ``start``: the TDCALLs reached, in order.  ``force``: a conditional jump made
+        to go one way (True: taken) each time it is reached."""
+        assert uc is not None
+        t0 = time.process_time()
+        self.runs += 1
+        image = self.image
+        seed = fill * 0x9E3779B97F4A7C15
+        pattern = PATTERNS[(fill - 1) % len(PATTERNS)]
+        st = self._st
+        for b in st.mapped:  # the last run's pages (its stack, its data, its random ones)
+            self._m.mem_unmap(b, PAGE)  # type: ignore[union-attr]
+        st.reset(seed, pattern)
+        m = self._machine()
+        fhook = None
         if force is not None:
             at, taken = force
             r = image.region(at)
@@ -758,17 +837,31 @@ class Runner:
                 def forced(mu: uc.Uc, address: int, size: int, data: object) -> None:
                     mu.reg_write(X.UC_X86_REG_RIP, way)
 
-                m.hook_add(uc.UC_HOOK_CODE, forced, begin=at, end=at)
+                fhook = m.hook_add(uc.UC_HOOK_CODE, forced, begin=at, end=at)
+        try:
+            return self._go(m, start, fill, status, seed, pattern)
+        finally:
+            if fhook is not None:
+                m.hook_del(fhook)
+            self.seconds += time.process_time() - t0
+
+    def _go(self, m: uc.Uc, start: int, fill: int, status: int, seed: int, pattern: int | None) -> list[Hit]:
+        image = self.image
+        st = self._st
         rng = random.Random(seed ^ start)
         for r in _GPRS:
             m.reg_write(
                 _REG[r], rng.getrandbits(64) if pattern is None else int.from_bytes(bytes([pattern]) * 8, "little")
             )
+        m.reg_write(X.UC_X86_REG_RFLAGS, 0x2)
+        for k in range(16):
+            m.reg_write(getattr(X, f"UC_X86_REG_XMM{k}"), 0)
         rsp = STACK_TOP - 0x1000 - 8 * rng.randrange(16)
-        m.mem_map(SENTINEL, PAGE)  # fetching from it ends the run (its bytes are hlt)
-        m.mem_write(SENTINEL, b"\xf4" * PAGE)
         m.reg_write(_REG["rsp"], rsp)
-        mapped(m, uc.UC_MEM_WRITE_UNMAPPED, rsp, 8, 0, None)
+        top = rsp & ~(PAGE - 1)
+        m.mem_map(top, PAGE)
+        m.mem_write(top, st.filler(top).randbytes(PAGE))
+        st.mapped.append(top)
         m.mem_write(rsp, SENTINEL.to_bytes(8, "little"))
         hits: list[Hit] = []
         pc = start
@@ -779,12 +872,14 @@ class Runner:
                 break
             try:
                 m.emu_start(pc, SENTINEL, timeout=int(left * 1e6), count=MAX_INSNS)
-                self.ended = "returned, or the instruction limit"
+                self.ended = "the run's budget spent" if st.stopped else "returned, or the instruction limit"
                 break
             except uc.UcError as e:
                 pc = m.reg_read(_REG["rip"])
-                if e.errno == uc.UC_ERR_FETCH_UNMAPPED and fetched[0] >= 0:
-                    pc, fetched[0] = fetched[0], -1
+                if e.errno == uc.UC_ERR_FETCH_UNMAPPED and st.fetched >= 0:
+                    pc, st.fetched = st.fetched, -1
+                elif e.errno == uc.UC_ERR_FETCH_PROT:
+                    pc = virt(pc)  # code run from data: as a call outside the image
                 self.ended = f"{e} at {pc:#x}"
             if pc >= SENTINEL and pc < SENTINEL + PAGE:
                 break
@@ -794,7 +889,7 @@ class Runner:
                 here = b""
             if here == TDCALL:
                 regs = {r: m.reg_read(_REG[r]) for r in REGS}
-                hits.append(Hit(pc, tuple(c for c, _ in reversed(shadow)), regs))
+                hits.append(Hit(pc, tuple(c for c, _r, _s in reversed(st.shadow)), regs))
                 if len(hits) >= MAX_HITS:
                     break
                 self._tdcall(m, regs, fill, status, rng)
@@ -812,7 +907,6 @@ class Runner:
             break  # an instruction the emulator does not run (privileged, or not decodable)
         else:
             self.ended = "too many restarts"
-        self.seconds += time.process_time() - t0
         return hits
 
     def _tdcall(self, m: uc.Uc, regs: dict[str, int], fill: int, status: int, rng: random.Random) -> None:
