@@ -290,9 +290,16 @@ def test_the_command(tmp_path, corpus):
     args = ["export-c", "--series", str(out), "--kernel", str(root), "--vectors", str(corpus)]
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "--tree: required with --series" in r.output
+    out.mkdir()
+    (out / "0004-KVM-an-older-series.patch").write_text("stale")
+    (out / "notes.txt").write_text("mine")
     r = runner.invoke(app, [*args, "--tree", TREE, "--author", AUTHOR, "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
+    # a patch of an earlier series would be applied with this one: removed and named; the rest kept
+    assert info["removed"] == [str(out / "0004-KVM-an-older-series.patch")]
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".patch")) == ["notes.txt"]
+    assert len(list(out.glob("*.patch"))) == 3
     assert info["dispatcher"] == "tdx_handle_exit" and len(info["patches"]) == 3
     assert info["kunit_cases"]["vectors"] == len(hardened_entries(corpus))
     r = runner.invoke(app, ["export-c", str(tmp_path / "x"), "--series", str(out), "--tree", TREE])

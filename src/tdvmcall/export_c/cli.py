@@ -202,6 +202,8 @@ def _export_series(
     if as_json:
         emit_json(info)
         return
+    for old in info["removed"]:
+        out.print(f"removed {old} (a patch of an earlier series)", highlight=False, soft_wrap=True)
     for p in info["patches"]:
         out.print(f"wrote {p['file']}", highlight=False, soft_wrap=True)
     k = info["kunit_cases"]

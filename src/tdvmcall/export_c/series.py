@@ -717,6 +717,11 @@ def write_series(
     patches = build_series(kernel, tree, corpus, author)
     when = time.time() if date is None else date
     directory.mkdir(parents=True, exist_ok=True)
+    # an earlier series in the directory would be applied with this one by `git am DIR/*.patch`
+    names = {patch_file_name(n, p.subject) for n, p in enumerate(patches, 1)}
+    removed = sorted(str(p) for p in directory.glob("[0-9][0-9][0-9][0-9]-*.patch") if p.name not in names)
+    for old in removed:
+        Path(old).unlink()
     written = []
     for n, p in enumerate(patches, 1):
         name = patch_file_name(n, p.subject)
@@ -730,6 +735,7 @@ def write_series(
         "release": kernel.release,
         "dispatcher": find_anchors(kernel.files[TDX_C]).dispatcher,
         "patches": written,
+        "removed": removed,
         "kunit_cases": {
             "vectors": test.count('\t\t.name = "') - sum(1 for _ in re.finditer(r'\.name = "bus_lock\.', test)),
             "bus_lock": len(re.findall(r'\.name = "bus_lock\.', test)),
