@@ -153,6 +153,14 @@ def cases(f: dict[str, Path]) -> dict[str, tuple]:
         "trace-no-file": (["trace"], None, False, "Missing argument"),
         "trace-bad-format": (["trace", "-", "--format", "nope"], None, False, "--format"),
         "trace-bad-top": (["trace", "-", "--top", "x"], None, False, "--top"),
+        # one number grammar for every option (issue 18 item 19): what int() and float() take besides
+        "fuzz-examples-underscore": (["fuzz", "--examples", "1_0"], None, False, "--examples"),
+        "sweep-jobs-arabic-indic-digit": (["sweep", "--jobs", "٣"], None, False, "--jobs"),
+        "trace-top-fullwidth-digit": (["trace", "-", "--top", "３"], None, False, "--top"),
+        "verify-limit-plus": (["vectors", "verify", p["emptydir"], "--limit", "+5"], None, False, "--limit"),
+        "fuzz-seconds-underscore": (["fuzz", "--seconds", "1_0"], None, False, "--seconds"),
+        "fuzz-seconds-exponent": (["fuzz", "--seconds", "1e3"], None, False, "--seconds"),
+        "check-guest-ambiguous-prefix": (["check", "--guest", "t"], None, False, "more than one guest"),
         # scan: nothing to scan, and output paths checked before the scan
         "scan-empty-dir": (["scan", p["emptydir"]], None, False, "no file to scan"),
         "scan-missing": (["scan", str(f["root"] / "nope.bin")], None, False, "no such file"),
@@ -632,3 +640,59 @@ def test_the_streamed_json_is_the_document_json_dumps_writes(tmp_path):
         buf = io.StringIO()
         write_report_json(buf.write, res, C.Host(), "hardened", "mine.csv", errors)
         assert buf.getvalue() == json.dumps(report_json(res, C.Host(), "hardened", "mine.csv", errors), indent=2) + "\n"
+
+
+# --- words and numbers alike in every command (issue 18 item 19) ----------------------------------------
+def test_a_guest_is_named_by_a_unique_prefix_and_words_by_any_case():
+    r = run_case(["check", "--guest", "kvm-selftests", "--guest", "TDX-GUEST", "--json"])
+    assert r.returncode == 0, r.stderr.decode()
+    assert {s["guest"].split()[0] for s in json.loads(r.stdout)["sites"]} == {"kvm-selftests", "tdx-guest"}
+    r = run_case(["check", "--mask", "0x1C00", "--call", "RDMSR", "--policy", "Hardened", "--tree", "KVM-X86"])
+    assert r.returncode == 0, r.stderr.decode()
+    r = run_case(["decode", "0x1C00", "--as", "CONTROL", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout)["kind"] == "control", r.stderr.decode()
+    r = run_case(["leaves", "instruction.rdmsr", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == "Instruction.RDMSR", r.stderr.decode()
+    r = run_case(["trace", "-", "--format", "FTRACE"], stdin=FTRACE_EXIT.encode())
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_a_count_is_taken_in_hex_as_every_number_a_person_writes():
+    r = run_case(["sweep", "--call", "Instruction.HLT", "--jobs", "0x1", "--json"])
+    assert r.returncode == 0, r.stderr.decode()
+
+
+# --- check's words (issue 18 item 20) --------------------------------------------------------------------
+def test_check_module_1_0_does_not_claim_no_rbp_mod():
+    r = run_case(["check", "--module", "1.0", "--guest", "linux"])
+    first = r.stdout.decode().splitlines()[0]
+    assert "module 1.0" in first and "with NO_RBP_MOD" not in first and "no NO_RBP_MOD" in first, first
+    help_text = " ".join(run_case(["check", "--help"]).stdout.decode().replace("│", " ").split())
+    for word in ("exposed for nothing", "gpr_select", "NO_RBP_MOD is the TD attribute"):
+        assert word in help_text
+
+
+# --- 80 columns and logs (issue 18 item 17) --------------------------------------------------------------
+def test_piped_output_never_wraps_a_line_of_text():
+    # the verdict line is longer than 120 columns with a long catalog name: whole on one line
+    r = run_case(["check", "--mask", "0xFFEC", "--call", "RDMSR", "--call", "WRMSR", "--call", "CPUID"])
+    lines = r.stdout.decode().splitlines()
+    assert any(line.startswith("FAIL under --policy hardened") and line.endswith("(exit 1)") for line in lines), lines
+    assert any(line.startswith("what-if --mask 0xFFEC against") and "--policy hardened" in line for line in lines)
+
+
+def test_leaves_keeps_every_name_whole_at_80_columns_and_in_a_pipe(monkeypatch):
+    from typer.testing import CliRunner
+
+    from tdvmcall.cli import app
+    from tdvmcall.console import out
+    from tdvmcall.kvm import leaves as L
+
+    words = {w for leaf in L.LEAVES for w in (leaf.name, *leaf.source.split())}
+    for width in (80, 120):
+        monkeypatch.setattr(out, "_width", width)
+        text = CliRunner().invoke(app, ["leaves"]).stdout
+        found = {w for line in text.splitlines() for w in line.replace("│", " ").split()}
+        assert words - found == set(), (width, sorted(words - found)[:5])
+        if width == 80:
+            assert max(len(line.rstrip()) for line in text.splitlines()) <= 80

@@ -35,6 +35,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -47,13 +48,16 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console, Group
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 # typer vendors click from 0.26 on; its exceptions are the ones the app raises (typer is pinned to
 # 0.26.x in pyproject.toml: 0.27 and later render a flag as `--json <bool>` in --help)
 from typer._click.exceptions import Abort, ClickException, NoArgsIsHelpError, NoSuchOption, UsageError
+from typer._click.types import FloatParamType, IntParamType, ParamType
 
 #: how every tool draws a verdict of ``judge.VERDICTS`` (the words themselves: this module imports
 #: nothing of the model; tests/test_architecture.py checks the keys): (rich style, HTML background, HTML text colour, what it means);
@@ -72,11 +76,36 @@ VERDICT_STYLE: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+def _words_whole(table: Table) -> None:
+    """No column of ``table`` narrower than the longest word of its cells: a table narrows by
+    folding its cells between words, never inside one (a name, a path, a value)."""
+    for column in table.columns:
+        if column.no_wrap:
+            continue
+        longest = 0
+        for cell in column.cells:
+            plain = cell.plain if isinstance(cell, Text) else cell if isinstance(cell, str) else ""
+            longest = max(longest, *(cell_len(word) for word in plain.split()), 0)
+        if longest > (column.min_width or 0):
+            column.min_width = longest
+
+
 class _WideConsole(Console):
-    """A console that never cuts a value: a table wider than the console is printed at its own
-    natural width (a terminal then wraps the long lines; a file or a pipe gets them whole)."""
+    """A console that never cuts a value: a table folds its cells between words only, and one
+    wider than the console is printed at its own natural width (a terminal then wraps the long
+    lines; a file or a pipe gets them whole).  Into a file or a pipe, lines of text are not
+    wrapped at all: a log gets each line whole, never ``(exit`` on one line and ``2)`` on the next."""
 
     def print(self, *objects: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if not self.is_terminal and "soft_wrap" not in kwargs and any(isinstance(o, Group) for o in objects):
+            for o in objects:  # one by one: each text line whole, each table at its own width
+                for part in o.renderables if isinstance(o, Group) else [o]:
+                    self.print(part, **kwargs)
+            return
+        if not self.is_terminal and "soft_wrap" not in kwargs and all(isinstance(o, (str, Text)) for o in objects):
+            kwargs["soft_wrap"] = True
+        for o in objects:
+            self._keep_words(o)
         need = max((self._natural_width(o) for o in objects), default=0)
         if need <= self.width:
             super().print(*objects, **kwargs)
@@ -88,6 +117,18 @@ class _WideConsole(Console):
         finally:
             self._width = saved
 
+    def fits(self, renderable: Any) -> bool:
+        """Whether ``renderable`` can be printed at this console's width without a word cut."""
+        self._keep_words(renderable)
+        return self._natural_width(renderable) <= self.width
+
+    def _keep_words(self, renderable: Any) -> None:
+        if isinstance(renderable, Group):
+            for r in renderable.renderables:
+                self._keep_words(r)
+        elif isinstance(renderable, Table):
+            _words_whole(renderable)
+
     def _natural_width(self, renderable: Any) -> int:
         if isinstance(renderable, Group):
             return max((self._natural_width(r) for r in renderable.renderables), default=0)
@@ -96,8 +137,15 @@ class _WideConsole(Console):
         return 0
 
 
-# 16-digit hex columns fit at 120 columns; wider tables are printed at their own width
-out = _WideConsole(width=max(Console().width, 120))
+def _width() -> int:
+    """A terminal's own width (tables narrow to it, folding between words); 120 columns for a
+    file or a pipe (16-digit hex columns fit), or ``COLUMNS`` if wider.  A table wider than
+    either is printed at its own width."""
+    console = Console()
+    return console.width if console.is_terminal else max(console.width, 120)
+
+
+out = _WideConsole(width=_width())
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -209,6 +257,25 @@ def parse_json_text(text: str, what: str) -> Any:
 
 
 # --- option values --------------------------------------------------------------------------------
+def pick(value: str, accepted: Iterable[str], option: str, what: str, prefix: bool = False) -> str:
+    """The accepted word ``value`` names, matched without regard to case (the rule of every command,
+    docs/cli.md), and with ``prefix`` by a prefix that names one word only (``--guest kvm-selftests``
+    for ``kvm-selftests (intel/tdx downstream)``).  No word, or more than one: one line, exit 2."""
+    words = list(dict.fromkeys(accepted))
+    if value in words:
+        return value
+    folded = value.strip().casefold()
+    same = [w for w in words if w.casefold() == folded]
+    if len(same) == 1:
+        return same[0]
+    starting = [w for w in words if w.casefold().startswith(folded)] if prefix and folded else []
+    if len(starting) == 1:
+        return starting[0]
+    if len(starting) > 1:
+        fail(f"{option}: {value!r} names more than one {what}: {'; '.join(starting)}; give more of the name")
+    fail(f"{option}: {value!r} is not a {what}; accepted: {', '.join(words)}")
+
+
 def require_count(value: int | None, option: str, minimum: int = 0, meaning: str = "") -> None:
     """An integer option that counts something must be at least ``minimum``."""
     if value is not None and value < minimum:
@@ -364,6 +431,7 @@ __all__ = [
     "not_an_input",
     "out",
     "parse_json_text",
+    "pick",
     "read_bytes_input",
     "read_text_input",
     "require_count",
@@ -413,6 +481,56 @@ def _usage_line(e: UsageError, command: typer.core.TyperGroup, args: list[str]) 
     return f"{message.rstrip('.')} (see '{where} --help')"
 
 
+# --- numbers on the command line: one grammar for every command (docs/cli.md) -------------------------
+#: a whole number as a person writes it: decimal digits, or 0x and hex digits (a sign for the
+#: range checks to refuse in their own words); no '+', '_', exponent or digits of other scripts
+_WHOLE = re.compile(r"\s*-?(?:0[xX][0-9a-fA-F]+|[0-9]+)\s*", re.ASCII)
+#: a decimal number: digits with an optional fraction; the words nan and inf are left for
+#: :func:`require_finite_positive` to refuse in its own words
+_DECIMAL = re.compile(r"\s*-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+|nan|inf|infinity)\s*", re.ASCII | re.IGNORECASE)
+
+
+class _PersonsNumber(ParamType):
+    """An ``int`` or ``float`` option's type, held to the number grammar of docs/cli.md before
+    the type it wraps (with its range, if any) converts it: Python's ``int()`` and ``float()``
+    also take ``1_0``, ``٣`` and ``３``, which no other place of the tool accepts."""
+
+    def __init__(self, inner: ParamType) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.whole = isinstance(inner, IntParamType)
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str):
+            if not (_WHOLE if self.whole else _DECIMAL).fullmatch(value):
+                kind = "decimal digits or 0x and hex digits" if self.whole else "decimal digits (and a fraction)"
+                self.fail(f"{value!r} is not a number as written here; give {kind} (docs/cli.md)", param, ctx)
+            if self.whole:
+                text = value.strip()
+                digits = text.lstrip("-")
+                number = int(digits, 16) if digits[:2].lower() == "0x" else int(digits)
+                value = -number if text.startswith("-") else number
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str | None:
+        return self.inner.get_metavar(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _one_grammar(command: Any) -> None:
+    """Every ``int`` and ``float`` option and argument of every command held to one grammar, and
+    every choice matched without regard to case (as :func:`pick` matches words)."""
+    for param in getattr(command, "params", []):
+        if isinstance(param.type, (IntParamType, FloatParamType)):
+            param.type = _PersonsNumber(param.type)
+        elif hasattr(param.type, "choices") and hasattr(param.type, "case_sensitive"):  # typer's Choice
+            param.type.case_sensitive = False
+    for sub in getattr(command, "commands", {}).values():
+        _one_grammar(sub)
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
     """Run one command of ``app`` and return its exit status (help reflowed as paragraphs first).
 
@@ -431,9 +549,13 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
       the command's worker processes end with it (:func:`worker_pool`) and its partial files are
       removed (:func:`output_file`); a command still running :data:`GRACE_SECONDS` after the signal
       is ended by force, with the same line, status and clean-up.
+    - numbers: every ``int`` and ``float`` option takes the grammar of docs/cli.md only
+      (``_PersonsNumber``: no ``1_0``, ``٣``, ``３``); choices are matched without regard to case;
+    - Ctrl-C: exit 130.
     """
     _reflow_help(app)
     command = typer.main.get_command(app)
+    _one_grammar(command)
     if sys.stdin is None:  # started with standard input closed (<&-): a read is one line, exit 2
         sys.stdin = ClosedStdin()
     if sys.stderr is None:  # started with 2>&-: errors go nowhere, but the exit status still says 2

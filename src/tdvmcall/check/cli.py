@@ -26,6 +26,12 @@ CHECK_HELP = "\n\n".join(
         """Without --catalog the shipped catalog (Linux, td-shim, EDK2, OpenVMM, COCONUT-SVSM, tdx-guest,
     Gramine-TDX, KVM's TDX selftests) is checked. Exit status: 0 when every call passes --policy, 1 when some do not, 2 for
     bad input (a bad catalog row is named on stderr; the other rows are still checked).""",
+        """Words on the screen: a call's registers are 'exposed' when the mask (RCX, its bits 15:0
+    'gpr_select') shares them with the host; 'exposed for nothing' are registers shared that none
+    of the site's calls reads or writes (the host can read and overwrite them); 'legacy' is KVM as
+    it is today, 'hardened' KVM validating the mask; NO_RBP_MOD is the TD attribute under which a
+    1.5 module refuses a mask sharing RBP (a 1.0 module has no such attribute and lets RBP through);
+    a 'case' is one condition a call is run under (IO in, MapGPA RETRY, ...).""",
         """Examples: 'tdvmcall check', 'tdvmcall check --mask 0x1C00 --call Instruction.RDMSR',
     'tdvmcall check --catalog mine.csv --html report.html', 'tdvmcall check --rbp-mod --json'.
     See docs/check.md.""",
@@ -61,7 +67,12 @@ def check(
     tree: str = typer.Option(
         "kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026), v6.16 (v6.16.1) or v7.3 (7.3.4); docs/model.md, Fidelity."
     ),
-    guest: list[str] | None = typer.Option(None, "--guest", help="Only these guests of the catalog (repeatable)."),
+    guest: list[str] | None = typer.Option(
+        None,
+        "--guest",
+        help="Only these guests of the catalog (repeatable): a name, or its start when that names one guest "
+        "only (kvm-selftests, tdx-guest); case does not matter.",
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON document: summary, errors and one object per site and call."
     ),
@@ -79,7 +90,7 @@ def check(
         None, "--html", metavar="FILE", help="Also write a self-contained HTML report (matrix of sites x calls)."
     ),
 ) -> None:
-    from ..console import fail, out, read_text_input, writable_file
+    from ..console import fail, out, pick, read_text_input, writable_file
     from ..judge import HostError, host_for
     from .catalog import (
         CatalogError,
@@ -94,7 +105,8 @@ def check(
         write_report_json,
     )
 
-    # validate options
+    # validate options (words without regard to case, as in every command)
+    policy, tree = policy.strip().lower(), tree.strip().lower()
     try:
         host = host_for(module, no_rbp_mod, tree, policy)
     except HostError as e:
@@ -129,11 +141,10 @@ def check(
         fail(f"--mask/--call: {e}" if mask is not None else str(e))
     if not sites and not errors:
         fail(f"{source}: no call sites to check (an empty catalog passes nothing)")
-    if guest:
-        known = {s.guest for s in sites}
-        if unknown := [g for g in guest if g not in known]:
-            fail(f"--guest: {unknown[0]!r} is not in the catalog; accepted: {', '.join(sorted(known))}")
-        sites = [s for s in sites if s.guest in guest]
+    if guest:  # a guest's name, or a prefix naming one only, without regard to case
+        known = sorted({s.guest for s in sites})
+        chosen = {pick(g, known, "--guest", "guest of the catalog", prefix=True) for g in guest}
+        sites = [s for s in sites if s.guest in chosen]
 
     # check and report
     results = check_sites(sites, host)

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import html_matrix as M
-from ..abi.control import Control
+from ..abi.control import Control, module_family
 from ..abi.regs import hex64, names_in
 from ..console import VERDICT_STYLE
 from ..judge import (
@@ -420,7 +420,10 @@ def _count(n: int, what: str) -> str:
 
 
 def host_line(host: Host, policy: str, catalog: str) -> str:
-    rbp = "with NO_RBP_MOD" if host.no_rbp_mod else "without NO_RBP_MOD"
+    if module_family(host.module) == "1.0":  # the attribute came with 1.5: a 1.0 module never checks RBP
+        rbp = "which has no NO_RBP_MOD and does not check RBP"
+    else:
+        rbp = "with NO_RBP_MOD" if host.no_rbp_mod else "without NO_RBP_MOD"
     return f"{catalog} against TDX module {host.module} ({rbp}), KVM {host.tree}; exit status follows --policy {policy}"
 
 

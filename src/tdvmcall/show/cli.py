@@ -7,7 +7,7 @@ import json
 
 import typer
 
-from ..console import emit_json, fail, out, parse_json_text, read_text_input
+from ..console import emit_json, fail, out, parse_json_text, pick, read_text_input
 
 # The model is imported inside the commands that use it, so that building the app (the start of
 # every command, ``tdvmcall trace`` included) stays cheap.
@@ -32,10 +32,10 @@ def run(
     from ..kvm.trees import TREES
     from ..scenario import ScenarioError, parse, result_json
 
-    if policy is not None and policy not in POLICIES:  # named as given, before the scenario is read
-        fail(f"--policy: {policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
-    if tree is not None and tree not in TREES:
-        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
+    if policy is not None:  # named as given, before the scenario is read; any case, as every command
+        policy = pick(policy, POLICIES, "--policy", "policy")
+    if tree is not None:
+        tree = pick(tree, TREES, "--tree", "KVM tree")
     data = parse_json_text(read_text_input(file, "scenario"), "scenario")
     for key, value in (("policy", policy), ("tree", tree)):
         if value is not None:
@@ -159,8 +159,8 @@ def decode(
         v = parse_int(value, "VALUE")
     except ValueError as e:
         fail(str(e))
-    if as_ is not None and as_ not in D.KINDS:
-        fail(f"--as: {as_!r} is not a reading; accepted: {', '.join(D.KINDS)}")
+    if as_ is not None:
+        as_ = pick(as_, D.KINDS, "--as", "reading")
     module = {"1.0": "1.0.3", "1.5": "1.5.05"}.get(module, module)  # a line's newest table, as check's 1.0/1.5
     if module not in MODULE_TABLE_VERSIONS:
         fail(f"--module: {module!r} is not a module version; accepted: {', '.join(MODULE_TABLE_VERSIONS)}")
@@ -244,23 +244,40 @@ def leaves(
     rows = L.LEAVES
     if name is not None:
         try:
-            rows = (L.by_name(CALL_WORDS.get(name, name)),)  # RDMSR as check --call and catalogs write it
+            # RDMSR as check --call and catalogs write it; without regard to case, as they read it
+            words = {w.casefold(): leaf for w, leaf in CALL_WORDS.items()}
+            words |= {n.casefold(): n for n in L.BY_NAME}
+            rows = (L.by_name(words.get(name.strip().casefold(), name)),)
         except KeyError as e:
             fail(str(e.args[0]))
     if as_json:
         emit_json([L.as_dict(leaf) for leaf in rows])
         return
+    columns = ("call", "select", "reads", "writes", "minimal mask", "source")
     t = Table(header_style="bold", show_lines=True)
-    for col in ("call", "select", "reads", "writes", "minimal mask", "source"):
-        t.add_column(col, overflow="fold")
+    for col in columns:
+        t.add_column(col, no_wrap=col in ("call", "select"))
+    cells = []
     for leaf in rows:
         d = L.as_dict(leaf)
         sel = f"R11={leaf.r11:#x}" if leaf.family == "ghci" else f"R10={leaf.nr}"
         reads = "\n".join(_operand_text(o) for o in d["inputs"]) or "-"
         writes = "\n".join(_operand_text(o) for o in d["outputs"]) or "-"
         masks = "\n".join(f"{k}: {v}" for k, v in d["minimal_masks"].items())
-        t.add_row(leaf.name, sel, reads, writes, masks, leaf.source)
-    out.print(t)
+        cells.append((leaf.name, sel, reads, writes, masks, leaf.source))
+        t.add_row(*cells[-1])
+    if out.fits(t):
+        out.print(t)
+        return
+    # narrower than the table's words (an 80-column terminal): one block per call, a line per column
+    for i, (name, sel, *rest) in enumerate(cells):
+        block = Table.grid(padding=(0, 1))
+        block.add_column(style="bold", no_wrap=True)
+        block.add_column()
+        for col, value in zip(columns[2:], rest):
+            block.add_row(col, value)
+        out.print(("\n" if i else "") + f"[bold]{name}[/] ({sel})", highlight=False)
+        out.print(block)
 
 
 def _operand_text(o: dict) -> str:
