@@ -655,6 +655,10 @@ def test_a_guest_is_named_by_a_unique_prefix_and_words_by_any_case():
     assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == "Instruction.RDMSR", r.stderr.decode()
     r = run_case(["trace", "-", "--format", "FTRACE"], stdin=FTRACE_EXIT.encode())
     assert r.returncode == 0, r.stderr.decode()
+    r = run_case(["sweep", "--call", "instruction.hlt", "--json"])
+    assert r.returncode == 0 and {row["call"] for row in json.loads(r.stdout)["rows"]} == {"Instruction.HLT"}
+    r = run_case(["fuzz", "--policy", "HARDENED", "--mode", "Fast", "--examples", "1"])
+    assert r.returncode == 0, r.stderr.decode()
 
 
 def test_a_count_is_taken_in_hex_as_every_number_a_person_writes():
@@ -673,12 +677,25 @@ def test_check_module_1_0_does_not_claim_no_rbp_mod():
 
 
 # --- 80 columns and logs (issue 18 item 17) --------------------------------------------------------------
-def test_piped_output_never_wraps_a_line_of_text():
-    # the verdict line is longer than 120 columns with a long catalog name: whole on one line
+def test_piped_output_folds_text_between_values_only():
+    # the host line is longer than 120 columns: folded, but "--policy hardened" and "(with
+    # NO_RBP_MOD)" each stay on one line, as does the verdict line's "(exit 1)"
     r = run_case(["check", "--mask", "0xFFEC", "--call", "RDMSR", "--call", "WRMSR", "--call", "CPUID"])
     lines = r.stdout.decode().splitlines()
+    assert all(len(line) <= 120 for line in lines if "─" not in line), lines
     assert any(line.startswith("FAIL under --policy hardened") and line.endswith("(exit 1)") for line in lines), lines
-    assert any(line.startswith("what-if --mask 0xFFEC against") and "--policy hardened" in line for line in lines)
+    assert any("(with NO_RBP_MOD)" in line for line in lines) and any("--policy hardened" in line for line in lines)
+
+
+def test_wrap_values_keeps_groups_and_words_whole():
+    from tdvmcall.console import wrap_values
+
+    text = "FAIL under --policy hardened: 4 of 41 sites, 20 of 148 calls do not pass (exit 2)"
+    for width in range(20, 90):
+        lines = wrap_values(text, width)
+        assert " ".join(lines) == text and all(len(line) <= width for line in lines), (width, lines)
+        assert any("(exit 2)" in line for line in lines), (width, lines)
+    assert wrap_values("a (b c) " + "x" * 30, 10) == ["a (b c)", "x" * 30]  # a word longer than a line: whole
 
 
 def test_leaves_keeps_every_name_whole_at_80_columns_and_in_a_pipe(monkeypatch):

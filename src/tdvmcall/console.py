@@ -76,6 +76,32 @@ VERDICT_STYLE: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+def wrap_values(text: str, width: int) -> list[str]:
+    """``text`` folded into lines of at most ``width`` columns, between values only: a group in
+    parentheses or brackets (``(exit 2)``, ``[r12=0x1 r13=0x0]``) is kept on one line unless it is
+    longer than a line itself; a word is never cut.  Its own lines stay lines."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        units: list[str] = []
+        depth = 0
+        for word in paragraph.split(" "):
+            if depth > 0 and units:
+                units[-1] += " " + word
+            else:
+                units.append(word)
+            depth = max(0, depth + word.count("(") + word.count("[") - word.count(")") - word.count("]"))
+        pieces = [p for u in units for p in ([u] if cell_len(u) <= width else u.split(" "))]
+        line = ""
+        for piece in pieces:
+            if line and cell_len(line) + 1 + cell_len(piece) > width:
+                lines.append(line)
+                line = piece
+            else:
+                line = f"{line} {piece}" if line else piece
+        lines.append(line)
+    return lines
+
+
 def _words_whole(table: Table) -> None:
     """No column of ``table`` narrower than the longest word of its cells: a table narrows by
     folding its cells between words, never inside one (a name, a path, a value)."""
@@ -102,8 +128,11 @@ class _WideConsole(Console):
                 for part in o.renderables if isinstance(o, Group) else [o]:
                     self.print(part, **kwargs)
             return
-        if not self.is_terminal and "soft_wrap" not in kwargs and all(isinstance(o, (str, Text)) for o in objects):
-            kwargs["soft_wrap"] = True
+        if not self.is_terminal and "soft_wrap" not in kwargs and all(isinstance(o, Text) for o in objects):
+            for o in objects:  # folded between values, never inside one: '(exit 2)' stays whole
+                for line in wrap_values(o.plain, self.width):
+                    super().print(line, soft_wrap=True, markup=False, highlight=False, style=o.style)
+            return
         for o in objects:
             self._keep_words(o)
         need = max((self._natural_width(o) for o in objects), default=0)

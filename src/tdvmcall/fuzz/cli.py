@@ -197,6 +197,7 @@ def register(app: typer.Typer) -> None:
             available_cpus,
             emit_json,
             fail,
+            pick,
             require_count,
             require_finite_positive,
             worker_count,
@@ -210,10 +211,8 @@ def register(app: typer.Typer) -> None:
         writable_file(out_file, "--out")  # before the campaign: a counterexample must have a place
         from . import campaign as F  # hypothesis: only once the options are known to be good
 
-        if policy not in F.POLICY_CHOICES:
-            fail(f"--policy: {policy!r} is not accepted; use one of {', '.join(F.POLICY_CHOICES)}")
-        if mode not in F.MODES:
-            fail(f"--mode: {mode!r} is not accepted; use one of {', '.join(F.MODES)}")
+        policy = pick(policy, F.POLICY_CHOICES, "--policy", "policy")  # any case, as every command
+        mode = pick(mode, F.MODES, "--mode", "mode")
         if workers is not None and mode != "fast":
             fail(f"--workers: {workers} is for --mode fast")
         if mode == "fast":  # as sweep --jobs: at most one per CPU and per batch; 0 is the default

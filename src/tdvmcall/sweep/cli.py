@@ -54,20 +54,18 @@ def sweep(
         help="KVM tree whose rules the model follows: kvm-x86 (2026, the default), v6.16 (v6.16.1) or v7.3 (7.3.4). See docs/model.md, Fidelity.",
     ),
 ) -> None:
-    from ..console import available_cpus, emit_json, fail, out, worker_count
+    from ..console import available_cpus, emit_json, out, pick, worker_count
     from ..judge import CALL_WORDS
     from ..kvm import leaves as L
     from ..kvm.trees import TREES
     from .sweep import run_sweep
 
-    if tree not in TREES:
-        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
+    tree = pick(tree, TREES, "--tree", "KVM tree")  # any case, as every command
 
-    if call:
-        call = [CALL_WORDS.get(c, c) for c in call]  # RDMSR as check --call and catalogs write it
     known = [leaf.name for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,)]
-    if call and (unknown := [c for c in call if c not in known]):
-        fail(f"--call: {unknown[0]!r} is not a call of the leaf table; accepted: {', '.join(known)}")
+    if call:  # RDMSR as check --call and catalogs write it; any case, as every command
+        words = {w.casefold(): leaf for w, leaf in CALL_WORDS.items()}
+        call = [pick(words.get(c.strip().casefold(), c), known, "--call", "call of the leaf table") for c in call]
     rows = sum(1 for leaf in L.LEAVES + (L.UNKNOWN_HYPERCALL,) if not call or leaf.name in call for _ in leaf.cases)
     # as fuzz --workers: 0 is the default (one per CPU, at most 4), never more than CPUs or rows
     jobs = worker_count(jobs, "--jobs", min(available_cpus(), 4), rows)
