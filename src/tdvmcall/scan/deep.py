@@ -368,6 +368,11 @@ class Loaded:
         for ins in insns[:-1]:
             if ins.flow_control == ix.FlowControl.INDIRECT_BRANCH:
                 return None
+            if _conditional_value(ins):
+                w = _written(ins)
+                if w is None:
+                    return None
+                out |= w
             if ins.flow_control in _BRANCHES and ins.next_ip < ins.near_branch_target <= addr:
                 for i in insns:
                     if ins.next_ip <= i.ip < ins.near_branch_target:
@@ -378,9 +383,10 @@ class Loaded:
         return frozenset(out)
 
     def forks(self, start: int, addr: int) -> tuple[int, ...] | None:
-        """The conditional jumps from ``start`` to ``addr`` whose two ways may meet again before
-        ``addr`` (a forward jump landing at or before it); None past :data:`MAX_FORKS` or when the
-        code cannot be decoded.  The runs are made again with each forced each way."""
+        """The conditions from ``start`` to ``addr`` a value may depend on: conditional jumps whose
+        two ways may meet again before ``addr`` (a forward jump landing at or before it), and
+        ``cmovcc``/``setcc``; None past :data:`MAX_FORKS` or when the code cannot be decoded.  The
+        runs are made again with each forced each way."""
         r = self.region(addr)
         insns = r.decode(start, addr) if r is not None else None
         if not insns:
@@ -388,7 +394,8 @@ class Loaded:
         out = [
             i.ip
             for i in insns[:-1]
-            if i.flow_control == ix.FlowControl.CONDITIONAL_BRANCH and i.next_ip < i.near_branch_target <= addr
+            if (i.flow_control == ix.FlowControl.CONDITIONAL_BRANCH and i.next_ip < i.near_branch_target <= addr)
+            or _conditional_value(i)
         ]
         if any(i.flow_control == ix.FlowControl.INDIRECT_BRANCH for i in insns[:-1]) or len(out) > MAX_FORKS:
             return None
@@ -633,6 +640,49 @@ _INFO = ix.InstructionInfoFactory()
 _WRITES = frozenset({ix.OpAccess.WRITE, ix.OpAccess.READ_WRITE, ix.OpAccess.COND_WRITE, ix.OpAccess.READ_COND_WRITE})
 
 
+_CC = ix.ConditionCode
+#: RFLAGS bits: CF, PF, ZF, SF, OF
+_CF, _PF, _ZF, _SF, _OF = 1, 1 << 2, 1 << 6, 1 << 7, 1 << 11
+#: per condition, the flags (set, cleared) that make it hold (Intel SDM vol. 1, B.1 "condition codes")
+_HOLDS = {
+    _CC.O: (_OF, 0),
+    _CC.NO: (0, _OF),
+    _CC.B: (_CF, 0),
+    _CC.AE: (0, _CF),
+    _CC.E: (_ZF, 0),
+    _CC.NE: (0, _ZF),
+    _CC.BE: (_CF, 0),
+    _CC.A: (0, _CF | _ZF),
+    _CC.S: (_SF, 0),
+    _CC.NS: (0, _SF),
+    _CC.P: (_PF, 0),
+    _CC.NP: (0, _PF),
+    _CC.L: (_SF, _OF),
+    _CC.GE: (0, _SF | _OF),
+    _CC.LE: (_ZF, 0),
+    _CC.G: (0, _ZF | _SF | _OF),
+}
+_NOT = {
+    a: b
+    for a, b in [
+        (_CC.O, _CC.NO),
+        (_CC.B, _CC.AE),
+        (_CC.E, _CC.NE),
+        (_CC.BE, _CC.A),
+        (_CC.S, _CC.NS),
+        (_CC.P, _CC.NP),
+        (_CC.L, _CC.GE),
+        (_CC.LE, _CC.G),
+    ]
+}
+_NOT |= {b: a for a, b in _NOT.items()}
+
+
+def _conditional_value(ins: ix.Instruction) -> bool:
+    """A ``cmovcc`` or ``setcc``: a value chosen by a condition, without a jump."""
+    return ins.condition_code != _CC.NONE and ins.flow_control == ix.FlowControl.NEXT
+
+
 def _written(ins: ix.Instruction) -> set[str] | None:
     """The general registers an instruction writes; None when it writes memory or leaves the straight
     line (a call, a TDCALL, a branch)."""
@@ -813,8 +863,8 @@ class Runner:
         return m
 
     def run(self, start: int, fill: int, status: int, force: tuple[int, bool] | None = None) -> list[Hit]:
-        """One run from ``start``: the TDCALLs reached, in order.  ``force``: a conditional jump made
-        to go one way (True: taken) each time it is reached."""
+        """One run from ``start``: the TDCALLs reached, in order.  ``force``: a condition (of a
+        jump, a ``cmovcc`` or a ``setcc``) made to hold (True) or not each time it is reached."""
         assert uc is not None
         t0 = time.process_time()
         self.runs += 1
@@ -831,11 +881,14 @@ class Runner:
             at, taken = force
             r = image.region(at)
             fi = next(iter(r.decode(at, at) or [])) if r is not None else None
-            if fi is not None:
-                way = fi.near_branch_target if taken else fi.next_ip
+            if fi is not None and fi.condition_code in _HOLDS:
+                # the flags the condition reads are set so that it holds (or its opposite does):
+                # a jump goes that way, a cmov moves or not, a setcc gives 1 or 0
+                setf, clear = _HOLDS[fi.condition_code if taken else _NOT[fi.condition_code]]
 
                 def forced(mu: uc.Uc, address: int, size: int, data: object) -> None:
-                    mu.reg_write(X.UC_X86_REG_RIP, way)
+                    f = mu.reg_read(X.UC_X86_REG_EFLAGS)
+                    mu.reg_write(X.UC_X86_REG_EFLAGS, (f | setf) & ~clear)
 
                 fhook = m.hook_add(uc.UC_HOOK_CODE, forced, begin=at, end=at)
         try:

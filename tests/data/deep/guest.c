@@ -69,3 +69,15 @@ __attribute__((noinline)) int guest_map_retry(uint64_t gpa)
             return 1;
     return 0;
 }
+
+/* a leaf chosen by comparing run-time data with a constant (a cmov at -O2, a branch at -O0): random,
+ * zero and all-ones fillings all see "not 5", so only forcing the condition each way shows that the
+ * leaf is 12 on one path and 30 on the other: it must stay unresolved */
+uint64_t guest_selector;
+__attribute__((noinline)) void guest_one_path(void)
+{
+    uint64_t fn = 12;
+    if (guest_selector == 5)
+        fn = 30;
+    guest_hypercall(fn, 0, 0);
+}
