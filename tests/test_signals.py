@@ -84,14 +84,17 @@ def read_until(proc: subprocess.Popen, needle: bytes, timeout: float = HANG) -> 
     return got
 
 
-def end_with(proc: subprocess.Popen, sig: int, whole_group: bool) -> tuple[int, str, str, set[int]]:
-    """Send ``sig`` (to the group, as a terminal sends Ctrl-C, or to the parent alone), wait for the
-    parent; returns its status, stdout, stderr and the processes of its group still alive after a
-    generous wait.  Whatever is left is killed, so a failing test leaves nothing behind."""
+def end_with(
+    proc: subprocess.Popen, sig: int, whole_group: bool, pid: int | None = None
+) -> tuple[int, str, str, set[int]]:
+    """Send ``sig`` (to the group, as a terminal sends Ctrl-C, or to the parent alone, or to the
+    process ``pid`` of the group), wait for the parent; returns its status, stdout, stderr and the
+    processes of its group still alive after a generous wait.  Whatever is left is killed, so a
+    failing test leaves nothing behind."""
     if whole_group:
         os.killpg(proc.pid, sig)
     else:
-        os.kill(proc.pid, sig)
+        os.kill(proc.pid if pid is None else pid, sig)
     try:
         out, err = proc.communicate(timeout=HANG)
     except subprocess.TimeoutExpired:
@@ -201,6 +204,33 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     status, _, _, left = end_with(proc, signal.SIGKILL, whole_group=False)
     assert status == -signal.SIGKILL
     assert left == set()
+
+
+# --- a worker that dies on its own ------------------------------------------------------------------------
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: --workers 2 runs one worker, in the parent")
+@pytest.mark.parametrize("command", ["fuzz", "sweep"])
+def test_a_worker_killed_on_its_own_is_one_line_and_exit_2(command, tmp_path):
+    # the out-of-memory killer's SIGKILL to one worker ended the command with a BrokenProcessPool
+    # traceback and exit 1, which CI reads as a finding
+    if command == "fuzz":
+        proc, option = fast_fuzz(tmp_path), "--workers"
+    else:
+        proc, option = start("sweep", "--exhaustive", "--jobs", "2"), "--jobs"
+        wait_for(lambda: len(group(proc.pid)) >= 3, 20.0)
+        time.sleep(1.0)
+    workers = sorted(group(proc.pid) - {proc.pid})
+    assert len(workers) == 2
+    status, out, err, left = end_with(proc, signal.SIGKILL, whole_group=False, pid=workers[0])
+    assert_clean_end(
+        status,
+        err,
+        left,
+        2,
+        "tdvmcall: error: a worker process died (signal 9, SIGKILL, which the out-of-memory killer sends); "
+        f"the run is incomplete, so there is no verdict: run it again (with fewer {option} if memory was short)",
+    )
+    assert out == ""  # no verdict for a run that did not finish
+    assert not list(tmp_path.iterdir())  # no counterexample
 
 
 # --- the mechanism, on a command made for it --------------------------------------------------------------

@@ -43,6 +43,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -378,6 +379,12 @@ class StdoutError(Exception):
         super().__init__(f"cannot write standard output ({error.strerror or error})")
 
 
+class WorkerDied(Exception):
+    """A worker process of :func:`worker_pool` ended on its own (the out-of-memory killer's
+    SIGKILL, a crash) and the run is incomplete: :func:`run_app` makes it one line and exit 2, as
+    any command that could not do its work, never a traceback and never the 1 of a finding."""
+
+
 class PipeGuard(io.TextIOBase):
     """Standard output that survives its reader leaving (``tdvmcall check | head -1``): on a closed
     pipe the rest of the output goes to /dev/null and the command runs on to its own exit status,
@@ -455,6 +462,7 @@ __all__ = [
     "ClosedStdin",
     "PipeGuard",
     "StdoutError",
+    "WorkerDied",
     "emit_json",
     "fail",
     "not_an_input",
@@ -605,6 +613,10 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
         except StdoutError as e:  # a full disk under standard output: one line, never 1 (a failed check)
             sys.stderr.write(f"tdvmcall: error: {e}\n")
             status = 2
+        except WorkerDied as e:  # a worker killed (the OOM killer) or crashed: no verdict, never 1
+            if _ending.signum is None:  # else the workers died of the signal: the command was ended
+                sys.stderr.write(f"tdvmcall: error: {' '.join(str(e).split())}\n")
+            status = 2
         except (Abort, KeyboardInterrupt):  # click turns Ctrl-C into Exit(130), seen below
             status = 130
         except Exception:
@@ -692,9 +704,12 @@ def _say_ending() -> None:
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
-    for pid in list(getattr(pool, "_processes", None) or ()):
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        popen = getattr(proc, "_popen", None)
+        if popen is not None and popen.returncode is not None:  # reaped: its pid may be another's now
+            continue
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(proc.pid, signal.SIGKILL)
 
 
 def _remove_partial() -> None:
@@ -830,13 +845,42 @@ def _worker_start(parent: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, set(ENDING_SIGNALS))
 
 
+def _worker_death(pool: ProcessPoolExecutor, broken: BrokenProcessPool, option: str) -> str:
+    """What :class:`WorkerDied` says of a broken pool: how the worker that ended first ended.  The
+    pool's own thread, once it has seen a worker die, ends the others with SIGTERM and reaps them
+    all; the first is the one that did not end by SIGTERM (or, if all did, SIGTERM itself)."""
+    if broken.__cause__ is not None:  # no worker died: a result the pool could not read back
+        last = str(broken.__cause__).strip().strip("'").strip().splitlines() or ["unknown"]
+        return f"a worker process failed ({last[-1].strip()}); the run is incomplete, so there is no verdict"
+    thread = getattr(pool, "_executor_manager_thread", None)
+    if thread is not None:
+        thread.join(GRACE_SECONDS)
+    ended = [p.exitcode for p in list((getattr(pool, "_processes", None) or {}).values()) if p.exitcode is not None]
+    code = next((c for c in ended if c != -signal.SIGTERM), ended[0] if ended else None)
+    if code is None:
+        how = ""
+    elif code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else "?"
+        oom = ", which the out-of-memory killer sends" if -code == signal.SIGKILL else ""
+        how = f" (signal {-code}, {name}{oom})"
+    else:
+        how = f" (exit status {code})"
+    return (
+        f"a worker process died{how}; the run is incomplete, so there is no verdict: run it again "
+        f"(with fewer {option} if memory was short)"
+    )
+
+
 @contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+def worker_pool(workers: int, option: str = "--workers") -> Iterator[ProcessPoolExecutor]:
     """A pool of ``workers`` forked processes that end with the command.  Every worker is forked at
     once, with the ending signals held, so that none runs the parent's handlers.  When the block
     ends by an exception (an interrupt, SIGTERM, an error) the workers are killed rather than
     awaited: a worker blocked on a pipe or a lock can never hang the parent.  Workers die with the
-    parent even when it is killed (:func:`_die_with_parent`)."""
+    parent even when it is killed (:func:`_die_with_parent`).  A worker that dies on its own (the
+    out-of-memory killer, a crash) ends the block with :class:`WorkerDied`, its signal or exit
+    status said, and the other workers ended too (``option``: the command's option that sets how
+    many there are)."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, set(ENDING_SIGNALS))
     try:
         pool = ProcessPoolExecutor(
@@ -851,6 +895,13 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
     try:
         yield pool
+    except BrokenProcessPool as e:
+        try:
+            died = _worker_death(pool, e, option)
+        finally:
+            _kill_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise WorkerDied(died) from e
     except BaseException:
         _kill_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)

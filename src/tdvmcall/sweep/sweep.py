@@ -329,7 +329,7 @@ def run_sweep(
         for td in TD_SETTINGS:  # compute the gate once, before forking
             module_accepts(td.module, td.no_rbp_mod)
         # workers that end with the command: Ctrl-C, SIGTERM or the parent killed leave none behind
-        with worker_pool(jobs) as pool:
+        with worker_pool(jobs, "--jobs") as pool:
             rows = list(pool.map(sweep_target, chosen, [exhaustive] * len(chosen), [tree] * len(chosen)))
     else:
         rows = [sweep_target(t, exhaustive, tree) for t in chosen]
