@@ -283,7 +283,13 @@ def deepen(
             out.append((regs, via, addrs))
             continue
         want = {"rax", "rcx", "r10", "r11"}
-        calls = engine.calls(at + d, fn.start + d, tuple(a + d for a in addrs), want, len(addrs), fn.exact)
+        try:
+            calls = engine.calls(at + d, fn.start + d, tuple(a + d for a in addrs), want, len(addrs), fn.exact)
+        except Exception as e:  # the emulator on hostile code: the fast path's answer stands, said once
+            note = f"deep engine stopped on {fn.name}: {type(e).__name__}: {e}"
+            if note not in region.code.notes:
+                region.code.notes.append(note)
+            calls = []
         if not calls:
             out.append((regs, via, addrs))
             continue
@@ -402,6 +408,8 @@ class Image:
 def _engine(code: Code, engines: dict[int, Deep | None]) -> Deep | None:
     """The deep engine of the image a code region belongs to (one per image, made when first
     needed), None when it cannot run it (the reason is noted once)."""
+    if code.bitness != 64:
+        return None  # the engine runs 64-bit code only
     key = id(code.image) if code.image is not None else id(code)
     if key not in engines:
         engines[key] = None
