@@ -79,7 +79,8 @@ def test_every_call_of_the_guest_is_resolved_as_its_source_says(tmp_path: Path, 
     sites = scan(build(tmp_path, kind, opt))
     got = {caller(s): s for s in sites}
     expected = {**EXPECTED, "guest_hoisted": HOISTED} if kind.startswith("so") else EXPECTED
-    assert set(got) <= {*expected, "guest_unknown", "guest_one_path"}, "a call path the source does not have"
+    unpinned = {"guest_unknown", "guest_one_path", "guest_callee_pick"}
+    assert set(got) <= {*expected, *unpinned}, "a call path the source does not have"
     for fn, (call, r11, inputs) in expected.items():
         assert fn in got, f"{fn}'s call not found ({sorted(got)})"
         s = got[fn]
@@ -97,10 +98,10 @@ def test_every_call_of_the_guest_is_resolved_as_its_source_says(tmp_path: Path, 
 @pytest.mark.parametrize("opt", ["O0", "O2"])
 def test_a_leaf_known_only_at_run_time_stays_unresolved(tmp_path: Path, kind: str, opt: str) -> None:
     """guest_unknown passes a global's run-time value as the leaf, guest_one_path picks 12 or 30 by
-    comparing a global with 5 (a branch at -O0, a cmov at -O2; every filling sees "not 5"): no run may
-    pin either (precision)."""
+    comparing a global with 5 (a branch at -O0, a cmov at -O2; every filling sees "not 5"), and
+    guest_callee_pick has a callee make that choice and return it: no run may pin any (precision)."""
     sites = scan(build(tmp_path, kind, opt))
-    for fn in ("guest_unknown", "guest_one_path"):
+    for fn in ("guest_unknown", "guest_one_path", "guest_callee_pick"):
         (s,) = [s for s in sites if caller(s) == fn]
         assert s.regs["r11"].value is None, (fn, s.regs["r11"].how)
         assert s.leaf is None and s.verdict("hardened") == "unresolved"
@@ -154,6 +155,7 @@ def test_callers_through_got_slots_and_a_register_loaded_from_one(tmp_path: Path
         "guest_map_retry",
         "guest_hoisted",
         "guest_one_path",
+        "guest_callee_pick",
     }
 
 

@@ -99,6 +99,8 @@ REGS = ("rax", "rcx", "r10", "r11", "r12", "r13")
 FILLS = 4
 #: conditional jumps per call path that are forced each way (more: the path is not run whole)
 MAX_FORKS = 6
+#: conditions elsewhere on the runs (callees) forced each way too, when there are no more than these
+MAX_EXTRA = 8
 #: the fillings: bytes at random (seeded), and two that make comparisons with 0 and -1 go the other
 #: way (``test edi, edi; jz``, a sign test) so a value that holds on one path only differs
 PATTERNS = (None, 0x00, 0xFF, None)
@@ -719,6 +721,8 @@ class Hit:
     site: int
     chain: tuple[int, ...]
     regs: dict[str, int]
+    #: the conditions (forward jumps, cmovcc, setcc) the run went through before it, in order
+    conds: tuple[int, ...] = ()
 
 
 _REG = {}
@@ -758,6 +762,8 @@ class _RunState:
         self.pending: list[tuple[int, int]] = []  # (call address, return address) of the last block
         self.count = 0
         self.stopped = False
+        self.conds: list[int] = []
+        self.cond_set: set[int] = set()
 
     def filler(self, b: int) -> random.Random:
         return random.Random(self.seed ^ b) if self.pattern is None else _Const(self.pattern)
@@ -768,7 +774,8 @@ class Runner:
 
     def __init__(self, image: Loaded) -> None:
         self.image = image
-        self.blocks: dict[int, tuple[int, int] | None] = {}
+        #: per basic block seen: the call it ends with (address, return address), and its conditions
+        self.blocks: dict[int, tuple[tuple[int, int] | None, tuple[int, ...]]] = {}
         self.runs = 0
         self.seconds = 0.0
         self.ended = ""  # why the last run ended (for --verbose and debugging)
@@ -839,21 +846,31 @@ class Runner:
                     pass
             elif shadow and address == shadow[-1][1]:
                 shadow.pop()  # returned to the instruction after the call
-            info = self.blocks.get(address, -1)
-            if info == -1:
-                info = None
+            info = self.blocks.get(address)
+            if info is None:
+                call: tuple[int, int] | None = None
+                conds: list[int] = []
                 try:
                     code = bytes(mu.mem_read(phys(address), size))
                     last = None
                     for ins in ix.Decoder(64, code, ip=address):
                         last = ins
+                        if _conditional_value(ins) or (
+                            ins.flow_control == ix.FlowControl.CONDITIONAL_BRANCH and ins.near_branch_target > ins.ip
+                        ):
+                            conds.append(ins.ip)
                     if last is not None and last.flow_control in _CALLS:
-                        info = (last.ip, last.next_ip)
+                        call = (last.ip, last.next_ip)
                 except uc.UcError:
                     pass
+                info = (call, tuple(conds))
                 self.blocks[address] = info
-            if info is not None:
-                pending.append(info)
+            if info[0] is not None:
+                pending.append(info[0])
+            for c in info[1]:
+                if c not in st.cond_set:
+                    st.cond_set.add(c)
+                    st.conds.append(c)
 
         m.hook_add(uc.UC_HOOK_MEM_UNMAPPED, mapped)
         m.hook_add(uc.UC_HOOK_BLOCK, block)
@@ -942,7 +959,7 @@ class Runner:
                 here = b""
             if here == TDCALL:
                 regs = {r: m.reg_read(_REG[r]) for r in REGS}
-                hits.append(Hit(pc, tuple(c for c, _r, _s in reversed(st.shadow)), regs))
+                hits.append(Hit(pc, tuple(c for c, _r, _s in reversed(st.shadow)), regs, tuple(st.conds)))
                 if len(hits) >= MAX_HITS:
                     break
                 self._tdcall(m, regs, fill, status, rng)
@@ -1047,11 +1064,18 @@ class Engine:
         out: list[tuple[tuple[int, tuple[int, ...], int], dict[str, int]]] = []
         for status in (0, 1):
             reached: dict[tuple[int, tuple[int, ...], int], list[dict[str, int]]] = {}
+            seen: set[int] = set()
             for fill in range(1, FILLS + 1):
-                for k, regs in self._keyed(self.runner.run(start, fill, status)):
+                hits = self.runner.run(start, fill, status)
+                for h in hits:
+                    seen.update(h.conds)
+                for k, regs in self._keyed(hits):
                     reached.setdefault(k, []).append(regs)
+            # the conditions the runs went through elsewhere (in callees that returned): forced each
+            # way too when they are few
+            extra = tuple(sorted(seen - set(forks)))
             other: dict[tuple[int, tuple[int, ...], int], list[dict[str, int]]] = {}
-            for at in forks:
+            for at in forks + (extra if len(extra) <= MAX_EXTRA else ()):
                 for taken in (True, False):
                     for k, regs in self._keyed(self.runner.run(start, 1, status, (at, taken))):
                         other.setdefault(k, []).append(regs)

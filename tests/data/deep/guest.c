@@ -81,3 +81,7 @@ __attribute__((noinline)) void guest_one_path(void)
         fn = 30;
     guest_hypercall(fn, 0, 0);
 }
+
+/* the same choice made inside a callee that has returned before the call */
+__attribute__((noinline)) uint64_t guest_pick(uint64_t x) { return x == 5 ? 30 : 12; }
+__attribute__((noinline)) void guest_callee_pick(void) { guest_hypercall(guest_pick(guest_selector), 0, 0); }
