@@ -713,3 +713,21 @@ def test_leaves_keeps_every_name_whole_at_80_columns_and_in_a_pipe(monkeypatch):
         assert words - found == set(), (width, sorted(words - found)[:5])
         if width == 80:
             assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+
+
+# --- scan --to-catalog | check --catalog - (issue 18 item 18) ---------------------------------------------
+def test_check_groups_a_scanned_catalog_as_scan_does_and_names_the_modules(tmp_path):
+    # what scan --to-catalog writes for one stub linked into five modules (one row per call, the
+    # module in 'file', snapshot 'scan'), and one other module's call
+    rows = [f"OVMF.fd,scan,Mod{i}Dxe,sub_{i}0+0x40,0xFFEC,{c},found" for i in range(5) for c in ("HLT", "IO")]
+    rows.append("OVMF.fd,scan,PeiCore,report,0x1C00,ReportFatalError,found")
+    path = _catalog(tmp_path, (HEADER + "\n".join(rows) + "\n").encode())
+    r = run_case(["check", "--catalog", str(path), "--json"])
+    found = json.loads(r.stdout)["findings"]
+    assert r.returncode == 1 and len(found) == 2, [f["where"] for f in found]
+    stub, fatal = found
+    assert stub["rows"] == list(range(2, 12)) and "5 modules" in stub["where"] and "Mod0Dxe" in stub["where"]
+    assert fatal["where"] == "OVMF.fd PeiCore report 0x1c00"  # the module, not "@ scan"
+    text = run_case(["check", "--catalog", str(path)]).stdout.decode()
+    assert "Findings (2)" in text and "Mod1Dxe sub_10+0x40" in text and "@ scan" not in text
+    assert text.count("module-rejects: HLT IO") == 5  # one table row per function, its calls together

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
 
@@ -177,42 +177,83 @@ def short_snapshot(site: Site) -> str:
     return site.snapshot.split(" (")[0].strip()
 
 
+#: the snapshot ``tdvmcall scan --to-catalog`` writes: its rows name the image in ``guest``, the
+#: module (an EDK2 driver, a container inside the input) in ``file``, the function in ``function``
+SCAN_SNAPSHOT = "scan"
+
+
+def _module(site: Site) -> str:
+    """The module a scanned site is in (its ``file``), for a row ``scan --to-catalog`` wrote; else ''."""
+    return site.file if site.snapshot == SCAN_SNAPSHOT and site.file != site.guest else ""
+
+
 def site_where(site: Site) -> str:
-    """Where, in one line: ``td-shim AP mailbox loop 0xffec @ before e3a692b1``."""
+    """Where, in one line: ``td-shim AP mailbox loop 0xffec @ before e3a692b1``; a row that scan
+    wrote names its module instead of the snapshot: ``OVMF.fd AtaBusDxe TdVmCall 0xffcc``."""
     if site.row == 0:  # a what-if: its function is the mask
         return site.label
+    if site.snapshot == SCAN_SNAPSHOT:
+        return " ".join(p for p in (site.guest, _module(site), site.function, f"{site.mask:#06x}") if p)
     snap = f" @ {short_snapshot(site)}" if site.snapshot else ""
     return f"{site.guest} {site.function} {site.mask:#06x}{snap}"
 
 
+#: how many sites a finding of several names before "and N more"
+NAMED_SITES = 3
+
+
 @dataclass
 class Finding:
-    """Calls of one site that fail under some policy for the same reason."""
+    """Calls that fail under some policy for the same reason, at sites of one guest and snapshot
+    with one mask: one site, or many (the same stub in many modules, as ``scan`` groups them)."""
 
-    site: Site
+    site: Site  # the first
     checks: list[CallCheck]
     verdict: dict[str, str]
     why: str  # one line, case names without their values
     details: list[str]  # the same, one line per reason, with the cases' input values
+    sites: list[Site] = field(default_factory=list)  # every site, in catalog order
+
+    @property
+    def where(self) -> str:
+        """:func:`site_where` of the one site; for several, what they share, then the first few."""
+        if len(self.sites) <= 1:
+            return site_where(self.site)
+        s = self.site
+        modules = {_module(x) for x in self.sites}
+        named = (" ".join(p for p in (_module(x) if len(modules) > 1 else "", x.function) if p) for x in self.sites)
+        places = list(dict.fromkeys(named))
+        if len(places) == 1:  # one function making several calls, each its own row
+            return site_where(s)
+        shown = ", ".join(places[:NAMED_SITES])
+        more = f" and {len(places) - NAMED_SITES} more" if len(places) > NAMED_SITES else ""
+        head = " ".join(p for p in (s.guest, _module(s) if len(modules) == 1 else "", f"{s.mask:#06x}") if p)
+        snap = f" @ {short_snapshot(s)}" if s.snapshot and s.snapshot != SCAN_SNAPSHOT else ""
+        count = _count(len(modules), "module") if len(modules) > 1 else _count(len(places), "function")
+        return f"{head}{snap} in {count}: {shown}{more}"
 
 
 def findings(results: list[CallCheck]) -> list[Finding]:
-    """Every (site, call) that does not pass under some policy, grouped per site by verdicts and
-    reason, worst first (``module-rejects``, ``hardened-refuses``, ``legacy-silent``), then in
-    catalog order."""
-    out: list[Finding] = []
-    for site, checks in by_site(results):
-        groups: dict[tuple[str, str, str], Finding] = {}
-        for c in checks:
-            if all(c.passes(p) for p in POLICIES):
-                continue
-            why = "; ".join(_reasons(c, brief=True, values=False))
-            key = (c.verdict["legacy"], c.verdict["hardened"], why)
-            if key not in groups:
-                groups[key] = Finding(site, [], dict(c.verdict), why, _reasons(c))
-            groups[key].checks.append(c)
-        out += groups.values()
-    return sorted(out, key=lambda f: -_rank(f.verdict))  # stable: catalog order within a verdict
+    """Every (site, call) that does not pass under some policy, grouped by verdicts and reason over
+    the sites of one guest and snapshot with the same mask (as ``scan`` groups the same code in
+    many modules into one finding), worst first (``module-rejects``, ``hardened-refuses``,
+    ``legacy-silent``), then in catalog order."""
+    groups: dict[tuple, Finding] = {}
+    for c in results:
+        if all(c.passes(p) for p in POLICIES):
+            continue
+        why = "; ".join(_reasons(c, brief=True, values=False))
+        site = c.site
+        key = (site.guest, site.snapshot, site.mask, c.verdict["legacy"], c.verdict["hardened"], why)
+        if site.row == 0:  # a what-if: its own
+            key += (id(site),)
+        found = groups.get(key)
+        if found is None:
+            found = groups[key] = Finding(site, [], dict(c.verdict), why, _reasons(c))
+        found.checks.append(c)
+        if not found.sites or found.sites[-1] is not site:
+            found.sites.append(site)
+    return sorted(groups.values(), key=lambda f: -_rank(f.verdict))  # stable: catalog order within a verdict
 
 
 def site_exposure(checks: list[CallCheck]) -> list[str]:
@@ -227,6 +268,8 @@ def _finding_json(f: Finding, index: dict[int, int]) -> dict:
         "function": s.function,
         "snapshot": s.snapshot,
         "row": s.row,
+        "rows": [x.row for x in f.sites],
+        "where": f.where,
         "mask": f"{s.mask:#06x}",
         "calls": [c.call.name for c in f.checks],
         "results": [index[id(c)] for c in f.checks],
@@ -431,6 +474,18 @@ def by_site(results: Iterable[CallCheck]) -> list[tuple[Site, list[CallCheck]]]:
     return [(site, list(group)) for site, group in groupby(results, key=lambda r: r.site)]
 
 
+def by_place(results: Iterable[CallCheck]) -> list[tuple[Site, list[CallCheck]]]:
+    """:func:`by_site`, consecutive rows of one place (guest, snapshot, file, function and mask) as
+    one: ``scan --to-catalog`` writes a row per call a function makes, the terminal shows the
+    function once with all its calls."""
+
+    def place(r: CallCheck) -> tuple:
+        s = r.site
+        return (s.guest, s.snapshot, s.file, s.function, s.mask) if s.row else (id(s),)
+
+    return [(group[0].site, group) for _, g in groupby(results, key=place) for group in [list(g)]]
+
+
 def by_guest(results: Iterable[CallCheck]) -> list[tuple[str, list[CallCheck]]]:
     return [(g, list(group)) for g, group in groupby(results, key=lambda r: r.site.guest)]
 
@@ -481,12 +536,15 @@ def findings_table(found: list[Finding]) -> Table:
         verdict = Text()
         for i, v in enumerate(verdict_label(f.verdict).split(", ")):
             verdict.append(("\n" if i else "") + v, style=STYLE[v][0])
-        t.add_row(verdict, site_where(f.site), calls_text(f.checks), f.why)
+        t.add_row(verdict, f.where, calls_text(f.checks), f.why)
     return t
 
 
 def _site_cell(site: Site, verbose: bool, exposure: list[str]) -> Text:
-    where = Text(site.function, style="bold")
+    where = Text(f"{_module(site)} " if _module(site) else "", style="dim")  # a scanned module
+    where.append(site.function, style="bold")
+    if site.snapshot == SCAN_SNAPSHOT:
+        return where
     if verbose:
         where.append(f"\n{site.file}" + (f" @ {site.snapshot}" if site.snapshot else ""), style="dim")
         if exposure:
@@ -519,7 +577,7 @@ TABLE_CHUNK = 200
 def guest_tables(guest: str, checks: list[CallCheck], verbose: bool = False) -> Iterator[Table]:
     """:func:`guest_table` of at most :data:`TABLE_CHUNK` sites at a time, the columns of the same
     widths (the title and the header on the first only)."""
-    sites = by_site(checks)
+    sites = by_place(checks)
     mask_width = max((len(f"{site.mask:#06x}") for site, _ in sites), default=4)
     for start in range(0, len(sites), TABLE_CHUNK):
         chunk = [c for _, site_checks in sites[start : start + TABLE_CHUNK] for c in site_checks]
@@ -553,7 +611,7 @@ def guest_table(
     else:
         t.add_column("calls, by verdict", ratio=4)
         t.add_column("exposed for nothing", width=25)
-    for site, site_checks in by_site(checks):
+    for site, site_checks in by_place(checks):
         exposure = site_exposure(site_checks)
         where = _site_cell(site, verbose, exposure)
         if not verbose:
@@ -632,9 +690,7 @@ def markdown_parts(results: list[CallCheck], host: Host, policy: str, catalog: s
     ]
     found = findings(results)
     for f in found:
-        out.append(
-            f"- **{verdict_label(f.verdict)}**: {_md(site_where(f.site))}, {_md(calls_text(f.checks))}: {_md(f.why)}"
-        )
+        out.append(f"- **{verdict_label(f.verdict)}**: {_md(f.where)}, {_md(calls_text(f.checks))}: {_md(f.why)}")
     if not found:
         out.append("Every call passes under both policies.")
     out.append("")
@@ -693,7 +749,14 @@ def html_matrix(results: list[CallCheck], host: Host, policy: str, catalog: str,
             rows.append(M.Row(site.function, f"{site.mask:#06x}", where, site.row, cells))
         groups.append(M.Group(guest, rows))
     found = [
-        M.Finding(f.site.row, f.site.label, f"{f.site.mask:#06x}", calls_text(f.checks), f.verdict, f.details)
+        M.Finding(
+            f.site.row,
+            f.site.label if len(f.sites) <= 1 else f.where,
+            f"{f.site.mask:#06x}",
+            calls_text(f.checks),
+            f.verdict,
+            f.details,
+        )
         for f in findings(results)
     ]
     return M.Matrix(
