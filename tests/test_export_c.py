@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -626,6 +627,29 @@ def test_the_command_writes_checks_and_refuses_a_bad_directory(tmp_path, files, 
         "tdvmcall: error: DIR: empty; give the directory to write into (. for this one)"
     ]
     assert list(Path.cwd().iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", [1, 2], ids=["header", "source"])
+def test_an_interrupted_export_leaves_the_old_pair_and_nothing_partial(tmp_path, files, cut):
+    """Ctrl-C in the middle of writing the header (the first write) or the C file (the second): DIR
+    holds the old pair, whole, never a new header beside an old C file nor half of one (issue 18: no
+    partial output under a final name); a neighbour file is untouched and no temporary file stays.
+    The write was cut in half under the final name."""
+    out = tmp_path / "vmx"
+    out.mkdir()
+    old = {name: f"/* the old {name} */\n" for name in files}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    (out / "tdx.c").write_text("/* KVM's own */\n")
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "interrupted_write.py"), str(cut), "export-c", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.splitlines()[-1] == "tdvmcall: interrupted" and "Traceback" not in r.stderr
+    assert {p.name: p.read_text() for p in out.iterdir()} == {**old, "tdx.c": "/* KVM's own */\n"}
 
 
 def test_check_says_which_file_is_missing_and_shows_the_diff(tmp_path, files):

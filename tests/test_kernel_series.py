@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,27 @@ def test_the_command(tmp_path, corpus):
     assert r.exit_code == 2 and "--vectors goes with --series" in r.output
     r = runner.invoke(app, ["export-c", str(tmp_path / "x"), "--tree", "v0.1"])
     assert r.exit_code == 2 and "--tree: tree 'v0.1' is not a tree of the model" in r.output
+
+
+@pytest.mark.parametrize("cut", [1, 2], ids=["first-patch", "second-patch"])
+def test_an_interrupted_series_leaves_the_old_one_and_nothing_partial(tmp_path, corpus, cut):
+    """Ctrl-C in the middle of writing a patch: SERIES_DIR holds the earlier series, whole (its
+    stale patch too), never part of a patch nor new patches beside old ones that `git am
+    SERIES_DIR/*.patch` would apply together (issue 18: no partial output under a final name).  The
+    write was cut in half under the patch's name, and the stale patch was already deleted."""
+    root = fake_tree(tmp_path / "linux")
+    out = tmp_path / "series"
+    args = ["export-c", "--series", str(out), "--kernel", str(root), "--vectors", str(corpus), "--tree", TREE]
+    assert CliRunner().invoke(app, [*args, "--author", AUTHOR]).exit_code == 0
+    (out / "0004-KVM-an-older-series.patch").write_text("stale")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "interrupted_write.py"), str(cut), *args]
+        + ["--author", "Grace Hopper <grace@example.org>"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.splitlines()[-1] == "tdvmcall: interrupted" and "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import uuid
 from html.parser import HTMLParser
 from pathlib import Path
@@ -659,6 +660,31 @@ def test_to_catalog_on_standard_output_pipes_into_check(built, tmp_path):
     # --html is a file only: '-' is refused, not written as ./- (docs/cli.md)
     html = runner.invoke(app, ["scan", str(built["sites.elf"]), "--html", "-"])
     assert html.exit_code == 2 and "'-' would write a file named '-'" in html.stderr
+
+
+@pytest.mark.parametrize("cut", [1, 2], ids=["html", "catalog"])
+def test_an_interrupted_write_leaves_the_old_output_and_nothing_partial(built, tmp_path, cut):
+    """Ctrl-C in the middle of writing --html (the first write) or --to-catalog (the second): the
+    file under its final name is the old one, whole, and no temporary file stays (issue 18: no
+    partial output under a final name).  It was cut in half under the final name."""
+    page, catalog = tmp_path / "scan.html", tmp_path / "mine.csv"
+    page.write_text("the old page\n")
+    catalog.write_text("the old catalog\n")
+    args = ["scan", str(built["sites.elf"]), "--html", str(page), "--to-catalog", str(catalog)]
+    r = subprocess.run(
+        [sys.executable, str(HERE / "interrupted_write.py"), str(cut), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.splitlines()[-1] == "tdvmcall: interrupted" and "Traceback" not in r.stderr
+    assert catalog.read_text() == "the old catalog\n"
+    if cut == 1:
+        assert page.read_text() == "the old page\n"
+    else:  # the page was whole before the catalog was begun
+        assert page.read_text().startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.csv", "scan.html"]
 
 
 @settings(max_examples=60, deadline=None)

@@ -16,6 +16,8 @@ The shared helpers, for every wing:
   so nothing is lost at the end and no input is overwritten;
 - :func:`output_file` — an output written under a temporary name and renamed when complete, so the
   final name never holds a partial file (an interrupt removes the temporary one);
+- :func:`output_files` — several that belong together, all renamed once all are complete
+  (``export-c``);
 - :func:`output_dir` — the same for a directory of outputs (``vectors export``);
 - :func:`worker_pool` — worker processes that end with the command: Ctrl-C, SIGTERM or the parent's
   death (``PR_SET_PDEATHSIG``) never leaves one behind; :func:`worker_count` caps their number;
@@ -934,10 +936,30 @@ def output_file(path: str | Path) -> Iterator[Path]:
         os.close(fd)
         yield Path(name)
         os.replace(name, final)
+    except OSError as e:  # a write or the rename failed: the error names the file asked for
+        if e.filename == name:
+            e.filename, e.filename2 = str(final), None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):  # renamed: nothing left
             os.unlink(name)
         _ending.partial.discard(name)
+
+
+@contextlib.contextmanager
+def output_files(paths: Iterable[str | Path]) -> Iterator[list[Path]]:
+    """Outputs that belong together (``export-c``'s header and C file, a patch series), as
+    :func:`output_file` writes one: each under a temporary name, and every one renamed into place
+    only once all are complete, the ending signals held from the first rename to the last.  An
+    interrupt leaves the old files or the new ones, never a mix of the two nor a partial one."""
+    with contextlib.ExitStack() as stack:
+        temporaries = [stack.enter_context(output_file(p)) for p in paths]
+        yield temporaries
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, set(ENDING_SIGNALS))
+        try:
+            stack.close()  # the renames
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ def export_c(
     ),
 ) -> None:
     from .. import __version__
-    from ..console import emit_json, fail, out
+    from ..console import emit_json, fail, out, output_files
     from .generate import DEFAULT_TREE, GeneratorError, build_table, generate, table_fingerprint
 
     if series is not None:
@@ -118,8 +118,9 @@ def export_c(
     if not check:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            for name, text in files.items():
-                (directory / name).write_bytes(text.encode())
+            with output_files(directory / name for name in files) as partial:  # both renamed when both are whole
+                for tmp, text in zip(partial, files.values(), strict=True):
+                    tmp.write_bytes(text.encode())
         except OSError as e:
             fail(f"{e.filename or directory}: cannot write ({e.strerror})")
 

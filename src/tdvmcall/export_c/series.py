@@ -35,6 +35,7 @@ from typing import Any
 
 from .. import __version__, scenario
 from ..abi.regs import GPR_NAMES, hex64, mask_of
+from ..console import output_files
 from ..kvm import leaves as L
 from ..kvm.trees import tree_rule
 from . import generate as G
@@ -720,14 +721,16 @@ def write_series(
     # an earlier series in the directory would be applied with this one by `git am DIR/*.patch`
     names = {patch_file_name(n, p.subject) for n, p in enumerate(patches, 1)}
     removed = sorted(str(p) for p in directory.glob("[0-9][0-9][0-9][0-9]-*.patch") if p.name not in names)
+    written = []
+    # every patch renamed into place once all are whole (console.output_files), the earlier series
+    # removed after: an interrupt leaves the old series or the new one, never a mix or a partial patch
+    with output_files(directory / patch_file_name(n, p.subject) for n, p in enumerate(patches, 1)) as partial:
+        for n, p in enumerate(patches, 1):
+            name = patch_file_name(n, p.subject)
+            partial[n - 1].write_text(format_patch(p, n, len(patches), author, when))
+            written.append({"file": str(directory / name), "subject": p.subject, "files": [c[0] for c in p.changes]})
     for old in removed:
         Path(old).unlink()
-    written = []
-    for n, p in enumerate(patches, 1):
-        name = patch_file_name(n, p.subject)
-        text = format_patch(p, n, len(patches), author, when)
-        (directory / name).write_text(text)
-        written.append({"file": str(directory / name), "subject": p.subject, "files": [c[0] for c in p.changes]})
     test = next(c[2] for c in patches[2].changes if c[0] == TEST_C)
     return {
         "tree": tree,

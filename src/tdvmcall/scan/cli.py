@@ -87,7 +87,7 @@ def scan(
         "them to standard output instead of the report ('... --to-catalog - | tdvmcall check --catalog -').",
     ),
 ) -> None:
-    from ..console import emit_json, fail, out, writable_file
+    from ..console import emit_json, fail, out, output_file, writable_file
     from ..judge import HostError, host_for
     from .report import catalog_csv, html_report, left_out_text, outcome, report_json, rich_report
 
@@ -126,8 +126,10 @@ def scan(
     elif not to_stdout:  # with --to-catalog -, standard output holds the catalog alone
         out.print(rich_report(images, host, policy, verbose, allow_unresolved))
     if html_file is not None:
-        try:
-            html_file.write_text(html_report(images, host, policy, allow_unresolved))
+        page = html_report(images, host, policy, allow_unresolved)
+        try:  # renamed into place when complete: an interrupt never leaves part of a page
+            with output_file(html_file) as partial:
+                partial.write_text(page)
         except OSError as e:
             fail(f"--html: cannot write {html_file} ({e.strerror})")
         if not as_json and not to_stdout:
@@ -141,7 +143,8 @@ def scan(
                 sys.stderr.write(f"tdvmcall: warning: catalog on standard output{extra}\n")
         else:
             try:
-                catalog_file.write_text(text)
+                with output_file(catalog_file) as partial:
+                    partial.write_text(text)
             except OSError as e:
                 fail(f"--to-catalog: cannot write {catalog_file} ({e.strerror})")
             if not as_json:
