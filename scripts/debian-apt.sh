@@ -16,10 +16,13 @@
 # No host name is written here. Packages are checked by apt against the system's Debian keyring.
 set -euo pipefail
 
+# APT_ETC: where apt's sources are read (the tests point it at a fixture; default /etc/apt)
+etc=${APT_ETC:-/etc/apt}
+
 mirror() {
   local f uri=""
   shopt -s nullglob
-  for f in /etc/apt/sources.list.d/*.sources; do
+  for f in "$etc"/sources.list.d/*.sources; do
     # deb822 stanzas: take URIs of a stanza whose Suites are not -security ones
     uri=$(awk '
       BEGIN { RS = ""; FS = "\n" }
@@ -35,7 +38,7 @@ mirror() {
     [ -n "$uri" ] && break
   done
   if [ -z "$uri" ]; then
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    for f in "$etc"/sources.list "$etc"/sources.list.d/*.list; do
       [ -r "$f" ] || continue
       uri=$(awk '$1 == "deb" && $0 !~ /-security/ {
         for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { print $i; exit }
@@ -44,7 +47,7 @@ mirror() {
     done
   fi
   if [ -z "$uri" ]; then
-    echo "debian-apt: no Debian mirror found in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list" >&2
+    echo "debian-apt: no Debian mirror found in $etc/sources.list.d/*.sources or $etc/sources.list" >&2
     return 1
   fi
   echo "${uri%/}"
