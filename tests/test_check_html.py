@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -134,3 +135,21 @@ def test_screenshot(report):
     chromium(tmp, page.as_uri(), "--window-size=1500,1900", f"--screenshot={shot}")
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_an_interrupted_html_write_leaves_the_old_page_and_nothing_partial(tmp_path):
+    """Ctrl-C in the middle of writing --html: the old page stays whole under its name and no
+    temporary file stays (issue 18: no partial output under a final name).  Half of the new page
+    was left under the name."""
+    page = tmp_path / "check.html"
+    page.write_text("the old page\n")
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "interrupted_write.py"), "1", "check", "--html", str(page)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.splitlines()[-1] == "tdvmcall: interrupted" and "Traceback" not in r.stderr
+    assert page.read_text() == "the old page\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["check.html"]

@@ -90,7 +90,7 @@ def check(
         None, "--html", metavar="FILE", help="Also write a self-contained HTML report (matrix of sites x calls)."
     ),
 ) -> None:
-    from ..console import fail, out, pick, read_text_input, writable_file
+    from ..console import fail, out, output_file, pick, read_text_input, writable_file
     from ..judge import HostError, host_for
     from .catalog import (
         CatalogError,
@@ -159,8 +159,10 @@ def check(
         for part in rich_report_parts(results, host, policy, source, verbose, len(errors)):
             out.print(part)
     if html_file is not None:
-        try:
-            html_file.write_text(html_report(results, host, policy, source, errors))
+        page = html_report(results, host, policy, source, errors)
+        try:  # renamed into place when complete: an interrupt never leaves part of a page
+            with output_file(html_file) as partial:
+                partial.write_text(page)
         except OSError as e:
             fail(f"--html: cannot write {html_file} ({e.strerror})")
         if not as_json and not markdown:
