@@ -105,6 +105,24 @@ class TreeRule:
             return reason & ~_BASIC | leaf_reason & _BASIC
         return reason if self.dispatches_on_r11_alone(reason) else leaf_reason
 
+    def reported_dispatch(self, reported: int) -> tuple[int, bool] | None:
+        """How a TDVMCALL exit that KVM reports with this reason (``vt->exit_reason.full``, what the
+        ``kvm_exit`` trace prints: :meth:`vmx_exit_reason`'s result, flag bits included) was
+        dispatched: ``(basic, on_r11_alone)``, ``basic`` the reason (bits 15:0) whose leaves it may
+        be (``leaves.reason_leaves``), ``on_r11_alone`` whether it was instead dispatched on R11
+        alone (``leaves.bus_lock_leaves``, the call :meth:`lookup` gives with ``bus_lock``).
+        ``None`` when this tree never reports a TDVMCALL exit with this reason: under
+        :data:`RELABEL_WHOLE_REASON` a re-labelled reason (CPUID, VMCALL, ...) carries no flag bit,
+        because only a reason equal to TDCALL is re-labelled; under :data:`RELABEL_BASIC` any flag
+        bit is kept by the re-labelled reason, and the call is the same as without it."""
+        reported &= 0xFFFFFFFF
+        basic = reported & _BASIC
+        if reported == basic or self.relabel == RELABEL_BASIC:
+            return basic, False
+        if basic == EXIT_REASON_TDCALL:
+            return basic, self.dispatches_on_r11_alone(reported)
+        return None
+
     def bus_lock_exits_to_userspace(self, reason: int) -> bool:
         """Whether ``tdx_handle_exit()`` sends this exit to userspace because of a bus lock (bit 26),
         once the call is handled (KVM_EXIT_X86_BUS_LOCK if it finished in the kernel, else the

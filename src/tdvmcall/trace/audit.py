@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..kvm.trees import DEFAULT_TREE, tree_rule
 from . import scan as trace_scan
 from .io import Chunk, Source, TraceInputError, chunks
 from .rows import (
@@ -201,9 +202,19 @@ class Audit:
     columns of numpy arrays (``report`` turns them into the report)."""
 
     def __init__(
-        self, td_pids: set[int] | None = None, parquet: str | None = None, keep_bad: int = 5, times: bool = True
+        self,
+        td_pids: set[int] | None = None,
+        parquet: str | None = None,
+        keep_bad: int = 5,
+        times: bool = True,
+        tree: str = DEFAULT_TREE,
+        tree_given: bool = False,
     ):
         self.td_pids = td_pids
+        #: the KVM tree the trace came from (``kvm/trees.py``): its rule judges a flagged reason;
+        #: ``tree_given``: named by the user (``--tree``), not the default
+        self.tree = tree_rule(tree).name
+        self.tree_given = tree_given
         self.tasks = TaskTable()
         self.reasons = ReasonTable()
         self.inputs: list[InputReport] = []
@@ -223,7 +234,7 @@ class Audit:
                 ParquetSink,  # pyarrow: only when writing Parquet
             )
 
-            self.parquet = ParquetSink(parquet, self.tasks, self.reasons)
+            self.parquet = ParquetSink(parquet, self.tasks, self.reasons, self.tree)
 
     # -- feeding --------------------------------------------------------------------------
     def add(self, result: ChunkResult, source: str) -> None:

@@ -23,7 +23,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from ..console import fail, output_file
+from ..console import fail, output_file, pick
 from .io import TraceInputError
 
 #: inputs at least this large (on disk) get a progress display when stderr is a terminal
@@ -125,6 +125,15 @@ def register(app: typer.Typer) -> None:
                 "--td", help="comma-separated pids/tgids of the TDs (default: infer: a task with a TDCALL exit is a TD)"
             ),
         ] = None,
+        tree: Annotated[
+            str | None,
+            typer.Option(
+                "--tree",
+                help="KVM tree the trace came from, whose rules judge it: kvm-x86 (2026, the default), v6.16 "
+                "(v6.16.1) or v7.3 (7.3.4); a re-labelled reason with the bus-lock flag (CPUID 0x4000000) is "
+                "normal on v7.3 only. See docs/trace.md",
+            ),
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
         plot_file: Annotated[
             str | None,
@@ -158,6 +167,9 @@ def register(app: typer.Typer) -> None:
         if top < 0:
             fail(f"--top {top}: a count cannot be negative")
         td_pids = _parse_td(td)
+        from ..kvm.trees import DEFAULT_TREE, TREES
+
+        tree_name = DEFAULT_TREE if tree is None else pick(tree, TREES, "--tree", "KVM tree")  # any case
         if files.count("-") > 1:  # the second reading would find it empty: say so instead
             fail(f"'-' (standard input) is given {files.count('-')} times; it can be read only once")
         plot_format = _check_outputs(files, plot_file, parquet_file)
@@ -166,7 +178,9 @@ def register(app: typer.Typer) -> None:
         err = Console(stderr=True)
         trace, trace_report = _load()
         gc.freeze()  # what the imports created is not walked by the collector again (nor at exit)
-        audit = trace.Audit(td_pids=td_pids, parquet=parquet_file, times=bool(plot_file))
+        audit = trace.Audit(
+            td_pids=td_pids, parquet=parquet_file, times=bool(plot_file), tree=tree_name, tree_given=tree is not None
+        )
         try:
             for path in files:
                 with _progress(err, path, progress) as report:
@@ -256,6 +270,13 @@ def _pct(x: float) -> str:
 
 def show(r: dict, console: Console) -> None:
     """The report as rich tables."""
+    rule = r["tree_rule"]
+    console.print(
+        f"KVM tree: [bold]{escape(r['tree'])}[/] ({escape(rule['release'])}; "
+        + ("given with --tree" if rule["assumed"] == "given" else "the default; --tree to name another")
+        + f"): exit reasons re-labelled on the {'basic reason' if rule['relabel'] == 'basic' else 'whole reason'}"
+        + ("; a bus-lock flag is kept" if rule["relabel"] == "basic" else "; only TDCALL carries a bus-lock flag")
+    )
     for i in r["inputs"]:
         console.print(
             f"[bold]{escape(i['name'])}[/]: {i['format']}, {i['compression']}, {i['lines']:,} lines: "

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..console import output_file
+from ..kvm.trees import DEFAULT_TREE
 from .rows import Columns, ReasonTable, TaskTable, is_tdvmcall_reason
 from .verdict import classify_rows
 
@@ -54,8 +55,9 @@ class ParquetSink:
     complete (``console.output_file``: an interrupt removes it).  Two runs writing the same file
     share nothing; the last to finish leaves its complete file."""
 
-    def __init__(self, path: str, tasks: TaskTable, reasons: ReasonTable):
+    def __init__(self, path: str, tasks: TaskTable, reasons: ReasonTable, tree: str = DEFAULT_TREE):
         self.path = path
+        self.tree = tree  # the KVM tree whose rule the verdict column follows
         self.tasks, self.reasons = tasks, reasons
         self._rows = None  # the anonymous temporary file, opened with the first rows
         self._writer: pq.ParquetWriter | None = None
@@ -105,7 +107,7 @@ class ParquetSink:
                     task = batch["task"]
                     rid, info1 = batch["rid"].to_numpy(), batch["info1"].to_numpy()
                     row_td, row_has = is_td[task.to_numpy()], has_mask[rid]
-                    kind, verdict, missing = _classes(reasons, row_td, rid, np.where(row_has, info1, 0))
+                    kind, verdict, missing = _classes(reasons, row_td, rid, np.where(row_has, info1, 0), self.tree)
                     out.write_table(
                         pa.table(
                             {
@@ -133,9 +135,9 @@ class ParquetSink:
             self.discard()
 
 
-def _classes(reasons: list, td: np.ndarray, rid: np.ndarray, mask: np.ndarray) -> tuple[pa.Array, ...]:
-    """The kind, verdict and missing columns of a batch."""
-    classes, of_row = classify_rows(reasons, td, rid, mask)
+def _classes(reasons: list, td: np.ndarray, rid: np.ndarray, mask: np.ndarray, tree: str) -> tuple[pa.Array, ...]:
+    """The kind, verdict and missing columns of a batch, on the KVM tree ``tree``."""
+    classes, of_row = classify_rows(reasons, td, rid, mask, tree)
     index = pa.array(of_row)
     return tuple(
         pc.take(pa.array([getattr(c, f) for c in classes], pa.string()), index) for f in ("kind", "verdict", "missing")

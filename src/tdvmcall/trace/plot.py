@@ -54,7 +54,8 @@ def by_time(audit: Audit, td: set[int]) -> tuple[np.ndarray, np.ndarray, float]:
     t = audit.time_columns()
     reasons = audit.reasons.reasons
     has = np.array([is_tdvmcall_reason(r) for r in reasons], bool)[t["rid"]]
-    classes, of_row = classify_rows(reasons, np.isin(t["task"], list(td)), t["rid"], np.where(has, t["mask"], 0))
+    td_rows = np.isin(t["task"], list(td))
+    classes, of_row = classify_rows(reasons, td_rows, t["rid"], np.where(has, t["mask"], 0), audit.tree)
     series = np.array([VERDICTS.index(c.verdict) if c.kind == "tdvmcall" else -1 for c in classes], int)[of_row]
     keep = series >= 0
     width = bucket_width(audit.shift)

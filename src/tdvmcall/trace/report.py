@@ -9,6 +9,7 @@ from collections import defaultdict
 
 from ..abi.codes import EXIT_REASON_TDCALL
 from ..abi.regs import GPR_MASK, names_in
+from ..kvm.trees import tree_rule
 from .audit import Audit
 from .rows import is_tdvmcall_reason
 from .verdict import FAILING, KINDS, VERDICTS, classify_exit
@@ -38,7 +39,7 @@ def exit_rows(audit: Audit, td: set[int]) -> list[dict]:
     rows = []
     for task, vcpu, rid, mask, n in zip(*(cols[c].tolist() for c in ("task", "vcpu", "rid", "mask", "n"))):
         t, r = tasks[task], reasons[rid]
-        c = classify_exit(r, mask, task in td)
+        c = classify_exit(r, mask, task in td, audit.tree)
         rows.append(
             {
                 "source": t.source,
@@ -121,7 +122,15 @@ def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
     ordered = sorted(
         enumerate(audit.tasks.tasks), key=lambda it: (order.get(it[1].source, 0), it[1].process, it[1].pid, it[1].comm)
     )
+    rule = tree_rule(audit.tree)
     return {
+        "tree": rule.name,
+        "tree_rule": {
+            "release": rule.release,
+            "relabel": rule.relabel,
+            "bus_lock_user_exit": rule.bus_lock_user_exit,
+            "assumed": "given" if audit.tree_given else "default",
+        },
         "inputs": [
             {
                 "name": i.name,

@@ -14,11 +14,14 @@ Facts used (docs/abi.md §3, §4):
 - Hardened KVM completes a call iff gpr_select covers the leaf's minimal mask for the actual inputs
   (``kvm/leaves.py``: the single source of truth); without R10 no status can reach the guest, and it
   reports an internal error to userspace instead.
-- ``TDCALL 0x4000000``: the exit reason had bit 26 (bus lock detected).  KVM re-labels only a reason
-  equal to TDCALL, so this exit went to ``handle_tdvmcall()`` unchanged and was dispatched on R11
-  alone (``leaves.lookup(..., bus_lock=True)``): it may be any TDVMCALL (a CPUID, a hypercall), and it
-  ran one of the five GHCI calls KVM handles there or got SUBFUNC_UNSUPPORTED.  A re-labelled reason
-  (CPUID, VMCALL, ...) never carries the bit.
+- A reason with bit 26 (bus lock detected, printed as the name then ``0x4000000``) is judged by the
+  rule of the KVM tree the trace came from (``kvm/trees.py``, ``TreeRule.reported_dispatch``), never
+  by a branch here.  kvm-x86 and v6.16 re-label only a reason equal to TDCALL: ``TDCALL 0x4000000``
+  went to ``handle_tdvmcall()`` unchanged and was dispatched on R11 alone (it may be any TDVMCALL, and
+  ran one of the five GHCI calls KVM handles there or got SUBFUNC_UNSUPPORTED), and a re-labelled
+  reason with the bit (``CPUID 0x4000000``) cannot happen: inconsistent.  v7.3 re-labels on bits
+  15:0 and keeps the flag: ``CPUID 0x4000000`` is a CPUID judged as one, ``TDCALL 0x4000000`` one of
+  the leaves that stay TDCALL; then KVM exits to userspace for the bus lock.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from functools import cache
 
 import numpy as np
 
-from ..abi.codes import EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
+from ..abi.codes import EXIT_REASON_BUS_LOCK_DETECTED, EXIT_REASON_TDCALL, VMX_EXIT_REASON_NAMES
 from ..abi.control import Control, ExitQualification
 from ..abi.regs import GPR_MASK, R10, R11, names_in
 from ..kvm.leaves import Leaf, bus_lock_leaves, missing_by_case, reason_leaves
+from ..kvm.trees import DEFAULT_TREE, TreeRule, tree_rule
 from . import scan as trace_scan
 from .rows import Reason, is_tdvmcall_reason
 
@@ -82,33 +86,50 @@ def _case_outcomes(leaf: Leaf, gprs: int) -> list[tuple[str, int]]:
     return list(missing_by_case(leaf, gprs).items())
 
 
+#: the detail's prefix for a bus-lock exit dispatched on R11 alone (kvm-x86, v6.16: ``TDCALL 0x4000000``)
 BUS_LOCK_NOTE = "bus lock (reason bit 26): KVM dispatched on R11 alone, every other call got SUBFUNC_UNSUPPORTED"
+#: the detail's prefix for a bus-lock exit re-labelled by its leaf (v7.3), judged as the same exit without the bit
+BUS_LOCK_RELABELLED_NOTE = "bus lock (reason bit 26): re-labelled by the leaf, flag kept; judged as without it"
+#: appended when the tree then exits to userspace for the bus lock (v7.3's ``tdx_handle_exit()``)
+BUS_LOCK_USER_EXIT_NOTE = "then KVM exits to userspace for the bus lock (KVM_EXIT_X86_BUS_LOCK)"
 
 
 @cache
-def verdict_for(reason: int, mask: int, bus_lock: bool = False) -> Verdict:
-    """The verdict for a TDVMCALL exit of a TD with this synthesised reason and exit qualification
-    (``bus_lock``: the reason carried bit 26, ``TDCALL 0x4000000``)."""
-    v = _verdict_for(reason, mask, bus_lock)
+def verdict_for(reason: int, mask: int, bus_lock: bool = False, tree: str = DEFAULT_TREE) -> Verdict:
+    """The verdict for a TDVMCALL exit of a TD with this reported reason (bits 15:0, as the
+    ``kvm_exit`` trace names it) and exit qualification, ``bus_lock`` telling whether the reason
+    carried bit 26 (printed ``<name> 0x4000000``), on the KVM tree ``tree`` (``kvm/trees.py``: how
+    that tree re-labels a flagged exit decides what it may have been)."""
+    rule = tree_rule(tree)
+    reported = reason | (EXIT_REASON_BUS_LOCK_DETECTED if bus_lock else 0)
+    v = _verdict_for(reason, mask, reported, rule)
     if bus_lock and v.verdict != "inconsistent":
-        return Verdict(v.verdict, f"{BUS_LOCK_NOTE}; {v.detail}", v.missing, v.refused_for)
+        dispatch = rule.reported_dispatch(reported)
+        note = BUS_LOCK_NOTE if dispatch is not None and dispatch[1] else BUS_LOCK_RELABELLED_NOTE
+        if rule.bus_lock_exits_to_userspace(reported):
+            note = f"{note}, {BUS_LOCK_USER_EXIT_NOTE}"
+        return Verdict(v.verdict, f"{note}; {v.detail}", v.missing, v.refused_for)
     return v
 
 
-def _verdict_for(reason: int, mask: int, bus_lock: bool) -> Verdict:
+def _verdict_for(reason: int, mask: int, reported: int, rule: TreeRule) -> Verdict:
     # module consistency
     problems = module_problems(mask)
     if problems:
         return Verdict("inconsistent", "the TDX module refuses this mask: " + "; ".join(problems))
-    if bus_lock and reason != EXIT_REASON_TDCALL:
+    # the tree's rule: could KVM report a TDVMCALL exit with this reason, and how was it dispatched
+    dispatch = rule.reported_dispatch(reported)
+    if dispatch is None:
         return Verdict(
             "inconsistent",
-            f"reason {VMX_EXIT_REASON_NAMES[reason]} with the bus-lock bit: KVM re-labels only a reason equal to "
-            "TDCALL, and a re-labelled reason carries no flag",
+            f"reason {VMX_EXIT_REASON_NAMES[reason]} with the bus-lock bit: on {rule.name} KVM re-labels only a "
+            "reason equal to TDCALL (tdx_to_vmx_exit_reason() compares the whole reason), and a re-labelled "
+            "reason carries no flag",
         )
+    basic, on_r11_alone = dispatch
     gprs = mask & GPR_MASK
     # KVM consistency: the reason implies which selectors it read as non-zero
-    unseen = implied_exposed(reason) & ~gprs
+    unseen = implied_exposed(basic) & ~gprs
     if unseen:
         return Verdict(
             "inconsistent",
@@ -122,7 +143,7 @@ def _verdict_for(reason: int, mask: int, bus_lock: bool) -> Verdict:
             "internal-error", "R10 not exposed: hardened KVM reports an internal error to userspace", missing=("r10",)
         )
     # the leaf table: every leaf this reason may stand for, every named input condition
-    leaves = bus_lock_leaves() if bus_lock else reason_leaves(reason)
+    leaves = bus_lock_leaves() if on_r11_alone else reason_leaves(basic)
     outcomes = [(leaf, _case_outcomes(leaf, gprs)) for leaf in leaves]
     cases = [miss for _, oc in outcomes for _, miss in oc]
     missing_mask = 0
@@ -168,11 +189,11 @@ def _refused_name(leaf: Leaf, outcomes: list[tuple[str, int]]) -> str:
     return leaf.name if len(refused) == len(outcomes) else f"{leaf.name}[{','.join(refused)}]"
 
 
-def verdict_if_td(reason: Reason, mask: int | None) -> Verdict | None:
+def verdict_if_td(reason: Reason, mask: int | None, tree: str = DEFAULT_TREE) -> Verdict | None:
     """The verdict of an exit if its task is a TD, or ``None`` if it is not a TDVMCALL exit."""
     if not is_tdvmcall_reason(reason) or mask is None:
         return None
-    return verdict_for(reason.number, mask, reason.bus_lock)  # type: ignore[arg-type]
+    return verdict_for(reason.number, mask, reason.bus_lock, tree)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -187,25 +208,25 @@ class Classified:
     refused_for: str | None = None
 
 
-def classify_exit(reason: Reason, mask: int | None, td: bool) -> Classified:
+def classify_exit(reason: Reason, mask: int | None, td: bool, tree: str = DEFAULT_TREE) -> Classified:
     """Classify an exit of a TD (``td``) or not, with this reason and mask (info1 when the reason
-    is a TDVMCALL reason; otherwise it is not read)."""
-    v = verdict_if_td(reason, mask) if td else None
+    is a TDVMCALL reason; otherwise it is not read), on the KVM tree ``tree``."""
+    v = verdict_if_td(reason, mask, tree) if td else None
     if v is None:
         return Classified("td-other" if td else "non-td")
     return Classified("tdvmcall", v.verdict, v.detail, " ".join(v.missing), ", ".join(v.refused_for))
 
 
 def classify_rows(
-    reasons: list[Reason], td: np.ndarray, rid: np.ndarray, mask: np.ndarray
+    reasons: list[Reason], td: np.ndarray, rid: np.ndarray, mask: np.ndarray, tree: str = DEFAULT_TREE
 ) -> tuple[list[Classified], np.ndarray]:
     """Classify many exits at once (columns: is the task a TD, reason id, mask, 0 where the reason
-    is not a TDVMCALL reason): each distinct (TD, reason, mask) is classified once.  Returns the
+    is not a TDVMCALL reason) on the KVM tree ``tree``: each distinct (TD, reason, mask) is classified once.  Returns the
     distinct classifications and, per row, the index of its own."""
     keys = np.column_stack([td, rid, mask]).astype(np.int64)
     first, *_, of_row = trace_scan.group(keys, np.ones(len(keys), np.int64), np.zeros(len(keys)), np.zeros(len(keys)))
     classes = [
-        classify_exit(reasons[r], m, bool(d))
+        classify_exit(reasons[r], m, bool(d), tree)
         for d, r, m in zip(td[first].tolist(), rid[first].tolist(), mask[first].tolist())
     ]
     return classes, of_row
