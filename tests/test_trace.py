@@ -16,9 +16,12 @@ per event, in file order (line numbers count the header lines):
    5  TD 1001  CPUID           0x7C00  refused: CPUID writes EDX to R15, not exposed
    6  TD 1001  IO_INSTRUCTION  0x7C00  depends on inputs: IN needs R10-R14 (R11 = data read),
                                        OUT also reads R15 (data), not exposed
-   7  TD 1001  HLT + bus-lock flag 0x4000000, 0x1C00  inconsistent: KVM re-labels only a reason
-                                       equal to TDCALL (tdx_to_vmx_exit_reason() compares the whole
-                                       reason), so a re-labelled HLT never carries bit 26
+   7  TD 1001  HLT + bus-lock flag 0x4000000, 0x1C00  inconsistent on the default tree kvm-x86:
+                                       KVM re-labels only a reason equal to TDCALL
+                                       (tdx_to_vmx_exit_reason() compares the whole reason), so a
+                                       re-labelled HLT never carries bit 26; completes with --tree
+                                       v7.3, which re-labels on bits 15:0 and keeps the flag (HLT
+                                       reads R12: R10 R11 R12 cover it)
    8  TD 1001  MSR_WRITE       0x0C00  refused: WRMSR reads R12 (index), R13 (value); missing both
    9  TD 1001  VMCALL          0x0D04  depends on the hypercall: RDX R8 R10 R11 covers
                                        VAPIC_POLL_IRQ (R10) and SCHED_YIELD (R10 R11), not
@@ -45,8 +48,9 @@ per event, in file order (line numbers count the header lines):
 So: 24 lines, 3 header/blank (1, 2, 22), 2 other events (19, 20), 19 kvm_exit-looking lines
 (3-18, 21, 23, 24) of which 17 parse.  Task 1001 is a TD (TDCALL on line 3): 14 exits, 12 of
 them TDVMCALLs (3-12, 15, 23) and 2 other (13, 14); 2001 has 3 non-TD exits.  Verdicts: completes
-4 (3, 7, 15, 23), depends 3 (4, 6, 9), refused 2 (5, 8), internal-error 1 (10), inconsistent 2
-(11, 12); refused share (refused + internal-error) 3/12 = 0.25, depends share 3/12 = 0.25.
+3 (3, 15, 23), depends 3 (4, 6, 9), refused 2 (5, 8), internal-error 1 (10), inconsistent 3
+(7, 11, 12); refused share (refused + internal-error) 3/12 = 0.25, depends share 3/12 = 0.25.
+With --tree v7.3 line 7 completes: completes 4, inconsistent 2, the rest the same.
 """
 
 from __future__ import annotations
@@ -226,6 +230,16 @@ def test_each_format_gives_the_hand_counted_report(write, fmt):
     path = write(f"t.{fmt}", fixture(fmt))
     check_main_fixture(audit(path), fmt)
     check_main_fixture(audit(path, "--format", fmt), fmt)
+
+
+def test_the_main_fixture_on_v73(write):
+    """Line 7 (HLT 0x4000000, R10 R11 R12) is a HLT on 7.3 (re-labelled on bits 15:0, flag kept)."""
+    rep = audit(write("t", fixture("ftrace")), "--tree", "v7.3")
+    assert rep["tree"] == "v7.3"
+    t = rep["totals"]
+    assert t["verdicts"] == {"completes": 4, "depends": 3, "refused": 2, "internal-error": 1, "inconsistent": 2}
+    hlt = [p for p in rep["pairs"] if p["reason"] == "HLT"]
+    assert [(p["mask"], p["verdict"], p["exits"]) for p in hlt] == [("0x1c00", "completes", 1)]
 
 
 @pytest.mark.parametrize(
