@@ -696,6 +696,8 @@ def test_wrap_values_keeps_groups_and_words_whole():
         assert " ".join(lines) == text and all(len(line) <= width for line in lines), (width, lines)
         assert any("(exit 2)" in line for line in lines), (width, lines)
     assert wrap_values("a (b c) " + "x" * 30, 10) == ["a (b c)", "x" * 30]  # a word longer than a line: whole
+    assert wrap_values("  key: one two three", 12) == ["  key: one", "  two three"]  # the indent kept
+    assert wrap_values("", 10) == [""] and wrap_values("a\n\nb", 10) == ["a", "", "b"]
 
 
 def test_leaves_keeps_every_name_whole_at_80_columns_and_in_a_pipe(monkeypatch):

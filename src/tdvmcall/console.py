@@ -85,23 +85,26 @@ def wrap_values(text: str, width: int) -> list[str]:
     longer than a line itself; a word is never cut.  Its own lines stay lines."""
     lines: list[str] = []
     for paragraph in text.split("\n"):
+        body = paragraph.lstrip(" ")
+        indent = " " * (len(paragraph) - len(body))  # kept, on every line the paragraph folds into
+        width_left = max(width - len(indent), 1)
         units: list[str] = []
         depth = 0
-        for word in paragraph.split(" "):
+        for word in body.split(" "):
             if depth > 0 and units:
                 units[-1] += " " + word
             else:
                 units.append(word)
             depth = max(0, depth + word.count("(") + word.count("[") - word.count(")") - word.count("]"))
-        pieces = [p for u in units for p in ([u] if cell_len(u) <= width else u.split(" "))]
-        line = ""
+        pieces = [p for u in units for p in ([u] if cell_len(u) <= width_left else u.split(" "))]
+        line: str | None = None
         for piece in pieces:
-            if line and cell_len(line) + 1 + cell_len(piece) > width:
-                lines.append(line)
+            if line is not None and cell_len(line) + 1 + cell_len(piece) > width_left:
+                lines.append(indent + line)
                 line = piece
             else:
-                line = f"{line} {piece}" if line else piece
-        lines.append(line)
+                line = piece if line is None else f"{line} {piece}"
+        lines.append(indent + (line or ""))
     return lines
 
 
@@ -131,10 +134,11 @@ class _WideConsole(Console):
                 for part in o.renderables if isinstance(o, Group) else [o]:
                     self.print(part, **kwargs)
             return
-        if not self.is_terminal and "soft_wrap" not in kwargs and all(isinstance(o, Text) for o in objects):
+        if not self.is_terminal and "soft_wrap" not in kwargs and all(isinstance(o, (str, Text)) for o in objects):
             for o in objects:  # folded between values, never inside one: '(exit 2)' stays whole
-                for line in wrap_values(o.plain, self.width):
-                    super().print(line, soft_wrap=True, markup=False, highlight=False, style=o.style)
+                text = o if isinstance(o, Text) else self.render_str(o, markup=kwargs.get("markup"))
+                for line in wrap_values(text.plain, self.width):
+                    super().print(line, soft_wrap=True, markup=False, highlight=False, style=text.style)
             return
         for o in objects:
             self._keep_words(o)
