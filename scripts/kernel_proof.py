@@ -29,6 +29,7 @@ the JSON's ``skipped``: a checker never passes what it could not judge.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -373,6 +374,12 @@ def main() -> int:
         need_tools()
         cache = cache_dir(args.cache)
         report["cache"] = str(cache)
+        # one proof at a time per cache: the tree and the build directories are shared (several
+        # agents may run .ci/run at once on this machine); a second run waits here
+        lock = open(cache / ".lock", "w")  # noqa: SIM115 -- held until the process ends
+        t_lock = time.monotonic()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report["waited_for_lock_s"] = round(time.monotonic() - t_lock, 1)
         with Step(report, "source"):
             deb = get_deb(cache, package, version, suites)
             tree = pristine_tree(cache, deb, release)
