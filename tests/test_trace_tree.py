@@ -158,7 +158,9 @@ def test_v73_judges_a_flagged_relabelled_reason_by_its_leaf(write, fmt):
     v = rep["totals"]["verdicts"]
     assert (v["completes"], v["refused"], v["depends"], v["inconsistent"]) == (3, 1, 2, 1)
     refused = [p for p in rep["pairs"] if p["verdict"] == "refused"]
-    assert [(p["reason"], p["mask"], p["missing"]) for p in refused] == [("CPUID", "0x7c00", "r15")]
+    assert [(p["reason"], p["reason_flags"], p["mask"], p["missing"]) for p in refused] == [
+        ("CPUID", "0x4000000", "0x7c00", "r15")
+    ]
     assert "re-labelled by the leaf" in refused[0]["detail"] and "KVM_EXIT_X86_BUS_LOCK" in refused[0]["detail"]
 
 
@@ -168,8 +170,8 @@ def test_whole_reason_trees_keep_a_flagged_relabelled_reason_inconsistent(write,
     assert rep["tree"] == tree and rep["tree_rule"]["relabel"] == "whole-reason"
     v = rep["totals"]["verdicts"]
     assert (v["completes"], v["depends"], v["inconsistent"], v["refused"]) == (1, 1, 5, 0)
-    bad = {p["reason"] for p in rep["pairs"] if p["verdict"] == "inconsistent"}
-    assert bad == {"CPUID", "HLT", "VMCALL", "MSR_READ"}
+    bad = {(p["reason"], p["reason_flags"]) for p in rep["pairs"] if p["verdict"] == "inconsistent"}
+    assert bad == {(r, "0x4000000") for r in ("CPUID", "HLT", "VMCALL", "MSR_READ")}
     bus = [p for p in rep["pairs"] if p["reason"] == "TDCALL" and p["mask"] == "0x1c00"]
     assert bus[0]["verdict"] == "depends" and "R11 alone" in bus[0]["detail"]
 
@@ -207,6 +209,10 @@ def test_header_and_parquet_follow_the_tree(write, tmp_path):
     assert first.startswith("KVM tree: v7.3 (Linux 7.3.4") and "given with --tree" in first
     r = runner.invoke(app, ["trace", path])
     assert r.stdout.splitlines()[0].startswith("KVM tree: kvm-x86") and "the default" in r.stdout.splitlines()[0]
+    # the inconsistent pairs are named as kvm_exit printed them, and the tree that would take them is named
+    assert "  CPUID 0x4000000 0x7c00 (1 exits): reason CPUID with the bus-lock bit" in r.stdout
+    assert "give --tree v7.3)" in r.stdout
+    assert "give --tree" not in runner.invoke(app, ["trace", path, "--tree", "v7.3"]).stdout
     out = {}
     for tree in ("v7.3", "v6.16"):
         pq_path = str(tmp_path / f"{tree}.parquet")

@@ -264,6 +264,11 @@ class _progress:
             self.bar.stop()
 
 
+def _reason(pair: dict) -> str:
+    """A pair's reason as ``kvm_exit`` printed it: the name, then its flags (``CPUID 0x4000000``)."""
+    return f"{pair['reason']} {pair['reason_flags']}" if pair["reason_flags"] else pair["reason"]
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -307,7 +312,21 @@ def show(r: dict, console: Console) -> None:
         for p in r["pairs"]:
             if p["verdict"] == "inconsistent":
                 console.print(
-                    f"  {p['reason']} {p['mask']} ({p['exits']:,} exits): {p['detail']}", markup=False, highlight=False
+                    f"  {_reason(p)} {p['mask']} ({p['exits']:,} exits): {p['detail']}", markup=False, highlight=False
+                )
+        flagged = any(
+            p["verdict"] == "inconsistent" and p["reason_flags"] and p["reason"] != "TDCALL" for p in r["pairs"]
+        )
+        if flagged:  # a re-labelled reason with a flag: normal on the trees that re-label on bits 15:0
+            from ..kvm.trees import RELABEL_BASIC, TREES
+
+            keep = [t.name for t in TREES.values() if t.relabel == RELABEL_BASIC and t.name != r["tree"]]
+            if keep:
+                console.print(
+                    f"  (on {' and '.join(keep)} a re-labelled reason keeps its flag and is judged by its leaf: "
+                    f"if the trace came from such a host, give --tree {keep[0]})",
+                    markup=False,
+                    highlight=False,
                 )
 
     verdict_cols = (
@@ -340,7 +359,7 @@ def show(r: dict, console: Console) -> None:
             console,
             "top offending (reason, mask)",
             [("reason", False), ("mask", False), ("exits", True), ("verdict", False), ("detail", False)],
-            [[p["reason"], p["mask"], f"{p['exits']:,}", p["verdict"], p["detail"]] for p in r["top_offending"]],
+            [[_reason(p), p["mask"], f"{p['exits']:,}", p["verdict"], p["detail"]] for p in r["top_offending"]],
             wrap=("detail",),
         )
 

@@ -49,6 +49,7 @@ def exit_rows(audit: Audit, td: set[int]) -> list[dict]:
                 "vcpu": vcpu,
                 "td": task in td,
                 "reason_name": r.name,
+                "reason_flags": r.flags,
                 "mask": mask,
                 "n": n,
                 "kind": c.kind,
@@ -94,7 +95,7 @@ def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
         dict(r, mask=f"{r['mask']:#06x}", registers=" ".join(names_in(r["mask"] & GPR_MASK, 16)))
         for r in _table(td_rows, ["mask"])
     ]
-    pair_keys = ("reason_name", "mask", "verdict", "detail", "missing", "refused_for")
+    pair_keys = ("reason_name", "mask", "verdict", "detail", "missing", "refused_for", "reason_flags")
     pair_exits: dict[tuple, int] = defaultdict(int)
     for r in td_rows:
         pair_exits[tuple(r[k] for k in pair_keys)] += r["n"]
@@ -108,9 +109,10 @@ def build_report(audit: Audit, td: set[int], top: int = 10) -> dict:
             "refused_for": refused_for,
             "exits": n,
             "reason": reason,
+            "reason_flags": flags,
         }
-        for (reason, mask, verdict, detail, missing, refused_for), n in sorted(
-            pair_exits.items(), key=lambda kv: (rank[kv[0][2]], -kv[1], kv[0][0], kv[0][1])
+        for (reason, mask, verdict, detail, missing, refused_for, flags), n in sorted(
+            pair_exits.items(), key=lambda kv: (rank[kv[0][2]], -kv[1], kv[0][0], kv[0][1], kv[0][6])
         )
     ]
     by_kind = {kd: sum(r["n"] for r in rows if r["kind"] == kd) for kd in KINDS}
