@@ -733,3 +733,12 @@ def test_check_groups_a_scanned_catalog_as_scan_does_and_names_the_modules(tmp_p
     text = run_case(["check", "--catalog", str(path)]).stdout.decode()
     assert "Findings (2)" in text and "Mod1Dxe sub_10+0x40" in text and "@ scan" not in text
     assert text.count("module-rejects: HLT IO") == 5  # one table row per function, its calls together
+
+
+# --- a symbolic link loop where a folder is to be written (issue 18 item 16) --------------------------------
+def test_export_c_into_a_symbolic_link_loop_says_so(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    r = run_case(["export-c", str(tmp_path / "loop")])
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and "symbolic link loop" in err, err
+    assert "File exists" not in err

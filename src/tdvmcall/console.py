@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import inspect
 import io
 import json
@@ -325,6 +326,22 @@ def require_finite_positive(value: float | None, option: str) -> None:
         fail(f"{option}: {value} is not a finite positive number")
 
 
+def cannot_write(path: str | Path, e: OSError) -> str:
+    """Why ``path`` could not be written, in one line for :func:`fail`: a symbolic link loop and a
+    link to nothing are named as such (``mkdir`` on either says only "File exists")."""
+    p = Path(e.filename or path)
+    if p.is_symlink():
+        try:
+            os.stat(p)
+        except OSError as why:
+            if why.errno == errno.ELOOP:
+                return f"{p}: cannot write: a symbolic link loop (too many levels of symbolic links)"
+            return f"{p}: cannot write: a symbolic link to nothing ({os.readlink(p)})"
+    if e.errno == errno.ELOOP:
+        return f"{p}: cannot write: a symbolic link loop on the way (too many levels of symbolic links)"
+    return f"{p}: cannot write ({e.strerror or e})"
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """Whether two paths name one file: the same inode (through symbolic or hard links), or, for a
     path that does not exist yet, the same place once every link is resolved."""
@@ -469,6 +486,7 @@ __all__ = [
     "PipeGuard",
     "StdoutError",
     "WorkerDied",
+    "cannot_write",
     "emit_json",
     "fail",
     "not_an_input",

@@ -72,7 +72,7 @@ def export_c(
     ),
 ) -> None:
     from .. import __version__
-    from ..console import emit_json, fail, out, output_files
+    from ..console import cannot_write, emit_json, fail, out, output_files
     from .generate import DEFAULT_TREE, GeneratorError, build_table, generate, table_fingerprint
 
     if series is not None:
@@ -122,7 +122,7 @@ def export_c(
                 for tmp, text in zip(partial, files.values(), strict=True):
                     tmp.write_bytes(text.encode())
         except OSError as e:
-            fail(f"{e.filename or directory}: cannot write ({e.strerror})")
+            fail(cannot_write(directory, e))  # a link loop named as such
 
     table = build_table(tree=tree)
     summary = {
@@ -178,7 +178,7 @@ def _git_author() -> str | None:
 def _export_series(
     series: str, tree: str | None, kernel: str, vectors: str | None, author: str | None, as_json: bool
 ) -> None:
-    from ..console import emit_json, fail, out
+    from ..console import cannot_write, emit_json, fail, out
     from .generate import GeneratorError
     from .series import SeriesError, write_series
 
@@ -199,7 +199,7 @@ def _export_series(
     except (SeriesError, GeneratorError) as e:
         fail(str(e))
     except OSError as e:
-        fail(f"{e.filename or directory}: cannot write ({e.strerror})")
+        fail(cannot_write(directory, e))  # a link loop named as such
     if as_json:
         emit_json(info)
         return
