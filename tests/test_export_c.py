@@ -560,6 +560,15 @@ def test_the_files_are_deterministic_and_say_what_made_them(files):
         assert re.search(rf"^#define TDVMCALL_REGS_{name}\t{value} ", h, re.M)
 
 
+def test_the_files_say_how_to_make_them_again():
+    """Both files name the tree they were generated for and the command that writes them again, so
+    a copy in a kernel tree can be regenerated or --check'ed with the same tree."""
+    for tree in scenario.TREES:
+        for text in G.generate(tree=tree).values():
+            assert f"`tdvmcall export-c DIR --tree {tree}` again" in text
+            assert f"For the model's KVM tree {tree}." in text
+
+
 def test_kernel_style(files):
     for text in files.values():
         body = [line for line in text.splitlines() if line and not line.startswith(("#", "/*", " *", "//"))]

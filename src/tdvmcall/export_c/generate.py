@@ -366,7 +366,8 @@ def render_header(table: Table) -> str:
  * {_generator_line()}
  * (src/tdvmcall/kvm/leaves.py), table {table_fingerprint(table)}: {len(table.rows)} rows, \
 {sum(len(r.conds) for r in table.rows)} conditions.
- * Do not edit: change the leaf table and run `tdvmcall export-c DIR` again.
+ * For the model's KVM tree {table.tree}. Do not edit: change the leaf table and run
+ * `tdvmcall export-c DIR --tree {table.tree}` again (--check tells a copy has drifted).
  * It decides what the model's hardened policy decides (kvm/tdx.py); see docs/kvm.md.
  */
 #ifndef TDVMCALL_REGS_H
@@ -522,7 +523,8 @@ static int tdvmcall_bus_lock(u64 rax)
  *
  * {_generator_line()}
  * (src/tdvmcall/kvm/leaves.py), table {table_fingerprint(table)}.
- * Do not edit: change the leaf table and run `tdvmcall export-c DIR` again.
+ * For the model's KVM tree {table.tree}. Do not edit: change the leaf table and run
+ * `tdvmcall export-c DIR --tree {table.tree}` again.
  *
  * The tables below say, for every call, which GPRs it reads and writes; the function at the end
  * reads them. Register roles follow arch/x86/kvm/vmx/tdx.c (each row names its function).
