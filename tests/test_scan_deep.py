@@ -11,12 +11,17 @@ constants written in guest.c (GHCI 1.5 leaf numbers), never the scanner's output
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from tdvmcall.cli import app
 from tdvmcall.judge import Host
 from tdvmcall.scan import deep
 from tdvmcall.scan.analyze import analyze
@@ -160,38 +165,101 @@ def test_callers_through_got_slots_and_a_register_loaded_from_one(tmp_path: Path
 
 
 # --- a Rust guest: registers by pointer to an assembly stub, bitflags-style masks, a retry loop -------
-#: per function of guest.rs: the call, R11 and the mask its ``Regs::…union(…)`` chain builds
+#: the crate name the guest is built with (rustc --crate-name): the first component of its paths
+CRATE = "guest"
+#: per function of guest.rs: the call, R11 and the mask its ``Regs::…union(…)`` chain builds (or its
+#: ``asm!`` operands); a function without ``#[no_mangle]`` is named by its path (crate, module, name)
 RUST_EXPECTED = {
     "rs_halt": ("Instruction.HLT", 12, 0x1C00),
     "rs_io_write": ("Instruction.IO", 30, 0x3C00),
     "rs_wrmsr": ("Instruction.WRMSR", 32, 0x1C00),
     "rs_map_gpa": ("MapGPA", 0x10001, 0x3C00),
+    f"{CRATE}::tdx::tdvmcall_halt": ("Instruction.HLT", 12, 0x1C00),
+    f"{CRATE}::tdx::tdvmcall_cpuid": ("Instruction.CPUID", 10, 0xFC00),
 }
+#: the functions of guest.rs whose TDCALL is inline (``asm!``): the site is in the function itself
+RUST_INLINE = {f"{CRATE}::tdx::tdvmcall_cpuid"}
 needs_rustc = pytest.mark.skipif(
     shutil.which("rustc") is None, reason="rustc is not installed: the Rust guest cannot be built"
 )
 
 
+def build_rust(tmp: Path, opt: str, mangling: str) -> Path:
+    """guest.rs built at ``opt``; ``mangling`` ``legacy`` is rustc's default (``_ZN…17h<hash>E``), ``v0``
+    the ``_R`` scheme (RFC 2603)."""
+    exe = tmp / f"guest-rs-O{opt}-{mangling}"
+    v0 = ["-C", "symbol-mangling-version=v0"] if mangling == "v0" else []
+    cmd = ["rustc", "--crate-name", CRATE, "-C", f"opt-level={opt}", *v0, "-o", str(exe), str(DATA / "guest.rs")]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return exe
+
+
+def readable_caller(site) -> str:
+    """The outermost calling function of a resolved call, by its readable (demangled) name."""
+    return site.via_label.split(" ← ")[-1].rsplit("+", 1)[0] if site.via else site.name
+
+
+def mangled_path(path: str) -> str:
+    """The length-prefixed components both schemes write for a path (``guest::tdx::f`` ->
+    ``5guest3tdx1f``): Itanium's <source-name> in legacy, <identifier> in v0."""
+    return "".join(f"{len(p)}{p}" for p in path.split("::"))
+
+
 @needs_rustc
 @needs_unicorn
+@pytest.mark.parametrize("mangling", ["legacy", "v0"])
 @pytest.mark.parametrize("opt", ["0", "3"])
-def test_rust_guest_calls_and_masks_are_its_source(tmp_path: Path, opt: str) -> None:
+def test_rust_guest_calls_and_masks_are_its_source(tmp_path: Path, opt: str, mangling: str) -> None:
     """At opt-level 0 the mask is the return value of real ``union`` calls and the struct goes through
     stack slots (the deep engine runs them); at 3 the retry loop is unrolled into several call sites,
     each the same call.  WRMSR's mask leaves R13 (the value) out, as Oak's msr_write does: the
-    hardened policy refuses it."""
-    exe = tmp_path / f"guest-rs-O{opt}"
-    subprocess.run(
-        ["rustc", "-C", f"opt-level={opt}", "-o", str(exe), str(DATA / "guest.rs")], check=True, capture_output=True
-    )
-    sites = scan(exe)
+    hardened policy refuses it.  The functions of ``mod tdx`` (no ``#[no_mangle]``) are named by their
+    source paths, demangled, whichever the mangling; the raw symbols are kept."""
+    sites = scan(build_rust(tmp_path, opt, mangling))
     seen = set()
+    prefix = "_ZN" if mangling == "legacy" else "_R"
     for s in sites:
-        fn = caller(s)
+        fn = readable_caller(s)
         assert fn in RUST_EXPECTED, fn
         call, r11, mask = RUST_EXPECTED[fn]
         assert (s.leaf.name if s.leaf else None, s.regs["r11"].value, s.mask) == (call, r11, mask), fn
         seen.add(fn)
+        if "::" in fn:  # a mangled symbol: raw in the site, its path's components in it
+            raw = s.function if fn in RUST_INLINE else s.via.split(" ← ")[-1].rsplit("+", 1)[0]
+            assert raw.startswith(prefix) and mangled_path(fn) in raw, raw
+            if mangling == "legacy":  # the hash: 'h' and 16 hex digits, the last component (dropped)
+                assert re.fullmatch(r".*17h[0-9a-f]{16}E", raw), raw
+        assert (s.name == fn) == (fn in RUST_INLINE) or s.name == "rs_vmcall", (s.name, fn)
     assert seen == set(RUST_EXPECTED)
-    (wrmsr,) = {s.verdict("hardened") for s in sites if caller(s) == "rs_wrmsr"}
+    (wrmsr,) = {s.verdict("hardened") for s in sites if readable_caller(s) == "rs_wrmsr"}
     assert wrmsr == "hardened-refuses"
+
+
+@needs_rustc
+@needs_unicorn
+def test_rust_guest_names_are_readable_in_every_output(tmp_path: Path) -> None:
+    """The report, ``--verbose``, the HTML page and ``--to-catalog`` show the source paths of the
+    mangled functions and no mangled symbol; ``--json`` keeps the raw ``symbol``/``via`` and adds
+    ``symbol_readable``/``via_readable``."""
+    exe = build_rust(tmp_path, "0", "legacy")
+    halt, cpuid = (f"{CRATE}::tdx::tdvmcall_halt", f"{CRATE}::tdx::tdvmcall_cpuid")
+    runner = CliRunner()
+    for extra in ([], ["--verbose"]):
+        res = runner.invoke(app, ["scan", str(exe), *extra], env={"COLUMNS": "400"})
+        assert cpuid in res.stdout and "_ZN" not in res.stdout, res.stdout
+    page = tmp_path / "scan.html"
+    runner.invoke(app, ["scan", str(exe), "--html", str(page)])
+    text = page.read_text()
+    assert cpuid in text and "_ZN5guest" not in text  # the page names sites, not their callers
+    catalog = tmp_path / "scan.csv"
+    runner.invoke(app, ["scan", str(exe), "--to-catalog", str(catalog)])
+    rows = list(csv.DictReader(catalog.open()))
+    assert {r["function"].rsplit("+", 1)[0] for r in rows} >= {cpuid, "rs_vmcall"}
+    assert any(halt in r["note"] for r in rows) and not any("_ZN" in v for r in rows for v in r.values())
+    doc = json.loads(runner.invoke(app, ["scan", str(exe), "--json"]).stdout)
+    [site] = [s for s in doc["sites"] if s["symbol_readable"].startswith(cpuid + "+")]
+    assert site["symbol"].startswith("_ZN" + mangled_path(cpuid) + "17h")
+    assert site["symbol"].rsplit("+", 1)[1] == site["symbol_readable"].rsplit("+", 1)[1]
+    assert site["via"] is None and site["via_readable"] is None
+    [site] = [s for s in doc["sites"] if s["via_readable"] and s["via_readable"].startswith(halt + "+")]
+    assert site["via"].startswith("_ZN" + mangled_path(halt) + "17h") and site["symbol"] == site["symbol_readable"]

@@ -29,6 +29,7 @@ from . import deep as deep_engine
 from .containers import Code, Found
 from .deep import Engine as Deep
 from .flow import Function, Region, Value, memory_at_call, resolve, unknown
+from .names import readable, readable_via
 
 #: The inputs that decide a call's case (which registers it reads or writes), per leaf: recovered
 #: and, when known, pinned in the judgement (an IO site known to read is not judged on its write).
@@ -72,6 +73,21 @@ class Site:
     @property
     def symbol(self) -> str:
         return f"{self.function}+{self.address - self.function_start:#x}"
+
+    @property
+    def name(self) -> str:
+        """The function's readable name: a Rust or C++ symbol demangled (:mod:`.names`)."""
+        return readable(self.function)
+
+    @property
+    def label(self) -> str:
+        """:attr:`symbol` with the function's name demangled: ``tdx_tdcall::tdx::tdvmcall_halt+0x2f``."""
+        return f"{self.name}+{self.address - self.function_start:#x}"
+
+    @property
+    def via_label(self) -> str | None:
+        """:attr:`via` with each caller's name demangled."""
+        return readable_via(self.via)
 
     @property
     def rax(self) -> int | None:
@@ -242,14 +258,14 @@ def expand(
         ]
     if len(callers) > budget[0]:
         region.code.notes.append(
-            f"{fn.name}: {len(callers)} direct callers; {max(budget[0], 0)} followed, the rest not (cap {MAX_CALLERS})"
+            f"{readable(fn.name)}: {len(callers)} direct callers; {max(budget[0], 0)} followed, the rest not (cap {MAX_CALLERS})"
         )
         callers = callers[: max(budget[0], 0)]
     out = []
     for c, cfn in callers:
         budget[0] -= 1
         new = dict(values)
-        where = f"caller at {c:#x} ({cfn.name})"
+        where = f"caller at {c:#x} ({readable(cfn.name)})"
         for r, v in params.items():
             cv = _at_caller(cfn, v)
             new[r] = Value(cv.value, f"{v.how}; {where}: {cv.how}", cv.param, cv.mem)
@@ -286,7 +302,7 @@ def deepen(
         try:
             calls = engine.calls(at + d, fn.start + d, tuple(a + d for a in addrs), want, len(addrs), fn.exact)
         except Exception as e:  # the emulator on hostile code: the fast path's answer stands, said once
-            note = f"deep engine stopped on {fn.name}: {type(e).__name__}: {e}"
+            note = f"deep engine stopped on {readable(fn.name)}: {type(e).__name__}: {e}"
             if note not in region.code.notes:
                 region.code.notes.append(note)
             calls = []
@@ -296,7 +312,7 @@ def deepen(
         for c in calls:
             new = dict(regs)
             start = engine.image.function_of(c.start)
-            sname = start[1] if start else f"sub_{c.start - d:x}"
+            sname = readable(start[1]) if start else f"sub_{c.start - d:x}"
             for r in REGS:
                 if r not in c.regs:
                     continue

@@ -92,7 +92,9 @@ def site_json(site: Site) -> dict:
         "container": site.container,
         "offset": hx(site.address),
         "symbol": site.symbol,
+        "symbol_readable": site.label,
         "via": site.via,
+        "via_readable": site.via_label,
         "tdcall_leaf": site.tdcall_leaf,
         "rax": hx(site.rax),
         "mask": hx(site.mask),
@@ -234,10 +236,10 @@ class Row:
         locs = self.locations
         s0 = locs[0]
         if len(locs) == 1:
-            return f"{module_of(s0)} {s0.symbol}" if module else s0.symbol
+            return f"{module_of(s0)} {s0.label}" if module else s0.label
         offset = f"TDCALL at +{s0.address - s0.function_start:#x}"
         names = {s.function for s in locs}
-        what = f"{s0.function}+{s0.address - s0.function_start:#x}" if len(names) == 1 else offset
+        what = s0.label if len(names) == 1 else offset
         if len(self.modules) == 1:
             return f"{self.modules[0] + ' ' if module else ''}{what} ×{len(locs)}"
         copies = f"{len(locs)} copies of the same code" if len(locs) > len(self.modules) else "the same code"
@@ -251,9 +253,9 @@ class Row:
         locs = self.locations
         s0 = locs[0]
         if len(locs) == 1:
-            return s0.symbol
+            return s0.label
         if len({s.function for s in locs}) == 1:
-            return f"{s0.symbol} ×{len(locs)}"
+            return f"{s0.label} ×{len(locs)}"
         return f"{len(locs)} copies, +{s0.address - s0.function_start:#x}"
 
     def exposed_for_nothing(self) -> list[str]:
@@ -509,7 +511,7 @@ def compact_table(table: list[Row], module: bool = True) -> Table:
     t = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, expand=True, show_edge=False)
     if module:
         t.add_column("module", max_width=28, overflow="fold")
-    t.add_column("site", max_width=28, overflow="fold")
+    t.add_column("site", max_width=40, overflow="fold")
     t.add_column("mask", no_wrap=True)
     t.add_column("calls (× callers)", ratio=1, min_width=17, overflow="fold")
     t.add_column("verdicts", no_wrap=True)
@@ -536,7 +538,7 @@ def site_table(img: Image, policy: str, module: bool = True) -> Table:
     t = Table(box=box.HEAVY_HEAD, header_style="bold", show_lines=True, expand=True)
     if module:
         t.add_column("module", max_width=24, overflow="fold")
-    t.add_column("site", max_width=24, overflow="fold")
+    t.add_column("site", max_width=40, overflow="fold")
     t.add_column("calls (× callers)", ratio=3, overflow="fold")
     t.add_column("mask", no_wrap=True)
     t.add_column("verdicts", no_wrap=True)
@@ -558,7 +560,7 @@ def site_table(img: Image, policy: str, module: bool = True) -> Table:
         cells = [Text(module_of(s0))] if module else []
         t.add_row(
             *cells,
-            Text(s0.symbol),
+            Text(s0.label),
             Text(calls_text(g)),
             Text(" ".join(_masks(g))),
             _verdicts({p: _worst(g, p) for p in ("legacy", "hardened")}),
@@ -607,7 +609,7 @@ def not_judged_line(unresolved: list[Site], allow_unresolved: bool) -> Text:
     places: dict[str, set[str]] = {}
     for s in unresolved:
         regs = ("rcx", "r10", "r11") if s.is_vmcall else ("rax",)
-        place = s.via.split(" ← ")[-1] if s.via else s.symbol  # the outermost caller followed
+        place = s.via_label.split(" ← ")[-1] if s.via_label else s.label  # the outermost caller followed
         places.setdefault(place, set()).update(r for r in regs if not s.regs[r].known)
     where = [f"{p} ({' '.join(sorted(r, key=SHOWN.index))})" for p, r in list(places.items())[:4]]
     if len(places) > 4:
@@ -708,14 +710,14 @@ def catalog_csv(images: Iterable[Image]) -> tuple[str, Counter[str]]:
             if call is None:
                 left_out[s.call_name] += 1
                 continue
-            key = (img.path, module_of(s), s.symbol, s.mask, call)
+            key = (img.path, module_of(s), s.label, s.mask, call)
             rows.setdefault(key, []).append(s)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CATALOG_COLUMNS)
     for (path, module, function, mask, call), sites in rows.items():
         n = len(sites)
-        vias = sorted({s.via for s in sites if s.via})
+        vias = sorted({v for s in sites if (v := s.via_label)})
         note = f"found by tdvmcall scan: {n} call site{'s' if n != 1 else ''}"
         if vias:
             note += f" (callers {', '.join(vias[:6])}{', ...' if len(vias) > 6 else ''})"

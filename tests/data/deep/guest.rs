@@ -102,6 +102,42 @@ pub fn rs_map_gpa(gpa: u64, size: u64) -> bool {
     false
 }
 
+/// Functions named by their path, as td-shim's and Oak's are: no `#[no_mangle]`, so their symbols are
+/// mangled (`_ZN5guest3tdx13tdvmcall_halt17h…E`, or `_RNvNtCs…_5guest3tdx13tdvmcall_halt` with
+/// `-C symbol-mangling-version=v0`) and the scan shows them as `guest::tdx::tdvmcall_halt`.
+pub mod tdx {
+    use super::{rs_vmcall, Args, Regs};
+
+    /// HLT through the stub (td-shim's style): the site is the stub's, this function its caller
+    #[inline(never)]
+    pub fn tdvmcall_halt() {
+        let mask = Regs::R10.union(Regs::R11).union(Regs::R12); // 0x1c00
+        let mut a = Args { r11: 12, ..Default::default() };
+        unsafe { rs_vmcall(&mut a, mask.bits()) };
+    }
+
+    /// CPUID leaf 0xb, sub-leaf 0 with the TDCALL inline (Oak's style): the site is in this function;
+    /// R10..R15 exposed (GHCI leaf 10 returns EAX..EDX in R12..R15)
+    #[inline(never)]
+    pub fn tdvmcall_cpuid() -> u64 {
+        let eax: u64;
+        unsafe {
+            core::arch::asm!(
+                ".byte 0x66, 0x0f, 0x01, 0xcc",
+                inout("rax") 0u64 => _,
+                in("rcx") 0xfc00u64,
+                inout("r10") 0u64 => _,
+                inout("r11") 10u64 => _,
+                inout("r12") 0xbu64 => eax,
+                inout("r13") 0u64 => _,
+                out("r14") _,
+                out("r15") _,
+            );
+        }
+        eax
+    }
+}
+
 fn main() {
     let n = std::env::args().count();
     if n == black_box(2) {
@@ -109,5 +145,7 @@ fn main() {
         rs_io_write(black_box(0x3f8), black_box(1));
         rs_wrmsr(black_box(0x1b), black_box(5));
         black_box(rs_map_gpa(black_box(0x1000), black_box(0x1000)));
+        tdx::tdvmcall_halt();
+        black_box(tdx::tdvmcall_cpuid());
     }
 }
