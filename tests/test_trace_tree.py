@@ -53,6 +53,7 @@ from tdvmcall.kvm import leaves as L
 from tdvmcall.kvm.trees import DEFAULT_TREE, TREES
 from tdvmcall.trace.audit import parse_chunk
 from tdvmcall.trace.io import Chunk
+from tdvmcall.trace.parquet import parquet_schema
 from tdvmcall.trace.reference import parse_chunk_reference
 from tdvmcall.trace.rows import ReasonTable, TaskTable
 from tdvmcall.trace.scan import Scanned
@@ -219,7 +220,10 @@ def test_header_and_parquet_follow_the_tree(write, tmp_path):
         pq_path = str(tmp_path / f"{tree}.parquet")
         r = runner.invoke(app, ["trace", path, "--tree", tree, "--to-parquet", pq_path])
         assert r.exit_code == 0, r.stderr
-        rows = pq.read_table(pq_path).to_pylist()
+        table = pq.read_table(pq_path)
+        assert table.schema.metadata[b"tdvmcall.tree"] == tree.encode()  # the file says whose verdicts
+        assert table.schema.equals(parquet_schema())  # the columns are as before
+        rows = table.to_pylist()
         out[tree] = [(row["reason"], row["reason_flags"], row["verdict"]) for row in rows]
     assert out["v7.3"][1] == ("CPUID", "0x4000000", "completes")
     assert out["v6.16"][1] == ("CPUID", "0x4000000", "inconsistent")

@@ -39,6 +39,10 @@ PARQUET_COLUMNS = (
 )
 
 
+#: the key of the file's key-value metadata that holds ``--tree`` (the verdicts' KVM tree)
+TREE_METADATA_KEY = "tdvmcall.tree"
+
+
 def parquet_schema() -> pa.Schema:
     return pa.schema([(name, pa.type_for_alias(t)) for name, t in PARQUET_COLUMNS])
 
@@ -89,7 +93,9 @@ class ParquetSink:
         name = pa.array([r.name for r in reasons], pa.string())
         flags = pa.array([r.flags for r in reasons], pa.string())
         has_mask = np.array([is_tdvmcall_reason(r) for r in reasons], bool)
-        schema = parquet_schema()
+        # the columns are parquet_schema()'s; the file's key-value metadata names the KVM tree whose
+        # rules gave the verdict column (a reader of many hosts' files can tell them apart)
+        schema = parquet_schema().with_metadata({TREE_METADATA_KEY: self.tree})
         with output_file(self.path) as partial:
             self._rewrite(partial, schema, comm, pid, tgid, is_td, name, flags, has_mask, reasons)
 
@@ -144,4 +150,4 @@ def _classes(reasons: list, td: np.ndarray, rid: np.ndarray, mask: np.ndarray, t
     )
 
 
-__all__ = ["PARQUET_COLUMNS", "ParquetSink", "parquet_schema"]
+__all__ = ["PARQUET_COLUMNS", "TREE_METADATA_KEY", "ParquetSink", "parquet_schema"]
