@@ -190,3 +190,38 @@ def test_dash_h_is_help_as_in_most_tools(args):
     # a newcomer types -h first: it prints the same help as --help, exit 0
     short, long = invoke(*args, "-h"), invoke(*args, "--help")
     assert short.exit_code == long.exit_code == 0 and short.stdout == long.stdout and "Usage:" in short.stdout
+
+
+# every command that takes --tree: one grammar (docs/cli.md: words in any case), one refusal
+TREE_COMMANDS = [
+    ["run", "examples/bus-lock-cpuid-v7.3.json", "--json"],
+    ["check", "--json"],
+    ["scan", "tests/data/scan/sites.s", "--json"],
+    ["sweep", "--call", "IO", "--json"],
+    ["vectors", "export", "{tmp}/v"],
+    ["export-c", "{tmp}/c"],
+    ["trace", "-", "--json"],
+]
+
+
+@pytest.mark.parametrize("args", TREE_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_every_command_refuses_an_unknown_tree_alike(args, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = runner.invoke(app, [*argv, "--tree", "v9"], input="")
+    assert r.exit_code == 2
+    assert r.stderr.splitlines() == ["tdvmcall: error: --tree: 'v9' is not a KVM tree; accepted: kvm-x86, v6.16, v7.3"]
+    assert not (tmp_path / "v").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_tree_is_named_in_any_case(tmp_path):
+    upper, lower = (runner.invoke(app, ["check", "--json", "--tree", name]) for name in ("V7.3", "v7.3"))
+    assert json.loads(upper.stdout)["host"]["tree"] == "v7.3"
+    assert (upper.exit_code, upper.stdout) == (lower.exit_code, lower.stdout)
+    # the example's bus-lock CPUID exposing R10 and R11 only: refused on v7.3 (its default is kvm-x86)
+    r = runner.invoke(app, ["run", "examples/bus-lock-cpuid-v7.3.json", "--json", "--tree", "V7.3"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["kvm"]["verdict"] == "refused"
+    r = runner.invoke(app, ["run", "examples/bus-lock-cpuid-v7.3.json", "--json", "--tree", "KVM-X86"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["kvm"]["verdict"] == "completed"
+    for name in ("V7.3", "v7.3"):
+        assert runner.invoke(app, ["export-c", str(tmp_path / name), "--tree", name]).exit_code == 0
+    assert (tmp_path / "V7.3" / "tdvmcall_regs.c").read_bytes() == (tmp_path / "v7.3" / "tdvmcall_regs.c").read_bytes()

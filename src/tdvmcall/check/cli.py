@@ -92,6 +92,7 @@ def check(
 ) -> None:
     from ..console import fail, out, output_file, pick, read_text_input, writable_file
     from ..judge import HostError, host_for
+    from ..kvm.trees import TREE_NAMES
     from .catalog import (
         CatalogError,
         check_sites,
@@ -106,7 +107,7 @@ def check(
     )
 
     # validate options (words without regard to case, as in every command)
-    policy, tree = policy.strip().lower(), tree.strip().lower()
+    policy, tree = policy.strip().lower(), pick(tree, TREE_NAMES, "--tree", "KVM tree")
     try:
         host = host_for(module, no_rbp_mod, tree, policy)
     except HostError as e:

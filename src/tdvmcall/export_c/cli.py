@@ -72,8 +72,12 @@ def export_c(
     ),
 ) -> None:
     from .. import __version__
-    from ..console import cannot_write, emit_json, fail, out, output_files
+    from ..console import cannot_write, emit_json, fail, out, output_files, pick
+    from ..kvm.trees import TREE_NAMES
     from .generate import DEFAULT_TREE, GeneratorError, build_table, generate, table_fingerprint
+
+    if tree is not None:  # any case, as every command
+        tree = pick(tree, TREE_NAMES, "--tree", "KVM tree")
 
     if series is not None:
         if dir_arg is not None or check:
@@ -92,8 +96,6 @@ def export_c(
     try:
         files = generate(tree=tree)
     except GeneratorError as e:
-        if str(e).startswith("tree "):
-            fail(f"--tree: {e}")
         fail(f"the leaf table cannot be exported as C: {e}", code=1)
     if directory.exists() and not directory.is_dir():
         fail(f"{directory}: exists and is not a directory")

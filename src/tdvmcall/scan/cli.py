@@ -87,11 +87,13 @@ def scan(
         "them to standard output instead of the report ('... --to-catalog - | tdvmcall check --catalog -').",
     ),
 ) -> None:
-    from ..console import emit_json, fail, out, output_file, writable_file
+    from ..console import emit_json, fail, out, output_file, pick, writable_file
     from ..judge import HostError, host_for
+    from ..kvm.trees import TREE_NAMES
     from .report import catalog_csv, html_report, left_out_text, outcome, report_json, rich_report
 
-    # validate options
+    # validate options (words without regard to case, as in every command)
+    tree = pick(tree, TREE_NAMES, "--tree", "KVM tree")
     try:
         host = host_for(module, no_rbp_mod, tree, policy)
     except HostError as e:

@@ -190,13 +190,12 @@ def export(
     each one register short, Linux's 0xFFCC, RBP, RSP and a reserved bit) under both KVM policies,
     module 1.0 and 1.5, with and without NO_RBP_MOD; plus index.json and vector.schema.json.
     The same model writes the same bytes."""
-    from ..console import emit_json, fail, out
+    from ..console import emit_json, fail, out, pick
     from ..kvm.trees import TREES
     from .vectors import CorpusError
     from .vectors import export as do_export
 
-    if tree not in TREES:
-        fail(f"--tree: {tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
+    tree = pick(tree, TREES, "--tree", "KVM tree")  # any case, as every command
     try:
         summary = do_export(directory, force, tree)
     except CorpusError as e:
