@@ -110,7 +110,7 @@ def test_hardened_refusal_has_no_side_effect_and_cache_stays_valid(call, answers
 
 
 # --- the fuzz wing's properties on every tree, bus locks included (issue 17 item 1: the campaign's
-#     strategies draw kvm-x86 and v6.16; the v7.3 rule must keep every property too) ---------------
+#     strategies draw every tree now; here each tree is forced, bus lock or not) ---------------
 @settings(max_examples=150, deadline=None)
 @given(st.data(), st.sampled_from(["kvm-x86", "v6.16", "v7.3"]), st.booleans())
 def test_fuzz_properties_hold_on_every_tree(data, tree, bus_lock):

@@ -28,6 +28,7 @@ from ..abi.regs import (
     mask_of,
 )
 from ..kvm import leaves as L
+from ..kvm.trees import DEFAULT_TREE, TREE_NAMES
 
 # === strategies ==================================================================================
 INTERESTING_U64 = (
@@ -80,6 +81,10 @@ def pick(choices: tuple) -> st.SearchStrategy[Any]:
 def choose(draw: Callable, seq: Sequence[Any]) -> Any:
     """``pick`` for a sequence known only while drawing."""
     return seq[draw(_ANY_U64) % len(seq)]
+
+
+#: every kernel tree of the model (kvm/trees.py) but the default, each drawn once for the default's four
+_OTHER_TREES = tuple(t for t in TREE_NAMES if t != DEFAULT_TREE)
 
 
 @cache
@@ -253,7 +258,7 @@ def examples(draw, max_calls: int = 3) -> dict:
     no_rbp_mod = draw(weighted(True, False, odds=2))
     ex = {
         "td": {"module": module, "no_rbp_mod": no_rbp_mod},
-        "tree": draw(weighted("kvm-x86", "v6.16", odds=4)),
+        "tree": draw(weighted(DEFAULT_TREE, *_OTHER_TREES, odds=4)),
         "platform": draw(platforms()),
         "calls": draw(st.lists(calls(module, no_rbp_mod), min_size=1, max_size=max_calls)),
     }
@@ -425,7 +430,7 @@ class Draw:
         no_rbp_mod = self.below(3) < 2
         ex = {
             "td": {"module": module, "no_rbp_mod": no_rbp_mod},
-            "tree": self.weighted("kvm-x86", "v6.16", odds=4),
+            "tree": self.weighted(DEFAULT_TREE, *_OTHER_TREES, odds=4),
             "platform": self.platform(),
             "calls": [self.call(module, no_rbp_mod) for _ in range(1 + self.below(max_calls))],
         }
