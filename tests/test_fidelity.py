@@ -748,6 +748,8 @@ def test_the_tree_rules_name_each_trees_functions():
         "__tdx_handle_exit",
     ]
     assert [TREES[t].relabel for t in ("kvm-x86", "v6.16", "v7.3")] == ["whole-reason", "whole-reason", "basic"]
+    # the top Makefiles: VERSION = 6, PATCHLEVEL = 16 (v6.16.1); VERSION = 7, PATCHLEVEL = 3 (7.3.4)
+    assert [TREES[t].version for t in ("kvm-x86", "v6.16", "v7.3")] == [None, (6, 16), (7, 3)]
 
 
 LINUX_73_TDX_C = Path("/work/scratch/linux-7.3/linux-source-7.3/arch/x86/kvm/vmx/tdx.c")

@@ -99,10 +99,10 @@ def read_tree(root: Path) -> KernelTree:
 
 
 def tree_release(tree: str) -> tuple[int, int] | None:
-    """The kernel release (major, minor) the model's tree describes, read from its rule
-    (``kvm.trees``); None for a development tree such as kvm-x86, which names no release."""
-    m = re.search(r"\bLinux v?(\d+)\.(\d+)", tree_rule(tree).release)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    """The kernel release (major, minor) the model's tree describes, from its rule
+    (``kvm.trees.TreeRule.version``); None for a development tree such as kvm-x86, which names no
+    release."""
+    return tree_rule(tree).version
 
 
 def check_tree(tree: str, kernel: KernelTree) -> None:

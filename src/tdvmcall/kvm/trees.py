@@ -62,7 +62,8 @@ class TreeRule:
     kernel into a KVM_EXIT_X86_BUS_LOCK exit to userspace and sets KVM_RUN_X86_BUS_LOCK in
     ``run->flags`` in any case.  ``map_gpa_userspace_errors``, ``x2apic_msrs``: see the constants.
     ``lines``: the function -> line of this tree's ``tdx.c`` the rule was read at (None where the
-    tree was read through a file viewer without line numbers)."""
+    tree was read through a file viewer without line numbers).  ``version``: the kernel release
+    (major, minor) the tree is, as its top Makefile says; None for kvm-x86, which names none."""
 
     name: str
     release: str
@@ -74,6 +75,7 @@ class TreeRule:
     map_gpa_userspace_errors: str
     x2apic_msrs: str
     lines: Mapping[str, int | None] = field(default_factory=dict)
+    version: tuple[int, int] | None = None  # the release's (major, minor); None for a development tree
 
     # --- the exit reason ---------------------------------------------------------------------
     def dispatches_on_r11_alone(self, reason: int) -> bool:
@@ -142,6 +144,7 @@ class TreeRule:
             "map_gpa_userspace_errors": self.map_gpa_userspace_errors,
             "x2apic_msrs": self.x2apic_msrs,
             "lines": dict(self.lines),
+            "version": list(self.version) if self.version else None,
         }
 
 
@@ -182,6 +185,7 @@ TREES: dict[str, TreeRule] = {
             "tdx_handle_exit": 2041,
             "tdx_has_emulated_msr": 2171,
         },
+        version=(6, 16),
     ),
     "v7.3": TreeRule(
         "v7.3",
@@ -201,6 +205,7 @@ TREES: dict[str, TreeRule] = {
             "tdx_handle_exit": 2165,  # the bus-lock exit to userspace at 2170
             "tdx_has_emulated_msr": 2200,
         },
+        version=(7, 3),
     ),
 }
 DEFAULT_TREE = "kvm-x86"
