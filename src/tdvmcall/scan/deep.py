@@ -53,7 +53,7 @@ import iced_x86 as ix
 import numpy as np
 
 from .containers import TDCALL, Code
-from .flow import Region, reg_name
+from .flow import Region, le_i32, reg_name
 
 try:  # optional: without unicorn the fast path's answer stands (said once per image)
     import unicorn as uc
@@ -222,13 +222,7 @@ class Loaded:
                 n = len(arr)
                 for opcode in (0xE8, 0xE9):
                     pos = np.flatnonzero(arr[: max(n - 4, 0)] == opcode)
-                    rel = (
-                        arr[pos + 1].astype(np.int64)
-                        | arr[pos + 2].astype(np.int64) << 8
-                        | arr[pos + 3].astype(np.int64) << 16
-                        | arr[pos + 4].astype(np.int64) << 24
-                    )
-                    rel = np.where(rel >= 1 << 31, rel - (1 << 32), rel)
+                    rel = le_i32(arr, pos + 1)
                     tg.append(pos + 5 + rel + (s.addr - base))
                     src.append(pos + (s.addr - base))
                 # call/jmp qword [rip+disp] through a GOT slot the loader filled (Rust's -Z plt=no,
@@ -236,13 +230,7 @@ class Loaded:
                 slots = self.got_slots()
                 if slots and not s.name.startswith(".plt"):  # a PLT entry's jump is an alias, not a caller
                     pos = np.flatnonzero((arr[: max(n - 5, 0)] == 0xFF) & np.isin(arr[1 : max(n - 4, 1)], (0x15, 0x25)))
-                    disp = (
-                        arr[pos + 2].astype(np.int64)
-                        | arr[pos + 3].astype(np.int64) << 8
-                        | arr[pos + 4].astype(np.int64) << 16
-                        | arr[pos + 5].astype(np.int64) << 24
-                    )
-                    disp = np.where(disp >= 1 << 31, disp - (1 << 32), disp)
+                    disp = le_i32(arr, pos + 2)
                     for p_, sl in zip(pos.tolist(), (pos + 6 + disp + s.addr).tolist()):
                         if (tgt := slots.get(sl)) is not None:
                             tg.append(np.array([tgt - base], np.int64))
@@ -254,13 +242,7 @@ class Loaded:
                         & (arr[1 : max(n - 5, 1)] == 0x8B)
                         & ((arr[2 : max(n - 4, 2)] & 0xC7) == 0x05)
                     )
-                    disp = (
-                        arr[pos + 3].astype(np.int64)
-                        | arr[pos + 4].astype(np.int64) << 8
-                        | arr[pos + 5].astype(np.int64) << 16
-                        | arr[pos + 6].astype(np.int64) << 24
-                    )
-                    disp = np.where(disp >= 1 << 31, disp - (1 << 32), disp)
+                    disp = le_i32(arr, pos + 3)
                     sl = (pos + 7 + disp + s.addr).astype(np.uint64)
                     hit = np.isin(sl, keys)
                     for p_, slot in zip(pos[hit].tolist(), sl[hit].tolist()):

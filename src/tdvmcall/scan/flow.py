@@ -172,6 +172,19 @@ class Branches:
         return bool(self.get(target))
 
 
+def le_i32(arr: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The signed little-endian 32-bit values at byte offsets ``at`` of ``arr`` (a rel32 or a
+    disp32), as int64: the one reader of an instruction's 32-bit displacement, for the fast path's
+    index and the deep engine's callers alike."""
+    value = (
+        arr[at].astype(np.int64)
+        | arr[at + 1].astype(np.int64) << 8
+        | arr[at + 2].astype(np.int64) << 16
+        | arr[at + 3].astype(np.int64) << 24
+    )
+    return np.where(value >= 1 << 31, value - (1 << 32), value)
+
+
 @dataclass
 class Region:
     """One code region prepared for analysis: function starts and direct calls."""
@@ -194,13 +207,7 @@ class Region:
         # direct calls: E8 rel32 whose target is inside the region
         for opcode in (0xE8, 0xE9):
             pos = np.flatnonzero(arr[: max(n - 4, 0)] == opcode)
-            rel = (
-                arr[pos + 1].astype(np.int64)
-                | arr[pos + 2].astype(np.int64) << 8
-                | arr[pos + 3].astype(np.int64) << 16
-                | arr[pos + 4].astype(np.int64) << 24
-            )
-            rel = np.where(rel >= 1 << 31, rel - (1 << 32), rel)
+            rel = le_i32(arr, pos + 1)
             tgt = pos + 5 + rel
             ok = (tgt >= 0) & (tgt < n)
             if self.code.relocs:  # a .o's unrelocated call or jump: its target is not known before the link
