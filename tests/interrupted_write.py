@@ -6,13 +6,14 @@ data, then the process sends itself SIGINT and waits, so the signal is handled b
 ``console.run_app`` in the middle of that write.  A command whose outputs did not go through those
 calls is not interrupted at all, and a test that expects the interrupt (exit 130) fails.  Used by
 the tests of issue 18's "no partial output under a final name" (test_scan.py, test_export_c.py,
-test_kernel_series.py); not a test module itself."""
+test_kernel_series.py, test_check_html.py) through :func:`interrupted`; not a test module itself."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,14 @@ def _cut(nth: int, original: Callable[..., Any], seen: list[int]) -> Callable[..
         raise AssertionError("the interrupt never came")
 
     return write
+
+
+def interrupted(nth: int, *args: str) -> None:
+    """Run ``tdvmcall ARGS`` with its ``nth`` write cut by a Ctrl-C, and check that it ended as an
+    interrupt must (docs/cli.md): exit 130, its last line ``tdvmcall: interrupted``, no traceback."""
+    r = subprocess.run([sys.executable, __file__, str(nth), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.splitlines()[-1] == "tdvmcall: interrupted" and "Traceback" not in r.stderr
 
 
 def main() -> None:
