@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from ..scenario import TREES
+from ..kvm.trees import DEFAULT_TREE, TREES
 
 EXPORT_C_HELP = "\n\n".join(
     " ".join(paragraph.split())
@@ -45,7 +45,7 @@ def export_c(
         "--tree",
         metavar="TREE",
         help="The model's kernel tree the C is for (how KVM there dispatches a bus-lock exit): "
-        f"{', '.join(TREES)}; default {TREES[0]}. Required with --series.",
+        f"{', '.join(TREES)}; default {DEFAULT_TREE}. Required with --series.",
     ),
     series: str | None = typer.Option(
         None,

@@ -32,7 +32,7 @@ from .. import __version__, scenario
 from ..abi.codes import EXIT_REASON_TDCALL
 from ..abi.regs import GPR_NAMES, NR_GPRS, mask_of, reg_index
 from ..kvm import leaves as L
-from ..kvm.trees import tree_rule
+from ..kvm.trees import DEFAULT_TREE, tree_rule
 
 HEADER = "tdvmcall_regs.h"
 SOURCE = "tdvmcall_regs.c"
@@ -47,8 +47,7 @@ KNOWN_COND_FIELDS = {"reg", "op", "value", "text", "width"}
 KNOWN_OPERAND_FIELDS = {"reg", "role", "when", "required", "on"}
 FAMILIES = ("ghci", "kvm-hypercall")
 U64_MAX = (1 << 64) - 1
-#: the tree the C is generated for unless one is named: the model's default
-DEFAULT_TREE = scenario.TREES[0]
+#: the tree the C is generated for unless one is named: the model's default (``kvm.trees.DEFAULT_TREE``)
 
 
 class GeneratorError(Exception):
