@@ -320,3 +320,19 @@ def test_an_interrupted_series_leaves_the_old_one_and_nothing_partial(tmp_path, 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     interrupted(cut, *args, "--author", "Grace Hopper <grace@example.org>")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_kernel_proof_proves_the_release_the_model_s_tree_is():
+    """scripts/kernel_proof.py names, per tree, the Debian package it downloads; that package is
+    the release the model's rule describes (kvm.trees.TreeRule.version and .source), or the proof
+    would build one kernel and vouch for another."""
+    import runpy
+
+    from tdvmcall.kvm.trees import TREES
+
+    sources = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "kernel_proof.py"))["SOURCES"]
+    assert sources
+    for tree, (package, version, _suites, release) in sources.items():
+        rule = TREES[tree]
+        assert rule.version == tuple(int(x) for x in release.split(".")[:2]), tree
+        assert package in rule.source and version in rule.source, (tree, rule.source)
