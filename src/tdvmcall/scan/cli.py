@@ -94,6 +94,7 @@ def scan(
 
     # validate options (words without regard to case, as in every command)
     tree = pick(tree, TREE_NAMES, "--tree", "KVM tree")
+    policy = policy.strip().lower()
     try:
         host = host_for(module, no_rbp_mod, tree, policy)
     except HostError as e:
