@@ -51,10 +51,6 @@ KUNITCONFIG = f"{VMX_DIR}/.kunitconfig"
 KCONFIG_SYMBOL = "KVM_TDVMCALL_REGS_KUNIT_TEST"
 SUITE = "kvm_tdx_tdvmcall_regs"
 
-#: the TD exit reason a guest's TDG.VP.VMCALL produces, with bit 26 (a bus lock was detected
-#: since the last exit; docs/abi.md §3)
-BUS_LOCK_REASON = 77 | 1 << 26
-
 
 class SeriesError(ValueError):
     """The tree, the corpus or the options do not allow a series: one line, said to the user."""

@@ -133,8 +133,9 @@ def _flag_bits(flags: str) -> int:
 @cache
 def parse_reason(text: str) -> Reason:
     """A kvm_exit reason: its name (or hex number), its VMX number, its flags: ``FAILED_VMENTRY``, and
-    bit 26 (``0x4000000``: a bus lock detected, which the TDX module sets on the exit after one; KVM
-    then does not re-label a TDVMCALL, so it is printed ``TDCALL 0x4000000``)."""
+    bit 26 (``0x4000000``: a bus lock detected, which the TDX module sets on the exit after one;
+    printed ``TDCALL 0x4000000`` where KVM does not re-label a flagged TDVMCALL, ``CPUID 0x4000000``
+    where it does: ``kvm/trees.py``)."""
     name, _, flags = text.partition(" ")
     if name.startswith("0x"):  # a reason the kernel has no name for is printed in hex
         try:
