@@ -659,8 +659,9 @@ def test_a_guest_is_named_by_a_unique_prefix_and_words_by_any_case():
     assert r.returncode == 0 and {row["call"] for row in json.loads(r.stdout)["rows"]} == {"Instruction.HLT"}
     r = run_case(["fuzz", "--policy", "HARDENED", "--mode", "Fast", "--examples", "1"])
     assert r.returncode == 0, r.stderr.decode()
+    # the interpreter holds no TDCALL: nothing fails, nothing is left unjudged
     r = run_case(["scan", sys.executable, "--policy", "Legacy", "--tree", "KVM-X86", "--json"])
-    assert r.returncode in (0, 1) and json.loads(r.stdout)["policy"] == "legacy", r.stderr.decode()
+    assert r.returncode == 0 and json.loads(r.stdout)["policy"] == "legacy", r.stderr.decode()
 
 
 def test_a_count_is_taken_in_hex_as_every_number_a_person_writes():
