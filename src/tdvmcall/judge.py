@@ -27,8 +27,8 @@ from .abi.regs import GPR_NAMES, RCX
 from .kvm import leaves as L
 from .kvm.regcache import ModelBug
 from .kvm.tdx import POLICIES, VERDICT_INTERNAL_ERROR, VERDICT_REFUSED
+from .kvm.trees import UnknownTreeError, check_tree
 from .module import TdConfig, VcpuState, tdg_vp_vmcall
-from .scenario import TREES
 from .scenario import parse as parse_scenario
 
 OK = "ok"
@@ -130,8 +130,10 @@ def host_for(module: str, no_rbp_mod: bool, tree: str, policy: str) -> Host:
     """The host of a tool's options (check and scan take the same four), each one checked."""
     if policy not in POLICIES:
         raise HostError("policy", f"{policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
-    if tree not in TREES:
-        raise HostError("tree", f"{tree!r} is not a KVM tree; accepted: {', '.join(TREES)}")
+    try:
+        check_tree(tree)
+    except UnknownTreeError as e:
+        raise HostError("tree", str(e)) from None
     host = Host(module, no_rbp_mod, tree)
     try:
         _ = host.td  # normalises the module version: raises for an unknown one

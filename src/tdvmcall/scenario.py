@@ -23,12 +23,11 @@ from .abi.regs import GPR_NAMES, INT_TEXT, hex64, mask_of, names_in, parse_int
 from .guest import RoundTrip, tdvmcall
 from .kvm.platform import MSR_EXIT_REASONS, Platform, Userspace
 from .kvm.tdx import POLICIES, VMM_AFTER_NOTES, KvmVcpu
-from .kvm.trees import DEFAULT_TREE, TREE_NAMES
+from .kvm.trees import DEFAULT_TREE, UnknownTreeError, check_tree
 from .module import TdConfig, VcpuState
 
 SCHEMA_VERSION = 1
 _ERRNO_NAMES = {22: "EINVAL"}
-TREES = TREE_NAMES  # kvm/trees.py: one named rule per tree
 
 
 class ScenarioError(ValueError):
@@ -104,8 +103,10 @@ def parse(data: Any) -> Scenario:
     if policy not in POLICIES:
         raise ScenarioError(f"kvm.policy: {policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
     tree = kvm_in.get("tree", DEFAULT_TREE)
-    if tree not in TREES:
-        raise ScenarioError(f"kvm.tree: {tree!r} is not a kernel tree; accepted: {', '.join(TREES)}")
+    try:
+        check_tree(tree)
+    except UnknownTreeError as e:
+        raise ScenarioError(f"kvm.tree: {e}") from None
 
     if "guest" not in top:
         raise ScenarioError('guest: missing; expected an object of registers like {"rcx": "0xFFCC", "r11": "0xA"}')

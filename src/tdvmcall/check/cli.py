@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from ..kvm.trees import tree_help
+
 CHECK_HELP = "\n\n".join(
     " ".join(paragraph.split())
     for paragraph in (
@@ -64,9 +66,7 @@ def check(
     no_rbp_mod: bool = typer.Option(
         True, "--no-rbp-mod/--rbp-mod", help="The TD's NO_RBP_MOD attribute (on: as Linux KVM creates every TD)."
     ),
-    tree: str = typer.Option(
-        "kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026), v6.16 (v6.16.1) or v7.3 (7.3.4); docs/model.md, Fidelity."
-    ),
+    tree: str = typer.Option("kvm-x86", "--tree", help=tree_help() + "; docs/model.md, Fidelity."),
     guest: list[str] | None = typer.Option(
         None,
         "--guest",

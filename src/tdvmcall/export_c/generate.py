@@ -28,11 +28,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from .. import __version__, scenario
+from .. import __version__
 from ..abi.codes import EXIT_REASON_TDCALL
 from ..abi.regs import GPR_NAMES, NR_GPRS, mask_of, reg_index
 from ..kvm import leaves as L
-from ..kvm.trees import DEFAULT_TREE, tree_rule
+from ..kvm.trees import DEFAULT_TREE, UnknownTreeError, tree_rule
+from ..kvm.trees import check_tree as _check_tree
 
 HEADER = "tdvmcall_regs.h"
 SOURCE = "tdvmcall_regs.c"
@@ -219,10 +220,11 @@ def _same_operands(a: L.Leaf, b: L.Leaf) -> bool:
 
 
 def check_tree(tree: str) -> str:
-    """A tree of the model (``scenario.TREES``), else :class:`GeneratorError`."""
-    if tree not in scenario.TREES:
-        raise GeneratorError(f"tree {tree!r} is not a tree of the model; accepted: {', '.join(scenario.TREES)}")
-    return tree
+    """A tree of the model (``kvm.trees.check_tree``), else :class:`GeneratorError`."""
+    try:
+        return _check_tree(tree)
+    except UnknownTreeError as e:
+        raise GeneratorError(f"tree: {e}") from None
 
 
 def model_lookup(tree: str) -> Callable[[int, int, bool], L.Leaf]:

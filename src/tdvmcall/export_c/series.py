@@ -37,7 +37,8 @@ from .. import __version__, scenario
 from ..abi.regs import GPR_NAMES, hex64, mask_of
 from ..console import output_files
 from ..kvm import leaves as L
-from ..kvm.trees import tree_rule
+from ..kvm.trees import UnknownTreeError, tree_rule
+from ..kvm.trees import check_tree as _check_tree
 from . import generate as G
 
 TDX_C = "arch/x86/kvm/vmx/tdx.c"
@@ -102,8 +103,10 @@ def tree_release(tree: str) -> tuple[int, int] | None:
 
 
 def check_tree(tree: str, kernel: KernelTree) -> None:
-    if tree not in scenario.TREES:
-        raise SeriesError(f"--tree: {tree!r} is not a tree of the model; accepted: {', '.join(scenario.TREES)}")
+    try:
+        _check_tree(tree)
+    except UnknownTreeError as e:
+        raise SeriesError(f"--tree: {e}") from None
     want = tree_release(tree)
     if want is not None and kernel.version[:2] != want:
         raise SeriesError(

@@ -212,12 +212,36 @@ DEFAULT_TREE = "kvm-x86"
 TREE_NAMES: tuple[str, ...] = tuple(TREES)
 
 
+class UnknownTreeError(KeyError, ValueError):
+    """A name that is no tree of the model; the message names the accepted ones.  A ``KeyError``
+    (what :func:`tree_rule` has always raised) and a ``ValueError`` (a bad value of an option or a
+    field), printed without the quotes ``KeyError`` adds."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def check_tree(name: object) -> str:
+    """``name`` if it names a tree of the model (:data:`TREE_NAMES`, exactly), else
+    :class:`UnknownTreeError` ``'<name>' is not a KVM tree; accepted: kvm-x86, ...``.  The one
+    check every tool and the scenario parser make; each prefixes the option or field it read."""
+    if not isinstance(name, str) or name not in TREES:
+        raise UnknownTreeError(f"{name!r} is not a KVM tree; accepted: {', '.join(TREE_NAMES)}")
+    return name
+
+
+def tree_help(lead: str = "KVM tree") -> str:
+    """The help text of a ``--tree`` option, built from :data:`TREE_NAMES` so that it lists every
+    tree: ``<lead>: kvm-x86 (the default), v6.16 or v7.3`` (each tree's release: docs/model.md)."""
+    words = [f"{n} (the default)" if n == DEFAULT_TREE else n for n in TREE_NAMES]
+    listed = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+    return f"{lead}: {listed}"
+
+
 def tree_rule(name: str) -> TreeRule:
-    """The rule of a tree by name; ``KeyError`` naming the accepted ones otherwise."""
-    try:
-        return TREES[name]
-    except KeyError:
-        raise KeyError(f"unknown kernel tree {name!r}; accepted: {', '.join(TREES)}") from None
+    """The rule of a tree by name; :class:`UnknownTreeError` (a ``KeyError``) naming the accepted
+    ones otherwise."""
+    return TREES[check_tree(name)]
 
 
 __all__ = [
@@ -233,5 +257,8 @@ __all__ = [
     "X2APIC_ALLOW_LIST",
     "X2APIC_DENY_LIST",
     "TreeRule",
+    "UnknownTreeError",
+    "check_tree",
+    "tree_help",
     "tree_rule",
 ]

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from ..kvm.trees import tree_help
+
 if TYPE_CHECKING:
     from ..judge import Host
     from .analyze import Image
@@ -55,9 +57,7 @@ def scan(
     policy: str = typer.Option(
         "hardened", "--policy", help="The KVM policy the exit status follows: hardened or legacy."
     ),
-    tree: str = typer.Option(
-        "kvm-x86", "--tree", help="KVM tree: kvm-x86 (2026), v6.16 (v6.16.1) or v7.3 (7.3.4); docs/model.md, Fidelity."
-    ),
+    tree: str = typer.Option("kvm-x86", "--tree", help=tree_help() + "; docs/model.md, Fidelity."),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON document: inputs, sites, summary (schema in docs/scan.md)."
     ),

@@ -8,6 +8,7 @@ import json
 import typer
 
 from ..console import emit_json, fail, out, parse_json_text, pick, read_text_input
+from ..kvm.trees import tree_help
 
 # The model is imported inside the commands that use it, so that building the app (the start of
 # every command, ``tdvmcall trace`` included) stays cheap.
@@ -18,9 +19,7 @@ def run(
     file: str = typer.Argument(..., help="Scenario JSON file, or - for standard input."),
     as_json: bool = typer.Option(False, "--json", help="Print the result object (the documented JSON contract)."),
     policy: str | None = typer.Option(None, "--policy", help="Override kvm.policy: legacy or hardened."),
-    tree: str | None = typer.Option(
-        None, "--tree", help="Override kvm.tree: kvm-x86 (2026), v6.16 (v6.16.1) or v7.3 (7.3.4); docs/model.md."
-    ),
+    tree: str | None = typer.Option(None, "--tree", help=tree_help("Override kvm.tree") + "; docs/model.md."),
 ) -> None:
     """Run one TDVMCALL round trip (guest -> TDX module -> KVM -> module -> guest) from a JSON scenario
     and show every register at every step.

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from ..kvm.trees import tree_help
+
 SWEEP_HELP = "\n\n".join(
     " ".join(paragraph.split())
     for paragraph in (
@@ -51,7 +53,7 @@ def sweep(
     tree: str = typer.Option(
         "kvm-x86",
         "--tree",
-        help="KVM tree whose rules the model follows: kvm-x86 (2026, the default), v6.16 (v6.16.1) or v7.3 (7.3.4). See docs/model.md, Fidelity.",
+        help=tree_help("KVM tree whose rules the model follows") + ". See docs/model.md, Fidelity.",
     ),
 ) -> None:
     from ..console import available_cpus, emit_json, out, pick, worker_count
@@ -183,7 +185,7 @@ def export(
     tree: str = typer.Option(
         "kvm-x86",
         "--tree",
-        help="KVM tree whose rules the model follows: kvm-x86 (2026, the default), v6.16 (v6.16.1) or v7.3 (7.3.4). See docs/model.md, Fidelity.",
+        help=tree_help("KVM tree whose rules the model follows") + ". See docs/model.md, Fidelity.",
     ),
 ) -> None:
     """Write the corpus: for every call and case of the leaf table, the boundary masks (exact minimal,

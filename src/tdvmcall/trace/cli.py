@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..console import fail, output_file, pick
+from ..kvm.trees import tree_help
 from .io import TraceInputError
 
 #: inputs at least this large (on disk) get a progress display when stderr is a terminal
@@ -129,8 +130,8 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--tree",
-                help="KVM tree the trace came from, whose rules judge it: kvm-x86 (2026, the default), v6.16 "
-                "(v6.16.1) or v7.3 (7.3.4); a re-labelled reason with the bus-lock flag (CPUID 0x4000000) is "
+                help=tree_help("KVM tree the trace came from, whose rules judge it")
+                + "; a re-labelled reason with the bus-lock flag (CPUID 0x4000000) is "
                 "normal on v7.3 only. See docs/trace.md",
             ),
         ] = None,
