@@ -177,3 +177,14 @@ def test_cli_json_and_bad_input():
     assert short.exit_code == 0 and {r["call"] for r in json.loads(short.stdout)["rows"]} == {"Instruction.IO"}
     bad = CliRunner().invoke(app, ["sweep", "--call", "Instruction.NOPE"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.parametrize(("call", "words"), [("Instruction.HLT", "call x case"), ("IO", "calls x cases")])
+def test_the_first_line_counts_in_the_singular_only_for_one(call, words):
+    got = json.loads(CliRunner().invoke(app, ["sweep", "--call", call, "--json", "--jobs", "1"]).stdout)
+    n, trips = len(got["rows"]), got["round_trips"]
+    assert (n == 1) == (words == "call x case") and trips > 1  # HLT is one call and case, IO two cases
+    first = CliRunner().invoke(app, ["sweep", "--call", call, "--jobs", "1"]).output.splitlines()[0]
+    assert first.startswith(
+        f"simulation and leaf table agree for every call and case: {n} {words}, {trips:,} model round trips ("
+    )

@@ -102,8 +102,10 @@ def _render_sweep(result: dict, out) -> None:
         if result["agree"]
         else "[bold red]SIMULATION AND LEAF TABLE DISAGREE (listed below)[/]"
     )
+    n, trips = len(result["rows"]), result["round_trips"]
     out.print(
-        f"{verdict}: {len(result['rows'])} calls x cases, {result['round_trips']:,} model round trips "
+        f"{verdict}: {n} {'call x case' if n == 1 else 'calls x cases'}, "
+        f"{trips:,} model round trip{'' if trips == 1 else 's'} "
         f"({result['route']} route), {result['seconds']:.2f} s",
         highlight=False,
         soft_wrap=True,
