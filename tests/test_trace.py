@@ -308,6 +308,10 @@ def test_td_given_on_the_command_line(write):
     assert rep["totals"]["verdicts"]["inconsistent"] == 1
     rep = audit(write("b", three("ftrace", tgids=True)), "--td", "1000")  # a tgid names the whole process
     assert rep["totals"]["tdvmcall_exits"] == 2
+    # a number of --td is written as every number of the command line: decimal or 0x hex (docs/cli.md)
+    rep = audit(path, "--td", " 0x7D1")
+    assert rep["td"]["mode"] == "given" and rep["td"]["given"] == [0x7D1] == [2001]
+    assert rep["totals"]["tdvmcall_exits"] == 1
 
 
 # --- verdicts straight from the leaf table (ABI §4) ------------------------------------------------
@@ -724,7 +728,7 @@ def test_negative_top_is_an_error_and_zero_lists_none(write):
     assert len(audit(path, "--top", "2")["top_offending"]) == 2
 
 
-@pytest.mark.parametrize("td", ["-1", "1,,2", "1001,-5", ",", "0x10"])
+@pytest.mark.parametrize("td", ["-1", "1,,2", "1001,-5", ",", "0x", "0x0", "1_001", "+1001", "1e3", "\u0663"])
 def test_bad_td_lists_are_refused(write, td):
     one_error_line(runner.invoke(app, ["trace", write("t", fixture("ftrace")), "--td", td]), "--td")
 

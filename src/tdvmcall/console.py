@@ -551,6 +551,19 @@ _WHOLE = re.compile(r"\s*-?(?:0[xX][0-9a-fA-F]+|[0-9]+)\s*", re.ASCII)
 _DECIMAL = re.compile(r"\s*-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+|nan|inf|infinity)\s*", re.ASCII | re.IGNORECASE)
 
 
+def whole_number(text: str) -> int | None:
+    """A whole number as a person writes it (docs/cli.md): decimal digits, or 0x and hex digits,
+    with a sign for the caller's range check to refuse in its own words, blanks around ignored;
+    None for anything else (``+5``, ``1_0``, ``0x``, ``1e3``, ``٣``).  The grammar of every ``int``
+    option (:class:`_PersonsNumber`) and of the numbers of a list option such as ``trace --td``."""
+    if not _WHOLE.fullmatch(text):
+        return None
+    text = text.strip()
+    digits = text.lstrip("-")
+    number = int(digits, 16) if digits[:2].lower() == "0x" else int(digits)
+    return -number if text.startswith("-") else number
+
+
 class _PersonsNumber(ParamType):
     """An ``int`` or ``float`` option's type, held to the number grammar of docs/cli.md before
     the type it wraps (with its range, if any) converts it: Python's ``int()`` and ``float()``
@@ -563,14 +576,12 @@ class _PersonsNumber(ParamType):
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         if isinstance(value, str):
-            if not (_WHOLE if self.whole else _DECIMAL).fullmatch(value):
+            number = whole_number(value) if self.whole else None
+            if (number is None) if self.whole else not _DECIMAL.fullmatch(value):
                 kind = "decimal digits or 0x and hex digits" if self.whole else "decimal digits (and a fraction)"
                 self.fail(f"{value!r} is not a number as written here; give {kind} (docs/cli.md)", param, ctx)
             if self.whole:
-                text = value.strip()
-                digits = text.lstrip("-")
-                number = int(digits, 16) if digits[:2].lower() == "0x" else int(digits)
-                value = -number if text.startswith("-") else number
+                value = number
         return self.inner.convert(value, param, ctx)
 
     def get_metavar(self, *args: Any, **kwargs: Any) -> str | None:

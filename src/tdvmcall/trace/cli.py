@@ -23,7 +23,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from ..console import fail, output_file, pick
+from ..console import fail, output_file, pick, whole_number
 from ..kvm.trees import tree_help
 from .io import TraceInputError
 
@@ -39,18 +39,24 @@ class Format(str, Enum):
 
 
 def _parse_td(text: str | None) -> set[int] | None:
-    """The process ids of ``--td``: comma-separated positive numbers, nothing else."""
+    """The process ids of ``--td``: comma-separated numbers from 1 up, each decimal or 0x hex as
+    every number of the command line (``console.whole_number``, docs/cli.md), nothing else."""
     if text is None:
         return None
     items = [p.strip() for p in text.split(",")]
     if not any(items):
         fail("--td: give at least one process id, e.g. --td 4100")
+    ids = set()
     for p in items:
         if not p:
             fail(f"--td {text!r}: an empty item between commas; give process ids, e.g. --td 4100,4300")
-        if not (p.isascii() and p.isdigit()) or int(p) == 0:
-            fail(f"--td {text!r}: {p!r} is not a process id (a number from 1 up); e.g. --td 4100,4300")
-    return {int(p) for p in items}
+        n = whole_number(p)
+        if n is None or n < 1:
+            fail(
+                f"--td {text!r}: {p!r} is not a process id (a number from 1 up, decimal or 0x hex); e.g. --td 4100,4300"
+            )
+        ids.add(n)
+    return ids
 
 
 def _check_td(audit, given: set[int] | None) -> None:
