@@ -845,7 +845,9 @@ def test_real_kernel_and_a_uki_around_it(tmp_path):
     packages through the configured mirror (about 106 MB, cached) and sets TDVMCALL_REAL_KERNEL and
     TDVMCALL_UKI_STUB; elsewhere set them by hand."""
     if not REAL_KERNEL or not Path(REAL_KERNEL).is_file():
-        pytest.skip("TDVMCALL_REAL_KERNEL is not set to a bzImage (Debian's 6.12 vmlinuz: .ci/run fetches it; it could not here)")
+        pytest.skip(
+            "TDVMCALL_REAL_KERNEL is not set to a bzImage (Debian's 6.12 vmlinuz: .ci/run fetches it; it could not here)"
+        )
     _, doc = scan_json(REAL_KERNEL)
     dec = [s for s in doc["sites"] if s["container"][1] == "decompressor"]
     assert {s["tdcall_leaf"] for s in dec} >= {"TDG.VP.VMCALL", "TDG.MEM.PAGE.ACCEPT"}
