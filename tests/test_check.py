@@ -560,3 +560,27 @@ def test_catalog_from_standard_input():
     for data, needle in ((b"", "missing column"), (b"\xff", "not UTF-8")):
         r = runner.invoke(app, ["check", "--catalog", "-"], input=data)
         assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "attribute"),
+    [
+        # ABI.md §3: gpr_select bit 5 (RBP) is refused only by a 1.5 module for a TD with NO_RBP_MOD;
+        # the attribute does not exist on 1.0, whatever --no-rbp-mod says.
+        (["--module", "1.0"], False),
+        (["--module", "1.0.3", "--no-rbp-mod"], False),
+        (["--module", "1.0", "--rbp-mod"], False),
+        (["--module", "1.5"], True),
+        (["--module", "1.5.05", "--rbp-mod"], False),
+    ],
+)
+def test_json_host_claims_no_rbp_mod_only_where_the_module_has_it(args, attribute):
+    r = invoke("--mask", "0xffec", "--call", "HLT", "--json", *args)
+    doc = json.loads(r.stdout)
+    assert doc["host"]["no_rbp_mod"] is attribute
+    # what the screen says and what the module did agree with the JSON: RBP (0xffec has bit 5) is
+    # refused exactly when the attribute is claimed
+    [res] = doc["results"]
+    assert res["module"]["accepted"] is (not attribute)
+    screen = invoke("--mask", "0xffec", "--call", "HLT", *args).stdout
+    assert ("with NO_RBP_MOD" in screen) is attribute

@@ -196,6 +196,18 @@ def test_rbp_mod_lets_the_module_accept_rbp(built):
     assert s["module"]["accepted"] and s["verdict"]["hardened"] == "ok"  # HLT needs only R10 R11 (+R12)
 
 
+def test_module_1_0_has_no_no_rbp_mod(built):
+    # ABI.md §3: a 1.0 module has no NO_RBP_MOD attribute and never checks RBP (gpr_select bit 5)
+    _, doc = scan_json(built["sites.elf"], "--module", "1.0")
+    assert doc["host"] == {"module": "1.0", "no_rbp_mod": False, "tree": "kvm-x86"}
+    [s] = by_symbol(doc)["copy_mask"]
+    assert s["module"]["accepted"]
+    _, doc = scan_json(built["sites.elf"])
+    assert doc["host"]["no_rbp_mod"] is True and not by_symbol(doc)["copy_mask"][0]["module"]["accepted"]
+    screen = runner.invoke(app, ["scan", str(built["sites.elf"]), "--module", "1.0"]).stdout
+    assert "has no NO_RBP_MOD" in screen and "(NO_RBP_MOD)" not in screen
+
+
 @pytest.mark.parametrize("name", ["sites.stripped", "sites.efi", "sites.te"])
 def test_stripped_elf_pe_and_te_find_the_same_calls(built, name):
     _, doc = scan_json(built[name])

@@ -111,6 +111,17 @@ class Host:
         return TdConfig(self.module, self.no_rbp_mod)
 
     @property
+    def has_no_rbp_mod(self) -> bool:
+        """Whether the TD has the NO_RBP_MOD attribute as its module knows it: the attribute came
+        with module 1.5 (ABI.md §3: 1.0 checks gpr_select bits 0, 1 and 4 only), so a 1.0 module's TD
+        never has it, whatever ``--no-rbp-mod`` says.  What ``--json`` reports as ``no_rbp_mod``."""
+        return self.no_rbp_mod and module_family(self.module) != "1.0"
+
+    def json(self) -> dict[str, Any]:
+        """The ``host`` object of ``check --json`` and ``scan --json``."""
+        return {"module": self.module, "no_rbp_mod": self.has_no_rbp_mod, "tree": self.tree}
+
+    @property
     def status_table(self) -> str:
         """The status table to decode with: the exact version if shipped, else the family's newest."""
         if self.module in MODULE_TABLE_VERSIONS:

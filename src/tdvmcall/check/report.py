@@ -380,7 +380,7 @@ def _report_json_parts(
     index = {id(c): i for i, c in enumerate(results)}
     memo: dict = {}
     yield "schema", JSON_SCHEMA
-    yield "host", {"module": host.module, "no_rbp_mod": host.no_rbp_mod, "tree": host.tree}
+    yield "host", host.json()
     yield "policy", policy
     yield "catalog", catalog
     yield "summary", summary(results)

@@ -125,7 +125,7 @@ def report_json(images: list[Image], host: Host, policy: str, allow_unresolved: 
     o = outcome(images, policy, allow_unresolved)
     return {
         "schema": JSON_SCHEMA,
-        "host": {"module": host.module, "no_rbp_mod": host.no_rbp_mod, "tree": host.tree},
+        "host": host.json(),
         "policy": policy,
         "allow_unresolved": allow_unresolved,
         "passes": o.passes,
@@ -623,13 +623,20 @@ def not_judged_line(unresolved: list[Site], allow_unresolved: bool) -> Text:
     )
 
 
+def _rbp_text(host: Host) -> str:
+    """The TD's RBP attribute on the host line; a 1.0 module has no NO_RBP_MOD (``Host.has_no_rbp_mod``)."""
+    if host.has_no_rbp_mod:
+        return "NO_RBP_MOD"
+    return "RBP_MOD allowed" if not host.no_rbp_mod else "which has no NO_RBP_MOD and does not check RBP"
+
+
 def rich_report(
     images: list[Image], host: Host, policy: str, verbose: bool = False, allow_unresolved: bool = False
 ) -> Group:
     """The default output, the answer first: the host, the verdict, then per image its summary,
     its findings (one line each: what fails, where, why) and a compact table (identical sites
     collapsed); ``verbose``: one row per TDCALL instruction with how each value was found."""
-    rbp = "NO_RBP_MOD" if host.no_rbp_mod else "RBP_MOD allowed"
+    rbp = _rbp_text(host)
     head = Text(
         f"tdvmcall scan: {_count(len(images), 'input')} against TDX module {host.module} ({rbp}), "
         f"KVM {host.tree}; exit status follows --policy {policy}",
@@ -874,7 +881,7 @@ def html_matrix(images: list[Image], host: Host, policy: str, allow_unresolved: 
                 M.Finding(numbers[id(f.row)], label, " ".join(_masks(f.sites)), calls_text(f.sites), f.verdict, f.why)
             )
     found.sort(key=lambda f: min(ORDER.index(v) for v in f.verdict.values()))  # stable: input order within
-    rbp = "NO_RBP_MOD" if host.no_rbp_mod else "RBP_MOD allowed"
+    rbp = _rbp_text(host)
     o = outcome(images, policy, allow_unresolved)
     if not o.calls:
         no_findings = "No TDVMCALL found: nothing to judge."
