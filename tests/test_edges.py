@@ -381,6 +381,44 @@ def test_the_console_never_cuts_a_table_value():
     assert "…" not in buf.getvalue() and "0x0000000000000007" in buf.getvalue()
 
 
+def test_piped_output_ends_no_line_in_blanks_and_a_terminal_gets_riches_rendering():
+    """Into a pipe or a file a line carries no padding after its last word (a table's rows are padded
+    to their width by rich); a terminal gets exactly what rich renders, padding and all."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tdvmcall.console import _WideConsole
+
+    t = Table()
+    t.add_column("verdict")
+    t.add_column("why")
+    t.add_row("ok", "every case completes")
+    t.add_row("module-rejects", "x")  # the last cell far shorter than its column: padded by rich
+    rich_text = StringIO()
+    Console(width=80, file=rich_text, color_system=None, force_terminal=True).print(t, "a line  ")
+    assert any(line.endswith(" ") for line in rich_text.getvalue().splitlines())  # rich pads
+
+    piped = StringIO()
+    _WideConsole(width=80, file=piped, color_system=None).print(t, "a line  ", soft_wrap=False)
+    lines = [line.rstrip(" ") for line in rich_text.getvalue().split("\n")]
+    assert piped.getvalue() == "\n".join(lines)
+    assert "│ module-rejects │ x" in piped.getvalue() and "a line\n" in piped.getvalue()
+
+    terminal = StringIO()
+    _WideConsole(width=80, file=terminal, color_system=None, force_terminal=True).print(t, "a line  ")
+    assert terminal.getvalue() == rich_text.getvalue()
+
+
+def test_piped_check_report_has_no_trailing_blanks():
+    r = subprocess.run([sys.executable, "-m", "tdvmcall", "check"], capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and r.stderr == ""  # the built-in corpus has findings (docs/check.md)
+    lines = r.stdout.splitlines()
+    assert sum("module-rejects" in line for line in lines) > 1  # the table is there
+    assert [line for line in lines if line != line.rstrip()] == []
+
+
 # --- smaller (item 14) ------------------------------------------------------------------------------
 def test_run_with_an_unknown_rax_gives_the_reason():
     from typer.testing import CliRunner

@@ -55,6 +55,7 @@ import typer
 from rich.cells import cell_len
 from rich.console import Console, Group
 from rich.measure import Measurement
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -123,6 +124,10 @@ def _words_whole(table: Table) -> None:
             column.min_width = longest
 
 
+#: the blanks before a line's end (the padding of a table's last column, a rule's fill)
+_TRAILING_BLANKS = re.compile(r"[ \t]+\n")
+
+
 class _WideConsole(Console):
     """A console that never cuts a value: a table folds its cells between words only, and one
     wider than the console is printed at its own natural width (a terminal then wraps the long
@@ -153,6 +158,13 @@ class _WideConsole(Console):
             super().print(*objects, **kwargs)
         finally:
             self._width = saved
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        """The text rich writes, with the blanks that end each line dropped when it goes to a file or
+        a pipe: a table pads every row to its full width (120 columns there), which a log, ``diff``
+        or ``grep`` only carries along.  A terminal gets rich's rendering unchanged."""
+        text = super()._render_buffer(buffer)
+        return text if self.is_terminal else _TRAILING_BLANKS.sub("\n", text)
 
     def fits(self, renderable: Any) -> bool:
         """Whether ``renderable`` can be printed at this console's width without a word cut."""
