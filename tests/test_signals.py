@@ -407,7 +407,7 @@ def test_fuzz_and_sweep_answer_first(tmp_path):
     )
     assert sweep.returncode == 0
     text = sweep.stdout.decode()
-    assert text.splitlines()[0].startswith("simulation and leaf table agree for every call and case: 1 calls")
+    assert text.splitlines()[0].startswith("simulation and leaf table agree for every call and case: 1 call x case, ")
     # the words of the table's headers are explained on the screen
     assert "legacy silent-ok: masks today's KVM handles silently correctly" in text
     assert "up-set (sim): yes when the masks hardened KVM completes are exactly" in text
