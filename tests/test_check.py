@@ -565,7 +565,7 @@ def test_catalog_from_standard_input():
 @pytest.mark.parametrize(
     ("args", "attribute"),
     [
-        # ABI.md §3: gpr_select bit 5 (RBP) is refused only by a 1.5 module for a TD with NO_RBP_MOD;
+        # docs/abi.md §3: gpr_select bit 5 (RBP) is refused only by a 1.5 module for a TD with NO_RBP_MOD;
         # the attribute does not exist on 1.0, whatever --no-rbp-mod says.
         (["--module", "1.0"], False),
         (["--module", "1.0.3", "--no-rbp-mod"], False),

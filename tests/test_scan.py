@@ -197,7 +197,7 @@ def test_rbp_mod_lets_the_module_accept_rbp(built):
 
 
 def test_module_1_0_has_no_no_rbp_mod(built):
-    # ABI.md §3: a 1.0 module has no NO_RBP_MOD attribute and never checks RBP (gpr_select bit 5)
+    # docs/abi.md §3: a 1.0 module has no NO_RBP_MOD attribute and never checks RBP (gpr_select bit 5)
     _, doc = scan_json(built["sites.elf"], "--module", "1.0")
     assert doc["host"] == {"module": "1.0", "no_rbp_mod": False, "tree": "kvm-x86"}
     [s] = by_symbol(doc)["copy_mask"]

@@ -113,7 +113,7 @@ class Host:
     @property
     def has_no_rbp_mod(self) -> bool:
         """Whether the TD has the NO_RBP_MOD attribute as its module knows it: the attribute came
-        with module 1.5 (ABI.md §3: 1.0 checks gpr_select bits 0, 1 and 4 only), so a 1.0 module's TD
+        with module 1.5 (docs/abi.md §3: 1.0 checks gpr_select bits 0, 1 and 4 only), so a 1.0 module's TD
         never has it, whatever ``--no-rbp-mod`` says.  What ``--json`` reports as ``no_rbp_mod``."""
         return self.no_rbp_mod and module_family(self.module) != "1.0"
 
