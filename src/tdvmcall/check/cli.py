@@ -5,6 +5,7 @@ renderers in ``report.py``."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import typer
@@ -93,13 +94,9 @@ def check(
     from ..console import fail, out, output_file, pick, read_text_input, writable_file
     from ..judge import HostError, host_for
     from ..kvm.trees import TREE_NAMES
-    from .catalog import (
-        CatalogError,
-        check_sites,
-        load_catalog,
-        what_if,
-    )
+    from .catalog import Catalog, CatalogError, Checker, Site, what_if
     from .report import (
+        Checked,
         html_report,
         markdown_parts,
         rich_report_parts,
@@ -121,46 +118,66 @@ def check(
     if html_file is not None:  # before the check: a bad path must not cost the report printed first
         writable_file(html_file, "--html", inputs=[catalog])
 
-    # the sites: a what-if or a catalog
+    # the sites: a what-if or a catalog, read row by row each time a report goes over them
     errors: list[str] = []
+    rows: Callable[[], Iterable[Site | str]]
     try:
         if mask is not None:
             if catalog is not None:
                 fail("--mask and --catalog: a what-if checks one mask; drop one of them")
-            sites = [what_if(mask, call)]
+            whatif = [what_if(mask, call)]
+            rows = lambda: whatif  # noqa: E731
             source = f"what-if --mask {mask}"
         else:
             if call:
                 fail("--call needs --mask (the control value the call is made with)")
             if catalog is not None and str(catalog) == "-":
-                sites, errors = load_catalog(None, read_text_input("-", "--catalog"))
+                cat = Catalog.read(None, read_text_input("-", "--catalog"))
                 source = "standard input"
             else:
-                sites, errors = load_catalog(catalog)
+                cat = Catalog.read(catalog)
                 source = str(catalog) if catalog else "the shipped catalog"
+            _, errors = cat.header()
+            rows = cat.rows
+        chosen: set[str] | None = None
+        if guest:  # a guest's name, or a prefix naming one only, without regard to case
+            known = sorted({s.guest for s in rows() if isinstance(s, Site)})
+            chosen = {pick(g, known, "--guest", "guest of the catalog", prefix=True) for g in guest}
+        checker = Checker(host)
+        seen = [0, 0]  # passes made; sites in the catalog (before --guest), counted on the first pass
+
+        def sites() -> Iterator[tuple[Site, list]]:
+            first = not seen[0]
+            seen[0] += 1
+            for row in rows():
+                if not isinstance(row, Site):
+                    if first:
+                        errors.append(row)
+                    continue
+                if first:
+                    seen[1] += 1
+                if chosen is None or row.guest in chosen:
+                    yield row, checker.check(row)
+
+        checked = Checked(sites, len(errors))  # the first pass: counts, verdicts, findings
     except CatalogError as e:
         fail(f"--mask/--call: {e}" if mask is not None else str(e))
-    if not sites and not errors:
+    if not seen[1] and not errors:
         fail(f"{source}: no call sites to check (an empty catalog passes nothing)")
-    if guest:  # a guest's name, or a prefix naming one only, without regard to case
-        known = sorted({s.guest for s in sites})
-        chosen = {pick(g, known, "--guest", "guest of the catalog", prefix=True) for g in guest}
-        sites = [s for s in sites if s.guest in chosen]
 
-    # check and report
-    results = check_sites(sites, host)
+    # report
     for line in errors:
         sys.stderr.write(f"tdvmcall: error: {line}\n")  # one line per bad row, as fail() writes
     if as_json:
-        write_report_json(sys.stdout.write, results, host, policy, source, errors)
+        write_report_json(sys.stdout.write, checked, host, policy, source, errors)
     elif markdown:
-        for text in markdown_parts(results, host, policy, source, len(errors)):
+        for text in markdown_parts(checked, host, policy, source, len(errors)):
             sys.stdout.write(text)
     else:
-        for part in rich_report_parts(results, host, policy, source, verbose, len(errors)):
+        for part in rich_report_parts(checked, host, policy, source, verbose, len(errors)):
             out.print(part)
-    if html_file is not None:
-        page = html_report(results, host, policy, source, errors)
+    if html_file is not None:  # the page is built whole (html_matrix.py), from every check
+        page = html_report([c for _, cs in checked.sites() for c in cs], host, policy, source, errors)
         try:  # renamed into place when complete: an interrupt never leaves part of a page
             with output_file(html_file) as partial:
                 partial.write_text(page)
@@ -168,9 +185,11 @@ def check(
             fail(f"--html: cannot write {html_file} ({e.strerror})")
         if not as_json and not markdown:
             out.print(f"wrote {html_file}", highlight=False)
+    passed = checked.passes(policy)
+    checked.close()
     if errors:
         raise typer.Exit(2)
-    raise typer.Exit(0 if all(r.passes(policy) for r in results) else 1)
+    raise typer.Exit(0 if passed else 1)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,6 +6,7 @@ every judgement was made in ``judge.py``.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -36,7 +37,6 @@ from .catalog import (
     FOREIGN_CALLS,
     CallCheck,
     Site,
-    failing,
     site_unused,
     summary,
 )
@@ -145,18 +145,39 @@ def call_label(check: CallCheck) -> str:
 def calls_text(checks: list[CallCheck]) -> str:
     """The calls of a group, compact: ``every KVM call (17)`` for a bare ``all``, the six KVM
     hypercalls as ``KVM-hypercall×6``, else their labels."""
-    names = [c.call.name for c in checks]
-    plain = not any(c.call.qualifier for c in checks)
-    if plain and len(checks) > 1 and sorted(names) == sorted(ALL_KVM_CALLS):
-        return f"every KVM call ({len(names)})"
-    hypercalls = {leaf.name for leaf in L.KVM_HYPERCALLS}
-    collapse = plain and hypercalls <= set(names)
-    labels: list[str] = []
+    calls = CallsSeen()
     for c in checks:
-        label = f"KVM-hypercall×{len(hypercalls)}" if collapse and c.call.name in hypercalls else call_label(c)
-        if label not in labels:
-            labels.append(label)
-    return " ".join(labels)
+        calls.add(c)
+    return calls.text()
+
+
+class CallsSeen:
+    """What :func:`calls_text` needs of many calls, in memory bounded by the distinct ones: how many
+    of each name, whether any is qualified, and each distinct (name, label) in order."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.labels: dict[tuple[str, str], None] = {}
+        self.plain = True
+
+    def add(self, check: CallCheck) -> None:
+        name = check.call.name
+        self.count[name] = self.count.get(name, 0) + 1
+        self.labels.setdefault((name, call_label(check)), None)
+        self.plain = self.plain and not check.call.qualifier
+
+    def text(self) -> str:
+        total = sum(self.count.values())
+        if self.plain and total > 1 and self.count.keys() == set(ALL_KVM_CALLS) and total == len(ALL_KVM_CALLS):
+            return f"every KVM call ({total})"
+        hypercalls = {leaf.name for leaf in L.KVM_HYPERCALLS}
+        collapse = self.plain and hypercalls <= self.count.keys()
+        labels: list[str] = []
+        for name, label in self.labels:
+            label = f"KVM-hypercall×{len(hypercalls)}" if collapse and name in hypercalls else label
+            if label not in labels:
+                labels.append(label)
+        return " ".join(labels)
 
 
 def verdict_label(verdict: dict[str, str]) -> str:
@@ -219,18 +240,32 @@ class Finding:
         """:func:`site_where` of the one site; for several, what they share, then the first few."""
         if len(self.sites) <= 1:
             return site_where(self.site)
-        s = self.site
-        modules = {_module(x) for x in self.sites}
-        named = (" ".join(p for p in (_module(x) if len(modules) > 1 else "", x.function) if p) for x in self.sites)
+        modules = len({_module(x) for x in self.sites})
+        named = (_place(x, modules > 1) for x in self.sites)
         places = list(dict.fromkeys(named))
-        if len(places) == 1:  # one function making several calls, each its own row
-            return site_where(s)
-        shown = ", ".join(places[:NAMED_SITES])
-        more = f" and {len(places) - NAMED_SITES} more" if len(places) > NAMED_SITES else ""
-        head = " ".join(p for p in (s.guest, _module(s) if len(modules) == 1 else "", f"{s.mask:#06x}") if p)
-        snap = f" @ {short_snapshot(s)}" if s.snapshot and s.snapshot != SCAN_SNAPSHOT else ""
-        count = _count(len(modules), "module") if len(modules) > 1 else _count(len(places), "function")
-        return f"{head}{snap} in {count}: {shown}{more}"
+        return group_where(self.site, modules, places[:NAMED_SITES], len(places))
+
+    @property
+    def calls(self) -> str:
+        return calls_text(self.checks)
+
+
+def _place(site: Site, module: bool) -> str:
+    """A site among others of a finding: its function, after its module when they differ."""
+    return " ".join(p for p in (_module(site) if module else "", site.function) if p)
+
+
+def group_where(first: Site, modules: int, shown: list[str], places: int) -> str:
+    """Where a finding of several sites is: what they share (guest, the module when one, mask,
+    snapshot), the number of modules or functions, the first :data:`NAMED_SITES` of them."""
+    s = first
+    if places == 1:  # one function making several calls, each its own row
+        return site_where(s)
+    more = f" and {places - NAMED_SITES} more" if places > NAMED_SITES else ""
+    head = " ".join(p for p in (s.guest, _module(s) if modules == 1 else "", f"{s.mask:#06x}") if p)
+    snap = f" @ {short_snapshot(s)}" if s.snapshot and s.snapshot != SCAN_SNAPSHOT else ""
+    count = _count(modules, "module") if modules > 1 else _count(places, "function")
+    return f"{head}{snap} in {count}: {', '.join(shown)}{more}"
 
 
 def findings(results: list[CallCheck]) -> list[Finding]:
@@ -259,6 +294,149 @@ def findings(results: list[CallCheck]) -> list[Finding]:
 def site_exposure(checks: list[CallCheck]) -> list[str]:
     """What a site exposes for nothing, once per site: GPRs none of its calls uses, then XMMs."""
     return site_unused(checks) + exposed_xmms(checks[0].site.mask)
+
+
+# --- a catalog gone over twice, in memory bounded by the distinct judgements -------------------
+#: how a report goes over the checks: a function giving, each time it is called, every site in
+#: order with the checks of its calls (a catalog re-read and re-checked, or a list of checks)
+Sites = Callable[[], Iterable[tuple[Site, list[CallCheck]]]]
+
+
+def sites_of(results: list[CallCheck]) -> Sites:
+    """:data:`Sites` over checks already made."""
+    return lambda: by_site(results)
+
+
+class GroupedFinding:
+    """A :class:`Finding` counted as the checks go by: its first site and call, the counts that its
+    ``where`` and ``calls`` need, and its rows, calls and results in a temporary database on disk
+    (``Checked``), so that a finding of 100,000 sites costs no more memory than one of a single site."""
+
+    def __init__(self, number: int, first: CallCheck, why: str) -> None:
+        self.number = number
+        self.site = first.site
+        self.verdict = dict(first.verdict)
+        self.why = why
+        self.details = _reasons(first)
+        self.seen = CallsSeen()
+        self.sites = 0
+        self.last = -1  # the number of the site last added
+        self.where = ""
+        self.calls = ""
+
+
+class Checked:
+    """The checks of every site, gone over once (:meth:`__init__`) for what a report leads with --
+    the counts, the verdicts, the findings -- and again, as often as a report needs, for the rest
+    (``sites``, re-checked: each distinct judgement is made once and shared).  Memory stays bounded
+    by the distinct judgements and findings, not the number of rows: the rows, calls and results of
+    the findings go to a temporary SQLite database (a file deleted when closed)."""
+
+    def __init__(self, sites: Sites, errors: int = 0) -> None:
+        self.sites = sites
+        self.errors = errors
+        self.count = {"sites": 0, "calls": 0}
+        self.verdicts = {p: dict.fromkeys(VERDICTS, 0) for p in POLICIES}
+        self.bad = {p: [0, 0] for p in POLICIES}  # sites, calls that fail the policy
+        self.present: set[str] = set()
+        self.mask_widths: list[int] = []  # per run of sites of one guest
+        self.db = sqlite3.connect("")  # "": a private temporary database on disk
+        self.db.execute("CREATE TABLE calls (grp INTEGER, seq INTEGER, name TEXT)")
+        self.db.execute("CREATE TABLE sites (grp INTEGER, seq INTEGER, row INTEGER, module TEXT, function TEXT)")
+        groups: dict[tuple, GroupedFinding] = {}
+        reasons: dict[tuple, str] = {}
+        calls: list[tuple] = []
+        rows: list[tuple] = []
+        index = 0
+        guest: str | None = None
+        for n, (site, checks) in enumerate(sites()):
+            if site.guest != guest or not self.mask_widths:
+                guest = site.guest
+                self.mask_widths.append(4)
+            self.mask_widths[-1] = max(self.mask_widths[-1], len(f"{site.mask:#06x}"))
+            self.count["sites"] += 1
+            bad = set()
+            for c in checks:
+                self.count["calls"] += 1
+                self.present.add(c.call.name)
+                for p in POLICIES:
+                    self.verdicts[p][c.verdict[p]] += 1
+                    if not c.passes(p):
+                        self.bad[p][1] += 1
+                        bad.add(p)
+                if not all(c.passes(p) for p in POLICIES):
+                    rkey = (id(c.judgement), c.call)
+                    why = reasons.get(rkey)
+                    if why is None:
+                        why = reasons[rkey] = "; ".join(_reasons(c, brief=True, values=False))
+                    key = (site.guest, site.snapshot, site.mask, c.verdict["legacy"], c.verdict["hardened"], why)
+                    if site.row == 0:  # a what-if: its own
+                        key += (n,)
+                    found = groups.get(key)
+                    if found is None:
+                        found = groups[key] = GroupedFinding(len(groups), c, why)
+                    found.seen.add(c)
+                    calls.append((found.number, index, c.call.name))
+                    if found.last != n:
+                        found.last = n
+                        found.sites += 1
+                        rows.append((found.number, n, site.row, _module(site), site.function))
+                index += 1
+            for p in bad:
+                self.bad[p][0] += 1
+            if len(calls) > 10_000 or len(rows) > 10_000:
+                self._store(calls, rows)
+        self._store(calls, rows)
+        self.db.execute("CREATE INDEX calls_grp ON calls (grp, seq)")
+        self.db.execute("CREATE INDEX sites_grp ON sites (grp, seq)")
+        self.findings = sorted(groups.values(), key=lambda f: -_rank(f.verdict))  # stable: catalog order
+        for f in self.findings:
+            f.calls = f.seen.text()
+            f.where = site_where(f.site) if f.sites <= 1 else self._where(f)
+
+    def _store(self, calls: list[tuple], rows: list[tuple]) -> None:
+        self.db.executemany("INSERT INTO calls VALUES (?, ?, ?)", calls)
+        self.db.executemany("INSERT INTO sites VALUES (?, ?, ?, ?, ?)", rows)
+        calls.clear()
+        rows.clear()
+
+    def _where(self, f: GroupedFinding) -> str:
+        """:attr:`Finding.where` of a finding of several sites, from its sites on disk."""
+        ((modules,),) = self.db.execute("SELECT COUNT(DISTINCT module) FROM sites WHERE grp = ?", (f.number,))
+        place = "(CASE WHEN module != '' AND function != '' THEN module || ' ' || function ELSE module || function END)"
+        place = place if modules > 1 else "function"
+        firsts = f"SELECT {place} AS place, MIN(seq) AS first FROM sites WHERE grp = ? GROUP BY place"
+        ((places,),) = self.db.execute(f"SELECT COUNT(*) FROM ({firsts})", (f.number,))
+        shown = [
+            p
+            for (p,) in self.db.execute(f"SELECT place FROM ({firsts}) ORDER BY first LIMIT ?", (f.number, NAMED_SITES))
+        ]
+        return group_where(f.site, modules, shown, places)
+
+    def rows(self, f: GroupedFinding) -> Iterator[int]:
+        """The catalog rows of a finding's sites, in catalog order."""
+        for (row,) in self.db.execute("SELECT row FROM sites WHERE grp = ? ORDER BY seq", (f.number,)):
+            yield row
+
+    def calls(self, f: GroupedFinding) -> Iterator[tuple[str, int]]:
+        """The calls of a finding: the call's name and the index of its result, in catalog order."""
+        yield from self.db.execute("SELECT name, seq FROM calls WHERE grp = ? ORDER BY seq", (f.number,))
+
+    def summary(self) -> dict:
+        """:func:`~tdvmcall.check.catalog.summary`'s counts."""
+        return {**self.count, **{p: dict(v) for p, v in self.verdicts.items()}}
+
+    def passes(self, policy: str) -> bool:
+        return not self.bad[policy][1]
+
+    def by_guest(self) -> Iterator[tuple[str, int, Iterator[tuple[Site, list[CallCheck]]]]]:
+        """The sites again, one run of one guest at a time: the guest, its mask column's width, its sites."""
+        runs = groupby(self.sites(), key=lambda sc: sc[0].guest)
+        for width, (guest, sites) in zip(self.mask_widths, runs):
+            yield guest, width, sites
+
+    def close(self) -> None:
+        self.db.close()
 
 
 def _finding_json(f: Finding, index: dict[int, int]) -> dict:
@@ -427,30 +605,92 @@ def _result_text(check: CallCheck, memo: dict) -> str:
 
 
 def write_report_json(
-    write: Callable[[str], Any], results: list[CallCheck], host: Host, policy: str, catalog: str, errors: list[str]
+    write: Callable[[str], Any],
+    results: list[CallCheck] | Checked,
+    host: Host,
+    policy: str,
+    catalog: str,
+    errors: list[str],
 ) -> None:
     """The ``--json`` document, written piece by piece: the same text as ``json.dumps(report_json(...),
-    indent=2)``, without ever holding the whole document or its text (a catalog of 100,000 rows)."""
+    indent=2)``, without ever holding the whole document, its text or a list as long as the catalog
+    (:class:`Checked`: a catalog of 100,000 rows)."""
+    checked = results if isinstance(results, Checked) else Checked(sites_of(results), len(errors))
+    head = {
+        "schema": JSON_SCHEMA,
+        "host": host.json(),
+        "policy": policy,
+        "catalog": catalog,
+        "summary": checked.summary(),
+        "errors": errors,
+        "passed": checked.passes(policy) and not errors,
+    }
     write("{")
+    for n, (key, value) in enumerate(head.items()):
+        write(("," if n else "") + f"\n  {json.dumps(key)}: " + json.dumps(value, indent=2).replace("\n", "\n  "))
     memo: dict = {}
-    for n, (key, value) in enumerate(_report_json_parts(results, host, policy, catalog, errors)):
-        write(("," if n else "") + f"\n  {json.dumps(key)}: ")
-        if not isinstance(value, Iterator):
-            write(json.dumps(value, indent=2).replace("\n", "\n  "))
-            continue
-        empty = True
-        items = (_result_text(c, memo) for c in results) if key == "results" else map(_indented, value)
-        for text in items:  # JSON strings hold no raw line break: every one is the indent's
-            write(("[" if empty else ",") + "\n    " + text.replace("\n", "\n    "))
-            empty = False
-        write("[]" if empty else "\n  ]")
+    write(',\n  "results": ')
+    _write_items(write, ((_result_text(c, memo),) for _, checks in checked.sites() for c in checks))
+    write(',\n  "findings": ')
+    _write_items(write, (_finding_text(checked, f) for f in checked.findings))
+    write(',\n  "sites": ')
+    _write_items(write, ((_indented(site),) for site in _sites_json(checked)))
     write("\n}\n")
+
+
+def _write_items(write: Callable[[str], Any], items: Iterable[Iterable[str]]) -> None:
+    """A JSON array as ``json.dumps(indent=2)`` writes it one level down, each item given as the
+    pieces of its text at the top level (JSON strings hold no raw line break: every one is the indent's)."""
+    empty = True
+    for pieces in items:
+        write(("[" if empty else ",") + "\n    ")
+        for text in pieces:
+            write(text.replace("\n", "\n    "))
+        empty = False
+    write("[]" if empty else "\n  ]")
+
+
+def _list_member(key: str, values: Iterable[Any]) -> Iterator[str]:
+    """``_member(key, list(values))`` for a list of scalars, a thousand values at a time."""
+    empty = True
+    batch: list[str] = []
+    for v in values:
+        batch.append(json.dumps(v))
+        if len(batch) == 1000:
+            yield (f"  {json.dumps(key)}: [\n    " if empty else ",\n    ") + ",\n    ".join(batch)
+            empty, batch = False, []
+    if batch:
+        yield (f"  {json.dumps(key)}: [\n    " if empty else ",\n    ") + ",\n    ".join(batch)
+        empty = False
+    yield f"  {json.dumps(key)}: []" if empty else "\n  ]"
+
+
+def _finding_text(checked: Checked, f: GroupedFinding) -> Iterator[str]:
+    """The text of ``_indented(_finding_json(...))``, its lists as long as the finding read from disk."""
+    s = f.site
+    yield "{\n" + _fields({"guest": s.guest, "function": s.function, "snapshot": s.snapshot, "row": s.row}) + ",\n"
+    yield from _list_member("rows", checked.rows(f))
+    yield ",\n" + _fields({"where": f.where, "mask": f"{s.mask:#06x}"}) + ",\n"
+    yield from _list_member("calls", (name for name, _ in checked.calls(f)))
+    yield ",\n"
+    yield from _list_member("results", (i for _, i in checked.calls(f)))
+    yield ",\n" + _fields({"verdict": f.verdict, "why": f.why, "details": f.details}) + "\n}"
+
+
+def _sites_json(checked: Checked) -> Iterator[dict]:
+    index = 0
+    for site, checks in checked.sites():
+        yield _site_json(site, checks, {id(c): index + i for i, c in enumerate(checks)})
+        index += len(checks)
 
 
 def summary_line(results: list[CallCheck]) -> str:
     """``<n> sites, <n> calls. hardened: <n> ok, <n> not-kvm, ... legacy: ...`` (the counts of today's
     catalog are in README.md and docs/check.md)."""
-    s = summary(results)
+    return _summary_text(summary(results))
+
+
+def _summary_text(s: dict) -> str:
     per = []
     for p in ("hardened", "legacy"):
         counts = ", ".join(f"{n} {v}" for v, n in s[p].items() if n)
@@ -479,11 +719,12 @@ def by_place(results: Iterable[CallCheck]) -> list[tuple[Site, list[CallCheck]]]
     one: ``scan --to-catalog`` writes a row per call a function makes, the terminal shows the
     function once with all its calls."""
 
-    def place(r: CallCheck) -> tuple:
-        s = r.site
-        return (s.guest, s.snapshot, s.file, s.function, s.mask) if s.row else (id(s),)
+    return [(group[0].site, group) for _, g in groupby(results, key=_place_key) for group in [list(g)]]
 
-    return [(group[0].site, group) for _, g in groupby(results, key=place) for group in [list(g)]]
+
+def _place_key(r: CallCheck) -> tuple:
+    s = r.site
+    return (s.guest, s.snapshot, s.file, s.function, s.mask) if s.row else (id(s),)
 
 
 def by_guest(results: Iterable[CallCheck]) -> list[tuple[str, list[CallCheck]]]:
@@ -495,14 +736,14 @@ def _verdict_text(v: str) -> Text:
     return Text(v, style=STYLE[v][0])
 
 
-def verdict_line(results: list[CallCheck], policy: str, errors: int = 0) -> str:
+def verdict_line(results: list[CallCheck] | Checked, policy: str, errors: int = 0) -> str:
     """The answer: ``FAIL under --policy hardened: 4 of 41 sites, 20 of 148 calls do not pass (exit 1)``;
     with bad catalog rows, ``ERROR: ...`` first (exit 2)."""
-    bad = failing(results, policy)
-    sites = len({id(r.site) for r in results})
-    bad_sites = len({id(r.site) for r in bad})
+    checked = _checked(results)
+    sites, calls = checked.count["sites"], checked.count["calls"]
+    bad_sites, bad = checked.bad[policy]
     if bad:
-        line = f"FAIL under --policy {policy}: {bad_sites} of {sites} sites, {len(bad)} of {len(results)} calls do not pass"
+        line = f"FAIL under --policy {policy}: {bad_sites} of {sites} sites, {bad} of {calls} calls do not pass"
     else:
         line = f"PASS under --policy {policy}: every call of {_count(sites, 'site')} passes"
     if errors:
@@ -511,9 +752,13 @@ def verdict_line(results: list[CallCheck], policy: str, errors: int = 0) -> str:
     return f"{line} (exit {1 if bad else 0})"
 
 
-def policy_lines(results: list[CallCheck]) -> list[Text]:
+def _checked(results: list[CallCheck] | Checked) -> Checked:
+    return results if isinstance(results, Checked) else Checked(sites_of(results))
+
+
+def policy_lines(results: list[CallCheck] | Checked) -> list[Text]:
     """The counts per policy, one line each, every verdict in its colour."""
-    s = summary(results)
+    s = _checked(results).summary()
     lines = []
     for p in ("hardened", "legacy"):
         line = Text(f"{p + ':':<10}")
@@ -525,7 +770,7 @@ def policy_lines(results: list[CallCheck]) -> list[Text]:
     return lines
 
 
-def findings_table(found: list[Finding]) -> Table:
+def findings_table(found: list[Finding] | list[GroupedFinding]) -> Table:
     """One row per finding: the verdicts, where (guest, site, snapshot, mask), the calls, why."""
     t = Table(box=None, show_header=True, header_style="bold", pad_edge=False, expand=True)
     t.add_column("verdict", no_wrap=True)
@@ -536,7 +781,7 @@ def findings_table(found: list[Finding]) -> Table:
         verdict = Text()
         for i, v in enumerate(verdict_label(f.verdict).split(", ")):
             verdict.append(("\n" if i else "") + v, style=STYLE[v][0])
-        t.add_row(verdict, f.where, calls_text(f.checks), f.why)
+        t.add_row(verdict, f.where, f.calls, f.why)
     return t
 
 
@@ -577,11 +822,24 @@ TABLE_CHUNK = 200
 def guest_tables(guest: str, checks: list[CallCheck], verbose: bool = False) -> Iterator[Table]:
     """:func:`guest_table` of at most :data:`TABLE_CHUNK` sites at a time, the columns of the same
     widths (the title and the header on the first only)."""
-    sites = by_place(checks)
-    mask_width = max((len(f"{site.mask:#06x}") for site, _ in sites), default=4)
-    for start in range(0, len(sites), TABLE_CHUNK):
-        chunk = [c for _, site_checks in sites[start : start + TABLE_CHUNK] for c in site_checks]
-        yield guest_table(guest, chunk, verbose, first=start == 0, mask_width=mask_width)
+    mask_width = max((len(f"{c.site.mask:#06x}") for c in checks), default=4)
+    return _guest_tables(guest, by_site(checks), verbose, mask_width)
+
+
+def _guest_tables(
+    guest: str, sites: Iterable[tuple[Site, list[CallCheck]]], verbose: bool, mask_width: int
+) -> Iterator[Table]:
+    """:func:`guest_tables` over the sites as they come, :data:`TABLE_CHUNK` places at a time."""
+    chunk: list[CallCheck] = []
+    places, first = 0, True
+    for _, group in groupby((c for _, checks in sites for c in checks), key=_place_key):
+        if places == TABLE_CHUNK:
+            yield guest_table(guest, chunk, verbose, first=first, mask_width=mask_width)
+            chunk, places, first = [], 0, False
+        chunk += group
+        places += 1
+    if chunk:
+        yield guest_table(guest, chunk, verbose, first=first, mask_width=mask_width)
 
 
 def guest_table(
@@ -639,17 +897,26 @@ def rich_report(
 
 
 def rich_report_parts(
-    results: list[CallCheck], host: Host, policy: str, catalog: str, verbose: bool = False, errors: int = 0
+    results: list[CallCheck] | Checked,
+    host: Host,
+    policy: str,
+    catalog: str,
+    verbose: bool = False,
+    errors: int = 0,
 ) -> Iterator[Any]:
     """:func:`rich_report` one part at a time, for a console to print each as it comes (a large
-    catalog's tables are never rendered all at once: :func:`guest_tables`)."""
-    bad = failing(results, policy)
+    catalog's tables are never rendered all at once: :func:`guest_tables`; :class:`Checked`: nor
+    are its checks held)."""
+    checked = _checked(results)
     parts: list = [
         Text(host_line(host, policy, catalog), style="dim"),
-        Text(verdict_line(results, policy, errors), style="bold red" if bad or errors else "bold green"),
-        *policy_lines(results),
+        Text(
+            verdict_line(checked, policy, errors),
+            style="bold red" if not checked.passes(policy) or errors else "bold green",
+        ),
+        *policy_lines(checked),
     ]
-    found = findings(results)
+    found = checked.findings
     if found:
         parts += [Text(f"\nFindings ({len(found)}): calls that do not pass under some policy", style="bold")]
         parts.append(findings_table(found))
@@ -659,10 +926,10 @@ def rich_report_parts(
         parts.append(Text("Details of every call and case: --verbose, --json, --markdown or --html FILE.", style="dim"))
     parts.append(Text(""))
     yield Group(*parts)
-    for i, (guest, checks) in enumerate(by_guest(results)):
+    for i, (guest, width, sites) in enumerate(checked.by_guest()):
         if i:
             yield Text("")
-        yield from guest_tables(guest, checks, verbose)
+        yield from _guest_tables(guest, sites, verbose, width)
 
 
 # --- markdown -----------------------------------------------------------------------------------
@@ -676,27 +943,31 @@ def markdown_report(results: list[CallCheck], host: Host, policy: str, catalog: 
     return "".join(markdown_parts(results, host, policy, catalog, errors))
 
 
-def markdown_parts(results: list[CallCheck], host: Host, policy: str, catalog: str, errors: int = 0) -> Iterator[str]:
-    """:func:`markdown_report` a few lines at a time (a large catalog's report is never held whole)."""
+def markdown_parts(
+    results: list[CallCheck] | Checked, host: Host, policy: str, catalog: str, errors: int = 0
+) -> Iterator[str]:
+    """:func:`markdown_report` a few lines at a time (a large catalog's report is never held whole;
+    :class:`Checked`: nor are its checks)."""
+    checked = _checked(results)
     out = [
         "# tdvmcall check",
         "",
         host_line(host, policy, catalog) + ".",
         "",
-        f"**{verdict_line(results, policy, errors)}.** {summary_line(results)}",
+        f"**{verdict_line(checked, policy, errors)}.** {_summary_text(checked.summary())}",
         "",
         "## Findings",
         "",
     ]
-    found = findings(results)
+    found = checked.findings
     for f in found:
-        out.append(f"- **{verdict_label(f.verdict)}**: {_md(f.where)}, {_md(calls_text(f.checks))}: {_md(f.why)}")
+        out.append(f"- **{verdict_label(f.verdict)}**: {_md(f.where)}, {_md(f.calls)}: {_md(f.why)}")
     if not found:
         out.append("Every call passes under both policies.")
     out.append("")
-    for guest, checks in by_guest(results):
+    for guest, _, sites in checked.by_guest():
         out += [f"## {guest}", "", "| site | mask | call | legacy | hardened | details |", "|---|---|---|---|---|---|"]
-        for site, site_checks in by_site(checks):
+        for site, site_checks in sites:
             yield "".join(line + "\n" for line in out)
             out = []
             where = f"`{site.function}`" + (
@@ -753,7 +1024,7 @@ def html_matrix(results: list[CallCheck], host: Host, policy: str, catalog: str,
             f.site.row,
             f.site.label if len(f.sites) <= 1 else f.where,
             f"{f.site.mask:#06x}",
-            calls_text(f.checks),
+            f.calls,
             f.verdict,
             f.details,
         )
