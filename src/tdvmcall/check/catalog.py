@@ -14,14 +14,18 @@ Nothing here says which registers a call needs (``kvm/leaves.py``) or how a call
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import io
+import os
 import re
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .. import data_file
 from ..abi.regs import GPR_NAMES, parse_int
@@ -289,18 +293,41 @@ def shipped_catalog_text() -> str:
     return data_file("guest-masks.csv").read_text()
 
 
-def _read_catalog_file(path: str | Path) -> str:
+def _read_catalog_file(path: str | Path) -> str | None:
+    """The text of a catalog that is not a regular file (a pipe: it can be read only once); None for
+    a regular file, checked (at most 64 MiB, UTF-8) a block at a time and then read row by row each
+    time a report goes over it (:meth:`Catalog.rows`), never held whole."""
+    limit = 64 << 20  # /dev/zero is not a catalog
     try:
-        with Path(path).open("rb") as f:  # at most 64 MiB: /dev/zero is not a catalog
-            data = f.read((64 << 20) + 1)
+        with Path(path).open("rb") as f:
+            if stat.S_ISREG(os.fstat(f.fileno()).st_mode) and _utf8_within(f, limit):
+                return None
+            if f.seekable():
+                f.seek(0)
+            data = f.read(limit + 1)  # a pipe, or a file that fails: read whole, for the error's words
     except OSError as e:
         raise CatalogError(f"{path}: cannot read the catalog ({e.strerror or e})") from None
-    if len(data) > 64 << 20:
+    if len(data) > limit:
         raise CatalogError(f"{path}: holds more than 64 MiB; not a catalog")
     try:
         return data.decode("utf-8-sig")  # a spreadsheet's BOM is not part of the first column's name
     except UnicodeDecodeError as e:
         raise CatalogError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+
+def _utf8_within(f: BinaryIO, limit: int) -> bool:
+    """Whether the file holds UTF-8 text of at most ``limit`` bytes, read a block at a time."""
+    decoder, size = codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        while block := f.read(1 << 20):
+            size += len(block)
+            if size > limit:
+                return False
+            decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _lines(text: str) -> Iterator[str]:
@@ -322,6 +349,7 @@ class Catalog:
 
     text: str
     where: str
+    path: Path | None = None  # a regular file, read row by row (``text`` is then empty)
 
     @classmethod
     def read(cls, path: str | Path | None = None, text: str | None = None) -> Catalog:
@@ -331,12 +359,28 @@ class Catalog:
             return cls(text, str(path) if path is not None else "standard input")
         if path is None:
             return cls(shipped_catalog_text(), "guest-masks.csv")
-        return cls(_read_catalog_file(path), str(path))
+        read = _read_catalog_file(path)
+        return cls(read, str(path)) if read is not None else cls("", str(path), Path(path))
+
+    def _text_lines(self) -> Iterator[str]:
+        """The catalog's lines with their ends, from the file each time when it is a regular file."""
+        if self.path is None:
+            yield from _lines(self.text)
+            return
+        try:
+            with self.path.open("rb") as f:  # lines end at b"\n" only, as in :func:`_lines`
+                for n, line in enumerate(f):
+                    yield line.decode("utf-8-sig" if n == 0 else "utf-8")
+        except OSError as e:
+            raise CatalogError(f"{self.where}: cannot read the catalog ({e.strerror or e})") from None
+        except UnicodeDecodeError:  # changed since it was read
+            raise CatalogError(f"{self.where}: no longer UTF-8 text (changed while checked?)") from None
 
     def header(self) -> tuple[list[str], list[str]]:
         """The columns and the header's errors (unknown columns).  A missing column or a column
         named twice raise :class:`CatalogError` (no row could be read right)."""
-        first = next(csv.reader(io.StringIO(self.text.partition("\n")[0])), [])
+        line = next(self._text_lines(), "").partition("\n")[0]
+        first = next(csv.reader(io.StringIO(line)), [])
         columns = [c.strip() for c in first]
         missing = [c for c in CATALOG_COLUMNS if c not in columns and c != "note"]
         if missing:
@@ -361,7 +405,7 @@ class Catalog:
         number in the file, the header being line 1)."""
         columns, _ = self.header()
         where = self.where
-        reader = csv.reader(_lines(self.text))
+        reader = csv.reader(self._text_lines())
         next(reader, None)
         end = reader.line_num  # the line the previous record ended on
         while True:
