@@ -680,6 +680,63 @@ def test_the_streamed_json_is_the_document_json_dumps_writes(tmp_path):
         assert buf.getvalue() == json.dumps(report_json(res, C.Host(), "hardened", "mine.csv", errors), indent=2) + "\n"
 
 
+def _many_sites(n: int) -> str:
+    """The shipped catalog's rows repeated to ``n`` rows, each a site of its own (a function name of
+    its own), in blocks of one guest: the shape bench/check.py measures (issue 18 item 10)."""
+    import csv
+    import io
+
+    from tdvmcall.check import catalog as C
+
+    header, *body = list(csv.reader(io.StringIO(C.shipped_catalog_text())))
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(header)
+    for i in range(n):
+        row = list(body[i * len(body) // n])
+        row[header.index("function")] += f"_{i}"
+        w.writerow(row)
+    return out.getvalue()
+
+
+def test_a_large_catalog_streamed_from_disk_gives_the_documents_of_the_checks_held_whole(tmp_path):
+    """Item 10: the reports go over the catalog twice and keep a finding's rows, calls and results
+    on disk; the text must be what the list-based document (report_json, findings()) gives: findings
+    of hundreds of sites ("in 244 functions: ... and 241 more"), lists longer than a write's batch."""
+    import io
+
+    from tdvmcall.check import catalog as C
+    from tdvmcall.check.report import Checked, markdown_parts, report_json, write_report_json
+
+    text = _many_sites(4000) + "fw,1,a.c,f,0xFFEC,HLT,\n"
+    path = tmp_path / "many.csv"
+    path.write_text(text)
+    sites, errors = C.load_catalog(path)
+    results = C.check_sites(sites, C.Host())
+    doc = report_json(results, C.Host(), "hardened", "many.csv", errors)
+    assert max(len(f["results"]) for f in doc["findings"]) > 1000 and any("more" in f["where"] for f in doc["findings"])
+    cat = C.Catalog.read(path)
+    assert cat.path == path and cat.text == ""  # read from disk on each pass, not held
+
+    def checked_sites():
+        checker = C.Checker(C.Host())
+        return ((s, checker.check(s)) for s in cat.rows() if isinstance(s, C.Site))
+
+    buf = io.StringIO()
+    write_report_json(buf.write, Checked(checked_sites), C.Host(), "hardened", "many.csv", errors)
+    assert buf.getvalue() == json.dumps(doc, indent=2) + "\n"
+    assert "".join(markdown_parts(Checked(checked_sites), C.Host(), "hardened", "many.csv")) == "".join(
+        markdown_parts(results, C.Host(), "hardened", "many.csv")
+    )
+    # the command, from the file and from standard input (read whole), prints the same document
+    r = run_case(["check", "--catalog", str(path), "--json"])
+    assert r.returncode == 1 and json.loads(r.stdout) == json.loads(
+        json.dumps(report_json(results, C.Host(), "hardened", str(path), errors))
+    )
+    r2 = run_case(["check", "--catalog", "-", "--json"], stdin=text.encode())
+    assert r2.stdout.replace(b'"standard input"', json.dumps(str(path)).encode()) == r.stdout
+
+
 # --- words and numbers alike in every command (issue 18 item 19) ----------------------------------------
 def test_a_guest_is_named_by_a_unique_prefix_and_words_by_any_case():
     r = run_case(["check", "--guest", "kvm-selftests", "--guest", "TDX-GUEST", "--json"])
