@@ -3,6 +3,7 @@
     python bench/check.py                  # 10,000 and 100,000 rows, each output format
     python bench/check.py --rows 100000    # one size
     python bench/check.py --src OTHER/src  # the same workload on another checkout (before/after)
+    python bench/check.py --format=--json  # one format (written with "=": it starts with a dash)
 
 The catalog is the shipped one (``data/guest-masks.csv``, 41 sites of 8 guests) repeated until it
 has the number of rows asked, each row keeping its guest, mask and calls and getting a function
