@@ -130,7 +130,7 @@ PLANTED = {
                 "outputs=(STATUS_ON_ERROR,),",
             ),
         ],
-        200,
+        1200,  # seed 0 first finds it between 501 and 550 since the strategies draw v7.3 (docs/fuzz.md)
         {"completeness"},
     ),
 }
