@@ -366,11 +366,11 @@ def main() -> int:
     try:
         model_tree = args.model_tree or args.tree
         try:
-            from tdvmcall import scenario
+            from tdvmcall.kvm.trees import TREE_NAMES
         except ImportError:
             raise Skip("tdvmcall is not importable here: install it (pip install -e .) first") from None
-        if model_tree not in scenario.TREES:
-            raise Skip(f"the model has no tree {model_tree!r} (it knows {', '.join(scenario.TREES)})")
+        if model_tree not in TREE_NAMES:
+            raise Skip(f"the model has no tree {model_tree!r} (it knows {', '.join(TREE_NAMES)})")
         need_tools()
         cache = cache_dir(args.cache)
         report["cache"] = str(cache)
