@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
-from tdvmcall import sweep as S
 from tdvmcall.kvm.tdx import POLICIES
+from tdvmcall.sweep import sweep as S
 
 
 def timed(fn, *args, **kw):
