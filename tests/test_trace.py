@@ -966,17 +966,22 @@ def _ended(proc, timeout: float = 60) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+def _signalled_mid_parse(proc, signum: int) -> tuple[int, str, str]:
+    """Feed 24 MiB of exits (the process is then parsing), send the signal, and return how the
+    process ended; it is killed whatever happens, so a hang fails the test instead of outliving it."""
+    try:
+        _feed(proc, 24)
+        proc.send_signal(signum)
+        return _ended(proc)
+    finally:
+        proc.kill()
+
+
 @pytest.mark.parametrize("signum, status, said", [(2, 130, "interrupted"), (15, 143, "terminated")])
 def test_an_interrupted_trace_is_one_line_and_128_plus_the_signal(signum, status, said):
     # issue 18.3: Ctrl-C during the compiled parsing ended in "SystemError: CPUDispatcher(<function group>)
     # returned a result with an exception set", exit 1
-    proc = _trace_process("-", "--json")
-    try:
-        _feed(proc, 24)
-        proc.send_signal(signum)
-        rc, out, err = _ended(proc)
-    finally:
-        proc.kill()
+    rc, out, err = _signalled_mid_parse(_trace_process("-", "--json"), signum)
     assert (rc, out, err) == (status, "", f"tdvmcall: {said}\n")
 
 
@@ -991,13 +996,7 @@ def test_an_interrupted_parquet_run_leaves_nothing_partial_and_the_old_file_whol
     r = runner.invoke(app, ["trace", str(tmp_path / "small.txt"), "--to-parquet", str(out_path)])
     assert r.exit_code == 0, r.stderr
     before = out_path.read_bytes()
-    proc = _trace_process("-", "--to-parquet", str(out_path), "--json")
-    try:
-        _feed(proc, 24)
-        proc.send_signal(signum)
-        rc, _, err = _ended(proc)
-    finally:
-        proc.kill()
+    rc, _, err = _signalled_mid_parse(_trace_process("-", "--to-parquet", str(out_path), "--json"), signum)
     assert rc == 128 + signum and err.count("\n") == 1, err
     assert sorted(os.listdir(tmp_path)) == ["exits.parquet", "small.txt"]  # nothing partial, named or hidden
     assert out_path.read_bytes() == before  # the complete file of the earlier run, untouched
